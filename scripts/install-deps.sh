@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what proxyctl's tests and demo need, only what is missing.
+set -euo pipefail
+
+debian_packages=(
+  nftables iptables iproute2 curl
+  containerd runc containernetworking-plugins busybox-static
+  protobuf-compiler openssh-server openssh-client haproxy nginx-light
+)
+missing=()
+for p in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: missing Debian packages (${missing[*]}); run as root to install them" >&2
+    exit 1
+  fi
+  echo "== apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what the tests need (idempotent),
+# then format check, clippy -D warnings and every test. Run as root on Debian:
+# privileged tests skip outside CI when not root, and fail under CI=true.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test.log
+# cargo's exit status already fails the run on any failed test; the summary
+# helps a reader of the CI log.
+echo "== summary"
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
