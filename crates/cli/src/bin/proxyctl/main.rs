@@ -2,6 +2,10 @@
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
 mod policy_args;
+// The shapes of add/list/clear, shared by the nft and HNS backends; wired
+// into `Command` as each backend lands.
+#[allow(dead_code)]
+mod target_args;
 
 use std::process::ExitCode;
 
