@@ -41,3 +41,6 @@ pub fn require_tool(test: &str, program: &str) -> bool {
     }
     found
 }
+
+#[cfg(feature = "containerd")]
+pub mod containerd;
