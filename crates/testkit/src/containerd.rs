@@ -223,6 +223,11 @@ impl Containerd {
         self.node.as_ref().expect("node namespace")
     }
 
+    /// The cgroup parent of every pod (`/pxt-cd-...`), under each controller.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
     /// The CNI network name (also the prefix of our CNI cache entries).
     pub fn network(&self) -> &str {
         &self.network
@@ -738,18 +743,28 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
     }
 
-    fn remove_outside_entries(&self) {
+    /// Where containerd 1.6 puts the shim socket of sandbox `id`:
+    /// `/run/containerd/s/<sha256(address/namespace/id)>` — outside `$D`.
+    pub fn shim_socket(&self, id: &str) -> PathBuf {
         let socket = self.socket().display().to_string();
+        let digest = Sha256::digest(format!("{socket}/{CRI_NAMESPACE}/{id}").as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        Path::new("/run/containerd/s").join(hex)
+    }
+
+    fn remove_outside_entries(&self) {
         for id in self.sandboxes.lock().unwrap().iter() {
-            // containerd 1.6 shim socket: /run/containerd/s/sha256(address/namespace/id).
-            let digest = Sha256::digest(format!("{socket}/{CRI_NAMESPACE}/{id}").as_bytes());
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-            let _ = fs::remove_file(Path::new("/run/containerd/s").join(hex));
+            let _ = fs::remove_file(self.shim_socket(id));
         }
+        // libcni caches one result per network and sandbox: ours
+        // (`<network>-<id>-eth0`) and containerd's loopback
+        // (`cni-loopback-<id>-lo`).
         if let Ok(entries) = fs::read_dir("/var/lib/cni/results") {
             let prefix = format!("{}-", self.network);
+            let ids = self.sandboxes.lock().unwrap();
             for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) || ids.iter().any(|id| name.contains(id.as_str())) {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -947,4 +962,74 @@ fn build_busybox_image(out: &Path) {
     put(&format!("blobs/sha256/{config_sha}"), &config);
     put(&format!("blobs/sha256/{layer_sha}"), &layer);
     oci.into_inner().unwrap().flush().unwrap();
+}
+
+/// A listener standing in for a proxy inside a pod's network namespace: it
+/// answers every HTTP request with `200` and body `proxied <tag>`, so a
+/// client in the pod can tell a redirected connection from a direct one.
+/// Bound to `0.0.0.0:port` in that namespace; stops on drop.
+pub struct ProxyStandIn {
+    accepted: std::sync::Arc<AtomicU32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyStandIn {
+    pub fn start(netns: &Path, port: u16, tag: &str) -> Self {
+        let listener = crate::in_netns(netns, move || {
+            std::net::TcpListener::bind(("0.0.0.0", port)).expect("binding the proxy stand-in")
+        });
+        listener.set_nonblocking(true).unwrap();
+        let accepted = std::sync::Arc::new(AtomicU32::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = format!("proxied {tag}");
+        let (acc, st) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            use std::io::Read;
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        acc.fetch_add(1, Ordering::Relaxed);
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        // Read the request head before answering, so closing
+                        // does not reset the connection under unread data.
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u32 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ProxyStandIn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
