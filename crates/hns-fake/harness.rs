@@ -7,6 +7,9 @@
 //! own target directory (target/hns-fake): the `cargo test` that runs us
 //! holds the lock of target/, so a nested build there would wait forever.
 
+// Each suite uses its own subset of these helpers.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
