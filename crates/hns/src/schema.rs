@@ -23,8 +23,12 @@ pub struct L4WfpProxyPolicySetting {
         skip_serializing_if = "String::is_empty"
     )]
     pub inbound_proxy_port: String,
+    /// Read also from `Port`, its name before the 2020-12 inbound/outbound
+    /// split (hcnproxyctl's first releases wrote that); always written as
+    /// `OutboundProxyPort`.
     #[serde(
         rename = "OutboundProxyPort",
+        alias = "Port",
         default,
         skip_serializing_if = "String::is_empty"
     )]

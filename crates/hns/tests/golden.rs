@@ -114,12 +114,24 @@ fn fixture_round_trips_through_json() {
 
 #[test]
 fn reading_refuses_unknown_fields_and_bad_values() {
-    // A field hcsshim does not define (here the pre-2020 `Port`) must not be
-    // silently ignored on read.
-    let err =
-        serde_json::from_str::<L4WfpProxyPolicySetting>(r#"{"Port":"8000","FilterTuple":{}}"#)
-            .unwrap_err();
-    assert!(err.to_string().contains("unknown field `Port`"), "{err}");
+    // A field hcsshim does not define must not be silently ignored on read.
+    let err = serde_json::from_str::<L4WfpProxyPolicySetting>(
+        r#"{"OutboundProxyPort":"8000","ProxyPorts":"1"}"#,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `ProxyPorts`"),
+        "{err}"
+    );
+    // The pre-2020-12 single `Port` (hcnproxyctl's first schema) reads as outbound.
+    let old: L4WfpProxyPolicySetting =
+        serde_json::from_str(r#"{"Port":"8000","FilterTuple":{"Protocols":"6"}}"#).unwrap();
+    assert_eq!(from_setting(&old).unwrap().outbound_port, Some(8000));
+    assert!(
+        serde_json::to_string(&old)
+            .unwrap()
+            .starts_with(r#"{"OutboundProxyPort":"8000""#)
+    );
     // Ports are strings in HNS; a number is a type error.
     assert!(
         serde_json::from_str::<L4WfpProxyPolicySetting>(r#"{"OutboundProxyPort":8000}"#).is_err()
@@ -202,4 +214,24 @@ fn what_hns_cannot_express_is_refused_naming_the_flag() {
     let err = dry_run(&[base(), base()]).unwrap_err();
     assert_eq!(err.field(), Some("file"));
     assert!(err.to_string().contains("one L4WFPPROXY policy"), "{err}");
+}
+
+#[test]
+fn guids_parse_in_windows_layout() {
+    use proxyctl_hns::Guid;
+    let g: Guid = "{93F86A7F-E361-4362-B8A4-81BBB6A622DD}".parse().unwrap();
+    assert_eq!((g.data1, g.data2, g.data3), (0x93f8_6a7f, 0xe361, 0x4362));
+    assert_eq!(g.data4, [0xb8, 0xa4, 0x81, 0xbb, 0xb6, 0xa6, 0x22, 0xdd]);
+    assert_eq!(g.to_string(), "93f86a7f-e361-4362-b8a4-81bbb6a622dd");
+    assert_eq!(std::mem::size_of::<Guid>(), 16);
+    for bad in [
+        "",
+        "93f86a7f-e361-4362-b8a4-81bbb6a622d",
+        "93f86a7f-e361-4362-b8a4-81bbb6a622dg",
+        "93f86a7fe3614362b8a481bbb6a622dd",
+        "ccaae3aba155c",
+        "+3f86a7f-e361-4362-b8a4-81bbb6a622dd",
+    ] {
+        assert!(bad.parse::<Guid>().is_err(), "{bad}");
+    }
 }
