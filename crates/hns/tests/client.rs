@@ -450,3 +450,30 @@ fn fake_detects_a_missing_free_and_a_double_free() {
     }
     assert_eq!(controls.counter("HnsFakeOpenHandles"), 0);
 }
+
+#[test]
+fn clear_removes_every_proxy_policy_in_one_request_and_counts_them() {
+    // Two proxy policies, as another tool or an older HNS may have left them.
+    let fake = FakeHns::with_state(serde_json::json!({
+        "Version": {"Major": 15, "Minor": 4},
+        "Endpoints": [{"ID": ENDPOINT, "Policies": [
+            {"Type": "L4WFPPROXY", "Settings": {"OutboundProxyPort": "15001", "FilterTuple": {"Protocols": "6", "Priority": 2}}},
+            {"Type": "ACL", "Settings": {"Action": "Allow"}},
+            {"Type": "L4WFPPROXY", "Settings": {"InboundProxyPort": "15006", "FilterTuple": {}}}
+        ]}]
+    }));
+    let (hcn, controls) = connect(&fake);
+    let listed = hcn.list_policies(ENDPOINT).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        (listed[0].outbound_port, listed[0].priority),
+        (Some(15001), 2)
+    );
+    assert_eq!(listed[1].inbound_port, Some(15006));
+    assert_eq!(hcn.clear_policies(ENDPOINT).unwrap(), 2);
+    assert_eq!(fake.modify_requests().len(), 1, "one Remove request");
+    let left = fake.policies(ENDPOINT);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["Type"], "ACL");
+    controls.assert_clean();
+}
