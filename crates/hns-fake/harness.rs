@@ -49,8 +49,9 @@ pub fn fake_library() -> &'static Path {
 }
 
 /// One fake HNS: a private copy of the library (so its process-wide
-/// bookkeeping is this test's alone) and a state file, in a temp dir
-/// removed on drop.
+/// bookkeeping is this test's alone: the cdylib has no SONAME, so the
+/// dynamic loader keys it by path and each copy is a separate instance) and
+/// a state file, in a temp dir removed on drop.
 pub struct FakeHns {
     dir: tempfile::TempDir,
 }

@@ -477,3 +477,36 @@ fn clear_removes_every_proxy_policy_in_one_request_and_counts_them() {
     assert_eq!(left[0]["Type"], "ACL");
     controls.assert_clean();
 }
+
+#[test]
+fn fake_refuses_malformed_queries_and_guids() {
+    type EnumerateFn = unsafe extern "system" fn(*const u16, *mut *mut u16, *mut *mut u16) -> i32;
+    let fake = FakeHns::new(15, 4);
+    let (_hcn, controls) = connect(&fake);
+    let raw = Raw {
+        controls: &controls,
+    };
+    let enumerate = |query: &str| -> (u32, String, String) {
+        let units: Vec<u16> = query.encode_utf16().chain([0]).collect();
+        let (mut list, mut record) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: documented signature; pointers valid for the call.
+        let hr = unsafe {
+            raw.sym::<EnumerateFn>("HcnEnumerateEndpoints")(units.as_ptr(), &mut list, &mut record)
+        };
+        (hr as u32, raw.take(list), raw.take(record))
+    };
+    let (hr, list, _) = enumerate(&format!(
+        r#"{{"SchemaVersion":{{"Major":2,"Minor":0}},"Filter":"{{\"ID\":\"{ENDPOINT}\"}}"}}"#
+    ));
+    assert_eq!((hr, list), (0, format!(r#"["{ENDPOINT}"]"#)));
+    let (hr, _, record) = enumerate(
+        r#"{"SchemaVersion":{"Major":2,"Minor":0},"Filter":"{\"ID\":\"93f86a7f-e361\"}"}"#,
+    );
+    assert_eq!(hr, 0x803B_0019, "HCN_E_GUID_CONVERSION_FAILURE: {record}");
+    let (hr, _, record) = enumerate(r#"{"SchemaVersion":{"Major":2,"Minor":0},"Flag":1}"#);
+    assert_eq!(hr, HCN_E_INVALID_JSON);
+    assert!(record.contains("{{Flag,UnknownField}}"), "{record}");
+    let (hr, _, _) = enumerate(r#"{"SchemaVersion":"2.0"}"#);
+    assert_eq!(hr, HCN_E_INVALID_JSON, "wrong type");
+    controls.assert_clean();
+}
