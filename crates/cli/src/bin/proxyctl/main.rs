@@ -1,6 +1,7 @@
 //! `proxyctl`: steer a container's traffic through proxies.
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
+mod hns;
 mod policy_args;
 // The shapes of add/list/clear, shared by the nft and HNS backends; wired
 // into `Command` as each backend lands.
@@ -42,6 +43,14 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Add a redirect policy to a target (HNS: an endpoint or container).
+    Add(target_args::AddArgs),
+    /// List the redirect policies of a target, read back from the system.
+    List(target_args::ListArgs),
+    /// Remove the redirect policies of a target and report how many.
+    Clear(target_args::ClearArgs),
+    /// Print the HNS endpoint id(s) a container is attached to.
+    Lookup(hns::LookupArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +83,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
+        Command::Add(args) => return hns::add(args),
+        Command::List(args) => return hns::list(args),
+        Command::Clear(args) => return hns::clear(args),
+        Command::Lookup(args) => return hns::lookup(args),
     }
     Ok(ExitCode::SUCCESS)
 }
