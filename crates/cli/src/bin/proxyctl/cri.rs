@@ -8,11 +8,14 @@ use clap::Args;
 use proxyctl_cli::{OutputFormat, print_structured};
 use proxyctl_cri::{CriError, RUNTIME_ENDPOINT_ENV, RuntimeEndpoint, lookup_blocking};
 
+use crate::target_args::Backend;
+
 /// Where the CRI runtime listens.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
-    /// CRI runtime endpoint, as crictl spells it [default: unix:///run/containerd/containerd.sock].
-    #[arg(long, value_name = "unix:///PATH", env = RUNTIME_ENDPOINT_ENV)]
+    /// CRI runtime endpoint, as crictl spells it [default: unix:///run/containerd/containerd.sock]
+    /// (hcnproxyctl: --runtimeendpoint).
+    #[arg(long, alias = "runtimeendpoint", value_name = "unix:///PATH", env = RUNTIME_ENDPOINT_ENV)]
     pub runtime_endpoint: Option<String>,
 }
 
@@ -24,6 +27,9 @@ pub struct LookupArgs {
     /// yaml print the whole record (container, pod, IPs, labels, annotations).
     #[arg(short, long, value_enum, default_value = "table")]
     pub output: OutputFormat,
+    /// nft (Linux): the pod's network namespace; hns: its HNS endpoint id(s).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -41,6 +47,13 @@ fn exit_code(err: &CriError) -> ExitCode {
 }
 
 pub fn lookup(args: LookupArgs) -> anyhow::Result<ExitCode> {
+    if args.backend.resolve() == Backend::Hns {
+        return crate::hns::lookup(crate::hns::LookupArgs {
+            container: args.container,
+            backend: args.backend,
+            runtime_endpoint: args.runtime.runtime_endpoint,
+        });
+    }
     let result = RuntimeEndpoint::resolve(args.runtime.runtime_endpoint.as_deref())
         .and_then(|endpoint| lookup_blocking(&endpoint, &args.container));
     let record = match result {

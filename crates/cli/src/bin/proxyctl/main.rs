@@ -2,6 +2,7 @@
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
 mod cri;
+mod hns;
 mod policy_args;
 // The shapes of add/list/clear, shared by the nft and HNS backends; wired
 // into `Command` as each backend lands.
@@ -41,10 +42,17 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
-    /// Find a container's pod and network namespace through CRI (as hcnproxyctl lookup finds its endpoint).
-    Lookup(cri::LookupArgs),
     /// Print the version.
     Version,
+    /// Add a redirect policy to a target (HNS: an endpoint or container).
+    Add(target_args::AddArgs),
+    /// List the redirect policies of a target, read back from the system.
+    List(target_args::ListArgs),
+    /// Remove the redirect policies of a target and report how many.
+    Clear(target_args::ClearArgs),
+    /// Print a container's endpoint: its pod's network namespace (CRI) with
+    /// nftables, its HNS endpoint id(s) with --backend hns.
+    Lookup(cri::LookupArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,8 +84,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format => print_structured(format, &policies)?,
             }
         }
-        Command::Lookup(args) => return cri::lookup(args),
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
+        Command::Add(args) => return hns::add(args),
+        Command::List(args) => return hns::list(args),
+        Command::Clear(args) => return hns::clear(args),
+        Command::Lookup(args) => return cri::lookup(args),
     }
     Ok(ExitCode::SUCCESS)
 }
