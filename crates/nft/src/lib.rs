@@ -145,6 +145,12 @@ pub fn render(target: &Target) -> Result<String, NftError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Checks that this backend can program `policy` (the model's validation,
+/// plus what Linux cannot express, plus user lookups); changes nothing.
+pub fn validate(policy: &Policy) -> Result<(), NftError> {
+    prepare(policy).map(|_| ())
+}
+
 /// Validates a policy for this backend and resolves user names to uids.
 fn prepare(policy: &Policy) -> Result<ResolvedPolicy, NftError> {
     let policy = policy.clone().checked()?;
