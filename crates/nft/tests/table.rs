@@ -151,13 +151,13 @@ fn a_batch_the_kernel_refuses_leaves_the_ruleset_byte_for_byte_intact() {
         outbound_port: Some(2000),
         ..Policy::default()
     };
-    let err = nft::apply_with_kernel_fault(&t, &[other.clone()]).unwrap_err();
+    let err = nft::apply_with_kernel_fault(&t, std::slice::from_ref(&other)).unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
     let after = nft_text(&ns).expect("table still exists");
     assert_eq!(before, after, "the refused batch changed the ruleset");
     assert_eq!(nft::list(&t).unwrap(), vec![full_policy()]);
     // And the same apply without the fault goes through.
-    nft::apply(&t, &[other.clone()]).unwrap();
+    nft::apply(&t, std::slice::from_ref(&other)).unwrap();
     assert_eq!(nft::list(&t).unwrap(), vec![other.checked().unwrap()]);
 }
 
