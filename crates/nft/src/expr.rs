@@ -58,6 +58,11 @@ const NFTA_PAYLOAD_DREG: u16 = 1;
 const NFTA_PAYLOAD_BASE: u16 = 2;
 const NFTA_PAYLOAD_OFFSET: u16 = 3;
 const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFTA_BITWISE_SREG: u16 = 1;
+const NFTA_BITWISE_DREG: u16 = 2;
+const NFTA_BITWISE_LEN: u16 = 3;
+const NFTA_BITWISE_MASK: u16 = 4;
+const NFTA_BITWISE_XOR: u16 = 5;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
 const NFTA_META_SREG: u16 = 3;
@@ -99,6 +104,12 @@ pub enum Expr {
         op: u32,
         data: Vec<u8>,
     },
+    /// `reg = (reg & mask) ^ xor`; we use it to mask addresses to a prefix.
+    Bitwise {
+        reg: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
     Lookup {
         set: String,
         set_id: Option<u32>,
@@ -131,6 +142,7 @@ impl Expr {
             Self::Meta { .. } | Self::MetaSet { .. } => "meta",
             Self::Payload { .. } => "payload",
             Self::Cmp { .. } => "cmp",
+            Self::Bitwise { .. } => "bitwise",
             Self::Lookup { .. } => "lookup",
             Self::Immediate { .. } => "immediate",
             Self::Redir { .. } => "redir",
@@ -170,6 +182,17 @@ impl Expr {
                 m.attr_be32(NFTA_CMP_OP, *op);
                 let d = m.nest_begin(NFTA_CMP_DATA);
                 m.attr(NFTA_DATA_VALUE, data);
+                m.nest_end(d);
+            }
+            Self::Bitwise { reg, mask, xor } => {
+                m.attr_be32(NFTA_BITWISE_SREG, *reg);
+                m.attr_be32(NFTA_BITWISE_DREG, *reg);
+                m.attr_be32(NFTA_BITWISE_LEN, mask.len() as u32);
+                let d = m.nest_begin(NFTA_BITWISE_MASK);
+                m.attr(NFTA_DATA_VALUE, mask);
+                m.nest_end(d);
+                let d = m.nest_begin(NFTA_BITWISE_XOR);
+                m.attr(NFTA_DATA_VALUE, xor);
                 m.nest_end(d);
             }
             Self::Lookup {
@@ -251,6 +274,18 @@ impl Expr {
                     .unwrap_or(&[])
                     .to_vec(),
             }),
+            "bitwise" => {
+                let value = |ty| {
+                    attr(d, ty)
+                        .and_then(|v| attr(v, NFTA_DATA_VALUE))
+                        .map(<[u8]>::to_vec)
+                };
+                Some(Self::Bitwise {
+                    reg: u(NFTA_BITWISE_DREG).unwrap_or(0),
+                    mask: value(NFTA_BITWISE_MASK).unwrap_or_default(),
+                    xor: value(NFTA_BITWISE_XOR).unwrap_or_default(),
+                })
+            }
             "lookup" => Some(Self::Lookup {
                 set: attr(d, NFTA_LOOKUP_SET).map(cstr).unwrap_or_default(),
                 set_id: None,
@@ -318,6 +353,20 @@ pub fn payload(base: u32, offset: u32, len: u32) -> Expr {
         offset,
         len,
         dreg: REG_1,
+    }
+}
+
+/// Masks REG_1 (holding an address of `bytes` bytes) to its first `prefix` bits.
+pub fn prefix_mask(bytes: usize, prefix: u8) -> Expr {
+    let mut mask = vec![0u8; bytes];
+    for (i, b) in mask.iter_mut().enumerate() {
+        let bits = (prefix as usize).saturating_sub(i * 8).min(8);
+        *b = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+    }
+    Expr::Bitwise {
+        reg: REG_1,
+        mask,
+        xor: vec![0; bytes],
     }
 }
 

@@ -19,8 +19,9 @@
 //! - `neli` and `netlink-packet-*` have no nf_tables message builder.
 //!
 //! The nf_tables netlink ABI is stable, and this backend needs only a small
-//! part of it: table/chain/set/element/rule messages and nine expressions
-//! (meta, cmp, payload, lookup, immediate, redir, nat, tproxy, counter). So
+//! part of it: table/chain/set/element/rule messages and ten expressions
+//! (meta, cmp, payload, bitwise, lookup, immediate, redir, nat, tproxy,
+//! counter). So
 //! [`netlink`] and [`expr`] encode and decode exactly those over a raw
 //! NETLINK_NETFILTER socket; `nft list table inet proxyctl` serves tests as
 //! an independent check of what the kernel holds.
@@ -58,22 +59,20 @@ const ERESTART: i32 = 85;
 /// Adds `policy`, or atomically replaces the policy of the same name.
 pub fn add(target: &Target, policy: &Policy) -> Result<(), NftError> {
     let new = prepare(policy)?;
-    let sock = target.nft_socket()?;
-    let route = target.route_socket()?;
+    let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
     retry_on_stale(|| {
-        let (mut policies, genid) = read_policies(&sock)?;
+        let (mut policies, base) = read_policies(&sock)?;
         policies.retain(|p| p.policy.name != new.policy.name);
         policies.push(new.clone());
-        commit_policies(&sock, &route, &policies, genid, false)
+        commit_policies(&sock, &route, &policies, base, false)
     })
 }
 
 /// Makes the namespace hold exactly `policies`, atomically.
 pub fn apply(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
     let prepared = prepare_all(policies)?;
-    let sock = target.nft_socket()?;
-    let route = target.route_socket()?;
-    commit_policies(&sock, &route, &prepared, None, false)
+    let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
+    retry_on_stale(|| commit_policies(&sock, &route, &prepared, table_base(&sock)?, false))
 }
 
 /// Test-only: like [`apply`], but the batch ends with a message the kernel
@@ -82,16 +81,15 @@ pub fn apply(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
 #[doc(hidden)]
 pub fn apply_with_kernel_fault(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
     let prepared = prepare_all(policies)?;
-    let sock = target.nft_socket()?;
-    let route = target.route_socket()?;
-    commit_policies(&sock, &route, &prepared, None, true)
+    let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
+    commit_policies(&sock, &route, &prepared, table_base(&sock)?, true)
 }
 
 /// The policies the kernel holds in the namespace, reconstructed from the
 /// rules and sets; in evaluation order (priority, then name).
 pub fn list(target: &Target) -> Result<Vec<Policy>, NftError> {
-    let sock = target.nft_socket()?;
-    let (mut policies, _) = read_policies(&sock)?;
+    let [sock] = target.sockets([libc::NETLINK_NETFILTER])?;
+    let (mut policies, _base) = read_policies(&sock)?;
     ruleset::evaluation_order(&mut policies);
     Ok(policies.into_iter().map(|p| p.policy).collect())
 }
@@ -99,10 +97,9 @@ pub fn list(target: &Target) -> Result<Vec<Policy>, NftError> {
 /// Removes all our policies (the whole table) or the one named; returns how
 /// many were removed. Other tables are never touched.
 pub fn clear(target: &Target, name: Option<&str>) -> Result<usize, NftError> {
-    let sock = target.nft_socket()?;
-    let route = target.route_socket()?;
+    let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
     retry_on_stale(|| {
-        let (mut policies, genid) = read_policies(&sock)?;
+        let (mut policies, base) = read_policies(&sock)?;
         let before = policies.len();
         match name {
             Some(n) => policies.retain(|p| p.policy.name != n),
@@ -112,7 +109,7 @@ pub fn clear(target: &Target, name: Option<&str>) -> Result<usize, NftError> {
         if removed == 0 && name.is_some() {
             return Ok(0);
         }
-        commit_policies(&sock, &route, &policies, genid, false)?;
+        commit_policies(&sock, &route, &policies, base, false)?;
         Ok(removed)
     })
 }
@@ -126,7 +123,7 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
 /// `nft` binary inside the namespace (an independent view of the kernel's
 /// state, for humans). Empty when the table does not exist.
 pub fn render(target: &Target) -> Result<String, NftError> {
-    let sock = target.nft_socket()?;
+    let [sock] = target.sockets([libc::NETLINK_NETFILTER])?;
     if read_table(&sock)?.0.is_none() {
         return Ok(String::new());
     }
@@ -272,13 +269,40 @@ fn read_table_once(sock: &Socket) -> Result<Option<KernelTable>, NftError> {
     Ok(Some(table))
 }
 
-fn read_policies(sock: &Socket) -> Result<(Vec<ResolvedPolicy>, Option<u32>), NftError> {
+/// What a batch is computed against: the generation it was read at (the
+/// kernel refuses the batch if the ruleset changed since) and whether our
+/// table exists.
+#[derive(Debug, Clone, Copy)]
+struct Base {
+    genid: u32,
+    exists: bool,
+}
+
+fn read_policies(sock: &Socket) -> Result<(Vec<ResolvedPolicy>, Base), NftError> {
     let (table, genid) = read_table(sock)?;
+    let exists = table.is_some();
     let policies = match table {
         Some(t) => ruleset::decode_policies(&t).map_err(NftError::Decode)?,
         None => Vec::new(),
     };
-    Ok((policies, Some(genid)))
+    Ok((policies, Base { genid, exists }))
+}
+
+/// Whether the table exists, without reading it.
+fn table_base(sock: &Socket) -> Result<Base, NftError> {
+    use ruleset::*;
+    let genid = genid(sock)?;
+    let get = request(
+        MSG_GETTABLE,
+        netlink::NLM_F_ACK,
+        &[(TABLE_NAME_ATTR, TABLE)],
+    );
+    let exists = match sock.request(&get) {
+        Ok(_) => true,
+        Err(e) if errno_of(&e) == Some(libc::ENOENT) => false,
+        Err(e) => return Err(NftError::kernel("reading table inet proxyctl", &e)),
+    };
+    Ok(Base { genid, exists })
 }
 
 /// One batch that makes the table hold exactly `policies` (no table at all
@@ -287,7 +311,7 @@ fn commit_policies(
     sock: &Socket,
     route: &Socket,
     policies: &[ResolvedPolicy],
-    genid: Option<u32>,
+    base: Base,
     inject_fault: bool,
 ) -> Result<(), NftError> {
     let udp = policies
@@ -298,12 +322,9 @@ fn commit_policies(
         // mark, so installing them first never changes current traffic.
         route::ensure(route).map_err(|e| NftError::kernel("adding UDP policy routing", &e))?;
     }
-    let mut batch = Batch::new(genid);
-    if policies.is_empty() {
-        batch.replace_table(None);
-    } else {
-        batch.replace_table(Some(&ruleset::build(policies)));
-    }
+    let mut batch = Batch::new(Some(base.genid));
+    let new = (!policies.is_empty()).then(|| ruleset::build(policies));
+    batch.replace_table(base.exists, new.as_ref());
     if inject_fault {
         batch.rule(&ruleset::RuleSpec {
             chain: "no-such-chain".into(),
@@ -311,8 +332,11 @@ fn commit_policies(
             comment: "fault injection".into(),
         });
     }
-    let msg = batch.finish();
-    send_batch(sock, &msg)?;
+    if batch.is_empty() && !inject_fault {
+        // No table before and none wanted: nothing for the kernel to do.
+    } else {
+        send_batch(sock, &batch.finish())?;
+    }
     if !udp {
         route::remove(route).map_err(|e| NftError::kernel("removing UDP policy routing", &e))?;
     }

@@ -9,8 +9,16 @@
 //! nat-prerouting    nat    prerouting  -100  jump pol-NAME-in     (TCP redirect inbound)
 //! mark-output       route  output      -150  jump pol-NAME-mark   (UDP: mark -> reroute via lo)
 //! tproxy-prerouting filter prerouting  -150  jump pol-NAME-tproxy (UDP tproxy, both directions)
-//! sets NAME-{oxp,ox4,ox6,ixp,ix4,ix6,lp,rp,la4,la6,ra4,ra6}: exceptions and matches
+//! sets NAME-{oxp,ixp,lp,rp}           interval sets of ports (exceptions, matches)
+//!      NAME-{la4,la6,ra4,ra6}          interval sets of match addresses
+//!      NAME-{ox4,ox6,ix4,ix6}-LEN      hash sets of exception networks, one per
+//!                                      prefix length, looked up after `& mask`
 //! ```
+//!
+//! Exception CIDRs can be many (10,000 in the benchmark): a hash element
+//! costs the kernel half what an interval does (one element, not a start
+//! and an end), and a lookup is one probe per distinct prefix length, so
+//! cost does not grow with the number of addresses.
 //!
 //! Base chains jump to policy chains by priority (higher first, ties by
 //! name); a policy chain ends in a terminal redirect/tproxy, so the first
@@ -26,7 +34,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proxyctl_policy::{DestinationProxy, Family, Policy, PortRange, Protocol};
 
 use crate::expr::{self, Data, Expr, cmp, load, lookup, meta, payload, verdict};
-use crate::netlink::{self, Attrs, MsgBuf, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, attr, be32};
+use crate::netlink::{
+    self, Attrs, MsgBuf, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, attr, be32,
+};
 
 pub const TABLE: &str = "proxyctl";
 pub const NFPROTO_INET: u8 = 1;
@@ -69,7 +79,9 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
 const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_DESC_SIZE: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -182,6 +194,8 @@ pub struct SetSpec {
     pub name: String,
     pub key: KeyKind,
     pub id: u32,
+    /// An interval (rbtree) set; otherwise a hash set of exact keys.
+    pub interval: bool,
     pub intervals: Intervals,
 }
 
@@ -265,6 +279,16 @@ impl Builder {
 
     /// Adds a set (once per name) and returns its (name, id).
     fn set(&mut self, name: String, key: KeyKind, intervals: Intervals) -> (String, u32) {
+        self.set_of(name, key, true, intervals)
+    }
+
+    fn set_of(
+        &mut self,
+        name: String,
+        key: KeyKind,
+        interval: bool,
+        intervals: Intervals,
+    ) -> (String, u32) {
         if let Some(s) = self.rs.sets.iter().find(|s| s.name == name) {
             return (s.name.clone(), s.id);
         }
@@ -274,6 +298,7 @@ impl Builder {
             name: name.clone(),
             key,
             id,
+            interval,
             intervals,
         });
         (name, id)
@@ -288,6 +313,37 @@ impl Builder {
             })
             .collect();
         self.set(name, KeyKind::Port, intervals)
+    }
+
+    /// Exception addresses as one hash set per prefix length, looked up
+    /// after masking: the kernel inserts a hash element about twice as fast
+    /// as an interval (which needs a start and an end element), and a lookup
+    /// costs one probe per distinct prefix length however many addresses.
+    fn prefix_sets(&mut self, name: &str, v4: bool, nets: &[IpNet]) -> Vec<(String, u32, u8)> {
+        let mut by_len: BTreeMap<u8, Vec<Vec<u8>>> = BTreeMap::new();
+        for n in nets {
+            match (n, v4) {
+                (IpNet::V4(n), true) => by_len
+                    .entry(n.prefix_len())
+                    .or_default()
+                    .push(n.network().octets().to_vec()),
+                (IpNet::V6(n), false) => by_len
+                    .entry(n.prefix_len())
+                    .or_default()
+                    .push(n.network().octets().to_vec()),
+                _ => {}
+            }
+        }
+        let key = if v4 { KeyKind::V4 } else { KeyKind::V6 };
+        by_len
+            .into_iter()
+            .rev()
+            .map(|(len, keys)| {
+                let elems = keys.into_iter().map(|k| (k, None)).collect();
+                let (set, id) = self.set_of(format!("{name}-{len}"), key, false, elems);
+                (set, id, len)
+            })
+            .collect()
     }
 
     fn net_set(&mut self, name: String, v4: bool, nets: &[IpNet]) -> Option<(String, u32)> {
@@ -353,19 +409,20 @@ impl Builder {
             );
         }
         for v4 in [true, false] {
-            if let Some((set, id)) = self.net_set(
-                format!("{name}-{tag}x{}", if v4 { 4 } else { 6 }),
-                v4,
-                &exceptions.cidrs,
-            ) {
-                let addr = if v4 {
+            let fam = if v4 { 4 } else { 6 };
+            let sets = self.prefix_sets(&format!("{name}-{tag}x{fam}"), v4, &exceptions.cidrs);
+            for (set, id, len) in sets {
+                let mut e = nfproto(family_byte(v4)).to_vec();
+                e.push(if v4 {
                     v4_addr(outbound)
                 } else {
                     v6_addr(outbound)
-                };
-                let mut e = nfproto(family_byte(v4)).to_vec();
-                e.extend([addr, lookup(&set, id, false), ret()]);
-                self.rule(chain, if v4 { "except-v4" } else { "except-v6" }, e);
+                });
+                if len < if v4 { 32 } else { 128 } {
+                    e.push(expr::prefix_mask(if v4 { 4 } else { 16 }, len));
+                }
+                e.extend([lookup(&set, id, false), ret()]);
+                self.rule(chain, &format!("except-v{fam}"), e);
             }
         }
         // Matches: traffic outside a non-empty match list is not redirected.
@@ -743,9 +800,9 @@ impl Batch {
         )
     }
 
-    pub fn table(&mut self, msg: u16) {
+    pub fn table(&mut self, msg: u16, extra_flags: u16) {
         let flags = if msg == MSG_NEWTABLE { NLM_F_CREATE } else { 0 };
-        let m = self.begin(msg, flags);
+        let m = self.begin(msg, flags | extra_flags);
         self.msg.attr_str(NFTA_TABLE_NAME, TABLE);
         if msg == MSG_NEWTABLE {
             self.msg.attr_be32(NFTA_TABLE_FLAGS, 0);
@@ -776,10 +833,19 @@ impl Batch {
         let m = self.begin(MSG_NEWSET, NLM_F_CREATE);
         self.msg.attr_str(NFTA_SET_TABLE, TABLE);
         self.msg.attr_str(NFTA_SET_NAME, &s.name);
-        self.msg.attr_be32(NFTA_SET_FLAGS, NFT_SET_INTERVAL);
+        let flags = if s.interval { NFT_SET_INTERVAL } else { 0 };
+        self.msg.attr_be32(NFTA_SET_FLAGS, flags);
         self.msg.attr_be32(NFTA_SET_KEY_TYPE, s.key.nft_type());
         self.msg.attr_be32(NFTA_SET_KEY_LEN, s.key.len() as u32);
         self.msg.attr_be32(NFTA_SET_ID, s.id);
+        if !s.interval {
+            // A known size lets the kernel pick its fixed-size hash instead
+            // of a resizing one.
+            let d = self.msg.nest_begin(NFTA_SET_DESC);
+            self.msg
+                .attr_be32(NFTA_SET_DESC_SIZE, s.intervals.len() as u32);
+            self.msg.nest_end(d);
+        }
         self.msg.end(m);
         // Elements: each interval is a start key and an end key flagged
         // INTERVAL_END. One nested attribute holds at most 64 KiB, so the
@@ -828,13 +894,20 @@ impl Batch {
         self.msg.end(m);
     }
 
-    /// Replaces the whole table: create-if-missing, delete, recreate. The
-    /// kernel applies all of it or none of it.
-    pub fn replace_table(&mut self, rs: Option<&Ruleset>) {
-        self.table(MSG_NEWTABLE);
-        self.table(MSG_DELTABLE);
+    /// Replaces the whole table; the kernel applies all of it or none of it.
+    /// An existing table is deleted and rebuilt (declared first, so the
+    /// delete cannot fail); a missing one is created with NLM_F_EXCL, so a
+    /// table someone created since we looked makes the batch fail instead
+    /// of being merged into. Not creating and deleting a throw-away table
+    /// matters: deleted objects are freed after an RCU grace period, which
+    /// the kernel waits for when our socket closes.
+    pub fn replace_table(&mut self, exists: bool, rs: Option<&Ruleset>) {
+        if exists {
+            self.table(MSG_NEWTABLE, 0);
+            self.table(MSG_DELTABLE, 0);
+        }
         let Some(rs) = rs else { return };
-        self.table(MSG_NEWTABLE);
+        self.table(MSG_NEWTABLE, NLM_F_EXCL);
         for c in &rs.chains {
             self.chain(c);
         }
@@ -844,6 +917,11 @@ impl Batch {
         for r in &rs.rules {
             self.rule(r);
         }
+    }
+
+    /// True when nothing but BEGIN has been added.
+    pub fn is_empty(&self) -> bool {
+        self.msg.messages.len() == 1
     }
 
     pub fn finish(mut self) -> MsgBuf {
@@ -1213,7 +1291,20 @@ fn decode_rule(
             ex.ports.extend(ports);
         }
         "except-v4" | "except-v6" => {
-            let nets = intervals_to_nets(set()?);
+            let full = if kind == "except-v4" { 32 } else { 128 };
+            let len = e
+                .iter()
+                .find_map(|x| match x {
+                    Expr::Bitwise { mask, .. } => {
+                        Some(mask.iter().map(|b| b.count_ones()).sum::<u32>() as u8)
+                    }
+                    _ => None,
+                })
+                .unwrap_or(full);
+            let nets = set()?
+                .iter()
+                .map(|(k, _)| ip_from(k).and_then(|ip| IpNet::new(ip, len).ok()))
+                .collect::<Option<Vec<_>>>()?;
             let ex = if outbound {
                 &mut p.outbound_exceptions
             } else {

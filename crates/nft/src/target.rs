@@ -86,18 +86,42 @@ impl Target {
         })
     }
 
-    pub(crate) fn nft_socket(&self) -> Result<Socket, NftError> {
-        self.run_in(|| {
-            Socket::open(libc::NETLINK_NETFILTER)
-                .map_err(|e| NftError::kernel("opening an nf_tables netlink socket", &e))
-        })
-    }
-
-    pub(crate) fn route_socket(&self) -> Result<Socket, NftError> {
-        self.run_in(|| {
-            Socket::open(libc::NETLINK_ROUTE)
-                .map_err(|e| NftError::kernel("opening an rtnetlink socket", &e))
-        })
+    /// Opens netlink sockets of these protocols inside the namespace. The
+    /// calling thread joins the namespace just long enough to create them
+    /// and returns to its own: far cheaper than a thread per call (a thread
+    /// that dies in a foreign namespace costs milliseconds to reap).
+    pub(crate) fn sockets<const N: usize>(
+        &self,
+        protocols: [libc::c_int; N],
+    ) -> Result<[Socket; N], NftError> {
+        let target = self.open()?;
+        let home = File::open("/proc/thread-self/ns/net")
+            .map_err(|e| NftError::io("opening our own network namespace", e))?;
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| NftError::Target {
+            target: self.to_string(),
+            message: format!("not a network namespace: {e}"),
+        })?;
+        let mut opened = Vec::with_capacity(N);
+        let mut failure = None;
+        for p in protocols {
+            match Socket::open(p) {
+                Ok(s) => opened.push(s),
+                Err(e) => {
+                    failure = Some(NftError::kernel("opening a netlink socket", &e));
+                    break;
+                }
+            }
+        }
+        // Staying in the target would silently move everything this thread
+        // does later: better to stop here.
+        setns(home.as_fd(), CloneFlags::CLONE_NEWNET)
+            .expect("returning to our own network namespace");
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(opened
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one socket per protocol"))),
+        }
     }
 }
 

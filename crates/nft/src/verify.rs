@@ -246,7 +246,7 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
 
 /// Probes the policies held in `target`'s namespace; see the module docs.
 pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
-    let sock = target.nft_socket()?;
+    let [sock] = target.sockets([libc::NETLINK_NETFILTER])?;
     let (table, _) = crate::read_table(&sock)?;
     let mut policies = match table {
         Some(t) => ruleset::decode_policies(&t).map_err(NftError::Decode)?,
