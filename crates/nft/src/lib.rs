@@ -53,7 +53,7 @@ use ruleset::{Batch, KernelTable, ResolvedPolicy};
 /// How often `add`/`clear` re-read and retry when another writer changed
 /// the ruleset between our read and our write (the batch carries the
 /// generation it was computed from, and the kernel refuses it if stale).
-const GENERATION_RETRIES: usize = 5;
+const GENERATION_RETRIES: usize = 16;
 const ERESTART: i32 = 85;
 
 /// Adds `policy`, or atomically replaces the policy of the same name.
@@ -334,8 +334,17 @@ fn commit_policies(
     }
     if batch.is_empty() && !inject_fault {
         // No table before and none wanted: nothing for the kernel to do.
-    } else {
-        send_batch(sock, &batch.finish())?;
+    } else if let Err(e) = send_batch(sock, &batch.finish()) {
+        if udp {
+            // The routing went in first; keep it only if what the kernel
+            // still holds (the old ruleset) marks UDP.
+            let old_udp = read_policies(sock)
+                .is_ok_and(|(old, _)| old.iter().any(|p| p.policy.has_protocol(Protocol::Udp)));
+            if !old_udp {
+                let _ = route::remove(route);
+            }
+        }
+        return Err(e);
     }
     if !udp {
         route::remove(route).map_err(|e| NftError::kernel("removing UDP policy routing", &e))?;
