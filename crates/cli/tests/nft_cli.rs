@@ -352,3 +352,62 @@ fn demo_runs_and_leaves_nothing_behind() {
         "demo touched the root namespace: {tables}"
     );
 }
+
+#[test]
+fn demo_interrupted_by_ctrl_c_leaves_nothing_behind() {
+    if !require_root("cli_demo_ctrl_c") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut reached = false;
+    for line in BufReader::new(stdout).lines() {
+        if line.unwrap().contains("added policy sidecar") {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "demo never applied its policy");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "demo should have been interrupted");
+    // Its namespaces were anonymous: they died with the process, taking
+    // the veth pair, rules and routes with them. The root namespace saw
+    // nothing.
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains("pxd"), "{links}");
+    let tables = String::from_utf8_lossy(
+        &Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!tables.contains("proxyctl"), "{tables}");
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(netns.lines().all(|l| l.starts_with("pxt-")), "{netns}");
+}
