@@ -1355,3 +1355,164 @@ fn decode_rule(
     }
     Some(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::{Message, parse_messages};
+
+    fn policy() -> ResolvedPolicy {
+        let p = Policy {
+            name: "t".into(),
+            priority: 3,
+            outbound_port: Some(15001),
+            inbound_port: Some(15006),
+            protocols: vec![Protocol::Tcp, Protocol::Udp],
+            family: Family::Ipv4,
+            destination_proxy: Some(DestinationProxy {
+                destination: "169.254.169.254:80".parse().unwrap(),
+                proxy: "127.0.0.1:9".parse().unwrap(),
+            }),
+            ..Policy::default()
+        };
+        let mut p = p.checked().unwrap();
+        p.outbound_exceptions.cidrs =
+            vec!["10.0.0.0/8".parse().unwrap(), "1.2.3.4/32".parse().unwrap()];
+        p.outbound_exceptions.ports = vec![PortRange {
+            start: 1,
+            end: 65535,
+        }];
+        p.exclude.uids = vec![7];
+        p.exclude.users = vec!["alice".into()];
+        p.normalize();
+        ResolvedPolicy {
+            policy: p,
+            users: vec![("alice".into(), 1001)],
+        }
+    }
+
+    /// What the kernel would echo back for our own messages: the encoded
+    /// batch decoded by the same code that decodes dumps.
+    fn echo(rs: &Ruleset) -> KernelTable {
+        let mut b = Batch::new(None);
+        b.replace_table(false, Some(rs));
+        let msgs: Vec<Message> = parse_messages(&b.finish().buf);
+        let of = |ty: u16| -> Vec<Message> {
+            msgs.iter()
+                .filter(|m| m.ty == (NFNL_SUBSYS_NFTABLES << 8) | ty)
+                .cloned()
+                .collect()
+        };
+        let mut t = KernelTable {
+            chains: decode_chains(&of(MSG_NEWCHAIN)),
+            rules: decode_rules(&of(MSG_NEWRULE)),
+            sets: Default::default(),
+        };
+        for s in &rs.sets {
+            let elems: Vec<Message> = of(MSG_NEWSETELEM)
+                .into_iter()
+                .filter(|m| {
+                    attr(&m.payload[4..], NFTA_SET_ELEM_LIST_SET).map(netlink::cstr)
+                        == Some(s.name.clone())
+                })
+                .collect();
+            t.sets
+                .insert(s.name.clone(), (s.key, decode_elements(&elems)));
+        }
+        t
+    }
+
+    #[test]
+    fn encoded_policies_decode_to_the_same_policies() {
+        let rp = policy();
+        let rs = build(std::slice::from_ref(&rp));
+        let back = decode_policies(&echo(&rs)).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].policy, rp.policy);
+        assert_eq!(back[0].users, rp.users);
+    }
+
+    #[test]
+    fn base_chains_jump_in_priority_order_then_name() {
+        let mk = |name: &str, priority| ResolvedPolicy {
+            policy: Policy {
+                name: name.into(),
+                priority,
+                outbound_port: Some(1),
+                ..Policy::default()
+            },
+            users: vec![],
+        };
+        let rs = build(&[mk("b", 1), mk("a", 1), mk("z", 9)]);
+        let jumps: Vec<&str> = rs
+            .rules
+            .iter()
+            .filter(|r| r.chain == "nat-output")
+            .map(|r| r.comment.as_str())
+            .collect();
+        assert_eq!(jumps, ["policy=z", "policy=a", "policy=b"]);
+    }
+
+    #[test]
+    fn intervals_round_trip_at_the_edges() {
+        let ports = vec![
+            PortRange::single(1),
+            PortRange { start: 2, end: 3 },
+            PortRange::single(65535),
+        ];
+        let mut b = Builder {
+            rs: Ruleset::default(),
+            next_set_id: 0,
+        };
+        b.port_set("p".into(), &ports);
+        let iv = &b.rs.sets[0].intervals;
+        assert_eq!(iv[2].1, None, "65535 runs to the end: no end element");
+        // Adjacent ranges share a key: the end of one, the start of the next.
+        let mut elems = Vec::new();
+        for (s, e) in iv {
+            elems.push((s.clone(), false));
+            if let Some(e) = e {
+                elems.push((e.clone(), true));
+            }
+        }
+        elems.reverse(); // the kernel dumps in its own order
+        let msgs = element_messages(&elems);
+        assert_eq!(intervals_to_ports(&decode_elements(&msgs)), ports);
+        let nets: Vec<IpNet> = vec!["0.0.0.0/0".parse().unwrap()];
+        assert!(b.net_set("n".into(), true, &nets).is_some());
+        let iv = &b.rs.sets[1].intervals;
+        assert_eq!(intervals_to_nets(iv), nets);
+    }
+
+    fn element_messages(elems: &[(Vec<u8>, bool)]) -> Vec<Message> {
+        let mut m = MsgBuf::default();
+        let s = m.begin(0, 0, 1, &[NFPROTO_INET, 0, 0, 0]);
+        m.attr_str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        let list = m.nest_begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for (k, end) in elems {
+            let e = m.nest_begin(NFTA_LIST_ELEM);
+            let kk = m.nest_begin(NFTA_SET_ELEM_KEY);
+            m.attr(NFTA_DATA_VALUE, k);
+            m.nest_end(kk);
+            if *end {
+                m.attr_be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+            }
+            m.nest_end(e);
+        }
+        m.nest_end(list);
+        m.end(s);
+        parse_messages(&m.buf)
+    }
+
+    #[test]
+    fn prefix_masks() {
+        let Expr::Bitwise { mask, .. } = expr::prefix_mask(4, 20) else {
+            unreachable!()
+        };
+        assert_eq!(mask, [255, 255, 240, 0]);
+        let Expr::Bitwise { mask, .. } = expr::prefix_mask(16, 0) else {
+            unreachable!()
+        };
+        assert_eq!(mask, [0; 16]);
+    }
+}

@@ -134,3 +134,37 @@ impl std::fmt::Display for Target {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_to_namespace_paths() {
+        let path = |s: &str| Target::parse(s).unwrap().path();
+        assert_eq!(path("/proc/12/ns/net"), PathBuf::from("/proc/12/ns/net"));
+        assert_eq!(path("netns:pod1"), PathBuf::from("/run/netns/pod1"));
+        assert_eq!(path("pid:42"), PathBuf::from("/proc/42/ns/net"));
+        for bad in [
+            "",
+            "pod1",
+            "netns:",
+            "netns:a/b",
+            "netns:..",
+            "pid:",
+            "pid:-1",
+            "pid:0",
+            "pid:x",
+        ] {
+            let err = Target::parse(bad).unwrap_err();
+            assert!(err.is_bad_input(), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_namespace_is_bad_input() {
+        let t = Target::parse("netns:pxt-surely-missing").unwrap();
+        let err = t.sockets([libc::NETLINK_NETFILTER]).unwrap_err();
+        assert!(err.is_bad_input(), "{err}");
+    }
+}
