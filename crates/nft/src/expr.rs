@@ -22,6 +22,10 @@ pub const META_SKGID: u32 = 11;
 pub const META_NFPROTO: u32 = 15;
 pub const META_L4PROTO: u32 = 16;
 
+// enum nft_ct_keys; IP_CT_DIR_ORIGINAL
+pub const CT_DIRECTION: u32 = 1;
+pub const CT_DIR_ORIGINAL: u8 = 0;
+
 // enum nft_payload_bases
 pub const PAYLOAD_NETWORK: u32 = 1;
 pub const PAYLOAD_TRANSPORT: u32 = 2;
@@ -63,6 +67,8 @@ const NFTA_BITWISE_DREG: u16 = 2;
 const NFTA_BITWISE_LEN: u16 = 3;
 const NFTA_BITWISE_MASK: u16 = 4;
 const NFTA_BITWISE_XOR: u16 = 5;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
 const NFTA_META_SREG: u16 = 3;
@@ -85,6 +91,11 @@ pub enum Data {
 pub enum Expr {
     /// Load a meta key into a register.
     Meta {
+        key: u32,
+        dreg: u32,
+    },
+    /// Load a conntrack key into a register.
+    Ct {
         key: u32,
         dreg: u32,
     },
@@ -141,6 +152,7 @@ impl Expr {
         match self {
             Self::Meta { .. } | Self::MetaSet { .. } => "meta",
             Self::Payload { .. } => "payload",
+            Self::Ct { .. } => "ct",
             Self::Cmp { .. } => "cmp",
             Self::Bitwise { .. } => "bitwise",
             Self::Lookup { .. } => "lookup",
@@ -161,6 +173,10 @@ impl Expr {
             Self::Meta { key, dreg } => {
                 m.attr_be32(NFTA_META_KEY, *key);
                 m.attr_be32(NFTA_META_DREG, *dreg);
+            }
+            Self::Ct { key, dreg } => {
+                m.attr_be32(NFTA_CT_KEY, *key);
+                m.attr_be32(NFTA_CT_DREG, *dreg);
             }
             Self::MetaSet { key, sreg } => {
                 m.attr_be32(NFTA_META_KEY, *key);
@@ -258,6 +274,10 @@ impl Expr {
             "meta" => match (u(NFTA_META_KEY), u(NFTA_META_DREG), u(NFTA_META_SREG)) {
                 (Some(key), Some(dreg), _) => Some(Self::Meta { key, dreg }),
                 (Some(key), None, Some(sreg)) => Some(Self::MetaSet { key, sreg }),
+                _ => None,
+            },
+            "ct" => match (u(NFTA_CT_KEY), u(NFTA_CT_DREG)) {
+                (Some(key), Some(dreg)) => Some(Self::Ct { key, dreg }),
                 _ => None,
             },
             "payload" => Some(Self::Payload {

@@ -235,6 +235,17 @@ fn nfproto(family: u8) -> [Expr; 2] {
     [meta(expr::META_NFPROTO), cmp(expr::CMP_EQ, [family])]
 }
 
+/// Loads the packet's conntrack direction. UDP redirection is matched to
+/// ORIGINAL only: UDP has no NAT state to follow, so without it the replies
+/// to the app's own flows (and the app's replies to peers) would be
+/// tproxied too.
+fn ct_direction() -> Expr {
+    Expr::Ct {
+        key: expr::CT_DIRECTION,
+        dreg: expr::REG_1,
+    }
+}
+
 fn ret() -> Expr {
     verdict(expr::NFT_RETURN, None)
 }
@@ -598,6 +609,8 @@ impl Builder {
                 vec![
                     meta(expr::META_L4PROTO),
                     cmp(expr::CMP_EQ, [Protocol::Udp.number()]),
+                    ct_direction(),
+                    cmp(expr::CMP_EQ, [expr::CT_DIR_ORIGINAL]),
                     Expr::Counter,
                     load(expr::REG_1, udp_mark(port).to_ne_bytes()),
                     Expr::MetaSet {
@@ -649,6 +662,8 @@ impl Builder {
                     vec![
                         meta(expr::META_L4PROTO),
                         cmp(expr::CMP_EQ, [Protocol::Udp.number()]),
+                        ct_direction(),
+                        cmp(expr::CMP_EQ, [expr::CT_DIR_ORIGINAL]),
                         Expr::Counter,
                         load(expr::REG_1, port.to_be_bytes()),
                         Expr::Tproxy {

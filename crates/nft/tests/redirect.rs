@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use proxyctl_nft as nft;
+use proxyctl_nft::probe;
 use proxyctl_policy::{DestinationProxy, Exclusions, Family, Policy, Protocol};
 use proxyctl_testkit::require_root;
 
@@ -353,4 +354,76 @@ fn destination_proxy_dnats_one_destination_and_family_limits_apply() {
     let _c = tcp_send(&pair.pod, APP, sa(POD_V6, 0), sa(PEER_V6, 80), "v6");
     let (at, _) = tcp_arrival(&[&proxy[0], &proxy[1], &server[0]], "v6").unwrap();
     assert_eq!(at, 2, "an ipv4-only policy leaves IPv6 alone");
+}
+
+#[test]
+fn udp_replies_are_not_tproxied() {
+    if !require_root("udp_replies") {
+        return;
+    }
+    // UDP has no NAT state: only datagrams in a flow's original direction
+    // may be redirected, never the replies.
+    let pair = Pair::new("udpr");
+    let p = Policy {
+        outbound_port: Some(15001),
+        inbound_port: Some(15006),
+        protocols: vec![Protocol::Udp],
+        inbound_exceptions: proxyctl_policy::Exceptions {
+            ports: vec!["5353".parse().unwrap()],
+            cidrs: vec![],
+        },
+        outbound_exceptions: proxyctl_policy::Exceptions {
+            ports: vec!["53".parse().unwrap()],
+            cidrs: vec![],
+        },
+        ..policy("udpr")
+    };
+    nft::add(&pair.target, &p).unwrap();
+    let proxies = udp_tproxy(&pair.pod, &[sa("0.0.0.0", 15001), sa("0.0.0.0", 15006)]);
+    // 1. A peer queries an app server on an excepted inbound port; the
+    //    app's reply must reach the peer, not the outbound proxy.
+    let app = udp_servers(&pair.pod, &[sa(POD_V4, 5353)]).remove(0);
+    let peer = udp_servers(&pair.peer, &[sa(PEER_V4, 40000)]).remove(0);
+    let peer_c = pair.peer.enter(|| {
+        let s = proxyctl_nft::probe::udp_client(sa(PEER_V4, 40001)).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    });
+    peer_c.send_to(b"ask", sa(POD_V4, 5353)).unwrap();
+    let (at, _) = udp_arrival(&[&proxies[0], &proxies[1], &app], "ask").unwrap();
+    assert_eq!(at, 2, "excepted inbound port reaches the app");
+    let app_reply = pair.pod.enter(move || {
+        probe::set_thread_fs_ids(1000, 1000).unwrap();
+        app.send_to(b"answer", sa(PEER_V4, 40001)).unwrap();
+    });
+    let _ = app_reply;
+    let got = udp_arrival(&[&proxies[0], &proxies[1]], "answer");
+    assert!(got.is_none(), "the app's reply was tproxied: {got:?}");
+    let mut buf = [0u8; 16];
+    std::thread::sleep(WAIT / 3);
+    let (n, _) = peer_c
+        .recv_from(&mut buf)
+        .expect("the peer got the app's reply");
+    assert_eq!(&buf[..n], b"answer");
+    // 2. The app queries the peer on an excepted outbound port; the peer's
+    //    reply must reach the app, not the inbound proxy.
+    let (app_c, peer_s) = (
+        pair.pod.enter(|| {
+            let s = proxyctl_nft::probe::udp_client(sa(POD_V4, 40002)).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        }),
+        udp_servers(&pair.peer, &[sa(PEER_V4, 53)]).remove(0),
+    );
+    app_c.send_to(b"q2", sa(PEER_V4, 53)).unwrap();
+    let (_, _) = udp_arrival(&[&peer_s], "q2").expect("excepted outbound port reaches the peer");
+    peer_s.send_to(b"r2", sa(POD_V4, 40002)).unwrap();
+    let got = udp_arrival(&[&proxies[0], &proxies[1]], "r2");
+    assert!(got.is_none(), "the peer's reply was tproxied: {got:?}");
+    std::thread::sleep(WAIT / 3);
+    let (n, _) = app_c
+        .recv_from(&mut buf)
+        .expect("the app got the peer's reply");
+    assert_eq!(&buf[..n], b"r2");
+    drop(peer);
 }
