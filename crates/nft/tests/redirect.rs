@@ -392,11 +392,10 @@ fn udp_replies_are_not_tproxied() {
     peer_c.send_to(b"ask", sa(POD_V4, 5353)).unwrap();
     let (at, _) = udp_arrival(&[&proxies[0], &proxies[1], &app], "ask").unwrap();
     assert_eq!(at, 2, "excepted inbound port reaches the app");
-    let app_reply = pair.pod.enter(move || {
+    pair.pod.enter(move || {
         probe::set_thread_fs_ids(1000, 1000).unwrap();
         app.send_to(b"answer", sa(PEER_V4, 40001)).unwrap();
     });
-    let _ = app_reply;
     let got = udp_arrival(&[&proxies[0], &proxies[1]], "answer");
     assert!(got.is_none(), "the app's reply was tproxied: {got:?}");
     let mut buf = [0u8; 16];
