@@ -411,3 +411,59 @@ fn demo_interrupted_by_ctrl_c_leaves_nothing_behind() {
     .into_owned();
     assert!(netns.lines().all(|l| l.starts_with("pxt-")), "{netns}");
 }
+
+#[test]
+fn verify_probes_destination_proxies() {
+    if !require_root("cli_verify_dnat") {
+        return;
+    }
+    let ns = NetNs::new("clidnat");
+    let t = format!("netns:{}", ns.name());
+    let add = proxyctl(&[
+        "add",
+        &t,
+        "--name",
+        "imds",
+        "--destination-proxy",
+        "169.254.169.254:80=127.0.0.1:18080",
+        "--exclude-uid",
+        "1337",
+    ]);
+    assert!(add.status.success(), "{}", text(&add));
+    let good = proxyctl(&["verify", &t]);
+    assert!(good.status.success(), "{}", text(&good));
+    assert!(
+        text(&good).contains("dnat 127.0.0.1:18080 (orig dst 169.254.169.254:80)"),
+        "{}",
+        text(&good)
+    );
+    let chain = ns.run(&[
+        "nft",
+        "-a",
+        "list",
+        "chain",
+        "inet",
+        "proxyctl",
+        "pol-imds-out",
+    ]);
+    let handle = chain
+        .lines()
+        .find(|l| l.contains("\"dnat\""))
+        .and_then(|l| l.rsplit("handle ").next())
+        .unwrap()
+        .trim()
+        .to_owned();
+    ns.run(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "proxyctl",
+        "pol-imds-out",
+        "handle",
+        &handle,
+    ]);
+    let bad = proxyctl(&["verify", &t]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(text(&bad).contains("MISMATCH"), "{}", text(&bad));
+}

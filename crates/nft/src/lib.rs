@@ -99,6 +99,24 @@ pub fn list(target: &Target) -> Result<Vec<Policy>, NftError> {
 pub fn clear(target: &Target, name: Option<&str>) -> Result<usize, NftError> {
     let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
     retry_on_stale(|| {
+        if name.is_none() {
+            // Removing everything must work even when the table cannot be
+            // read back as policies (someone edited it): that is how a
+            // user gets back to a clean state.
+            let (table, genid) = read_table(&sock)?;
+            let base = Base {
+                genid,
+                exists: table.is_some(),
+            };
+            let count = table
+                .as_ref()
+                .map_or(0, |t| match ruleset::decode_policies(t) {
+                    Ok(p) => p.len(),
+                    Err(_) => ruleset::policy_names(t).len(),
+                });
+            commit_policies(&sock, &route, &[], base, false)?;
+            return Ok(count);
+        }
         let (mut policies, base) = read_policies(&sock)?;
         let before = policies.len();
         match name {

@@ -1217,6 +1217,15 @@ fn u32_ne(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(bytes.try_into().ok()?))
 }
 
+/// The policy names the table's chains carry, however damaged the rules.
+pub fn policy_names(t: &KernelTable) -> std::collections::BTreeSet<String> {
+    t.chains
+        .iter()
+        .filter_map(|c| c.comment.as_deref()?.strip_prefix("proxyctl policy="))
+        .map(|rest| rest.split(" priority=").next().unwrap_or(rest).to_owned())
+        .collect()
+}
+
 /// Reconstructs the policies from a table read back from the kernel.
 pub fn decode_policies(t: &KernelTable) -> Result<Vec<ResolvedPolicy>, DecodeError> {
     let mut policies: BTreeMap<String, ResolvedPolicy> = BTreeMap::new();

@@ -10,7 +10,16 @@
 //!   peer, as a redirected identity and as each excluded uid, gid and user
 //!   (per-thread setfsuid/setfsgid: sockets take their owner from them), and
 //!   to each excepted port;
-//! - inbound probes come from the peer to the target's probe address.
+//! - inbound probes come from the peer to the target's probe address;
+//! - destination proxies (DNAT) are probed when their proxy address is in
+//!   the target: with a temporary route into the peer when the target has
+//!   no route to the destination (then bypasses are observed too), else
+//!   only as the redirected identity, so no excluded identity's probe is
+//!   sent to a real destination on purpose.
+//!
+//! Not probed: exception CIDRs and match addresses (that would mean routing
+//! real addresses into the peer, hijacking them for the pod meanwhile);
+//! the e2e tests cover those.
 //!
 //! verify listens on every proxy port itself (TCP listeners reading
 //! SO_ORIGINAL_DST, UDP IP_TRANSPARENT sockets reading IP_RECVORIGDSTADDR)
@@ -256,6 +265,24 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
         return Ok(VerifyReport { rows: Vec::new() });
     }
     ruleset::evaluation_order(&mut policies);
+    // A policy whose rules were partly removed behind our back reads back
+    // as an invalid policy: that is a failure in itself.
+    let mut rows: Vec<VerifyRow> = policies
+        .iter()
+        .filter_map(|rp| {
+            let err = rp.policy.validate().err()?;
+            Some(VerifyRow {
+                identity: "-".into(),
+                direction: "-".into(),
+                protocol: "-".into(),
+                family: "-".into(),
+                destination: format!("policy {}", rp.policy.name),
+                expected: "a complete policy".into(),
+                observed: format!("incomplete in the kernel: {err}"),
+                ok: false,
+            })
+        })
+        .collect();
 
     // The peer namespace and the veth pair between it and the target.
     let peer_file: File =
@@ -369,7 +396,6 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     let peer_servers = servers(&peer, PEER_V4, PEER_V6)?;
     let local_servers = servers(target, LOCAL_V4, LOCAL_V6)?;
 
-    let mut rows = Vec::new();
     for (i, p) in probes.iter().enumerate() {
         let token = format!("proxyctl-verify-{}-{i}", std::process::id()).into_bytes();
         let (src_ip, dst_ip, from, bypass) = match (p.dir, p.v4) {
@@ -440,13 +466,208 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
         };
         rows.push(row(expected, observed, ok));
     }
+    rows.extend(dnat_rows(target, &peer, &a, &b, &policies, &proxies)?);
     drop(peer_file);
     Ok(VerifyReport { rows })
 }
 
-/// The probes worth sending for these policies.
-fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
-    let pols: Vec<&Policy> = policies.iter().map(|p| &p.policy).collect();
+/// Where the policies send an outbound TCP connection to `dst` by `uid/gid`
+/// (destination proxies included): a proxy port, a DNAT proxy, or nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Port(u16),
+    Dnat(SocketAddr),
+    Bypass,
+}
+
+fn expect_outbound_tcp(
+    policies: &[ResolvedPolicy],
+    p: &Probe,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Expect {
+    for rp in policies {
+        let pol = &rp.policy;
+        let ex = &pol.exclude;
+        let excluded = ex.uids.contains(&p.uid)
+            || ex.gids.contains(&p.gid)
+            || rp.users.iter().any(|(_, uid)| *uid == p.uid);
+        if excluded || !pol.covers(&dst.ip()) {
+            continue;
+        }
+        if let Some(dp) = pol.destination_proxy
+            && dp.destination == dst
+        {
+            return Expect::Dnat(dp.proxy);
+        }
+        if let Some(port) = redirect_port(rp, p, src, dst) {
+            return Expect::Port(port);
+        }
+    }
+    Expect::Bypass
+}
+
+/// Probes each destination proxy (DNAT) whose proxy address is in the
+/// target. When the target has no route to the destination, a temporary one
+/// leads into the peer (which then answers for it, so bypasses are seen);
+/// when it has one, only the redirected identity is probed, so verify never
+/// sends an excluded identity's probe to a real destination on purpose.
+fn dnat_rows(
+    target: &Target,
+    peer: &Target,
+    a: &str,
+    b: &str,
+    policies: &[ResolvedPolicy],
+    proxies: &Listeners,
+) -> Result<Vec<VerifyRow>, NftError> {
+    let mut dps: Vec<proxyctl_policy::DestinationProxy> = policies
+        .iter()
+        .filter_map(|p| p.policy.destination_proxy)
+        .collect();
+    dps.dedup();
+    let identities = identities(policies);
+    let mut rows = Vec::new();
+    for dp in dps {
+        let dest = dp.destination;
+        let v4 = dest.is_ipv4();
+        let row = |label: &str, expected: String, observed: String, ok: bool| VerifyRow {
+            identity: label.to_owned(),
+            direction: "out".into(),
+            protocol: "tcp".into(),
+            family: if v4 { "ipv4" } else { "ipv6" }.into(),
+            destination: dest.to_string(),
+            expected,
+            observed,
+            ok,
+        };
+        let listener = target.run_in(move || Ok(probe::tcp_listener(dp.proxy)))?;
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                let why = if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    format!("NOT VERIFIED: {} is in use (proxy running?)", dp.proxy)
+                } else {
+                    format!("NOT VERIFIED: cannot listen on {} here: {e}", dp.proxy)
+                };
+                rows.push(row(
+                    &identities[0].0,
+                    format!("dnat {}", dp.proxy),
+                    why,
+                    false,
+                ));
+                continue;
+            }
+        };
+        let (host, fam) = if v4 { ("/32", "-4") } else { ("/128", "-6") };
+        let routed = {
+            let d = dest.ip().to_string();
+            target.run_in(move || {
+                let out = Command::new("ip")
+                    .args([fam, "route", "get", &d])
+                    .output()
+                    .map_err(|e| NftError::io("running ip", e))?;
+                Ok(out.status.success())
+            })?
+        };
+        let server = if routed {
+            None
+        } else {
+            let (d, a) = (format!("{}{host}", dest.ip()), a.to_owned());
+            target.run_in(move || ip(&[fam, "route", "add", &d, "dev", &a]))?;
+            let (d, b) = (format!("{}{host}", dest.ip()), b.to_owned());
+            peer.run_in(move || {
+                let mut args = vec![fam, "addr", "add", &d, "dev", &b];
+                if !v4 {
+                    args.push("nodad");
+                }
+                ip(&args)?;
+                probe::tcp_listener(dest).map_err(|e| NftError::io("probe server", e))
+            })
+            .ok()
+        };
+        let who: Vec<_> = if server.is_some() {
+            identities.clone()
+        } else {
+            identities[..1].to_vec()
+        };
+        for (i, (label, uid, gid)) in who.into_iter().enumerate() {
+            let p = Probe {
+                label: label.clone(),
+                uid,
+                gid,
+                dir: Dir::Out,
+                proto: Protocol::Tcp,
+                v4,
+                dport: dest.port(),
+            };
+            let src = SocketAddr::new(probe::unspecified_like(dest.ip()), 0);
+            let token = format!("proxyctl-verify-dnat-{}-{i}", std::process::id()).into_bytes();
+            let sent = send_probe(target, &p, src, dest, &token);
+            let source = match sent {
+                Ok(s) => s.source,
+                Err(e) => {
+                    rows.push(row(&label, "-".into(), format!("probe failed: {e}"), false));
+                    continue;
+                }
+            };
+            let want = expect_outbound_tcp(policies, &p, source, dest);
+            let expected = match want {
+                Expect::Dnat(to) => format!("dnat {to}"),
+                Expect::Port(port) => format!("redirect :{port}"),
+                Expect::Bypass => "bypass".into(),
+            };
+            let mut seen = None;
+            let deadline = std::time::Instant::now() + WAIT;
+            while seen.is_none() && std::time::Instant::now() < deadline {
+                if let Some(s) = accept_token(&listener, &token) {
+                    let orig = probe::original_dst(&s).ok();
+                    seen = Some((Expect::Dnat(dp.proxy), orig));
+                } else if let Some(s) = server.as_ref().and_then(|l| accept_token(l, &token)) {
+                    seen = Some((Expect::Bypass, s.local_addr().ok()));
+                } else if let Some((port, s)) = proxies
+                    .tcp
+                    .iter()
+                    .find_map(|(port, l)| accept_token(l, &token).map(|s| (*port, s)))
+                {
+                    seen = Some((Expect::Port(port), probe::original_dst(&s).ok()));
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let (observed, ok) = match seen {
+                Some((Expect::Dnat(to), orig)) => (
+                    format!(
+                        "dnat {to} (orig dst {})",
+                        orig.map_or("?".into(), |o| o.to_string())
+                    ),
+                    want == Expect::Dnat(to) && orig == Some(dest),
+                ),
+                Some((Expect::Port(port), orig)) => (
+                    format!("redirect :{port}"),
+                    want == Expect::Port(port) && orig == Some(dest),
+                ),
+                Some((Expect::Bypass, _)) => ("bypass".into(), want == Expect::Bypass),
+                None => ("nothing arrived".into(), false),
+            };
+            rows.push(row(&label, expected, observed, ok));
+        }
+    }
+    Ok(rows)
+}
+
+/// Accepts a pending connection carrying `token`, if there is one.
+fn accept_token(listener: &TcpListener, token: &[u8]) -> Option<std::net::TcpStream> {
+    let (mut s, _) = listener.accept().ok()?;
+    s.set_nonblocking(false).ok()?;
+    s.set_read_timeout(Some(WAIT)).ok()?;
+    let mut buf = vec![0u8; token.len()];
+    s.read_exact(&mut buf).ok()?;
+    (buf == token).then_some(s)
+}
+
+/// Who probes outbound: an identity no policy excludes ("app"), then each
+/// excluded uid, user and gid.
+fn identities(policies: &[ResolvedPolicy]) -> Vec<(String, u32, u32)> {
     let mut excluded_uids: BTreeMap<u32, String> = BTreeMap::new();
     let mut excluded_gids: BTreeMap<u32, String> = BTreeMap::new();
     for rp in policies {
@@ -466,7 +687,6 @@ fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
             .unwrap_or(60000)
     };
     let (app_uid, app_gid) = (free(&excluded_uids), free(&excluded_gids));
-
     let mut identities = vec![(format!("app {app_uid}:{app_gid}"), app_uid, app_gid)];
     for (uid, label) in &excluded_uids {
         identities.push((label.clone(), *uid, app_gid));
@@ -474,6 +694,14 @@ fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
     for (gid, label) in &excluded_gids {
         identities.push((label.clone(), app_uid, *gid));
     }
+    identities
+}
+
+/// The probes worth sending for these policies.
+fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
+    let pols: Vec<&Policy> = policies.iter().map(|p| &p.policy).collect();
+    let identities = identities(policies);
+    let (app_uid, app_gid) = (identities[0].1, identities[0].2);
     let mut protos: Vec<Protocol> = pols.iter().flat_map(|p| p.protocols.clone()).collect();
     protos.sort();
     protos.dedup();

@@ -445,3 +445,28 @@ fn concurrent_writers_never_lose_each_others_policies() {
         home
     );
 }
+
+#[test]
+fn clear_all_works_on_a_table_edited_behind_our_back() {
+    if !require_root("clear_damaged") {
+        return;
+    }
+    let (ns, t) = ns("dmg");
+    nft::add(&t, &full_policy()).unwrap();
+    // A rule we would never write makes the table unreadable as policies.
+    ns.run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "proxyctl",
+        "pol-full-out",
+        "counter",
+        "comment",
+        "\"alien\"",
+    ]);
+    let err = nft::list(&t).unwrap_err();
+    assert!(matches!(err, NftError::Decode(_)), "{err}");
+    assert_eq!(nft::clear(&t, None).unwrap(), 1);
+    assert_eq!(nft_text(&ns), None);
+}

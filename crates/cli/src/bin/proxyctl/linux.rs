@@ -80,14 +80,7 @@ pub fn verify(args: TargetArgs) -> anyhow::Result<ExitCode> {
     let target = resolve(&args)?;
     let report = proxyctl_nft::verify(&target).context("verify")?;
     if report.rows.is_empty() {
-        if proxyctl_nft::list(&target)?.is_empty() {
-            println!("no proxyctl policies in {target}: nothing to verify");
-        } else {
-            println!(
-                "the policies in {target} have no proxy port to probe (verify does not probe \
-                 --destination-proxy yet)"
-            );
-        }
+        println!("no proxyctl policies in {target}: nothing to verify");
         return Ok(ExitCode::FAILURE);
     }
     print!("{}", report.table());
