@@ -58,13 +58,18 @@ const ERESTART: i32 = 85;
 
 /// Adds `policy`, or atomically replaces the policy of the same name.
 pub fn add(target: &Target, policy: &Policy) -> Result<(), NftError> {
-    let new = prepare(policy)?;
+    add_all(target, std::slice::from_ref(policy))
+}
+
+/// Adds several policies (replacing those of the same names) in one batch.
+pub fn add_all(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
+    let new = prepare_all(policies)?;
     let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
     retry_on_stale(|| {
-        let (mut policies, base) = read_policies(&sock)?;
-        policies.retain(|p| p.policy.name != new.policy.name);
-        policies.push(new.clone());
-        commit_policies(&sock, &route, &policies, base, false)
+        let (mut all, base) = read_policies(&sock)?;
+        all.retain(|p| !new.iter().any(|n| n.policy.name == p.policy.name));
+        all.extend(new.iter().cloned());
+        commit_policies(&sock, &route, &all, base, false)
     })
 }
 

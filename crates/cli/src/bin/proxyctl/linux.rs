@@ -41,15 +41,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         print_structured(OutputFormat::Yaml, &policies)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if policies.len() == 1 {
-        proxyctl_nft::add(&target, &policies[0])?;
-    } else {
-        // Several policies from a file: one batch, merged with what exists.
-        let mut all = proxyctl_nft::list(&target)?;
-        all.retain(|p| !policies.iter().any(|n| n.name == p.name));
-        all.extend(policies.iter().cloned());
-        proxyctl_nft::apply(&target, &all)?;
-    }
+    proxyctl_nft::add_all(&target, &policies)?;
     for p in &policies {
         println!("added policy {} to {target}", p.name);
     }
