@@ -178,6 +178,20 @@ fn add_list_clear_round_trip_through_the_cli() {
         serde_json::json!(["10.0.0.0/8"])
     );
     assert_eq!(p["inboundExceptions"]["ports"], serde_json::json!([15020]));
+    // The same namespace named as pid:N and as a /proc path.
+    let mut sleeper = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for other in [format!("pid:{pid}"), format!("/proc/{pid}/ns/net")] {
+        let o = proxyctl(&["list", &other, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        assert_eq!(v[0]["name"], "mesh", "{other}: {}", text(&o));
+    }
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
     let yaml = text(&proxyctl(&["list", &t, "-o", "yaml"]));
     assert!(yaml.contains("outboundPort: 15001"), "{yaml}");
     let table = text(&proxyctl(&["list", &t]));
