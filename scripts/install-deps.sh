@@ -31,3 +31,9 @@ if [ ${#missing_py[@]} -gt 0 ]; then
   echo "== pip install ${missing_py[*]}"
   python3 -m pip install -q --root-user-action=ignore "${missing_py[@]}"
 fi
+
+# Python gRPC (independent stack for the Konnectivity wire-interop tests).
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "== pip install grpcio grpcio-tools"
+  python3 -m pip install -q grpcio grpcio-tools
+fi

@@ -2,11 +2,11 @@
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
 mod cri;
+mod demo;
 mod hns;
+mod linux;
 mod policy_args;
-// The shapes of add/list/clear, shared by the nft and HNS backends; wired
-// into `Command` as each backend lands.
-#[allow(dead_code)]
+// The shapes of add/list/clear, shared by the nft and HNS backends.
 mod target_args;
 
 use std::process::ExitCode;
@@ -16,6 +16,7 @@ use proxyctl_cli::{OutputFormat, init_logging, print_structured};
 use proxyctl_policy::PolicyError;
 
 use policy_args::PolicyArgs;
+use target_args::{AddArgs, Backend, ClearArgs, ListArgs, TargetArgs};
 
 /// Exit code for bad input (as clap uses for bad flags): nothing was changed.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -42,17 +43,22 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
-    /// Print the version.
-    Version,
-    /// Add a redirect policy to a target (HNS: an endpoint or container).
-    Add(target_args::AddArgs),
-    /// List the redirect policies of a target, read back from the system.
-    List(target_args::ListArgs),
-    /// Remove the redirect policies of a target and report how many.
-    Clear(target_args::ClearArgs),
+    /// Install a redirect policy in a network namespace (HNS: an endpoint),
+    /// or atomically replace the policy of the same --name.
+    Add(AddArgs),
+    /// Show the policies read back from the kernel.
+    List(ListArgs),
+    /// Remove our policies (all, or --name), and nothing else.
+    Clear(ClearArgs),
+    /// Prove the policies with real probe traffic; exits non-zero on any mismatch.
+    Verify(TargetArgs),
+    /// Run a self-contained demonstration in throw-away namespaces (needs root).
+    Demo,
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
     Lookup(cri::LookupArgs),
+    /// Print the version.
+    Version,
 }
 
 fn main() -> ExitCode {
@@ -62,7 +68,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("proxyctl: {err:#}");
-            if err.downcast_ref::<PolicyError>().is_some() {
+            if err.downcast_ref::<PolicyError>().is_some() || linux::is_bad_input(&err) {
                 ExitCode::from(EXIT_BAD_INPUT)
             } else {
                 ExitCode::FAILURE
@@ -84,11 +90,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format => print_structured(format, &policies)?,
             }
         }
-        Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
-        Command::Add(args) => return hns::add(args),
-        Command::List(args) => return hns::list(args),
-        Command::Clear(args) => return hns::clear(args),
+        Command::Add(args) => match args.target.backend.resolve() {
+            Backend::Hns => return hns::add(args),
+            _ => return linux::add(args),
+        },
+        Command::List(args) => match args.target.backend.resolve() {
+            Backend::Hns => return hns::list(args),
+            _ => return linux::list(args),
+        },
+        Command::Clear(args) => match args.target.backend.resolve() {
+            Backend::Hns => return hns::clear(args),
+            _ => return linux::clear(args),
+        },
+        Command::Verify(args) => return linux::verify(args),
         Command::Lookup(args) => return cri::lookup(args),
+        Command::Demo => return demo::run(),
+        Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
     }
     Ok(ExitCode::SUCCESS)
 }
