@@ -98,12 +98,77 @@ fn lookup_prints_the_netns_or_the_whole_record_and_refuses_bad_ids() {
         text(&out.stderr)
     );
 
+    // Every TARGET command accepts a container id prefix or pod:NS/NAME.
+    let out = proxyctl(&[
+        "add",
+        &pod.container_id[..12],
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15001",
+        "--runtime-endpoint",
+        &ep,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let in_kernel = proxyctl_nft::list(&proxyctl_nft::Target::Path(pod.netns.clone())).unwrap();
+    assert_eq!(in_kernel.len(), 1);
+    assert_eq!(in_kernel[0].outbound_port, Some(15001));
+    let out = proxyctl(&[
+        "list",
+        "pod:prod/api",
+        "-o",
+        "json",
+        "--runtime-endpoint",
+        &ep,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["name"], "mesh");
+    let out = proxyctl(&["clear", &pod.id[..12], "--runtime-endpoint", &ep]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        proxyctl_nft::list(&proxyctl_nft::Target::Path(pod.netns.clone()))
+            .unwrap()
+            .is_empty()
+    );
+    // An unknown container as TARGET: exit 2, and nothing anywhere changed.
+    let out = proxyctl(&[
+        "add",
+        "fedcba9876543210fedc",
+        "--outbound-port",
+        "1",
+        "--runtime-endpoint",
+        &ep,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no container or pod sandbox matches"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Neither a namespace form nor an id: the namespace parser's message.
+    let out = proxyctl(&["list", "not/a/thing", "--runtime-endpoint", &ep]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("netns:NAME"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // An unreachable runtime: exit 1 naming the socket.
     let missing = format!("unix://{}/nothing.sock", cd.dir().display());
     let out = proxyctl(&["lookup", "abc", "--runtime-endpoint", &missing]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("nothing.sock"),
+        "{}",
+        text(&out.stderr)
+    );
+    // As a TARGET, an id with no runtime to ask names nothing: exit 2.
+    let out = proxyctl(&["list", "abc", "--runtime-endpoint", &missing]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no container runtime at"),
         "{}",
         text(&out.stderr)
     );

@@ -8,6 +8,8 @@ use clap::Args;
 use proxyctl_cli::{OutputFormat, print_structured};
 use proxyctl_cri::{CriError, RUNTIME_ENDPOINT_ENV, RuntimeEndpoint, lookup_blocking};
 
+use proxyctl_nft::{NftError, Target};
+
 use crate::target_args::Backend;
 
 /// Where the CRI runtime listens.
@@ -77,11 +79,125 @@ pub fn lookup(args: LookupArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The TARGET fallback for commands acting on a namespace: a container id,
-/// unique prefix or `pod:NS/NAME` -> the pod's network namespace path.
-#[allow(dead_code)] // wired in by the commands that take a TARGET
-pub fn target_netns(target: &str, runtime: &RuntimeArgs) -> anyhow::Result<PathBuf> {
-    Ok(proxyctl_cri::resolve_target(
-        target,
-        runtime.runtime_endpoint.as_deref(),
-    )?)
+/// unique prefix or `pod:NS/NAME` -> the pod's network namespace. Unknown
+/// and ambiguous ids, and ids with no runtime to ask, are the caller's
+/// input at fault (exit 2, as a bad namespace path is).
+pub fn container_target(
+    target: &str,
+    runtime: &RuntimeArgs,
+    not_a_namespace: NftError,
+) -> anyhow::Result<Target> {
+    let bad = |message: String| NftError::Target {
+        target: target.to_owned(),
+        message,
+    };
+    match proxyctl_cri::resolve_target(target, runtime.runtime_endpoint.as_deref()) {
+        Ok(path) => Ok(Target::Path(path)),
+        // Neither a namespace form nor an id: the namespace parser says why.
+        Err(CriError::InvalidQuery(_)) => Err(not_a_namespace.into()),
+        // Unknown, ambiguous, or no runtime to ask: TARGET names nothing we
+        // can act on, which is the caller's input at fault (exit 2).
+        Err(CriError::Connect { path, reason }) => Err(bad(format!(
+            "not a netns path, netns:NAME or pid:N, and no container runtime at {} to look it up as a container ({reason})",
+            path.display()
+        ))
+        .into()),
+        Err(
+            e @ (CriError::NotFound(_)
+            | CriError::Ambiguous { .. }
+            | CriError::NoNetns { .. }
+            | CriError::Endpoint(_)),
+        ) => Err(bad(format!(
+            "not a netns path, netns:NAME or pid:N, and as a container: {e}"
+        ))
+        .into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "target `{target}` is not a netns path, netns:NAME or pid:N; looking it up as a container"
+        ))),
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Pods whose labels carry all of these get --policy.
+    #[arg(
+        long,
+        value_name = "KEY=VALUE[,KEY=VALUE..]",
+        requires = "policy",
+        conflicts_with = "config"
+    )]
+    pub selector: Option<String>,
+    /// The policy file (JSON or YAML) for pods matching --selector.
+    #[arg(long, value_name = "FILE", requires = "selector")]
+    pub policy: Option<PathBuf>,
+    /// Several selector/policy pairs in one YAML file (see README).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Serve Prometheus /metrics and /healthz here.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// How often the runtime is listed (containerd 1.6's CRI has no event stream).
+    #[arg(long, value_name = "MILLISECONDS", default_value = "100", value_parser = clap::value_parser!(u64).range(10..=60000))]
+    pub poll_interval_ms: u64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+
+    let rules = match (&args.selector, &args.policy, &args.config) {
+        (Some(sel), Some(file), None) => {
+            let selector = match proxyctl_watch::parse_selector(sel) {
+                Ok(s) => s,
+                Err(e) => return bad_input(&e),
+            };
+            let policies = match proxyctl_policy::policies_from_file(file) {
+                Ok(p) => p,
+                Err(e) => return bad_input(&format!("--policy: {e}")),
+            };
+            vec![proxyctl_watch::WatchRule { selector, policies }]
+        }
+        (None, None, Some(config)) => match proxyctl_watch::load_config(config) {
+            Ok(r) => r,
+            Err(e) => return bad_input(&e),
+        },
+        _ => return bad_input(&"give --selector with --policy, or --config"),
+    };
+    let endpoint = match RuntimeEndpoint::resolve(args.runtime.runtime_endpoint.as_deref()) {
+        Ok(e) => e,
+        Err(e) => return bad_input(&e),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let metrics = Arc::new(proxyctl_watch::Metrics::default());
+        let (addr, _server) = proxyctl_watch::serve(args.metrics_addr, metrics.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", args.metrics_addr))?;
+        tracing::info!("metrics and health on http://{addr}/metrics and /healthz");
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("shutting down");
+        };
+        proxyctl_watch::run(
+            endpoint,
+            Arc::new(rules),
+            std::time::Duration::from_millis(args.poll_interval_ms),
+            metrics,
+            shutdown,
+        )
+        .await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn bad_input(err: &dyn std::fmt::Display) -> anyhow::Result<ExitCode> {
+    eprintln!("proxyctl: watch: {err}");
+    Ok(ExitCode::from(2))
 }

@@ -18,15 +18,20 @@ pub fn is_bad_input(err: &anyhow::Error) -> bool {
 }
 
 /// Turns TARGET into a namespace. Paths, `netns:NAME` and `pid:N` are
-/// handled by proxyctl-nft; container ids and `pod:NS/NAME` (CRI lookups)
-/// are to be resolved here, before this call.
+/// handled by proxyctl-nft; anything else is a container id, unique prefix
+/// or `pod:NS/NAME`, looked up through CRI.
 fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
     match args.backend.resolve() {
         Backend::Nft => {}
         Backend::Hns => bail!("--backend hns: this command exists only for the nft backend"),
         Backend::Auto => unreachable!("resolve() picks a backend"),
     }
-    Ok(Target::parse(&args.target)?)
+    match Target::parse(&args.target) {
+        Ok(target) => Ok(target),
+        Err(not_a_namespace) => {
+            crate::cri::container_target(&args.target, &args.runtime, not_a_namespace)
+        }
+    }
 }
 
 pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {

@@ -54,6 +54,8 @@ enum Command {
     Verify(TargetArgs),
     /// Run a self-contained demonstration in throw-away namespaces (needs root).
     Demo,
+    /// Apply policies to every pod whose labels match, now and as pods start (CRI).
+    Watch(cri::WatchArgs),
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
     Lookup(cri::LookupArgs),
@@ -103,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             _ => return linux::clear(args),
         },
         Command::Verify(args) => return linux::verify(args),
+        Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
         Command::Demo => return demo::run(),
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),

@@ -39,6 +39,9 @@ pub struct TargetArgs {
     pub target: String,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
+    /// Where container ids and pod:NS/NAME targets are looked up (CRI).
+    #[command(flatten)]
+    pub runtime: crate::cri::RuntimeArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,0 +1,242 @@
+//! `proxyctl watch` against a real containerd: 20 pods, half matching,
+//! with a containerd restart in the middle.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proxyctl_nft::Target;
+use proxyctl_testkit::containerd::{
+    Containerd, ContainerdOptions, GATEWAY, Pod, PodSpec, ProxyStandIn,
+};
+use proxyctl_testkit::{require_root, require_tool};
+
+/// The watcher process, killed on drop (even when an assertion fails).
+struct Watch(Child);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_for_metric(port: u16, name: &str, want: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, text)) = http_get(port, "/metrics")
+            && metric(&text, name) >= want
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never reached {want}: {:?}",
+            http_get(port, "/metrics")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spec(i: usize) -> PodSpec {
+    let app = if matches(i) { "web" } else { "db" };
+    PodSpec::new(&format!("pod-{i:02}"))
+        .label("app", app)
+        .label("index", &i.to_string())
+}
+
+fn matches(i: usize) -> bool {
+    i.is_multiple_of(2)
+}
+
+#[test]
+fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
+    let test = "watch_applies_to_matching_pods_only_and_survives_a_runtime_restart";
+    if !require_root(test)
+        || !["containerd", "ctr", "runc", "nft"]
+            .iter()
+            .all(|t| require_tool(test, t))
+    {
+        return;
+    }
+    let cd = Containerd::start(ContainerdOptions::default());
+    let policy = cd.dir().join("mesh.yaml");
+    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+
+    // 8 pods exist before the watcher starts.
+    let mut pods: Vec<Pod> = (0..8).map(|i| cd.run_pod(&spec(i))).collect();
+
+    let port = free_port();
+    let _watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+            .args(["watch", "--selector", "app=web", "--policy"])
+            .arg(&policy)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--poll-interval-ms", "50", "--runtime-endpoint"])
+            .arg(cd.endpoint())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting proxyctl watch"),
+    );
+    wait_for_metric(port, "proxyctl_watch_policy_applied_total", 4);
+    assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
+
+    // 6 more while it runs, then containerd restarts, then 6 more.
+    pods.extend((8..14).map(|i| cd.run_pod(&spec(i))));
+    wait_for_metric(port, "proxyctl_watch_policy_applied_total", 7);
+    cd.stop_containerd();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(port, "/healthz").map(|r| r.0) != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "healthz never reported the runtime down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cd.start_containerd();
+    pods.extend((14..20).map(|i| cd.run_pod(&spec(i))));
+
+    let text = wait_for_metric(port, "proxyctl_watch_policy_applied_total", 10);
+    // The re-list after the restart found the 7 pods that already had the
+    // policy and left them as they were (idempotent).
+    let text = if metric(&text, "proxyctl_watch_policy_unchanged_total") < 7 {
+        wait_for_metric(port, "proxyctl_watch_policy_unchanged_total", 7)
+    } else {
+        text
+    };
+    assert_eq!(
+        metric(&text, "proxyctl_watch_policy_applied_total"),
+        10,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "proxyctl_watch_policy_failed_total"),
+        0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "proxyctl_watch_runtime_restarts_total") >= 1,
+        "{text}"
+    );
+    assert!(
+        text.contains("proxyctl_watch_apply_seconds_count 10\n"),
+        "{text}"
+    );
+    assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
+
+    // Every matching pod, and no other, redirects a real connection.
+    for (i, pod) in pods.iter().enumerate() {
+        let listed: Vec<String> = proxyctl_nft::list(&Target::Path(pod.netns.clone()))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let proxy = ProxyStandIn::start(&pod.netns, 15001, &pod.name);
+        let out = cd.exec(
+            &pod.container_id,
+            &[
+                "sh",
+                "-c",
+                &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
+            ],
+        );
+        if matches(i) {
+            assert_eq!(listed, ["mesh"], "{}", pod.name);
+            assert_eq!(out.exit_code, 0, "{}: {}", pod.name, out.stderr);
+            assert!(
+                out.stdout.ends_with(&format!("proxied {}", pod.name)),
+                "{}: {:?}",
+                pod.name,
+                out.stdout
+            );
+            assert_eq!(proxy.accepted(), 1);
+        } else {
+            assert!(listed.is_empty(), "{} got {listed:?}", pod.name);
+            assert_ne!(
+                out.exit_code, 0,
+                "{} was redirected: {}",
+                pod.name, out.stdout
+            );
+            assert_eq!(proxy.accepted(), 0);
+        }
+    }
+}
+
+#[test]
+fn watch_refuses_bad_input_with_exit_2_naming_the_flag() {
+    let dir = tempfile_dir();
+    let good = dir.join("p.yaml");
+    std::fs::write(&good, "name: mesh\noutboundPort: 15001\n").unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "name: mesh\noutboundPort: 0\n").unwrap();
+    let missing = dir.join("missing.yaml");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--selector", "app", "--policy", good.to_str().unwrap()],
+            "--selector",
+        ),
+        (
+            &["--selector", "app=web", "--policy", bad.to_str().unwrap()],
+            "--policy",
+        ),
+        (&["--selector", "app=web"], "--policy"),
+        (&["--config", missing.to_str().unwrap()], "--config"),
+        (
+            &[
+                "--selector",
+                "app=web",
+                "--policy",
+                good.to_str().unwrap(),
+                "--runtime-endpoint",
+                "tcp://x:1",
+            ],
+            "--runtime-endpoint",
+        ),
+    ];
+    for (args, flag) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+            .arg("watch")
+            .args(args)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?} should name {flag}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pxt-watch-args-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,158 @@
+//! `proxyctl watch`: keeps redirect policies on every pod whose labels match.
+//!
+//! Owns the selector/policy rules ([`config`]), the reconcile loop over the
+//! CRI pod event stream ([`proxyctl_cri::PodWatcher`]: containerd 1.6 has no
+//! CRI event stream, so pods are polled at `--poll-interval`), and the
+//! metrics and health endpoint.
+//!
+//! Each ready pod is reconciled once when first seen and again whenever the
+//! runtime comes back after being unreachable (a full re-list): the pod's
+//! table is read back and, if every wanted policy is already there exactly,
+//! left as it is; otherwise the wanted policies replace same-named ones in
+//! one atomic batch (other policies in the namespace are kept).
+
+pub mod config;
+mod http;
+mod metrics;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use proxyctl_cri::{PodEvent, PodRecord, PodWatcher, RuntimeEndpoint};
+use proxyctl_nft::Target;
+use proxyctl_policy::Policy;
+
+pub use config::{ConfigError, Selector, WatchRule, desired_policies, load_config, parse_selector};
+pub use http::serve;
+pub use metrics::Metrics;
+
+/// How many pods are reconciled at once (netlink work runs on blocking threads).
+const PARALLEL_APPLIES: usize = 8;
+const APPLY_ATTEMPTS: u32 = 3;
+
+/// What reconciling one pod did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Unchanged,
+}
+
+/// Makes the namespace hold `want` (by name), keeping other policies;
+/// a no-op when every wanted policy is already there exactly.
+pub fn ensure_policies(
+    target: &Target,
+    want: &[Policy],
+) -> Result<Outcome, proxyctl_nft::NftError> {
+    let have = proxyctl_nft::list(target)?;
+    if want.iter().all(|p| have.contains(p)) {
+        return Ok(Outcome::Unchanged);
+    }
+    let mut merged: Vec<Policy> = have
+        .into_iter()
+        .filter(|h| !want.iter().any(|w| w.name == h.name))
+        .collect();
+    merged.extend(want.iter().cloned());
+    proxyctl_nft::apply(target, &merged)?;
+    Ok(Outcome::Applied)
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    endpoint: RuntimeEndpoint,
+    rules: Arc<Vec<WatchRule>>,
+    poll_interval: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut watcher = PodWatcher::new(endpoint.clone(), poll_interval);
+    let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_APPLIES));
+    tokio::pin!(shutdown);
+    tracing::info!(endpoint = %endpoint, rules = rules.len(), "watching pods");
+    loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => break,
+            e = watcher.next() => e,
+        };
+        match event {
+            PodEvent::RuntimeDown { reason } => {
+                metrics.runtime_up.store(false, Ordering::Relaxed);
+                tracing::warn!("container runtime unreachable, retrying: {reason}");
+            }
+            PodEvent::RuntimeUp => {
+                metrics.runtime_up.store(true, Ordering::Relaxed);
+                metrics.runtime_restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("container runtime is back; re-listing pods");
+            }
+            PodEvent::Gone { id } => tracing::debug!(pod = %id, "pod stopped or removed"),
+            PodEvent::Ready { pod, resync } => {
+                metrics.runtime_up.store(true, Ordering::Relaxed);
+                metrics.pods_seen.fetch_add(1, Ordering::Relaxed);
+                let want = desired_policies(&rules, &pod.labels);
+                if want.is_empty() {
+                    continue;
+                }
+                metrics.pods_matched.fetch_add(1, Ordering::Relaxed);
+                let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    reconcile(*pod, want, resync, &metrics).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+async fn reconcile(pod: PodRecord, want: Vec<Policy>, resync: bool, metrics: &Metrics) {
+    let who = format!("{} ({})", pod.full_name(), &pod.id[..pod.id.len().min(12)]);
+    let Some(netns) = pod.netns.clone() else {
+        metrics.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pod = %who, "matched, but the runtime reports no network namespace (host network?)");
+        return;
+    };
+    let names: Vec<String> = want.iter().map(|p| p.name.clone()).collect();
+    let target = Target::Path(netns);
+    let started = Instant::now();
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        let (t, w) = (target.clone(), want.clone());
+        let r = tokio::task::spawn_blocking(move || ensure_policies(&t, &w))
+            .await
+            .expect("apply task panicked");
+        match r {
+            Err(e) if attempt < APPLY_ATTEMPTS && !e.is_bad_input() => {
+                tracing::debug!(pod = %who, "apply attempt {attempt} failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    let took = started.elapsed();
+    match result {
+        Ok(Outcome::Applied) => {
+            metrics.applied.fetch_add(1, Ordering::Relaxed);
+            metrics.observe_apply(took);
+            if !resync && let Some(since) = since_created(pod.created_at) {
+                metrics.observe_start_to_enforced(since);
+            }
+            tracing::info!(pod = %who, policies = ?names, ms = took.as_secs_f64() * 1e3, "applied");
+        }
+        Ok(Outcome::Unchanged) => {
+            metrics.unchanged.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(pod = %who, policies = ?names, "already in place");
+        }
+        Err(e) => {
+            metrics.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(pod = %who, policies = ?names, "failed: {e}");
+        }
+    }
+}
+
+/// Time since the runtime's creation timestamp (nanoseconds since the epoch).
+fn since_created(created_ns: i64) -> Option<Duration> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    let created = Duration::from_nanos(u64::try_from(created_ns).ok()?);
+    now.checked_sub(created)
+}
