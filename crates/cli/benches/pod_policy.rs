@@ -5,8 +5,9 @@
 //!   ready (RunPodSandbox returned) and from the app being started
 //!   (StartContainer returned) to the policy being in the kernel (read back
 //!   over netlink every 0.5 ms). 0 means it was already there.
-//! - CNI mode: RunPodSandbox with and without proxyctl-cni chained (the
-//!   difference is what ADD adds to pod start), and ADD alone, exec'd directly.
+//! - CNI mode: RunPodSandbox with and without proxyctl-cni chained, on two
+//!   containerds at once, alternating (the difference is what ADD adds to
+//!   pod start), and ADD alone, exec'd directly.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -97,19 +98,27 @@ fn watch_mode(poll_ms: u64) -> (Vec<Duration>, Vec<Duration>) {
     (from_sandbox, from_app)
 }
 
-fn run_sandboxes(cd: &Containerd, prefix: &str, check: bool) -> (Vec<Duration>, usize) {
-    let mut times = Vec::new();
+/// One sandbox on each harness, alternating, so both see the same machine
+/// load: (bridge-only times, with-plugin times, enforced-at-ready count).
+fn run_sandboxes_side_by_side(
+    base: &Containerd,
+    chained: &Containerd,
+) -> (Vec<Duration>, Vec<Duration>, usize) {
+    let (mut plain, mut with_plugin) = (Vec::new(), Vec::new());
     let mut enforced_at_ready = 0;
     for i in 0..PODS {
-        let spec = PodSpec::new(&format!("{prefix}{i}")).annotation("proxy", "on");
+        let spec = PodSpec::new(&format!("p{i}")).annotation("proxy", "on");
         let t = Instant::now();
-        let (sb, _) = cd.create_sandbox(&spec);
-        times.push(t.elapsed());
-        if check && enforced(&sb.netns) {
+        base.create_sandbox(&spec);
+        plain.push(t.elapsed());
+        let t = Instant::now();
+        let (sb, _) = chained.create_sandbox(&spec);
+        with_plugin.push(t.elapsed());
+        if enforced(&sb.netns) {
             enforced_at_ready += 1;
         }
     }
-    (times, enforced_at_ready)
+    (plain, with_plugin, enforced_at_ready)
 }
 
 fn plugin_conf() -> serde_json::Value {
@@ -162,7 +171,7 @@ fn main() {
         "measurement", "n", "p50 ms", "p99 ms"
     );
     println!("|{:-<46}|{:-<5}|{:-<10}|{:-<10}|------", "", "", "", "");
-    for poll in [100, 20] {
+    for poll in [100, 50, 20] {
         let (sb, app) = watch_mode(poll);
         row(
             &format!("watch (poll {poll} ms): sandbox ready -> enforced"),
@@ -177,14 +186,12 @@ fn main() {
         );
     }
     let base = Containerd::start(ContainerdOptions::default());
-    let (plain, _) = run_sandboxes(&base, "p", false);
-    drop(base);
     let cd = Containerd::start(ContainerdOptions {
         chained_plugins: vec![plugin_conf()],
         cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(plugin))],
     });
-    let (chained, at_ready) = run_sandboxes(&cd, "c", true);
-    drop(cd);
+    let (plain, chained, at_ready) = run_sandboxes_side_by_side(&base, &cd);
+    drop((base, cd));
     row("cni: RunPodSandbox, bridge only", &plain, "baseline");
     row(
         "cni: RunPodSandbox, bridge + proxyctl-cni",

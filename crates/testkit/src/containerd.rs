@@ -19,6 +19,17 @@
 //! // pod.netns is the pod's network namespace path; cd.endpoint() the CRI endpoint.
 //! ```
 //!
+//! To use it from another crate's tests: `proxyctl-testkit = { workspace =
+//! true, features = ["containerd"] }` in `[dev-dependencies]`, and gate each
+//! test on `require_root` and `require_tool` for `containerd`, `ctr` and
+//! `runc`. Other pieces: [`Containerd::create_sandbox`] +
+//! [`Containerd::start_app`] to act between sandbox and app start (the CNI
+//! chain has run by then), [`ContainerdOptions`] to chain CNI plugins of
+//! your own, [`Containerd::stop_containerd`]/[`Containerd::start_containerd`]
+//! for restarts, [`ProxyStandIn`] for a listener inside a pod's namespace,
+//! and [`GATEWAY`] as an address every pod can reach (the node's bridge).
+//! Several harnesses may run at once (each has its own node namespace).
+//!
 //! Dropping [`Containerd`] tears everything down, on success or panic:
 //! pods through CRI, containerd by PID, leftover runc containers and shims
 //! (by their command line naming our socket), mounts under `$D`, the node

@@ -137,7 +137,7 @@ pub struct WatchArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub metrics_addr: std::net::SocketAddr,
     /// How often the runtime is listed (containerd 1.6's CRI has no event stream).
-    #[arg(long, value_name = "MILLISECONDS", default_value = "100", value_parser = clap::value_parser!(u64).range(10..=60000))]
+    #[arg(long, value_name = "MILLISECONDS", default_value = "50", value_parser = clap::value_parser!(u64).range(10..=60000))]
     pub poll_interval_ms: u64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
