@@ -318,11 +318,9 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             let _conf = parse_conf(stdin)?;
             if !env.netns.is_empty() && std::path::Path::new(&env.netns).exists() {
                 match proxyctl_nft::clear(&Target::Path(PathBuf::from(&env.netns)), None) {
-                    Ok(_) => {}
-                    Err(e @ proxyctl_nft::NftError::Target { .. }) => {
-                        // Unmounted between the check and the open: nothing left to remove.
-                        let _ = e;
-                    }
+                    // A Target error: unmounted between the check and the
+                    // open, so nothing is left to remove.
+                    Ok(_) | Err(proxyctl_nft::NftError::Target { .. }) => {}
                     Err(e) => return Err(policy_error(e)),
                 }
             }
