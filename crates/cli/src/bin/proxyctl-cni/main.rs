@@ -3,14 +3,17 @@
 //! The runtime runs it with `CNI_*` in the environment and the network
 //! configuration on stdin; see proxyctl_cni for the configuration.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let env = proxyctl_cni::CniEnv::from_process();
-    // VERSION may come without a configuration on stdin.
-    if env.command != "VERSION" && std::io::stdin().read_to_end(&mut stdin).is_err() {
+    // Always drain stdin (the runtime writes the configuration even for
+    // VERSION, and exiting unread would break its pipe), unless a person
+    // runs us from a terminal.
+    let input = std::io::stdin();
+    if !input.is_terminal() && input.lock().read_to_end(&mut stdin).is_err() {
         stdin.clear();
     }
     let (out, code) = match proxyctl_cni::run(&env, &stdin) {
