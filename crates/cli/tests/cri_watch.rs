@@ -240,3 +240,74 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn watch_config_file_gives_each_selector_its_own_policy() {
+    let test = "watch_config_file_gives_each_selector_its_own_policy";
+    if !require_root(test)
+        || !["containerd", "ctr", "runc", "nft"]
+            .iter()
+            .all(|t| require_tool(test, t))
+    {
+        return;
+    }
+    let cd = Containerd::start(ContainerdOptions::default());
+    std::fs::write(
+        cd.dir().join("mesh.yaml"),
+        "name: mesh\noutboundPort: 15001\n",
+    )
+    .unwrap();
+    let config = cd.dir().join("watch.yaml");
+    std::fs::write(
+        &config,
+        "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002}]\n",
+    )
+    .unwrap();
+    let web = cd.run_pod(&PodSpec::new("web").label("app", "web"));
+    let db = cd.run_pod(&PodSpec::new("db").label("app", "db"));
+    let other = cd.run_pod(&PodSpec::new("other").label("app", "cache"));
+
+    let port = free_port();
+    let _watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+            .args(["watch", "--config"])
+            .arg(&config)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--poll-interval-ms", "50", "--runtime-endpoint"])
+            .arg(cd.endpoint())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting proxyctl watch"),
+    );
+    let text = wait_for_metric(port, "proxyctl_watch_policy_applied_total", 2);
+    let names = |pod: &Pod| -> Vec<String> {
+        proxyctl_nft::list(&Target::Path(pod.netns.clone()))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
+    };
+    assert_eq!(names(&web), ["mesh"]);
+    assert_eq!(names(&db), ["db"]);
+    assert!(names(&other).is_empty());
+    assert_eq!(
+        metric(&text, "proxyctl_watch_pods_matched_total"),
+        2,
+        "{text}"
+    );
+
+    // The db pod's connection goes to ITS proxy port, not the web one.
+    let wrong = ProxyStandIn::start(&db.netns, 15001, "wrong");
+    let right = ProxyStandIn::start(&db.netns, 15002, "db-proxy");
+    let out = cd.exec(
+        &db.container_id,
+        &[
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
+        ],
+    );
+    assert!(out.stdout.ends_with("proxied db-proxy"), "{:?}", out.stdout);
+    assert_eq!((right.accepted(), wrong.accepted()), (1, 0));
+}

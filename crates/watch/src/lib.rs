@@ -137,7 +137,7 @@ async fn reconcile(pod: PodRecord, want: Vec<Policy>, resync: bool, metrics: &Me
             if !resync && let Some(since) = since_created(pod.created_at) {
                 metrics.observe_start_to_enforced(since);
             }
-            tracing::info!(pod = %who, policies = ?names, ms = took.as_secs_f64() * 1e3, "applied");
+            tracing::info!(pod = %who, policies = ?names, ms = %format!("{:.2}", took.as_secs_f64() * 1e3), "applied");
         }
         Ok(Outcome::Unchanged) => {
             metrics.unchanged.fetch_add(1, Ordering::Relaxed);
