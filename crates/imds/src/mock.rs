@@ -65,6 +65,10 @@ pub const API_VERSIONS: &[&str] = &[
     "2023-07-01",
 ];
 
+/// Scheduled events has its own versions.
+pub const SCHEDULED_EVENTS_VERSIONS: &[&str] =
+    &["2017-11-01", "2019-01-01", "2019-08-01", "2020-07-01"];
+
 pub const AWS_TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const AWS_TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const AWS_MAX_TTL: u64 = 21600;
@@ -153,8 +157,8 @@ fn not_found_json() -> Response<ProxyBody> {
     json_resp(StatusCode::NOT_FOUND, &json!({ "error": "Not found" }))
 }
 
-fn newest_versions() -> Vec<&'static str> {
-    API_VERSIONS.iter().rev().take(3).copied().collect()
+fn newest_versions(versions: &[&'static str]) -> Vec<&'static str> {
+    versions.iter().rev().take(3).copied().collect()
 }
 
 fn has_metadata_true(headers: &HeaderMap) -> bool {
@@ -226,22 +230,27 @@ async fn azure(state: &MockState, req: Request<Incoming>) -> Response<ProxyBody>
         Err(QueryError::Malformed) => return bad_request("Malformed query string"),
     };
     if api != AzureApi::Versions {
+        let versions = if api == AzureApi::ScheduledEvents {
+            SCHEDULED_EVENTS_VERSIONS
+        } else {
+            API_VERSIONS
+        };
         match query.get("api-version") {
             None => {
                 return json_resp(
                     StatusCode::BAD_REQUEST,
                     &json!({
                         "error": "Bad request. api-version was not specified in the request. For more information refer to aka.ms/azureimds",
-                        "newest-versions": newest_versions(),
+                        "newest-versions": newest_versions(versions),
                     }),
                 );
             }
-            Some(v) if !API_VERSIONS.contains(&v.as_str()) => {
+            Some(v) if !versions.contains(&v.as_str()) => {
                 return json_resp(
                     StatusCode::BAD_REQUEST,
                     &json!({
                         "error": "Bad request. api-version is invalid or was not specified in the request. For more information refer to aka.ms/azureimds",
-                        "newest-versions": newest_versions(),
+                        "newest-versions": newest_versions(versions),
                     }),
                 );
             }

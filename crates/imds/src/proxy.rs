@@ -113,6 +113,8 @@ struct PodEntry {
     netns: Option<(PathBuf, NetnsId)>,
     /// Dropping the sender closes the listener's open connections.
     listener: Option<(JoinHandle<()>, watch::Sender<()>)>,
+    /// Its namespace was replaced under an unchanged record: not served.
+    quarantined: bool,
 }
 
 impl Drop for PodEntry {
@@ -280,8 +282,30 @@ async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
         let keep = match (wanted.get(&key), bound) {
             (None, _) => false,
             (Some(pod), Some((path, id))) => {
-                pod.netns.as_ref() == Some(&path)
-                    && netns::netns_id(&path).is_ok_and(|now| now == id)
+                let same_record = pod.netns.as_ref() == Some(&path) && {
+                    let entries = shared.pods.lock().expect("pods poisoned");
+                    entries.get(&key).is_some_and(|e| {
+                        e.identity.pod.read().expect("pod poisoned").uid == pod.uid
+                    })
+                };
+                if same_record && !netns::netns_id(&path).is_ok_and(|now| now == id) {
+                    // The namespace behind an unchanged pod record was
+                    // replaced (the pod died, something else now lives at
+                    // that path). Whoever lives there now is not that pod:
+                    // stop serving it until the source tells us more.
+                    let mut entries = shared.pods.lock().expect("pods poisoned");
+                    if let Some(e) = entries.get_mut(&key) {
+                        let had_listener = e.listener.take().map(|(task, _closer)| task.abort());
+                        if had_listener.is_some() || !e.quarantined {
+                            report.failed.push((
+                                key.clone(),
+                                "network namespace replaced under an unchanged pod record".into(),
+                            ));
+                        }
+                        e.quarantined = true;
+                    }
+                }
+                same_record
             }
             (Some(pod), None) => pod.netns.is_none(),
         };
@@ -294,7 +318,9 @@ async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
     for (key, pod) in wanted {
         let pod = Arc::new(pod);
         if let Some(entry) = shared.pods.lock().expect("pods poisoned").get(&key) {
-            *entry.identity.pod.write().expect("pod poisoned") = pod;
+            if !entry.quarantined {
+                *entry.identity.pod.write().expect("pod poisoned") = pod;
+            }
             continue;
         }
         let identity = Arc::new(Identity {
@@ -305,6 +331,7 @@ async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
             identity: identity.clone(),
             netns: None,
             listener: None,
+            quarantined: false,
         };
         if let Some(path) = pod.netns.clone() {
             match shared.pod_listen {
@@ -431,6 +458,7 @@ async fn live_owner(shared: &Arc<Shared>, ip: IpAddr) -> Option<Arc<Identity>> {
         let entries = shared.pods.lock().expect("pods poisoned");
         entries
             .values()
+            .filter(|e| !e.quarantined)
             .filter_map(|e| {
                 let pod = e.identity.pod.read().expect("pod poisoned").clone();
                 let (path, id) = e.netns.clone()?;
