@@ -51,6 +51,8 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// Largest request head (bytes); bigger heads get 431.
     pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
     /// Largest request body (Content-Length); bigger gets 413.
     pub max_body_bytes: u64,
     /// Requests per second each pod may send upstream (0 = unlimited).
@@ -65,6 +67,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            max_headers: 64,
             max_body_bytes: 64 * 1024,
             rate_per_sec: 20.0,
             burst: 40,
@@ -502,6 +505,7 @@ async fn serve_conn(
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
         .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .max_headers(shared.limits.max_headers)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     let result = match closed {

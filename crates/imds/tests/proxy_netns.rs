@@ -685,3 +685,169 @@ fn rate_limit_answers_429_per_pod() {
         2
     );
 }
+
+/// Raw bytes from inside the pod to 169.254.169.254:80 (through the DNAT);
+/// returns everything the server sent until it closed.
+fn raw_from(pod: &NetNs, request: Vec<u8>) -> String {
+    proxyctl_testkit::in_netns(&pod.path(), move || {
+        let out = common::raw(format!("{IMDS}:80").parse().unwrap(), &request).expect("connect");
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+fn responses(text: &str) -> usize {
+    text.matches("HTTP/1.1 ").count()
+}
+
+#[test]
+fn bad_input_is_refused_logged_and_never_forwarded() {
+    if !ready("bad_input_is_refused_logged_and_never_forwarded") {
+        return;
+    }
+    let mut topo = Topology::new("imdf");
+    let a = topo.add_pod("10.98.0.61", Some(pod_addr()));
+    let pods = [pod(
+        "a",
+        topo.pod(a),
+        "10.98.0.61",
+        &[("role", "ClientContainer"), ("app", "aws")],
+    )];
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(500),
+        max_header_bytes: 8192,
+        ..Limits::default()
+    };
+    let proxy = Proxy::start(&topo, &pods, RULES, limits, None);
+    let pod_ns = topo.pod(a);
+    let good = "GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n";
+    let smuggled = "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=x HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n";
+
+    let cases: Vec<(&str, String, u16)> = vec![
+        // CL.TE: the front reads 4 bytes, a back end reading chunks would
+        // see the token request as a second request.
+        (
+            "content-length with transfer-encoding",
+            format!("POST /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "chunked request body",
+            format!("GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "conflicting content-lengths",
+            format!("POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{{}}{smuggled}"),
+            400,
+        ),
+        (
+            "transfer-encoding not chunked",
+            format!("POST /metadata/instance HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "obs-fold",
+            "GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nX-Folded: a\r\n  b\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "huge header",
+            format!("GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000)),
+            431,
+        ),
+        (
+            "too many headers",
+            format!("GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n{}\r\n", (0..100).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()),
+            431,
+        ),
+        ("garbage", "\x16\x03\x01\x02\x00\x01\x00\x01\x7f\x03\x03 not http\r\n\r\n".into(), 400),
+        (
+            "absolute-form target",
+            "GET http://evil.example/metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: evil.example\r\nMetadata: true\r\nConnection: close\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "body too large",
+            format!("POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: 1000000\r\n\r\n{}", "{"),
+            413,
+        ),
+    ];
+    for (name, request, status) in &cases {
+        let text = raw_from(pod_ns, request.clone().into_bytes());
+        assert_eq!(
+            responses(&text),
+            1,
+            "{name}: exactly one response, then the connection closes: {text:?}"
+        );
+        let code: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        assert_eq!(code, *status, "{name}: {text:?}");
+    }
+    assert_eq!(topo.mock.requests(), 0, "nothing may be forwarded");
+
+    // Slow-loris: half a request head, then silence. The server hangs up
+    // after the header timeout while serving others meanwhile.
+    let slow = proxyctl_testkit::in_netns(&pod_ns.path(), move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((IMDS, 80)).unwrap();
+        s.write_all(b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let read = s.read_to_end(&mut buf);
+        (
+            read.is_ok(),
+            started.elapsed(),
+            String::from_utf8_lossy(&buf).into_owned(),
+        )
+    });
+    assert!(
+        slow.0,
+        "the server must close the slow connection, not leave it open: {slow:?}"
+    );
+    assert!(slow.1 < Duration::from_secs(4), "{slow:?}");
+    assert!(!slow.2.contains("200 OK"), "{slow:?}");
+
+    // Still serving.
+    let ok = raw_from(pod_ns, good.as_bytes().to_vec());
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(topo.mock.requests(), 1);
+
+    let audit = proxy.audit();
+    let decisions: Vec<&str> = audit
+        .iter()
+        .map(|l| l["decision"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "bad_framing",
+        "malformed",
+        "too_large",
+        "header_timeout",
+        "bad_path",
+        "allowed",
+    ] {
+        assert!(
+            decisions.contains(&expected),
+            "no {expected} in {decisions:?}"
+        );
+    }
+    assert_eq!(decisions.iter().filter(|d| **d == "allowed").count(), 1);
+    let metrics = proxy.metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "imds_proxy_connection_errors_total",
+            "kind=\"header_timeout\""
+        ),
+        1,
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(&metrics, "imds_proxy_connection_errors_total", "") >= 5,
+        "{metrics}"
+    );
+}
