@@ -1,15 +1,29 @@
 //! The audit log: one JSON object per line for every request decision and
 //! every refused connection (pod, path, method, decision, status, latency).
+//!
+//! Lines are handed to a writer thread over a bounded channel, so a slow
+//! disk never stalls a request; if the channel is full the line is counted
+//! as dropped (`dropped()`), never waited for.
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+const QUEUE: usize = 65_536;
+
+enum Msg {
+    Line(Vec<u8>),
+    Flush(SyncSender<()>),
+}
+
 pub struct Audit {
-    sink: Option<Mutex<Box<dyn Write + Send>>>,
+    tx: Option<SyncSender<Msg>>,
+    dropped: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,9 +52,40 @@ pub fn now_ts() -> f64 {
         .unwrap_or(0.0)
 }
 
+fn writer_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
+    let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
+    let mut pending = Vec::new();
+    while let Ok(first) = rx.recv() {
+        pending.push(first);
+        // Take whatever else is queued, then write it in one go.
+        while let Ok(more) = rx.try_recv() {
+            pending.push(more);
+        }
+        for msg in pending.drain(..) {
+            match msg {
+                Msg::Line(line) => {
+                    if let Err(e) = buf.write_all(&line) {
+                        tracing::warn!("audit log write failed: {e}");
+                    }
+                }
+                Msg::Flush(ack) => {
+                    let _ = buf.flush();
+                    let _ = ack.send(());
+                }
+            }
+        }
+        if let Err(e) = buf.flush() {
+            tracing::warn!("audit log write failed: {e}");
+        }
+    }
+}
+
 impl Audit {
     pub fn discard() -> Self {
-        Self { sink: None }
+        Self {
+            tx: None,
+            dropped: Arc::default(),
+        }
     }
 
     pub fn stdout() -> Self {
@@ -57,21 +102,41 @@ impl Audit {
     }
 
     pub fn to_writer(writer: Box<dyn Write + Send>) -> Self {
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("imds-audit".into())
+            .spawn(move || writer_loop(rx, writer))
+            .expect("spawning the audit writer");
         Self {
-            sink: Some(Mutex::new(writer)),
+            tx: Some(tx),
+            dropped: Arc::default(),
         }
     }
 
     pub fn record(&self, rec: &AuditRecord<'_>) {
-        let Some(sink) = &self.sink else { return };
+        let Some(tx) = &self.tx else { return };
         let Ok(mut line) = serde_json::to_vec(rec) else {
             return;
         };
         line.push(b'\n');
-        let mut sink = sink.lock().expect("audit sink poisoned");
-        // One write per line so concurrent readers never see half a record.
-        if let Err(e) = sink.write_all(&line).and_then(|_| sink.flush()) {
-            tracing::warn!("audit log write failed: {e}");
+        let sent = tx.try_send(Msg::Line(line));
+        if let Err(TrySendError::Full(_)) = sent {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines lost because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every line recorded so far is written.
+    pub fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (ack_tx, ack_rx) = sync_channel(1);
+        let sent = tx.send(Msg::Flush(ack_tx));
+        if sent.is_ok() {
+            let _ = ack_rx.recv();
         }
     }
 }

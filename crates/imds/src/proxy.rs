@@ -259,6 +259,11 @@ impl ProxyHandle {
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.encode()
     }
+
+    /// Waits until every audit line recorded so far is written.
+    pub fn flush_audit(&self) {
+        self.shared.audit.flush();
+    }
 }
 
 async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {

@@ -124,6 +124,7 @@ impl Proxy {
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {
+        self.handle.as_ref().unwrap().flush_audit();
         std::fs::read_to_string(&self.audit_file)
             .unwrap()
             .lines()
