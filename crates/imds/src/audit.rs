@@ -33,7 +33,7 @@ pub struct AuditRecord<'a> {
     pub pod: &'a str,
     /// Which kind of listener: `pod` (inside the pod netns) or `source-ip`.
     pub listener: &'a str,
-    pub peer: String,
+    pub peer: std::net::SocketAddr,
     pub method: &'a str,
     pub path: &'a str,
     pub decision: &'a str,
@@ -77,6 +77,9 @@ fn writer_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
         if let Err(e) = buf.flush() {
             tracing::warn!("audit log write failed: {e}");
         }
+        // Let lines gather: under load this turns one wake-up per request
+        // into one per batch, at the cost of lines landing up to 2 ms late.
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 

@@ -1,27 +1,39 @@
 //! Prometheus metrics of the proxy (text exposition on the admin listener).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// A pod's `namespace/name`, shared rather than copied per request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct PodLabel(pub Arc<str>);
+
+impl EncodeLabelValue for PodLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub pod: String,
-    pub decision: String,
-    pub code: String,
+    pub pod: PodLabel,
+    pub decision: &'static str,
+    pub code: u16,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
-    pub decision: String,
+    pub decision: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 type HistogramFamily = Family<DecisionLabels, Histogram, fn() -> Histogram>;

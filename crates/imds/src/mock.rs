@@ -81,14 +81,18 @@ pub struct MockState {
     requests: AtomicU64,
     tokens: Mutex<HashMap<String, Instant>>,
     instance: Value,
+    /// The whole instance document, serialized once.
+    instance_json: Bytes,
 }
 
 impl Default for MockState {
     fn default() -> Self {
+        let instance = instance_document();
         Self {
             requests: AtomicU64::new(0),
             tokens: Mutex::new(HashMap::new()),
-            instance: instance_document(),
+            instance_json: Bytes::from(instance.to_string()),
+            instance,
         }
     }
 }
@@ -275,8 +279,16 @@ fn instance(
     if format != "json" && format != "text" {
         return bad_request("Unsupported format; use json or text");
     }
-    let mut node = &state.instance;
     let rest = path.trim_start_matches("/metadata/instance");
+    if rest.is_empty() && format == "json" {
+        let mut resp = text(StatusCode::OK, state.instance_json.clone());
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        return resp;
+    }
+    let mut node = &state.instance;
     for segment in rest.split('/').filter(|s| !s.is_empty()) {
         let next = match node {
             Value::Object(map) => map.get(segment),
@@ -604,11 +616,6 @@ fn instance_document() -> Value {
             }],
         },
     })
-}
-
-/// Bytes helper for tests that compare bodies.
-pub fn instance_body(state: &MockState) -> Bytes {
-    Bytes::from(state.instance.to_string())
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use crate::Error;
 use crate::audit::{Audit, AuditRecord, now_ts};
 use crate::body::{ProxyBody, json as json_resp, text};
-use crate::metrics::{DecisionLabels, KindLabels, Metrics, RequestLabels};
+use crate::metrics::{DecisionLabels, KindLabels, Metrics, PodLabel, RequestLabels};
 use crate::netns::{self, NetnsId};
 use crate::pods::{Pod, PodSource};
 use crate::ratelimit::TokenBucket;
@@ -108,6 +108,8 @@ pub fn parse_upstream(url: &str) -> Result<Uri, Error> {
 /// What a connection knows about its caller, fixed at accept time.
 struct Identity {
     pod: RwLock<Arc<Pod>>,
+    /// `namespace/name`: fixed for the entry (entries are keyed by it).
+    key: Arc<str>,
     bucket: TokenBucket,
 }
 
@@ -333,6 +335,7 @@ async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
         }
         let identity = Arc::new(Identity {
             pod: RwLock::new(pod.clone()),
+            key: Arc::from(key.as_str()),
             bucket: TokenBucket::new(shared.limits.rate_per_sec, shared.limits.burst),
         });
         let mut entry = PodEntry {
@@ -537,14 +540,14 @@ async fn serve_conn(
         shared
             .metrics
             .connection_errors
-            .get_or_create(&KindLabels { kind: kind.into() })
+            .get_or_create(&KindLabels { kind })
             .inc();
         let pod = caller_key(&conn);
         shared.audit.record(&AuditRecord {
             ts: now_ts(),
             pod: &pod,
             listener: conn.listener,
-            peer: conn.peer.to_string(),
+            peer: conn.peer,
             method: "-",
             path: "-",
             decision: kind,
@@ -553,15 +556,14 @@ async fn serve_conn(
             rule: None,
             error: Some(e.to_string()),
         });
-        tracing::info!(pod, peer = %conn.peer, "connection refused: {kind}: {e}");
+        tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {e}");
     }
 }
 
-fn caller_key(conn: &Conn) -> String {
-    conn.caller.as_ref().map_or_else(
-        || "-".to_owned(),
-        |i| i.pod.read().expect("pod poisoned").key(),
-    )
+fn caller_key(conn: &Conn) -> Arc<str> {
+    conn.caller
+        .as_ref()
+        .map_or_else(|| Arc::from("-"), |i| i.key.clone())
 }
 
 async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -574,29 +576,27 @@ async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Respons
         .map(|i| i.pod.read().expect("pod poisoned").clone());
     let (resp, decision, rule) = decide(shared, conn, pod.as_deref(), req).await;
     let latency = start.elapsed();
-    let pod_key = pod.as_ref().map_or_else(|| "-".to_owned(), |p| p.key());
+    let pod_key = caller_key(conn);
     let status = resp.status().as_u16();
     shared
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            pod: pod_key.clone(),
-            decision: decision.into(),
-            code: status.to_string(),
+            pod: PodLabel(pod_key.clone()),
+            decision,
+            code: status,
         })
         .inc();
     shared
         .metrics
         .duration
-        .get_or_create(&DecisionLabels {
-            decision: decision.into(),
-        })
+        .get_or_create(&DecisionLabels { decision })
         .observe(latency.as_secs_f64());
     shared.audit.record(&AuditRecord {
         ts: now_ts(),
         pod: &pod_key,
         listener: conn.listener,
-        peer: conn.peer.to_string(),
+        peer: conn.peer,
         method: method.as_str(),
         path: &path,
         decision,
