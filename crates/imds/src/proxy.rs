@@ -764,6 +764,9 @@ async fn decide(
     (resp, decision, Some(rule))
 }
 
+/// Upstream bodies up to this size with a known length are buffered.
+const BUFFER_BODY_BELOW: u64 = 64 * 1024;
+
 const HOP_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
@@ -822,6 +825,32 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_headers(&mut parts.headers);
+            // Small bodies of known length (almost every metadata answer)
+            // are read whole so head and body leave in one write; anything
+            // larger or of unknown length is streamed through.
+            let small = hyper::body::Body::size_hint(&body)
+                .exact()
+                .is_some_and(|n| n <= BUFFER_BODY_BELOW);
+            if small {
+                match tokio::time::timeout(shared.limits.upstream_timeout, body.collect()).await {
+                    Ok(Ok(collected)) => {
+                        let bytes = collected.to_bytes();
+                        return (
+                            Response::from_parts(parts, crate::body::full(bytes)),
+                            "allowed",
+                        );
+                    }
+                    _ => {
+                        return (
+                            text(
+                                StatusCode::BAD_GATEWAY,
+                                "Upstream metadata service failed mid-body\n",
+                            ),
+                            "upstream_error",
+                        );
+                    }
+                }
+            }
             (Response::from_parts(parts, body.boxed()), "allowed")
         }
         Ok(Err(e)) => {
