@@ -20,3 +20,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Python tools the tests drive (validators, independent protocol peers).
+python_packages=(kubernetes-validate)
+missing_py=()
+for p in "${python_packages[@]}"; do
+  python3 -m pip show -q "$p" >/dev/null 2>&1 || missing_py+=("$p")
+done
+if [ ${#missing_py[@]} -gt 0 ]; then
+  echo "== pip install ${missing_py[*]}"
+  python3 -m pip install -q --root-user-action=ignore "${missing_py[@]}"
+fi
+
+# Python gRPC (independent stack for the Konnectivity wire-interop tests).
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "== pip install grpcio grpcio-tools"
+  python3 -m pip install -q grpcio grpcio-tools
+fi

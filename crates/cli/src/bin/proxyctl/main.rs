@@ -1,10 +1,11 @@
 //! `proxyctl`: steer a container's traffic through proxies.
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
+mod demo;
+mod hns;
+mod linux;
 mod policy_args;
-// The shapes of add/list/clear, shared by the nft and HNS backends; wired
-// into `Command` as each backend lands.
-#[allow(dead_code)]
+// The shapes of add/list/clear, shared by the nft and HNS backends.
 mod target_args;
 
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use proxyctl_cli::{OutputFormat, init_logging, print_structured};
 use proxyctl_policy::PolicyError;
 
 use policy_args::PolicyArgs;
+use target_args::{AddArgs, Backend, ClearArgs, ListArgs, TargetArgs};
 
 /// Exit code for bad input (as clap uses for bad flags): nothing was changed.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -40,6 +42,19 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
+    /// Install a redirect policy in a network namespace (HNS: an endpoint),
+    /// or atomically replace the policy of the same --name.
+    Add(AddArgs),
+    /// Show the policies read back from the kernel.
+    List(ListArgs),
+    /// Remove our policies (all, or --name), and nothing else.
+    Clear(ClearArgs),
+    /// Prove the policies with real probe traffic; exits non-zero on any mismatch.
+    Verify(TargetArgs),
+    /// Run a self-contained demonstration in throw-away namespaces (needs root).
+    Demo,
+    /// Print the endpoint a container is attached to (HNS: endpoint ids).
+    Lookup(hns::LookupArgs),
     /// Print the version.
     Version,
 }
@@ -51,7 +66,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("proxyctl: {err:#}");
-            if err.downcast_ref::<PolicyError>().is_some() {
+            if err.downcast_ref::<PolicyError>().is_some() || linux::is_bad_input(&err) {
                 ExitCode::from(EXIT_BAD_INPUT)
             } else {
                 ExitCode::FAILURE
@@ -73,6 +88,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format => print_structured(format, &policies)?,
             }
         }
+        Command::Add(args) => match args.target.backend.resolve() {
+            Backend::Hns => return hns::add(args),
+            _ => return linux::add(args),
+        },
+        Command::List(args) => match args.target.backend.resolve() {
+            Backend::Hns => return hns::list(args),
+            _ => return linux::list(args),
+        },
+        Command::Clear(args) => match args.target.backend.resolve() {
+            Backend::Hns => return hns::clear(args),
+            _ => return linux::clear(args),
+        },
+        Command::Verify(args) => return linux::verify(args),
+        Command::Lookup(args) => return hns::lookup(args),
+        Command::Demo => return demo::run(),
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,192 @@
+//! The hcnproxyctl workflow through the real `proxyctl` binary with
+//! `--backend hns`, against the strict HCN fake (PROXYCTL_HNS_LIBRARY), one
+//! process per command as a user would run them.
+
+#[path = "../../hns-fake/harness.rs"]
+mod harness;
+
+use std::process::{Command, Output};
+
+use harness::{ENDPOINT, FakeHns};
+
+fn proxyctl(fake: Option<&FakeHns>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_proxyctl"));
+    cmd.args(args)
+        .env_remove("PROXYCTL_HNS_LIBRARY")
+        .env_remove("PROXYCTL_HNS_FAKE_STATE");
+    if let Some(fake) = fake {
+        cmd.env("PROXYCTL_HNS_LIBRARY", fake.library())
+            .env("PROXYCTL_HNS_FAKE_STATE", fake.state_file());
+    }
+    cmd.output().expect("run proxyctl")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "failed: {}", stderr(&out));
+    stdout(&out)
+}
+
+const ADD: &[&str] = &[
+    "add",
+    ENDPOINT,
+    "--backend",
+    "hns",
+    "--port",
+    "8000",
+    "--usersid",
+    "system",
+    "--remoteaddr",
+    "10.0.0.4",
+    "--remoteports",
+    "443,8443",
+    "--priority",
+    "8",
+    "--exclude-outbound-cidr",
+    "127.0.0.1",
+];
+
+const EXPECTED_SETTINGS: &str = concat!(
+    r#"{"OutboundProxyPort":"8000","FilterTuple":{"Protocols":"6","RemoteAddresses":"10.0.0.4","#,
+    r#""RemotePorts":"443,8443","Priority":8},"UserSID":"S-1-5-18","InboundExceptions":{},"#,
+    r#""OutboundExceptions":{"IpAddressExceptions":["127.0.0.1"]}}"#
+);
+
+#[test]
+fn add_list_clear_workflow() {
+    let fake = FakeHns::new(13, 2);
+    assert_eq!(
+        ok(proxyctl(Some(&fake), ADD)),
+        "Successfully added the policy\n"
+    );
+    let held = fake.policies(ENDPOINT);
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        held[1]["Settings"],
+        serde_json::from_str::<serde_json::Value>(EXPECTED_SETTINGS).unwrap()
+    );
+
+    let listed: serde_json::Value = serde_json::from_str(&ok(proxyctl(
+        Some(&fake),
+        &["list", ENDPOINT, "--backend", "hns", "-o", "json"],
+    )))
+    .unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([{
+            "name": "default", "priority": 8, "outboundPort": 8000,
+            "protocols": ["tcp"], "family": "ipv4",
+            "exclude": {"sids": ["S-1-5-18"]},
+            "match": {"remoteAddresses": ["10.0.0.4/32"], "remotePorts": [443, 8443]},
+            "outboundExceptions": {"cidrs": ["127.0.0.1/32"]}
+        }])
+    );
+
+    let clear = ["clear", ENDPOINT, "--backend", "hns"];
+    assert_eq!(ok(proxyctl(Some(&fake), &clear)), "Removed 1 policies\n");
+    assert_eq!(
+        ok(proxyctl(
+            Some(&fake),
+            &["list", ENDPOINT, "--backend", "hns"]
+        )),
+        ""
+    );
+    assert_eq!(ok(proxyctl(Some(&fake), &clear)), "Removed 0 policies\n");
+    assert_eq!(fake.policies(ENDPOINT).len(), 1, "the foreign policy stays");
+}
+
+#[test]
+fn dry_run_prints_the_exact_request_and_changes_nothing() {
+    let expected = format!(
+        "{{\"ResourceType\":\"Policy\",\"RequestType\":\"Add\",\"Settings\":{{\"Policies\":[{{\"Type\":\"L4WFPPROXY\",\"Settings\":{EXPECTED_SETTINGS}}}]}}}}\n"
+    );
+    let mut args = ADD.to_vec();
+    args.push("--dry-run");
+    // Without any library at all...
+    assert_eq!(ok(proxyctl(None, &args)), expected);
+    // ...and with one, which is left untouched.
+    let fake = FakeHns::new(15, 4);
+    let before = fake.state();
+    assert_eq!(ok(proxyctl(Some(&fake), &args)), expected);
+    assert_eq!(fake.state(), before);
+}
+
+#[test]
+fn refusals_exit_2_name_the_flag_and_change_nothing() {
+    let fake = FakeHns::new(15, 4);
+    let before = fake.state();
+    for (extra, flag) in [
+        (&["--protocol", "udp"][..], "--protocol"),
+        (&["--family", "both"][..], "--family"),
+        (&["--family", "ipv6"][..], "--family"),
+        (&["--exclude-uid", "1337"][..], "--exclude-uid"),
+        (&["--exclude-user", "envoy"][..], "--exclude-user"),
+        (
+            &["--destination-proxy", "169.254.169.254:80=10.0.0.2:8080"][..],
+            "--destination-proxy",
+        ),
+        (&["--name", "web"][..], "--name"),
+        (
+            &["--exclude-outbound-cidr", "fd00::/8"][..],
+            "--exclude-outbound-cidr",
+        ),
+    ] {
+        let mut args = vec!["add", ENDPOINT, "--backend", "hns", "--port", "8000"];
+        args.extend_from_slice(extra);
+        let out = proxyctl(Some(&fake), &args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(flag), "{extra:?}: {}", stderr(&out));
+        assert_eq!(fake.state(), before, "{extra:?} changed the fake");
+    }
+}
+
+#[test]
+fn old_hns_and_hns_errors_are_reported_clearly() {
+    let old = FakeHns::new(13, 1);
+    let out = proxyctl(Some(&old), ADD);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("HNS 13.1 is too old"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(old.modify_requests().is_empty());
+
+    let fake = FakeHns::new(15, 4);
+    let missing = "11111111-2222-4333-8444-555555555555";
+    let out = proxyctl(Some(&fake), &["list", missing, "--backend", "hns"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("HcnOpenEndpoint failed: HCN_E_ENDPOINT_NOT_FOUND (0x803B0002)"),
+        "{}",
+        stderr(&out)
+    );
+    fake.inject("HcnModifyEndpoint", 0x803B_000D, "WFP rejected the filter");
+    let out = proxyctl(Some(&fake), ADD);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(
+            "HcnModifyEndpoint failed: HCN_E_INVALID_POLICY (0x803B000D): the provided policy \
+             configuration is invalid or missing parameters; HNS says: WFP rejected the filter"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fake.policies(ENDPOINT).len(), 1, "nothing was added");
+    let out = proxyctl(Some(&fake), &["list", "ccaae3aba155c", "--backend", "hns"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("CRI client"), "{}", stderr(&out));
+    let out = proxyctl(None, &["list", ENDPOINT, "--backend", "hns"]);
+    assert!(
+        stderr(&out).contains("PROXYCTL_HNS_LIBRARY"),
+        "{}",
+        stderr(&out)
+    );
+}

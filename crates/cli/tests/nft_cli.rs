@@ -1,0 +1,483 @@
+//! The proxyctl binary on Linux: add/list/clear/verify/demo against the
+//! real kernel in namespaces these tests create.
+
+use std::process::{Command, Output};
+
+use proxyctl_testkit::{NetNs, require_root};
+
+fn proxyctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running proxyctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn nft_table(ns: &NetNs) -> Option<String> {
+    let out = ns.exec(&["nft", "-a", "list", "table", "inet", "proxyctl"]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
+    if !require_root("cli_bad_input") {
+        return;
+    }
+    let ns = NetNs::new("clibad");
+    let target = format!("netns:{}", ns.name());
+    let ok = proxyctl(&[
+        "add",
+        &target,
+        "--name",
+        "web",
+        "--port",
+        "15001",
+        "--exclude-uid",
+        "1337",
+    ]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let before = nft_table(&ns).expect("table");
+    let t = target.as_str();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["add", t, "--outbound-port", "0"], "outbound-port"),
+        (vec!["add", t, "--outbound-port", "70000"], "outbound-port"),
+        (
+            vec![
+                "add",
+                t,
+                "--outbound-port",
+                "1",
+                "--exclude-inbound-port",
+                "9",
+            ],
+            "exclude-inbound-port",
+        ),
+        (
+            vec![
+                "add",
+                t,
+                "--outbound-port",
+                "1",
+                "--exclude-outbound-cidr",
+                "10.0.0.0/8,10.1.0.0/16",
+            ],
+            "exclude-outbound-cidr",
+        ),
+        (
+            vec![
+                "add",
+                t,
+                "--outbound-port",
+                "1",
+                "--exclude-outbound-cidr",
+                "10.0.0.300/8",
+            ],
+            "exclude-outbound-cidr",
+        ),
+        (
+            vec!["add", t, "--outbound-port", "1", "--usersid", "S-1-5-18"],
+            "--exclude-uid",
+        ),
+        (
+            vec![
+                "add",
+                t,
+                "--outbound-port",
+                "1",
+                "--exclude-user",
+                "no-such-user-pxt",
+            ],
+            "exclude-user",
+        ),
+        (
+            vec!["add", "netns:pxt-no-such-namespace", "--outbound-port", "1"],
+            "no network namespace",
+        ),
+        (vec!["add", "bogus", "--outbound-port", "1"], "target"),
+        (vec!["list", "pid:999999999"], "no network namespace"),
+        (vec!["clear", "/nonexistent/ns"], "no network namespace"),
+    ];
+    for (args, needle) in cases {
+        let out = proxyctl(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains(needle),
+            "{args:?} should mention {needle}: {}",
+            text(&out)
+        );
+        assert_eq!(
+            nft_table(&ns).as_deref(),
+            Some(before.as_str()),
+            "{args:?} changed the ruleset"
+        );
+    }
+    let hns = proxyctl(&["list", t, "--backend", "hns"]);
+    assert_eq!(hns.status.code(), Some(1));
+    assert!(
+        text(&hns).contains("PROXYCTL_HNS_LIBRARY"),
+        "{}",
+        text(&hns)
+    );
+}
+
+#[test]
+fn add_list_clear_round_trip_through_the_cli() {
+    if !require_root("cli_round_trip") {
+        return;
+    }
+    let ns = NetNs::new("clirt");
+    let t = format!("netns:{}", ns.name());
+    let add = proxyctl(&[
+        "add",
+        &t,
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15001",
+        "--inbound-port",
+        "15006",
+        "--protocol",
+        "tcp,udp",
+        "--exclude-uid",
+        "1337",
+        "--exclude-outbound-port",
+        "22,6000-6010",
+        "--exclude-outbound-cidr",
+        "10.0.0.0/8",
+        "--exclude-inbound-port",
+        "15020",
+        "--priority",
+        "3",
+    ]);
+    assert!(add.status.success(), "{}", text(&add));
+    let json = proxyctl(&["list", &t, "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let p = &listed[0];
+    assert_eq!(p["name"], "mesh");
+    assert_eq!(p["priority"], 3);
+    assert_eq!(p["outboundPort"], 15001);
+    assert_eq!(p["inboundPort"], 15006);
+    assert_eq!(p["protocols"], serde_json::json!(["tcp", "udp"]));
+    assert_eq!(p["exclude"]["uids"], serde_json::json!([1337]));
+    assert_eq!(
+        p["outboundExceptions"]["ports"],
+        serde_json::json!([22, "6000-6010"])
+    );
+    assert_eq!(
+        p["outboundExceptions"]["cidrs"],
+        serde_json::json!(["10.0.0.0/8"])
+    );
+    assert_eq!(p["inboundExceptions"]["ports"], serde_json::json!([15020]));
+    // The same namespace named as pid:N and as a /proc path.
+    let mut sleeper = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for other in [format!("pid:{pid}"), format!("/proc/{pid}/ns/net")] {
+        let o = proxyctl(&["list", &other, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        assert_eq!(v[0]["name"], "mesh", "{other}: {}", text(&o));
+    }
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let yaml = text(&proxyctl(&["list", &t, "-o", "yaml"]));
+    assert!(yaml.contains("outboundPort: 15001"), "{yaml}");
+    let table = text(&proxyctl(&["list", &t]));
+    assert!(
+        table.contains("mesh") && table.contains("uid:1337"),
+        "{table}"
+    );
+    // The listed YAML is a valid --file for add: replace via file.
+    let dir = std::env::temp_dir().join(format!("pxt-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("p.yaml");
+    std::fs::write(
+        &file,
+        yaml.replace("outboundPort: 15001", "outboundPort: 15002"),
+    )
+    .unwrap();
+    let re = proxyctl(&["add", &t, "--file", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(re.status.success(), "{}", text(&re));
+    let json = proxyctl(&["list", &t, "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["outboundPort"], 15002);
+
+    let clear = proxyctl(&["clear", &t]);
+    assert!(
+        text(&clear).contains("removed 1 policy"),
+        "{}",
+        text(&clear)
+    );
+    assert_eq!(nft_table(&ns), None);
+}
+
+#[test]
+fn verify_passes_on_a_good_policy_and_fails_on_a_tampered_one() {
+    if !require_root("cli_verify") {
+        return;
+    }
+    let ns = NetNs::new("cliver");
+    let t = format!("netns:{}", ns.name());
+    let add = proxyctl(&[
+        "add",
+        &t,
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15001",
+        "--inbound-port",
+        "15006",
+        "--protocol",
+        "tcp,udp",
+        "--exclude-uid",
+        "1337",
+        "--exclude-gid",
+        "1338",
+        "--exclude-outbound-port",
+        "5432",
+    ]);
+    assert!(add.status.success(), "{}", text(&add));
+    let good = proxyctl(&["verify", &t]);
+    assert!(good.status.success(), "{}", text(&good));
+    assert!(!text(&good).contains("MISMATCH"), "{}", text(&good));
+    assert!(
+        text(&good).contains("orig dst 198.18.0.2:40123"),
+        "{}",
+        text(&good)
+    );
+    // Tamper: drop the proxy-uid exclusion from the TCP chain behind our back.
+    let chain = ns.run(&[
+        "nft",
+        "-a",
+        "list",
+        "chain",
+        "inet",
+        "proxyctl",
+        "pol-mesh-out",
+    ]);
+    let handle = chain
+        .lines()
+        .find(|l| l.contains("exclude-uid"))
+        .and_then(|l| l.rsplit("handle ").next())
+        .unwrap()
+        .trim()
+        .to_owned();
+    ns.run(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "proxyctl",
+        "pol-mesh-out",
+        "handle",
+        &handle,
+    ]);
+    let bad = proxyctl(&["verify", &t]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(text(&bad).contains("MISMATCH"), "{}", text(&bad));
+    // With the proxy port taken, verify says it cannot verify (and fails).
+    let _ = proxyctl(&["add", &t, "--name", "mesh", "--outbound-port", "15001"]);
+    let tt = t.clone();
+    let busy = ns.enter(move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:15001").unwrap();
+        let out = proxyctl(&["verify", &tt]);
+        drop(l);
+        out
+    });
+    assert_eq!(busy.status.code(), Some(1), "{}", text(&busy));
+    assert!(text(&busy).contains("NOT VERIFIED"), "{}", text(&busy));
+    // verify leaves no probe interfaces behind.
+    let links = ns.run(&["ip", "-o", "link"]);
+    assert!(!links.contains("pxv"), "{links}");
+}
+
+#[test]
+fn demo_runs_and_leaves_nothing_behind() {
+    if !require_root("cli_demo") {
+        return;
+    }
+    let netns_before = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    let out = proxyctl(&["demo"]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        all.contains("original destination 198.18.1.2:80 (SO_ORIGINAL_DST)"),
+        "{all}"
+    );
+    assert!(
+        all.contains("original destination [2001:db8:7e2::2]:80"),
+        "{all}"
+    );
+    assert!(all.contains("(IP_RECVORIGDSTADDR)"), "{all}");
+    assert!(all.contains("bypasses the redirect"), "{all}");
+    assert!(all.contains("hello from 198.18.1.2:80"), "{all}");
+    assert!(all.contains("table inet proxyctl"), "{all}");
+    assert!(!all.contains("MISMATCH"), "{all}");
+    let netns_after = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    // Tests running in parallel add and remove their own pxt-* namespaces.
+    let before = String::from_utf8_lossy(&netns_before).into_owned();
+    let new: Vec<String> = String::from_utf8_lossy(&netns_after)
+        .lines()
+        .filter(|l| !before.contains(*l) && !l.starts_with("pxt-"))
+        .map(str::to_owned)
+        .collect();
+    assert!(new.is_empty(), "demo left named namespaces: {new:?}");
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains("pxd"), "demo left an interface: {links}");
+    let tables = String::from_utf8_lossy(
+        &Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !tables.contains("proxyctl"),
+        "demo touched the root namespace: {tables}"
+    );
+}
+
+#[test]
+fn demo_interrupted_by_ctrl_c_leaves_nothing_behind() {
+    if !require_root("cli_demo_ctrl_c") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut reached = false;
+    for line in BufReader::new(stdout).lines() {
+        if line.unwrap().contains("added policy sidecar") {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "demo never applied its policy");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "demo should have been interrupted");
+    // Its namespaces were anonymous: they died with the process, taking
+    // the veth pair, rules and routes with them. The root namespace saw
+    // nothing.
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains("pxd"), "{links}");
+    let tables = String::from_utf8_lossy(
+        &Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!tables.contains("proxyctl"), "{tables}");
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(netns.lines().all(|l| l.starts_with("pxt-")), "{netns}");
+}
+
+#[test]
+fn verify_probes_destination_proxies() {
+    if !require_root("cli_verify_dnat") {
+        return;
+    }
+    let ns = NetNs::new("clidnat");
+    let t = format!("netns:{}", ns.name());
+    let add = proxyctl(&[
+        "add",
+        &t,
+        "--name",
+        "imds",
+        "--destination-proxy",
+        "169.254.169.254:80=127.0.0.1:18080",
+        "--exclude-uid",
+        "1337",
+    ]);
+    assert!(add.status.success(), "{}", text(&add));
+    let good = proxyctl(&["verify", &t]);
+    assert!(good.status.success(), "{}", text(&good));
+    assert!(
+        text(&good).contains("dnat 127.0.0.1:18080 (orig dst 169.254.169.254:80)"),
+        "{}",
+        text(&good)
+    );
+    let chain = ns.run(&[
+        "nft",
+        "-a",
+        "list",
+        "chain",
+        "inet",
+        "proxyctl",
+        "pol-imds-out",
+    ]);
+    let handle = chain
+        .lines()
+        .find(|l| l.contains("\"dnat\""))
+        .and_then(|l| l.rsplit("handle ").next())
+        .unwrap()
+        .trim()
+        .to_owned();
+    ns.run(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "proxyctl",
+        "pol-imds-out",
+        "handle",
+        &handle,
+    ]);
+    let bad = proxyctl(&["verify", &t]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(text(&bad).contains("MISMATCH"), "{}", text(&bad));
+}
