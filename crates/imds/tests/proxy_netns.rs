@@ -18,7 +18,7 @@ use imds_proxy::{FilePodSource, Pod, Rules};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 
 fn ready(test: &str) -> bool {
-    require_root(test) && require_tool(test, "nft") && require_tool(test, "curl")
+    require_root(test) && require_tool(test, "curl")
 }
 
 const RULES: &str = r#"
@@ -454,33 +454,7 @@ fn identity_comes_from_the_pods_namespace_not_its_address() {
     run_c(&["ip", "addr", "add", "10.98.0.21/24", "dev", "eth0"]);
     run_c(&["ip", "link", "set", "eth0", "up"]);
     run_c(&["ip", "route", "add", "default", "via", "10.98.0.1"]);
-    run_c(&["nft", "add", "table", "ip", "proxyctl"]);
-    run_c(&[
-        "nft",
-        "add",
-        "chain",
-        "ip",
-        "proxyctl",
-        "imds",
-        "{ type nat hook output priority -100 ; }",
-    ]);
-    run_c(&[
-        "nft",
-        "add",
-        "rule",
-        "ip",
-        "proxyctl",
-        "imds",
-        "ip",
-        "daddr",
-        IMDS,
-        "tcp",
-        "dport",
-        "80",
-        "dnat",
-        "to",
-        &pod_addr().to_string(),
-    ]);
+    common::install_dnat_at(&c_ns, pod_addr());
     let curl_c = || {
         let out = std::process::Command::new("ip")
             .args([

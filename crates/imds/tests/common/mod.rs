@@ -208,36 +208,31 @@ impl Topology {
     }
 }
 
-/// `dnat tcp 169.254.169.254:80 -> to` in the namespace's nat output hook,
-/// in our own table (the nft backend's shape until it lands on main).
+/// The destination-proxy policy imds-proxy relies on: TCP to
+/// 169.254.169.254:80 is DNATed to `to`, applied by proxyctl's nft backend.
+pub fn imds_policy(to: SocketAddr) -> proxyctl_policy::Policy {
+    let policy = proxyctl_policy::Policy {
+        name: "imds".into(),
+        destination_proxy: Some(proxyctl_policy::DestinationProxy {
+            destination: format!("{IMDS}:80").parse().unwrap(),
+            proxy: to,
+        }),
+        ..proxyctl_policy::Policy::default()
+    };
+    policy
+        .validate()
+        .expect("imds destination-proxy policy is valid");
+    policy
+}
+
+/// Installs the DNAT of 169.254.169.254:80 to `to` in the namespace at `path`.
+pub fn install_dnat_at(path: &Path, to: SocketAddr) {
+    let target = proxyctl_nft::Target::Path(path.to_owned());
+    proxyctl_nft::add(&target, &imds_policy(to)).expect("installing the imds DNAT");
+}
+
 pub fn install_dnat(ns: &NetNs, to: SocketAddr) {
-    ns.run(&["nft", "add", "table", "ip", "proxyctl"]);
-    ns.run(&[
-        "nft",
-        "add",
-        "chain",
-        "ip",
-        "proxyctl",
-        "imds",
-        "{ type nat hook output priority -100 ; }",
-    ]);
-    ns.run(&[
-        "nft",
-        "add",
-        "rule",
-        "ip",
-        "proxyctl",
-        "imds",
-        "ip",
-        "daddr",
-        IMDS,
-        "tcp",
-        "dport",
-        "80",
-        "dnat",
-        "to",
-        &to.to_string(),
-    ]);
+    install_dnat_at(&ns.path(), to);
 }
 
 /// What curl in a pod saw.
