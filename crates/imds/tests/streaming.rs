@@ -1,7 +1,8 @@
-//! Large or unknown-length upstream bodies stream through imds-proxy: the
-//! client gets the first bytes while the upstream still holds back the
-//! rest (a buffering proxy would deadlock here and the test would time out).
-//! Everything runs on the loopback of a namespace the test creates.
+//! imds-proxy against upstreams other than the fake: large or
+//! unknown-length bodies stream through (the client gets the first bytes
+//! while the upstream still holds back the rest; a buffering proxy would
+//! deadlock and the test time out), and a refusing or silent upstream gives
+//! 502 / 504. Everything runs on the loopback of a namespace the test makes.
 
 mod common;
 
@@ -160,4 +161,85 @@ impl hyper::body::Body for ChannelBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
+}
+
+/// An upstream that refuses connections gives 502; one that accepts but
+/// never answers gives 504 after the upstream timeout. Both are audited.
+#[test]
+fn upstream_failures_are_502_and_504() {
+    if !require_root("upstream_failures_are_502_and_504") {
+        return;
+    }
+    let ns = NetNs::new("imdup");
+    let rt = runtime_in(&ns.path());
+    // A listener that never accepts: connections complete in the kernel,
+    // requests are never answered.
+    let silent: SocketAddr = on(&rt, async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // Held (never accepting) until the runtime shuts down.
+        tokio::spawn(async move {
+            let _held = l;
+            std::future::pending::<()>().await
+        });
+        addr
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for (upstream, port, status, decision) in [
+        (
+            "127.0.0.1:1".parse::<SocketAddr>().unwrap(),
+            15990u16,
+            502u16,
+            "upstream_error",
+        ),
+        (silent, 15991, 504, "upstream_timeout"),
+    ] {
+        let pod = Pod {
+            name: "app".into(),
+            namespace: "default".into(),
+            uid: None,
+            labels: Default::default(),
+            netns: Some(ns.path()),
+            ip: None,
+        };
+        let audit_path = dir.path().join(format!("{port}.jsonl"));
+        let config = ProxyConfig {
+            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+            rules: Rules::from_yaml(
+                "rules: [{name: app, pods: {name: app}, paths: [{prefix: /latest/}]}]",
+                "test",
+            )
+            .unwrap(),
+            pod_listen: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::to_file(&audit_path).unwrap(),
+            limits: Limits {
+                upstream_timeout: Duration::from_millis(300),
+                ..Limits::default()
+            },
+            reconcile_every: Duration::ZERO,
+        };
+        let source = Arc::new(MemoryPodSource::new(vec![pod]));
+        let proxy = on(&rt, async move {
+            ProxyHandle::start(config, source).await.unwrap()
+        });
+        let out = proxyctl_testkit::in_netns(&ns.path(), move || {
+            common::send(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                "GET",
+                "/latest/meta-data/instance-id",
+                &[],
+            )
+        });
+        assert_eq!(out.status, status, "{out:?}");
+        proxy.flush_audit();
+        let audit = std::fs::read_to_string(&audit_path).unwrap();
+        assert!(
+            audit.contains(&format!("\"decision\":\"{decision}\"")),
+            "{audit}"
+        );
+        drop(proxy);
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
 }
