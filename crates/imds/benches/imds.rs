@@ -1,0 +1,346 @@
+//! Benchmark: requests/s and latency of the metadata-service fake called
+//! directly, through imds-proxy (per-pod listener, rules, audit log on) and
+//! through nginx as a plain reverse proxy, in one run, all on the loopback
+//! of a network namespace the bench creates. Prints a table.
+//!
+//! `cargo bench -p imds-proxy --bench imds` (root: it makes a namespace and
+//! binds the proxy's listener inside it). `IMDS_BENCH_SECS` sets the time
+//! per measurement (default 3).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use imds_proxy::audit::Audit;
+use imds_proxy::mock::{self, MockState};
+use imds_proxy::pods::MemoryPodSource;
+use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+use imds_proxy::{Pod, Rules};
+use proxyctl_testkit::NetNs;
+
+const PATH: &str = "/metadata/instance?api-version=2021-02-01";
+const MOCK: &str = "127.0.0.1:18080";
+const PROXY: &str = "127.0.0.1:18081";
+const NGINX: &str = "127.0.0.1:18082";
+
+fn runtime_in(ns: &NetNs, threads: usize, name: &'static str) -> tokio::runtime::Runtime {
+    imds_proxy::netns::in_netns(&ns.path(), move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(name)
+            .enable_all()
+            .build()
+    })
+    .expect("runtime in bench namespace")
+    .0
+}
+
+fn on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    rt.block_on(rt.spawn(fut)).expect("task panicked")
+}
+
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    // `ip netns exec` execs nginx, so the child is nginx's master: SIGQUIT
+    // lets it stop its workers (SIGKILL would orphan them).
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+        for _ in 0..50 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(ns: &NetNs, dir: &std::path::Path) -> Nginx {
+    let conf = format!(
+        r#"worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream imds {{ server {MOCK}; keepalive 64; keepalive_requests 100000000; }}
+    server {{
+        listen {NGINX};
+        keepalive_requests 100000000;
+        location / {{
+            proxy_pass http://imds;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "nginx",
+            "-g",
+            "daemon off;",
+            "-c",
+        ])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting nginx");
+    Nginx(child)
+}
+
+#[derive(Debug, Default)]
+struct Sample {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Sample {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&mut self, p: f64) -> f64 {
+        self.latencies_us.sort_unstable();
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+}
+
+/// `conns` keep-alive connections, each sending requests back to back.
+async fn load(addr: SocketAddr, conns: usize, secs: f64) -> Sample {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut s = Sample::default();
+            'connection: while Instant::now() < deadline {
+                let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                stream.set_nodelay(true).unwrap();
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                        .await
+                        .expect("handshake");
+                tokio::spawn(conn);
+                while Instant::now() < deadline {
+                    let req = http::Request::get(PATH)
+                        .header("host", "169.254.169.254")
+                        .header("metadata", "true")
+                        .body(Empty::new())
+                        .unwrap();
+                    let t = Instant::now();
+                    match send.send_request(req).await {
+                        Ok(resp) => {
+                            let ok = resp.status() == 200;
+                            let body = resp.into_body().collect().await;
+                            if ok && body.is_ok() {
+                                s.requests += 1;
+                                s.latencies_us.push(t.elapsed().as_micros() as u32);
+                            } else {
+                                s.errors += 1;
+                            }
+                        }
+                        Err(_) => {
+                            // The server closed the connection: count it, reconnect.
+                            s.errors += 1;
+                            continue 'connection;
+                        }
+                    }
+                }
+            }
+            s
+        }));
+    }
+    let mut total = Sample::default();
+    for t in tasks {
+        let s = t.await.unwrap();
+        total.requests += s.requests;
+        total.errors += s.errors;
+        total.latencies_us.extend(s.latencies_us);
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+fn wait_listening(rt: &tokio::runtime::Runtime, addr: SocketAddr) {
+    on(rt, async move {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{addr} never listened");
+    });
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("imds bench: needs root (network namespace, per-pod listener); skipped");
+        return;
+    }
+    let secs: f64 = std::env::var("IMDS_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let ns = NetNs::new("imdbench");
+    let dir = tempfile::tempdir().unwrap();
+
+    let mock_rt = runtime_in(&ns, 1, "bench-mock");
+    let mock_addr: SocketAddr = MOCK.parse().unwrap();
+    on(&mock_rt, async move {
+        let l = tokio::net::TcpListener::bind(mock_addr).await.unwrap();
+        tokio::spawn(mock::serve(l, MockState::new()));
+    });
+
+    let proxy_threads: usize = std::env::var("IMDS_BENCH_PROXY_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let proxy_rt = runtime_in(&ns, proxy_threads, "bench-proxy");
+    let rules = Rules::from_yaml(
+        r#"
+rules:
+  - name: others
+    pods: { labels: { role: other } }
+    paths: [ { prefix: /latest/ } ]
+  - name: clients
+    pods: { namespace: default, labels: { role: ClientContainer } }
+    paths: [ { prefix: /metadata/instance }, { exact: /metadata/versions } ]
+"#,
+        "bench",
+    )
+    .unwrap();
+    let pod = Pod {
+        name: "bench-client".into(),
+        namespace: "default".into(),
+        uid: None,
+        labels: [("role".to_string(), "ClientContainer".to_string())].into(),
+        netns: Some(ns.path()),
+        ip: None,
+    };
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{MOCK}")).unwrap(),
+        rules,
+        pod_listen: Some(PROXY.parse().unwrap()),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: if std::env::var("IMDS_BENCH_AUDIT").is_ok_and(|v| v == "0") {
+            Audit::discard()
+        } else {
+            Audit::to_file(&dir.path().join("audit.jsonl")).unwrap()
+        },
+        limits: Limits {
+            rate_per_sec: 0.0,
+            ..Limits::default()
+        },
+        reconcile_every: Duration::ZERO,
+    };
+    let source = Arc::new(MemoryPodSource::new(vec![pod]));
+    let proxy = Arc::new(on(&proxy_rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    }));
+
+    let _nginx = start_nginx(&ns, dir.path());
+    let client_rt = runtime_in(&ns, 2, "bench-client");
+    for addr in [MOCK, PROXY, NGINX] {
+        wait_listening(&client_rt, addr.parse().unwrap());
+    }
+
+    println!(
+        "imds-proxy bench: GET {PATH} (~700 B JSON), {secs} s per cell, loopback in a private netns, {} CPUs shared with other jobs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<24} {:>5} {:>10} {:>9} {:>9} {:>12} {:>12} {:>7}",
+        "target", "conns", "req/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "errors"
+    );
+    // The CPU is shared with other jobs whose load comes and goes: the three
+    // targets take turns in short rounds so each sees the same conditions.
+    let targets = [
+        ("mock direct", MOCK),
+        ("imds-proxy (rules+audit)", PROXY),
+        ("nginx reverse proxy", NGINX),
+    ];
+    const ROUND: f64 = 0.5;
+    let rounds = (secs / ROUND).ceil().max(1.0) as usize;
+    for conns in [1usize, 16] {
+        let mut rows: Vec<(&str, Sample)> = targets
+            .iter()
+            .map(|(n, _)| (*n, Sample::default()))
+            .collect();
+        for (_, addr) in targets {
+            on(&client_rt, load(addr.parse().unwrap(), conns, 0.3)); // warm-up
+        }
+        for _ in 0..rounds {
+            for (i, (_, addr)) in targets.iter().enumerate() {
+                let s = on(&client_rt, load(addr.parse().unwrap(), conns, ROUND));
+                let row = &mut rows[i].1;
+                row.requests += s.requests;
+                row.errors += s.errors;
+                row.elapsed += s.elapsed;
+                row.latencies_us.extend(s.latencies_us);
+            }
+        }
+        let (base50, base99) = {
+            let s = &mut rows[0].1;
+            (s.pct(0.50), s.pct(0.99))
+        };
+        let mut rps = Vec::new();
+        for (name, s) in &mut rows {
+            let (p50, p99) = (s.pct(0.50), s.pct(0.99));
+            rps.push(s.rps());
+            println!(
+                "{name:<24} {conns:>5} {:>10.0} {p50:>9.3} {p99:>9.3} {:>12.3} {:>12.3} {:>7}",
+                s.rps(),
+                p50 - base50,
+                p99 - base99,
+                s.errors
+            );
+        }
+        println!(
+            "  conns={conns}: imds-proxy / nginx requests/s = {:.2}",
+            rps[1] / rps[2]
+        );
+    }
+    let metrics = proxy.metrics_text();
+    let allowed = metrics
+        .lines()
+        .filter(|l| l.starts_with("imds_proxy_requests_total") && l.contains("allowed"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    println!("imds-proxy forwarded {allowed} requests (metrics), all under the rules");
+    drop(proxy);
+    proxy_rt.shutdown_timeout(Duration::from_secs(1));
+    mock_rt.shutdown_timeout(Duration::from_secs(1));
+    client_rt.shutdown_timeout(Duration::from_secs(1));
+}

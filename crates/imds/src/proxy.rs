@@ -1,0 +1,928 @@
+//! The proxy: per-pod listeners (and an optional source-IP listener), the
+//! edge checks the real metadata services make, access rules, per-pod rate
+//! limits, forwarding over pooled upstream connections, audit and metrics.
+//!
+//! Order of checks for one request: caller known (403) -> framing (400/413,
+//! connection closed) -> path shape (400) -> X-Forwarded-For (400 Azure /
+//! 403 AWS) -> `Metadata: true` on Azure paths (400 JSON) -> rules (403) ->
+//! rate limit (429) -> forward, keeping the upstream's status.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::Error;
+use crate::audit::{Audit, AuditRecord, now_ts};
+use crate::body::{ProxyBody, json as json_resp, text};
+use crate::metrics::{DecisionLabels, KindLabels, Metrics, PodLabel, RequestLabels};
+use crate::netns::{self, NetnsId};
+use crate::pods::{Pod, PodSource};
+use crate::ratelimit::TokenBucket;
+use crate::rules::{Rules, Verdict};
+
+/// The port imds-proxy listens on inside each pod's network namespace by
+/// default; the pod's DNAT rule sends 169.254.169.254:80 there.
+pub const DEFAULT_POD_LISTEN: &str = "127.0.0.1:15990";
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A client must send its whole request head within this time.
+    pub header_read_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response head.
+    pub upstream_timeout: Duration,
+    /// Largest request head (bytes); bigger heads get 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body (Content-Length); bigger gets 413.
+    pub max_body_bytes: u64,
+    /// Requests per second each pod may send upstream (0 = unlimited).
+    pub rate_per_sec: f64,
+    pub burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            max_body_bytes: 64 * 1024,
+            rate_per_sec: 20.0,
+            burst: 40,
+        }
+    }
+}
+
+pub struct ProxyConfig {
+    /// `http://HOST[:PORT]` of the real service.
+    pub upstream: Uri,
+    pub rules: Rules,
+    /// Bound inside every pod's network namespace (the preferred identity).
+    pub pod_listen: Option<SocketAddr>,
+    /// A listener in the proxy's own namespace identifying callers by source
+    /// IP, each checked to be the live owner of that IP.
+    pub source_ip_listen: Option<SocketAddr>,
+    /// /healthz, /readyz, /metrics.
+    pub admin_listen: Option<SocketAddr>,
+    pub audit: Audit,
+    pub limits: Limits,
+    /// How often the pod source is read again (zero: only on `reconcile`).
+    pub reconcile_every: Duration,
+}
+
+/// Checks an upstream URL: plain http, a host, no path, query or user info.
+pub fn parse_upstream(url: &str) -> Result<Uri, Error> {
+    let uri: Uri = url.parse().map_err(|_| Error::Upstream(url.into()))?;
+    let ok = uri.scheme_str() == Some("http")
+        && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+        && uri.path_and_query().is_none_or(|pq| pq.as_str() == "/");
+    if ok {
+        Ok(uri)
+    } else {
+        Err(Error::Upstream(url.into()))
+    }
+}
+
+/// What a connection knows about its caller, fixed at accept time.
+struct Identity {
+    pod: RwLock<Arc<Pod>>,
+    /// `namespace/name`: fixed for the entry (entries are keyed by it).
+    key: Arc<str>,
+    bucket: TokenBucket,
+}
+
+struct PodEntry {
+    identity: Arc<Identity>,
+    netns: Option<(PathBuf, NetnsId)>,
+    /// Dropping the sender closes the listener's open connections.
+    listener: Option<(JoinHandle<()>, watch::Sender<()>)>,
+    /// Its namespace was replaced under an unchanged record: not served.
+    quarantined: bool,
+}
+
+impl Drop for PodEntry {
+    fn drop(&mut self) {
+        if let Some((task, _)) = &self.listener {
+            task.abort();
+        }
+    }
+}
+
+struct Conn {
+    caller: Option<Arc<Identity>>,
+    listener: &'static str,
+    peer: SocketAddr,
+}
+
+struct Shared {
+    upstream: http::uri::Authority,
+    rules: Rules,
+    limits: Limits,
+    pod_listen: Option<SocketAddr>,
+    client: Client<HttpConnector, Incoming>,
+    audit: Audit,
+    metrics: Arc<Metrics>,
+    source: Arc<dyn PodSource>,
+    pods: Mutex<HashMap<String, PodEntry>>,
+    ready: Arc<AtomicBool>,
+}
+
+/// A running proxy. Dropping it stops every listener it owns.
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    pub source_ip_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.pods.lock().expect("pods poisoned").clear();
+    }
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub failed: Vec<(String, String)>,
+}
+
+impl ProxyHandle {
+    /// Starts the proxy on the current tokio runtime: reads the pod source
+    /// once, binds every listener, then serves until dropped.
+    pub async fn start(config: ProxyConfig, source: Arc<dyn PodSource>) -> Result<Self, Error> {
+        let upstream = config
+            .upstream
+            .authority()
+            .cloned()
+            .ok_or_else(|| Error::Upstream(config.upstream.to_string()))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.limits.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        let shared = Arc::new(Shared {
+            upstream,
+            rules: config.rules,
+            limits: config.limits,
+            pod_listen: config.pod_listen,
+            client,
+            audit: config.audit,
+            metrics: Arc::new(Metrics::default()),
+            source,
+            pods: Mutex::new(HashMap::new()),
+            ready: Arc::new(AtomicBool::new(false)),
+        });
+        let mut tasks = Vec::new();
+        let mut admin_addr = None;
+        if let Some(addr) = config.admin_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?;
+            admin_addr = listener.local_addr().ok();
+            tasks.push(tokio::spawn(crate::admin::serve(
+                listener,
+                shared.metrics.clone(),
+                shared.ready.clone(),
+            )));
+        }
+        let mut source_ip_addr = None;
+        if let Some(addr) = config.source_ip_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?;
+            source_ip_addr = listener.local_addr().ok();
+            tasks.push(tokio::spawn(source_ip_accept(shared.clone(), listener)));
+        }
+        let handle = Self {
+            shared: shared.clone(),
+            tasks,
+            source_ip_addr,
+            admin_addr,
+        };
+        let report = handle.reconcile().await?;
+        for (pod, err) in &report.failed {
+            tracing::error!(pod, "no listener for pod: {err}");
+        }
+        shared.ready.store(true, Ordering::SeqCst);
+        let mut handle = handle;
+        if !config.reconcile_every.is_zero() {
+            let weak = Arc::downgrade(&shared);
+            let every = config.reconcile_every;
+            handle.tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(shared) = weak.upgrade() else { return };
+                    if let Err(e) = reconcile(&shared).await {
+                        tracing::warn!("reconcile failed: {e}");
+                    }
+                }
+            }));
+        }
+        Ok(handle)
+    }
+
+    /// Reads the pod source and brings listeners in step with it.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, Error> {
+        reconcile(&self.shared).await
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
+    }
+
+    /// Waits until every audit line recorded so far is written.
+    pub fn flush_audit(&self) {
+        self.shared.audit.flush();
+    }
+}
+
+async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
+    let source = shared.source.clone();
+    let pods = tokio::task::spawn_blocking(move || source.pods())
+        .await
+        .map_err(|e| Error::Pods {
+            path: "pod source".into(),
+            message: e.to_string(),
+        })??;
+    let mut report = ReconcileReport::default();
+    let wanted: HashMap<String, Pod> = pods.into_iter().map(|p| (p.key(), p)).collect();
+
+    // Drop pods that are gone, and pods whose namespace is not the one we
+    // bound into (deleted, or a new namespace mounted at the old path).
+    let stale: Vec<(String, Option<(PathBuf, NetnsId)>)> = {
+        let entries = shared.pods.lock().expect("pods poisoned");
+        entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.netns.clone()))
+            .collect()
+    };
+    for (key, bound) in stale {
+        let keep = match (wanted.get(&key), bound) {
+            (None, _) => false,
+            (Some(pod), Some((path, id))) => {
+                let same_record = pod.netns.as_ref() == Some(&path) && {
+                    let entries = shared.pods.lock().expect("pods poisoned");
+                    entries.get(&key).is_some_and(|e| {
+                        e.identity.pod.read().expect("pod poisoned").uid == pod.uid
+                    })
+                };
+                if same_record && !netns::netns_id(&path).is_ok_and(|now| now == id) {
+                    // The namespace behind an unchanged pod record was
+                    // replaced (the pod died, something else now lives at
+                    // that path). Whoever lives there now is not that pod:
+                    // stop serving it until the source tells us more.
+                    let mut entries = shared.pods.lock().expect("pods poisoned");
+                    if let Some(e) = entries.get_mut(&key) {
+                        let had_listener = e.listener.take().map(|(task, _closer)| task.abort());
+                        if had_listener.is_some() || !e.quarantined {
+                            report.failed.push((
+                                key.clone(),
+                                "network namespace replaced under an unchanged pod record".into(),
+                            ));
+                        }
+                        e.quarantined = true;
+                    }
+                }
+                same_record
+            }
+            (Some(pod), None) => pod.netns.is_none(),
+        };
+        if !keep {
+            shared.pods.lock().expect("pods poisoned").remove(&key);
+            report.removed.push(key);
+        }
+    }
+
+    for (key, pod) in wanted {
+        let pod = Arc::new(pod);
+        if let Some(entry) = shared.pods.lock().expect("pods poisoned").get(&key) {
+            if !entry.quarantined {
+                *entry.identity.pod.write().expect("pod poisoned") = pod;
+            }
+            continue;
+        }
+        let identity = Arc::new(Identity {
+            pod: RwLock::new(pod.clone()),
+            key: Arc::from(key.as_str()),
+            bucket: TokenBucket::new(shared.limits.rate_per_sec, shared.limits.burst),
+        });
+        let mut entry = PodEntry {
+            identity: identity.clone(),
+            netns: None,
+            listener: None,
+            quarantined: false,
+        };
+        if let Some(path) = pod.netns.clone() {
+            match shared.pod_listen {
+                Some(addr) => {
+                    let bind_path = path.clone();
+                    let bound =
+                        tokio::task::spawn_blocking(move || netns::bind_in_netns(&bind_path, addr))
+                            .await
+                            .map_err(|e| Error::Netns {
+                                path: path.display().to_string(),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                            .and_then(|r| r)
+                            .and_then(|(l, id)| {
+                                TcpListener::from_std(l)
+                                    .map(|l| (l, id))
+                                    .map_err(|source| Error::Bind { addr, source })
+                            });
+                    match bound {
+                        Ok((listener, id)) => {
+                            let (closer, closed) = watch::channel(());
+                            let task = tokio::spawn(pod_accept(
+                                shared.clone(),
+                                listener,
+                                identity,
+                                closed,
+                            ));
+                            entry.netns = Some((path, id));
+                            entry.listener = Some((task, closer));
+                        }
+                        Err(e) => {
+                            shared.metrics.listener_errors.inc();
+                            report.failed.push((key, e.to_string()));
+                            continue;
+                        }
+                    }
+                }
+                None => match netns::netns_id(&path) {
+                    Ok(id) => entry.netns = Some((path, id)),
+                    Err(e) => {
+                        report.failed.push((key, e.to_string()));
+                        continue;
+                    }
+                },
+            }
+        }
+        shared
+            .pods
+            .lock()
+            .expect("pods poisoned")
+            .insert(key.clone(), entry);
+        report.added.push(key);
+    }
+    let listeners = shared
+        .pods
+        .lock()
+        .expect("pods poisoned")
+        .values()
+        .filter(|e| e.listener.is_some())
+        .count();
+    shared.metrics.pod_listeners.set(listeners as i64);
+    Ok(report)
+}
+
+async fn pod_accept(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    identity: Arc<Identity>,
+    closed: watch::Receiver<()>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = Arc::new(Conn {
+            caller: Some(identity.clone()),
+            listener: "pod",
+            peer,
+        });
+        tokio::spawn(serve_conn(
+            shared.clone(),
+            stream,
+            conn,
+            Some(closed.clone()),
+        ));
+    }
+}
+
+async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let caller = live_owner(&shared, peer.ip()).await;
+            let conn = Arc::new(Conn {
+                caller,
+                listener: "source-ip",
+                peer,
+            });
+            serve_conn(shared, stream, conn, None).await;
+        });
+    }
+}
+
+/// The pod that owns `ip` right now: the source lists it with that IP, its
+/// namespace is still the one we recorded, and that namespace holds the
+/// address. Anything else (no pod, several, a deleted pod's stale record)
+/// is an unknown caller (kube2iam #178, kiam #499 handed out another pod's
+/// credentials here).
+async fn live_owner(shared: &Arc<Shared>, ip: IpAddr) -> Option<Arc<Identity>> {
+    let candidates: Vec<(Arc<Identity>, PathBuf, NetnsId)> = {
+        let entries = shared.pods.lock().expect("pods poisoned");
+        entries
+            .values()
+            .filter(|e| !e.quarantined)
+            .filter_map(|e| {
+                let pod = e.identity.pod.read().expect("pod poisoned").clone();
+                let (path, id) = e.netns.clone()?;
+                (pod.ip == Some(ip)).then(|| (e.identity.clone(), path, id))
+            })
+            .collect()
+    };
+    let live = tokio::task::spawn_blocking(move || {
+        candidates
+            .into_iter()
+            .filter(|(_, path, id)| {
+                netns::netns_id(path).is_ok_and(|now| now == *id)
+                    && netns::addresses_in_netns(path).is_ok_and(|a| a.contains(&ip))
+            })
+            .map(|(identity, _, _)| identity)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .ok()?;
+    match <[_; 1]>::try_from(live) {
+        Ok([one]) => Some(one),
+        Err(_) => None,
+    }
+}
+
+async fn serve_conn(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    closed: Option<watch::Receiver<()>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let svc_shared = shared.clone();
+    let svc_conn = conn.clone();
+    let svc = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let conn = svc_conn.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, &conn, req).await) }
+    });
+    let serving = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .max_headers(shared.limits.max_headers)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    let result = match closed {
+        Some(mut closed) => {
+            tokio::select! {
+                r = serving => r,
+                _ = closed.changed() => return,
+            }
+        }
+        None => serving.await,
+    };
+    if let Err(e) = result {
+        let kind = if e.is_timeout() {
+            "header_timeout"
+        } else if e.is_parse_too_large() {
+            "too_large"
+        } else if e.is_parse() || e.is_parse_status() {
+            "malformed"
+        } else if e.is_incomplete_message() {
+            "incomplete"
+        } else {
+            "io"
+        };
+        shared
+            .metrics
+            .connection_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        let pod = caller_key(&conn);
+        shared.audit.record(&AuditRecord {
+            ts: now_ts(),
+            pod: &pod,
+            listener: conn.listener,
+            peer: conn.peer,
+            method: "-",
+            path: "-",
+            decision: kind,
+            status: 0,
+            latency_ms: 0.0,
+            rule: None,
+            error: Some(e.to_string()),
+        });
+        tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {e}");
+    }
+}
+
+fn caller_key(conn: &Conn) -> Arc<str> {
+    conn.caller
+        .as_ref()
+        .map_or_else(|| Arc::from("-"), |i| i.key.clone())
+}
+
+async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let pod = conn
+        .caller
+        .as_ref()
+        .map(|i| i.pod.read().expect("pod poisoned").clone());
+    let (resp, decision, rule) = decide(shared, conn, pod.as_deref(), req).await;
+    let latency = start.elapsed();
+    let pod_key = caller_key(conn);
+    let status = resp.status().as_u16();
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            pod: PodLabel(pod_key.clone()),
+            decision,
+            code: status,
+        })
+        .inc();
+    shared
+        .metrics
+        .duration
+        .get_or_create(&DecisionLabels { decision })
+        .observe(latency.as_secs_f64());
+    shared.audit.record(&AuditRecord {
+        ts: now_ts(),
+        pod: &pod_key,
+        listener: conn.listener,
+        peer: conn.peer,
+        method: method.as_str(),
+        path: &path,
+        decision,
+        status,
+        latency_ms: latency.as_secs_f64() * 1000.0,
+        rule: rule.as_deref(),
+        error: None,
+    });
+    resp
+}
+
+fn is_azure(path: &str) -> bool {
+    path == "/metadata" || path.starts_with("/metadata/")
+}
+
+fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn refuse(path: &str, status: StatusCode, message: &str) -> Response<ProxyBody> {
+    if is_azure(path) {
+        json_resp(status, &json!({ "error": message }))
+    } else {
+        text(status, format!("{message}\n"))
+    }
+}
+
+/// Only plain, canonical paths reach the rules: no dot segments, no empty
+/// segments, no percent-encoding, so `/metadata/x/../identity` or
+/// `/metadata/%69dentity` cannot slip past a prefix check.
+fn path_is_canonical(path: &str) -> bool {
+    path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~'))
+        && !path.contains("//")
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+type Decision = (Response<ProxyBody>, &'static str, Option<String>);
+
+async fn decide(
+    shared: &Shared,
+    conn: &Conn,
+    pod: Option<&Pod>,
+    req: Request<Incoming>,
+) -> Decision {
+    let path = req.uri().path().to_owned();
+    let Some(pod) = pod else {
+        return (
+            refuse(&path, StatusCode::FORBIDDEN, "Forbidden. Unknown caller"),
+            "unknown_caller",
+            None,
+        );
+    };
+    // Framing: one unambiguous Content-Length or nothing. Transfer-Encoding
+    // on a request is refused outright: metadata requests are tiny, and
+    // CL/TE disagreements are how requests are smuggled.
+    let headers = req.headers();
+    let cls: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if headers.contains_key(header::TRANSFER_ENCODING) || cls.len() > 1 {
+        return (
+            closing(refuse(
+                &path,
+                StatusCode::BAD_REQUEST,
+                "Bad request. Ambiguous or chunked request framing",
+            )),
+            "bad_framing",
+            None,
+        );
+    }
+    if let Some(cl) = cls.first() {
+        let len = cl.to_str().ok().and_then(|s| s.parse::<u64>().ok());
+        match len {
+            None => {
+                return (
+                    closing(refuse(
+                        &path,
+                        StatusCode::BAD_REQUEST,
+                        "Bad request. Invalid Content-Length",
+                    )),
+                    "bad_framing",
+                    None,
+                );
+            }
+            Some(n) if n > shared.limits.max_body_bytes => {
+                return (
+                    closing(refuse(
+                        &path,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Request body too large",
+                    )),
+                    "too_large",
+                    None,
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() || !path_is_canonical(&path)
+    {
+        return (
+            refuse(
+                &path,
+                StatusCode::BAD_REQUEST,
+                "Bad request. Path not accepted",
+            ),
+            "bad_path",
+            None,
+        );
+    }
+    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        let resp = if is_azure(&path) {
+            refuse(
+                &path,
+                StatusCode::BAD_REQUEST,
+                "Bad request. Requests with the X-Forwarded-For header are not accepted",
+            )
+        } else {
+            refuse(&path, StatusCode::FORBIDDEN, "Forbidden")
+        };
+        return (resp, "forwarded_header", None);
+    }
+    if is_azure(&path) {
+        let values: Vec<_> = headers.get_all("metadata").iter().collect();
+        let ok = values.len() == 1 && values[0].as_bytes().eq_ignore_ascii_case(b"true");
+        if !ok {
+            let body = if path == "/metadata/identity/oauth2/token" {
+                json!({"error": "invalid_request", "error_description": "Required metadata header not specified"})
+            } else {
+                json!({"error": "Bad request. Required metadata header not specified"})
+            };
+            return (
+                json_resp(StatusCode::BAD_REQUEST, &body),
+                "missing_metadata_header",
+                None,
+            );
+        }
+    }
+    let rule = match shared.rules.check(pod, req.method().as_str(), &path) {
+        Verdict::Allow(rule) => rule,
+        Verdict::Deny => {
+            let message = format!(
+                "Forbidden. Pod {} may not {} {path}",
+                pod.key(),
+                req.method()
+            );
+            return (
+                refuse(&path, StatusCode::FORBIDDEN, &message),
+                "denied",
+                None,
+            );
+        }
+    };
+    let bucket_ok = conn.caller.as_ref().is_some_and(|c| c.bucket.try_take());
+    if !bucket_ok {
+        let mut resp = refuse(&path, StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return (resp, "rate_limited", Some(rule));
+    }
+    let (resp, decision) = forward(shared, req).await;
+    (resp, decision, Some(rule))
+}
+
+/// Upstream bodies up to this size with a known length are buffered.
+const BUFFER_BODY_BELOW: u64 = 64 * 1024;
+
+const HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any named in Connection.
+fn strip_hop_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_HEADERS {
+        headers.remove(*name);
+    }
+}
+
+async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody>, &'static str) {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_headers(&mut parts.headers);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(shared.upstream.clone())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(_) => {
+            return (text(StatusCode::BAD_REQUEST, "Bad request\n"), "bad_path");
+        }
+    };
+    let upstream_req = Request::from_parts(parts, body);
+    match tokio::time::timeout(
+        shared.limits.upstream_timeout,
+        shared.client.request(upstream_req),
+    )
+    .await
+    {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_headers(&mut parts.headers);
+            // Small bodies of known length (almost every metadata answer)
+            // are read whole so head and body leave in one write; anything
+            // larger or of unknown length is streamed through.
+            let small = hyper::body::Body::size_hint(&body)
+                .exact()
+                .is_some_and(|n| n <= BUFFER_BODY_BELOW);
+            if small {
+                match tokio::time::timeout(shared.limits.upstream_timeout, body.collect()).await {
+                    Ok(Ok(collected)) => {
+                        let bytes = collected.to_bytes();
+                        return (
+                            Response::from_parts(parts, crate::body::full(bytes)),
+                            "allowed",
+                        );
+                    }
+                    _ => {
+                        return (
+                            text(
+                                StatusCode::BAD_GATEWAY,
+                                "Upstream metadata service failed mid-body\n",
+                            ),
+                            "upstream_error",
+                        );
+                    }
+                }
+            }
+            (Response::from_parts(parts, body.boxed()), "allowed")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("upstream request failed: {e}");
+            (
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "Upstream metadata service unreachable\n",
+                ),
+                "upstream_error",
+            )
+        }
+        Err(_) => (
+            text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Upstream metadata service timed out\n",
+            ),
+            "upstream_timeout",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_paths_pass() {
+        for ok in [
+            "/",
+            "/metadata/instance",
+            "/metadata/instance/compute/vmId",
+            "/latest/meta-data/iam/security-credentials/",
+        ] {
+            assert!(path_is_canonical(ok), "{ok}");
+        }
+        for bad in [
+            "/metadata/x/../identity/oauth2/token",
+            "/metadata/./identity",
+            "/metadata//identity",
+            "/metadata/%69dentity",
+            "/latest/meta-data/iam/..",
+            "metadata",
+        ] {
+            assert!(!path_is_canonical(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstream_must_be_plain_http_host() {
+        assert!(parse_upstream("http://169.254.169.254").is_ok());
+        assert!(parse_upstream("http://127.0.0.1:8080/").is_ok());
+        for bad in [
+            "https://x",
+            "http://x/path",
+            "http://u@x",
+            "x",
+            "http://x/?a=1",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("metadata", HeaderValue::from_static("true"));
+        strip_hop_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("metadata"));
+    }
+}

@@ -1,0 +1,322 @@
+//! The metadata-service fake is strict: every documented refusal, over real
+//! sockets on loopback (no privileges needed).
+
+mod common;
+
+use common::{parse, raw, send, start_mock};
+
+fn mock() -> (
+    tokio::runtime::Runtime,
+    std::sync::Arc<imds_proxy::mock::MockState>,
+    std::net::SocketAddr,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (state, addr) = start_mock(&rt, "127.0.0.1:0".parse().unwrap());
+    (rt, state, addr)
+}
+
+const MD: &str = "Metadata: true";
+
+#[test]
+fn azure_refusals_match_the_real_service() {
+    let (_rt, state, addr) = mock();
+    let ok = send(
+        addr,
+        "GET",
+        "/metadata/instance?api-version=2021-02-01",
+        &[MD],
+    );
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json(), *state.instance());
+    assert!(
+        ok.head
+            .to_ascii_lowercase()
+            .contains("content-type: application/json")
+    );
+
+    // Metadata header: missing, wrong value, given twice.
+    for headers in [&[][..], &["Metadata: false"][..], &[MD, MD][..]] {
+        let r = send(
+            addr,
+            "GET",
+            "/metadata/instance?api-version=2021-02-01",
+            headers,
+        );
+        assert_eq!(r.status, 400, "{headers:?}");
+        assert_eq!(
+            r.json()["error"],
+            "Bad request. Required metadata header not specified"
+        );
+    }
+    // PowerShell sends "True" (the seed's client): accepted.
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            "/metadata/instance?api-version=2021-02-01",
+            &["Metadata: True"]
+        )
+        .status,
+        200
+    );
+    // The identity endpoint answers in OAuth shape.
+    let r = send(
+        addr,
+        "GET",
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x",
+        &[],
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_request");
+    assert_eq!(
+        r.json()["error_description"],
+        "Required metadata header not specified"
+    );
+
+    // X-Forwarded-For is refused even with the header right.
+    let r = send(
+        addr,
+        "GET",
+        "/metadata/instance?api-version=2021-02-01",
+        &[MD, "X-Forwarded-For: 10.0.0.9"],
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("X-Forwarded-For")
+    );
+
+    // api-version: missing, unknown -> 400 with the three newest versions.
+    for target in [
+        "/metadata/instance",
+        "/metadata/instance?api-version=1999-01-01",
+        "/metadata/attested/document",
+    ] {
+        let r = send(addr, "GET", target, &[MD]);
+        assert_eq!(r.status, 400, "{target}");
+        let newest = r.json()["newest-versions"].as_array().unwrap().clone();
+        assert_eq!(newest.len(), 3, "{target}");
+        assert_eq!(newest[0], "2023-07-01");
+    }
+    // Duplicate query parameters.
+    let r = send(
+        addr,
+        "GET",
+        "/metadata/instance?api-version=2021-02-01&api-version=2021-02-01",
+        &[MD],
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than once")
+    );
+
+    // GET-only endpoints: 405 for anything else; scheduledevents takes POST.
+    for (method, target) in [
+        ("POST", "/metadata/instance?api-version=2021-02-01"),
+        (
+            "PUT",
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x",
+        ),
+        ("DELETE", "/metadata/versions"),
+        ("PUT", "/metadata/scheduledevents?api-version=2020-07-01"),
+    ] {
+        let mut req = format!(
+            "{method} {target} HTTP/1.1\r\nHost: x\r\n{MD}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        if method == "DELETE" {
+            req = req.replace("Content-Length: 0\r\n", "");
+        }
+        let r = parse(&raw(addr, req.as_bytes()).unwrap());
+        assert_eq!(r.status, 405, "{method} {target}");
+    }
+    let events = send(
+        addr,
+        "GET",
+        "/metadata/scheduledevents?api-version=2020-07-01",
+        &[MD],
+    );
+    assert_eq!(events.status, 200);
+    assert!(events.json()["Events"].is_array());
+    let body = r#"{"StartRequests":[{"EventId":"x"}]}"#;
+    let post = format!(
+        "POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\n{MD}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(parse(&raw(addr, post.as_bytes()).unwrap()).status, 200);
+    let post = format!(
+        "POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\n{MD}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    assert_eq!(parse(&raw(addr, post.as_bytes()).unwrap()).status, 400);
+
+    // 404: unknown endpoints and unknown elements of the instance document.
+    for target in [
+        "/metadata/nothing?api-version=2021-02-01",
+        "/metadata/instance/compute/nope?api-version=2021-02-01",
+        "/other",
+    ] {
+        assert_eq!(send(addr, "GET", target, &[MD]).status, 404, "{target}");
+    }
+    // Leaves in text, subtrees in JSON; text of a subtree is refused.
+    let leaf = send(
+        addr,
+        "GET",
+        "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text",
+        &[MD],
+    );
+    assert_eq!(
+        (leaf.status, leaf.body.as_str()),
+        (200, "a7c7a8a7-7cdb-4c49-a3a5-d67dc6aa2050")
+    );
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            "/metadata/instance/compute?api-version=2021-02-01&format=text",
+            &[MD]
+        )
+        .status,
+        400
+    );
+    let ip = send(
+        addr,
+        "GET",
+        "/metadata/instance/network/interface/0/ipv4/ipAddress/0/privateIpAddress?api-version=2021-02-01&format=text",
+        &[MD],
+    );
+    assert_eq!(ip.body, "10.0.0.5");
+
+    // Identity token: resource is required; one identity selector at most.
+    let t = send(
+        addr,
+        "GET",
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net",
+        &[MD],
+    );
+    assert_eq!(t.status, 200);
+    assert_eq!(t.json()["resource"], "https://vault.azure.net");
+    assert_eq!(t.json()["token_type"], "Bearer");
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            "/metadata/identity/oauth2/token?api-version=2018-02-01",
+            &[MD]
+        )
+        .status,
+        400
+    );
+    assert_eq!(send(addr, "GET", "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x&client_id=a&object_id=b", &[MD]).status, 400);
+    // Attested: nonce at most 10 digits.
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            "/metadata/attested/document?api-version=2021-02-01&nonce=1234567890",
+            &[MD]
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            "/metadata/attested/document?api-version=2021-02-01&nonce=12345678901",
+            &[MD]
+        )
+        .status,
+        400
+    );
+    // Versions needs no api-version.
+    let v = send(addr, "GET", "/metadata/versions", &[MD]);
+    assert_eq!(v.status, 200);
+    assert!(v.json()["apiVersions"].as_array().unwrap().len() > 10);
+}
+
+#[test]
+fn aws_imdsv2_token_rules_are_enforced() {
+    let (_rt, _state, addr) = mock();
+    // TTL header: missing, zero, too big, not a number -> 400.
+    for ttl in [None, Some("0"), Some("21601"), Some("abc"), Some("-1")] {
+        let header = ttl.map(|t| format!("X-aws-ec2-metadata-token-ttl-seconds: {t}"));
+        let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+        let req = String::from_utf8(common::request("PUT", "/latest/api/token", &headers))
+            .unwrap()
+            .replace(
+                "Connection: close",
+                "Content-Length: 0\r\nConnection: close",
+            );
+        assert_eq!(
+            parse(&raw(addr, req.as_bytes()).unwrap()).status,
+            400,
+            "{ttl:?}"
+        );
+    }
+    // X-Forwarded-For on the token PUT -> 403; GET on the token path -> 405.
+    let put = |extra: &str, ttl: &str| {
+        let req = format!(
+            "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: {ttl}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        parse(&raw(addr, req.as_bytes()).unwrap())
+    };
+    assert_eq!(put("X-Forwarded-For: 1.2.3.4\r\n", "60").status, 403);
+    assert_eq!(send(addr, "GET", "/latest/api/token", &[]).status, 405);
+
+    for ttl in ["1", "21600"] {
+        assert_eq!(put("", ttl).status, 200, "ttl {ttl}");
+    }
+    let issued = put("", "1");
+    assert!(
+        issued
+            .head
+            .to_ascii_lowercase()
+            .contains("x-aws-ec2-metadata-token-ttl-seconds: 1")
+    );
+    let token = issued.body.clone();
+    let with = format!("X-aws-ec2-metadata-token: {token}");
+
+    // Reads need a live token.
+    assert_eq!(
+        send(addr, "GET", "/latest/meta-data/instance-id", &[]).status,
+        401
+    );
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            "/latest/meta-data/instance-id",
+            &["X-aws-ec2-metadata-token: forged"]
+        )
+        .status,
+        401
+    );
+    let r = send(addr, "GET", "/latest/meta-data/instance-id", &[&with]);
+    assert_eq!((r.status, r.body.as_str()), (200, "i-0123456789abcdef0"));
+    let creds = send(
+        addr,
+        "GET",
+        "/latest/meta-data/iam/security-credentials/mock-role",
+        &[&with],
+    );
+    assert_eq!(creds.status, 200);
+    assert_eq!(creds.json()["Code"], "Success");
+    assert_eq!(
+        send(addr, "GET", "/latest/meta-data/nope", &[&with]).status,
+        404
+    );
+    let post = format!(
+        "POST /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n{with}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(parse(&raw(addr, post.as_bytes()).unwrap()).status, 405);
+    // The TTL is honoured: after 1 s the token is refused.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(
+        send(addr, "GET", "/latest/meta-data/instance-id", &[&with]).status,
+        401
+    );
+}
