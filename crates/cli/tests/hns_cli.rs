@@ -313,3 +313,51 @@ fn container_workflow_through_cri_lookup() {
     );
     assert_eq!(fake.modify_requests().len(), sent);
 }
+
+/// Several proxies on one endpoint, by repeated `add`s with different
+/// priorities; an `add` of the same match and priority replaces that one.
+#[test]
+fn several_proxies_per_endpoint_replace_by_match_and_priority() {
+    let fake = FakeHns::new(15, 4);
+    let add = |port: &str, priority: &str, extra: &[&str]| {
+        let mut args = vec![
+            "add",
+            ENDPOINT,
+            "--backend",
+            "hns",
+            "--port",
+            port,
+            "--priority",
+            priority,
+        ];
+        args.extend_from_slice(extra);
+        ok(proxyctl(Some(&fake), &args))
+    };
+    add("15001", "10", &["--remoteports", "443"]);
+    add("15002", "20", &[]);
+    add("15011", "10", &["--remoteports", "443"]);
+    let listed: serde_json::Value = serde_json::from_str(&ok(proxyctl(
+        Some(&fake),
+        &["list", ENDPOINT, "--backend", "hns", "-o", "json"],
+    )))
+    .unwrap();
+    let ports: Vec<(u64, u64)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["priority"].as_u64().unwrap(),
+                p["outboundPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, [(20, 15002), (10, 15011)], "{listed}");
+    assert_eq!(
+        ok(proxyctl(
+            Some(&fake),
+            &["clear", ENDPOINT, "--backend", "hns"]
+        )),
+        "Removed 2 policies\n"
+    );
+}

@@ -141,7 +141,7 @@ pub fn clear(args: ClearArgs) -> anyhow::Result<ExitCode> {
         return Err(PolicyError::invalid(
             "name",
             format!(
-                "HNS L4WFPPROXY policies carry no name: an endpoint holds one, `{DEFAULT_POLICY_NAME}`, not `{name}`"
+                "HNS L4WFPPROXY policies carry no name (all read back as `{DEFAULT_POLICY_NAME}`, identified by match and priority); clear removes them all, so leave --name unset, not `{name}`"
             ),
         )
         .into());
