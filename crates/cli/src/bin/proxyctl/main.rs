@@ -1,6 +1,7 @@
 //! `proxyctl`: steer a container's traffic through proxies.
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
+mod certs;
 mod policy_args;
 // The shapes of add/list/clear, shared by the nft and HNS backends; wired
 // into `Command` as each backend lands.
@@ -40,6 +41,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
+    /// Write the Konnectivity test certificates (upstream's `make certs` layout).
+    Certs(certs::CertsArgs),
     /// Print the version.
     Version,
 }
@@ -73,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format => print_structured(format, &policies)?,
             }
         }
+        Command::Certs(args) => certs::run(&args)?,
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
     }
     Ok(ExitCode::SUCCESS)
