@@ -20,3 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Python gRPC: the independent stack of the Konnectivity wire-interop tests.
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "== pip install grpcio grpcio-tools"
+  python3 -m pip install -q --root-user-action=ignore grpcio grpcio-tools
+fi
