@@ -36,7 +36,7 @@ use crate::http::{self, Reply};
 use crate::metrics::AgentMetrics;
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{Checked, Packet, headers};
-use crate::queue::{PacketQueue, PushError};
+use crate::queue::{Credit, PacketQueue, PushError};
 use crate::read_chunk;
 
 #[derive(Clone, Debug)]
@@ -57,6 +57,9 @@ pub struct AgentOptions {
     pub channel_packets: usize,
     pub max_pending_dials: usize,
     pub service_account_token_path: Option<PathBuf>,
+    /// Per-connection window offered to the server for the flow-control
+    /// extension (0: off). Upstream servers ignore the offer.
+    pub flow_window: usize,
 }
 
 impl AgentOptions {
@@ -75,6 +78,7 @@ impl AgentOptions {
             channel_packets: 256,
             max_pending_dials: 10_000,
             service_account_token_path: None,
+            flow_window: 1 << 20,
         }
     }
 }
@@ -85,6 +89,10 @@ struct EndpointConn {
     kill: CancellationToken,
     /// Stops reading from the backend (child of `kill`).
     stop_read: CancellationToken,
+    /// Flow-control extension: credit for DATA toward the server, and the
+    /// count of bytes delivered to the backend (acknowledged in batches).
+    send_credit: Option<Credit>,
+    delivered: Option<Credit>,
 }
 
 struct ServerConn {
@@ -94,6 +102,7 @@ struct ServerConn {
     dials: Mutex<HashMap<i64, AbortHandle>>,
     next_id: AtomicI64,
     gone: CancellationToken,
+    flow_window: usize,
 }
 
 struct Shared {
@@ -295,6 +304,9 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     let md = req.metadata_mut();
     md.insert(headers::AGENT_ID, o.agent_id.parse()?);
     md.insert(headers::AGENT_IDENTIFIERS, o.agent_identifiers.parse()?);
+    if o.flow_window > 0 {
+        md.insert(headers::FLOW_WINDOW, o.flow_window.to_string().parse()?);
+    }
     if let Some(path) = &o.service_account_token_path {
         let token = std::fs::read_to_string(path)?;
         md.insert(
@@ -332,6 +344,13 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     sh.server_count.store(count.max(1), Ordering::Relaxed);
     sh.metrics.known_server_count.set(count as i64);
     let server_id = ids[0].to_string();
+    let flow_window = md
+        .get(headers::FLOW_WINDOW)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|_| o.flow_window > 0)
+        .map(|w| w.min(o.flow_window))
+        .unwrap_or(0);
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
         tx,
@@ -339,6 +358,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         dials: Mutex::new(HashMap::new()),
         next_id: AtomicI64::new(0),
         gone,
+        flow_window,
     });
     {
         let mut servers = sh.servers.lock().unwrap();
@@ -506,6 +526,12 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                 h.abort();
             }
         }
+        Checked::DataAck(ack) => {
+            let ep = conn.conns.lock().unwrap().get(&ack.connect_id).cloned();
+            if let Some(cr) = ep.as_ref().and_then(|e| e.send_credit.as_ref()) {
+                cr.give(ack.bytes.max(0) as usize);
+            }
+        }
         Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain => {
             sh.metrics.bad("unexpected_server_packet")
         }
@@ -563,6 +589,8 @@ async fn dial(
         queue: PacketQueue::new(sh.opts.connection_queue_bytes),
         stop_read: kill.child_token(),
         kill,
+        send_credit: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
+        delivered: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
     });
     conn.conns.lock().unwrap().insert(connect_id, ep.clone());
     sh.metrics.open_endpoint_connections.inc();
@@ -607,6 +635,14 @@ async fn dial(
                 _ = ep_w.kill.cancelled() => return,
                 ok = write => ok,
             };
+            if ok
+                && let Some(bytes) = ep_w
+                    .delivered
+                    .as_ref()
+                    .and_then(|c| c.delivered(d.data.len()))
+            {
+                send_control(&conn_w.tx, Packet::data_ack(connect_id, bytes));
+            }
             if !ok {
                 if conn_w.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh_w.metrics.open_endpoint_connections.dec();
@@ -629,6 +665,15 @@ async fn dial(
         };
         match chunk {
             Ok(c) if !c.is_empty() => {
+                if let Some(cr) = &ep.send_credit {
+                    let ok = tokio::select! {
+                        _ = ep.stop_read.cancelled() => return,
+                        ok = cr.take(c.len()) => ok,
+                    };
+                    if !ok {
+                        return;
+                    }
+                }
                 let sent = tokio::select! {
                     _ = ep.stop_read.cancelled() => return,
                     r = conn.tx.send(Packet::data(connect_id, c)) => r.is_ok(),

@@ -15,6 +15,9 @@ pub mod headers {
     pub const SERVER_ID: &str = "serverid";
     pub const SERVER_COUNT: &str = "servercount";
     pub const AUTHORIZATION: &str = "authorization";
+    /// Extension: the per-connection window (bytes) a peer offers; flow
+    /// control is on only when both sides sent it.
+    pub const FLOW_WINDOW: &str = "proxyctl-flow-window";
 }
 
 impl Packet {
@@ -75,6 +78,15 @@ impl Packet {
             Payload::CloseDial(CloseDial { random }),
         )
     }
+    pub fn data_ack(connect_id: i64, bytes: usize) -> Self {
+        Self::with(
+            PacketType::DataAck,
+            Payload::DataAck(DataAck {
+                connect_id,
+                bytes: bytes as i64,
+            }),
+        )
+    }
     pub fn drain() -> Self {
         Self::with(PacketType::Drain, Payload::Drain(Drain {}))
     }
@@ -101,6 +113,7 @@ impl Packet {
             (PacketType::Data, Payload::Data(p)) => Checked::Data(p),
             (PacketType::DialCls, Payload::CloseDial(p)) => Checked::DialCls(p),
             (PacketType::Drain, Payload::Drain(_)) => Checked::Drain,
+            (PacketType::DataAck, Payload::DataAck(p)) => Checked::DataAck(p),
             _ => return Err("payload does not match packet type"),
         })
     }
@@ -116,6 +129,7 @@ pub enum Checked {
     Data(Data),
     DialCls(CloseDial),
     Drain,
+    DataAck(DataAck),
 }
 
 impl Checked {
@@ -129,6 +143,7 @@ impl Checked {
             Checked::Data(_) => "DATA",
             Checked::DialCls(_) => "DIAL_CLS",
             Checked::Drain => "DRAIN",
+            Checked::DataAck(_) => "DATA_ACK",
         }
     }
 }

@@ -110,6 +110,59 @@ impl PacketQueue {
     }
 }
 
+/// Send credit of one connection under the flow-control extension: the
+/// sender takes credit before each DATA, the receiver returns it (DATA_ACK)
+/// as the data leaves toward its reader. At most `window` bytes of one
+/// connection are ever in flight, so its queue on the other side never
+/// overflows and a slow reader only slows itself.
+pub struct Credit {
+    sem: tokio::sync::Semaphore,
+    window: usize,
+    delivered: std::sync::atomic::AtomicUsize,
+}
+
+impl Credit {
+    pub fn new(window: usize) -> Self {
+        Credit {
+            sem: tokio::sync::Semaphore::new(window),
+            window,
+            delivered: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+    /// Waits for `n` bytes of credit (false once the connection closed).
+    pub async fn take(&self, n: usize) -> bool {
+        let n = n.clamp(1, self.window) as u32;
+        match self.sem.acquire_many(n).await {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+    /// Credit returned by the peer (never above the window).
+    pub fn give(&self, n: usize) {
+        let room = self.window.saturating_sub(self.sem.available_permits());
+        self.sem.add_permits(n.min(room));
+    }
+    /// Counts delivered bytes; returns the amount to acknowledge once a
+    /// quarter window has gathered (fewer, larger acks).
+    pub fn delivered(&self, n: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        let total = self.delivered.fetch_add(n, Ordering::AcqRel) + n;
+        if total >= self.window / 4 {
+            let t = self.delivered.swap(0, Ordering::AcqRel);
+            (t > 0).then_some(t)
+        } else {
+            None
+        }
+    }
+    /// Wakes every waiter with failure.
+    pub fn close(&self) {
+        self.sem.close();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,6 +112,10 @@ struct Args {
     /// Extra: bytes queued toward one backend before that connection is closed.
     #[arg(long = "max-connection-queue-bytes", default_value_t = 4 << 20)]
     max_connection_queue_bytes: usize,
+    /// Extra: per-connection flow-control window (bytes) used with peers that
+    /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
+    #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
+    flow_window_bytes: usize,
     #[command(flatten)]
     klog: KlogArgs,
 }
@@ -197,6 +201,7 @@ async fn run(a: Args) -> i32 {
     opts.keepalive_time = a.keepalive_time;
     opts.channel_packets = a.xfr_channel_size.max(1);
     opts.connection_queue_bytes = a.max_connection_queue_bytes;
+    opts.flow_window = a.flow_window_bytes;
     if !a.service_account_token_path.is_empty() {
         opts.service_account_token_path = Some(a.service_account_token_path.clone().into());
     }

@@ -155,6 +155,10 @@ struct Args {
     /// Extra: pending dials over all clients; more are refused.
     #[arg(long = "max-pending-dials", default_value_t = 10_000)]
     max_pending_dials: usize,
+    /// Extra: per-connection flow-control window (bytes) used with peers that
+    /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
+    #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
+    flow_window_bytes: usize,
     #[command(flatten)]
     klog: KlogArgs,
 }
@@ -300,6 +304,7 @@ async fn run(a: Args) -> i32 {
         strategies,
         backend_dial_timeout: a.backend_dial_timeout,
         max_pending_dials: a.max_pending_dials,
+        flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         agent_channel_packets: a.xfr_channel_size.max(256),
         ..ServerOptions::default()

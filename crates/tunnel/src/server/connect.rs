@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::state::{DialError, Shared, random_id};
-use crate::proto::{Checked, Packet};
+use crate::proto::Checked;
 use crate::read_chunk;
 
 /// Longest request head accepted.
@@ -181,25 +181,19 @@ where
         sh.frontend_gone(&fe);
         return;
     }
-    let Some(backend) = fe_backend(&fe, connect_id) else {
+    let Some(conn) = fe.conn(connect_id) else {
         sh.frontend_gone(&fe);
         return;
     };
-    let tx = backend;
 
     let up = async {
-        if !early.is_empty()
-            && tx
-                .send(Packet::data(connect_id, early.freeze()))
-                .await
-                .is_err()
-        {
+        if !early.is_empty() && !sh.send_data_to_agent(&conn, early.freeze()).await {
             return;
         }
         loop {
             match read_chunk(&mut rd).await {
                 Ok(c) if !c.is_empty() => {
-                    if tx.send(Packet::data(connect_id, c)).await.is_err() {
+                    if !sh.send_data_to_agent(&conn, c).await {
                         return;
                     }
                 }
@@ -215,6 +209,7 @@ where
                     if wr.write_all(&data).await.is_err() {
                         return;
                     }
+                    sh.delivered(&fe, connect_id, data.len());
                 }
                 _ => break,
             }
@@ -227,11 +222,4 @@ where
         _ = sh.stop.cancelled() => {}
     }
     sh.frontend_gone(&fe);
-}
-
-fn fe_backend(
-    fe: &super::state::Frontend,
-    connect_id: i64,
-) -> Option<tokio::sync::mpsc::Sender<Packet>> {
-    fe.conn_sender(connect_id)
 }

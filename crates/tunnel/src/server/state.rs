@@ -18,7 +18,7 @@ use crate::proto::agent_service_server::AgentService;
 use crate::proto::headers;
 use crate::proto::proxy_service_server::ProxyService;
 use crate::proto::{Checked, Packet};
-use crate::queue::{PacketQueue, PushError};
+use crate::queue::{Credit, PacketQueue, PushError};
 
 /// Backend selection strategies (`--proxy-strategies`), tried in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +58,9 @@ pub struct ServerOptions {
     pub agent_channel_packets: usize,
     /// Dials one frontend stream may have open at once.
     pub max_dials_per_stream: usize,
+    /// Per-connection window offered to agents that speak the flow-control
+    /// extension (0: off). Kept at most `connection_queue_bytes`.
+    pub flow_window: usize,
 }
 
 impl Default for ServerOptions {
@@ -71,6 +74,7 @@ impl Default for ServerOptions {
             connection_queue_bytes: 4 << 20,
             agent_channel_packets: 256,
             max_dials_per_stream: 64,
+            flow_window: 1 << 20,
         }
     }
 }
@@ -140,12 +144,24 @@ pub(crate) struct Backend {
     tx: mpsc::Sender<Packet>,
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
+    /// Flow-control window agreed with this agent (0: upstream agent, none).
+    flow_window: usize,
+}
+
+/// One established connection as its frontend sees it.
+pub(crate) struct Conn {
+    pub(crate) connect_id: i64,
+    backend: Arc<Backend>,
+    /// Extension credit, when the agent speaks it: `to_agent` bounds our
+    /// DATA toward the agent; `from_agent` counts what we delivered.
+    pub(crate) to_agent: Option<Arc<Credit>>,
+    pub(crate) from_agent: Option<Arc<Credit>>,
 }
 
 #[derive(Default)]
 struct FrontState {
     dials: Vec<i64>,
-    conns: Vec<(i64, Arc<Backend>)>,
+    conns: Vec<Arc<Conn>>,
     first_conn: Option<i64>,
     closing: bool,
 }
@@ -175,29 +191,36 @@ impl Frontend {
             return false;
         }
         st.dials.retain(|r| *r != random);
-        st.conns.push((connect_id, backend.clone()));
+        let credit = |w: usize| (w > 0).then(|| Arc::new(Credit::new(w)));
+        st.conns.push(Arc::new(Conn {
+            connect_id,
+            backend: backend.clone(),
+            to_agent: credit(backend.flow_window),
+            from_agent: credit(backend.flow_window),
+        }));
         st.first_conn.get_or_insert(connect_id);
         true
     }
     fn finish_conn(&self, connect_id: i64, backend_uid: u64, packet: Packet) {
         let mut st = self.state.lock().unwrap();
-        st.conns
-            .retain(|(id, b)| !(*id == connect_id && b.uid == backend_uid));
+        st.conns.retain(|c| {
+            let done = c.connect_id == connect_id && c.backend.uid == backend_uid;
+            if done && let Some(cr) = &c.to_agent {
+                cr.close();
+            }
+            !done
+        });
         let _ = self.queue.push_control(packet);
         if Self::live(&st) == 0 {
             self.queue.close();
         }
     }
-    /// The agent channel an established connection sends on.
-    pub(crate) fn conn_sender(&self, connect_id: i64) -> Option<mpsc::Sender<Packet>> {
-        self.conn(connect_id).map(|b| b.tx.clone())
-    }
-    fn conn(&self, connect_id: i64) -> Option<Arc<Backend>> {
+    pub(crate) fn conn(&self, connect_id: i64) -> Option<Arc<Conn>> {
         let st = self.state.lock().unwrap();
         st.conns
             .iter()
-            .find(|(id, _)| *id == connect_id)
-            .map(|(_, b)| b.clone())
+            .find(|c| c.connect_id == connect_id)
+            .cloned()
     }
 }
 
@@ -479,6 +502,36 @@ impl Shared {
         Ok(())
     }
 
+    /// Sends client DATA toward the agent, first taking credit when the
+    /// agent speaks the flow-control extension. False: the connection is gone.
+    pub(crate) async fn send_data_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
+        if let Some(cr) = &c.to_agent {
+            let ok = tokio::select! {
+                ok = cr.take(data.len()) => ok,
+                _ = c.backend.gone.cancelled() => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        c.backend
+            .tx
+            .send(Packet::data(c.connect_id, data))
+            .await
+            .is_ok()
+    }
+
+    /// Records `n` bytes handed to the client; acknowledges them to the agent
+    /// under the flow-control extension.
+    pub(crate) fn delivered(&self, fe: &Frontend, connect_id: i64, n: usize) {
+        let Some(c) = fe.conn(connect_id) else { return };
+        if let Some(cr) = &c.from_agent
+            && let Some(bytes) = cr.delivered(n)
+        {
+            self.send_control(&c.backend, Packet::data_ack(connect_id, bytes));
+        }
+    }
+
     /// Everything a frontend had open is released (its stream or socket ended).
     pub(crate) fn frontend_gone(&self, frontend: &Frontend) {
         let (dials, conns) = {
@@ -495,10 +548,19 @@ impl Shared {
                 self.send_control(&p.backend, Packet::dial_cls(random));
             }
         }
-        for (id, backend) in conns {
-            if backend.conns.lock().unwrap().remove(&id).is_some() {
+        for c in conns {
+            if let Some(cr) = &c.to_agent {
+                cr.close();
+            }
+            if c.backend
+                .conns
+                .lock()
+                .unwrap()
+                .remove(&c.connect_id)
+                .is_some()
+            {
                 self.metrics.established_connections.dec();
-                self.send_control(&backend, Packet::close_req(id));
+                self.send_control(&c.backend, Packet::close_req(c.connect_id));
             }
         }
         frontend.queue.close();
@@ -677,6 +739,14 @@ impl Shared {
                     );
                 }
             }
+            Checked::DataAck(ack) => {
+                let fe = backend.conns.lock().unwrap().get(&ack.connect_id).cloned();
+                if let Some(c) = fe.and_then(|fe| fe.conn(ack.connect_id))
+                    && let Some(cr) = &c.to_agent
+                {
+                    cr.give(ack.bytes.max(0) as usize);
+                }
+            }
             Checked::Drain => {
                 tracing::info!(agent_id = %backend.agent_id, "agent is draining");
                 backend.draining.store(true, Ordering::Relaxed);
@@ -734,8 +804,8 @@ impl Shared {
                         false
                     }
                     Some(id) => match fe.conn(id) {
-                        Some(backend) => {
-                            let ok = backend.tx.send(Packet::data(id, d.data)).await.is_ok();
+                        Some(c) => {
+                            let ok = self.send_data_to_agent(&c, d.data).await;
                             if ok {
                                 self.metrics.packet("to_agent", "DATA");
                             }
@@ -748,9 +818,9 @@ impl Shared {
             }
             Checked::CloseReq(c) => {
                 match fe.conn(c.connect_id) {
-                    Some(backend) => {
+                    Some(conn) => {
                         fe.state.lock().unwrap().closing = true;
-                        let _ = backend.tx.send(Packet::close_req(c.connect_id)).await;
+                        let _ = conn.backend.tx.send(Packet::close_req(c.connect_id)).await;
                         self.metrics.packet("to_agent", "CLOSE_REQ");
                     }
                     None => {
@@ -773,7 +843,7 @@ impl Shared {
                 }
                 true
             }
-            Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain => {
+            Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain | Checked::DataAck(_) => {
                 self.metrics.bad("unexpected_client_packet");
                 true
             }
@@ -781,11 +851,17 @@ impl Shared {
     }
 }
 
-fn queue_stream(fe: Arc<Frontend>) -> PacketStream {
-    Box::pin(futures_util::stream::unfold(fe, |fe| async move {
-        let p = fe.queue.pop().await?;
-        Some((Ok(p), fe))
-    }))
+fn queue_stream(sh: Arc<Shared>, fe: Arc<Frontend>) -> PacketStream {
+    Box::pin(futures_util::stream::unfold(
+        (sh, fe),
+        |(sh, fe)| async move {
+            let p = fe.queue.pop().await?;
+            if let Some(crate::proto::Payload::Data(d)) = &p.payload {
+                sh.delivered(&fe, d.connect_id, d.data.len());
+            }
+            Some((Ok(p), (sh, fe)))
+        },
+    ))
 }
 
 /// `AgentService` (the agent listener).
@@ -833,6 +909,17 @@ impl AgentService for AgentSvc {
             )));
         }
         let idents = Identifiers::parse(idents.first().copied().unwrap_or(""));
+        // Flow-control extension: on when the agent offers it.
+        let flow_window = md
+            .get(headers::FLOW_WINDOW)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|theirs| {
+                theirs
+                    .min(sh.opts.flow_window)
+                    .min(sh.opts.connection_queue_bytes / 2)
+            })
+            .unwrap_or(0);
         let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
         let backend = Arc::new(Backend {
             uid: sh.uid(),
@@ -842,6 +929,7 @@ impl AgentService for AgentSvc {
             tx,
             conns: Mutex::new(HashMap::new()),
             gone: CancellationToken::new(),
+            flow_window,
         });
         tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
         sh.add_backend(backend.clone());
@@ -894,6 +982,12 @@ impl AgentService for AgentSvc {
             headers::SERVER_COUNT,
             sh.opts.server_count.to_string().parse().unwrap(),
         );
+        if flow_window > 0 {
+            md.insert(
+                headers::FLOW_WINDOW,
+                flow_window.to_string().parse().unwrap(),
+            );
+        }
         Ok(response)
     }
 }
@@ -946,7 +1040,7 @@ impl ProxyService for ProxySvc {
                 .with_label_values(&["/ProxyService/Proxy"])
                 .dec();
         });
-        Ok(Response::new(queue_stream(fe)))
+        Ok(Response::new(queue_stream(self.0.clone(), fe)))
     }
 }
 
