@@ -47,7 +47,8 @@ pub enum ClientError {
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-async fn raw_connect(addr: &ProxyAddr, alpn_h2: bool) -> Result<Box<dyn Io>, ClientError> {
+/// A raw stream to the proxy (TLS with ALPN h2 or http/1.1, or UDS).
+pub async fn raw_connect(addr: &ProxyAddr, alpn_h2: bool) -> Result<Box<dyn Io>, ClientError> {
     match addr {
         ProxyAddr::Uds(path) => Ok(Box::new(UnixStream::connect(path).await?)),
         ProxyAddr::Tcp { host, port, tls } => {
