@@ -418,11 +418,10 @@ fn main() {
         let deadline = Instant::now() + Duration::from_secs(20);
         for p in [&tls_path, &uds_path] {
             loop {
-                if let Path2::Proxy(a) = p {
-                    if client::http_connect(a, &backend_addr.to_string(), "probe").await.is_ok() {
+                if let Path2::Proxy(a) = p
+                    && client::http_connect(a, &backend_addr.to_string(), "probe").await.is_ok() {
                         break;
                     }
-                }
                 assert!(Instant::now() < deadline, "tunnel not ready");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
