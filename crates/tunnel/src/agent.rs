@@ -103,6 +103,7 @@ struct ServerConn {
     next_id: AtomicI64,
     gone: CancellationToken,
     flow_window: usize,
+    deferred: Arc<AtomicUsize>,
 }
 
 struct Shared {
@@ -179,7 +180,7 @@ impl Agent {
         }
         tracing::info!("draining: sending DRAIN to every server");
         for s in self.sh.servers.lock().unwrap().values() {
-            send_control(&s.tx, Packet::drain());
+            send_control(s, Packet::drain());
         }
     }
 
@@ -243,13 +244,23 @@ impl Agent {
     }
 }
 
-fn send_control(tx: &mpsc::Sender<Packet>, packet: Packet) {
-    match tx.try_send(packet) {
+/// Never waits; a server that stops reading while control packets pile up
+/// (more than `MAX_DEFERRED_CONTROL`) gets its stream closed.
+fn send_control(conn: &ServerConn, packet: Packet) {
+    match conn.tx.try_send(packet) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(p)) => {
-            let tx = tx.clone();
+            if conn.deferred.fetch_add(1, Ordering::AcqRel) >= crate::server::MAX_DEFERRED_CONTROL {
+                conn.deferred.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(server_id = %conn.server_id, "server does not read its stream; disconnecting");
+                conn.gone.cancel();
+                return;
+            }
+            let tx = conn.tx.clone();
+            let deferred = conn.deferred.clone();
             tokio::spawn(async move {
                 let _ = tx.send(p).await;
+                deferred.fetch_sub(1, Ordering::AcqRel);
             });
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -359,6 +370,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         next_id: AtomicI64::new(0),
         gone,
         flow_window,
+        deferred: Default::default(),
     });
     {
         let mut servers = sh.servers.lock().unwrap();
@@ -372,7 +384,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     }
     tracing::info!(%server_id, server = %format!("{host}:{port}"), count, "connected to proxy server");
     if sh.draining.load(Ordering::Relaxed) {
-        send_control(&conn.tx, Packet::drain());
+        send_control(&conn, Packet::drain());
     }
     let inbound = resp.into_inner();
     let sh2 = sh.clone();
@@ -441,7 +453,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
             if d.protocol != "tcp" {
                 sh.metrics.bad("dial_protocol");
                 send_control(
-                    &conn.tx,
+                    conn,
                     Packet::dial_rsp(
                         d.random,
                         0,
@@ -454,7 +466,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
             if dials.len() >= sh.opts.max_pending_dials || dials.contains_key(&d.random) {
                 sh.metrics.bad("pending_dials_limit");
                 send_control(
-                    &conn.tx,
+                    conn,
                     Packet::dial_rsp(d.random, 0, "too many pending dials"),
                 );
                 return;
@@ -473,7 +485,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
             let ep = conn.conns.lock().unwrap().get(&d.connect_id).cloned();
             let Some(ep) = ep else {
                 send_control(
-                    &conn.tx,
+                    conn,
                     Packet::close_rsp(d.connect_id, "unrecognized connectID"),
                 );
                 return;
@@ -495,7 +507,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                         sh.metrics.open_endpoint_connections.dec();
                         ep.kill.cancel();
                         send_control(
-                            &conn.tx,
+                            conn,
                             Packet::close_rsp(
                                 d.connect_id,
                                 "send queue overflow: backend reads too slowly",
@@ -513,12 +525,9 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                     // Deliver what is queued, then FIN; stop reading now.
                     ep.queue.close();
                     ep.stop_read.cancel();
-                    send_control(&conn.tx, Packet::close_rsp(c.connect_id, ""));
+                    send_control(conn, Packet::close_rsp(c.connect_id, ""));
                 }
-                None => send_control(
-                    &conn.tx,
-                    Packet::close_rsp(c.connect_id, "Unknown connectID"),
-                ),
+                None => send_control(conn, Packet::close_rsp(c.connect_id, "Unknown connectID")),
             }
         }
         Checked::DialCls(c) => {
@@ -641,13 +650,13 @@ async fn dial(
                     .as_ref()
                     .and_then(|c| c.delivered(d.data.len()))
             {
-                send_control(&conn_w.tx, Packet::data_ack(connect_id, bytes));
+                send_control(&conn_w, Packet::data_ack(connect_id, bytes));
             }
             if !ok {
                 if conn_w.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh_w.metrics.open_endpoint_connections.dec();
                     send_control(
-                        &conn_w.tx,
+                        &conn_w,
                         Packet::close_rsp(connect_id, "write to backend failed"),
                     );
                 }

@@ -24,7 +24,7 @@ pub mod tls;
 /// Read size for sockets (upstream: 4 KiB on the agent, 32 KiB on the
 /// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. The buffer
 /// lives on the stack only during a poll, so an idle connection holds none.
-pub const READ_CHUNK: usize = 32 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// gRPC's default maximum message size, which upstream keeps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -16,4 +16,5 @@ mod listen;
 mod state;
 
 pub use listen::{FrontendListen, FrontendMode, RunningServer, ServerLaunch, launch};
+pub(crate) use state::MAX_DEFERRED_CONTROL;
 pub use state::{ProxyServer, ServerOptions, Strategy, random_dial_id};

@@ -146,7 +146,12 @@ pub(crate) struct Backend {
     pub(crate) gone: CancellationToken,
     /// Flow-control window agreed with this agent (0: upstream agent, none).
     flow_window: usize,
+    /// Control packets waiting for room in `tx`.
+    deferred: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Control packets that may wait for a full agent or server stream.
+pub(crate) const MAX_DEFERRED_CONTROL: usize = 4096;
 
 /// One established connection as its frontend sees it.
 pub(crate) struct Conn {
@@ -365,13 +370,24 @@ impl Shared {
 
     /// Sends a control packet to an agent without making the caller wait:
     /// the stream readers must never block.
+    /// An agent that stops reading its stream while control packets pile
+    /// up (more than `MAX_DEFERRED_CONTROL` waiting) is disconnected.
     fn send_control(&self, backend: &Backend, packet: Packet) {
         match backend.tx.try_send(packet) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(p)) => {
+                if backend.deferred.fetch_add(1, Ordering::AcqRel) >= MAX_DEFERRED_CONTROL {
+                    backend.deferred.fetch_sub(1, Ordering::AcqRel);
+                    self.metrics.bad("agent_not_reading");
+                    tracing::warn!(agent_id = %backend.agent_id, "agent does not read its stream; disconnecting it");
+                    backend.gone.cancel();
+                    return;
+                }
                 let tx = backend.tx.clone();
+                let deferred = backend.deferred.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(p).await;
+                    deferred.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -930,6 +946,7 @@ impl AgentService for AgentSvc {
             conns: Mutex::new(HashMap::new()),
             gone: CancellationToken::new(),
             flow_window,
+            deferred: Default::default(),
         });
         tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
         sh.add_backend(backend.clone());
