@@ -29,17 +29,23 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// gRPC's default maximum message size, which upstream keeps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Reads once from `reader` into a stack buffer and returns the bytes read
-/// (empty at EOF). Nothing is kept across `Pending`, so waiting costs no heap.
+/// Reads once from `reader` and returns the bytes read (empty at EOF).
+///
+/// The buffer is allocated for the poll and dropped on `Pending`, so an idle
+/// connection holds none. Large reads keep their buffer (no copy); small
+/// ones are copied into a right-sized one, so a queued packet never pins
+/// much more memory than the bytes it carries (queues count bytes).
 pub async fn read_chunk<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
 ) -> std::io::Result<bytes::Bytes> {
     std::future::poll_fn(|cx| {
-        let mut stack = [0u8; READ_CHUNK];
-        let mut buf = tokio::io::ReadBuf::new(&mut stack);
-        match std::pin::Pin::new(&mut *reader).poll_read(cx, &mut buf) {
-            std::task::Poll::Ready(Ok(())) => {
-                std::task::Poll::Ready(Ok(bytes::Bytes::copy_from_slice(buf.filled())))
+        let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, &mut buf) {
+            std::task::Poll::Ready(Ok(n)) if n >= READ_CHUNK / 4 => {
+                std::task::Poll::Ready(Ok(buf.freeze()))
+            }
+            std::task::Poll::Ready(Ok(_)) => {
+                std::task::Poll::Ready(Ok(bytes::Bytes::copy_from_slice(&buf)))
             }
             std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
             std::task::Poll::Pending => std::task::Poll::Pending,
