@@ -147,6 +147,12 @@ fn run_role(role: &str, args: &[String]) {
                 .unwrap();
                 wait_parent().await;
             }
+            "backend" => {
+                let port: u16 = args[1].parse().unwrap();
+                let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+                tokio::spawn(backend(listener));
+                wait_parent().await;
+            }
             _ => panic!("unknown role"),
         }
     });
@@ -199,6 +205,7 @@ fn free_port() -> u16 {
 async fn backend(listener: TcpListener) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let _ = s.set_nodelay(true);
@@ -394,6 +401,10 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let agent = spawn_role("agent", &[d.clone(), agent_port.to_string()]);
     let pids = [server.0.id(), agent.0.id()];
+    // The backend lives in its own process: 10,000 idle tunnels need 10,000
+    // descriptors on each side and the hard limit here may be 20,000.
+    let backend_port = free_port();
+    let backend_proc = spawn_role("backend", &[d.clone(), backend_port.to_string()]);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -401,9 +412,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let backend_addr = listener.local_addr().unwrap();
-        tokio::spawn(backend(listener));
+                let backend_addr = SocketAddr::from(([127, 0, 0, 1], backend_port));
         let m = dir.path().join("certs/master");
         let ctls = tls::client_config(
             &m.join("issued/ca.crt"),
@@ -459,5 +468,6 @@ fn main() {
     });
     drop(server);
     drop(agent);
+    drop(backend_proc);
     let _ = Path::new("");
 }

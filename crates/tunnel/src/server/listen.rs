@@ -69,9 +69,20 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting, ends every stream, waits up to `grace` for tasks.
+    /// Stops accepting; with `grace` > 0 waits up to that long for open
+    /// connections and pending dials to finish (`--graceful-shutdown-timeout`);
+    /// then ends every stream.
     pub async fn shutdown(mut self, grace: Duration) {
         self.stop.cancel();
+        if !grace.is_zero() {
+            let server = self.server.clone();
+            let _ = tokio::time::timeout(grace, async move {
+                while server.established() > 0 || server.pending_dials() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+        }
         self.server.shared.stop.cancel();
         let _ = tokio::time::timeout(grace.max(Duration::from_millis(100)), async {
             while self.tasks.join_next().await.is_some() {}
