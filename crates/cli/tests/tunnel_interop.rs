@@ -241,3 +241,124 @@ fn our_client_against_python_server() {
         2
     );
 }
+
+/// With an agent that does not speak our flow-control extension (the
+/// Python one, like upstream's Go agent), a client that stops reading gets
+/// its own connection closed once its queue passes
+/// `--max-connection-queue-bytes`; the server's memory stays bounded and
+/// the other connections on the same agent stream carry on.
+#[test]
+fn upstream_style_agent_slow_reader_is_cut_alone() {
+    if !have_grpcio("upstream_style_agent_slow_reader_is_cut_alone") {
+        return;
+    }
+    let backend = HttpServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let p = Ports::new();
+    let mut sa = server_args(&p, "http-connect");
+    sa.push("--max-connection-queue-bytes=1048576".into());
+    let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
+    let stubs = python_stubs(dir.path());
+    wait_for("server listening", Duration::from_secs(20), || {
+        http_get(p.health, "/healthz").is_some()
+    });
+    let c = dir.path().join("certs/agent");
+    let agent = py(
+        &stubs,
+        "agent.py",
+        &[
+            "127.0.0.1".into(),
+            p.agent.to_string(),
+            c.join("issued/ca.crt").display().to_string(),
+            c.join("issued/proxy-agent.crt").display().to_string(),
+            c.join("private/proxy-agent.key").display().to_string(),
+            "py-agent-2".into(),
+        ],
+        "pyagent",
+    );
+    wait_for("python agent connected", Duration::from_secs(30), || {
+        http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let m = dir.path().join("certs/master");
+    let tls = konnectivity::tls::client_config(
+        &m.join("issued/ca.crt"),
+        Some((
+            &m.join("issued/proxy-client.crt"),
+            &m.join("private/proxy-client.key"),
+        )),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let addr = konnectivity::client::ProxyAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port: p.server,
+        tls: Some(tls),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let target = format!("127.0.0.1:{}", backend.port);
+        let mut stalled = konnectivity::client::http_connect(&addr, &target, "stalled")
+            .await
+            .unwrap();
+        stalled
+            .write_all(b"GET /bytes/134217728 HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .unwrap();
+        wait_for(
+            "the slow reader's connection is cut",
+            Duration::from_secs(60),
+            || {
+                metric(
+                    p.health,
+                    "konnectivity_network_proxy_server_queue_overflow_total",
+                ) >= 1.0
+            },
+        );
+        // Others still work over the same agent stream.
+        for _ in 0..3 {
+            let mut io = konnectivity::client::http_connect(&addr, &target, "t")
+                .await
+                .unwrap();
+            let (status, body) = konnectivity::client::http_get(&mut *io, "b", "/success")
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(
+                String::from_utf8_lossy(&body),
+                "success: hello from the backend"
+            );
+        }
+        // The cut connection ends for its client too.
+        let mut sink = vec![0u8; 1 << 16];
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match stalled.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the cut connection never ended:\n{}",
+            server.log_text()
+        );
+    });
+    // Memory stayed bounded: far below the 128 MiB the backend sent.
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap();
+    assert!(rss < 100 * 1024, "server RSS {rss} KiB");
+    drop(agent);
+}
