@@ -110,13 +110,22 @@ fn run_role(role: &str, args: &[String]) {
                 .unwrap();
                 let _s2 = server::launch(launch(
                     FrontendListen::Uds {
-                        path: uds,
+                        path: uds.clone(),
                         delete_existing: true,
                     },
                     SocketAddr::from(([127, 0, 0, 1], agent_port + 1)),
                 ))
                 .await
                 .unwrap();
+                let mut grpc = launch(
+                    FrontendListen::Uds {
+                        path: uds.with_extension("grpc"),
+                        delete_existing: true,
+                    },
+                    SocketAddr::from(([127, 0, 0, 1], agent_port + 2)),
+                );
+                grpc.mode = FrontendMode::Grpc;
+                let _s3 = server::launch(grpc).await.unwrap();
                 wait_parent().await;
             }
             "agent" => {
@@ -132,10 +141,9 @@ fn run_role(role: &str, args: &[String]) {
                     &[b"h2".to_vec()],
                 )
                 .unwrap();
-                let servers = vec![
-                    ("127.0.0.1".to_string(), agent_port),
-                    ("127.0.0.1".to_string(), agent_port + 1),
-                ];
+                let servers = (0..3)
+                    .map(|i| ("127.0.0.1".to_string(), agent_port + i))
+                    .collect();
                 let mut opts = AgentOptions::new(servers, tls);
                 opts.sync_interval = Duration::from_millis(100);
                 let _a = agent::launch(AgentLaunch {
@@ -192,7 +200,10 @@ fn free_port() -> u16 {
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
-        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        if p < 65000
+            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 2)).is_ok()
+        {
             return p;
         }
     }
@@ -261,6 +272,9 @@ async fn backend(listener: TcpListener) {
 enum Path2 {
     Direct,
     Proxy(ProxyAddr),
+    /// gRPC frontend: one HTTP/2 connection and Proxy stream per dial, as
+    /// kube-apiserver's konnectivity client does.
+    Grpc(ProxyAddr),
 }
 
 async fn open(path: &Path2, backend: SocketAddr) -> Box<dyn Io> {
@@ -273,6 +287,14 @@ async fn open(path: &Path2, backend: SocketAddr) -> Box<dyn Io> {
         Path2::Proxy(addr) => client::http_connect(addr, &backend.to_string(), "bench")
             .await
             .unwrap(),
+        Path2::Grpc(addr) => {
+            let channel = client::grpc_channel(addr).await.unwrap();
+            Box::new(
+                client::grpc_dial(channel, &backend.to_string())
+                    .await
+                    .unwrap(),
+            )
+        }
     }
 }
 
@@ -423,20 +445,28 @@ fn main() {
         .unwrap();
         let tls_path = Path2::Proxy(ProxyAddr::Tcp { host: "127.0.0.1".into(), port: front, tls: Some(ctls) });
         let uds_path = Path2::Proxy(ProxyAddr::Uds(uds.clone()));
+        let grpc_path = Path2::Grpc(ProxyAddr::Uds(uds.with_extension("grpc")));
         // Wait until the agent serves both servers.
         let deadline = Instant::now() + Duration::from_secs(20);
-        for p in [&tls_path, &uds_path] {
+        for p in [&tls_path, &uds_path, &grpc_path] {
             loop {
-                if let Path2::Proxy(a) = p
-                    && client::http_connect(a, &backend_addr.to_string(), "probe").await.is_ok() {
-                        break;
-                    }
+                let ok = match p {
+                    Path2::Proxy(a) => client::http_connect(a, &backend_addr.to_string(), "probe").await.is_ok(),
+                    Path2::Grpc(a) => match client::grpc_channel(a).await {
+                        Ok(ch) => client::grpc_dial(ch, &backend_addr.to_string()).await.is_ok(),
+                        Err(_) => false,
+                    },
+                    Path2::Direct => true,
+                };
+                if ok {
+                    break;
+                }
                 assert!(Instant::now() < deadline, "tunnel not ready");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         let bytes = (gib * (1u64 << 30) as f64) as u64;
-        let paths = [("direct TCP", Path2::Direct), ("tunnel, HTTP-CONNECT over mTLS", tls_path.clone()), ("tunnel, HTTP-CONNECT over UDS", uds_path.clone())];
+        let paths = [("direct TCP", Path2::Direct), ("tunnel, HTTP-CONNECT over mTLS", tls_path.clone()), ("tunnel, HTTP-CONNECT over UDS", uds_path.clone()), ("tunnel, gRPC over UDS", grpc_path.clone())];
         let mut rows = Vec::new();
         for (name, p) in &paths {
             let tput = throughput(p, backend_addr, bytes).await;
@@ -448,6 +478,9 @@ fn main() {
         drop(conns);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (idle_tls, conns) = idle_rss(&tls_path, backend_addr, idle_n, &pids).await;
+        drop(conns);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (idle_grpc, conns) = idle_rss(&grpc_path, backend_addr, idle_n, &pids).await;
         drop(conns);
 
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -465,6 +498,7 @@ fn main() {
         println!("idle tunnelled connections: {idle_n} open; RSS growth of server + agent per connection:");
         println!("  HTTP-CONNECT over UDS : {:.1} KiB", idle_uds);
         println!("  HTTP-CONNECT over mTLS: {:.1} KiB", idle_tls);
+        println!("  gRPC over UDS (one HTTP/2 connection per dial): {:.1} KiB", idle_grpc);
     });
     drop(server);
     drop(agent);
