@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The rpc `Connect` would clash with the generated `connect` constructor;
         // channels are built by hand anyway (custom TLS connector).
         .build_transport(false)
+        .codec_path("crate::proto::LeanCodec")
         .bytes(".")
         .compile_protos(
             &[

@@ -147,3 +147,36 @@ impl Checked {
         }
     }
 }
+
+/// prost codec with small initial buffers: tonic's default 8 KiB encode and
+/// decode buffers per stream would be most of an idle tunnelled connection
+/// on the gRPC frontend (one stream per dial). Buffers still grow on demand.
+pub struct LeanCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for LeanCodec<T, U> {
+    fn default() -> Self {
+        LeanCodec(std::marker::PhantomData)
+    }
+}
+
+fn lean_buffers() -> tonic::codec::BufferSettings {
+    tonic::codec::BufferSettings::new(1024, 32 * 1024)
+}
+
+impl<T, U> tonic::codec::Codec for LeanCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(lean_buffers())
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(lean_buffers())
+    }
+}
