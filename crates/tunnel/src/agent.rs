@@ -614,7 +614,7 @@ async fn dial(
         }
         return;
     }
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
     // Writer: queue -> backend.
     let (sh_w, conn_w, ep_w) = (sh.clone(), conn.clone(), ep.clone());
     tokio::spawn(async move {
@@ -666,7 +666,18 @@ async fn dial(
         }
         let _ = wr.shutdown().await;
     });
-    // Reader: backend -> server.
+    // Reader: its own small task, so the dial's larger future is freed.
+    tokio::spawn(endpoint_reader(sh, conn, ep, rd, connect_id));
+}
+
+/// Backend -> server for one endpoint connection.
+async fn endpoint_reader(
+    sh: Arc<Shared>,
+    conn: Arc<ServerConn>,
+    ep: Arc<EndpointConn>,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    connect_id: i64,
+) {
     loop {
         let chunk = tokio::select! {
             _ = ep.stop_read.cancelled() => return,

@@ -1040,7 +1040,9 @@ impl ProxyService for ProxySvc {
                 };
                 match msg {
                     Ok(Some(p)) => {
-                        if !sh.handle_frontend_packet(&fe2, p).await {
+                        // Boxed: the idle task keeps only a pointer, not this
+                        // large future (a dial is rare, waiting is not).
+                        if !Box::pin(sh.handle_frontend_packet(&fe2, p)).await {
                             break;
                         }
                     }
