@@ -382,3 +382,106 @@ fn agent_listener_refuses_agents_without_id_and_survives_bad_agent_packets() {
     });
     st.wait_settled(sfd, afd);
 }
+
+/// An agent that never answers a dial: with `--backend-dial-timeout` the
+/// client gets upstream's timeout (504 on HTTP-CONNECT, DIAL_RSP error on
+/// gRPC) and the agent a DIAL_CLS; the pending dial is released.
+#[test]
+fn backend_dial_timeout_releases_the_pending_dial() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let p = Ports::new();
+    let mut sa = server_args(&p, "http-connect");
+    sa.push("--backend-dial-timeout=1s".into());
+    let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
+    wait_for("server up", Duration::from_secs(20), || {
+        http_get(p.health, "/healthz").is_some()
+    });
+    let c = dir.path().join("certs/agent");
+    let agent_tls = konnectivity::tls::client_config(
+        &c.join("issued/ca.crt"),
+        Some((
+            &c.join("issued/proxy-agent.crt"),
+            &c.join("private/proxy-agent.key"),
+        )),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let m = dir.path().join("certs/master");
+    let client_tls = konnectivity::tls::client_config(
+        &m.join("issued/ca.crt"),
+        Some((
+            &m.join("issued/proxy-client.crt"),
+            &m.join("private/proxy-client.key"),
+        )),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let aaddr = ProxyAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: p.agent,
+            tls: Some(agent_tls),
+        };
+        let channel = client::grpc_channel(&aaddr).await.unwrap();
+        let (_tx, rx) = mpsc::channel::<Packet>(4);
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert(headers::AGENT_ID, "silent-agent".parse().unwrap());
+        let mut inbound = AgentServiceClient::new(channel)
+            .connect(req)
+            .await
+            .unwrap()
+            .into_inner();
+        wait_for("silent agent registered", Duration::from_secs(10), || {
+            http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
+        });
+        let caddr = ProxyAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: p.server,
+            tls: Some(client_tls),
+        };
+        let r = raw_http(
+            &caddr,
+            b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 504 Gateway Timeout")
+                && r.contains("timed out waiting for backend dial"),
+            "{r}"
+        );
+        // The agent saw the DIAL_REQ, then the DIAL_CLS for it.
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            let p = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            kinds.push(p.checked().unwrap().type_name());
+        }
+        assert_eq!(kinds, vec!["DIAL_REQ", "DIAL_CLS"]);
+    });
+    drop(rt);
+    assert_eq!(
+        metric(
+            p.health,
+            "konnectivity_network_proxy_server_pending_backend_dials"
+        ),
+        0.0,
+        "{}",
+        server.log_text()
+    );
+    let timeouts: f64 = http_get(p.health, "/metrics")
+        .unwrap()
+        .1
+        .lines()
+        .filter(|l| l.contains("dial_failure_count{reason=\"backend_dial_timeout\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(timeouts >= 1.0);
+}
