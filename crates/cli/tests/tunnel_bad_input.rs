@@ -394,7 +394,7 @@ fn backend_dial_timeout_releases_the_pending_dial() {
     let mut sa = server_args(&p, "http-connect");
     sa.push("--backend-dial-timeout=1s".into());
     let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
-    wait_for("server up", Duration::from_secs(20), || {
+    wait_for("server up", Duration::from_secs(60), || {
         http_get(p.health, "/healthz").is_some()
     });
     let c = dir.path().join("certs/agent");

@@ -62,15 +62,14 @@ fn one_agent_serves_two_servers_given_two_addresses() {
             || http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200),
         );
     }
-    assert_eq!(
+    // The server counts the agent a moment before the agent has read the
+    // response headers and counts the server.
+    wait_for("agent counts both servers", Duration::from_secs(20), || {
         metric(
             p1.agent_health,
-            "konnectivity_network_proxy_agent_open_server_connections"
-        ),
-        2.0,
-        "{}",
-        logs()
-    );
+            "konnectivity_network_proxy_agent_open_server_connections",
+        ) == 2.0
+    });
     assert_eq!(
         metric(
             p1.agent_health,

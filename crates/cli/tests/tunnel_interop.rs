@@ -124,7 +124,7 @@ fn python_agent_against_our_server() {
     let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
     let stubs = python_stubs(dir.path());
     let c = dir.path().join("certs/agent");
-    wait_for("server listening", Duration::from_secs(20), || {
+    wait_for("server listening", Duration::from_secs(60), || {
         http_get(p.health, "/healthz").is_some()
     });
     let agent = py(
@@ -260,7 +260,7 @@ fn upstream_style_agent_slow_reader_is_cut_alone() {
     sa.push("--max-connection-queue-bytes=1048576".into());
     let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
     let stubs = python_stubs(dir.path());
-    wait_for("server listening", Duration::from_secs(20), || {
+    wait_for("server listening", Duration::from_secs(60), || {
         http_get(p.health, "/healthz").is_some()
     });
     let c = dir.path().join("certs/agent");

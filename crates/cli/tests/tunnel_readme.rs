@@ -67,7 +67,7 @@ fn readme_grpc_over_uds() {
     sa.extend(port_args(&p).into_iter().skip(1));
     let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
     let agent = Proc::spawn(&bin("proxy-agent"), &agent_args(&p), dir.path(), "agent");
-    wait_for("server ready", Duration::from_secs(20), || {
+    wait_for("server ready", Duration::from_secs(60), || {
         http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     let mut args = s(&["--proxy-port=0", "--proxy-host="]);

@@ -21,6 +21,8 @@ fn default_agent_id() -> String {
 #[command(
     name = "proxy-agent",
     version,
+    // Like Go's pflag: a repeated flag takes its last value.
+    args_override_self = true,
     about = "Konnectivity proxy agent (apiserver-network-proxy compatible)."
 )]
 struct Args {

@@ -26,6 +26,8 @@ fn uuid_v4() -> String {
 #[command(
     name = "proxy-server",
     version,
+    // Like Go's pflag: a repeated flag takes its last value.
+    args_override_self = true,
     about = "Konnectivity proxy server (apiserver-network-proxy compatible)."
 )]
 struct Args {

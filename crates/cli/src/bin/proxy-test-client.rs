@@ -15,6 +15,8 @@ use tunnel_common::{KlogArgs, bad_flag};
 #[command(
     name = "proxy-test-client",
     version,
+    // Like Go's pflag: a repeated flag takes its last value.
+    args_override_self = true,
     about = "Konnectivity test client (apiserver-network-proxy compatible)."
 )]
 struct Args {

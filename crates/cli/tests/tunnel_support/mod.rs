@@ -337,6 +337,9 @@ pub fn agent_args(p: &Ports) -> Vec<String> {
     a.push(format!("--proxy-server-port={}", p.agent));
     a.push(format!("--health-server-port={}", p.agent_health));
     a.push(format!("--admin-server-port={}", p.agent_admin));
+    // Retry quickly when the agent starts before its server listens.
+    a.push("--sync-interval=250ms".into());
+    a.push("--sync-interval-cap=2s".into());
     a
 }
 
@@ -373,10 +376,11 @@ impl Stack {
     }
     pub fn wait_ready(&self) {
         let p = self.ports;
-        wait_for("server /readyz", Duration::from_secs(20), || {
+        // Generous: CI shares two cores with other builds and tests.
+        wait_for("server /readyz", Duration::from_secs(60), || {
             http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
         });
-        wait_for("agent /readyz", Duration::from_secs(20), || {
+        wait_for("agent /readyz", Duration::from_secs(60), || {
             http_get(p.agent_health, "/readyz").is_some_and(|(s, _)| s == 200)
         });
     }
