@@ -477,12 +477,20 @@ async fn live_owner(shared: &Arc<Shared>, ip: IpAddr) -> Option<Arc<Identity>> {
             })
             .collect()
     };
+    let source = shared.source.clone();
     let live = tokio::task::spawn_blocking(move || {
         candidates
             .into_iter()
-            .filter(|(_, path, id)| {
+            .filter(|(identity, path, id)| {
                 netns::netns_id(path).is_ok_and(|now| now == *id)
                     && netns::addresses_in_netns(path).is_ok_and(|a| a.contains(&ip))
+                    && {
+                        let pod = identity.pod.read().expect("pod poisoned").clone();
+                        source.owns_ip(&pod, ip).unwrap_or_else(|e| {
+                            tracing::warn!(pod = %pod.key(), "live-owner check failed: {e}");
+                            false
+                        })
+                    }
             })
             .map(|(identity, _, _)| identity)
             .collect::<Vec<_>>()
