@@ -21,9 +21,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -134,14 +132,21 @@ struct Conn {
     caller: Option<Arc<Identity>>,
     listener: &'static str,
     peer: SocketAddr,
+    /// This downstream connection's upstream connection, kept between its
+    /// requests (HTTP/1: one request at a time per connection, so no pool,
+    /// no lock contention, no task per request).
+    upstream: Mutex<Option<Upstream>>,
 }
+
+type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;
 
 struct Shared {
     upstream: http::uri::Authority,
     rules: Rules,
     limits: Limits,
     pod_listen: Option<SocketAddr>,
-    client: Client<HttpConnector, Incoming>,
+    /// `(host, port)` of the upstream, for connecting.
+    upstream_addr: (String, u16),
     audit: Audit,
     metrics: Arc<Metrics>,
     source: Arc<dyn PodSource>,
@@ -183,19 +188,20 @@ impl ProxyHandle {
             .authority()
             .cloned()
             .ok_or_else(|| Error::Upstream(config.upstream.to_string()))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.limits.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let upstream_addr = (
+            upstream
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            upstream.port_u16().unwrap_or(80),
+        );
         let shared = Arc::new(Shared {
             upstream,
             rules: config.rules,
             limits: config.limits,
             pod_listen: config.pod_listen,
-            client,
+            upstream_addr,
             audit: config.audit,
             metrics: Arc::new(Metrics::default()),
             source,
@@ -426,6 +432,7 @@ async fn pod_accept(
             caller: Some(identity.clone()),
             listener: "pod",
             peer,
+            upstream: Mutex::new(None),
         });
         tokio::spawn(serve_conn(
             shared.clone(),
@@ -453,6 +460,7 @@ async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
                 caller,
                 listener: "source-ip",
                 peer,
+                upstream: Mutex::new(None),
             });
             serve_conn(shared, stream, conn, None).await;
         });
@@ -768,7 +776,7 @@ async fn decide(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return (resp, "rate_limited", Some(rule));
     }
-    let (resp, decision) = forward(shared, req).await;
+    let (resp, decision) = forward(shared, conn, req).await;
     (resp, decision, Some(rule))
 }
 
@@ -804,33 +812,82 @@ fn strip_hop_headers(headers: &mut HeaderMap) {
     }
 }
 
-async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody>, &'static str) {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A new upstream connection (TCP_NODELAY, HTTP/1.1), its driver spawned.
+async fn connect_upstream(shared: &Shared) -> Result<Upstream, BoxError> {
+    let (host, port) = &shared.upstream_addr;
+    let stream = tokio::time::timeout(
+        shared.limits.connect_timeout,
+        TcpStream::connect((host.as_str(), *port)),
+    )
+    .await
+    .map_err(|_| "connect timed out")??;
+    let _ = stream.set_nodelay(true);
+    let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!("upstream connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` on the connection's kept upstream connection if it is still
+/// usable, else on a new one. A request a closing kept connection did not
+/// take is sent again on a new one (it was never written).
+async fn send_upstream(
+    shared: &Shared,
+    conn: &Conn,
+    mut req: Request<Incoming>,
+) -> Result<(Response<Incoming>, Upstream), BoxError> {
+    let kept = conn.upstream.lock().expect("upstream poisoned").take();
+    let mut kept = match kept {
+        Some(mut s) => s.ready().await.is_ok().then_some(s),
+        None => None,
+    };
+    loop {
+        let (mut sender, reused) = match kept.take() {
+            Some(s) => (s, true),
+            None => (connect_upstream(shared).await?, false),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, sender)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if reused => req = unsent,
+                _ => return Err(e.into_error().into()),
+            },
+        }
+    }
+}
+
+async fn forward(
+    shared: &Shared,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> (Response<ProxyBody>, &'static str) {
     let (mut parts, body) = req.into_parts();
     strip_hop_headers(&mut parts.headers);
-    let pq = parts
+    // Origin-form towards the upstream; the caller's Host is kept (as the
+    // pooled client did), the upstream's given when there is none.
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(shared.upstream.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    parts.uri = parts
         .uri
         .path_and_query()
         .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(shared.upstream.clone())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(_) => {
-            return (text(StatusCode::BAD_REQUEST, "Bad request\n"), "bad_path");
-        }
-    };
+        .map_or_else(|| Uri::from_static("/"), Uri::from);
     let upstream_req = Request::from_parts(parts, body);
     match tokio::time::timeout(
         shared.limits.upstream_timeout,
-        shared.client.request(upstream_req),
+        send_upstream(shared, conn, upstream_req),
     )
     .await
     {
-        Ok(Ok(resp)) => {
+        Ok(Ok((resp, sender))) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_headers(&mut parts.headers);
             // Small bodies of known length (almost every metadata answer)
@@ -843,6 +900,11 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody
                 match tokio::time::timeout(shared.limits.upstream_timeout, body.collect()).await {
                     Ok(Ok(collected)) => {
                         let bytes = collected.to_bytes();
+                        // The exchange is complete: keep the connection for
+                        // this caller's next request (unless it is closing).
+                        if !sender.is_closed() {
+                            *conn.upstream.lock().expect("upstream poisoned") = Some(sender);
+                        }
                         return (
                             Response::from_parts(parts, crate::body::full(bytes)),
                             "allowed",
