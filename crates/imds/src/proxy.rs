@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -138,7 +139,41 @@ struct Conn {
     upstream: Mutex<Option<Upstream>>,
 }
 
-type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;
+/// An upstream connection: its request handle and its driver, which is
+/// polled by the request's own task while the exchange runs (no hand-off
+/// to another task), and spawned only when a body is streamed.
+struct Upstream {
+    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    /// `None` once the connection ended (dropping the driver fails any
+    /// request still waiting on it).
+    driver: Option<Pin<Box<UpstreamDriver>>>,
+}
+
+type UpstreamDriver = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
+
+/// Runs `work` while polling the connection's driver. If the driver ends
+/// (the connection closed) `work` is awaited alone; it then fails or
+/// finishes with what was already read.
+async fn driven<F: std::future::Future>(
+    driver: &mut Option<Pin<Box<UpstreamDriver>>>,
+    work: F,
+) -> F::Output {
+    tokio::pin!(work);
+    let Some(running) = driver.as_mut() else {
+        return work.await;
+    };
+    tokio::select! {
+        biased;
+        out = &mut work => out,
+        r = running.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+            *driver = None;
+            work.await
+        }
+    }
+}
 
 struct Shared {
     upstream: http::uri::Authority,
@@ -814,7 +849,7 @@ fn strip_hop_headers(headers: &mut HeaderMap) {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A new upstream connection (TCP_NODELAY, HTTP/1.1), its driver spawned.
+/// A new upstream connection (TCP_NODELAY, HTTP/1.1).
 async fn connect_upstream(shared: &Shared) -> Result<Upstream, BoxError> {
     let (host, port) = &shared.upstream_addr;
     let stream = tokio::time::timeout(
@@ -825,12 +860,10 @@ async fn connect_upstream(shared: &Shared) -> Result<Upstream, BoxError> {
     .map_err(|_| "connect timed out")??;
     let _ = stream.set_nodelay(true);
     let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            tracing::debug!("upstream connection ended: {e}");
-        }
-    });
-    Ok(sender)
+    Ok(Upstream {
+        sender,
+        driver: Some(Box::pin(driver)),
+    })
 }
 
 /// Sends `req` on the connection's kept upstream connection if it is still
@@ -843,16 +876,20 @@ async fn send_upstream(
 ) -> Result<(Response<Incoming>, Upstream), BoxError> {
     let kept = conn.upstream.lock().expect("upstream poisoned").take();
     let mut kept = match kept {
-        Some(mut s) => s.ready().await.is_ok().then_some(s),
+        Some(mut up) => {
+            let ready = driven(&mut up.driver, up.sender.ready()).await;
+            ready.is_ok().then_some(up)
+        }
         None => None,
     };
     loop {
-        let (mut sender, reused) = match kept.take() {
+        let (mut up, reused) = match kept.take() {
             Some(s) => (s, true),
             None => (connect_upstream(shared).await?, false),
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, sender)),
+        let sent = driven(&mut up.driver, up.sender.try_send_request(req)).await;
+        match sent {
+            Ok(resp) => return Ok((resp, up)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) if reused => req = unsent,
                 _ => return Err(e.into_error().into()),
@@ -887,7 +924,7 @@ async fn forward(
     )
     .await
     {
-        Ok(Ok((resp, sender))) => {
+        Ok(Ok((resp, mut up))) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_headers(&mut parts.headers);
             // Small bodies of known length (almost every metadata answer)
@@ -897,13 +934,14 @@ async fn forward(
                 .exact()
                 .is_some_and(|n| n <= BUFFER_BODY_BELOW);
             if small {
-                match tokio::time::timeout(shared.limits.upstream_timeout, body.collect()).await {
+                let collecting = driven(&mut up.driver, body.collect());
+                match tokio::time::timeout(shared.limits.upstream_timeout, collecting).await {
                     Ok(Ok(collected)) => {
                         let bytes = collected.to_bytes();
                         // The exchange is complete: keep the connection for
                         // this caller's next request (unless it is closing).
-                        if !sender.is_closed() {
-                            *conn.upstream.lock().expect("upstream poisoned") = Some(sender);
+                        if up.driver.is_some() && !up.sender.is_closed() {
+                            *conn.upstream.lock().expect("upstream poisoned") = Some(up);
                         }
                         return (
                             Response::from_parts(parts, crate::body::full(bytes)),
@@ -920,6 +958,13 @@ async fn forward(
                         );
                     }
                 }
+            }
+            // Streamed: the driver runs on its own until the body is
+            // through; the connection is not kept.
+            if let Some(driver) = up.driver {
+                tokio::spawn(async move {
+                    let _ = driver.await;
+                });
             }
             (Response::from_parts(parts, body.boxed()), "allowed")
         }
