@@ -94,8 +94,30 @@ fn bad_input_exits_2_and_names_the_flag() {
             "--pods",
         ),
         (
-            vec!["serve", "--upstream", "http://127.0.0.1:1", "--rules", g],
-            "--pods or --listen",
+            vec![
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--rules",
+                g,
+                "--runtime-endpoint",
+                "tcp://127.0.0.1:1",
+            ],
+            "--runtime-endpoint",
+        ),
+        (
+            vec![
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--rules",
+                g,
+                "--pods",
+                p,
+                "--runtime-endpoint",
+                "unix:///run/containerd/containerd.sock",
+            ],
+            "--runtime-endpoint",
         ),
         (vec!["mock", "--listen", "not-an-address"], "--listen"),
     ];

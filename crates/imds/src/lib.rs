@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod audit;
 pub mod body;
+pub mod cri;
 pub mod metrics;
 pub mod mock;
 pub mod netns;
@@ -23,6 +24,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod rules;
 
+pub use cri::CriPodSource;
 pub use pods::{FilePodSource, Pod, PodSource};
 pub use proxy::{Limits, ProxyConfig, ProxyHandle};
 pub use rules::Rules;

@@ -1,7 +1,7 @@
 //! Who the pods are: a [`PodSource`] lists them (name, namespace, labels,
 //! network namespace, IP). The static file source is read again at every
-//! reconcile, so a node agent can rewrite it; a CRI source plugs in behind
-//! the same trait.
+//! reconcile, so a node agent can rewrite it; the CRI source
+//! ([`crate::cri::CriPodSource`]) reads the container runtime.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -45,6 +45,14 @@ impl Pod {
 pub trait PodSource: Send + Sync {
     /// The pods that exist now.
     fn pods(&self) -> Result<Vec<Pod>, Error>;
+
+    /// For the source-IP fallback, asked at connection time after the
+    /// namespace checks passed: whether `pod` is still, per the source, the
+    /// live owner of `ip`. An error counts as no. Sources that know no more
+    /// than their list (files, memory) say yes.
+    fn owns_ip(&self, _pod: &Pod, _ip: IpAddr) -> Result<bool, Error> {
+        Ok(true)
+    }
 }
 
 #[derive(Debug, Deserialize)]

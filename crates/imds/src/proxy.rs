@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -21,9 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -134,6 +133,46 @@ struct Conn {
     caller: Option<Arc<Identity>>,
     listener: &'static str,
     peer: SocketAddr,
+    /// This downstream connection's upstream connection, kept between its
+    /// requests (HTTP/1: one request at a time per connection, so no pool,
+    /// no lock contention, no task per request).
+    upstream: Mutex<Option<Upstream>>,
+}
+
+/// An upstream connection: its request handle and its driver, which is
+/// polled by the request's own task while the exchange runs (no hand-off
+/// to another task), and spawned only when a body is streamed.
+struct Upstream {
+    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    /// `None` once the connection ended (dropping the driver fails any
+    /// request still waiting on it).
+    driver: Option<Pin<Box<UpstreamDriver>>>,
+}
+
+type UpstreamDriver = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
+
+/// Runs `work` while polling the connection's driver. If the driver ends
+/// (the connection closed) `work` is awaited alone; it then fails or
+/// finishes with what was already read.
+async fn driven<F: std::future::Future>(
+    driver: &mut Option<Pin<Box<UpstreamDriver>>>,
+    work: F,
+) -> F::Output {
+    tokio::pin!(work);
+    let Some(running) = driver.as_mut() else {
+        return work.await;
+    };
+    tokio::select! {
+        biased;
+        out = &mut work => out,
+        r = running.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+            *driver = None;
+            work.await
+        }
+    }
 }
 
 struct Shared {
@@ -141,7 +180,8 @@ struct Shared {
     rules: Rules,
     limits: Limits,
     pod_listen: Option<SocketAddr>,
-    client: Client<HttpConnector, Incoming>,
+    /// `(host, port)` of the upstream, for connecting.
+    upstream_addr: (String, u16),
     audit: Audit,
     metrics: Arc<Metrics>,
     source: Arc<dyn PodSource>,
@@ -183,19 +223,20 @@ impl ProxyHandle {
             .authority()
             .cloned()
             .ok_or_else(|| Error::Upstream(config.upstream.to_string()))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.limits.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let upstream_addr = (
+            upstream
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            upstream.port_u16().unwrap_or(80),
+        );
         let shared = Arc::new(Shared {
             upstream,
             rules: config.rules,
             limits: config.limits,
             pod_listen: config.pod_listen,
-            client,
+            upstream_addr,
             audit: config.audit,
             metrics: Arc::new(Metrics::default()),
             source,
@@ -426,6 +467,7 @@ async fn pod_accept(
             caller: Some(identity.clone()),
             listener: "pod",
             peer,
+            upstream: Mutex::new(None),
         });
         tokio::spawn(serve_conn(
             shared.clone(),
@@ -453,6 +495,7 @@ async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
                 caller,
                 listener: "source-ip",
                 peer,
+                upstream: Mutex::new(None),
             });
             serve_conn(shared, stream, conn, None).await;
         });
@@ -477,12 +520,20 @@ async fn live_owner(shared: &Arc<Shared>, ip: IpAddr) -> Option<Arc<Identity>> {
             })
             .collect()
     };
+    let source = shared.source.clone();
     let live = tokio::task::spawn_blocking(move || {
         candidates
             .into_iter()
-            .filter(|(_, path, id)| {
+            .filter(|(identity, path, id)| {
                 netns::netns_id(path).is_ok_and(|now| now == *id)
                     && netns::addresses_in_netns(path).is_ok_and(|a| a.contains(&ip))
+                    && {
+                        let pod = identity.pod.read().expect("pod poisoned").clone();
+                        source.owns_ip(&pod, ip).unwrap_or_else(|e| {
+                            tracing::warn!(pod = %pod.key(), "live-owner check failed: {e}");
+                            false
+                        })
+                    }
             })
             .map(|(identity, _, _)| identity)
             .collect::<Vec<_>>()
@@ -760,7 +811,7 @@ async fn decide(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return (resp, "rate_limited", Some(rule));
     }
-    let (resp, decision) = forward(shared, req).await;
+    let (resp, decision) = forward(shared, conn, req).await;
     (resp, decision, Some(rule))
 }
 
@@ -796,33 +847,84 @@ fn strip_hop_headers(headers: &mut HeaderMap) {
     }
 }
 
-async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody>, &'static str) {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A new upstream connection (TCP_NODELAY, HTTP/1.1).
+async fn connect_upstream(shared: &Shared) -> Result<Upstream, BoxError> {
+    let (host, port) = &shared.upstream_addr;
+    let stream = tokio::time::timeout(
+        shared.limits.connect_timeout,
+        TcpStream::connect((host.as_str(), *port)),
+    )
+    .await
+    .map_err(|_| "connect timed out")??;
+    let _ = stream.set_nodelay(true);
+    let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    Ok(Upstream {
+        sender,
+        driver: Some(Box::pin(driver)),
+    })
+}
+
+/// Sends `req` on the connection's kept upstream connection if it is still
+/// usable, else on a new one. A request a closing kept connection did not
+/// take is sent again on a new one (it was never written).
+async fn send_upstream(
+    shared: &Shared,
+    conn: &Conn,
+    mut req: Request<Incoming>,
+) -> Result<(Response<Incoming>, Upstream), BoxError> {
+    let kept = conn.upstream.lock().expect("upstream poisoned").take();
+    let mut kept = match kept {
+        Some(mut up) => {
+            let ready = driven(&mut up.driver, up.sender.ready()).await;
+            ready.is_ok().then_some(up)
+        }
+        None => None,
+    };
+    loop {
+        let (mut up, reused) = match kept.take() {
+            Some(s) => (s, true),
+            None => (connect_upstream(shared).await?, false),
+        };
+        let sent = driven(&mut up.driver, up.sender.try_send_request(req)).await;
+        match sent {
+            Ok(resp) => return Ok((resp, up)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if reused => req = unsent,
+                _ => return Err(e.into_error().into()),
+            },
+        }
+    }
+}
+
+async fn forward(
+    shared: &Shared,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> (Response<ProxyBody>, &'static str) {
     let (mut parts, body) = req.into_parts();
     strip_hop_headers(&mut parts.headers);
-    let pq = parts
+    // Origin-form towards the upstream; the caller's Host is kept (as the
+    // pooled client did), the upstream's given when there is none.
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(shared.upstream.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    parts.uri = parts
         .uri
         .path_and_query()
         .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(shared.upstream.clone())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(_) => {
-            return (text(StatusCode::BAD_REQUEST, "Bad request\n"), "bad_path");
-        }
-    };
+        .map_or_else(|| Uri::from_static("/"), Uri::from);
     let upstream_req = Request::from_parts(parts, body);
     match tokio::time::timeout(
         shared.limits.upstream_timeout,
-        shared.client.request(upstream_req),
+        send_upstream(shared, conn, upstream_req),
     )
     .await
     {
-        Ok(Ok(resp)) => {
+        Ok(Ok((resp, mut up))) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_headers(&mut parts.headers);
             // Small bodies of known length (almost every metadata answer)
@@ -832,9 +934,15 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody
                 .exact()
                 .is_some_and(|n| n <= BUFFER_BODY_BELOW);
             if small {
-                match tokio::time::timeout(shared.limits.upstream_timeout, body.collect()).await {
+                let collecting = driven(&mut up.driver, body.collect());
+                match tokio::time::timeout(shared.limits.upstream_timeout, collecting).await {
                     Ok(Ok(collected)) => {
                         let bytes = collected.to_bytes();
+                        // The exchange is complete: keep the connection for
+                        // this caller's next request (unless it is closing).
+                        if up.driver.is_some() && !up.sender.is_closed() {
+                            *conn.upstream.lock().expect("upstream poisoned") = Some(up);
+                        }
                         return (
                             Response::from_parts(parts, crate::body::full(bytes)),
                             "allowed",
@@ -850,6 +958,13 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> (Response<ProxyBody
                         );
                     }
                 }
+            }
+            // Streamed: the driver runs on its own until the body is
+            // through; the connection is not kept.
+            if let Some(driver) = up.driver {
+                tokio::spawn(async move {
+                    let _ = driver.await;
+                });
             }
             (Response::from_parts(parts, body.boxed()), "allowed")
         }

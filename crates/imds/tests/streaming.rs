@@ -243,3 +243,89 @@ fn upstream_failures_are_502_and_504() {
     }
     rt.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// imds-proxy keeps one upstream connection per caller connection. An
+/// upstream that closes after every answer (without saying so) must not
+/// cost the caller's next requests a 502: a closed kept connection is
+/// noticed and replaced.
+#[test]
+fn kept_upstream_connections_closed_by_the_upstream_are_replaced() {
+    if !require_root("kept_upstream_connections_closed_by_the_upstream_are_replaced") {
+        return;
+    }
+    let ns = NetNs::new("imdkeep");
+    let rt = runtime_in(&ns.path());
+    let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let count = accepted.clone();
+    let upstream: SocketAddr = on(&rt, async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    // Closes without `Connection: close`.
+                });
+            }
+        });
+        addr
+    });
+    let pod = Pod {
+        name: "keep".into(),
+        namespace: "default".into(),
+        uid: None,
+        labels: Default::default(),
+        netns: Some(ns.path()),
+        ip: None,
+    };
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+        rules: Rules::from_yaml(
+            "rules: [{name: keep, pods: {name: keep}, paths: [{prefix: /latest/meta-data}]}]",
+            "test",
+        )
+        .unwrap(),
+        pod_listen: Some("127.0.0.1:15990".parse().unwrap()),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::discard(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+    };
+    let source = Arc::new(MemoryPodSource::new(vec![pod]));
+    let proxy = on(&rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    });
+    let statuses = proxyctl_testkit::in_netns(&ns.path(), || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15990").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            s.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            out.push(text.lines().next().unwrap_or_default().to_owned());
+        }
+        out
+    });
+    assert_eq!(statuses, vec!["HTTP/1.1 200 OK"; 3]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    drop(proxy);
+    drop(rt);
+}

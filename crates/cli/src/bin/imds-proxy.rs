@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 use imds_proxy::audit::Audit;
 use imds_proxy::mock::{self, MockState};
 use imds_proxy::proxy::{self, Limits, ProxyConfig, ProxyHandle};
-use imds_proxy::{FilePodSource, Rules};
+use imds_proxy::{CriPodSource, FilePodSource, Rules};
 use proxyctl_cli::init_logging;
+use proxyctl_cri::RuntimeEndpoint;
 
 const EXIT_BAD_INPUT: u8 = 2;
 
@@ -28,6 +29,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve a strict local fake of Azure IMDS and AWS IMDSv2.
@@ -45,9 +48,16 @@ enum Command {
         #[arg(long)]
         rules: PathBuf,
         /// Pods (YAML: pods: [{name, namespace, labels, netns, ip}]); read
-        /// again every --reconcile-secs.
+        /// again every --reconcile-secs. Without it pods come from the
+        /// container runtime (--runtime-endpoint).
         #[arg(long)]
         pods: Option<PathBuf>,
+        /// The CRI runtime to list pods from (ready sandboxes: labels,
+        /// namespace, name, network namespace, IPs), e.g.
+        /// unix:///run/containerd/containerd.sock. Default:
+        /// $CONTAINER_RUNTIME_ENDPOINT, else containerd's socket. Not with --pods.
+        #[arg(long, conflicts_with = "pods")]
+        runtime_endpoint: Option<String>,
         /// Address bound inside every pod's network namespace; the pod's
         /// DNAT of 169.254.169.254:80 points here.
         #[arg(long, default_value = proxy::DEFAULT_POD_LISTEN)]
@@ -74,7 +84,7 @@ enum Command {
         /// Time the upstream has to answer.
         #[arg(long, default_value_t = 10000)]
         upstream_timeout_ms: u64,
-        /// How often --pods is read again.
+        /// How often the pods (--pods or the runtime) are read again.
         #[arg(long, default_value_t = 5)]
         reconcile_secs: u64,
     },
@@ -142,6 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             upstream,
             rules,
             pods,
+            runtime_endpoint,
             pod_listen,
             listen,
             admin_listen,
@@ -153,11 +164,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             reconcile_secs,
         } => {
             let rules = Rules::load(&rules).map_err(|e| bad_input(format!("--rules: {e}")))?;
-            if pods.is_none() && listen.is_none() {
-                return Err(bad_input(
-                    "--pods or --listen is needed: no caller could be identified".into(),
-                ));
-            }
             if !(rate_limit.is_finite() && rate_limit >= 0.0) {
                 return Err(bad_input(format!("--rate-limit: {rate_limit} is not >= 0")));
             }
@@ -168,7 +174,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(|e| bad_input(format!("--pods: {e}")))?;
                     Arc::new(source) as Arc<dyn imds_proxy::PodSource>
                 }
-                None => Arc::new(imds_proxy::pods::MemoryPodSource::default()),
+                None => {
+                    let endpoint = RuntimeEndpoint::resolve(runtime_endpoint.as_deref())
+                        .map_err(|e| bad_input(e.to_string()))?;
+                    tracing::info!(endpoint = %endpoint, "pods from the container runtime");
+                    Arc::new(CriPodSource::new(endpoint)) as Arc<dyn imds_proxy::PodSource>
+                }
             };
             let audit = if audit_log == "-" {
                 Audit::stdout()
@@ -179,7 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = ProxyConfig {
                 upstream: proxy::parse_upstream(&upstream)?,
                 rules,
-                pod_listen: pods.as_ref().map(|_| pod_listen),
+                pod_listen: Some(pod_listen),
                 source_ip_listen: listen,
                 admin_listen: Some(admin_listen),
                 audit,

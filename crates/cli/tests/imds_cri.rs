@@ -1,0 +1,206 @@
+//! The shipped binaries together on a real containerd: `proxyctl-cni`
+//! (chained after bridge) gives annotated pods the metadata DNAT while their
+//! sandbox is created; `imds-proxy serve --runtime-endpoint` (a process in
+//! the network namespace of a "MSIProxyContainer" pod) learns the pods from
+//! CRI; `imds-proxy mock` serves 169.254.169.254 in a test "cloud"
+//! namespace linked only to the proxy pod.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proxyctl_testkit::containerd::{Containerd, ContainerdOptions, GATEWAY, PodSpec};
+use proxyctl_testkit::{NetNs, require_root, require_tool};
+use serde_json::json;
+
+const TEST: &str = "imds_cri";
+const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
+const PLUGIN: &str = env!("CARGO_BIN_EXE_proxyctl-cni");
+const INSTANCE: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nsenter(netns: &Path, argv: &[&str]) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(argv)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cni_redirect_and_serve_from_cri() {
+    if !require_root(TEST) {
+        return;
+    }
+    for tool in ["containerd", "ctr", "runc", "nsenter"] {
+        if !require_tool(TEST, tool) {
+            return;
+        }
+    }
+    let cd = Containerd::start(ContainerdOptions {
+        chained_plugins: vec![json!({
+            "type": "proxyctl-cni",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+            "rules": [{
+                "selector": {"annotations": {"imds-proxy.io/redirect": "true"}},
+                "policies": [{"name": "imds", "destinationProxy": {
+                    "destination": "169.254.169.254:80", "proxy": "127.0.0.1:15990"}}],
+            }],
+        })],
+        cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(PLUGIN))],
+    });
+    let proxy_pod = cd.run_pod(
+        &PodSpec::new("msi-proxy")
+            .namespace("kube-system")
+            .label("role", "MSIProxyContainer"),
+    );
+    let cloud = NetNs::new("imcc");
+    let p = &proxy_pod.netns;
+    nsenter(
+        p,
+        &[
+            "ip",
+            "link",
+            "add",
+            "imp0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "imc0",
+            "netns",
+            cloud.name(),
+        ],
+    );
+    nsenter(p, &["ip", "addr", "add", "169.254.0.1/32", "dev", "imp0"]);
+    nsenter(p, &["ip", "link", "set", "imp0", "up"]);
+    nsenter(
+        p,
+        &["ip", "route", "add", "169.254.169.254/32", "dev", "imp0"],
+    );
+    cloud.run(&["ip", "addr", "add", "169.254.169.254/32", "dev", "imc0"]);
+    cloud.run(&["ip", "link", "set", "imc0", "up"]);
+    cloud.run(&["ip", "route", "add", "169.254.0.1/32", "dev", "imc0"]);
+    let _mock = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", cloud.name(), BIN, "mock", "--listen"])
+            .arg("169.254.169.254:80")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("imds-proxy mock"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules: [{name: clients, pods: {labels: {role: ClientContainer}}, paths: [{prefix: /metadata/instance}]}]\n",
+    )
+    .unwrap();
+    let _proxy = Proc(
+        Command::new("nsenter")
+            .arg(format!("--net={}", p.display()))
+            .args([
+                BIN,
+                "serve",
+                "--upstream",
+                "http://169.254.169.254",
+                "--rules",
+            ])
+            .arg(&rules)
+            .args([
+                "--runtime-endpoint",
+                &cd.endpoint(),
+                "--reconcile-secs",
+                "1",
+            ])
+            .args(["--admin-listen", "127.0.0.1:0", "--audit-log"])
+            .arg(dir.path().join("audit.jsonl"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("imds-proxy serve"),
+    );
+
+    let app = |name: &str, role: &str, redirect: bool| {
+        let mut spec = PodSpec::new(name).label("role", role);
+        if redirect {
+            spec = spec.annotation("imds-proxy.io/redirect", "true");
+        }
+        let pod = cd.run_pod(&spec);
+        nsenter(
+            &pod.netns,
+            &[
+                "ip", "route", "replace", "default", "via", GATEWAY, "dev", "eth0",
+            ],
+        );
+        pod
+    };
+    let client = app("client", "ClientContainer", true);
+    let other = app("other", "Other", true);
+    let unredirected = app("plain", "ClientContainer", false);
+    let wget = |pod: &proxyctl_testkit::containerd::Pod| {
+        cd.exec(
+            &pod.container_id,
+            &[
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                "--header",
+                "Metadata: true",
+                INSTANCE,
+            ],
+        )
+    };
+
+    // The DNAT was there from the start; the listener comes with the next
+    // reconcile: refused until then, the fake's document after.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = wget(&client);
+        if out.exit_code == 0 {
+            break out;
+        }
+        assert!(
+            out.stderr.contains("refused"),
+            "before its listener: {out:?}"
+        );
+        assert!(Instant::now() < deadline, "never served: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let body: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(body["compute"]["vmId"].is_string(), "{body}");
+    let out = wget(&other);
+    assert!(out.stderr.contains("403"), "{out:?}");
+    // Not redirected: no way to 169.254.169.254 at all (the node drops it).
+    let out = cd.exec(
+        &unredirected.container_id,
+        &[
+            "timeout",
+            "3",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "--header",
+            "Metadata: true",
+            INSTANCE,
+        ],
+    );
+    assert_ne!(out.exit_code, 0, "{out:?}");
+    assert!(!out.stderr.contains("403"), "{out:?}");
+}
