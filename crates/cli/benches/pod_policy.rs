@@ -189,6 +189,7 @@ fn main() {
     let cd = Containerd::start(ContainerdOptions {
         chained_plugins: vec![plugin_conf()],
         cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(plugin))],
+        ..Default::default()
     });
     let (plain, chained, at_ready) = run_sandboxes_side_by_side(&base, &cd);
     drop((base, cd));

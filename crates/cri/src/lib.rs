@@ -4,22 +4,25 @@
 //! the tonic client over the runtime's unix socket, lookups from a
 //! container id, unique prefix or `pod:NAMESPACE/NAME` to the pod sandbox
 //! and its network namespace, and the pod event stream `proxyctl watch`
-//! reacts to (polling: see [`events`]).
+//! reacts to ([`events`]: CRI lists, triggered by containerd's own event
+//! service where the runtime has it ([`containerd`]), else by a timer).
 //!
 //! The network namespace path is not a CRI field: it is read from the
 //! verbose PodSandboxStatus info that containerd (and CRI-O) attach, at
 //! `runtimeSpec.linux.namespaces[type=network].path`.
 
 mod client;
+pub mod containerd;
 mod endpoint;
 mod error;
 pub mod events;
 mod lookup;
 
 pub use client::{ContainerRecord, CriClient, PodRecord, PodState, PodSummary};
+pub use containerd::EventSource;
 pub use endpoint::{DEFAULT_RUNTIME_ENDPOINT, RUNTIME_ENDPOINT_ENV, RuntimeEndpoint};
 pub use error::CriError;
-pub use events::{PodEvent, PodWatcher};
+pub use events::{FoundBy, PodEvent, PodWatcher, WatchOptions, WatcherCounters};
 pub use lookup::{LookupRecord, Query, lookup, lookup_blocking, resolve_target};
 
 /// Whether `labels` carry every `key=value` of `selector` (Kubernetes
