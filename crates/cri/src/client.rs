@@ -159,6 +159,23 @@ impl CriClient {
         Ok(items.into_iter().map(container_record).collect())
     }
 
+    /// Whether `id` names an app container (not a pod sandbox): the
+    /// container store has it. Unknown ids are `false`.
+    pub async fn is_container(&mut self, id: &str) -> Result<bool, CriError> {
+        match self
+            .inner
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: false,
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(CriError::rpc("ContainerStatus", s)),
+        }
+    }
+
     /// The full record of one pod sandbox, network namespace included
     /// (read from the verbose status the runtime attaches).
     pub async fn pod(&mut self, id: &str) -> Result<PodRecord, CriError> {

@@ -10,9 +10,10 @@
 //!   `--events poll`, or containerd restarting), every `live_interval` as a
 //!   safety net while it is.
 //!
-//! containerd publishes `/tasks/start` before the CRI plugin has put the
-//! new sandbox in the store ListPodSandbox reads, so a started id that a list
-//! does not show yet is listed again after short back-offs.
+//! The CRI plugin puts a new sandbox in the store ListPodSandbox reads only
+//! after its task has started, so `/tasks/start` can arrive first: a started
+//! id that a list does not show yet, and that is not an app container, is
+//! listed again after short back-offs.
 //!
 //! After the runtime has been unreachable the watcher reconnects and
 //! re-lists everything, so a consumer sees every ready pod again
@@ -30,8 +31,8 @@ use crate::containerd::{self, EventSource, Signal};
 use crate::{CriClient, CriError, PodRecord, PodState, RuntimeEndpoint};
 
 /// Back-offs before listing again for a started task the last list did not
-/// show as a ready pod (~0.3 s in all). App containers' starts run through
-/// them too (their ids are never pods); a list is one local call.
+/// show as a ready pod (~0.3 s in all). Started app containers are told
+/// apart first (ContainerStatus knows them) and not retried.
 const NOT_YET_LISTED_RETRIES: &[Duration] = &[
     Duration::from_millis(2),
     Duration::from_millis(5),
@@ -260,10 +261,24 @@ impl PodWatcher {
                 self.counters
                     .events_received
                     .fetch_add(1, Ordering::Relaxed);
-                if !id.is_empty() && !self.known.contains(&id) {
-                    self.not_yet_listed.entry(id).or_insert(0);
-                }
                 self.list(FoundBy::Event).await;
+                if id.is_empty()
+                    || self.known.contains(&id)
+                    || self.not_yet_listed.contains_key(&id)
+                {
+                    return;
+                }
+                // Not listed yet: a sandbox the CRI plugin has not stored
+                // yet (retry soon), or an app container (nothing to do).
+                let is_container = match self.client.as_mut() {
+                    Some(c) => c.is_container(&id).await.unwrap_or(false),
+                    None => false,
+                };
+                if !is_container {
+                    tracing::debug!(id = %id, "started task not listed as a pod yet; listing again shortly");
+                    self.not_yet_listed.insert(id, 0);
+                    self.schedule_retry();
+                }
             }
             Signal::Lost { reason } => {
                 let was_live = std::mem::replace(&mut self.events_live, false);
