@@ -35,5 +35,5 @@ fi
 # Python gRPC (independent stack for the Konnectivity wire-interop tests).
 if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
   echo "== pip install grpcio grpcio-tools"
-  python3 -m pip install -q grpcio grpcio-tools
+  python3 -m pip install -q --root-user-action=ignore grpcio grpcio-tools
 fi

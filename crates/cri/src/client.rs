@@ -190,6 +190,20 @@ impl CriClient {
             .into_inner();
         pod_record(id, resp)
     }
+    /// The verbose `info` document of one container (`ContainerStatus` with
+    /// `verbose: true`); `None` when the runtime attaches none.
+    pub async fn container_info(&mut self, id: &str) -> Result<Option<String>, CriError> {
+        let mut resp = self
+            .inner
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: true,
+            })
+            .await
+            .map_err(|s| CriError::rpc("ContainerStatus", s))?
+            .into_inner();
+        Ok(resp.info.remove("info"))
+    }
 }
 
 fn pod_state(raw: i32) -> PodState {

@@ -9,7 +9,9 @@
 //!
 //! The network namespace path is not a CRI field: it is read from the
 //! verbose PodSandboxStatus info that containerd (and CRI-O) attach, at
-//! `runtimeSpec.linux.namespaces[type=network].path`.
+//! `runtimeSpec.linux.namespaces[type=network].path`; for Windows
+//! containers (the HNS backend) [`windows`] reads the HNS network namespace
+//! from the verbose ContainerStatus info instead.
 
 mod client;
 pub mod containerd;
@@ -17,6 +19,7 @@ mod endpoint;
 mod error;
 pub mod events;
 mod lookup;
+pub mod windows;
 
 pub use client::{ContainerRecord, CriClient, PodRecord, PodState, PodSummary};
 pub use containerd::EventSource;
@@ -24,6 +27,10 @@ pub use endpoint::{DEFAULT_RUNTIME_ENDPOINT, RUNTIME_ENDPOINT_ENV, RuntimeEndpoi
 pub use error::CriError;
 pub use events::{FoundBy, PodEvent, PodWatcher, WatchOptions, WatcherCounters};
 pub use lookup::{LookupRecord, Query, lookup, lookup_blocking, resolve_target};
+pub use windows::{
+    WindowsContainer, container_network_namespace, container_network_namespace_blocking,
+    windows_network_namespace,
+};
 
 /// Whether `labels` carry every `key=value` of `selector` (Kubernetes
 /// equality-based selection; an empty selector matches everything).

@@ -6,8 +6,14 @@
 //! - every JSON document is parsed against hcsshim's schema with unknown
 //!   fields refused (as HNS does: `HCN_E_INVALID_JSON`, "Invalid JSON
 //!   document string. {{Field,UnknownField}}"), wrong types refused, ports
-//!   as decimal strings, TCP ("6") and IPv4 only, one L4WFPPROXY policy per
-//!   endpoint (the documented "one proxy per pod" limit);
+//!   as decimal strings, TCP ("6") and IPv4 only;
+//! - an endpoint holds several L4WFPPROXY policies (WFP orders them by
+//!   `FilterTuple.Priority`, the filter weight; neither hcsshim's schema, whose
+//!   request carries a `Policies` array, nor its tests show a one-per-endpoint
+//!   limit: "one proxy per pod" was hcnproxyctl's own limit). Adding a policy
+//!   identical to one already held is refused with
+//!   `HCN_E_POLICY_ALREADY_EXISTS` — stricter than HNS may be, so a client
+//!   must replace, never duplicate;
 //! - input strings must be NUL-terminated valid UTF-16, ids valid GUIDs;
 //! - errors are HRESULTs plus an error record
 //!   `{"Success":false,"Error":"...","ErrorCode":N}`;
@@ -613,10 +619,10 @@ fn modify(state: &mut State, endpoint_id: &str, text: &str) -> Outcome<()> {
     match request.request_type.as_str() {
         "Add" => {
             for p in incoming {
-                if policies.iter().any(|q| q["Type"] == "L4WFPPROXY") {
+                if policies.contains(&p) {
                     return fail(
                         HCN_E_POLICY_ALREADY_EXISTS,
-                        "An L4WFPPROXY policy already exists on this endpoint (one proxy per endpoint).",
+                        "This policy already exists on the endpoint.",
                     );
                 }
                 policies.push(p);

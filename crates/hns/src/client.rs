@@ -263,16 +263,30 @@ impl Hcn {
             .collect()
     }
 
-    /// Programs `policy` on the endpoint (hcnproxyctl `AddPolicy`). HNS holds
-    /// one proxy policy per endpoint: an existing one is replaced, and put
-    /// back if the new one is refused.
+    /// Programs `policy` on the endpoint (hcnproxyctl `AddPolicy`), next to
+    /// the proxy policies already there; one with the same match and
+    /// priority is replaced (see [`Hcn::add_policies`]).
     pub fn add_policy(&self, endpoint: &str, policy: &Policy) -> Result<(), HnsError> {
         self.add_policies(endpoint, std::slice::from_ref(policy))
     }
 
-    /// As [`Hcn::add_policy`] for a policy set; HNS takes exactly one.
+    /// Programs `policies` on the endpoint. An endpoint holds several
+    /// L4WFPPROXY policies, ordered by `FilterTuple.Priority` (the WFP filter
+    /// weight); on HNS a policy has no name, so its identity is its match
+    /// (the whole FilterTuple, priority included). An existing policy with
+    /// the same identity as a new one is replaced; the others stay.
+    ///
+    /// Replacing takes two requests, because HNS offers no single request
+    /// that swaps one endpoint policy for another (hcsshim documents no
+    /// semantics for RequestType `Update` on endpoint policies): a Remove of
+    /// the policies being replaced, then one Add of all new ones. If the
+    /// Add is refused, the removed policies are added back (and a failed
+    /// restore is reported as such). Between the two requests, traffic the
+    /// replaced policy matched is briefly not redirected, and a crash there
+    /// leaves it removed; a plain add (nothing replaced) is one request.
     pub fn add_policies(&self, endpoint: &str, policies: &[Policy]) -> Result<(), HnsError> {
-        let request = dry_run(policies)?;
+        let settings = settings_of(policies)?;
+        let request = add_request(&settings);
         let _: Guid = endpoint
             .parse()
             .map_err(|_| HnsError::BadGuid(endpoint.to_owned()))?;
@@ -284,16 +298,21 @@ impl Hcn {
             handle.handle,
         )?;
         let current: HostComputeEndpoint = Self::parse("endpoint", &text)?;
-        let existing = Self::proxy_policies(&current);
-        if !existing.is_empty() {
-            self.modify(&handle, &remove_request(&existing))?;
+        let replaced: Vec<RawEndpointPolicy> = Self::proxy_policies(&current)
+            .into_iter()
+            .filter(|raw| {
+                identity_of(raw).is_some_and(|id| settings.iter().any(|s| s.filter_tuple == id))
+            })
+            .collect();
+        if !replaced.is_empty() {
+            self.modify(&handle, &remove_request(&replaced))?;
         }
         if let Err(add) = self.modify(&handle, &request) {
-            if !existing.is_empty() {
+            if !replaced.is_empty() {
                 let restore = serde_json::to_string(&ModifyEndpointSettingRequest {
                     resource_type: crate::request::RESOURCE_TYPE_POLICY,
                     request_type: RequestType::Add,
-                    settings: PolicyEndpointRequest { policies: existing },
+                    settings: PolicyEndpointRequest { policies: replaced },
                 })
                 .expect("serializable");
                 if let Err(rollback) = self.modify(&handle, &restore) {
@@ -392,21 +411,59 @@ impl Hcn {
     }
 }
 
-/// The exact Add request `add_policies` would send, without any I/O: the
-/// policy is validated and everything HNS cannot express is refused.
-pub fn dry_run(policies: &[Policy]) -> Result<String, PolicyError> {
-    match policies {
-        [] => Err(PolicyError::invalid("file", "holds no policy")),
-        [policy] => Ok(add_request(&[to_setting(policy)?])),
-        more => Err(PolicyError::conflict(
-            "file",
-            format!(
-                "not supported by HNS: an endpoint holds one L4WFPPROXY policy (one proxy per \
-                 pod), got {} policies",
-                more.len()
-            ),
-        )),
+/// The identity of a policy HNS holds: its FilterTuple as proxyctl would
+/// write it (so that `10.0.0.4` and `10.0.0.4/32`, or ports in another
+/// order, are the same match). `None` for a policy proxyctl cannot read
+/// back, which is then never replaced.
+fn identity_of(raw: &RawEndpointPolicy) -> Option<crate::schema::FiveTuple> {
+    let setting: L4WfpProxyPolicySetting = serde_json::from_str(raw_settings(raw)).ok()?;
+    let policy = from_setting(&setting).ok()?;
+    to_setting(&policy).ok().map(|s| s.filter_tuple)
+}
+
+/// Every policy's settings; refuses an empty set, anything HNS cannot
+/// express, and two policies with the same match and priority (HNS would
+/// hold two WFP filters of equal weight matching the same traffic, and
+/// which proxy wins would be undefined).
+fn settings_of(policies: &[Policy]) -> Result<Vec<L4WfpProxyPolicySetting>, PolicyError> {
+    if policies.is_empty() {
+        return Err(PolicyError::invalid("file", "holds no policy"));
     }
+    let settings = policies
+        .iter()
+        .map(to_setting)
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, s) in settings.iter().enumerate() {
+        if settings[..i]
+            .iter()
+            .any(|t| t.filter_tuple == s.filter_tuple)
+        {
+            return Err(PolicyError::conflict(
+                "priority",
+                format!(
+                    "not supported by HNS: policies {} and {} have the same match and priority \
+                     {}; on HNS a policy is identified by its match and priority, so give them \
+                     different --priority values",
+                    settings[..i]
+                        .iter()
+                        .position(|t| t.filter_tuple == s.filter_tuple)
+                        .unwrap_or(0)
+                        + 1,
+                    i + 1,
+                    s.filter_tuple.priority
+                ),
+            ));
+        }
+    }
+    Ok(settings)
+}
+
+/// The exact Add request `add_policies` would send, without any I/O: every
+/// policy is validated and everything HNS cannot express is refused.
+/// (When a policy of the same match and priority is already on the
+/// endpoint, a Remove of it precedes this request.)
+pub fn dry_run(policies: &[Policy]) -> Result<String, PolicyError> {
+    Ok(add_request(&settings_of(policies)?))
 }
 
 /// An open endpoint handle, closed on drop (or explicitly, to see errors).

@@ -28,8 +28,9 @@ pub fn check_expressible(policy: &Policy) -> Result<(), PolicyError> {
         return Err(refuse(
             "name",
             format!(
-                "L4WFPPROXY policies carry no name and an endpoint holds one proxy policy; \
-                 leave --name unset (it reads back as `{DEFAULT_POLICY_NAME}`), not `{}`",
+                "L4WFPPROXY policies carry no name (on HNS a policy is identified by its \
+                 match and priority); leave --name unset (it reads back as \
+                 `{DEFAULT_POLICY_NAME}`), not `{}`",
                 policy.name
             ),
         ));

@@ -9,8 +9,21 @@
 //!   (add, list, clear, endpoint from container); [`dry_run`] prints the
 //!   exact request without any library.
 //!
+//! An endpoint holds several L4WFPPROXY policies (WFP orders them by
+//! `FilterTuple.Priority`); with no name field in HNS, a policy's identity
+//! is its FilterTuple (match and priority), and [`Hcn::add_policies`]
+//! replaces the policy of the same identity (Remove, then Add).
+//!
+//! Containers reach [`Hcn::endpoint_from_container`] through a
+//! [`ContainerNamespace`]; the CLI implements it with proxyctl-cri's
+//! `container_network_namespace` (CRI `ContainerStatus` verbose ->
+//! `runtimeSpec.windows.network.networkNamespace`).
+//!
 //! On Linux the same code runs against a library named by
-//! `PROXYCTL_HNS_LIBRARY` (the strict fake in crates/hns-fake in tests).
+//! `PROXYCTL_HNS_LIBRARY` (the strict fake in crates/hns-fake in tests),
+//! and the CRI side against a strict Windows-shaped CRI server
+//! (crates/cri/tests/support/windows_cri.rs: a Windows runtime spec cannot
+//! exist on a Linux host, so the runtime's answers are the one canned part).
 
 mod client;
 pub mod convert;

@@ -128,12 +128,83 @@ fn add_list_clear_round_trip() {
 }
 
 #[test]
-fn add_replaces_the_endpoints_proxy_policy() {
+fn add_of_the_same_match_and_priority_replaces_that_policy() {
     let fake = FakeHns::new(15, 4);
     let (hcn, controls) = connect(&fake);
     hcn.add_policy(ENDPOINT, &sidecar(15001)).unwrap();
+    assert_eq!(
+        fake.modify_requests().len(),
+        1,
+        "a plain add is one request"
+    );
     hcn.add_policy(ENDPOINT, &sidecar(15002)).unwrap();
     assert_eq!(hcn.list_policies(ENDPOINT).unwrap(), vec![sidecar(15002)]);
+    let sent = fake.modify_requests();
+    assert_eq!(sent.len(), 3, "replacing is a Remove then an Add: {sent:?}");
+    assert!(sent[1].contains(r#""RequestType":"Remove""#) && sent[1].contains("15001"));
+    assert!(sent[2].contains(r#""RequestType":"Add""#) && sent[2].contains("15002"));
+    // Adding the very same policy again is a replacement too, never a
+    // duplicate (the fake refuses duplicates).
+    hcn.add_policy(ENDPOINT, &sidecar(15002)).unwrap();
+    assert_eq!(hcn.list_policies(ENDPOINT).unwrap(), vec![sidecar(15002)]);
+    controls.assert_clean();
+}
+
+/// A proxy with a priority and a match (like the model's several policies).
+fn ranked(port: u16, priority: u16, remote_port: Option<u16>) -> Policy {
+    let mut p = sidecar(port);
+    p.priority = priority;
+    p.matching.remote_ports = remote_port.map(PortRange::single).into_iter().collect();
+    p.checked().unwrap()
+}
+
+#[test]
+fn several_proxies_share_an_endpoint_and_replace_only_their_own_match() {
+    let fake = FakeHns::new(15, 4);
+    let (hcn, controls) = connect(&fake);
+    let https = ranked(15001, 10, Some(443));
+    let rest = ranked(15002, 20, None);
+    let mut inbound = ranked(15006, 30, None);
+    inbound.outbound_port = None;
+    inbound.inbound_port = Some(15006);
+    let inbound = inbound.checked().unwrap();
+    hcn.add_policy(ENDPOINT, &https).unwrap();
+    hcn.add_policies(ENDPOINT, &[rest.clone(), inbound.clone()])
+        .unwrap();
+    assert_eq!(
+        hcn.list_policies(ENDPOINT).unwrap(),
+        vec![https.clone(), rest.clone(), inbound.clone()]
+    );
+    assert_eq!(
+        fake.policies(ENDPOINT).len(),
+        4,
+        "three proxies and the NAT policy"
+    );
+    assert_eq!(fake.modify_requests().len(), 2, "nothing was replaced");
+
+    // Same match, same priority, another port: only that one is replaced.
+    let https2 = ranked(15011, 10, Some(443));
+    hcn.add_policy(ENDPOINT, &https2).unwrap();
+    // Same port and match at another priority is another policy.
+    let https_low = ranked(15001, 40, Some(443));
+    hcn.add_policy(ENDPOINT, &https_low).unwrap();
+    let mut listed = hcn.list_policies(ENDPOINT).unwrap();
+    listed.sort_by_key(|p| p.priority);
+    assert_eq!(listed, vec![https2, rest, inbound, https_low]);
+
+    // A set holding two policies of one identity is refused, nothing sent.
+    let before = fake.state();
+    let err = hcn
+        .add_policies(ENDPOINT, &[ranked(1, 5, None), ranked(2, 5, None)])
+        .unwrap_err();
+    assert!(
+        matches!(&err, HnsError::Policy(e) if e.field() == Some("priority")),
+        "{err}"
+    );
+    assert_eq!(fake.state(), before);
+
+    assert_eq!(hcn.clear_policies(ENDPOINT).unwrap(), 4);
+    assert_eq!(fake.policies(ENDPOINT).len(), 1, "the NAT policy stays");
     controls.assert_clean();
 }
 
@@ -184,7 +255,7 @@ fn refusals_send_nothing_and_change_nothing() {
         proxy: "10.0.0.2:8080".parse().unwrap(),
     });
     cases.push(("destination-proxy", vec![p]));
-    cases.push(("file", vec![sidecar(8000), sidecar(8001)]));
+    cases.push(("priority", vec![sidecar(8000), sidecar(8001)]));
     for (field, policies) in cases {
         let err = hcn.add_policies(ENDPOINT, &policies).unwrap_err();
         match &err {
@@ -391,9 +462,17 @@ fn fake_refuses_what_hns_would_refuse() {
     assert_eq!(hr, HCN_E_INVALID_JSON);
     assert!(record.contains("invalid UTF-16"), "{record}");
     assert_eq!(fake.policies(ENDPOINT).len(), 1, "nothing was added");
-    // ...and the well-formed request is accepted.
+    // ...and the well-formed request is accepted, a second proxy policy
+    // too, but not an exact duplicate.
     let (hr, record) = raw.modify(&request(r#"{"OutboundProxyPort":"8000","FilterTuple":{}}"#));
     assert_eq!((hr, record.as_str()), (0, ""));
+    let (hr, record) = raw.modify(&request(
+        r#"{"OutboundProxyPort":"8001","FilterTuple":{"Priority":2}}"#,
+    ));
+    assert_eq!((hr, record.as_str()), (0, ""));
+    let (hr, record) = raw.modify(&request(r#"{"OutboundProxyPort":"8000","FilterTuple":{}}"#));
+    assert_eq!(hr, proxyctl_hns::HCN_E_POLICY_ALREADY_EXISTS, "{record}");
+    assert_eq!(fake.policies(ENDPOINT).len(), 3);
     controls.assert_clean();
 }
 

@@ -210,10 +210,29 @@ fn what_hns_cannot_express_is_refused_naming_the_flag() {
     let mut p = base();
     p.outbound_port = None;
     assert_eq!(refused_field(p), "outbound-port");
-    // Several proxies on one endpoint.
+    // Two policies of one set with the same match and priority: HNS could
+    // not tell them apart (their identity there), so the set is refused...
     let err = dry_run(&[base(), base()]).unwrap_err();
-    assert_eq!(err.field(), Some("file"));
-    assert!(err.to_string().contains("one L4WFPPROXY policy"), "{err}");
+    assert_eq!(err.field(), Some("priority"));
+    assert!(
+        err.to_string()
+            .contains("policies 1 and 2 have the same match and priority 0"),
+        "{err}"
+    );
+    // ...while several proxies with different priorities are one request.
+    let mut second = base();
+    second.outbound_port = Some(8001);
+    second.priority = 20;
+    assert_eq!(
+        dry_run(&[base(), second]).unwrap(),
+        concat!(
+            r#"{"ResourceType":"Policy","RequestType":"Add","Settings":{"Policies":["#,
+            r#"{"Type":"L4WFPPROXY","Settings":{"OutboundProxyPort":"8000","FilterTuple":{"Protocols":"6"},"#,
+            r#""InboundExceptions":{},"OutboundExceptions":{}}},"#,
+            r#"{"Type":"L4WFPPROXY","Settings":{"OutboundProxyPort":"8001","FilterTuple":{"Protocols":"6","Priority":20},"#,
+            r#""InboundExceptions":{},"OutboundExceptions":{}}}]}}"#
+        )
+    );
 }
 
 #[test]

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 use proxyctl_cli::{OutputFormat, print_structured};
+use proxyctl_cri::{CriError, RuntimeEndpoint, container_network_namespace_blocking};
 use proxyctl_hns::{Guid, Hcn, HnsError, dry_run};
+use proxyctl_nft::NftError;
 use proxyctl_policy::{DEFAULT_POLICY_NAME, PolicyError};
 
 use crate::target_args::{AddArgs, Backend, ClearArgs, ListArgs};
@@ -30,9 +32,7 @@ pub struct LookupArgs {
 fn require_hns(backend: Backend) -> anyhow::Result<()> {
     match backend.resolve() {
         Backend::Hns => Ok(()),
-        _ => bail!(
-            "lookup on Linux needs the CRI client, which is not in this build yet; use --backend hns"
-        ),
+        _ => bail!("this lookup is the HNS one; use --backend hns"),
     }
 }
 
@@ -44,22 +44,46 @@ fn lift(err: HnsError) -> anyhow::Error {
     }
 }
 
-/// The network namespace of a container, from CRI (`ContainerStatus`
-/// verbose -> info.runtimeSpec.windows.network.networkNamespace).
-fn container_namespace(container: &str, runtime_endpoint: Option<&str>) -> Result<String, String> {
-    let _ = runtime_endpoint;
-    Err(format!(
-        "looking up container {container} needs the CRI client, which is not in this build; \
-         pass the HNS endpoint GUID instead"
-    ))
+/// The HNS network namespace of a container, from CRI (`ContainerStatus`
+/// verbose -> info.runtimeSpec.windows.network.networkNamespace). An unknown
+/// or ambiguous id, or an unusable endpoint, is the caller's input at fault
+/// (exit 2, as for the nft backend); an unreachable runtime or an odd
+/// answer is not (exit 1).
+fn container_namespace(container: &str, runtime_endpoint: Option<&str>) -> anyhow::Result<String> {
+    let result = RuntimeEndpoint::resolve(runtime_endpoint)
+        .and_then(|endpoint| container_network_namespace_blocking(&endpoint, container));
+    match result {
+        Ok(found) => Ok(found.network_namespace),
+        Err(
+            e @ (CriError::NotFound(_)
+            | CriError::Ambiguous { .. }
+            | CriError::InvalidQuery(_)
+            | CriError::Endpoint(_)),
+        ) => Err(NftError::Target {
+            target: container.to_owned(),
+            message: format!("not an HNS endpoint GUID, and as a container: {e}"),
+        }
+        .into()),
+        Err(e) => Err(HnsError::Lookup {
+            container: container.to_owned(),
+            message: e.to_string(),
+        }
+        .into()),
+    }
 }
 
-/// TARGET as HNS endpoint ids: a GUID is an endpoint, anything else a container.
-fn endpoints(hcn: &Hcn, target: &str) -> anyhow::Result<Vec<String>> {
+/// TARGET as HNS endpoint ids: a GUID is an endpoint, anything else a
+/// container, looked up through CRI and then HNS (its namespace's endpoints).
+fn endpoints(
+    hcn: &Hcn,
+    target: &str,
+    runtime_endpoint: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
     if target.parse::<Guid>().is_ok() {
         return Ok(vec![target.to_owned()]);
     }
-    let cri = |c: &str| container_namespace(c, None);
+    let namespace = container_namespace(target, runtime_endpoint)?;
+    let cri = move |_: &str| Ok::<_, String>(namespace.clone());
     hcn.endpoint_from_container(target, &cri).map_err(lift)
 }
 
@@ -78,7 +102,11 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let hcn = Hcn::load().map_err(lift)?;
-    for endpoint in endpoints(&hcn, &args.target.target)? {
+    for endpoint in endpoints(
+        &hcn,
+        &args.target.target,
+        args.target.runtime.runtime_endpoint.as_deref(),
+    )? {
         hcn.add_policies(&endpoint, &policies)
             .map_err(lift)
             .with_context(|| format!("endpoint {endpoint}"))?;
@@ -90,7 +118,11 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let hcn = Hcn::load().map_err(lift)?;
     let mut policies = Vec::new();
-    for endpoint in endpoints(&hcn, &args.target.target)? {
+    for endpoint in endpoints(
+        &hcn,
+        &args.target.target,
+        args.target.runtime.runtime_endpoint.as_deref(),
+    )? {
         policies.extend(hcn.list_policies(&endpoint).map_err(lift)?);
     }
     match args.output {
@@ -109,14 +141,18 @@ pub fn clear(args: ClearArgs) -> anyhow::Result<ExitCode> {
         return Err(PolicyError::invalid(
             "name",
             format!(
-                "HNS L4WFPPROXY policies carry no name: an endpoint holds one, `{DEFAULT_POLICY_NAME}`, not `{name}`"
+                "HNS L4WFPPROXY policies carry no name (all read back as `{DEFAULT_POLICY_NAME}`, identified by match and priority); clear removes them all, so leave --name unset, not `{name}`"
             ),
         )
         .into());
     }
     let hcn = Hcn::load().map_err(lift)?;
     let mut removed = 0;
-    for endpoint in endpoints(&hcn, &args.target.target)? {
+    for endpoint in endpoints(
+        &hcn,
+        &args.target.target,
+        args.target.runtime.runtime_endpoint.as_deref(),
+    )? {
         removed += hcn.clear_policies(&endpoint).map_err(lift)?;
     }
     println!("Removed {removed} policies");
@@ -126,11 +162,7 @@ pub fn clear(args: ClearArgs) -> anyhow::Result<ExitCode> {
 pub fn lookup(args: LookupArgs) -> anyhow::Result<ExitCode> {
     require_hns(args.backend)?;
     let hcn = Hcn::load().map_err(lift)?;
-    let runtime = args.runtime_endpoint.as_deref();
-    let cri = |c: &str| container_namespace(c, runtime);
-    let ids = hcn
-        .endpoint_from_container(&args.container, &cri)
-        .map_err(lift)?;
+    let ids = endpoints(&hcn, &args.container, args.runtime_endpoint.as_deref())?;
     println!("{}", ids.join(","));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
 //! `proxyctl`: steer a container's traffic through proxies.
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
+mod certs;
 mod cri;
 mod demo;
 mod hns;
@@ -59,6 +60,8 @@ enum Command {
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
     Lookup(cri::LookupArgs),
+    /// Write the Konnectivity test certificates (upstream's `make certs` layout).
+    Certs(certs::CertsArgs),
     /// Print the version.
     Version,
 }
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
         Command::Demo => return demo::run(),
+        Command::Certs(args) => certs::run(&args)?,
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
     }
     Ok(ExitCode::SUCCESS)

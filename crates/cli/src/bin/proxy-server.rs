@@ -1,0 +1,356 @@
+//! `proxy-server`: the Konnectivity proxy server, flag-compatible with
+//! upstream's. A thin shell over `konnectivity::server`.
+
+mod tunnel_common;
+
+use std::time::Duration;
+
+use clap::Parser;
+use konnectivity::server::{
+    self, FrontendListen, FrontendMode, ServerLaunch, ServerOptions, Strategy,
+};
+use konnectivity::tls::{self, TlsOptions};
+use tunnel_common::{KlogArgs, bad_flag, bind, go_duration};
+
+fn default_server_id() -> String {
+    std::env::var("PROXY_SERVER_ID")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(uuid_v4)
+}
+fn uuid_v4() -> String {
+    ServerOptions::default().server_id
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "proxy-server",
+    version,
+    // Like Go's pflag: a repeated flag takes its last value.
+    args_override_self = true,
+    about = "Konnectivity proxy server (apiserver-network-proxy compatible)."
+)]
+struct Args {
+    /// If non-empty secure communication with this cert.
+    #[arg(long = "server-cert", default_value = "")]
+    server_cert: String,
+    /// If non-empty secure communication with this key.
+    #[arg(long = "server-key", default_value = "")]
+    server_key: String,
+    /// If non-empty the CA we use to validate KAS clients.
+    #[arg(long = "server-ca-cert", default_value = "")]
+    server_ca_cert: String,
+    /// If non-empty secure communication with this cert.
+    #[arg(long = "cluster-cert", default_value = "")]
+    cluster_cert: String,
+    /// If non-empty secure communication with this key.
+    #[arg(long = "cluster-key", default_value = "")]
+    cluster_key: String,
+    /// If non-empty the CA we use to validate Agent clients.
+    #[arg(long = "cluster-ca-cert", default_value = "")]
+    cluster_ca_cert: String,
+    /// mode can be either 'grpc' or 'http-connect'.
+    #[arg(long, default_value = "grpc")]
+    mode: String,
+    /// uds-name should be empty for TCP traffic. For UDS set to its name.
+    #[arg(long = "uds-name", default_value = "")]
+    uds_name: String,
+    /// If true and if file UdsName already exists, delete the file before listen on that UDS file.
+    #[arg(long = "delete-existing-uds-file", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    delete_existing_uds_file: bool,
+    /// Port we listen for server connections on. Set to 0 for UDS.
+    #[arg(long = "server-port", default_value_t = 8090)]
+    server_port: u16,
+    /// Bind address for server connections. If empty, we will bind to all interfaces.
+    #[arg(long = "server-bind-address", default_value = "")]
+    server_bind_address: String,
+    /// Port we listen for agent connections on.
+    #[arg(long = "agent-port", default_value_t = 8091)]
+    agent_port: u16,
+    /// Bind address for agent connections. If empty, we will bind to all interfaces.
+    #[arg(long = "agent-bind-address", default_value = "")]
+    agent_bind_address: String,
+    /// Port we listen for admin connections on.
+    #[arg(long = "admin-port", default_value_t = 8095)]
+    admin_port: u16,
+    /// Bind address for admin connections. If empty, we will bind to localhost.
+    #[arg(long = "admin-bind-address", default_value = "127.0.0.1")]
+    admin_bind_address: String,
+    /// Port we listen for health connections on.
+    #[arg(long = "health-port", default_value_t = 8092)]
+    health_port: u16,
+    /// Bind address for health connections. If empty, we will bind to all interfaces.
+    #[arg(long = "health-bind-address", default_value = "")]
+    health_bind_address: String,
+    /// Time for gRPC agent server keepalive.
+    #[arg(long = "keepalive-time", default_value = "1h", value_parser = go_duration)]
+    keepalive_time: Duration,
+    /// Time for gRPC frontend server keepalive.
+    #[arg(long = "frontend-keepalive-time", default_value = "1h", value_parser = go_duration)]
+    frontend_keepalive_time: Duration,
+    /// Extra: HTTP/2 ping interval (and timeout) toward agents so a dead agent is
+    /// dropped within twice this time. 0 leaves only --keepalive-time.
+    #[arg(long = "agent-liveness-interval", default_value = "5s", value_parser = go_duration)]
+    agent_liveness_interval: Duration,
+    /// enable pprof (accepted; there is no pprof in this implementation).
+    #[arg(long = "enable-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    enable_profiling: bool,
+    #[arg(long = "enable-contention-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    enable_contention_profiling: bool,
+    /// The unique ID of this server. Can also be set by the 'PROXY_SERVER_ID' environment variable.
+    #[arg(long = "server-id", default_value_t = default_server_id())]
+    server_id: String,
+    /// The number of proxy server instances, should be 1 unless it is an HA server.
+    #[arg(long = "server-count", default_value_t = 1)]
+    server_count: u32,
+    /// Expected agent's namespace during agent authentication.
+    #[arg(long = "agent-namespace", default_value = "")]
+    agent_namespace: String,
+    /// Expected agent's service account during agent authentication.
+    #[arg(long = "agent-service-account", default_value = "")]
+    agent_service_account: String,
+    /// absolute path to the kubeconfig file.
+    #[arg(long, default_value = "")]
+    kubeconfig: String,
+    #[arg(long = "kubeconfig-qps", default_value_t = 0.0)]
+    kubeconfig_qps: f32,
+    #[arg(long = "kubeconfig-burst", default_value_t = 0)]
+    kubeconfig_burst: i32,
+    #[arg(
+        long = "kube-api-content-type",
+        default_value = "application/vnd.kubernetes.protobuf"
+    )]
+    kube_api_content_type: String,
+    /// Expected agent's token authentication audience.
+    #[arg(long = "authentication-audience", default_value = "")]
+    authentication_audience: String,
+    /// The list of proxy strategies: default, destHost, defaultRoute.
+    #[arg(long = "proxy-strategies", default_value = "default")]
+    proxy_strategies: String,
+    /// The comma separated list of allowed cipher suites. Has no effect on TLS1.3.
+    #[arg(long = "cipher-suites", default_value = "", value_delimiter = ',')]
+    cipher_suites: Vec<String>,
+    /// Minimum TLS version: VersionTLS10..VersionTLS13. Empty defaults to VersionTLS12.
+    #[arg(long = "tls-min-version", default_value = "")]
+    tls_min_version: String,
+    /// Channel size; here it sizes the queue toward each agent stream (in packets).
+    #[arg(long = "xfr-channel-size", default_value_t = 10)]
+    xfr_channel_size: usize,
+    #[arg(long = "enable-lease-controller", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    enable_lease_controller: bool,
+    #[arg(long = "lease-namespace", default_value = "kube-system")]
+    lease_namespace: String,
+    #[arg(long = "lease-label", default_value = "k8s-app=konnectivity-server")]
+    lease_label: String,
+    /// Timeout for graceful shutdown (0: stop at once).
+    #[arg(long = "graceful-shutdown-timeout", default_value = "0", value_parser = go_duration)]
+    graceful_shutdown_timeout: Duration,
+    /// Timeout for sending DIAL_REQ to an agent and waiting for DIAL_RSP (0: none).
+    #[arg(long = "backend-dial-timeout", default_value = "0", value_parser = go_duration)]
+    backend_dial_timeout: Duration,
+    /// Deprecated, no effect.
+    #[arg(long = "warn-on-channel-limit", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    warn_on_channel_limit: bool,
+    /// Extra: bytes queued toward one client before that connection is closed.
+    #[arg(long = "max-connection-queue-bytes", default_value_t = 4 << 20)]
+    max_connection_queue_bytes: usize,
+    /// Extra: pending dials over all clients; more are refused.
+    #[arg(long = "max-pending-dials", default_value_t = 10_000)]
+    max_pending_dials: usize,
+    /// Extra: per-connection flow-control window (bytes) used with peers that
+    /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
+    #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
+    flow_window_bytes: usize,
+    #[command(flatten)]
+    klog: KlogArgs,
+}
+
+fn main() {
+    let args = Args::parse();
+    args.klog.init("proxy-server", 4);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = runtime.block_on(run(args));
+    std::process::exit(code);
+}
+
+fn port_ok(flag: &str, port: u16, allow_zero: bool) {
+    if (allow_zero && port == 0) || (1024..=49151).contains(&port) {
+        return;
+    }
+    bad_flag(flag, format!("port {port} must be within 1024-49151"));
+}
+
+async fn run(a: Args) -> i32 {
+    let mode = match a.mode.as_str() {
+        "grpc" => FrontendMode::Grpc,
+        "http-connect" => FrontendMode::HttpConnect,
+        other => bad_flag("--mode", format!("{other:?}: must be grpc or http-connect")),
+    };
+    let strategies: Vec<Strategy> = a
+        .proxy_strategies
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|e: String| bad_flag("--proxy-strategies", e))
+        })
+        .collect();
+    if strategies.is_empty() {
+        bad_flag("--proxy-strategies", "empty");
+    }
+    if !a.uds_name.is_empty() && a.server_port != 0 {
+        bad_flag("--server-port", "must be 0 when --uds-name is set");
+    }
+    port_ok("--server-port", a.server_port, !a.uds_name.is_empty());
+    port_ok("--agent-port", a.agent_port, false);
+    port_ok("--admin-port", a.admin_port, false);
+    port_ok("--health-port", a.health_port, false);
+    if a.cluster_cert.is_empty() || a.cluster_key.is_empty() {
+        bad_flag(
+            "--cluster-cert",
+            "--cluster-cert and --cluster-key are required (agents connect over TLS)",
+        );
+    }
+    let token_auth = !a.agent_namespace.is_empty()
+        || !a.agent_service_account.is_empty()
+        || !a.authentication_audience.is_empty();
+    if token_auth {
+        if a.agent_namespace.is_empty()
+            || a.agent_service_account.is_empty()
+            || a.authentication_audience.is_empty()
+            || a.kubeconfig.is_empty()
+        {
+            bad_flag(
+                "--agent-namespace",
+                "--agent-namespace, --agent-service-account, --authentication-audience and --kubeconfig go together",
+            );
+        }
+        if !a.cluster_ca_cert.is_empty() {
+            bad_flag(
+                "--cluster-ca-cert",
+                "exclusive with token authentication (--agent-namespace ...)",
+            );
+        }
+        bad_flag(
+            "--agent-namespace",
+            "token authentication (TokenReview) is not implemented here; use --cluster-ca-cert (mTLS)",
+        );
+    }
+    if a.enable_lease_controller {
+        bad_flag(
+            "--enable-lease-controller",
+            "leases need a Kubernetes API server; not implemented here",
+        );
+    }
+    let tls_opts = TlsOptions {
+        min_version: Some(a.tls_min_version.clone()).filter(|s| !s.is_empty()),
+        cipher_suites: a
+            .cipher_suites
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect(),
+    };
+    let agent_tls = tls::server_config(
+        a.cluster_cert.as_ref(),
+        a.cluster_key.as_ref(),
+        Some(a.cluster_ca_cert.as_str())
+            .filter(|s| !s.is_empty())
+            .map(AsRef::as_ref),
+        &tls_opts,
+        &[b"h2"],
+    )
+    .unwrap_or_else(|e| bad_flag("--cluster-cert", e));
+    let frontend = if !a.uds_name.is_empty() {
+        FrontendListen::Uds {
+            path: a.uds_name.clone().into(),
+            delete_existing: a.delete_existing_uds_file,
+        }
+    } else {
+        let addr = bind(&a.server_bind_address, a.server_port)
+            .unwrap_or_else(|e| bad_flag("--server-bind-address", e));
+        let tls = if a.server_cert.is_empty() && a.server_key.is_empty() {
+            tracing::warn!("no --server-cert/--server-key: the TCP frontend is plaintext");
+            None
+        } else {
+            if a.server_ca_cert.is_empty() {
+                bad_flag(
+                    "--server-ca-cert",
+                    "required in TCP mode with TLS (clients are verified)",
+                );
+            }
+            let alpn: &[&[u8]] = if mode == FrontendMode::Grpc {
+                &[b"h2"]
+            } else {
+                &[b"http/1.1"]
+            };
+            Some(
+                tls::server_config(
+                    a.server_cert.as_ref(),
+                    a.server_key.as_ref(),
+                    Some(a.server_ca_cert.as_ref()),
+                    &tls_opts,
+                    alpn,
+                )
+                .unwrap_or_else(|e| bad_flag("--server-cert", e)),
+            )
+        };
+        FrontendListen::Tcp { addr, tls }
+    };
+    let opts = ServerOptions {
+        server_id: a.server_id.clone(),
+        server_count: a.server_count,
+        strategies,
+        backend_dial_timeout: a.backend_dial_timeout,
+        max_pending_dials: a.max_pending_dials,
+        flow_window: a.flow_window_bytes,
+        connection_queue_bytes: a.max_connection_queue_bytes,
+        agent_channel_packets: a.xfr_channel_size.max(256),
+        ..ServerOptions::default()
+    };
+    let launch = ServerLaunch {
+        opts,
+        mode,
+        frontend,
+        agent_addr: bind(&a.agent_bind_address, a.agent_port)
+            .unwrap_or_else(|e| bad_flag("--agent-bind-address", e)),
+        agent_tls,
+        health_addr: Some(
+            bind(&a.health_bind_address, a.health_port)
+                .unwrap_or_else(|e| bad_flag("--health-bind-address", e)),
+        ),
+        admin_addr: Some(
+            bind(
+                if a.admin_bind_address.is_empty() {
+                    "127.0.0.1"
+                } else {
+                    &a.admin_bind_address
+                },
+                a.admin_port,
+            )
+            .unwrap_or_else(|e| bad_flag("--admin-bind-address", e)),
+        ),
+        agent_keepalive: a.keepalive_time,
+        agent_liveness: a.agent_liveness_interval,
+        frontend_keepalive: a.frontend_keepalive_time,
+    };
+    let running = match server::launch(launch).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxy-server: {e:#}");
+            return 1;
+        }
+    };
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown(a.graceful_shutdown_timeout).await;
+    0
+}

@@ -1,0 +1,349 @@
+//! Load and lifecycle through real server and agent processes: 200
+//! concurrent hash-checked connections, a stalled reader beside busy
+//! connections, agent and server restarts, DRAIN, a frozen agent, and no
+//! descriptor left behind after each.
+
+mod tunnel_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use konnectivity::client::{self, ProxyAddr};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel_support::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn proxy_addr(st: &Stack) -> ProxyAddr {
+    let c = st.path("certs/master");
+    let tls = konnectivity::tls::client_config(
+        &c.join("issued/ca.crt"),
+        Some((
+            &c.join("issued/proxy-client.crt"),
+            &c.join("private/proxy-client.key"),
+        )),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    ProxyAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port: st.ports.server,
+        tls: Some(tls),
+    }
+}
+
+/// Echo `size` bytes of a per-connection pattern through an open tunnel
+/// and compare hashes.
+async fn echo_check<S: client::Io + ?Sized>(
+    io: &mut S,
+    seed: u64,
+    size: usize,
+) -> Result<(), String> {
+    let payload: Vec<u8> = (0..size)
+        .map(|i| ((i as u64).wrapping_mul(seed | 1) >> 3) as u8)
+        .collect();
+    let want = Sha256::digest(&payload);
+    io.write_all(b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let writer = async {
+        for chunk in payload.chunks(16 * 1024) {
+            wr.write_all(chunk).await.map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(())
+    };
+    let reader = async {
+        let mut got = vec![0u8; head.len() + size];
+        rd.read_exact(&mut got)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if &got[..head.len()] != head {
+            return Err("bad echo head".to_string());
+        }
+        Ok(Sha256::digest(&got[head.len()..]))
+    };
+    let (w, r) = tokio::join!(writer, reader);
+    w?;
+    if r? != want {
+        return Err(format!("hash mismatch on connection {seed}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn two_hundred_concurrent_grpc_connections_keep_their_data() {
+    let _backend = HttpServer::start();
+    let backend_port = _backend.port;
+    let st = Stack::start("grpc");
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = proxy_addr(&st);
+    let rt = runtime();
+    let failures = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let channel = client::grpc_channel(&addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut io = client::grpc_dial(channel, &format!("127.0.0.1:{backend_port}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                echo_check(&mut io, i + 1, 64 * 1024 + i as usize * 331).await
+            }));
+        }
+        let mut failures = Vec::new();
+        for t in tasks {
+            match tokio::time::timeout(Duration::from_secs(120), t).await {
+                Ok(Ok(Ok(()))) => {}
+                other => failures.push(format!("{other:?}")),
+            }
+        }
+        failures
+    });
+    drop(rt);
+    assert!(
+        failures.is_empty(),
+        "{} of 200 failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        st.logs()
+    );
+    st.wait_settled(sfd, afd);
+}
+
+#[test]
+fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
+    let backend = HttpServer::start();
+    let backend_port = backend.port;
+    let st = Stack::start("http-connect");
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = proxy_addr(&st);
+    let rt = runtime();
+    let failures = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut io =
+                    client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "load")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                echo_check(&mut *io, i + 7, 48 * 1024 + i as usize * 97).await
+            }));
+        }
+        let mut failures = Vec::new();
+        for t in tasks {
+            match tokio::time::timeout(Duration::from_secs(120), t).await {
+                Ok(Ok(Ok(()))) => {}
+                other => failures.push(format!("{other:?}")),
+            }
+        }
+        failures
+    });
+    drop(rt);
+    assert!(
+        failures.is_empty(),
+        "{} of 200 failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        st.logs()
+    );
+    st.wait_settled(sfd, afd);
+    wait_for("backend sockets closed", Duration::from_secs(10), || {
+        backend.open.load(std::sync::atomic::Ordering::SeqCst) == 0
+    });
+}
+
+/// One client that stops reading while its backend sends 64 MiB must not
+/// stall the other connections on the same agent stream: they all finish.
+/// With our agent (flow-control extension) the stalled connection is only
+/// throttled: nothing overflows, and once it reads again every byte arrives.
+#[test]
+fn a_stalled_reader_does_not_stall_the_others() {
+    let backend = HttpServer::start();
+    let backend_port = backend.port;
+    let st = Stack::start_with(
+        "http-connect",
+        &["--max-connection-queue-bytes=2097152"],
+        &[],
+    );
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = proxy_addr(&st);
+    let rt = runtime();
+    rt.block_on(async {
+        const BIG: usize = 64 << 20;
+        // The stalled connection: asks for a lot, reads nothing for now.
+        let mut stalled =
+            client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "stalled")
+                .await
+                .unwrap();
+        stalled
+            .write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Meanwhile 20 others move 1 MiB each, both ways.
+        let mut tasks = Vec::new();
+        for i in 0..20u64 {
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut io =
+                    client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "busy")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                echo_check(&mut *io, 1000 + i, 1 << 20).await
+            }));
+        }
+        for t in tasks {
+            let r = tokio::time::timeout(Duration::from_secs(60), t).await;
+            assert!(
+                matches!(r, Ok(Ok(Ok(())))),
+                "a busy connection failed beside the stalled one: {r:?}\n{}",
+                st.logs()
+            );
+        }
+        // Nothing was cut: the stalled connection was throttled, not dropped.
+        assert_eq!(
+            metric(
+                st.ports.health,
+                "konnectivity_network_proxy_server_queue_overflow_total"
+            ),
+            0.0
+        );
+        assert_eq!(
+            metric(
+                st.ports.agent_health,
+                "konnectivity_network_proxy_agent_queue_overflow_total"
+            ),
+            0.0
+        );
+        // It reads now and gets every byte.
+        let mut raw = Vec::with_capacity(BIG + 1024);
+        let read =
+            tokio::time::timeout(Duration::from_secs(120), stalled.read_to_end(&mut raw)).await;
+        assert!(read.is_ok(), "the stalled connection never finished");
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("response head")
+            + 4;
+        assert_eq!(
+            raw.len() - split,
+            BIG,
+            "bytes lost on the stalled connection"
+        );
+        assert_eq!(
+            Sha256::digest(&raw[split..]),
+            Sha256::digest(pattern(BIG)),
+            "data corrupted on the stalled connection"
+        );
+    });
+    drop(rt);
+    st.wait_settled(sfd, afd);
+}
+
+fn one_request(st: &Stack, backend_port: u16) -> Result<(), String> {
+    let out = std::process::Command::new(bin("proxy-test-client"))
+        .args([
+            "--ca-cert=certs/master/issued/ca.crt",
+            "--client-cert=certs/master/issued/proxy-client.crt",
+            "--client-key=certs/master/private/proxy-client.key",
+            &format!("--proxy-port={}", st.ports.server),
+            &format!("--request-port={backend_port}"),
+        ])
+        .current_dir(st.dir.path())
+        .output()
+        .unwrap();
+    if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("success: hello") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn agent_restart_and_server_restart_are_survived() {
+    let backend = HttpServer::start();
+    let mut st = Stack::start("grpc");
+    one_request(&st, backend.port).unwrap();
+
+    st.restart_agent();
+    st.wait_ready();
+    wait_for(
+        "a request after the agent restart",
+        Duration::from_secs(20),
+        || one_request(&st, backend.port).is_ok(),
+    );
+
+    let agent_fds = st.agent.fd_count();
+    st.restart_server("grpc");
+    // The same agent process reconnects by itself (sync loop with backoff).
+    st.wait_ready();
+    wait_for(
+        "a request after the server restart",
+        Duration::from_secs(20),
+        || one_request(&st, backend.port).is_ok(),
+    );
+    // The agent did not keep descriptors of the dead server connection.
+    let sfd = st.server.fd_count();
+    st.wait_settled(sfd, agent_fds);
+}
+
+#[test]
+fn drain_on_first_sigterm_exit_on_second() {
+    let backend = HttpServer::start();
+    let mut st = Stack::start("grpc");
+    st.agent.signal(SIGTERM);
+    wait_for("server saw DRAIN", Duration::from_secs(10), || {
+        st.server.log_text().contains("agent is draining")
+    });
+    // Draining agents still serve when nothing else is there (upstream's fallback).
+    one_request(&st, backend.port).unwrap();
+    assert!(
+        st.agent.alive(),
+        "the first SIGTERM must not stop the agent"
+    );
+    st.agent.signal(SIGTERM);
+    assert_eq!(
+        st.agent.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        st.logs()
+    );
+    wait_for("server dropped the agent", Duration::from_secs(10), || {
+        http_get(st.ports.health, "/readyz")
+            .is_some_and(|(s, b)| s == 500 && b.contains("no connection to any proxy agent"))
+    });
+}
+
+/// A frozen agent (SIGSTOP: its TCP connection stays open, nothing answers)
+/// is dropped by the server's HTTP/2 pings within seconds, not an hour.
+#[test]
+fn a_frozen_agent_is_detected_in_seconds() {
+    let st = Stack::start_with("grpc", &["--agent-liveness-interval=1s"], &[]);
+    let started = std::time::Instant::now();
+    st.agent.signal(19); // SIGSTOP
+    wait_for(
+        "server dropped the frozen agent",
+        Duration::from_secs(15),
+        || http_get(st.ports.health, "/readyz").is_some_and(|(s, _)| s == 500),
+    );
+    eprintln!("frozen agent dropped after {:?}", started.elapsed());
+    st.agent.signal(18); // SIGCONT
+    // Back to life: the agent notices its dead stream and reconnects.
+    wait_for("agent back", Duration::from_secs(40), || {
+        http_get(st.ports.health, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let _ = Arc::new(());
+}

@@ -1,0 +1,810 @@
+//! The agent: dials back to the proxy server(s) over mTLS, keeps one
+//! `AgentService/Connect` stream per distinct serverID, and dials backends
+//! for the server.
+//!
+//! - Several `--proxy-server-host` addresses are accepted (comma separated);
+//!   they are tried round robin, and with more than one the agent wants at
+//!   least one connection per address. One load-balanced address works as
+//!   upstream: it is dialled again and again until the server count is met.
+//! - The stream reader never waits on one endpoint: each has a bounded queue
+//!   ([`PacketQueue`]); a backend too slow to take its data gets that one
+//!   connection closed (CLOSE_RSP with an error), nothing else.
+//! - Endpoint sockets are read with a stack buffer, so an idle connection
+//!   holds no read buffer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::{Endpoint, Uri};
+
+use crate::http::{self, Reply};
+use crate::metrics::AgentMetrics;
+use crate::proto::agent_service_client::AgentServiceClient;
+use crate::proto::{Checked, Packet, headers};
+use crate::queue::{Credit, PacketQueue, PushError};
+use crate::read_chunk;
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// host:port of each server (or of one load balancer).
+    pub servers: Vec<(String, u16)>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub agent_id: String,
+    pub agent_identifiers: String,
+    pub sync_interval: Duration,
+    pub sync_interval_cap: Duration,
+    pub sync_forever: bool,
+    /// HTTP/2 pings to the server; upstream servers refuse pings more often
+    /// than every 30 s, so shorter values are raised to 30 s.
+    pub keepalive_time: Duration,
+    pub dial_timeout: Duration,
+    pub connection_queue_bytes: usize,
+    pub channel_packets: usize,
+    pub max_pending_dials: usize,
+    pub service_account_token_path: Option<PathBuf>,
+    /// Per-connection window offered to the server for the flow-control
+    /// extension (0: off). Upstream servers ignore the offer.
+    pub flow_window: usize,
+}
+
+impl AgentOptions {
+    pub fn new(servers: Vec<(String, u16)>, tls: Arc<rustls::ClientConfig>) -> Self {
+        AgentOptions {
+            servers,
+            tls,
+            agent_id: uuid::Uuid::new_v4().to_string(),
+            agent_identifiers: String::new(),
+            sync_interval: Duration::from_secs(1),
+            sync_interval_cap: Duration::from_secs(10),
+            sync_forever: false,
+            keepalive_time: Duration::from_secs(3600),
+            dial_timeout: Duration::from_secs(5),
+            connection_queue_bytes: 4 << 20,
+            channel_packets: 256,
+            max_pending_dials: 10_000,
+            service_account_token_path: None,
+            flow_window: 1 << 20,
+        }
+    }
+}
+
+struct EndpointConn {
+    queue: PacketQueue,
+    /// Hard stop for both directions.
+    kill: CancellationToken,
+    /// Stops reading from the backend (child of `kill`).
+    stop_read: CancellationToken,
+    /// Flow-control extension: credit for DATA toward the server, and the
+    /// count of bytes delivered to the backend (acknowledged in batches).
+    send_credit: Option<Credit>,
+    delivered: Option<Credit>,
+}
+
+struct ServerConn {
+    server_id: String,
+    tx: mpsc::Sender<Packet>,
+    conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
+    dials: Mutex<HashMap<i64, AbortHandle>>,
+    next_id: AtomicI64,
+    gone: CancellationToken,
+    flow_window: usize,
+    deferred: Arc<AtomicUsize>,
+}
+
+struct Shared {
+    opts: AgentOptions,
+    metrics: AgentMetrics,
+    servers: Mutex<HashMap<String, Arc<ServerConn>>>,
+    server_count: AtomicUsize,
+    draining: AtomicBool,
+    stop: CancellationToken,
+}
+
+/// A running agent's handle.
+#[derive(Clone)]
+pub struct Agent {
+    sh: Arc<Shared>,
+}
+
+enum Outcome {
+    New,
+    Duplicate,
+}
+
+fn go_io_error(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    let s = match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    };
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().collect::<String>() + c.as_str(),
+        None => s,
+    }
+}
+
+impl Agent {
+    pub fn new(opts: AgentOptions) -> Self {
+        Agent {
+            sh: Arc::new(Shared {
+                opts,
+                metrics: AgentMetrics::default(),
+                servers: Mutex::new(HashMap::new()),
+                server_count: AtomicUsize::new(1),
+                draining: AtomicBool::new(false),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Connected to at least one server.
+    pub fn ready(&self) -> bool {
+        !self.sh.servers.lock().unwrap().is_empty()
+    }
+    pub fn connected_servers(&self) -> Vec<String> {
+        self.sh.servers.lock().unwrap().keys().cloned().collect()
+    }
+    pub fn metrics_text(&self) -> String {
+        self.sh.metrics.render()
+    }
+    pub fn open_endpoints(&self) -> usize {
+        self.sh
+            .servers
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.conns.lock().unwrap().len())
+            .sum()
+    }
+
+    /// First SIGTERM: tell every server we are leaving; open no new streams.
+    pub fn drain(&self) {
+        if self.sh.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!("draining: sending DRAIN to every server");
+        for s in self.sh.servers.lock().unwrap().values() {
+            send_control(s, Packet::drain());
+        }
+    }
+
+    pub fn stop(&self) {
+        self.sh.stop.cancel();
+    }
+
+    /// The sync loop: connects until the server count is met (forever with
+    /// `sync_forever`), with upstream's backoff. Returns once stopped.
+    pub async fn run(&self) {
+        let sh = &self.sh;
+        let o = &sh.opts;
+        let mut backoff = o.sync_interval;
+        let mut next = 0usize;
+        loop {
+            if sh.stop.is_cancelled() {
+                break;
+            }
+            let addrs = o.servers.len().max(1);
+            let target =
+                sh.server_count
+                    .load(Ordering::Relaxed)
+                    .max(if addrs > 1 { addrs } else { 1 });
+            let have = sh.servers.lock().unwrap().len();
+            let mut pause = o.sync_interval;
+            if !sh.draining.load(Ordering::Relaxed)
+                && (have < target || o.sync_forever)
+                && !o.servers.is_empty()
+            {
+                let (host, port) = o.servers[next % o.servers.len()].clone();
+                next += 1;
+                match tokio::select! { _ = sh.stop.cancelled() => break, r = connect_once(sh, &host, port) => r }
+                {
+                    Ok(Outcome::New) => {
+                        backoff = o.sync_interval;
+                        // Still short of the count: try again right away.
+                        if sh.servers.lock().unwrap().len() < target {
+                            pause = Duration::from_millis(10);
+                        }
+                    }
+                    Ok(Outcome::Duplicate) => backoff = o.sync_interval,
+                    Err(e) => {
+                        tracing::warn!(server = %format!("{host}:{port}"), error = %e, "cannot connect to proxy server");
+                        pause = backoff;
+                        backoff = Duration::from_secs_f64(
+                            (backoff.as_secs_f64() * 1.5).min(o.sync_interval_cap.as_secs_f64()),
+                        );
+                    }
+                }
+            }
+            let jitter = 1.0 + rand::thread_rng().gen_range(0.0..0.1);
+            tokio::select! {
+                _ = sh.stop.cancelled() => break,
+                _ = tokio::time::sleep(pause.mul_f64(jitter)) => {}
+            }
+        }
+        let servers: Vec<_> = sh.servers.lock().unwrap().drain().map(|(_, s)| s).collect();
+        for s in servers {
+            s.gone.cancel();
+        }
+    }
+}
+
+/// Never waits; a server that stops reading while control packets pile up
+/// (more than `MAX_DEFERRED_CONTROL`) gets its stream closed.
+fn send_control(conn: &ServerConn, packet: Packet) {
+    match conn.tx.try_send(packet) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(p)) => {
+            if conn.deferred.fetch_add(1, Ordering::AcqRel) >= crate::server::MAX_DEFERRED_CONTROL {
+                conn.deferred.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(server_id = %conn.server_id, "server does not read its stream; disconnecting");
+                conn.gone.cancel();
+                return;
+            }
+            let tx = conn.tx.clone();
+            let deferred = conn.deferred.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(p).await;
+                deferred.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+async fn open_channel(
+    opts: &AgentOptions,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let tls = TlsConnector::from(opts.tls.clone());
+    let name = crate::tls::server_name(host)?;
+    let target = format!("{host}:{port}");
+    let connector = tower::service_fn(move |_: Uri| {
+        let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
+        async move {
+            let tcp = TcpStream::connect(target).await?;
+            tcp.set_nodelay(true)?;
+            let conn = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(conn))
+        }
+    });
+    let keepalive = opts.keepalive_time.max(Duration::from_secs(30));
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(Endpoint::from_shared(format!("http://{authority}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .tcp_nodelay(true)
+        .connect_with_connector(connector)
+        .await?)
+}
+
+async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result<Outcome> {
+    let o = &sh.opts;
+    let channel = open_channel(o, host, port).await?;
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<Packet>(o.channel_packets.max(1));
+    let gone = CancellationToken::new();
+    let outbound = ReceiverStream::new(rx).take_until(gone.clone().cancelled_owned());
+    let mut req = Request::new(outbound);
+    let md = req.metadata_mut();
+    md.insert(headers::AGENT_ID, o.agent_id.parse()?);
+    md.insert(headers::AGENT_IDENTIFIERS, o.agent_identifiers.parse()?);
+    if o.flow_window > 0 {
+        md.insert(headers::FLOW_WINDOW, o.flow_window.to_string().parse()?);
+    }
+    if let Some(path) = &o.service_account_token_path {
+        let token = std::fs::read_to_string(path)?;
+        md.insert(
+            headers::AUTHORIZATION,
+            format!("Bearer {}", token.trim()).parse()?,
+        );
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.connect(req)).await??;
+    let md = resp.metadata();
+    let ids: Vec<_> = md
+        .get_all(headers::SERVER_ID)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if ids.len() != 1 {
+        anyhow::bail!(
+            "expected one server ID in the response headers, got {}",
+            ids.len()
+        );
+    }
+    let counts: Vec<_> = md
+        .get_all(headers::SERVER_COUNT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if counts.len() != 1 {
+        anyhow::bail!(
+            "expected one server count in the response headers, got {}",
+            counts.len()
+        );
+    }
+    let count: usize = counts[0]
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad server count {:?}", counts[0]))?;
+    sh.server_count.store(count.max(1), Ordering::Relaxed);
+    sh.metrics.known_server_count.set(count as i64);
+    let server_id = ids[0].to_string();
+    let flow_window = md
+        .get(headers::FLOW_WINDOW)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|_| o.flow_window > 0)
+        .map(|w| w.min(o.flow_window))
+        .unwrap_or(0);
+    let conn = Arc::new(ServerConn {
+        server_id: server_id.clone(),
+        tx,
+        conns: Mutex::new(HashMap::new()),
+        dials: Mutex::new(HashMap::new()),
+        next_id: AtomicI64::new(0),
+        gone,
+        flow_window,
+        deferred: Default::default(),
+    });
+    {
+        let mut servers = sh.servers.lock().unwrap();
+        if servers.contains_key(&server_id) {
+            tracing::debug!(%server_id, "already connected to this server");
+            conn.gone.cancel();
+            return Ok(Outcome::Duplicate);
+        }
+        servers.insert(server_id.clone(), conn.clone());
+        sh.metrics.open_server_connections.set(servers.len() as i64);
+    }
+    tracing::info!(%server_id, server = %format!("{host}:{port}"), count, "connected to proxy server");
+    if sh.draining.load(Ordering::Relaxed) {
+        send_control(&conn, Packet::drain());
+    }
+    let inbound = resp.into_inner();
+    let sh2 = sh.clone();
+    tokio::spawn(serve_server(sh2, conn, inbound));
+    Ok(Outcome::New)
+}
+
+async fn serve_server(
+    sh: Arc<Shared>,
+    conn: Arc<ServerConn>,
+    mut inbound: tonic::Streaming<Packet>,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = sh.stop.cancelled() => break,
+            _ = conn.gone.cancelled() => break,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(p)) => handle_packet(&sh, &conn, p),
+            Ok(None) => break,
+            Err(status) => {
+                tracing::warn!(server_id = %conn.server_id, %status, "server stream ended");
+                sh.metrics
+                    .stream_errors_total
+                    .with_label_values(&["from_server", &format!("{:?}", status.code()), ""])
+                    .inc();
+                break;
+            }
+        }
+    }
+    {
+        let mut servers = sh.servers.lock().unwrap();
+        if servers
+            .get(&conn.server_id)
+            .is_some_and(|c| Arc::ptr_eq(c, &conn))
+        {
+            servers.remove(&conn.server_id);
+        }
+        sh.metrics.open_server_connections.set(servers.len() as i64);
+    }
+    conn.gone.cancel();
+    for (_, h) in conn.dials.lock().unwrap().drain() {
+        h.abort();
+    }
+    let eps: Vec<_> = conn.conns.lock().unwrap().drain().map(|(_, e)| e).collect();
+    for ep in eps {
+        sh.metrics.open_endpoint_connections.dec();
+        ep.kill.cancel();
+    }
+    tracing::info!(server_id = %conn.server_id, "disconnected from proxy server");
+}
+
+fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
+    let checked = match packet.checked() {
+        Ok(c) => c,
+        Err(why) => {
+            sh.metrics.bad("malformed_server_packet");
+            tracing::warn!(why, "malformed packet from server dropped");
+            return;
+        }
+    };
+    sh.metrics.packet("from_server", checked.type_name());
+    match checked {
+        Checked::DialReq(d) => {
+            if d.protocol != "tcp" {
+                sh.metrics.bad("dial_protocol");
+                send_control(
+                    conn,
+                    Packet::dial_rsp(
+                        d.random,
+                        0,
+                        format!("unsupported protocol {:?}", d.protocol),
+                    ),
+                );
+                return;
+            }
+            let mut dials = conn.dials.lock().unwrap();
+            if dials.len() >= sh.opts.max_pending_dials || dials.contains_key(&d.random) {
+                sh.metrics.bad("pending_dials_limit");
+                send_control(
+                    conn,
+                    Packet::dial_rsp(d.random, 0, "too many pending dials"),
+                );
+                return;
+            }
+            let connect_id = conn.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+            let task = tokio::spawn(dial(
+                sh.clone(),
+                conn.clone(),
+                d.address,
+                d.random,
+                connect_id,
+            ));
+            dials.insert(d.random, task.abort_handle());
+        }
+        Checked::Data(d) => {
+            let ep = conn.conns.lock().unwrap().get(&d.connect_id).cloned();
+            let Some(ep) = ep else {
+                send_control(
+                    conn,
+                    Packet::close_rsp(d.connect_id, "unrecognized connectID"),
+                );
+                return;
+            };
+            match ep.queue.push_data(Packet::data(d.connect_id, d.data)) {
+                Ok(()) => {}
+                Err(e) => {
+                    if e == PushError::Overflow {
+                        sh.metrics
+                            .queue_overflow_total
+                            .with_label_values(&["to_endpoint"])
+                            .inc();
+                        tracing::warn!(
+                            connect_id = d.connect_id,
+                            "backend too slow: its queue is full; closing that connection"
+                        );
+                    }
+                    if conn.conns.lock().unwrap().remove(&d.connect_id).is_some() {
+                        sh.metrics.open_endpoint_connections.dec();
+                        ep.kill.cancel();
+                        send_control(
+                            conn,
+                            Packet::close_rsp(
+                                d.connect_id,
+                                "send queue overflow: backend reads too slowly",
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        Checked::CloseReq(c) => {
+            let ep = conn.conns.lock().unwrap().remove(&c.connect_id);
+            match ep {
+                Some(ep) => {
+                    sh.metrics.open_endpoint_connections.dec();
+                    // Deliver what is queued, then FIN; stop reading now.
+                    ep.queue.close();
+                    ep.stop_read.cancel();
+                    send_control(conn, Packet::close_rsp(c.connect_id, ""));
+                }
+                None => send_control(conn, Packet::close_rsp(c.connect_id, "Unknown connectID")),
+            }
+        }
+        Checked::DialCls(c) => {
+            if let Some(h) = conn.dials.lock().unwrap().remove(&c.random) {
+                h.abort();
+            }
+        }
+        Checked::DataAck(ack) => {
+            let ep = conn.conns.lock().unwrap().get(&ack.connect_id).cloned();
+            if let Some(cr) = ep.as_ref().and_then(|e| e.send_credit.as_ref()) {
+                cr.give(ack.bytes.max(0) as usize);
+            }
+        }
+        Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain => {
+            sh.metrics.bad("unexpected_server_packet")
+        }
+    }
+}
+
+async fn dial(
+    sh: Arc<Shared>,
+    conn: Arc<ServerConn>,
+    address: String,
+    random: i64,
+    connect_id: i64,
+) {
+    let start = Instant::now();
+    let result =
+        tokio::time::timeout(sh.opts.dial_timeout, TcpStream::connect(address.as_str())).await;
+    // Claim the dial; a DIAL_CLS that got here first has removed it.
+    if conn.dials.lock().unwrap().remove(&random).is_none() {
+        return;
+    }
+    let stream = match result {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            sh.metrics
+                .endpoint_dial_failure_total
+                .with_label_values(&["connection"])
+                .inc();
+            let msg = format!("dial tcp {address}: connect: {}", go_io_error(&e));
+            tracing::info!(%address, error = %msg, "backend dial failed");
+            let _ = conn.tx.send(Packet::dial_rsp(random, 0, msg)).await;
+            return;
+        }
+        Err(_) => {
+            sh.metrics
+                .endpoint_dial_failure_total
+                .with_label_values(&["timeout"])
+                .inc();
+            let _ = conn
+                .tx
+                .send(Packet::dial_rsp(
+                    random,
+                    0,
+                    format!("dial tcp {address}: i/o timeout"),
+                ))
+                .await;
+            return;
+        }
+    };
+    sh.metrics
+        .dial_duration_seconds
+        .observe(start.elapsed().as_secs_f64());
+    let _ = stream.set_nodelay(true);
+    let kill = conn.gone.child_token();
+    let ep = Arc::new(EndpointConn {
+        queue: PacketQueue::new(sh.opts.connection_queue_bytes),
+        stop_read: kill.child_token(),
+        kill,
+        send_credit: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
+        delivered: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
+    });
+    conn.conns.lock().unwrap().insert(connect_id, ep.clone());
+    sh.metrics.open_endpoint_connections.inc();
+    if conn
+        .tx
+        .send(Packet::dial_rsp(random, connect_id, ""))
+        .await
+        .is_err()
+    {
+        if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
+            sh.metrics.open_endpoint_connections.dec();
+        }
+        return;
+    }
+    let (rd, mut wr) = stream.into_split();
+    // Writer: queue -> backend.
+    let (sh_w, conn_w, ep_w) = (sh.clone(), conn.clone(), ep.clone());
+    tokio::spawn(async move {
+        loop {
+            let p = tokio::select! {
+                _ = ep_w.kill.cancelled() => return,
+                p = ep_w.queue.pop() => p,
+            };
+            let Some(p) = p else { break };
+            let Ok(Checked::Data(d)) = p.checked() else {
+                continue;
+            };
+            // After CLOSE_REQ the rest is delivered, but a backend that
+            // stopped reading gets 10 s, not forever.
+            let draining = ep_w.queue.is_closed();
+            let write = async {
+                if draining {
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(10), wr.write_all(&d.data)).await,
+                        Ok(Ok(()))
+                    )
+                } else {
+                    wr.write_all(&d.data).await.is_ok()
+                }
+            };
+            let ok = tokio::select! {
+                _ = ep_w.kill.cancelled() => return,
+                ok = write => ok,
+            };
+            if ok
+                && let Some(bytes) = ep_w
+                    .delivered
+                    .as_ref()
+                    .and_then(|c| c.delivered(d.data.len()))
+            {
+                send_control(&conn_w, Packet::data_ack(connect_id, bytes));
+            }
+            if !ok {
+                if conn_w.conns.lock().unwrap().remove(&connect_id).is_some() {
+                    sh_w.metrics.open_endpoint_connections.dec();
+                    send_control(
+                        &conn_w,
+                        Packet::close_rsp(connect_id, "write to backend failed"),
+                    );
+                }
+                ep_w.kill.cancel();
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    // Reader: its own small task, so the dial's larger future is freed.
+    tokio::spawn(endpoint_reader(sh, conn, ep, rd, connect_id));
+}
+
+/// Backend -> server for one endpoint connection.
+async fn endpoint_reader(
+    sh: Arc<Shared>,
+    conn: Arc<ServerConn>,
+    ep: Arc<EndpointConn>,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    connect_id: i64,
+) {
+    loop {
+        let chunk = tokio::select! {
+            _ = ep.stop_read.cancelled() => return,
+            c = read_chunk(&mut rd) => c,
+        };
+        match chunk {
+            Ok(c) if !c.is_empty() => {
+                if let Some(cr) = &ep.send_credit {
+                    let ok = tokio::select! {
+                        _ = ep.stop_read.cancelled() => return,
+                        ok = cr.take(c.len()) => ok,
+                    };
+                    if !ok {
+                        return;
+                    }
+                }
+                let sent = tokio::select! {
+                    _ = ep.stop_read.cancelled() => return,
+                    r = conn.tx.send(Packet::data(connect_id, c)) => r.is_ok(),
+                };
+                if !sent {
+                    ep.kill.cancel();
+                    return;
+                }
+            }
+            _ => {
+                // Backend EOF or error: unsolicited CLOSE_RSP, as upstream.
+                if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
+                    sh.metrics.open_endpoint_connections.dec();
+                    let _ = conn.tx.send(Packet::close_rsp(connect_id, "")).await;
+                }
+                ep.queue.close();
+                return;
+            }
+        }
+    }
+}
+
+pub struct AgentLaunch {
+    pub opts: AgentOptions,
+    pub health_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+pub struct RunningAgent {
+    pub agent: Agent,
+    pub health_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+}
+
+impl RunningAgent {
+    pub async fn shutdown(mut self) {
+        self.agent.stop();
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+    }
+}
+
+/// Starts the agent's sync loop and its health and admin ports.
+pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
+    let agent = Agent::new(cfg.opts);
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut health_addr = None;
+    if let Some(addr) = cfg.health_addr {
+        let listener = TcpListener::bind(addr).await?;
+        health_addr = Some(listener.local_addr()?);
+        let a = agent.clone();
+        let handler: http::Handler = Arc::new(move |path, query| match path {
+            "/healthz" => Reply::text(200, "ok"),
+            "/readyz" => {
+                let verbose = query.is_some_and(|q| {
+                    q.split('&')
+                        .any(|k| k == "verbose" || k.starts_with("verbose="))
+                });
+                if a.ready() {
+                    if verbose {
+                        Reply::text(
+                            200,
+                            "[+]ping ok\n[+]server-connected ok\nreadyz check passed\n",
+                        )
+                    } else {
+                        Reply::text(200, "ok")
+                    }
+                } else {
+                    Reply::text(
+                        503,
+                        "[+]ping ok\n[-]server-connected failed: no servers connected\nreadyz check failed\n",
+                    )
+                }
+            }
+            "/metrics" => Reply::metrics(a.metrics_text()),
+            _ => Reply::not_found(),
+        });
+        tasks.spawn(http::serve(listener, handler, stop.clone()));
+    }
+    let mut admin_addr = None;
+    if let Some(addr) = cfg.admin_addr {
+        let listener = TcpListener::bind(addr).await?;
+        admin_addr = Some(listener.local_addr()?);
+        let target = health_addr.map(|h| format!("http://{h}/metrics"));
+        let a = agent.clone();
+        let handler: http::Handler = Arc::new(move |path, _| match (path, &target) {
+            ("/metrics", Some(t)) => Reply {
+                status: 301,
+                content_type: "text/plain; charset=utf-8",
+                body: String::new(),
+                location: Some(t.clone()),
+            },
+            ("/metrics", None) => Reply::metrics(a.metrics_text()),
+            _ => Reply::not_found(),
+        });
+        tasks.spawn(http::serve(listener, handler, stop.clone()));
+    }
+    let a = agent.clone();
+    tasks.spawn(async move { a.run().await });
+    Ok(RunningAgent {
+        agent,
+        health_addr,
+        admin_addr,
+        tasks,
+        stop,
+    })
+}

@@ -1,0 +1,274 @@
+//! The client side: a gRPC tunnel (one `ProxyService/Proxy` stream per dial,
+//! like konnectivity-client's single-use tunnel) and HTTP-CONNECT, over TCP
+//! with mTLS or over a unix socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::proto::proxy_service_client::ProxyServiceClient;
+use crate::proto::{Checked, Packet};
+use crate::read_chunk;
+
+/// Where the proxy server's frontend listens.
+#[derive(Clone)]
+pub enum ProxyAddr {
+    Tcp {
+        host: String,
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
+    Uds(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to the proxy: {0}")]
+    Connect(String),
+    #[error("dial failed: {0}")]
+    Dial(String),
+    #[error("proxy answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Anything the tunnel hands back.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A raw stream to the proxy (TLS with ALPN h2 or http/1.1, or UDS).
+pub async fn raw_connect(addr: &ProxyAddr, alpn_h2: bool) -> Result<Box<dyn Io>, ClientError> {
+    match addr {
+        ProxyAddr::Uds(path) => Ok(Box::new(UnixStream::connect(path).await?)),
+        ProxyAddr::Tcp { host, port, tls } => {
+            let tcp = TcpStream::connect((host.as_str(), *port)).await?;
+            tcp.set_nodelay(true)?;
+            match tls {
+                None => Ok(Box::new(tcp)),
+                Some(cfg) => {
+                    let mut cfg = (**cfg).clone();
+                    cfg.alpn_protocols = if alpn_h2 {
+                        vec![b"h2".to_vec()]
+                    } else {
+                        vec![b"http/1.1".to_vec()]
+                    };
+                    let name = crate::tls::server_name(host)
+                        .map_err(|e| ClientError::Connect(e.to_string()))?;
+                    let conn = TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?;
+                    Ok(Box::new(conn))
+                }
+            }
+        }
+    }
+}
+
+/// A gRPC channel to the proxy (one HTTP/2 connection).
+pub async fn grpc_channel(addr: &ProxyAddr) -> Result<Channel, ClientError> {
+    let addr2 = addr.clone();
+    let connector = tower::service_fn(move |_: Uri| {
+        let addr = addr2.clone();
+        async move { raw_connect(&addr, true).await.map(TokioIo::new) }
+    });
+    let authority = match addr {
+        ProxyAddr::Tcp { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
+        ProxyAddr::Tcp { host, port, .. } => format!("{host}:{port}"),
+        ProxyAddr::Uds(_) => "localhost".into(),
+    };
+    Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ClientError::Connect(format!("{e:?}")))
+}
+
+/// Dials `address` through the proxy on its own Proxy stream. The returned
+/// stream carries the connection's bytes; dropping or shutting it down
+/// sends CLOSE_REQ.
+pub async fn grpc_dial(channel: Channel, address: &str) -> Result<DuplexStream, ClientError> {
+    let mut client = ProxyServiceClient::new(channel)
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<Packet>(64);
+    let random = crate::server::random_dial_id();
+    tx.send(Packet::dial_req("tcp", address, random))
+        .await
+        .map_err(|_| ClientError::Stream("closed".into()))?;
+    let resp = client
+        .proxy(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| ClientError::Stream(s.to_string()))?;
+    let mut inbound = resp.into_inner();
+    let connect_id = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| ClientError::Dial("dial timeout, backstop".into()))?
+            .map_err(|s| ClientError::Stream(s.to_string()))?
+            .ok_or_else(|| ClientError::Stream("stream ended before DIAL_RSP".into()))?;
+        match msg.checked() {
+            Ok(Checked::DialRsp(r)) if r.random == random => {
+                if !r.error.is_empty() {
+                    return Err(ClientError::Dial(r.error));
+                }
+                break r.connect_id;
+            }
+            Ok(Checked::DialCls(_)) => {
+                return Err(ClientError::Dial("dial closed by the server".into()));
+            }
+            _ => continue,
+        }
+    };
+    let (local, remote) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let (mut rd, mut wr) = tokio::io::split(remote);
+        let up = async {
+            loop {
+                match read_chunk(&mut rd).await {
+                    Ok(c) if !c.is_empty() => {
+                        if tx.send(Packet::data(connect_id, c)).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let _ = tx.send(Packet::close_req(connect_id)).await;
+            // Keep the request stream open until the server answers.
+            std::future::pending::<()>().await;
+        };
+        let down = async {
+            while let Ok(Some(p)) = inbound.message().await {
+                match p.checked() {
+                    Ok(Checked::Data(d))
+                        if d.connect_id == connect_id && wr.write_all(&d.data).await.is_err() =>
+                    {
+                        break;
+                    }
+                    Ok(Checked::CloseRsp(_)) => break,
+                    _ => {}
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    });
+    Ok(local)
+}
+
+/// Opens an HTTP-CONNECT tunnel to `address`.
+pub async fn http_connect(
+    addr: &ProxyAddr,
+    address: &str,
+    user_agent: &str,
+) -> Result<Box<dyn Io>, ClientError> {
+    let mut io = raw_connect(addr, false).await?;
+    io.write_all(
+        format!(
+            "CONNECT {address} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: {user_agent}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    io.flush().await?;
+    // Byte by byte so nothing after the head is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if io.read(&mut b).await? == 0 {
+            return Err(ClientError::Refused {
+                status: 0,
+                body: String::from_utf8_lossy(&head).into_owned(),
+            });
+        }
+        head.push(b[0]);
+        if head.len() > 16 * 1024 {
+            return Err(ClientError::Stream("response head too large".into()));
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if status != 200 {
+        let mut body = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), io.read_to_end(&mut body)).await;
+        return Err(ClientError::Refused {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    Ok(io)
+}
+
+/// A minimal HTTP/1.1 GET (`Connection: close`) over an open tunnel:
+/// returns the status code and body.
+pub async fn http_get<S: Io + ?Sized>(
+    io: &mut S,
+    host: &str,
+    path: &str,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    io.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: proxy-test-client\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    io.flush().await?;
+    let mut raw = Vec::new();
+    io.read_to_end(&mut raw).await?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            ClientError::Stream(format!("no HTTP response (got {} bytes)", raw.len()))
+        })?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&data[..eol])
+                .unwrap_or("0")
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 || data.len() < eol + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[(eol + 4 + size).min(data.len())..];
+    }
+    out
+}

@@ -1,0 +1,55 @@
+//! `konnectivity`: a wire-compatible implementation of Kubernetes
+//! apiserver-network-proxy (Konnectivity).
+//!
+//! - [`proto`]: the upstream protos (no `package` line, so the gRPC paths are
+//!   `/ProxyService/Proxy` and `/AgentService/Connect`) and packet helpers.
+//! - [`server`]: the proxy server (gRPC and HTTP-CONNECT frontends, agent
+//!   listener, backend selection, pending dials, DRAIN).
+//! - [`agent`]: the agent that dials back to one or more servers.
+//! - [`client`]: the client side (one Proxy stream per dial, or HTTP-CONNECT).
+//! - [`certs`]: the certificate tree upstream's `make certs` writes.
+//! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`]: shared plumbing.
+
+pub mod agent;
+pub mod certs;
+pub mod client;
+pub mod duration;
+pub mod http;
+pub mod metrics;
+pub mod proto;
+pub mod queue;
+pub mod server;
+pub mod tls;
+
+/// Read size for sockets (upstream: 4 KiB on the agent, 32 KiB on the
+/// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. The buffer
+/// lives on the stack only during a poll, so an idle connection holds none.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// gRPC's default maximum message size, which upstream keeps.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Reads once from `reader` and returns the bytes read (empty at EOF).
+///
+/// The buffer is allocated for the poll and dropped on `Pending`, so an idle
+/// connection holds none. Large reads keep their buffer (no copy); small
+/// ones are copied into a right-sized one, so a queued packet never pins
+/// much more memory than the bytes it carries (queues count bytes).
+pub async fn read_chunk<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<bytes::Bytes> {
+    std::future::poll_fn(|cx| {
+        let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, &mut buf) {
+            std::task::Poll::Ready(Ok(n)) if n >= READ_CHUNK / 4 => {
+                std::task::Poll::Ready(Ok(buf.freeze()))
+            }
+            std::task::Poll::Ready(Ok(_)) => {
+                std::task::Poll::Ready(Ok(bytes::Bytes::copy_from_slice(&buf)))
+            }
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await
+}

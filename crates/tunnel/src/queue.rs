@@ -1,0 +1,188 @@
+//! The per-connection packet queue: the flow-control point that keeps one
+//! slow reader from stalling every other connection on a shared agent stream.
+//!
+//! The reader of a shared stream never waits on one connection: it pushes
+//! into that connection's queue and moves on. A queue holds at most `limit`
+//! bytes of DATA. When a push would exceed that, the push fails with
+//! [`PushError::Overflow`] and the caller closes *that* connection (upstream's
+//! CLOSE_REQ / CLOSE_RSP with an error); every other connection carries on.
+//! Control packets (dial response, close) are always accepted: each
+//! connection gets at most a handful.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::proto::Packet;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    Overflow,
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    packets: VecDeque<Packet>,
+    bytes: usize,
+    closed: bool,
+}
+
+pub struct PacketQueue {
+    state: Mutex<State>,
+    notify: Notify,
+    limit: usize,
+}
+
+impl PacketQueue {
+    pub fn new(limit: usize) -> Self {
+        PacketQueue {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Queues a DATA packet unless that would pass the byte limit.
+    pub fn push_data(&self, packet: Packet) -> Result<(), PushError> {
+        let weight = packet.weight();
+        let mut st = self.state.lock().unwrap();
+        if st.closed {
+            return Err(PushError::Closed);
+        }
+        if st.bytes + weight > self.limit && !st.packets.is_empty() {
+            return Err(PushError::Overflow);
+        }
+        st.bytes += weight;
+        st.packets.push_back(packet);
+        drop(st);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Queues a control packet (never refused for size).
+    pub fn push_control(&self, packet: Packet) -> Result<(), PushError> {
+        let mut st = self.state.lock().unwrap();
+        if st.closed {
+            return Err(PushError::Closed);
+        }
+        st.bytes += packet.weight();
+        st.packets.push_back(packet);
+        drop(st);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// No more pushes; `pop` returns what is queued, then `None`.
+    pub fn close(&self) {
+        self.state.lock().unwrap().closed = true;
+        self.notify.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().unwrap().bytes
+    }
+
+    /// The next packet, waiting if none is queued; `None` once closed and empty.
+    pub async fn pop(&self) -> Option<Packet> {
+        loop {
+            {
+                let mut st = self.state.lock().unwrap();
+                if let Some(p) = st.packets.pop_front() {
+                    st.bytes -= p.weight();
+                    if st.packets.is_empty() {
+                        // Give back a queue that grew under a burst.
+                        st.packets.shrink_to(4);
+                    }
+                    return Some(p);
+                }
+                if st.closed {
+                    return None;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Send credit of one connection under the flow-control extension: the
+/// sender takes credit before each DATA, the receiver returns it (DATA_ACK)
+/// as the data leaves toward its reader. At most `window` bytes of one
+/// connection are ever in flight, so its queue on the other side never
+/// overflows and a slow reader only slows itself.
+pub struct Credit {
+    sem: tokio::sync::Semaphore,
+    window: usize,
+    delivered: std::sync::atomic::AtomicUsize,
+}
+
+impl Credit {
+    pub fn new(window: usize) -> Self {
+        Credit {
+            sem: tokio::sync::Semaphore::new(window),
+            window,
+            delivered: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+    /// Waits for `n` bytes of credit (false once the connection closed).
+    pub async fn take(&self, n: usize) -> bool {
+        let n = n.clamp(1, self.window) as u32;
+        match self.sem.acquire_many(n).await {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+    /// Credit returned by the peer (never above the window).
+    pub fn give(&self, n: usize) {
+        let room = self.window.saturating_sub(self.sem.available_permits());
+        self.sem.add_permits(n.min(room));
+    }
+    /// Counts delivered bytes; returns the amount to acknowledge once a
+    /// quarter window has gathered (fewer, larger acks).
+    pub fn delivered(&self, n: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        let total = self.delivered.fetch_add(n, Ordering::AcqRel) + n;
+        if total >= self.window / 4 {
+            let t = self.delivered.swap(0, Ordering::AcqRel);
+            (t > 0).then_some(t)
+        } else {
+            None
+        }
+    }
+    /// Wakes every waiter with failure.
+    pub fn close(&self) {
+        self.sem.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn overflow_refuses_data_but_not_control() {
+        let q = PacketQueue::new(1000);
+        q.push_data(Packet::data(1, Bytes::from(vec![0; 800])))
+            .unwrap();
+        assert_eq!(
+            q.push_data(Packet::data(1, Bytes::from(vec![0; 800]))),
+            Err(PushError::Overflow)
+        );
+        q.push_control(Packet::close_rsp(1, "x")).unwrap();
+        q.close();
+        assert!(q.push_control(Packet::close_rsp(1, "")).is_err());
+        assert!(q.pop().await.is_some());
+        assert!(q.pop().await.is_some());
+        assert!(q.pop().await.is_none());
+        assert_eq!(q.queued_bytes(), 0);
+    }
+}

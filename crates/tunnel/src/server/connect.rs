@@ -1,0 +1,225 @@
+//! The HTTP-CONNECT frontend: one CONNECT per socket, then a raw relay.
+//! Responses follow upstream byte for byte where clients look at them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::state::{DialError, Shared, random_id};
+use crate::proto::Checked;
+use crate::read_chunk;
+
+/// Longest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// Client bytes held while the dial is pending.
+const MAX_EARLY: usize = 64 * 1024;
+/// A request head must arrive within this time.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn go_error(status: u16, reason: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Upstream's mapping of an agent's dial error to a status.
+pub(crate) fn dial_error_status(err: &str) -> (u16, &'static str) {
+    let e = err.to_lowercase();
+    if e.contains("timeout") || e.contains("deadline exceeded") || e.contains("timed out") {
+        (504, "Gateway Timeout")
+    } else if e.contains("too many open files") {
+        (503, "Service Unavailable")
+    } else {
+        (502, "Bad Gateway")
+    }
+}
+
+struct Guard<'a>(&'a Shared);
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.http_connections.dec();
+    }
+}
+
+/// Serves one HTTP-CONNECT client socket to the end.
+pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    sh.metrics.http_connections.inc();
+    let _guard = Guard(&sh);
+    let (mut rd, mut wr) = tokio::io::split(io);
+
+    // Read the request head.
+    let mut head = BytesMut::new();
+    let head_end = loop {
+        let chunk = match tokio::time::timeout(HEAD_TIMEOUT, read_chunk(&mut rd)).await {
+            Ok(Ok(c)) if !c.is_empty() => c,
+            _ => return,
+        };
+        head.extend_from_slice(&chunk);
+        if let Some(pos) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if head.len() > MAX_HEAD {
+            sh.metrics.bad("http_head_too_large");
+            let _ = wr
+                .write_all(&go_error(
+                    431,
+                    "Request Header Fields Too Large",
+                    "431 Request Header Fields Too Large",
+                ))
+                .await;
+            return;
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = req.parse(&head[..head_end]);
+    let (method, target) = match parsed {
+        Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or(""), req.path.unwrap_or("")),
+        _ => {
+            sh.metrics.bad("http_malformed");
+            tracing::info!("malformed HTTP request on the HTTP-CONNECT port");
+            let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
+            return;
+        }
+    };
+    if method != "CONNECT" {
+        sh.metrics.bad("http_method");
+        tracing::info!(method, "refused: only CONNECT is served");
+        let _ = wr
+            .write_all(&go_error(
+                405,
+                "Method Not Allowed",
+                "this proxy only supports CONNECT passthrough\n",
+            ))
+            .await;
+        return;
+    }
+    let host_header = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok());
+    let address = if target.is_empty() {
+        host_header.unwrap_or("")
+    } else {
+        target
+    }
+    .to_string();
+    if address.is_empty() {
+        sh.metrics.bad("http_no_target");
+        let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
+        return;
+    }
+    let mut early = BytesMut::from(&head[head_end..]);
+    drop(head);
+
+    let fe = sh.new_frontend();
+    let random = random_id();
+    if let Err(e) = sh.start_dial(&fe, "tcp", &address, random).await {
+        tracing::info!(%address, error = %e, "CONNECT refused");
+        let reply = match e {
+            DialError::NoAgent => format!(
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: {e}"
+            )
+            .into_bytes(),
+            DialError::Timeout => go_error(504, "Gateway Timeout", &format!("Failed to tunnel dial request: {e}\r\n")),
+            DialError::Overloaded => go_error(503, "Service Unavailable", &format!("Failed to tunnel dial request: {e}\r\n")),
+            _ => go_error(502, "Bad Gateway", &format!("Failed to tunnel dial request: {e}\r\n")),
+        };
+        let _ = wr.write_all(&reply).await;
+        sh.frontend_gone(&fe);
+        return;
+    }
+
+    // Wait for the agent's answer; a client that hangs up cancels the dial.
+    let connect_id = loop {
+        tokio::select! {
+            p = fe.queue.pop() => {
+                let Some(p) = p.and_then(|p| p.checked().ok()) else {
+                    sh.frontend_gone(&fe);
+                    return;
+                };
+                match p {
+                    Checked::DialRsp(r) if r.error.is_empty() => break r.connect_id,
+                    Checked::DialRsp(r) => {
+                        let (code, reason) = dial_error_status(&r.error);
+                        let _ = wr.write_all(&go_error(code, reason, &r.error)).await;
+                        sh.frontend_gone(&fe);
+                        return;
+                    }
+                    _ => {
+                        sh.frontend_gone(&fe);
+                        return;
+                    }
+                }
+            }
+            c = read_chunk(&mut rd) => {
+                match c {
+                    Ok(c) if !c.is_empty() && early.len() + c.len() <= MAX_EARLY => early.extend_from_slice(&c),
+                    _ => {
+                        sh.frontend_gone(&fe);
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    // Nothing else may share this write (newer kube-apiservers reject it).
+    if wr
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .is_err()
+        || wr.flush().await.is_err()
+    {
+        sh.frontend_gone(&fe);
+        return;
+    }
+    let Some(conn) = fe.conn(connect_id) else {
+        sh.frontend_gone(&fe);
+        return;
+    };
+
+    let up = async {
+        if !early.is_empty() && !sh.send_data_to_agent(&conn, early.freeze()).await {
+            return;
+        }
+        loop {
+            match read_chunk(&mut rd).await {
+                Ok(c) if !c.is_empty() => {
+                    if !sh.send_data_to_agent(&conn, c).await {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    };
+    let down = async {
+        while let Some(p) = fe.queue.pop().await {
+            match p.checked() {
+                Ok(Checked::Data(d)) => {
+                    let data: Bytes = d.data;
+                    if wr.write_all(&data).await.is_err() {
+                        return;
+                    }
+                    sh.delivered(&fe, connect_id, data.len());
+                }
+                _ => break,
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = sh.stop.cancelled() => {}
+    }
+    sh.frontend_gone(&fe);
+}

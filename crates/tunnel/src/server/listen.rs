@@ -1,0 +1,419 @@
+//! Listeners and lifecycle: the frontend (TCP+mTLS or UDS; gRPC or
+//! HTTP-CONNECT), the agent listener (mTLS), the health and admin ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use super::state::{AgentSvc, ProxyServer, ProxySvc, ServerOptions, Shared};
+use crate::http::{self, Reply};
+use crate::proto::agent_service_server::AgentServiceServer;
+use crate::proto::proxy_service_server::ProxyServiceServer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrontendMode {
+    Grpc,
+    HttpConnect,
+}
+
+pub enum FrontendListen {
+    /// TCP; TLS when a config is given (mTLS if it verifies clients).
+    Tcp {
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    },
+    /// Unix socket, plain; created with mode 0770 (upstream's umask 0007).
+    Uds {
+        path: PathBuf,
+        delete_existing: bool,
+    },
+}
+
+pub struct ServerLaunch {
+    pub opts: ServerOptions,
+    pub mode: FrontendMode,
+    pub frontend: FrontendListen,
+    pub agent_addr: SocketAddr,
+    pub agent_tls: Arc<rustls::ServerConfig>,
+    pub health_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    /// Server pings to agents (`--keepalive-time`).
+    pub agent_keepalive: Duration,
+    /// Extra, faster liveness pings to agents so a dead agent is dropped in
+    /// seconds; zero leaves only `agent_keepalive`.
+    pub agent_liveness: Duration,
+    pub frontend_keepalive: Duration,
+}
+
+pub struct RunningServer {
+    pub server: ProxyServer,
+    pub frontend_addr: Option<SocketAddr>,
+    pub agent_addr: SocketAddr,
+    pub health_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    uds_path: Option<PathBuf>,
+}
+
+impl RunningServer {
+    /// Stops accepting; with `grace` > 0 waits up to that long for open
+    /// connections and pending dials to finish (`--graceful-shutdown-timeout`);
+    /// then ends every stream.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.stop.cancel();
+        if !grace.is_zero() {
+            let server = self.server.clone();
+            let _ = tokio::time::timeout(grace, async move {
+                while server.established() > 0 || server.pending_dials() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+        }
+        self.server.shared.stop.cancel();
+        let _ = tokio::time::timeout(grace.max(Duration::from_millis(100)), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+        if let Some(p) = &self.uds_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// A TLS stream tonic can serve (tonic's own impl needs its TLS feature).
+pub(crate) struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl Connected for TlsConn {
+    type ConnectInfo = Option<SocketAddr>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.peer_addr().ok()
+    }
+}
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP, completes TLS handshakes off the accept loop, and hands
+/// finished streams to `out`. Failed handshakes (no or wrong client
+/// certificate, garbage) are logged and counted, then dropped.
+async fn tls_accept_loop(
+    sh: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    which: &'static str,
+    out: mpsc::Sender<TlsConn>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, which, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let out = out.clone();
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = out.send(TlsConn(tls)).await;
+                }
+                Ok(Err(e)) => {
+                    sh.metrics.bad(&format!("tls_handshake_{which}"));
+                    tracing::warn!(%peer, error = %e, which, "TLS handshake failed");
+                }
+                Err(_) => {
+                    sh.metrics.bad(&format!("tls_handshake_{which}"));
+                    tracing::warn!(%peer, which, "TLS handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+fn h2_server(keepalive: Duration, timeout: Duration) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(if keepalive.is_zero() {
+            None
+        } else {
+            Some(keepalive)
+        })
+        .http2_keepalive_timeout(Some(timeout))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .max_frame_size(Some(64 << 10))
+        .tcp_nodelay(true)
+}
+
+/// Binds every listener and starts serving.
+pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
+    let server = ProxyServer::new(cfg.opts);
+    let sh = server.shared.clone();
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    // Agent listener.
+    let agent_listener = TcpListener::bind(cfg.agent_addr).await?;
+    let agent_addr = agent_listener.local_addr()?;
+    let (tx, rx) = mpsc::channel::<TlsConn>(64);
+    tasks.spawn(tls_accept_loop(
+        sh.clone(),
+        agent_listener,
+        TlsAcceptor::from(cfg.agent_tls),
+        "agent",
+        tx,
+        stop.clone(),
+    ));
+    let ping = match (cfg.agent_keepalive.is_zero(), cfg.agent_liveness.is_zero()) {
+        (_, false) if cfg.agent_keepalive.is_zero() || cfg.agent_liveness < cfg.agent_keepalive => {
+            cfg.agent_liveness
+        }
+        _ => cfg.agent_keepalive,
+    };
+    let ping_timeout = if cfg.agent_liveness.is_zero() {
+        Duration::from_secs(20)
+    } else {
+        cfg.agent_liveness
+    };
+    let agent_svc = AgentServiceServer::new(AgentSvc(sh.clone()))
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+    let stop2 = stop.clone();
+    tasks.spawn(async move {
+        let r = h2_server(ping, ping_timeout)
+            .add_service(agent_svc)
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(rx).map(Ok::<_, std::io::Error>),
+                stop2.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "agent server failed");
+        }
+    });
+
+    // Frontend.
+    let mut frontend_addr = None;
+    let mut uds_path = None;
+    let proxy_svc = || {
+        ProxyServiceServer::new(ProxySvc(sh.clone()))
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
+    };
+    match cfg.frontend {
+        FrontendListen::Tcp { addr, tls } => {
+            let listener = TcpListener::bind(addr).await?;
+            frontend_addr = Some(listener.local_addr()?);
+            match (cfg.mode, tls) {
+                (FrontendMode::Grpc, Some(tls)) => {
+                    let (tx, rx) = mpsc::channel::<TlsConn>(64);
+                    tasks.spawn(tls_accept_loop(
+                        sh.clone(),
+                        listener,
+                        TlsAcceptor::from(tls),
+                        "frontend",
+                        tx,
+                        stop.clone(),
+                    ));
+                    let svc = proxy_svc();
+                    let (ka, stop2) = (cfg.frontend_keepalive, stop.clone());
+                    tasks.spawn(async move {
+                        let _ = h2_server(ka, Duration::from_secs(20))
+                            .add_service(svc)
+                            .serve_with_incoming_shutdown(
+                                ReceiverStream::new(rx).map(Ok::<_, std::io::Error>),
+                                stop2.cancelled_owned(),
+                            )
+                            .await;
+                    });
+                }
+                (FrontendMode::Grpc, None) => {
+                    let svc = proxy_svc();
+                    let (ka, stop2) = (cfg.frontend_keepalive, stop.clone());
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    tasks.spawn(async move {
+                        let _ = h2_server(ka, Duration::from_secs(20))
+                            .add_service(svc)
+                            .serve_with_incoming_shutdown(incoming, stop2.cancelled_owned())
+                            .await;
+                    });
+                }
+                (FrontendMode::HttpConnect, Some(tls)) => {
+                    // HTTP/1.1 only over TLS, as upstream.
+                    let (tx, mut rx) = mpsc::channel::<TlsConn>(64);
+                    tasks.spawn(tls_accept_loop(
+                        sh.clone(),
+                        listener,
+                        TlsAcceptor::from(tls),
+                        "frontend",
+                        tx,
+                        stop.clone(),
+                    ));
+                    let (sh2, stop2) = (sh.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        loop {
+                            let conn = tokio::select! { _ = stop2.cancelled() => return, c = rx.recv() => c };
+                            let Some(conn) = conn else { return };
+                            tokio::spawn(super::connect::serve(sh2.clone(), conn));
+                        }
+                    });
+                }
+                (FrontendMode::HttpConnect, None) => {
+                    let (sh2, stop2) = (sh.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        loop {
+                            let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
+                            if let Ok((s, _)) = r {
+                                let _ = s.set_nodelay(true);
+                                tokio::spawn(super::connect::serve(sh2.clone(), s));
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        FrontendListen::Uds {
+            path,
+            delete_existing,
+        } => {
+            if delete_existing && path.exists() {
+                std::fs::remove_file(&path)?;
+            }
+            let listener = UnixListener::bind(&path)?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o770))?;
+            }
+            uds_path = Some(path);
+            match cfg.mode {
+                FrontendMode::Grpc => {
+                    let svc = proxy_svc();
+                    let (ka, stop2) = (cfg.frontend_keepalive, stop.clone());
+                    tasks.spawn(async move {
+                        let _ = h2_server(ka, Duration::from_secs(20))
+                            .add_service(svc)
+                            .serve_with_incoming_shutdown(
+                                UnixListenerStream::new(listener),
+                                stop2.cancelled_owned(),
+                            )
+                            .await;
+                    });
+                }
+                FrontendMode::HttpConnect => {
+                    let (sh2, stop2) = (sh.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        loop {
+                            let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
+                            if let Ok((s, _)) = r {
+                                tokio::spawn(super::connect::serve(sh2.clone(), s));
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    // Health: /healthz, /readyz (/ready), /metrics. Admin: /metrics.
+    let mut health_addr = None;
+    if let Some(addr) = cfg.health_addr {
+        let listener = TcpListener::bind(addr).await?;
+        health_addr = Some(listener.local_addr()?);
+        let srv = server.clone();
+        let handler: http::Handler = Arc::new(move |path, _q| match path {
+            "/healthz" => Reply::text(200, "ok"),
+            "/readyz" | "/ready" => {
+                if srv.ready() {
+                    Reply::text(200, "ok")
+                } else {
+                    Reply::text(500, "no connection to any proxy agent")
+                }
+            }
+            "/metrics" => Reply::metrics(srv.metrics_text()),
+            _ => Reply::not_found(),
+        });
+        tasks.spawn(http::serve(listener, handler, stop.clone()));
+    }
+    let mut admin_addr = None;
+    if let Some(addr) = cfg.admin_addr {
+        let listener = TcpListener::bind(addr).await?;
+        admin_addr = Some(listener.local_addr()?);
+        let srv = server.clone();
+        let handler: http::Handler = Arc::new(move |path, _q| match path {
+            "/metrics" => Reply::metrics(srv.metrics_text()),
+            _ => Reply::not_found(),
+        });
+        tasks.spawn(http::serve(listener, handler, stop.clone()));
+    }
+    tracing::info!(server_id = %server.server_id(), ?frontend_addr, %agent_addr, "proxy server started");
+    Ok(RunningServer {
+        server,
+        frontend_addr,
+        agent_addr,
+        health_addr,
+        admin_addr,
+        stop,
+        tasks,
+        uds_path,
+    })
+}
+
+use futures_util::StreamExt as _;

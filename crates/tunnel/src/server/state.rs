@@ -1,0 +1,1091 @@
+//! Shared server state and the packet handling of both stream kinds.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::ServerMetrics;
+use crate::proto::agent_service_server::AgentService;
+use crate::proto::headers;
+use crate::proto::proxy_service_server::ProxyService;
+use crate::proto::{Checked, Packet};
+use crate::queue::{Credit, PacketQueue, PushError};
+
+/// Backend selection strategies (`--proxy-strategies`), tried in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Default,
+    DestHost,
+    DefaultRoute,
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "default" => Ok(Strategy::Default),
+            "destHost" => Ok(Strategy::DestHost),
+            "defaultRoute" => Ok(Strategy::DefaultRoute),
+            other => Err(format!(
+                "unknown proxy strategy {other:?} (default, destHost, defaultRoute)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub server_id: String,
+    pub server_count: u32,
+    pub strategies: Vec<Strategy>,
+    /// Zero: no limit on waiting for DIAL_RSP (upstream's default).
+    pub backend_dial_timeout: Duration,
+    /// Pending dials over all frontends; more are refused with a DIAL_RSP
+    /// error (gRPC) or 503 (HTTP-CONNECT).
+    pub max_pending_dials: usize,
+    /// Bytes queued toward one client before that connection is closed.
+    pub connection_queue_bytes: usize,
+    /// Packets queued toward one agent stream.
+    pub agent_channel_packets: usize,
+    /// Dials one frontend stream may have open at once.
+    pub max_dials_per_stream: usize,
+    /// Per-connection window offered to agents that speak the flow-control
+    /// extension (0: off). Kept at most `connection_queue_bytes`.
+    pub flow_window: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            server_id: uuid::Uuid::new_v4().to_string(),
+            server_count: 1,
+            strategies: vec![Strategy::Default],
+            backend_dial_timeout: Duration::ZERO,
+            max_pending_dials: 10_000,
+            connection_queue_bytes: 4 << 20,
+            agent_channel_packets: 256,
+            max_dials_per_stream: 64,
+            flow_window: 1 << 20,
+        }
+    }
+}
+
+/// What an agent said about itself in `agentIdentifiers`.
+#[derive(Debug, Default)]
+pub(crate) struct Identifiers {
+    hosts: Vec<String>,
+    ipv4: Vec<String>,
+    ipv6: Vec<String>,
+    default_route: bool,
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = match bytes[i] {
+            b'%' if i + 2 < bytes.len() => hex(bytes[i + 1])
+                .zip(hex(bytes[i + 2]))
+                .map(|(h, l)| h * 16 + l),
+            _ => None,
+        };
+        match (decoded, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 2;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Identifiers {
+    /// Parses `host=a&ipv4=1.2.3.4&ipv6=..&default-route=true`; unknown keys
+    /// are ignored, as upstream's server does.
+    pub(crate) fn parse(s: &str) -> Self {
+        let mut ids = Identifiers::default();
+        for pair in s.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match percent_decode(k).as_str() {
+                "host" => ids.hosts.push(v),
+                "ipv4" => ids.ipv4.push(v),
+                "ipv6" => ids.ipv6.push(v),
+                "default-route" => ids.default_route = v == "true",
+                _ => {}
+            }
+        }
+        ids
+    }
+}
+
+/// One agent stream.
+pub(crate) struct Backend {
+    uid: u64,
+    pub(crate) agent_id: String,
+    idents: Identifiers,
+    draining: AtomicBool,
+    tx: mpsc::Sender<Packet>,
+    conns: Mutex<HashMap<i64, Arc<Frontend>>>,
+    pub(crate) gone: CancellationToken,
+    /// Flow-control window agreed with this agent (0: upstream agent, none).
+    flow_window: usize,
+    /// Control packets waiting for room in `tx`.
+    deferred: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Control packets that may wait for a full agent or server stream.
+pub(crate) const MAX_DEFERRED_CONTROL: usize = 4096;
+
+/// One established connection as its frontend sees it.
+pub(crate) struct Conn {
+    pub(crate) connect_id: i64,
+    backend: Arc<Backend>,
+    /// Extension credit, when the agent speaks it: `to_agent` bounds our
+    /// DATA toward the agent; `from_agent` counts what we delivered.
+    pub(crate) to_agent: Option<Arc<Credit>>,
+    pub(crate) from_agent: Option<Arc<Credit>>,
+}
+
+#[derive(Default)]
+struct FrontState {
+    dials: Vec<i64>,
+    conns: Vec<Arc<Conn>>,
+    first_conn: Option<i64>,
+    closing: bool,
+}
+
+/// One client stream (gRPC) or socket (HTTP-CONNECT).
+pub(crate) struct Frontend {
+    uid: u64,
+    pub(crate) queue: PacketQueue,
+    state: Mutex<FrontState>,
+}
+
+impl Frontend {
+    fn live(st: &FrontState) -> usize {
+        st.dials.len() + st.conns.len()
+    }
+    fn dial_failed(&self, random: i64, packet: Packet) {
+        let mut st = self.state.lock().unwrap();
+        st.dials.retain(|r| *r != random);
+        let _ = self.queue.push_control(packet);
+        if Self::live(&st) == 0 {
+            self.queue.close();
+        }
+    }
+    fn establish(&self, random: i64, connect_id: i64, backend: &Arc<Backend>) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if self.queue.is_closed() || !st.dials.contains(&random) {
+            return false;
+        }
+        st.dials.retain(|r| *r != random);
+        let credit = |w: usize| (w > 0).then(|| Arc::new(Credit::new(w)));
+        st.conns.push(Arc::new(Conn {
+            connect_id,
+            backend: backend.clone(),
+            to_agent: credit(backend.flow_window),
+            from_agent: credit(backend.flow_window),
+        }));
+        st.first_conn.get_or_insert(connect_id);
+        true
+    }
+    fn finish_conn(&self, connect_id: i64, backend_uid: u64, packet: Packet) {
+        let mut st = self.state.lock().unwrap();
+        st.conns.retain(|c| {
+            let done = c.connect_id == connect_id && c.backend.uid == backend_uid;
+            if done && let Some(cr) = &c.to_agent {
+                cr.close();
+            }
+            !done
+        });
+        let _ = self.queue.push_control(packet);
+        if Self::live(&st) == 0 {
+            self.queue.close();
+        }
+    }
+    pub(crate) fn conn(&self, connect_id: i64) -> Option<Arc<Conn>> {
+        let st = self.state.lock().unwrap();
+        st.conns
+            .iter()
+            .find(|c| c.connect_id == connect_id)
+            .cloned()
+    }
+}
+
+struct Pending {
+    frontend: Arc<Frontend>,
+    backend: Arc<Backend>,
+    start: Instant,
+    timer: Option<AbortHandle>,
+}
+
+/// Why a dial could not be started.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("No agent available")]
+    NoAgent,
+    #[error("too many pending dials")]
+    Overloaded,
+    #[error("too many dials on one stream")]
+    TooManyOnStream,
+    #[error("duplicate dial id")]
+    Duplicate,
+    #[error("timed out waiting for backend dial")]
+    Timeout,
+    #[error("backend connection closed")]
+    BackendClosed,
+}
+
+pub(crate) struct Shared {
+    pub(crate) opts: ServerOptions,
+    pub(crate) metrics: ServerMetrics,
+    backends: RwLock<Vec<Arc<Backend>>>,
+    pending: Mutex<HashMap<i64, Pending>>,
+    next_uid: AtomicU64,
+    pub(crate) stop: CancellationToken,
+}
+
+/// The proxy server's state, shared by every listener.
+#[derive(Clone)]
+pub struct ProxyServer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+type PacketStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Packet, Status>> + Send>>;
+
+impl ProxyServer {
+    pub fn new(opts: ServerOptions) -> Self {
+        ProxyServer {
+            shared: Arc::new(Shared {
+                opts,
+                metrics: ServerMetrics::default(),
+                backends: RwLock::new(Vec::new()),
+                pending: Mutex::new(HashMap::new()),
+                next_uid: AtomicU64::new(1),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+    /// Ready when at least one agent is connected (upstream's /readyz).
+    pub fn ready(&self) -> bool {
+        !self.shared.backends.read().unwrap().is_empty()
+    }
+    pub fn agent_count(&self) -> usize {
+        self.shared.backends.read().unwrap().len()
+    }
+    pub fn pending_dials(&self) -> usize {
+        self.shared.pending.lock().unwrap().len()
+    }
+    pub fn established(&self) -> usize {
+        self.shared
+            .backends
+            .read()
+            .unwrap()
+            .iter()
+            .map(|b| b.conns.lock().unwrap().len())
+            .sum()
+    }
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+    pub fn server_id(&self) -> &str {
+        &self.shared.opts.server_id
+    }
+}
+
+fn dial_host(address: &str) -> &str {
+    // "[::1]:80" -> "::1", "1.2.3.4:80" -> "1.2.3.4", "host" -> "host"
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match address.rsplit_once(':') {
+        Some((h, _)) if !h.contains(':') => h,
+        _ => address,
+    }
+}
+
+impl Shared {
+    fn uid(&self) -> u64 {
+        self.next_uid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn new_frontend(&self) -> Arc<Frontend> {
+        Arc::new(Frontend {
+            uid: self.uid(),
+            queue: PacketQueue::new(self.opts.connection_queue_bytes),
+            state: Mutex::new(FrontState::default()),
+        })
+    }
+
+    fn select_backend(&self, address: &str) -> Option<Arc<Backend>> {
+        let backends = self.backends.read().unwrap();
+        let host = dial_host(address);
+        for strategy in &self.opts.strategies {
+            let fits = |b: &&Arc<Backend>| match strategy {
+                Strategy::Default => true,
+                Strategy::DestHost => b
+                    .idents
+                    .hosts
+                    .iter()
+                    .chain(&b.idents.ipv4)
+                    .chain(&b.idents.ipv6)
+                    .any(|h| h == host),
+                Strategy::DefaultRoute => b.idents.default_route,
+            };
+            let ready: Vec<_> = backends
+                .iter()
+                .filter(fits)
+                .filter(|b| !b.draining.load(Ordering::Relaxed))
+                .collect();
+            let pool = if ready.is_empty() {
+                backends.iter().filter(fits).collect()
+            } else {
+                ready
+            };
+            if !pool.is_empty() {
+                let i = rand::thread_rng().gen_range(0..pool.len());
+                return Some(pool[i].clone());
+            }
+        }
+        None
+    }
+
+    /// Sends a control packet to an agent without making the caller wait:
+    /// the stream readers must never block.
+    /// An agent that stops reading its stream while control packets pile
+    /// up (more than `MAX_DEFERRED_CONTROL` waiting) is disconnected.
+    fn send_control(&self, backend: &Backend, packet: Packet) {
+        match backend.tx.try_send(packet) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => {
+                if backend.deferred.fetch_add(1, Ordering::AcqRel) >= MAX_DEFERRED_CONTROL {
+                    backend.deferred.fetch_sub(1, Ordering::AcqRel);
+                    self.metrics.bad("agent_not_reading");
+                    tracing::warn!(agent_id = %backend.agent_id, "agent does not read its stream; disconnecting it");
+                    backend.gone.cancel();
+                    return;
+                }
+                let tx = backend.tx.clone();
+                let deferred = backend.deferred.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(p).await;
+                    deferred.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn take_pending(&self, random: i64, backend_uid: Option<u64>) -> Option<Pending> {
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(b) = backend_uid
+            && pending.get(&random).is_some_and(|p| p.backend.uid != b)
+        {
+            return None;
+        }
+        let p = pending.remove(&random)?;
+        drop(pending);
+        self.metrics.pending_backend_dials.dec();
+        if let Some(t) = &p.timer {
+            t.abort();
+        }
+        Some(p)
+    }
+
+    /// Registers a dial and sends DIAL_REQ to a chosen agent.
+    pub(crate) async fn start_dial(
+        self: &Arc<Self>,
+        frontend: &Arc<Frontend>,
+        protocol: &str,
+        address: &str,
+        random: i64,
+    ) -> Result<(), DialError> {
+        let Some(backend) = self.select_backend(address) else {
+            self.metrics
+                .dial_failure_count
+                .with_label_values(&["no_agent"])
+                .inc();
+            return Err(DialError::NoAgent);
+        };
+        {
+            let mut pending = self.pending.lock().unwrap();
+            if pending.len() >= self.opts.max_pending_dials {
+                self.metrics.bad("pending_dials_limit");
+                return Err(DialError::Overloaded);
+            }
+            if pending.contains_key(&random) {
+                self.metrics.bad("duplicate_dial_id");
+                return Err(DialError::Duplicate);
+            }
+            let mut st = frontend.state.lock().unwrap();
+            if Frontend::live(&st) >= self.opts.max_dials_per_stream || st.closing {
+                self.metrics.bad("dials_per_stream_limit");
+                return Err(DialError::TooManyOnStream);
+            }
+            st.dials.push(random);
+            pending.insert(
+                random,
+                Pending {
+                    frontend: frontend.clone(),
+                    backend: backend.clone(),
+                    start: Instant::now(),
+                    timer: None,
+                },
+            );
+            self.metrics.pending_backend_dials.inc();
+        }
+        let packet = Packet::dial_req(protocol, address, random);
+        let timeout = self.opts.backend_dial_timeout;
+        let sent = if timeout.is_zero() {
+            backend
+                .tx
+                .send(packet)
+                .await
+                .map_err(|_| DialError::BackendClosed)
+        } else {
+            match tokio::time::timeout(timeout, backend.tx.send(packet)).await {
+                Ok(r) => r.map_err(|_| DialError::BackendClosed),
+                Err(_) => Err(DialError::Timeout),
+            }
+        };
+        if let Err(e) = sent {
+            if self.take_pending(random, None).is_some() {
+                frontend
+                    .state
+                    .lock()
+                    .unwrap()
+                    .dials
+                    .retain(|r| *r != random);
+            }
+            let reason = if matches!(e, DialError::Timeout) {
+                "backend_dial_timeout"
+            } else {
+                "backend_close"
+            };
+            self.metrics
+                .dial_failure_count
+                .with_label_values(&[reason])
+                .inc();
+            return Err(e);
+        }
+        self.metrics.packet("to_agent", "DIAL_REQ");
+        if !timeout.is_zero() {
+            let me = self.clone();
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                let p = {
+                    let mut pending = me.pending.lock().unwrap();
+                    let p = pending.remove(&random);
+                    if p.is_some() {
+                        me.metrics.pending_backend_dials.dec();
+                    }
+                    p
+                };
+                if let Some(p) = p {
+                    me.metrics
+                        .dial_failure_count
+                        .with_label_values(&["backend_dial_timeout"])
+                        .inc();
+                    p.frontend.dial_failed(
+                        random,
+                        Packet::dial_rsp(random, 0, DialError::Timeout.to_string()),
+                    );
+                    me.send_control(&p.backend, Packet::dial_cls(random));
+                }
+            });
+            if let Some(p) = self.pending.lock().unwrap().get_mut(&random) {
+                p.timer = Some(task.abort_handle());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends client DATA toward the agent, first taking credit when the
+    /// agent speaks the flow-control extension. False: the connection is gone.
+    pub(crate) async fn send_data_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
+        if let Some(cr) = &c.to_agent {
+            let ok = tokio::select! {
+                ok = cr.take(data.len()) => ok,
+                _ = c.backend.gone.cancelled() => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        c.backend
+            .tx
+            .send(Packet::data(c.connect_id, data))
+            .await
+            .is_ok()
+    }
+
+    /// Records `n` bytes handed to the client; acknowledges them to the agent
+    /// under the flow-control extension.
+    pub(crate) fn delivered(&self, fe: &Frontend, connect_id: i64, n: usize) {
+        let Some(c) = fe.conn(connect_id) else { return };
+        if let Some(cr) = &c.from_agent
+            && let Some(bytes) = cr.delivered(n)
+        {
+            self.send_control(&c.backend, Packet::data_ack(connect_id, bytes));
+        }
+    }
+
+    /// Everything a frontend had open is released (its stream or socket ended).
+    pub(crate) fn frontend_gone(&self, frontend: &Frontend) {
+        let (dials, conns) = {
+            let mut st = frontend.state.lock().unwrap();
+            st.closing = true;
+            (std::mem::take(&mut st.dials), std::mem::take(&mut st.conns))
+        };
+        for random in dials {
+            if let Some(p) = self.take_pending(random, None) {
+                self.metrics
+                    .dial_failure_count
+                    .with_label_values(&["frontend_close"])
+                    .inc();
+                self.send_control(&p.backend, Packet::dial_cls(random));
+            }
+        }
+        for c in conns {
+            if let Some(cr) = &c.to_agent {
+                cr.close();
+            }
+            if c.backend
+                .conns
+                .lock()
+                .unwrap()
+                .remove(&c.connect_id)
+                .is_some()
+            {
+                self.metrics.established_connections.dec();
+                self.send_control(&c.backend, Packet::close_req(c.connect_id));
+            }
+        }
+        frontend.queue.close();
+    }
+
+    fn add_backend(&self, backend: Arc<Backend>) {
+        let mut b = self.backends.write().unwrap();
+        b.push(backend);
+        self.metrics.ready_backend_connections.set(b.len() as i64);
+    }
+
+    fn remove_backend(&self, backend: &Arc<Backend>) {
+        {
+            let mut b = self.backends.write().unwrap();
+            b.retain(|x| x.uid != backend.uid);
+            self.metrics.ready_backend_connections.set(b.len() as i64);
+        }
+        backend.gone.cancel();
+        let conns: Vec<_> = backend.conns.lock().unwrap().drain().collect();
+        for (id, fe) in conns {
+            self.metrics.established_connections.dec();
+            fe.finish_conn(id, backend.uid, Packet::close_rsp(id, ""));
+        }
+        let randoms: Vec<i64> = {
+            let pending = self.pending.lock().unwrap();
+            pending
+                .iter()
+                .filter(|(_, p)| p.backend.uid == backend.uid)
+                .map(|(r, _)| *r)
+                .collect()
+        };
+        for random in randoms {
+            if let Some(p) = self.take_pending(random, Some(backend.uid)) {
+                self.metrics
+                    .dial_failure_count
+                    .with_label_values(&["backend_close"])
+                    .inc();
+                p.frontend.dial_failed(
+                    random,
+                    Packet::dial_rsp(random, 0, DialError::BackendClosed.to_string()),
+                );
+            }
+        }
+        tracing::info!(agent_id = %backend.agent_id, "agent disconnected");
+    }
+
+    /// One packet from an agent. Never waits: see the module docs.
+    fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
+        let checked = match packet.checked() {
+            Ok(c) => c,
+            Err(why) => {
+                self.metrics.bad("malformed_agent_packet");
+                tracing::warn!(agent_id = %backend.agent_id, why, "malformed packet from agent dropped");
+                return;
+            }
+        };
+        self.metrics.packet("from_agent", checked.type_name());
+        match checked {
+            Checked::DialRsp(rsp) => {
+                let Some(p) = self.take_pending(rsp.random, Some(backend.uid)) else {
+                    tracing::debug!(random = rsp.random, "DIAL_RSP not recognized; dropped");
+                    self.metrics
+                        .dial_failure_count
+                        .with_label_values(&["unrecognized_response"])
+                        .inc();
+                    if rsp.connect_id != 0 {
+                        self.send_control(backend, Packet::close_req(rsp.connect_id));
+                    }
+                    return;
+                };
+                self.metrics
+                    .dial_duration_seconds
+                    .observe(p.start.elapsed().as_secs_f64());
+                let random = rsp.random;
+                if !rsp.error.is_empty() {
+                    self.metrics
+                        .dial_failure_count
+                        .with_label_values(&["error_response"])
+                        .inc();
+                    p.frontend
+                        .dial_failed(random, Packet::dial_rsp(random, rsp.connect_id, rsp.error));
+                } else if rsp.connect_id != 0
+                    && p.frontend.establish(random, rsp.connect_id, backend)
+                {
+                    backend
+                        .conns
+                        .lock()
+                        .unwrap()
+                        .insert(rsp.connect_id, p.frontend.clone());
+                    self.metrics.established_connections.inc();
+                    let _ =
+                        p.frontend
+                            .queue
+                            .push_control(Packet::dial_rsp(random, rsp.connect_id, ""));
+                    self.metrics.packet("to_client", "DIAL_RSP");
+                } else {
+                    self.metrics
+                        .dial_failure_count
+                        .with_label_values(&["frontend_close"])
+                        .inc();
+                    if rsp.connect_id != 0 {
+                        self.send_control(backend, Packet::close_req(rsp.connect_id));
+                    } else {
+                        p.frontend.dial_failed(
+                            random,
+                            Packet::dial_rsp(random, 0, "agent returned no connectID"),
+                        );
+                    }
+                }
+            }
+            Checked::DialCls(c) => {
+                if let Some(p) = self.take_pending(c.random, Some(backend.uid)) {
+                    self.metrics
+                        .dial_failure_count
+                        .with_label_values(&["backend_close"])
+                        .inc();
+                    p.frontend.dial_failed(c.random, Packet::dial_cls(c.random));
+                }
+            }
+            Checked::Data(d) => {
+                if d.connect_id == 0 {
+                    self.metrics.bad("data_without_connect_id");
+                    return;
+                }
+                let fe = backend.conns.lock().unwrap().get(&d.connect_id).cloned();
+                let Some(fe) = fe else {
+                    tracing::debug!(
+                        connect_id = d.connect_id,
+                        "DATA for unknown connection; closing it at the agent"
+                    );
+                    self.send_control(backend, Packet::close_req(d.connect_id));
+                    return;
+                };
+                match fe.queue.push_data(Packet::data(d.connect_id, d.data)) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        if e == PushError::Overflow {
+                            self.metrics
+                                .queue_overflow_total
+                                .with_label_values(&["to_client"])
+                                .inc();
+                            tracing::warn!(
+                                connect_id = d.connect_id,
+                                "client too slow: its queue is full; closing that connection"
+                            );
+                        }
+                        if backend
+                            .conns
+                            .lock()
+                            .unwrap()
+                            .remove(&d.connect_id)
+                            .is_some()
+                        {
+                            self.metrics.established_connections.dec();
+                        }
+                        self.send_control(backend, Packet::close_req(d.connect_id));
+                        fe.finish_conn(
+                            d.connect_id,
+                            backend.uid,
+                            Packet::close_rsp(
+                                d.connect_id,
+                                "receive queue overflow: client reads too slowly",
+                            ),
+                        );
+                    }
+                }
+            }
+            Checked::CloseRsp(c) => {
+                let fe = backend.conns.lock().unwrap().remove(&c.connect_id);
+                if let Some(fe) = fe {
+                    self.metrics.established_connections.dec();
+                    fe.finish_conn(
+                        c.connect_id,
+                        backend.uid,
+                        Packet::close_rsp(c.connect_id, c.error),
+                    );
+                }
+            }
+            Checked::DataAck(ack) => {
+                let fe = backend.conns.lock().unwrap().get(&ack.connect_id).cloned();
+                if let Some(c) = fe.and_then(|fe| fe.conn(ack.connect_id))
+                    && let Some(cr) = &c.to_agent
+                {
+                    cr.give(ack.bytes.max(0) as usize);
+                }
+            }
+            Checked::Drain => {
+                tracing::info!(agent_id = %backend.agent_id, "agent is draining");
+                backend.draining.store(true, Ordering::Relaxed);
+            }
+            Checked::DialReq(_) | Checked::CloseReq(_) => {
+                self.metrics.bad("unexpected_agent_packet");
+            }
+        }
+    }
+
+    /// One packet from a gRPC frontend; false ends the stream.
+    async fn handle_frontend_packet(self: &Arc<Self>, fe: &Arc<Frontend>, packet: Packet) -> bool {
+        let checked = match packet.checked() {
+            Ok(c) => c,
+            Err(why) => {
+                self.metrics.bad("malformed_client_packet");
+                tracing::warn!(why, "malformed packet from client; closing its stream");
+                return false;
+            }
+        };
+        self.metrics.packet("from_client", checked.type_name());
+        if fe.state.lock().unwrap().closing {
+            return true;
+        }
+        match checked {
+            Checked::DialReq(d) => {
+                match self.start_dial(fe, &d.protocol, &d.address, d.random).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::info!(address = %d.address, error = %e, "dial refused");
+                        let _ = fe
+                            .queue
+                            .push_control(Packet::dial_rsp(d.random, 0, e.to_string()));
+                        false
+                    }
+                }
+            }
+            Checked::Data(d) => {
+                let first = fe.state.lock().unwrap().first_conn;
+                match first {
+                    None => {
+                        self.metrics.bad("data_before_dial_response");
+                        let _ = fe.queue.push_control(Packet::close_rsp(
+                            d.connect_id,
+                            "backend not initialized",
+                        ));
+                        false
+                    }
+                    Some(id) if id != d.connect_id => {
+                        self.metrics.bad("data_foreign_connection");
+                        let _ = fe.queue.push_control(Packet::close_rsp(
+                            d.connect_id,
+                            "mismatched connection IDs",
+                        ));
+                        false
+                    }
+                    Some(id) => match fe.conn(id) {
+                        Some(c) => {
+                            let ok = self.send_data_to_agent(&c, d.data).await;
+                            if ok {
+                                self.metrics.packet("to_agent", "DATA");
+                            }
+                            ok
+                        }
+                        // Already closed by the agent: late data is dropped.
+                        None => true,
+                    },
+                }
+            }
+            Checked::CloseReq(c) => {
+                match fe.conn(c.connect_id) {
+                    Some(conn) => {
+                        fe.state.lock().unwrap().closing = true;
+                        let _ = conn.backend.tx.send(Packet::close_req(c.connect_id)).await;
+                        self.metrics.packet("to_agent", "CLOSE_REQ");
+                    }
+                    None => {
+                        let _ = fe
+                            .queue
+                            .push_control(Packet::close_rsp(c.connect_id, "backend uninitialized"));
+                    }
+                }
+                true
+            }
+            Checked::DialCls(c) => {
+                let ours = fe.state.lock().unwrap().dials.contains(&c.random);
+                if ours && let Some(p) = self.take_pending(c.random, None) {
+                    fe.state.lock().unwrap().dials.retain(|r| *r != c.random);
+                    self.metrics
+                        .dial_failure_count
+                        .with_label_values(&["frontend_close"])
+                        .inc();
+                    self.send_control(&p.backend, Packet::dial_cls(c.random));
+                }
+                true
+            }
+            Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain | Checked::DataAck(_) => {
+                self.metrics.bad("unexpected_client_packet");
+                true
+            }
+        }
+    }
+}
+
+fn queue_stream(sh: Arc<Shared>, fe: Arc<Frontend>) -> PacketStream {
+    Box::pin(futures_util::stream::unfold(
+        (sh, fe),
+        |(sh, fe)| async move {
+            let p = fe.queue.pop().await?;
+            if let Some(crate::proto::Payload::Data(d)) = &p.payload {
+                sh.delivered(&fe, d.connect_id, d.data.len());
+            }
+            Some((Ok(p), (sh, fe)))
+        },
+    ))
+}
+
+/// `AgentService` (the agent listener).
+pub(crate) struct AgentSvc(pub(crate) Arc<Shared>);
+/// `ProxyService` (the gRPC frontend).
+pub(crate) struct ProxySvc(pub(crate) Arc<Shared>);
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    type ConnectStream = PacketStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<PacketStream>, Status> {
+        let sh = &self.0;
+        let md = request.metadata();
+        let ids: Vec<_> = md
+            .get_all(headers::AGENT_ID)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if ids.len() != 1 || ids[0].is_empty() {
+            sh.metrics.bad("agent_without_id");
+            tracing::warn!(
+                count = ids.len(),
+                "agent refused: needs exactly one agentID"
+            );
+            return Err(Status::unknown(format!(
+                "expected one agent ID in the context, got {}",
+                ids.len()
+            )));
+        }
+        let agent_id = ids[0].to_string();
+        let idents: Vec<_> = md
+            .get_all(headers::AGENT_IDENTIFIERS)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if idents.len() > 1 {
+            sh.metrics.bad("agent_identifiers");
+            return Err(Status::unknown(format!(
+                "expected at most one set of agent identifiers in the context, got {}",
+                idents.len()
+            )));
+        }
+        let idents = Identifiers::parse(idents.first().copied().unwrap_or(""));
+        // Flow-control extension: on when the agent offers it.
+        let flow_window = md
+            .get(headers::FLOW_WINDOW)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|theirs| {
+                theirs
+                    .min(sh.opts.flow_window)
+                    .min(sh.opts.connection_queue_bytes / 2)
+            })
+            .unwrap_or(0);
+        let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
+        let backend = Arc::new(Backend {
+            uid: sh.uid(),
+            agent_id,
+            idents,
+            draining: AtomicBool::new(false),
+            tx,
+            conns: Mutex::new(HashMap::new()),
+            gone: CancellationToken::new(),
+            flow_window,
+            deferred: Default::default(),
+        });
+        tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
+        sh.add_backend(backend.clone());
+        let mut inbound = request.into_inner();
+        let sh2 = sh.clone();
+        let b2 = backend.clone();
+        sh.metrics
+            .grpc_connections
+            .with_label_values(&["/AgentService/Connect"])
+            .inc();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = sh2.stop.cancelled() => break,
+                    _ = b2.gone.cancelled() => break,
+                    m = inbound.message() => m,
+                };
+                match msg {
+                    Ok(Some(p)) => sh2.handle_agent_packet(&b2, p),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!(agent_id = %b2.agent_id, %status, "agent stream ended");
+                        sh2.metrics
+                            .stream_errors_total
+                            .with_label_values(&["from_agent", &format!("{:?}", status.code()), ""])
+                            .inc();
+                        break;
+                    }
+                }
+            }
+            sh2.remove_backend(&b2);
+            sh2.metrics
+                .grpc_connections
+                .with_label_values(&["/AgentService/Connect"])
+                .dec();
+        });
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(Ok)
+            .take_until(backend.gone.clone().cancelled_owned());
+        let mut response = Response::new(Box::pin(out) as PacketStream);
+        let md = response.metadata_mut();
+        md.insert(
+            headers::SERVER_ID,
+            sh.opts
+                .server_id
+                .parse()
+                .map_err(|_| Status::internal("server id"))?,
+        );
+        md.insert(
+            headers::SERVER_COUNT,
+            sh.opts.server_count.to_string().parse().unwrap(),
+        );
+        if flow_window > 0 {
+            md.insert(
+                headers::FLOW_WINDOW,
+                flow_window.to_string().parse().unwrap(),
+            );
+        }
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl ProxyService for ProxySvc {
+    type ProxyStream = PacketStream;
+
+    async fn proxy(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<PacketStream>, Status> {
+        let sh = self.0.clone();
+        let user_agent = request
+            .metadata()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let fe = sh.new_frontend();
+        tracing::debug!(%user_agent, stream = fe.uid, "proxy stream opened");
+        let mut inbound = request.into_inner();
+        let fe2 = fe.clone();
+        sh.metrics
+            .grpc_connections
+            .with_label_values(&["/ProxyService/Proxy"])
+            .inc();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = sh.stop.cancelled() => break,
+                    m = inbound.message() => m,
+                };
+                match msg {
+                    Ok(Some(p)) => {
+                        // Boxed: the idle task keeps only a pointer, not this
+                        // large future (a dial is rare, waiting is not).
+                        if !Box::pin(sh.handle_frontend_packet(&fe2, p)).await {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "client stream ended");
+                        break;
+                    }
+                }
+            }
+            sh.frontend_gone(&fe2);
+            sh.metrics
+                .grpc_connections
+                .with_label_values(&["/ProxyService/Proxy"])
+                .dec();
+        });
+        Ok(Response::new(queue_stream(self.0.clone(), fe)))
+    }
+}
+
+/// A dial id (`random`): a positive int63, like Go's rand.Int63.
+pub fn random_dial_id() -> i64 {
+    random_id()
+}
+
+pub(crate) fn random_id() -> i64 {
+    rand::thread_rng().gen_range(1..i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_hosts() {
+        let ids =
+            Identifiers::parse("host=node1&ipv4=1.2.3.4&ipv6=%3A%3A1&default-route=true&bogus=1");
+        assert_eq!(ids.hosts, vec!["node1"]);
+        assert_eq!(ids.ipv4, vec!["1.2.3.4"]);
+        assert_eq!(ids.ipv6, vec!["::1"]);
+        assert!(ids.default_route);
+        assert_eq!(dial_host("[::1]:80"), "::1");
+        assert_eq!(dial_host("1.2.3.4:80"), "1.2.3.4");
+        assert_eq!(dial_host("node1"), "node1");
+    }
+}

@@ -1,0 +1,175 @@
+//! TLS configuration from PEM files (rustls with the ring provider), with
+//! upstream's `--tls-min-version` and `--cipher-suites` mapped onto rustls.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no {what} found in PEM file")]
+    Empty { path: String, what: &'static str },
+    #[error("unsupported TLS option: {0}")]
+    Option(String),
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// Settings shared by every TLS endpoint of one process.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// Go name: VersionTLS10 .. VersionTLS13 (rustls offers 1.2 and 1.3 only).
+    pub min_version: Option<String>,
+    /// Go/IANA names such as TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256; empty = defaults.
+    pub cipher_suites: Vec<String>,
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.display().to_string(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?
+        .ok_or(TlsError::Empty {
+            path: path.display().to_string(),
+            what: "private key",
+        })
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        store.add(cert)?;
+    }
+    Ok(store)
+}
+
+fn provider(opts: &TlsOptions) -> Result<Arc<CryptoProvider>, TlsError> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !opts.cipher_suites.is_empty() {
+        let wanted: Vec<String> = opts
+            .cipher_suites
+            .iter()
+            .map(|s| s.trim().to_string())
+            .collect();
+        for name in &wanted {
+            if !provider
+                .cipher_suites
+                .iter()
+                .any(|s| format!("{:?}", s.suite()) == *name)
+            {
+                return Err(TlsError::Option(format!(
+                    "cipher suite {name} is not supported"
+                )));
+            }
+        }
+        // TLS 1.3 suites are not configurable in Go either: keep them.
+        provider
+            .cipher_suites
+            .retain(|s| s.tls13().is_some() || wanted.contains(&format!("{:?}", s.suite())));
+    }
+    Ok(Arc::new(provider))
+}
+
+fn versions(
+    opts: &TlsOptions,
+) -> Result<&'static [&'static rustls::SupportedProtocolVersion], TlsError> {
+    static BOTH: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static ONLY13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match opts.min_version.as_deref().unwrap_or("") {
+        // TLS 1.0 and 1.1 are accepted as names; rustls never offers them,
+        // so the effective minimum is 1.2 (Go's default as well).
+        "" | "VersionTLS10" | "VersionTLS11" | "VersionTLS12" => Ok(BOTH),
+        "VersionTLS13" => Ok(ONLY13),
+        other => Err(TlsError::Option(format!("--tls-min-version {other}"))),
+    }
+}
+
+/// A server config; with `client_ca` the peer must present a certificate
+/// signed by it (mTLS), as upstream does when the CA flag is set.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    opts: &TlsOptions,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider(opts)?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions(opts)?)?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A client config trusting `ca`, presenting `identity` (cert, key) if given.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    opts: &TlsOptions,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider(opts)?)
+        .with_protocol_versions(versions(opts)?)?
+        .with_root_certificates(roots(ca)?);
+    let mut config = match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.to_vec();
+    Ok(Arc::new(config))
+}
+
+/// The name to verify the server's certificate against: an IP SAN for
+/// addresses, a DNS SAN otherwise.
+pub fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, TlsError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| TlsError::Option(format!("invalid server name {host:?}")))
+}
