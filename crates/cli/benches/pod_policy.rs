@@ -1,10 +1,12 @@
 //! Pod start -> policy enforced, on a real containerd (testkit harness).
 //! Run as root: `cargo bench -p proxyctl-cli --bench pod_policy`.
 //!
-//! - watch mode: `proxyctl watch` polls CRI; latency from the sandbox being
-//!   ready (RunPodSandbox returned) and from the app being started
-//!   (StartContainer returned) to the policy being in the kernel (read back
-//!   over netlink every 0.5 ms). 0 means it was already there.
+//! - watch mode: `proxyctl watch` lists pods through CRI, either on a timer
+//!   (`--events poll`) or on containerd's task-start events (`--events
+//!   containerd`, timer at its 5 s safety-net default); latency from the
+//!   sandbox being ready (RunPodSandbox returned) and from the app being
+//!   started (StartContainer returned) to the policy being in the kernel
+//!   (read back over netlink every 0.5 ms). 0 means it was already there.
 //! - CNI mode: RunPodSandbox with and without proxyctl-cni chained, on two
 //!   containerds at once, alternating (the difference is what ADD adds to
 //!   pod start), and ADD alone, exec'd directly.
@@ -48,14 +50,57 @@ fn pct(samples: &[Duration], p: f64) -> f64 {
 
 fn row(name: &str, samples: &[Duration], note: &str) {
     println!(
-        "| {name:<44} | {:>3} | {:>8.2} | {:>8.2} | {note}",
+        "| {name:<54} | {:>3} | {:>8.2} | {:>8.2} | {note}",
         samples.len(),
         pct(samples, 0.5),
         pct(samples, 0.99)
     );
 }
 
-fn watch_mode(poll_ms: u64) -> (Vec<Duration>, Vec<Duration>) {
+/// `--events` and its extra flags, as the table names it.
+struct Mode {
+    name: String,
+    args: Vec<String>,
+}
+
+fn poll_mode(ms: u64) -> Mode {
+    Mode {
+        name: format!("poll {ms} ms"),
+        args: ["--events", "poll", "--poll-interval-ms", &ms.to_string()]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+fn events_mode() -> Mode {
+    Mode {
+        name: "containerd events".into(),
+        args: ["--events", "containerd"].map(String::from).to_vec(),
+    }
+}
+
+/// One counter from the watcher's /metrics (0 when unreadable).
+fn metric(port: u16, name: &str) -> u64 {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the watcher did: pods found by an event-triggered list, CRI lists.
+struct WatcherWork {
+    by_event: u64,
+    lists: u64,
+}
+
+fn watch_mode(mode: &Mode) -> (Vec<Duration>, Vec<Duration>, WatcherWork) {
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
     std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
@@ -68,7 +113,7 @@ fn watch_mode(poll_ms: u64) -> (Vec<Duration>, Vec<Duration>) {
         .args(["watch", "--selector", "app=web", "--policy"])
         .arg(&policy)
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--poll-interval-ms", &poll_ms.to_string()])
+        .args(&mode.args)
         .arg("--runtime-endpoint")
         .arg(cd.endpoint())
         .env("RUST_LOG", "warn")
@@ -93,9 +138,13 @@ fn watch_mode(poll_ms: u64) -> (Vec<Duration>, Vec<Duration>) {
         from_sandbox.push(enforced_at - sandbox_ready);
         from_app.push(enforced_at.saturating_duration_since(app_started));
     }
+    let work = WatcherWork {
+        by_event: metric(port, "proxyctl_watch_pods_found_total{by=\"event\"}"),
+        lists: metric(port, "proxyctl_watch_runtime_lists_total"),
+    };
     let _ = watch.kill();
     let _ = watch.wait();
-    (from_sandbox, from_app)
+    (from_sandbox, from_app, work)
 }
 
 /// One sandbox on each harness, alternating, so both see the same machine
@@ -167,20 +216,23 @@ fn main() {
     let plugin = env!("CARGO_BIN_EXE_proxyctl-cni");
     println!("Pod start -> policy enforced ({PODS} pods each, sequential, real containerd)\n");
     println!(
-        "| {:<44} | {:>3} | {:>8} | {:>8} | note",
+        "| {:<54} | {:>3} | {:>8} | {:>8} | note",
         "measurement", "n", "p50 ms", "p99 ms"
     );
-    println!("|{:-<46}|{:-<5}|{:-<10}|{:-<10}|------", "", "", "", "");
-    for poll in [100, 50, 20] {
-        let (sb, app) = watch_mode(poll);
+    println!("|{:-<56}|{:-<5}|{:-<10}|{:-<10}|------", "", "", "", "");
+    for mode in [poll_mode(100), poll_mode(50), poll_mode(20), events_mode()] {
+        let (sb, app, work) = watch_mode(&mode);
         row(
-            &format!("watch (poll {poll} ms): sandbox ready -> enforced"),
+            &format!("watch ({}): sandbox ready -> enforced", mode.name),
             &sb,
-            "",
+            &format!(
+                "{}/{PODS} found by an event-triggered list; {} CRI lists in all",
+                work.by_event, work.lists
+            ),
         );
         let before = app.iter().filter(|d| d.is_zero()).count();
         row(
-            &format!("watch (poll {poll} ms): app start -> enforced"),
+            &format!("watch ({}): app start -> enforced", mode.name),
             &app,
             &format!("{before}/{PODS} enforced before the app started"),
         );
@@ -189,6 +241,7 @@ fn main() {
     let cd = Containerd::start(ContainerdOptions {
         chained_plugins: vec![plugin_conf()],
         cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(plugin))],
+        ..Default::default()
     });
     let (plain, chained, at_ready) = run_sandboxes_side_by_side(&base, &cd);
     drop((base, cd));

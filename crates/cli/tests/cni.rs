@@ -212,6 +212,7 @@ fn chained_plugin_redirects_the_first_connection_and_del_leaves_nothing() {
     let cd = Containerd::start(ContainerdOptions {
         chained_plugins: vec![plugin_conf()],
         cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(PLUGIN))],
+        ..Default::default()
     });
 
     // Selected by the plugin's rule: the policy is in place when the sandbox

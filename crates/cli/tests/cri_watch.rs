@@ -198,7 +198,18 @@ fn watch_refuses_bad_input_with_exit_2_naming_the_flag() {
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "name: mesh\noutboundPort: 0\n").unwrap();
     let missing = dir.join("missing.yaml");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "--selector",
+                "app=web",
+                "--policy",
+                good.to_str().unwrap(),
+                "--events",
+                "inotify",
+            ],
+            "--events",
+        ),
         (
             &["--selector", "app", "--policy", good.to_str().unwrap()],
             "--selector",
@@ -310,4 +321,183 @@ fn watch_config_file_gives_each_selector_its_own_policy() {
     );
     assert!(out.stdout.ends_with("proxied db-proxy"), "{:?}", out.stdout);
     assert_eq!((right.accepted(), wrong.accepted()), (1, 0));
+}
+
+fn spawn_watch(cd: &Containerd, policy: &std::path::Path, port: u16, extra: &[&str]) -> Watch {
+    Watch(
+        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+            .args(["watch", "--selector", "app=web", "--policy"])
+            .arg(policy)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .arg("--runtime-endpoint")
+            .arg(cd.endpoint())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting proxyctl watch"),
+    )
+}
+
+/// A connection from inside the pod's container to the gateway reaches the
+/// stand-in proxy on 15001 (the policy redirects it), once.
+fn assert_redirected(cd: &Containerd, pod: &Pod) {
+    let proxy = ProxyStandIn::start(&pod.netns, 15001, &pod.name);
+    let out = cd.exec(
+        &pod.container_id,
+        &[
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
+        ],
+    );
+    assert_eq!(out.exit_code, 0, "{}: {}", pod.name, out.stderr);
+    assert!(
+        out.stdout.ends_with(&format!("proxied {}", pod.name)),
+        "{}: {:?}",
+        pod.name,
+        out.stdout
+    );
+    assert_eq!(proxy.accepted(), 1, "{}", pod.name);
+}
+
+const FOUND_BY_EVENT: &str = "proxyctl_watch_pods_found_total{by=\"event\"}";
+const FOUND_BY_POLL: &str = "proxyctl_watch_pods_found_total{by=\"poll\"}";
+
+/// With a 10-minute poll interval only containerd's task-start events can
+/// get a new pod its policy within the 30 s the metric wait allows; after a
+/// containerd restart the watcher subscribes again and events keep working.
+#[test]
+fn watch_events_drive_it_and_resubscribe_after_a_containerd_restart() {
+    let test = "watch_events_drive_it_and_resubscribe_after_a_containerd_restart";
+    if !require_root(test)
+        || !["containerd", "ctr", "runc", "nft"]
+            .iter()
+            .all(|t| require_tool(test, t))
+    {
+        return;
+    }
+    let cd = Containerd::start(ContainerdOptions::default());
+    let policy = cd.dir().join("mesh.yaml");
+    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    let port = free_port();
+    let _watch = spawn_watch(
+        &cd,
+        &policy,
+        port,
+        &["--events", "containerd", "--poll-interval-ms", "600000"],
+    );
+    wait_for_metric(port, "proxyctl_watch_event_subscriptions_total", 1);
+
+    let first = cd.run_pod(&PodSpec::new("ev-web-1").label("app", "web"));
+    let other = cd.run_pod(&PodSpec::new("ev-db-1").label("app", "db"));
+    let text = wait_for_metric(port, "proxyctl_watch_policy_applied_total", 1);
+    assert!(metric(&text, FOUND_BY_EVENT) >= 1, "{text}");
+    assert!(
+        metric(&text, "proxyctl_watch_events_received_total") >= 1,
+        "{text}"
+    );
+    assert_eq!(metric(&text, FOUND_BY_POLL), 0, "{text}");
+    assert!(
+        text.contains("proxyctl_watch_event_stream_up{mode=\"containerd\"} 1\n"),
+        "{text}"
+    );
+    assert_redirected(&cd, &first);
+    assert!(
+        proxyctl_nft::list(&Target::Path(other.netns.clone()))
+            .unwrap()
+            .is_empty()
+    );
+
+    cd.restart_containerd();
+    wait_for_metric(port, "proxyctl_watch_event_subscriptions_total", 2);
+    let found_before = metric(&wait_for_metric(port, FOUND_BY_EVENT, 1), FOUND_BY_EVENT);
+    let second = cd.run_pod(&PodSpec::new("ev-web-2").label("app", "web"));
+    let text = wait_for_metric(port, "proxyctl_watch_policy_applied_total", 2);
+    assert!(metric(&text, FOUND_BY_EVENT) > found_before, "{text}");
+    assert_eq!(metric(&text, FOUND_BY_POLL), 0, "{text}");
+    assert_eq!(
+        metric(&text, "proxyctl_watch_policy_failed_total"),
+        0,
+        "{text}"
+    );
+    assert_redirected(&cd, &second);
+}
+
+/// A runtime without containerd's event service (containerd with that one
+/// plugin disabled, standing in for CRI-O): `--events auto` polls and still
+/// applies; `--events containerd` stops with exit 1 and says why.
+#[test]
+fn watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode() {
+    let test = "watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode";
+    if !require_root(test)
+        || !["containerd", "ctr", "runc", "nft"]
+            .iter()
+            .all(|t| require_tool(test, t))
+    {
+        return;
+    }
+    let cd = Containerd::start(ContainerdOptions {
+        disabled_plugins: vec!["io.containerd.grpc.v1.events".into()],
+        ..Default::default()
+    });
+    let policy = cd.dir().join("mesh.yaml");
+    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+
+    let mut strict = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .args(["watch", "--selector", "app=web", "--policy"])
+        .arg(&policy)
+        .args(["--metrics-addr", "127.0.0.1:0", "--events", "containerd"])
+        .arg("--runtime-endpoint")
+        .arg(cd.endpoint())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = strict.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = strict.kill();
+            let _ = strict.wait();
+            panic!("--events containerd kept running against a runtime without events");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    strict
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("--events containerd"), "{err}");
+    assert!(
+        err.contains("containerd.services.events.v1.Events"),
+        "{err}"
+    );
+
+    let port = free_port();
+    let _watch = spawn_watch(&cd, &policy, port, &["--events", "auto"]);
+    let pod = cd.run_pod(&PodSpec::new("poll-web").label("app", "web"));
+    let text = wait_for_metric(port, "proxyctl_watch_policy_applied_total", 1);
+    assert_eq!(
+        metric(&text, "proxyctl_watch_events_received_total"),
+        0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "proxyctl_watch_event_subscriptions_total"),
+        0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, FOUND_BY_EVENT), 0, "{text}");
+    assert!(
+        text.contains("proxyctl_watch_event_stream_up{mode=\"auto\"} 0\n"),
+        "{text}"
+    );
+    assert_redirected(&cd, &pod);
 }

@@ -102,17 +102,9 @@ impl CriClient {
             path: socket.clone(),
             reason,
         };
-        // tonic needs a URI even for a unix socket; the connector ignores it.
-        let path = socket.clone();
-        let channel = Endpoint::from_static("http://cri.invalid")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }))
+        let channel = unix_channel(&socket, Some(CALL_TIMEOUT))
             .await
-            .map_err(|e| connect_err(error_chain(&e)))?;
+            .map_err(connect_err)?;
         let mut client = Self {
             endpoint: endpoint.clone(),
             inner: RuntimeServiceClient::new(channel),
@@ -165,6 +157,23 @@ impl CriClient {
             .into_inner()
             .containers;
         Ok(items.into_iter().map(container_record).collect())
+    }
+
+    /// Whether `id` names an app container (not a pod sandbox): the
+    /// container store has it. Unknown ids are `false`.
+    pub async fn is_container(&mut self, id: &str) -> Result<bool, CriError> {
+        match self
+            .inner
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: false,
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(CriError::rpc("ContainerStatus", s)),
+        }
     }
 
     /// The full record of one pod sandbox, network namespace included
@@ -305,7 +314,29 @@ fn verbose_netns(id: &str, info: &str) -> Result<(Option<PathBuf>, Option<u32>),
     Ok((netns, pid))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// A gRPC channel over a unix socket, connected now (so a missing socket is
+/// an error here, not at the first call). `call_timeout` bounds each call;
+/// long-lived streams pass `None`.
+pub(crate) async fn unix_channel(
+    socket: &std::path::Path,
+    call_timeout: Option<Duration>,
+) -> Result<Channel, String> {
+    // tonic needs a URI even for a unix socket; the connector ignores it.
+    let mut endpoint = Endpoint::from_static("http://cri.invalid").connect_timeout(CONNECT_TIMEOUT);
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    let path = socket.to_path_buf();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| error_chain(&e))
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

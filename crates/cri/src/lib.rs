@@ -4,7 +4,8 @@
 //! the tonic client over the runtime's unix socket, lookups from a
 //! container id, unique prefix or `pod:NAMESPACE/NAME` to the pod sandbox
 //! and its network namespace, and the pod event stream `proxyctl watch`
-//! reacts to (polling: see [`events`]).
+//! reacts to ([`events`]: CRI lists, triggered by containerd's own event
+//! service where the runtime has it ([`containerd`]), else by a timer).
 //!
 //! The network namespace path is not a CRI field: it is read from the
 //! verbose PodSandboxStatus info that containerd (and CRI-O) attach, at
@@ -13,6 +14,7 @@
 //! from the verbose ContainerStatus info instead.
 
 mod client;
+pub mod containerd;
 mod endpoint;
 mod error;
 pub mod events;
@@ -20,9 +22,10 @@ mod lookup;
 pub mod windows;
 
 pub use client::{ContainerRecord, CriClient, PodRecord, PodState, PodSummary};
+pub use containerd::EventSource;
 pub use endpoint::{DEFAULT_RUNTIME_ENDPOINT, RUNTIME_ENDPOINT_ENV, RuntimeEndpoint};
 pub use error::CriError;
-pub use events::{PodEvent, PodWatcher};
+pub use events::{FoundBy, PodEvent, PodWatcher, WatchOptions, WatcherCounters};
 pub use lookup::{LookupRecord, Query, lookup, lookup_blocking, resolve_target};
 pub use windows::{
     WindowsContainer, container_network_namespace, container_network_namespace_blocking,

@@ -83,6 +83,10 @@ pub struct ContainerdOptions {
     /// Extra CNI binaries `(type name, path)`, linked into the CNI bin dir
     /// next to /usr/lib/cni's.
     pub cni_binaries: Vec<(String, PathBuf)>,
+    /// More plugin ids for containerd's `disabled_plugins` (e.g.
+    /// `io.containerd.grpc.v1.events` to stand in for a runtime without
+    /// containerd's event service).
+    pub disabled_plugins: Vec<String>,
 }
 
 /// A pod to create: one sandbox, one app container named `app`.
@@ -275,13 +279,18 @@ impl Containerd {
             symlink(path, d.join("cni/bin").join(name)).expect("linking extra CNI plugin");
         }
         let d = d.display();
+        let extra_disabled: String = options
+            .disabled_plugins
+            .iter()
+            .map(|p| format!(", {p:?}"))
+            .collect();
         let config = format!(
             r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+  "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"{extra_disabled}]
 [grpc]
   address = "{d}/containerd.sock"
 [ttrpc]

@@ -1,8 +1,9 @@
 //! `proxyctl watch`: keeps redirect policies on every pod whose labels match.
 //!
 //! Owns the selector/policy rules ([`config`]), the reconcile loop over the
-//! CRI pod event stream ([`proxyctl_cri::PodWatcher`]: containerd 1.6 has no
-//! CRI event stream, so pods are polled at `--poll-interval`), and the
+//! pod event stream ([`proxyctl_cri::PodWatcher`]: containerd 1.6 has no CRI
+//! event stream, so pods are listed through CRI whenever containerd's own
+//! event service reports a task start (`--events`), and on a timer), and the
 //! metrics and health endpoint.
 //!
 //! Each ready pod is reconciled once when first seen and again whenever the
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use proxyctl_cri::{PodEvent, PodRecord, PodWatcher, RuntimeEndpoint};
+use proxyctl_cri::{EventSource, PodEvent, PodRecord, PodWatcher, RuntimeEndpoint, WatchOptions};
 use proxyctl_nft::Target;
 use proxyctl_policy::Policy;
 
@@ -57,18 +58,37 @@ pub fn ensure_policies(
     Ok(Outcome::Applied)
 }
 
-/// Runs until `shutdown` resolves.
+/// Why the watcher stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// `--events containerd` against a runtime without containerd's event service.
+    #[error("--events containerd: {0} (use --events auto or poll for this runtime)")]
+    EventsUnsupported(String),
+}
+
+/// Runs until `shutdown` resolves (Ok) or the runtime cannot give what the
+/// options require (Err).
 pub async fn run(
     endpoint: RuntimeEndpoint,
     rules: Arc<Vec<WatchRule>>,
-    poll_interval: Duration,
+    options: WatchOptions,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
-) {
-    let mut watcher = PodWatcher::new(endpoint.clone(), poll_interval);
+) -> Result<(), RunError> {
+    let mode = options.events;
+    let _ = metrics.events_mode.set(mode.to_string());
+    tracing::info!(
+        endpoint = %endpoint,
+        rules = rules.len(),
+        events = %mode,
+        poll_ms = options.poll_interval.as_millis() as u64,
+        live_poll_ms = options.live_interval.as_millis() as u64,
+        "watching pods"
+    );
+    let mut watcher = PodWatcher::with_options(endpoint, options);
+    metrics.attach_watcher(watcher.counters());
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_APPLIES));
     tokio::pin!(shutdown);
-    tracing::info!(endpoint = %endpoint, rules = rules.len(), "watching pods");
     loop {
         let event = tokio::select! {
             _ = &mut shutdown => break,
@@ -84,10 +104,32 @@ pub async fn run(
                 metrics.runtime_restarts.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("container runtime is back; re-listing pods");
             }
+            PodEvent::EventsSubscribed => {
+                metrics.events_up.store(true, Ordering::Relaxed);
+                tracing::info!("subscribed to containerd task-start events; listing pods on each");
+            }
+            PodEvent::EventsLost { reason } => {
+                metrics.events_up.store(false, Ordering::Relaxed);
+                tracing::warn!(
+                    "containerd event stream unavailable ({reason}); polling until it is back"
+                );
+            }
+            PodEvent::EventsUnsupported { reason } => {
+                metrics.events_up.store(false, Ordering::Relaxed);
+                if mode == EventSource::Containerd {
+                    return Err(RunError::EventsUnsupported(reason));
+                }
+                tracing::warn!("{reason}; polling only");
+            }
             PodEvent::Gone { id } => tracing::debug!(pod = %id, "pod stopped or removed"),
-            PodEvent::Ready { pod, resync } => {
+            PodEvent::Ready {
+                pod,
+                resync,
+                found_by,
+            } => {
                 metrics.runtime_up.store(true, Ordering::Relaxed);
                 metrics.pods_seen.fetch_add(1, Ordering::Relaxed);
+                metrics.found(found_by);
                 let want = desired_policies(&rules, &pod.labels);
                 if want.is_empty() {
                     continue;
@@ -96,15 +138,22 @@ pub async fn run(
                 let permit = limit.clone().acquire_owned().await.expect("semaphore open");
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    reconcile(*pod, want, resync, &metrics).await;
+                    reconcile(*pod, want, resync, found_by, &metrics).await;
                     drop(permit);
                 });
             }
         }
     }
+    Ok(())
 }
 
-async fn reconcile(pod: PodRecord, want: Vec<Policy>, resync: bool, metrics: &Metrics) {
+async fn reconcile(
+    pod: PodRecord,
+    want: Vec<Policy>,
+    resync: bool,
+    found_by: proxyctl_cri::FoundBy,
+    metrics: &Metrics,
+) {
     let who = format!("{} ({})", pod.full_name(), &pod.id[..pod.id.len().min(12)]);
     let Some(netns) = pod.netns.clone() else {
         metrics.failed.fetch_add(1, Ordering::Relaxed);
@@ -137,7 +186,7 @@ async fn reconcile(pod: PodRecord, want: Vec<Policy>, resync: bool, metrics: &Me
             if !resync && let Some(since) = since_created(pod.created_at) {
                 metrics.observe_start_to_enforced(since);
             }
-            tracing::info!(pod = %who, policies = ?names, ms = %format!("{:.2}", took.as_secs_f64() * 1e3), "applied");
+            tracing::info!(pod = %who, policies = ?names, found_by = found_by.as_str(), ms = %format!("{:.2}", took.as_secs_f64() * 1e3), "applied");
         }
         Ok(Outcome::Unchanged) => {
             metrics.unchanged.fetch_add(1, Ordering::Relaxed);

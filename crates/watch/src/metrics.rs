@@ -3,8 +3,10 @@
 //! crate would add more code than it saves here.
 
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use proxyctl_cri::{FoundBy, WatcherCounters};
 use std::time::Duration;
 
 const BUCKETS: &[f64] = &[
@@ -53,11 +55,33 @@ pub struct Metrics {
     pub failed: AtomicU64,
     pub runtime_restarts: AtomicU64,
     pub runtime_up: AtomicBool,
+    /// Whether containerd's event stream drives the lists right now.
+    pub events_up: AtomicBool,
+    /// The `--events` mode, for the info metric.
+    pub events_mode: OnceLock<String>,
+    found_by_event: AtomicU64,
+    found_by_poll: AtomicU64,
+    found_by_relist: AtomicU64,
+    watcher: OnceLock<Arc<WatcherCounters>>,
     apply_seconds: Mutex<Histogram>,
     start_to_enforced_seconds: Mutex<Histogram>,
 }
 
 impl Metrics {
+    /// Reads the watcher's own counters (events, lists) at render time.
+    pub fn attach_watcher(&self, counters: Arc<WatcherCounters>) {
+        let _ = self.watcher.set(counters);
+    }
+
+    pub fn found(&self, by: FoundBy) {
+        match by {
+            FoundBy::Event => &self.found_by_event,
+            FoundBy::Poll => &self.found_by_poll,
+            FoundBy::Relist => &self.found_by_relist,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn observe_apply(&self, d: Duration) {
         self.apply_seconds.lock().unwrap().observe(d.as_secs_f64());
     }
@@ -110,6 +134,53 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP proxyctl_watch_pods_found_total Ready pods found, by what triggered the list that found them.\n# TYPE proxyctl_watch_pods_found_total counter"
+        );
+        for (by, v) in [
+            (FoundBy::Event, &self.found_by_event),
+            (FoundBy::Poll, &self.found_by_poll),
+            (FoundBy::Relist, &self.found_by_relist),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxyctl_watch_pods_found_total{{by=\"{}\"}} {}",
+                by.as_str(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let none = WatcherCounters::default();
+        let w = self.watcher.get().map_or(&none, |w| w.as_ref());
+        for (name, help, v) in [
+            (
+                "proxyctl_watch_events_received_total",
+                "Task-start events received from containerd's event service.",
+                &w.events_received,
+            ),
+            (
+                "proxyctl_watch_event_subscriptions_total",
+                "Times containerd's event service was (re)subscribed.",
+                &w.subscriptions,
+            ),
+            (
+                "proxyctl_watch_runtime_lists_total",
+                "ListPodSandbox calls, whatever triggered them.",
+                &w.lists,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let events_up = u8::from(self.events_up.load(Ordering::Relaxed));
+        let mode = self.events_mode.get().map_or("poll", String::as_str);
+        let _ = writeln!(
+            out,
+            "# HELP proxyctl_watch_event_stream_up Whether containerd's event stream drives the lists (else the poll timer does).\n# TYPE proxyctl_watch_event_stream_up gauge\nproxyctl_watch_event_stream_up{{mode=\"{mode}\"}} {events_up}"
+        );
         let up = u8::from(self.runtime_up.load(Ordering::Relaxed));
         let _ = writeln!(
             out,

@@ -136,9 +136,19 @@ pub struct WatchArgs {
     /// Serve Prometheus /metrics and /healthz here.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub metrics_addr: std::net::SocketAddr,
-    /// How often the runtime is listed (containerd 1.6's CRI has no event stream).
-    #[arg(long, value_name = "MILLISECONDS", default_value = "50", value_parser = clap::value_parser!(u64).range(10..=60000))]
-    pub poll_interval_ms: u64,
+    /// What makes the watcher list pods. containerd 1.6's CRI has no event
+    /// stream, so `containerd` subscribes to containerd's own event service on
+    /// the same socket and lists pods through CRI on each task start;
+    /// `poll` lists on a timer only (any CRI runtime); `auto` uses containerd's
+    /// events when the runtime serves them and polls otherwise (CRI-O). With
+    /// `containerd`, a runtime without the event service is an error.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub events: EventsArg,
+    /// How often pods are listed on a timer: while no event stream is live
+    /// [default: 50], and as a safety net while one is [default: 5000].
+    /// Given explicitly, it is used in both cases.
+    #[arg(long, value_name = "MILLISECONDS", value_parser = clap::value_parser!(u64).range(10..=600000))]
+    pub poll_interval_ms: Option<u64>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -185,16 +195,47 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             }
             tracing::info!("shutting down");
         };
-        proxyctl_watch::run(
-            endpoint,
-            Arc::new(rules),
-            std::time::Duration::from_millis(args.poll_interval_ms),
-            metrics,
-            shutdown,
-        )
-        .await;
-        Ok(ExitCode::SUCCESS)
+        let options = watch_options(&args);
+        match proxyctl_watch::run(endpoint, Arc::new(rules), options, metrics, shutdown).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("proxyctl: watch: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
     })
+}
+
+/// `--events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsArg {
+    Auto,
+    Containerd,
+    Poll,
+}
+
+impl From<EventsArg> for proxyctl_cri::EventSource {
+    fn from(a: EventsArg) -> Self {
+        match a {
+            EventsArg::Auto => Self::Auto,
+            EventsArg::Containerd => Self::Containerd,
+            EventsArg::Poll => Self::Poll,
+        }
+    }
+}
+
+/// List interval without a live event stream, and with one (a safety net).
+const DEFAULT_POLL_MS: u64 = 50;
+const DEFAULT_LIVE_POLL_MS: u64 = 5000;
+
+fn watch_options(args: &WatchArgs) -> proxyctl_cri::WatchOptions {
+    use std::time::Duration;
+    let ms = |given: Option<u64>, default| Duration::from_millis(given.unwrap_or(default));
+    let events = proxyctl_cri::EventSource::from(args.events);
+    let mut options = proxyctl_cri::WatchOptions::poll(ms(args.poll_interval_ms, DEFAULT_POLL_MS));
+    options.events = events;
+    options.live_interval = ms(args.poll_interval_ms, DEFAULT_LIVE_POLL_MS);
+    options
 }
 
 fn bad_input(err: &dyn std::fmt::Display) -> anyhow::Result<ExitCode> {
