@@ -61,6 +61,7 @@ fn cni_redirect_and_serve_from_cri() {
             }],
         })],
         cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(PLUGIN))],
+        ..Default::default()
     });
     let proxy_pod = cd.run_pod(
         &PodSpec::new("msi-proxy")

@@ -189,7 +189,8 @@ fn seed_roles_on_containerd_through_cri_and_watch() {
     let watch_task = proxy_rt.spawn(proxyctl_watch::run(
         endpoint,
         rules,
-        Duration::from_millis(200),
+        // Polling keeps this test about imds-proxy, not about event delivery.
+        proxyctl_cri::WatchOptions::poll(Duration::from_millis(200)),
         Arc::new(proxyctl_watch::Metrics::default()),
         async move {
             let _ = stopped.await;
