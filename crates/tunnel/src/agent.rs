@@ -111,8 +111,23 @@ struct Shared {
     metrics: AgentMetrics,
     servers: Mutex<HashMap<String, Arc<ServerConn>>>,
     server_count: AtomicUsize,
+    /// Unexpired server Leases last counted (0: not counted / unknown).
+    lease_count: AtomicUsize,
+    /// --server-count-source=max: the larger of the lease and header counts.
+    count_max: AtomicBool,
     draining: AtomicBool,
     stop: CancellationToken,
+}
+
+impl Shared {
+    fn target_count(&self) -> usize {
+        let header = self.server_count.load(Ordering::Relaxed);
+        match self.lease_count.load(Ordering::Relaxed) {
+            0 => header,
+            l if self.count_max.load(Ordering::Relaxed) => l.max(header),
+            l => l,
+        }
+    }
 }
 
 /// A running agent's handle.
@@ -147,10 +162,25 @@ impl Agent {
                 metrics: AgentMetrics::default(),
                 servers: Mutex::new(HashMap::new()),
                 server_count: AtomicUsize::new(1),
+                lease_count: AtomicUsize::new(0),
+                count_max: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 stop: CancellationToken::new(),
             }),
         }
+    }
+
+    /// Lease-based server counting: `n` unexpired Leases (0 when the count
+    /// is unknown: the servers' header count is used). With `use_max` the
+    /// larger of the two counts is the target (--server-count-source=max).
+    pub fn set_lease_count(&self, n: usize, use_max: bool) {
+        self.sh.count_max.store(use_max, Ordering::Relaxed);
+        self.sh.lease_count.store(n, Ordering::Relaxed);
+    }
+
+    /// The number of servers the sync loop aims to hold.
+    pub fn target_server_count(&self) -> usize {
+        self.sh.target_count()
     }
 
     /// Connected to at least one server.
@@ -200,10 +230,7 @@ impl Agent {
                 break;
             }
             let addrs = o.servers.len().max(1);
-            let target =
-                sh.server_count
-                    .load(Ordering::Relaxed)
-                    .max(if addrs > 1 { addrs } else { 1 });
+            let target = sh.target_count().max(if addrs > 1 { addrs } else { 1 });
             let have = sh.servers.lock().unwrap().len();
             let mut pause = o.sync_interval;
             if !sh.draining.load(Ordering::Relaxed)

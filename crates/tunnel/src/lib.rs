@@ -15,6 +15,7 @@ pub mod certs;
 pub mod client;
 pub mod duration;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod proto;
 pub mod queue;

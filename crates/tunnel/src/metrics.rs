@@ -60,13 +60,18 @@ pub struct ServerMetrics {
     pub stream_errors_total: IntCounterVec,
     pub queue_overflow_total: IntCounterVec,
     pub bad_input_total: IntCounterVec,
+    /// Payload bytes per agent and direction (ours, not upstream's).
+    pub agent_bytes_total: IntCounterVec,
+    /// DATA sends that had to wait for flow-control credit or a full
+    /// agent stream (ours, not upstream's).
+    pub flow_control_stalls_total: IntCounterVec,
 }
 
 impl Default for ServerMetrics {
     fn default() -> Self {
         let r = Registry::new();
         let s = "server";
-        ServerMetrics {
+        let m = ServerMetrics {
             grpc_connections: gauge_vec(
                 &r,
                 s,
@@ -139,8 +144,25 @@ impl Default for ServerMetrics {
                 "Refused bad input, by kind.",
                 &["kind"],
             ),
+            agent_bytes_total: counter_vec(
+                &r,
+                s,
+                "agent_bytes_total",
+                "Payload bytes carried per agent, by direction (to_agent, from_agent).",
+                &["agent_id", "direction"],
+            ),
+            flow_control_stalls_total: counter_vec(
+                &r,
+                s,
+                "flow_control_stalls_total",
+                "DATA sends toward an agent that had to wait (no credit or a full agent stream).",
+                &["segment"],
+            ),
             registry: r,
-        }
+        };
+        // Shown from the start (0), not only after the first stall.
+        m.flow_control_stalls_total.with_label_values(&["to_agent"]);
+        m
     }
 }
 

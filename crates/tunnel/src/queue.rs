@@ -129,6 +129,10 @@ impl Credit {
             delivered: std::sync::atomic::AtomicUsize::new(0),
         }
     }
+    /// True when `take(n)` would have to wait for credit now.
+    pub fn would_wait(&self, n: usize) -> bool {
+        self.sem.available_permits() < n.clamp(1, self.window)
+    }
     /// Waits for `n` bytes of credit (false once the connection closed).
     pub async fn take(&self, n: usize) -> bool {
         let n = n.clamp(1, self.window) as u32;

@@ -104,6 +104,9 @@ struct Args {
     /// default or max.
     #[arg(long = "server-count-source", default_value = "default")]
     server_count_source: String,
+    /// Extra: how often server Leases are counted.
+    #[arg(long = "lease-poll-interval", default_value = "10s", value_parser = go_duration, hide = true)]
+    lease_poll_interval: Duration,
     #[arg(long, default_value = "")]
     kubeconfig: String,
     #[arg(
@@ -142,12 +145,20 @@ async fn run(a: Args) -> i32 {
     if !matches!(a.server_count_source.as_str(), "default" | "max") {
         bad_flag("--server-count-source", "must be default or max");
     }
-    if a.count_server_leases {
-        bad_flag(
-            "--count-server-leases",
-            "leases need a Kubernetes API server; not implemented here",
-        );
-    }
+    let lease_client = if a.count_server_leases {
+        if a.kubeconfig.is_empty() {
+            bad_flag("--count-server-leases", "needs --kubeconfig");
+        }
+        if a.lease_poll_interval.is_zero() {
+            bad_flag("--lease-poll-interval", "must be positive");
+        }
+        Some(
+            konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
+                .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}"))),
+        )
+    } else {
+        None
+    };
     let mut alpn: Vec<Vec<u8>> = a
         .alpn_proto
         .iter()
@@ -224,6 +235,31 @@ async fn run(a: Args) -> i32 {
             return 1;
         }
     };
+    if let Some(client) = lease_client {
+        let agent = running.agent.clone();
+        let (ns, sel, every) = (
+            a.lease_namespace.clone(),
+            a.lease_label_selector.clone(),
+            a.lease_poll_interval,
+        );
+        let use_max = a.server_count_source == "max";
+        tokio::spawn(async move {
+            loop {
+                match konnectivity::lease::count_leases(&client, &ns, &sel).await {
+                    Ok(n) => {
+                        tracing::debug!(leases = n, "server leases counted");
+                        agent.set_lease_count(n, use_max);
+                    }
+                    Err(e) => {
+                        // Unknown: fall back to the servers' header count.
+                        tracing::warn!(error = %e, "counting server leases failed");
+                        agent.set_lease_count(0, use_max);
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
     let mut int =

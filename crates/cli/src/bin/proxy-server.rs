@@ -142,6 +142,15 @@ struct Args {
     lease_namespace: String,
     #[arg(long = "lease-label", default_value = "k8s-app=konnectivity-server")]
     lease_label: String,
+    /// Extra: lease duration (upstream fixes 30s).
+    #[arg(long = "lease-duration", default_value = "30s", value_parser = go_duration, hide = true)]
+    lease_duration: Duration,
+    /// Extra: lease renewal interval (upstream fixes 15s).
+    #[arg(long = "lease-renewal-interval", default_value = "15s", value_parser = go_duration, hide = true)]
+    lease_renewal_interval: Duration,
+    /// Extra: interval of the expired-lease garbage collection (upstream fixes 15s).
+    #[arg(long = "lease-gc-interval", default_value = "15s", value_parser = go_duration, hide = true)]
+    lease_gc_interval: Duration,
     /// Timeout for graceful shutdown (0: stop at once).
     #[arg(long = "graceful-shutdown-timeout", default_value = "0", value_parser = go_duration)]
     graceful_shutdown_timeout: Duration,
@@ -239,12 +248,29 @@ async fn run(a: Args) -> i32 {
             "token authentication (TokenReview) is not implemented here; use --cluster-ca-cert (mTLS)",
         );
     }
-    if a.enable_lease_controller {
-        bad_flag(
-            "--enable-lease-controller",
-            "leases need a Kubernetes API server; not implemented here",
-        );
-    }
+    let lease_controller = if a.enable_lease_controller {
+        if a.kubeconfig.is_empty() {
+            bad_flag("--enable-lease-controller", "needs --kubeconfig");
+        }
+        if a.lease_renewal_interval.is_zero() || a.lease_gc_interval.is_zero() {
+            bad_flag("--lease-renewal-interval", "must be positive");
+        }
+        let client = konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
+            .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")));
+        let labels = konnectivity::lease::parse_labels(&a.lease_label)
+            .unwrap_or_else(|e| bad_flag("--lease-label", format!("{e:#}")));
+        Some(konnectivity::lease::LeaseController {
+            client,
+            server_id: a.server_id.clone(),
+            namespace: a.lease_namespace.clone(),
+            labels,
+            duration: a.lease_duration,
+            renew: a.lease_renewal_interval,
+            gc: a.lease_gc_interval,
+        })
+    } else {
+        None
+    };
     let tls_opts = TlsOptions {
         min_version: Some(a.tls_min_version.clone()).filter(|s| !s.is_empty()),
         cipher_suites: a
@@ -344,6 +370,12 @@ async fn run(a: Args) -> i32 {
             return 1;
         }
     };
+    let (lease_stop, lease_stopped) = tokio::sync::oneshot::channel::<()>();
+    let lease_task = lease_controller.map(|c| {
+        tokio::spawn(c.run(async move {
+            let _ = lease_stopped.await;
+        }))
+    });
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
     tokio::select! {
@@ -351,6 +383,10 @@ async fn run(a: Args) -> i32 {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down");
+    let _ = lease_stop.send(());
+    if let Some(t) = lease_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
     running.shutdown(a.graceful_shutdown_timeout).await;
     0
 }

@@ -521,6 +521,13 @@ impl Shared {
     /// Sends client DATA toward the agent, first taking credit when the
     /// agent speaks the flow-control extension. False: the connection is gone.
     pub(crate) async fn send_data_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
+        let n = data.len();
+        if c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n)) || c.backend.tx.capacity() == 0 {
+            self.metrics
+                .flow_control_stalls_total
+                .with_label_values(&["to_agent"])
+                .inc();
+        }
         if let Some(cr) = &c.to_agent {
             let ok = tokio::select! {
                 ok = cr.take(data.len()) => ok,
@@ -530,11 +537,19 @@ impl Shared {
                 return false;
             }
         }
-        c.backend
+        let ok = c
+            .backend
             .tx
             .send(Packet::data(c.connect_id, data))
             .await
-            .is_ok()
+            .is_ok();
+        if ok {
+            self.metrics
+                .agent_bytes_total
+                .with_label_values(&[&c.backend.agent_id, "to_agent"])
+                .inc_by(n as u64);
+        }
+        ok
     }
 
     /// Records `n` bytes handed to the client; acknowledges them to the agent
@@ -710,6 +725,10 @@ impl Shared {
                     self.send_control(backend, Packet::close_req(d.connect_id));
                     return;
                 };
+                self.metrics
+                    .agent_bytes_total
+                    .with_label_values(&[&backend.agent_id, "from_agent"])
+                    .inc_by(d.data.len() as u64);
                 match fe.queue.push_data(Packet::data(d.connect_id, d.data)) {
                     Ok(()) => {}
                     Err(e) => {
