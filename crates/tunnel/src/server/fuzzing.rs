@@ -168,6 +168,7 @@ impl StateMachine {
             .rt
             .block_on(async move { sh.handle_frontend_packet(&fe, packet).await });
         if !keep {
+            let _enter = self.rt.enter();
             f.live = false;
             self.sh.frontend_gone(&f.fe);
         }
@@ -176,6 +177,8 @@ impl StateMachine {
 
     /// Frontend `i`'s stream ends.
     pub fn frontend_close(&mut self, i: usize) {
+        let rt = self.rt.handle().clone();
+        let _enter = rt.enter();
         if let Some(f) = pick(&mut self.fronts, i)
             && f.live
         {
@@ -187,6 +190,8 @@ impl StateMachine {
 
     /// Agent `i`'s stream ends.
     pub fn agent_close(&mut self, i: usize) {
+        let rt = self.rt.handle().clone();
+        let _enter = rt.enter();
         if let Some(a) = pick(&mut self.agents, i)
             && a.live
         {
@@ -218,13 +223,15 @@ impl StateMachine {
     pub fn advance(&mut self, ms: u64) {
         let ms = ms % 4;
         self.rt
-            .block_on(tokio::time::sleep(Duration::from_millis(ms)));
+            .block_on(async move { tokio::time::sleep(Duration::from_millis(ms)).await });
         self.settle();
     }
 
     /// Runs ready tasks, drains the agents' streams (remembering DIAL_REQ
     /// randoms), removes agents the server cut off, and checks invariants.
     fn settle(&mut self) {
+        let rt = self.rt.handle().clone();
+        let _enter = rt.enter();
         self.rt.block_on(async {
             for _ in 0..4 {
                 tokio::task::yield_now().await;
