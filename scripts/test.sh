@@ -19,3 +19,8 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test.log
 # helps a reader of the CI log.
 echo "== summary"
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
+
+# Fuzz smoke run of the tunnel's parsers and server state machine
+# (cargo-fuzz; bounded: FUZZ_SECONDS per target, default 15).
+echo "== fuzz smoke"
+scripts/fuzz-smoke.sh

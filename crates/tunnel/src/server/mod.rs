@@ -17,4 +17,6 @@ mod state;
 
 pub use listen::{FrontendListen, FrontendMode, RunningServer, ServerLaunch, launch};
 pub(crate) use state::MAX_DEFERRED_CONTROL;
+#[doc(hidden)]
+pub use state::fuzzing;
 pub use state::{ProxyServer, ServerOptions, Strategy, random_dial_id};

@@ -20,6 +20,10 @@ use crate::proto::proxy_service_server::ProxyService;
 use crate::proto::{Checked, Packet};
 use crate::queue::{Credit, PacketQueue, PushError};
 
+#[doc(hidden)]
+#[path = "fuzzing.rs"]
+pub mod fuzzing;
+
 /// Backend selection strategies (`--proxy-strategies`), tried in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
