@@ -15,12 +15,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test.log
-# cargo's exit status already fails the run on any failed test; the summary
-# helps a reader of the CI log.
-echo "== summary"
-awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
 
 # Fuzz smoke run of the tunnel's parsers and server state machine
 # (cargo-fuzz; bounded: FUZZ_SECONDS per target, default 15).
 echo "== fuzz smoke"
 scripts/fuzz-smoke.sh
+
+# Last, so it is the closing line: cargo's exit status already failed the run
+# on any failed test; this sums the suites for a reader of the CI log.
+echo "== summary"
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
