@@ -1,0 +1,956 @@
+//! Side-by-side benchmark: our tunnel (HTTP-CONNECT and gRPC frontends)
+//! versus a direct connection, an OpenSSH reverse tunnel (`ssh -R` to a
+//! loopback sshd started here) and rathole, in one run, on one machine, to
+//! one backend process with the same payloads. Also a soak mode.
+//!
+//! Peers come from `scripts/install-bench-tools.sh` (rathole in
+//! target/tools/bin; /usr/sbin/sshd from Debian). A missing peer is skipped
+//! and said so.
+//!
+//! `cargo bench -p konnectivity --bench peers`. Env:
+//!   BENCH_QUICK=1      smoke sizes (32 MiB, 300 dials, 500 rounds, 500 idle)
+//!   BENCH_MIB          bytes per throughput row (default 1024)
+//!   BENCH_DIALS        dials per dials/s row (default 4000)
+//!   BENCH_IDLE         idle connections for the memory row (default 10000)
+//!   BENCH_PEERS        comma list to run (direct,http,grpc,ssh,ssh-gcm,rathole)
+//!   BENCH_SOAK=N       soak instead: N dials (64 at a time) through the
+//!                      HTTP-CONNECT tunnel, sampling RSS and fds
+//!   BENCH_SOAK_SECS    soak time budget (default 600); stops early and
+//!                      extrapolates
+//!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use konnectivity::agent::{self, AgentLaunch, AgentOptions};
+use konnectivity::client::{self, Io, ProxyAddr};
+use konnectivity::server::{self, FrontendListen, FrontendMode, ServerLaunch, ServerOptions};
+use konnectivity::tls;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn raise_nofile() -> u64 {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
+        let want = libc::rlimit {
+            rlim_cur: 1_048_576,
+            rlim_max: 1_048_576,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return want.rlim_cur;
+        }
+        cur.rlim_cur = cur.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
+    }
+    cur.rlim_cur
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `pid` and all its descendants (sshd forks a process pair per connection).
+fn tree(pid: u32) -> Vec<u32> {
+    let mut parent: Vec<(u32, u32)> = Vec::new();
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            if let Some(rest) = stat.rsplit_once(')').map(|x| x.1)
+                && let Some(pp) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok())
+            {
+                parent.push((p, pp));
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let cur = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| *pp == cur).map(|(p, _)| *p));
+        i += 1;
+    }
+    out
+}
+
+// ---- child roles (this binary re-executed) ----
+
+fn run_role(role: &str, args: &[String]) {
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match role {
+            "server" => {
+                let certs = PathBuf::from(&args[0]);
+                let front: u16 = args[1].parse().unwrap();
+                let agent_port: u16 = args[2].parse().unwrap();
+                let grpc_uds = PathBuf::from(&args[3]);
+                let a = certs.join("certs/agent");
+                let agent_tls = tls::server_config(
+                    &a.join("issued/proxy-master.crt"),
+                    &a.join("private/proxy-master.key"),
+                    Some(&a.join("issued/ca.crt")),
+                    &Default::default(),
+                    &[b"h2"],
+                )
+                .unwrap();
+                let launch = |mode, frontend, agent_addr| ServerLaunch {
+                    opts: ServerOptions::default(),
+                    mode,
+                    frontend,
+                    agent_addr,
+                    agent_tls: agent_tls.clone(),
+                    health_addr: None,
+                    admin_addr: None,
+                    agent_keepalive: Duration::from_secs(3600),
+                    agent_liveness: Duration::from_secs(5),
+                    frontend_keepalive: Duration::from_secs(3600),
+                };
+                // HTTP-CONNECT on plain loopback TCP (like the ssh -R and
+                // rathole listeners), gRPC on a unix socket (kube-apiserver's
+                // setup). Agent <-> server is gRPC over mTLS in both.
+                let _s1 = server::launch(launch(
+                    FrontendMode::HttpConnect,
+                    FrontendListen::Tcp {
+                        addr: SocketAddr::from(([127, 0, 0, 1], front)),
+                        tls: None,
+                    },
+                    SocketAddr::from(([127, 0, 0, 1], agent_port)),
+                ))
+                .await
+                .unwrap();
+                let _s2 = server::launch(launch(
+                    FrontendMode::Grpc,
+                    FrontendListen::Uds {
+                        path: grpc_uds,
+                        delete_existing: true,
+                    },
+                    SocketAddr::from(([127, 0, 0, 1], agent_port + 1)),
+                ))
+                .await
+                .unwrap();
+                wait_parent().await;
+            }
+            "agent" => {
+                let certs = PathBuf::from(&args[0]);
+                let agent_port: u16 = args[1].parse().unwrap();
+                let a = certs.join("certs/agent");
+                let tls = tls::client_config(
+                    &a.join("issued/ca.crt"),
+                    Some((
+                        &a.join("issued/proxy-agent.crt"),
+                        &a.join("private/proxy-agent.key"),
+                    )),
+                    &Default::default(),
+                    &[b"h2".to_vec()],
+                )
+                .unwrap();
+                let servers = (0..2)
+                    .map(|i| ("127.0.0.1".to_string(), agent_port + i))
+                    .collect();
+                let mut opts = AgentOptions::new(servers, tls);
+                opts.sync_interval = Duration::from_millis(100);
+                let _a = agent::launch(AgentLaunch {
+                    opts,
+                    health_addr: None,
+                    admin_addr: None,
+                })
+                .await
+                .unwrap();
+                wait_parent().await;
+            }
+            "backend" => {
+                let port: u16 = args[0].parse().unwrap();
+                let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+                tokio::spawn(backend(listener));
+                wait_parent().await;
+            }
+            _ => panic!("unknown role"),
+        }
+    });
+}
+
+/// Children exit when the bench closes their stdin.
+async fn wait_parent() {
+    let mut stdin = tokio::io::stdin();
+    let mut b = [0u8; 1];
+    let _ = stdin.read(&mut b).await;
+    std::process::exit(0);
+}
+
+/// Kills the process group it leads (sshd's per-connection children too).
+struct ChildGuard(Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_cmd(mut cmd: Command) -> ChildGuard {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    ChildGuard(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+}
+
+fn spawn_role(role: &str, args: &[String]) -> ChildGuard {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.arg(format!("--role={role}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    spawn_cmd(cmd)
+}
+
+fn free_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+// ---- backend ----
+// First byte: 'S' + u64 length: send that many bytes; 'E': echo;
+// 'R': read 1 KiB, answer 1 KiB, close.
+
+async fn backend(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut cmd = [0u8; 1];
+            if s.read_exact(&mut cmd).await.is_err() {
+                return;
+            }
+            match cmd[0] {
+                b'S' => {
+                    let mut len = [0u8; 8];
+                    if s.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut left = u64::from_le_bytes(len);
+                    let buf = vec![7u8; 256 * 1024];
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                    let _ = s.shutdown().await;
+                }
+                b'E' => {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                b'R' => {
+                    let mut req = [0u8; 1024];
+                    if s.read_exact(&mut req).await.is_ok() {
+                        let _ = s.write_all(&req).await;
+                    }
+                    let _ = s.shutdown().await;
+                }
+                _ => {}
+            }
+        });
+    }
+}
+
+#[derive(Clone)]
+enum Via {
+    /// Plain TCP to an address: the backend itself, or a peer's listener.
+    Tcp(SocketAddr),
+    Connect(ProxyAddr),
+    /// One HTTP/2 connection and Proxy stream per dial, as kube-apiserver's
+    /// konnectivity client does.
+    Grpc(ProxyAddr),
+}
+
+async fn try_open(via: &Via, backend: SocketAddr) -> anyhow::Result<Box<dyn Io>> {
+    Ok(match via {
+        Via::Tcp(a) => {
+            let s = TcpStream::connect(a).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Via::Connect(addr) => client::http_connect(addr, &backend.to_string(), "bench").await?,
+        Via::Grpc(addr) => {
+            let channel = client::grpc_channel(addr).await?;
+            Box::new(client::grpc_dial(channel, &backend.to_string()).await?)
+        }
+    })
+}
+
+async fn open(via: &Via, backend: SocketAddr) -> Box<dyn Io> {
+    try_open(via, backend).await.expect("open")
+}
+
+/// One full request/response through `via`; the readiness probe too.
+async fn one_dial(via: &Via, backend: SocketAddr) -> anyhow::Result<()> {
+    let mut io = try_open(via, backend).await?;
+    let mut req = vec![b'R'];
+    req.extend_from_slice(&[1u8; 1024]);
+    io.write_all(&req).await?;
+    let mut rsp = [0u8; 1024];
+    io.read_exact(&mut rsp).await?;
+    anyhow::ensure!(rsp == [1u8; 1024], "bad response");
+    Ok(())
+}
+
+/// Aggregate MiB/s of `streams` concurrent downloads of `bytes / streams`.
+async fn throughput(via: &Via, backend: SocketAddr, bytes: u64, streams: u64) -> f64 {
+    let each = bytes / streams;
+    let mut ios = Vec::new();
+    for _ in 0..streams {
+        ios.push(open(via, backend).await);
+    }
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for mut io in ios {
+        set.spawn(async move {
+            let mut cmd = vec![b'S'];
+            cmd.extend_from_slice(&each.to_le_bytes());
+            io.write_all(&cmd).await.unwrap();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            while got < each {
+                let n = io.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            assert_eq!(got, each, "short read");
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    (each * streams) as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
+async fn dials_per_sec(via: &Via, backend: SocketAddr, total: u64, workers: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (via, done) = (via.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while done.fetch_add(1, Ordering::Relaxed) < total {
+                one_dial(&via, backend).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Round-trip of 64 bytes on one open echo connection, microseconds.
+async fn latency(via: &Via, backend: SocketAddr, rounds: usize) -> (f64, f64) {
+    let mut io = open(via, backend).await;
+    io.write_all(b"E").await.unwrap();
+    let mut samples = Vec::with_capacity(rounds);
+    let mut b = [0u8; 64];
+    for _ in 0..rounds {
+        let t = Instant::now();
+        io.write_all(&b).await.unwrap();
+        io.read_exact(&mut b).await.unwrap();
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (samples[rounds / 2], samples[rounds * 99 / 100])
+}
+
+/// KiB of RSS growth per idle connection over the tunnel's processes
+/// (sampled with their descendants, summed).
+async fn idle_rss(via: &Via, backend: SocketAddr, n: usize, roots: &[u32]) -> f64 {
+    let sum = || -> u64 {
+        roots
+            .iter()
+            .flat_map(|r| tree(*r))
+            .map(rss_kib)
+            .sum::<u64>()
+    };
+    let before = sum();
+    let mut conns = Vec::with_capacity(n);
+    let batch = 50;
+    let mut i = 0;
+    while i < n {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..batch.min(n - i) {
+            let via = via.clone();
+            set.spawn(async move {
+                let mut io = open(&via, backend).await;
+                io.write_all(b"Eping").await.unwrap();
+                let mut b = [0u8; 4];
+                io.read_exact(&mut b).await.unwrap();
+                io
+            });
+        }
+        while let Some(io) = set.join_next().await {
+            conns.push(io.unwrap());
+        }
+        i += batch;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sum();
+    drop(conns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    after.saturating_sub(before) as f64 / n as f64
+}
+
+// ---- peers ----
+
+fn sh(cmd: &mut Command) {
+    let st = cmd
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(st.success(), "{cmd:?}: {st}");
+}
+
+/// sshd on loopback with its own config, host key and authorized_keys, plus
+/// `ssh -N -R` from this machine to it: the remote listener on the sshd side
+/// forwards through the SSH connection to the backend.
+fn start_ssh(dir: &Path, backend: u16, cipher: Option<&str>, tag: &str) -> (Vec<ChildGuard>, u16) {
+    let d = dir.join(format!("ssh-{tag}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    for k in ["host", "client"] {
+        sh(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(k)));
+    }
+    std::fs::copy(d.join("client.pub"), d.join("authorized_keys")).unwrap();
+    let (sshd_port, fwd_port) = (free_port(), free_port());
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {h}\nPidFile {p}\n\
+             AuthorizedKeysFile {a}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
+             AllowTcpForwarding yes\nMaxStartups 100\nLogLevel ERROR\n",
+            h = d.join("host").display(),
+            p = d.join("sshd.pid").display(),
+            a = d.join("authorized_keys").display(),
+        ),
+    )
+    .unwrap();
+    let mut sshd = Command::new("/usr/sbin/sshd");
+    sshd.args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let sshd = spawn_cmd(sshd);
+    wait_listen(sshd_port);
+    let mut ssh = Command::new("ssh");
+    ssh.args(["-F", "/dev/null", "-N", "-T"])
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ControlMaster=no",
+        ])
+        .args(["-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes"])
+        .args(["-o", "LogLevel=ERROR", "-i"])
+        .arg(d.join("client"))
+        .args(["-p", &sshd_port.to_string()])
+        .args(["-R", &format!("127.0.0.1:{fwd_port}:127.0.0.1:{backend}")]);
+    if let Some(c) = cipher {
+        ssh.args(["-c", c]);
+    }
+    ssh.arg(format!("{user}@127.0.0.1"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let ssh = spawn_cmd(ssh);
+    wait_listen(fwd_port);
+    (vec![sshd, ssh], fwd_port)
+}
+
+fn rathole_bin() -> Option<PathBuf> {
+    let p = std::env::var_os("RATHOLE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/rathole")
+        });
+    p.exists().then_some(p)
+}
+
+/// rathole server (the public side) and client (beside the backend), TCP
+/// transport, configs written here.
+fn start_rathole(bin: &Path, dir: &Path, backend: u16) -> (Vec<ChildGuard>, u16) {
+    let (ctl, fwd) = (free_port(), free_port());
+    let s = dir.join("rathole-server.toml");
+    let c = dir.join("rathole-client.toml");
+    std::fs::write(
+        &s,
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n[server.services.bench]\n\
+             token = \"bench-token\"\nbind_addr = \"127.0.0.1:{fwd}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &c,
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n[client.services.bench]\n\
+             token = \"bench-token\"\nlocal_addr = \"127.0.0.1:{backend}\"\n"
+        ),
+    )
+    .unwrap();
+    let run = |flag: &str, cfg: &Path| {
+        let mut cmd = Command::new(bin);
+        cmd.arg(flag)
+            .arg(cfg)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        spawn_cmd(cmd)
+    };
+    let server = run("-s", &s);
+    wait_listen(ctl);
+    let client = run("-c", &c);
+    wait_listen(fwd);
+    (vec![server, client], fwd)
+}
+
+fn wait_listen(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn wait_ready(via: &Via, backend: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while one_dial(via, backend).await.is_err() {
+        assert!(Instant::now() < deadline, "path not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Row {
+    name: String,
+    t1: f64,
+    t16: f64,
+    dps: f64,
+    p50: f64,
+    p99: f64,
+    kib_per_conn: Option<f64>,
+    idle_n: usize,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(role) = args.get(1).and_then(|a| a.strip_prefix("--role=")) {
+        run_role(role, &args[2..]);
+        return;
+    }
+    if args.iter().any(|a| a == "--list" || a == "--test") {
+        return; // cargo test --benches probes
+    }
+    let nofile = raise_nofile();
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+    let mib: u64 = env_or("BENCH_MIB", if quick { 32 } else { 1024 });
+    let dials: u64 = env_or("BENCH_DIALS", if quick { 300 } else { 4000 });
+    let rounds: usize = env_or("BENCH_ROUNDS", if quick { 500 } else { 5000 });
+    let idle_n: usize = env_or("BENCH_IDLE", if quick { 500 } else { 10_000 });
+    let soak: u64 = env_or("BENCH_SOAK", 0);
+    let peers: Vec<String> = std::env::var("BENCH_PEERS")
+        .unwrap_or_else(|_| "direct,http,grpc,ssh,ssh-gcm,rathole".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let want = |p: &str| peers.iter().any(|x| x == p);
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend_port = free_port();
+    let backend_proc = spawn_role("backend", &[backend_port.to_string()]);
+    let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
+    wait_listen(backend_port);
+
+    // Our tunnel: server and agent processes.
+    konnectivity::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
+    let (front, agent_port) = (free_port(), free_port());
+    let grpc_uds = dir.path().join("grpc.sock");
+    let d = dir.path().display().to_string();
+    let server = spawn_role(
+        "server",
+        &[
+            d.clone(),
+            front.to_string(),
+            agent_port.to_string(),
+            grpc_uds.display().to_string(),
+        ],
+    );
+    wait_listen(agent_port);
+    let agent = spawn_role("agent", &[d.clone(), agent_port.to_string()]);
+    let ours = vec![server.0.id(), agent.0.id()];
+    let http = Via::Connect(ProxyAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port: front,
+        tls: None,
+    });
+    let grpc = Via::Grpc(ProxyAddr::Uds(grpc_uds.clone()));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    if soak > 0 {
+        rt.block_on(async {
+            wait_ready(&http, backend).await;
+            soak_run(&http, backend, soak, server.0.id(), agent.0.id()).await;
+        });
+        return;
+    }
+
+    let load_before = loadavg();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut measure = |name: &str, via: Via, roots: Vec<u32>, idle: usize| {
+        eprintln!("bench: {name} ...");
+        let row = rt.block_on(async {
+            wait_ready(&via, backend).await;
+            let bytes = mib << 20;
+            let t1 = throughput(&via, backend, bytes, 1).await;
+            let t16 = throughput(&via, backend, bytes, 16).await;
+            let dps = dials_per_sec(&via, backend, dials, 16).await;
+            let (p50, p99) = latency(&via, backend, rounds).await;
+            let kib_per_conn = if roots.is_empty() {
+                None
+            } else {
+                Some(idle_rss(&via, backend, idle, &roots).await)
+            };
+            Row {
+                name: name.into(),
+                t1,
+                t16,
+                dps,
+                p50,
+                p99,
+                kib_per_conn,
+                idle_n: idle,
+            }
+        });
+        rows.push(row);
+    };
+    if want("direct") {
+        measure("direct TCP", Via::Tcp(backend), vec![], 0);
+    }
+    if want("http") {
+        measure(
+            "ours, HTTP-CONNECT (TCP)",
+            http.clone(),
+            ours.clone(),
+            idle_n,
+        );
+    }
+    if want("grpc") {
+        measure("ours, gRPC (UDS)", grpc.clone(), ours.clone(), idle_n);
+    }
+    if want("ssh") || want("ssh-gcm") {
+        if Path::new("/usr/sbin/sshd").exists() {
+            for (tag, cipher) in [("ssh", None), ("ssh-gcm", Some("aes128-gcm@openssh.com"))] {
+                if !want(tag) {
+                    continue;
+                }
+                let (procs, port) = start_ssh(dir.path(), backend_port, cipher, tag);
+                let roots = procs.iter().map(|c| c.0.id()).collect();
+                let name = match cipher {
+                    None => "ssh -R (default cipher)".to_string(),
+                    Some(c) => format!("ssh -R ({})", c.split('@').next().unwrap()),
+                };
+                measure(
+                    &name,
+                    Via::Tcp(([127, 0, 0, 1], port).into()),
+                    roots,
+                    idle_n,
+                );
+                drop(procs);
+            }
+        } else {
+            notes.push(
+                "ssh -R skipped: /usr/sbin/sshd missing (scripts/install-bench-tools.sh)".into(),
+            );
+        }
+    }
+    if want("rathole") {
+        if let Some(bin) = rathole_bin() {
+            let (procs, port) = start_rathole(&bin, dir.path(), backend_port);
+            let roots = procs.iter().map(|c| c.0.id()).collect();
+            // rathole's server holds two descriptors per connection (visitor
+            // and data channel): keep it under the descriptor limit.
+            let cap = ((nofile as usize).saturating_sub(500) / 2).min(idle_n);
+            if cap < idle_n {
+                notes.push(format!(
+                    "rathole idle row at {cap} connections: its server needs 2 fds per connection and RLIMIT_NOFILE is {nofile}"
+                ));
+            }
+            measure(
+                "rathole (TCP transport)",
+                Via::Tcp(([127, 0, 0, 1], port).into()),
+                roots,
+                cap,
+            );
+            drop(procs);
+        } else {
+            notes.push("rathole skipped: not installed (scripts/install-bench-tools.sh)".into());
+        }
+    }
+    drop(server);
+    drop(agent);
+    drop(backend_proc);
+
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!();
+    println!(
+        "tunnel vs peers ({cpus} CPUs, loopback, load average before {load_before}, after {}; {mib} MiB per throughput row, {dials} dials x16 workers, {rounds} echo rounds; RLIMIT_NOFILE {nofile})",
+        loadavg()
+    );
+    println!(
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14}",
+        "path", "1x MiB/s", "16x MiB/s", "dials/s", "+p50 us", "+p99 us", "KiB/idle conn"
+    );
+    let direct = rows
+        .iter()
+        .find(|r| r.name == "direct TCP")
+        .map(|r| (r.p50, r.p99));
+    let (d50, d99) = direct.unwrap_or((0.0, 0.0));
+    for r in &rows {
+        let mem = match r.kib_per_conn {
+            Some(k) => format!("{k:.1} @{}", r.idle_n),
+            None => "-".into(),
+        };
+        println!(
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14}",
+            r.name,
+            r.t1,
+            r.t16,
+            r.dps,
+            r.p50 - d50,
+            r.p99 - d99,
+            mem
+        );
+    }
+    let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
+    println!();
+    println!("ratios (higher is better for ours except memory, where lower is better):");
+    for ours_name in ["ours, HTTP-CONNECT", "ours, gRPC"] {
+        let Some(o) = find(ours_name) else { continue };
+        for (peer, goal) in [
+            ("ssh -R (default", 2.0),
+            ("ssh -R (aes128", 2.0),
+            ("rathole", 1.0),
+        ] {
+            let Some(p) = find(peer) else { continue };
+            let mem = match (o.kib_per_conn, p.kib_per_conn) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            };
+            let ok = |x: f64| if x >= goal { "ok" } else { "MISS" };
+            println!(
+                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} dials {:>5.2} {:<4} mem {:>5} (goal >= {goal}x; mem <= 1 vs rathole)",
+                o.name,
+                p.name,
+                o.t1 / p.t1,
+                ok(o.t1 / p.t1),
+                o.t16 / p.t16,
+                ok(o.t16 / p.t16),
+                o.dps / p.dps,
+                ok(o.dps / p.dps),
+                mem
+            );
+        }
+    }
+    for n in notes {
+        println!("note: {n}");
+    }
+}
+
+async fn soak_run(via: &Via, backend: SocketAddr, total: u64, server: u32, agent: u32) {
+    let budget = Duration::from_secs(env_or("BENCH_SOAK_SECS", 600));
+    let workers: u64 = env_or("BENCH_SOAK_WORKERS", 64);
+    let step = (total / 40).max(1);
+    let sample = |n: u64, t: f64| {
+        (
+            n,
+            t,
+            rss_kib(server),
+            fd_count(server),
+            rss_kib(agent),
+            fd_count(agent),
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base = sample(0, 0.0);
+    let done = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + budget;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (via, done, ok, failed) = (via.clone(), done.clone(), ok.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline && done.fetch_add(1, Ordering::Relaxed) < total {
+                match one_dial(&via, backend).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let mut samples = vec![base];
+    let mut next = step;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let n = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+        let finished = tasks.iter().all(|t| t.is_finished());
+        if n >= next || finished {
+            samples.push(sample(n, start.elapsed().as_secs_f64()));
+            while next <= n {
+                next += step;
+            }
+        }
+        if finished {
+            break;
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Let closes settle, then the end point.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+    let end = sample(n, start.elapsed().as_secs_f64());
+    println!();
+    println!(
+        "soak: {n} of {total} dials (connect + 1 KiB + 1 KiB + close), {workers} at a time, via HTTP-CONNECT; load average {}",
+        loadavg()
+    );
+    println!(
+        "{:>10} {:>8} {:>12} {:>10} {:>12} {:>10}",
+        "dials", "secs", "server KiB", "server fd", "agent KiB", "agent fd"
+    );
+    for s in samples.iter().chain(std::iter::once(&end)) {
+        println!(
+            "{:>10} {:>8.1} {:>12} {:>10} {:>12} {:>10}",
+            s.0, s.1, s.2, s.3, s.4, s.5
+        );
+    }
+    // Warm-up: the first 10% of the dials.
+    let warm = samples
+        .iter()
+        .find(|s| s.0 >= n / 10)
+        .copied()
+        .unwrap_or(end);
+    let after: Vec<_> = samples
+        .iter()
+        .filter(|s| s.0 >= warm.0)
+        .chain([&end])
+        .collect();
+    let max_s = after.iter().map(|s| s.2).max().unwrap_or(0);
+    let max_a = after.iter().map(|s| s.4).max().unwrap_or(0);
+    let gs = (max_s as f64 / warm.2 as f64 - 1.0) * 100.0;
+    let ga = (max_a as f64 / warm.4 as f64 - 1.0) * 100.0;
+    let rate = n as f64 / elapsed;
+    let fails = failed.load(Ordering::Relaxed);
+    let fds_back = end.3 <= base.3 && end.5 <= base.5;
+    println!(
+        "rate {rate:.0} dials/s over {elapsed:.0} s; failed dials {fails}; RSS growth after warm-up ({} dials): server {gs:+.1}% agent {ga:+.1}% (peak vs warm); fds baseline server {} agent {} -> end server {} agent {}",
+        warm.0, base.3, base.5, end.3, end.5
+    );
+    if n < total {
+        println!(
+            "time budget reached: extrapolated {total} dials would take {:.0} s at this rate",
+            total as f64 / rate
+        );
+    }
+    let pass = gs < 5.0 && ga < 5.0 && fds_back && fails == 0;
+    println!(
+        "verdict: {}",
+        if pass {
+            "PASS (RSS growth < 5%, fds back to baseline, no failed dials)"
+        } else {
+            "FAIL"
+        }
+    );
+}
