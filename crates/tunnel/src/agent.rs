@@ -324,6 +324,7 @@ async fn open_channel(
         .keep_alive_while_idle(true)
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_frame_size(Some(crate::H2_MAX_FRAME))
         .tcp_nodelay(true)
         .connect_with_connector(connector)
         .await?)

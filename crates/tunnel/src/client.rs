@@ -89,6 +89,7 @@ pub async fn grpc_channel(addr: &ProxyAddr) -> Result<Channel, ClientError> {
         .map_err(|e| ClientError::Connect(e.to_string()))?
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_frame_size(Some(crate::H2_MAX_FRAME))
         .connect_with_connector(connector)
         .await
         .map_err(|e| ClientError::Connect(format!("{e:?}")))

@@ -27,6 +27,11 @@ pub mod tls;
 /// lives on the stack only during a poll, so an idle connection holds none.
 pub const READ_CHUNK: usize = 64 * 1024;
 
+/// HTTP/2 SETTINGS_MAX_FRAME_SIZE we advertise: one DATA packet (a
+/// `READ_CHUNK` read plus the gRPC and proto headers) fits one frame instead
+/// of a full frame and a tiny one.
+pub const H2_MAX_FRAME: u32 = 2 * READ_CHUNK as u32;
+
 /// gRPC's default maximum message size, which upstream keeps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 

@@ -199,7 +199,7 @@ fn h2_server(keepalive: Duration, timeout: Duration) -> tonic::transport::Server
         .http2_keepalive_timeout(Some(timeout))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
-        .max_frame_size(Some(64 << 10))
+        .max_frame_size(Some(crate::H2_MAX_FRAME))
         .tcp_nodelay(true)
 }
 
