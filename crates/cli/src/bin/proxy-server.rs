@@ -344,12 +344,18 @@ async fn run(a: Args) -> i32 {
             return 1;
         }
     };
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     }
+    // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) only.
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.expect("signal");
     tracing::info!("shutting down");
     running.shutdown(a.graceful_shutdown_timeout).await;
     0
