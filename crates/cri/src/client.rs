@@ -10,7 +10,6 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use serde::Serialize;
-use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{CriError, RuntimeEndpoint};
@@ -94,6 +93,28 @@ pub struct CriClient {
     inner: RuntimeServiceClient<Channel>,
 }
 
+/// The runtime's unix socket.
+#[cfg(unix)]
+async fn dial(path: PathBuf) -> std::io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await
+}
+
+/// The runtime's named pipe. All instances busy (ERROR_PIPE_BUSY) is
+/// retried until tonic's connect timeout gives up, as the tokio docs show.
+#[cfg(windows)]
+async fn dial(path: PathBuf) -> std::io::Result<tokio::net::windows::named_pipe::NamedPipeClient> {
+    /// winerror.h
+    const ERROR_PIPE_BUSY: i32 = 231;
+    loop {
+        match tokio::net::windows::named_pipe::ClientOptions::new().open(&path) {
+            Err(e) if e.raw_os_error() == Some(ERROR_PIPE_BUSY) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return other,
+        }
+    }
+}
+
 impl CriClient {
     /// Connects to the runtime and checks it serves runtime.v1 (Version call).
     pub async fn connect(endpoint: &RuntimeEndpoint) -> Result<Self, CriError> {
@@ -109,7 +130,7 @@ impl CriClient {
             .timeout(CALL_TIMEOUT)
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+                async move { dial(path).await.map(TokioIo::new) }
             }))
             .await
             .map_err(|e| connect_err(error_chain(&e)))?;
