@@ -10,7 +10,6 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use serde::Serialize;
-use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{CriError, RuntimeEndpoint};
@@ -92,6 +91,28 @@ pub struct PodSummary {
 pub struct CriClient {
     endpoint: RuntimeEndpoint,
     inner: RuntimeServiceClient<Channel>,
+}
+
+/// The runtime's unix socket.
+#[cfg(unix)]
+async fn dial(path: PathBuf) -> std::io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await
+}
+
+/// The runtime's named pipe. All instances busy (ERROR_PIPE_BUSY) is
+/// retried until tonic's connect timeout gives up, as the tokio docs show.
+#[cfg(windows)]
+async fn dial(path: PathBuf) -> std::io::Result<tokio::net::windows::named_pipe::NamedPipeClient> {
+    /// winerror.h
+    const ERROR_PIPE_BUSY: i32 = 231;
+    loop {
+        match tokio::net::windows::named_pipe::ClientOptions::new().open(&path) {
+            Err(e) if e.raw_os_error() == Some(ERROR_PIPE_BUSY) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return other,
+        }
+    }
 }
 
 impl CriClient {
@@ -317,6 +338,7 @@ fn verbose_netns(id: &str, info: &str) -> Result<(Option<PathBuf>, Option<u32>),
 /// A gRPC channel over a unix socket, connected now (so a missing socket is
 /// an error here, not at the first call). `call_timeout` bounds each call;
 /// long-lived streams pass `None`.
+/// A channel to the runtime's socket (a named pipe on Windows, see `dial`).
 pub(crate) async fn unix_channel(
     socket: &std::path::Path,
     call_timeout: Option<Duration>,
@@ -330,7 +352,7 @@ pub(crate) async fn unix_channel(
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            async move { dial(path).await.map(TokioIo::new) }
         }))
         .await
         .map_err(|e| error_chain(&e))

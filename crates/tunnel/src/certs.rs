@@ -61,7 +61,6 @@ fn leaf(cn: &str, sans: &[&str], server: bool, ca: &Issued) -> anyhow::Result<Is
 }
 
 fn write(dir: &Path, set: &str, name: &str, issued: &Issued) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let issued_dir = dir.join("certs").join(set).join("issued");
     let private_dir = dir.join("certs").join(set).join("private");
     std::fs::create_dir_all(&issued_dir)?;
@@ -69,7 +68,12 @@ fn write(dir: &Path, set: &str, name: &str, issued: &Issued) -> anyhow::Result<(
     std::fs::write(issued_dir.join(format!("{name}.crt")), issued.cert.pem())?;
     let key_path = private_dir.join(format!("{name}.key"));
     std::fs::write(&key_path, issued.key.serialize_pem())?;
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+    // Owner-only key; on Windows the file inherits its directory's ACL.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
@@ -50,7 +50,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A raw stream to the proxy (TLS with ALPN h2 or http/1.1, or UDS).
 pub async fn raw_connect(addr: &ProxyAddr, alpn_h2: bool) -> Result<Box<dyn Io>, ClientError> {
     match addr {
-        ProxyAddr::Uds(path) => Ok(Box::new(UnixStream::connect(path).await?)),
+        #[cfg(unix)]
+        ProxyAddr::Uds(path) => Ok(Box::new(tokio::net::UnixStream::connect(path).await?)),
+        // Unix sockets exist on unix only (tokio has no AF_UNIX on Windows).
+        #[cfg(not(unix))]
+        ProxyAddr::Uds(path) => Err(ClientError::Connect(format!(
+            "{}: unix sockets are not supported on this platform",
+            path.display()
+        ))),
         ProxyAddr::Tcp { host, port, tls } => {
             let tcp = TcpStream::connect((host.as_str(), *port)).await?;
             tcp.set_nodelay(true)?;

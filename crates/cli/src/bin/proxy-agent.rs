@@ -260,14 +260,24 @@ async fn run(a: Args) -> i32 {
             }
         });
     }
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("signal");
-    // First signal: DRAIN; second: exit.
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    running.agent.drain();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .expect("signal");
+        // First signal: DRAIN; second: exit.
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        running.agent.drain();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    }
+    // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) drains, the second exits.
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.expect("signal");
+        running.agent.drain();
+        tokio::signal::ctrl_c().await.expect("signal");
+    }
     tracing::info!("second signal: exiting");
     running.shutdown().await;
     0

@@ -376,12 +376,18 @@ async fn run(a: Args) -> i32 {
             let _ = lease_stopped.await;
         }))
     });
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     }
+    // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) only.
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.expect("signal");
     tracing::info!("shutting down");
     let _ = lease_stop.send(());
     if let Some(t) = lease_task {

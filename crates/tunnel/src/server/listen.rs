@@ -9,11 +9,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+#[cfg(unix)]
+use tokio::net::UnixListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+#[cfg(unix)]
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
@@ -251,7 +255,10 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     });
 
     // Frontend.
+    // Without unix sockets the only other arm diverges: not an error there.
+    #[cfg_attr(not(unix), allow(unused_assignments))]
     let mut frontend_addr = None;
+    #[cfg_attr(not(unix), allow(unused_mut))]
     let mut uds_path = None;
     let proxy_svc = || {
         ProxyServiceServer::new(ProxySvc(sh.clone()))
@@ -330,6 +337,15 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                 }
             }
         }
+        // Unix sockets exist on unix only (tokio has no AF_UNIX on Windows).
+        #[cfg(not(unix))]
+        FrontendListen::Uds { path, .. } => {
+            anyhow::bail!(
+                "--uds-name {}: unix sockets are not supported on this platform",
+                path.display()
+            )
+        }
+        #[cfg(unix)]
         FrontendListen::Uds {
             path,
             delete_existing,

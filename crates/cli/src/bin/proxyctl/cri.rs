@@ -1,6 +1,7 @@
 //! Container-runtime commands (`lookup`) and the container-id TARGET
 //! fallback, over proxyctl-cri.
 
+#[cfg(target_os = "linux")]
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,6 +9,7 @@ use clap::Args;
 use proxyctl_cli::{OutputFormat, print_structured};
 use proxyctl_cri::{CriError, RUNTIME_ENDPOINT_ENV, RuntimeEndpoint, lookup_blocking};
 
+#[cfg(target_os = "linux")]
 use proxyctl_nft::{NftError, Target};
 
 use crate::target_args::Backend;
@@ -15,9 +17,9 @@ use crate::target_args::Backend;
 /// Where the CRI runtime listens.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
-    /// CRI runtime endpoint, as crictl spells it [default: unix:///run/containerd/containerd.sock]
-    /// (hcnproxyctl: --runtimeendpoint).
-    #[arg(long, alias = "runtimeendpoint", value_name = "unix:///PATH", env = RUNTIME_ENDPOINT_ENV)]
+    /// CRI runtime endpoint, as crictl spells it [default: unix:///run/containerd/containerd.sock;
+    /// on Windows npipe:////./pipe/containerd-containerd] (hcnproxyctl: --runtimeendpoint).
+    #[arg(long, alias = "runtimeendpoint", value_name = "ENDPOINT", env = RUNTIME_ENDPOINT_ENV)]
     pub runtime_endpoint: Option<String>,
 }
 
@@ -82,6 +84,7 @@ pub fn lookup(args: LookupArgs) -> anyhow::Result<ExitCode> {
 /// unique prefix or `pod:NS/NAME` -> the pod's network namespace. Unknown
 /// and ambiguous ids, and ids with no runtime to ask, are the caller's
 /// input at fault (exit 2, as a bad namespace path is).
+#[cfg(target_os = "linux")]
 pub fn container_target(
     target: &str,
     runtime: &RuntimeArgs,
@@ -117,6 +120,7 @@ pub fn container_target(
     }
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
     /// Pods whose labels carry all of these get --policy.
@@ -153,6 +157,7 @@ pub struct WatchArgs {
     pub runtime: RuntimeArgs,
 }
 
+#[cfg(target_os = "linux")]
 pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
 
@@ -207,6 +212,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `--events`.
+#[cfg(target_os = "linux")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EventsArg {
     Auto,
@@ -214,6 +220,7 @@ pub enum EventsArg {
     Poll,
 }
 
+#[cfg(target_os = "linux")]
 impl From<EventsArg> for proxyctl_cri::EventSource {
     fn from(a: EventsArg) -> Self {
         match a {
@@ -225,9 +232,12 @@ impl From<EventsArg> for proxyctl_cri::EventSource {
 }
 
 /// List interval without a live event stream, and with one (a safety net).
+#[cfg(target_os = "linux")]
 const DEFAULT_POLL_MS: u64 = 50;
+#[cfg(target_os = "linux")]
 const DEFAULT_LIVE_POLL_MS: u64 = 5000;
 
+#[cfg(target_os = "linux")]
 fn watch_options(args: &WatchArgs) -> proxyctl_cri::WatchOptions {
     use std::time::Duration;
     let ms = |given: Option<u64>, default| Duration::from_millis(given.unwrap_or(default));
@@ -238,6 +248,7 @@ fn watch_options(args: &WatchArgs) -> proxyctl_cri::WatchOptions {
     options
 }
 
+#[cfg(target_os = "linux")]
 fn bad_input(err: &dyn std::fmt::Display) -> anyhow::Result<ExitCode> {
     eprintln!("proxyctl: watch: {err}");
     Ok(ExitCode::from(2))

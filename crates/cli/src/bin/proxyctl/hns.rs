@@ -10,7 +10,6 @@ use clap::Args;
 use proxyctl_cli::{OutputFormat, print_structured};
 use proxyctl_cri::{CriError, RuntimeEndpoint, container_network_namespace_blocking};
 use proxyctl_hns::{Guid, Hcn, HnsError, dry_run};
-use proxyctl_nft::NftError;
 use proxyctl_policy::{DEFAULT_POLICY_NAME, PolicyError};
 
 use crate::target_args::{AddArgs, Backend, ClearArgs, ListArgs};
@@ -25,6 +24,28 @@ pub struct LookupArgs {
     /// CRI runtime endpoint to ask (hcnproxyctl: --runtimeendpoint).
     #[arg(long, alias = "runtimeendpoint", value_name = "ENDPOINT")]
     pub runtime_endpoint: Option<String>,
+}
+
+/// TARGET names nothing HNS can act on (not a GUID, and no such container):
+/// the caller's input at fault, exit 2. Worded as the nft backend's target
+/// error; its own type so this module builds where proxyctl-nft does not.
+#[derive(Debug)]
+pub struct BadTarget {
+    target: String,
+    message: String,
+}
+
+impl std::fmt::Display for BadTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "target `{}`: {}", self.target, self.message)
+    }
+}
+
+impl std::error::Error for BadTarget {}
+
+/// True when `err` is a TARGET that names nothing (exit 2).
+pub fn is_bad_input(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<BadTarget>().is_some()
 }
 
 /// `lookup` is the one HNS command reached without an explicit backend check
@@ -59,7 +80,7 @@ fn container_namespace(container: &str, runtime_endpoint: Option<&str>) -> anyho
             | CriError::Ambiguous { .. }
             | CriError::InvalidQuery(_)
             | CriError::Endpoint(_)),
-        ) => Err(NftError::Target {
+        ) => Err(BadTarget {
             target: container.to_owned(),
             message: format!("not an HNS endpoint GUID, and as a container: {e}"),
         }

@@ -3,8 +3,11 @@
 
 mod certs;
 mod cri;
+// Linux-only: throw-away namespaces, nftables, setns.
+#[cfg(target_os = "linux")]
 mod demo;
 mod hns;
+#[cfg(target_os = "linux")]
 mod linux;
 mod policy_args;
 // The shapes of add/list/clear, shared by the nft and HNS backends.
@@ -17,7 +20,9 @@ use proxyctl_cli::{OutputFormat, init_logging, print_structured};
 use proxyctl_policy::PolicyError;
 
 use policy_args::PolicyArgs;
-use target_args::{AddArgs, Backend, ClearArgs, ListArgs, TargetArgs};
+#[cfg(target_os = "linux")]
+use target_args::TargetArgs;
+use target_args::{AddArgs, Backend, ClearArgs, ListArgs};
 
 /// Exit code for bad input (as clap uses for bad flags): nothing was changed.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -52,10 +57,13 @@ enum Command {
     /// Remove our policies (all, or --name), and nothing else.
     Clear(ClearArgs),
     /// Prove the policies with real probe traffic; exits non-zero on any mismatch.
+    #[cfg(target_os = "linux")]
     Verify(TargetArgs),
     /// Run a self-contained demonstration in throw-away namespaces (needs root).
+    #[cfg(target_os = "linux")]
     Demo,
     /// Apply policies to every pod whose labels match, now and as pods start (CRI).
+    #[cfg(target_os = "linux")]
     Watch(cri::WatchArgs),
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
@@ -73,13 +81,44 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("proxyctl: {err:#}");
-            if err.downcast_ref::<PolicyError>().is_some() || linux::is_bad_input(&err) {
+            if is_bad_input(&err) {
                 ExitCode::from(EXIT_BAD_INPUT)
             } else {
                 ExitCode::FAILURE
             }
         }
     }
+}
+
+/// True when `err` is the user's input at fault (exit 2, nothing changed).
+fn is_bad_input(err: &anyhow::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    if linux::is_bad_input(err) {
+        return true;
+    }
+    err.downcast_ref::<PolicyError>().is_some() || hns::is_bad_input(err)
+}
+
+/// The nft backend where there is no nftables: say so (exit 2).
+#[cfg(not(target_os = "linux"))]
+fn nft_unavailable() -> anyhow::Result<ExitCode> {
+    eprintln!("proxyctl: --backend nft exists only on Linux; use --backend hns (the default here)");
+    Ok(ExitCode::from(EXIT_BAD_INPUT))
+}
+
+#[cfg(target_os = "linux")]
+use linux::{add as nft_add, clear as nft_clear, list as nft_list};
+#[cfg(not(target_os = "linux"))]
+fn nft_add(_: AddArgs) -> anyhow::Result<ExitCode> {
+    nft_unavailable()
+}
+#[cfg(not(target_os = "linux"))]
+fn nft_list(_: ListArgs) -> anyhow::Result<ExitCode> {
+    nft_unavailable()
+}
+#[cfg(not(target_os = "linux"))]
+fn nft_clear(_: ClearArgs) -> anyhow::Result<ExitCode> {
+    nft_unavailable()
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -97,19 +136,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Add(args) => match args.target.backend.resolve() {
             Backend::Hns => return hns::add(args),
-            _ => return linux::add(args),
+            _ => return nft_add(args),
         },
         Command::List(args) => match args.target.backend.resolve() {
             Backend::Hns => return hns::list(args),
-            _ => return linux::list(args),
+            _ => return nft_list(args),
         },
         Command::Clear(args) => match args.target.backend.resolve() {
             Backend::Hns => return hns::clear(args),
-            _ => return linux::clear(args),
+            _ => return nft_clear(args),
         },
+        #[cfg(target_os = "linux")]
         Command::Verify(args) => return linux::verify(args),
+        #[cfg(target_os = "linux")]
         Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
+        #[cfg(target_os = "linux")]
         Command::Demo => return demo::run(),
         Command::Certs(args) => certs::run(&args)?,
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),

@@ -1,0 +1,217 @@
+//! `imds-proxy`: the metadata-service proxy for pods, and a strict local
+//! fake of Azure IMDS / AWS IMDSv2. A thin shell over the `imds-proxy` crate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use imds_proxy::audit::Audit;
+use imds_proxy::mock::{self, MockState};
+use imds_proxy::proxy::{self, Limits, ProxyConfig, ProxyHandle};
+use imds_proxy::{CriPodSource, FilePodSource, Rules};
+use proxyctl_cli::init_logging;
+use proxyctl_cri::RuntimeEndpoint;
+
+const EXIT_BAD_INPUT: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imds-proxy",
+    version,
+    about = "Metadata-service proxy for pods: knows which pod asks (a listener inside each pod's network namespace), enforces who may ask for what, forwards to the real service."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once at start: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a strict local fake of Azure IMDS and AWS IMDSv2.
+    Mock {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:16990")]
+        listen: SocketAddr,
+    },
+    /// Proxy pods' metadata requests to the real service under access rules.
+    Serve {
+        /// The real service, http://HOST[:PORT] (e.g. http://169.254.169.254).
+        #[arg(long, value_parser = parse_upstream)]
+        upstream: String,
+        /// Access rules (YAML): which pods may use which paths and methods.
+        #[arg(long)]
+        rules: PathBuf,
+        /// Pods (YAML: pods: [{name, namespace, labels, netns, ip}]); read
+        /// again every --reconcile-secs. Without it pods come from the
+        /// container runtime (--runtime-endpoint).
+        #[arg(long)]
+        pods: Option<PathBuf>,
+        /// The CRI runtime to list pods from (ready sandboxes: labels,
+        /// namespace, name, network namespace, IPs), e.g.
+        /// unix:///run/containerd/containerd.sock. Default:
+        /// $CONTAINER_RUNTIME_ENDPOINT, else containerd's socket. Not with --pods.
+        #[arg(long, conflicts_with = "pods")]
+        runtime_endpoint: Option<String>,
+        /// Address bound inside every pod's network namespace; the pod's
+        /// DNAT of 169.254.169.254:80 points here.
+        #[arg(long, default_value = proxy::DEFAULT_POD_LISTEN)]
+        pod_listen: SocketAddr,
+        /// Fallback listener in this namespace that identifies callers by
+        /// source IP (each checked to be the live owner of the address).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "127.0.0.1:15991")]
+        admin_listen: SocketAddr,
+        /// Audit log (JSON lines); `-` for stdout.
+        #[arg(long, default_value = "-")]
+        audit_log: String,
+        /// Requests per second each pod may send upstream (0: unlimited).
+        #[arg(long, default_value_t = 20.0)]
+        rate_limit: f64,
+        /// Burst allowed above --rate-limit.
+        #[arg(long, default_value_t = 40)]
+        burst: u32,
+        /// Time a client has to send its request head.
+        #[arg(long, default_value_t = 5000)]
+        header_timeout_ms: u64,
+        /// Time the upstream has to answer.
+        #[arg(long, default_value_t = 10000)]
+        upstream_timeout_ms: u64,
+        /// How often the pods (--pods or the runtime) are read again.
+        #[arg(long, default_value_t = 5)]
+        reconcile_secs: u64,
+    },
+}
+
+fn parse_upstream(s: &str) -> Result<String, String> {
+    proxy::parse_upstream(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Bad flags or files: exit code 2, nothing started.
+#[derive(Debug)]
+struct BadInput(String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn bad_input(msg: String) -> anyhow::Error {
+    anyhow::Error::new(BadInput(msg))
+}
+
+pub fn main() -> ExitCode {
+    init_logging("info");
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imds-proxy: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(BadInput(msg)) = err.downcast_ref::<BadInput>() {
+                eprintln!("imds-proxy: {msg}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+            eprintln!("imds-proxy: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Mock { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding --listen {listen}"))?;
+            tracing::info!(
+                "metadata-service fake listening on {}",
+                listener.local_addr()?
+            );
+            mock::serve(listener, MockState::new()).await;
+            Ok(())
+        }
+        Command::Serve {
+            upstream,
+            rules,
+            pods,
+            runtime_endpoint,
+            pod_listen,
+            listen,
+            admin_listen,
+            audit_log,
+            rate_limit,
+            burst,
+            header_timeout_ms,
+            upstream_timeout_ms,
+            reconcile_secs,
+        } => {
+            let rules = Rules::load(&rules).map_err(|e| bad_input(format!("--rules: {e}")))?;
+            if !(rate_limit.is_finite() && rate_limit >= 0.0) {
+                return Err(bad_input(format!("--rate-limit: {rate_limit} is not >= 0")));
+            }
+            let source = match &pods {
+                Some(path) => {
+                    let source = FilePodSource::new(path);
+                    imds_proxy::PodSource::pods(&source)
+                        .map_err(|e| bad_input(format!("--pods: {e}")))?;
+                    Arc::new(source) as Arc<dyn imds_proxy::PodSource>
+                }
+                None => {
+                    let endpoint = RuntimeEndpoint::resolve(runtime_endpoint.as_deref())
+                        .map_err(|e| bad_input(e.to_string()))?;
+                    tracing::info!(endpoint = %endpoint, "pods from the container runtime");
+                    Arc::new(CriPodSource::new(endpoint)) as Arc<dyn imds_proxy::PodSource>
+                }
+            };
+            let audit = if audit_log == "-" {
+                Audit::stdout()
+            } else {
+                Audit::to_file(std::path::Path::new(&audit_log))
+                    .with_context(|| format!("opening --audit-log {audit_log}"))?
+            };
+            let config = ProxyConfig {
+                upstream: proxy::parse_upstream(&upstream)?,
+                rules,
+                pod_listen: Some(pod_listen),
+                source_ip_listen: listen,
+                admin_listen: Some(admin_listen),
+                audit,
+                limits: Limits {
+                    header_read_timeout: Duration::from_millis(header_timeout_ms),
+                    upstream_timeout: Duration::from_millis(upstream_timeout_ms),
+                    rate_per_sec: rate_limit,
+                    burst,
+                    ..Limits::default()
+                },
+                reconcile_every: Duration::from_secs(reconcile_secs),
+            };
+            let handle = ProxyHandle::start(config, source).await?;
+            tracing::info!(
+                admin = ?handle.admin_addr,
+                source_ip = ?handle.source_ip_addr,
+                "imds-proxy serving"
+            );
+            tokio::signal::ctrl_c().await?;
+            drop(handle);
+            Ok(())
+        }
+    }
+}
