@@ -564,38 +564,14 @@ impl Builder {
             if let (Some(port), true) = (p.outbound_port, tcp) {
                 self.filters(&c, rp, true);
                 self.loopback(&c);
-                self.rule(
-                    &c,
-                    "redirect",
-                    vec![
-                        meta(expr::META_L4PROTO),
-                        cmp(expr::CMP_EQ, [Protocol::Tcp.number()]),
-                        Expr::Counter,
-                        load(expr::REG_1, port.to_be_bytes()),
-                        Expr::Redir {
-                            reg_port: expr::REG_1,
-                        },
-                    ],
-                );
+                self.rule(&c, "redirect", tcp_redirect_exprs(port));
             }
         }
         if let (Some(port), true) = (p.inbound_port, tcp) {
             let c = chain(self, Role::In);
             self.family_guard(&c, rp);
             self.filters(&c, rp, false);
-            self.rule(
-                &c,
-                "redirect",
-                vec![
-                    meta(expr::META_L4PROTO),
-                    cmp(expr::CMP_EQ, [Protocol::Tcp.number()]),
-                    Expr::Counter,
-                    load(expr::REG_1, port.to_be_bytes()),
-                    Expr::Redir {
-                        reg_port: expr::REG_1,
-                    },
-                ],
-            );
+            self.rule(&c, "redirect", tcp_redirect_exprs(port));
         }
         if let (Some(port), true) = (p.outbound_port, udp) {
             let c = chain(self, Role::Mark);
@@ -676,6 +652,20 @@ impl Builder {
         }
         roles
     }
+}
+
+/// `meta l4proto tcp counter redirect to :PORT` — the same rule serves the
+/// outbound (nat output) and inbound (nat prerouting) chains.
+fn tcp_redirect_exprs(port: u16) -> Vec<Expr> {
+    vec![
+        meta(expr::META_L4PROTO),
+        cmp(expr::CMP_EQ, [Protocol::Tcp.number()]),
+        Expr::Counter,
+        load(expr::REG_1, port.to_be_bytes()),
+        Expr::Redir {
+            reg_port: expr::REG_1,
+        },
+    ]
 }
 
 fn dnat_exprs(dp: &DestinationProxy) -> Vec<Expr> {
