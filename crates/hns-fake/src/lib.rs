@@ -683,15 +683,21 @@ pub unsafe extern "system" fn HcnOpenEndpoint(
     unsafe { finish(result, record) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "system" fn HcnCloseEndpoint(endpoint: *mut c_void) -> HResult {
+/// Closes a handle of the given kind; a handle of another kind, or one
+/// already closed, is refused as HNS does.
+fn close_handle(handle: *mut c_void, kind: Kind) -> HResult {
     let result = with_books(|books| {
-        handle_id(books, endpoint, Kind::Endpoint)?;
-        books.handles.remove(&(endpoint as usize));
+        handle_id(books, handle, kind)?;
+        books.handles.remove(&(handle as usize));
         Ok(())
     });
     // SAFETY: no record for Close.
     unsafe { finish(result, std::ptr::null_mut()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn HcnCloseEndpoint(endpoint: *mut c_void) -> HResult {
+    close_handle(endpoint, Kind::Endpoint)
 }
 
 #[unsafe(no_mangle)]
@@ -807,13 +813,7 @@ pub unsafe extern "system" fn HcnOpenNamespace(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "system" fn HcnCloseNamespace(namespace: *mut c_void) -> HResult {
-    let result = with_books(|books| {
-        handle_id(books, namespace, Kind::Namespace)?;
-        books.handles.remove(&(namespace as usize));
-        Ok(())
-    });
-    // SAFETY: no record for Close.
-    unsafe { finish(result, std::ptr::null_mut()) }
+    close_handle(namespace, Kind::Namespace)
 }
 
 #[unsafe(no_mangle)]
