@@ -9,6 +9,9 @@
 //! `cargo bench -p konnectivity --bench tunnel` (release). Env: BENCH_GIB
 //! (default 1), BENCH_IDLE (default 10000).
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "support/backend.rs"]
 mod backend;
 use backend::backend;
@@ -333,6 +336,23 @@ async fn idle_rss(
     ((after.saturating_sub(before)) as f64 / n as f64, conns)
 }
 
+type Row = (String, f64, f64, f64, f64);
+
+fn print_rows(rows: &[Row], gib: f64) {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!();
+    println!("konnectivity tunnel benchmark ({cpus} CPUs; loopback; server and agent are separate processes; {gib} GiB stream)");
+    println!("{:<34} {:>12} {:>8} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12}", "path", "MiB/s", "x direct", "dials/s", "x direct", "p50 us", "p99 us", "+p50 us", "+p99 us");
+    let (_, dt, dd, d50, d99) = rows[0].clone();
+    for (name, t, dps, p50, p99) in rows {
+        println!(
+            "{:<34} {:>12.0} {:>8.2} {:>10.0} {:>7.2} {:>10.1} {:>10.1} {:>12.1} {:>12.1}",
+            name, t, t / dt, dps, dps / dd, p50, p99, p50 - d50, p99 - d99
+        );
+    }
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(role) = args.get(1).and_then(|a| a.strip_prefix("--role=")) {
@@ -412,12 +432,24 @@ fn main() {
         }
         let bytes = (gib * (1u64 << 30) as f64) as u64;
         let paths = [("direct TCP", Path2::Direct), ("tunnel, HTTP-CONNECT over mTLS", tls_path.clone()), ("tunnel, HTTP-CONNECT over UDS", uds_path.clone()), ("tunnel, gRPC over UDS", grpc_path.clone())];
-        let mut rows = Vec::new();
-        for (name, p) in &paths {
+        // BENCH_PATHS: comma-separated row numbers (0 = direct) to run only
+        // those rows while iterating; direct is always measured.
+        let only: Option<Vec<usize>> = std::env::var("BENCH_PATHS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+        let mut rows: Vec<Row> = Vec::new();
+        for (i, (name, p)) in paths.iter().enumerate() {
+            if i > 0 && only.as_ref().is_some_and(|o| !o.contains(&i)) {
+                continue;
+            }
             let tput = throughput(p, backend_addr, bytes).await;
             let dps = dials_per_sec(p, backend_addr, 4000, 16).await;
             let (p50, p99) = latency(p, backend_addr, 5000).await;
             rows.push((name.to_string(), tput, dps, p50, p99));
+        }
+        if idle_n == 0 {
+            print_rows(&rows, gib);
+            return;
         }
         let (idle_uds, conns) = idle_rss(&uds_path, backend_addr, idle_n, &pids).await;
         drop(conns);
@@ -428,18 +460,7 @@ fn main() {
         let (idle_grpc, conns) = idle_rss(&grpc_path, backend_addr, idle_n, &pids).await;
         drop(conns);
 
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-        println!();
-        println!("konnectivity tunnel benchmark ({cpus} CPUs; loopback; server and agent are separate processes; {gib} GiB stream)");
-        println!("{:<34} {:>12} {:>8} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12}", "path", "MiB/s", "x direct", "dials/s", "x direct", "p50 us", "p99 us", "+p50 us", "+p99 us");
-        let (_, dt, dd, d50, d99) = rows[0].clone();
-        for (name, t, dps, p50, p99) in &rows {
-            println!(
-                "{:<34} {:>12.0} {:>8.2} {:>10.0} {:>7.2} {:>10.1} {:>10.1} {:>12.1} {:>12.1}",
-                name, t, t / dt, dps, dps / dd, p50, p99, p50 - d50, p99 - d99
-            );
-        }
-        println!();
+        print_rows(&rows, gib);
         println!("idle tunnelled connections: {idle_n} open; RSS growth of server + agent per connection:");
         println!("  HTTP-CONNECT over UDS : {:.1} KiB", idle_uds);
         println!("  HTTP-CONNECT over mTLS: {:.1} KiB", idle_tls);
