@@ -65,6 +65,9 @@ pub struct ServerOptions {
     /// Per-connection window offered to agents that speak the flow-control
     /// extension (0: off). Kept at most `connection_queue_bytes`.
     pub flow_window: usize,
+    /// Token authentication of agents (TokenReview); None: agents are
+    /// trusted on their TLS connection alone.
+    pub agent_auth: Option<Arc<crate::tokenreview::AgentTokenAuth>>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +82,7 @@ impl Default for ServerOptions {
             agent_channel_packets: 256,
             max_dials_per_stream: 64,
             flow_window: 1 << 20,
+            agent_auth: None,
         }
     }
 }
@@ -972,6 +976,26 @@ impl AgentService for AgentSvc {
             )));
         }
         let idents = Identifiers::parse(idents.first().copied().unwrap_or(""));
+        // Before the agent becomes a backend and before serverID/serverCount
+        // are answered: a refused agent never sees a successful Connect.
+        if let Some(auth) = &sh.opts.agent_auth {
+            let authorization: Vec<String> = md
+                .get_all(headers::AUTHORIZATION)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .collect();
+            match auth.authenticate(&authorization).await {
+                Ok(username) => {
+                    tracing::debug!(%agent_id, %username, "agent authenticated via token");
+                }
+                Err(e) => {
+                    sh.metrics.bad(e.metric_kind());
+                    tracing::warn!(%agent_id, error = %e, "agent refused: token authentication failed");
+                    // Upstream returns a plain Go error: gRPC code Unknown.
+                    return Err(Status::unknown(e.to_string()));
+                }
+            }
+        }
         // Flow-control extension: on when the agent offers it.
         let flow_window = md
             .get(headers::FLOW_WINDOW)
