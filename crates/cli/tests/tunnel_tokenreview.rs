@@ -317,7 +317,11 @@ fn agent_with_a_valid_token_connects_and_tunnels() {
         http_get(p.agent_health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     let (ok, out) = request(dir.path(), &p, backend.port);
-    assert!(ok && out.contains("success: hello"), "{out}\n{}", logs(&server, &agent));
+    assert!(
+        ok && out.contains("success: hello"),
+        "{out}\n{}",
+        logs(&server, &agent)
+    );
     assert_eq!(metric(p.health, READY), 1.0);
     assert_eq!(
         api.reviews(),
@@ -451,7 +455,11 @@ fn agents_are_refused_when_the_review_cannot_be_made() {
             "{}",
             logs(&server, &agent)
         );
-        assert!(server.log_text().contains(what), "{what}\n{}", logs(&server, &agent));
+        assert!(
+            server.log_text().contains(what),
+            "{what}\n{}",
+            logs(&server, &agent)
+        );
     }
 }
 
