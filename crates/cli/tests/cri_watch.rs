@@ -10,7 +10,7 @@ use proxyctl_nft::Target;
 use proxyctl_testkit::containerd::{
     Containerd, ContainerdOptions, GATEWAY, Pod, PodSpec, ProxyStandIn,
 };
-use proxyctl_testkit::{require_root, require_tool};
+use proxyctl_testkit::{free_port, require_root, require_tool};
 
 /// The watcher process, killed on drop (even when an assertion fails).
 struct Watch(Child);
@@ -20,14 +20,6 @@ impl Drop for Watch {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -3,11 +3,14 @@
 //! Owns the rules from DEVELOPERS.md that every privileged test follows:
 //! skip with a printed reason when not root outside CI, fail under
 //! `CI=true`; and every namespace a test makes is removed by a Drop guard,
-//! on success or failure.
+//! on success or failure. Also hands out free ports for test servers
+//! ([`free_port`]) without races between tests running at once.
 
 mod netns;
+mod ports;
 
 pub use netns::{NetNs, in_netns};
+pub use ports::free_port;
 
 /// True when running under CI (`CI=true`): privileged tests must not skip.
 pub fn in_ci() -> bool {

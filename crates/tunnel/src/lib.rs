@@ -8,6 +8,8 @@
 //! - [`agent`]: the agent that dials back to one or more servers.
 //! - [`client`]: the client side (one Proxy stream per dial, or HTTP-CONNECT).
 //! - [`certs`]: the certificate tree upstream's `make certs` writes.
+//! - [`lease`], [`tokenreview`]: what the server and agent ask the Kubernetes
+//!   API (server-count Leases, agent TokenReviews).
 //! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`]: shared plumbing.
 
 pub mod agent;
@@ -21,6 +23,7 @@ pub mod proto;
 pub mod queue;
 pub mod server;
 pub mod tls;
+pub mod tokenreview;
 
 /// Read size for sockets (upstream: 4 KiB on the agent, 32 KiB on the
 /// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. The buffer

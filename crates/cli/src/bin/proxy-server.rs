@@ -103,13 +103,17 @@ struct Args {
     /// The number of proxy server instances, should be 1 unless it is an HA server.
     #[arg(long = "server-count", default_value_t = 1)]
     server_count: u32,
-    /// Expected agent's namespace during agent authentication.
+    /// Expected agent's namespace during agent authentication (used with
+    /// agent-service-account, authentication-audience, kubeconfig): agents
+    /// must send a service-account token that a TokenReview accepts.
     #[arg(long = "agent-namespace", default_value = "")]
     agent_namespace: String,
-    /// Expected agent's service account during agent authentication.
+    /// Expected agent's service account during agent authentication (used with
+    /// agent-namespace, authentication-audience, kubeconfig).
     #[arg(long = "agent-service-account", default_value = "")]
     agent_service_account: String,
-    /// absolute path to the kubeconfig file.
+    /// absolute path to the kubeconfig file (for agent authentication and the
+    /// lease controller; required by both: there is no in-cluster fallback).
     #[arg(long, default_value = "")]
     kubeconfig: String,
     #[arg(long = "kubeconfig-qps", default_value_t = 0.0)]
@@ -121,7 +125,8 @@ struct Args {
         default_value = "application/vnd.kubernetes.protobuf"
     )]
     kube_api_content_type: String,
-    /// Expected agent's token authentication audience.
+    /// Expected agent's token authentication audience (used with
+    /// agent-namespace, agent-service-account, kubeconfig).
     #[arg(long = "authentication-audience", default_value = "")]
     authentication_audience: String,
     /// The list of proxy strategies: default, destHost, defaultRoute.
@@ -223,31 +228,41 @@ async fn run(a: Args) -> i32 {
             "--cluster-cert and --cluster-key are required (agents connect over TLS)",
         );
     }
+    // Upstream's rules and order; --kubeconfig is needed here because
+    // there is no in-cluster configuration fallback.
     let token_auth = !a.agent_namespace.is_empty()
         || !a.agent_service_account.is_empty()
         || !a.authentication_audience.is_empty();
-    if token_auth {
-        if a.agent_namespace.is_empty()
-            || a.agent_service_account.is_empty()
-            || a.authentication_audience.is_empty()
-            || a.kubeconfig.is_empty()
-        {
-            bad_flag(
-                "--agent-namespace",
-                "--agent-namespace, --agent-service-account, --authentication-audience and --kubeconfig go together",
-            );
-        }
+    let agent_auth = if token_auth {
         if !a.cluster_ca_cert.is_empty() {
             bad_flag(
                 "--cluster-ca-cert",
-                "exclusive with token authentication (--agent-namespace ...)",
+                "can not be used when agent authentication is enabled (--agent-namespace, --agent-service-account, --authentication-audience)",
             );
         }
-        bad_flag(
-            "--agent-namespace",
-            "token authentication (TokenReview) is not implemented here; use --cluster-ca-cert (mTLS)",
-        );
-    }
+        for (flag, value) in [
+            ("--agent-namespace", &a.agent_namespace),
+            ("--agent-service-account", &a.agent_service_account),
+            ("--authentication-audience", &a.authentication_audience),
+            ("--kubeconfig", &a.kubeconfig),
+        ] {
+            if value.is_empty() {
+                bad_flag(flag, "cannot be empty when agent authentication is enabled");
+            }
+        }
+        let client = konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
+            .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")));
+        Some(std::sync::Arc::new(
+            konnectivity::tokenreview::AgentTokenAuth {
+                client,
+                namespace: a.agent_namespace.clone(),
+                service_account: a.agent_service_account.clone(),
+                audience: a.authentication_audience.clone(),
+            },
+        ))
+    } else {
+        None
+    };
     let lease_controller = if a.enable_lease_controller {
         if a.kubeconfig.is_empty() {
             bad_flag("--enable-lease-controller", "needs --kubeconfig");
@@ -335,6 +350,7 @@ async fn run(a: Args) -> i32 {
         flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         agent_channel_packets: a.xfr_channel_size.max(256),
+        agent_auth,
         ..ServerOptions::default()
     };
     let launch = ServerLaunch {

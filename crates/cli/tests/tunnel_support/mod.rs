@@ -9,31 +9,12 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// A port no one listens on, from below the kernel's ephemeral range
-/// (32768-60999): a port the kernel picks for bind(0) can be given to any
-/// outgoing connection of a parallel test before the process under test
-/// binds it. Test binaries run one after another, and within one binary a
-/// counter never hands the same port out twice.
-pub fn free_port() -> u16 {
-    const FIRST: u16 = 20000;
-    const SPAN: u16 = 12000;
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(
-            n < SPAN,
-            "free_port: no free port left below the ephemeral range"
-        );
-        let port = FIRST + n;
-        // Binding the wildcard address fails if any local address holds the port.
-        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
-            return port;
-        }
-    }
-}
+/// A port no one listens on, from below the ephemeral range and claimed
+/// against other test processes (see `proxyctl_testkit::free_port`).
+pub use proxyctl_testkit::free_port;
 
 /// A child process killed (SIGKILL) and reaped on drop; output goes to a log file.
 pub struct Proc {

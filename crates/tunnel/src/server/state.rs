@@ -65,6 +65,9 @@ pub struct ServerOptions {
     /// Per-connection window offered to agents that speak the flow-control
     /// extension (0: off). Kept at most `connection_queue_bytes`.
     pub flow_window: usize,
+    /// Token authentication of agents (TokenReview); None: agents are
+    /// trusted on their TLS connection alone.
+    pub agent_auth: Option<Arc<crate::tokenreview::AgentTokenAuth>>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +82,7 @@ impl Default for ServerOptions {
             agent_channel_packets: 256,
             max_dials_per_stream: 64,
             flow_window: 1 << 20,
+            agent_auth: None,
         }
     }
 }
@@ -678,6 +682,30 @@ impl Shared {
                     p.frontend
                         .dial_failed(random, Packet::dial_rsp(random, rsp.connect_id, rsp.error));
                 } else if rsp.connect_id != 0
+                    && backend.conns.lock().unwrap().contains_key(&rsp.connect_id)
+                {
+                    // The agent reused a connectID that names a live
+                    // connection of this stream. Only this dial fails: no
+                    // CLOSE_REQ (it would end the live connection, the only
+                    // one the agent can still route under that ID) and no
+                    // DIAL_CLS (the agent has answered this dial already).
+                    // This reader is the only one adding to `conns`, so the
+                    // check cannot go stale before the insert below.
+                    self.metrics.bad("duplicate_connect_id");
+                    self.metrics
+                        .dial_failure_count
+                        .with_label_values(&["error_response"])
+                        .inc();
+                    tracing::warn!(
+                        agent_id = %backend.agent_id,
+                        connect_id = rsp.connect_id,
+                        "DIAL_RSP reuses a connectID in use; failing that dial"
+                    );
+                    p.frontend.dial_failed(
+                        random,
+                        Packet::dial_rsp(random, 0, "agent returned a connectID already in use"),
+                    );
+                } else if rsp.connect_id != 0
                     && p.frontend.establish(random, rsp.connect_id, backend)
                 {
                     backend
@@ -948,6 +976,26 @@ impl AgentService for AgentSvc {
             )));
         }
         let idents = Identifiers::parse(idents.first().copied().unwrap_or(""));
+        // Before the agent becomes a backend and before serverID/serverCount
+        // are answered: a refused agent never sees a successful Connect.
+        if let Some(auth) = &sh.opts.agent_auth {
+            let authorization: Vec<String> = md
+                .get_all(headers::AUTHORIZATION)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .collect();
+            match auth.authenticate(&authorization).await {
+                Ok(username) => {
+                    tracing::debug!(%agent_id, %username, "agent authenticated via token");
+                }
+                Err(e) => {
+                    sh.metrics.bad(e.metric_kind());
+                    tracing::warn!(%agent_id, error = %e, "agent refused: token authentication failed");
+                    // Upstream returns a plain Go error: gRPC code Unknown.
+                    return Err(Status::unknown(e.to_string()));
+                }
+            }
+        }
         // Flow-control extension: on when the agent offers it.
         let flow_window = md
             .get(headers::FLOW_WINDOW)
@@ -1098,6 +1146,77 @@ pub(crate) fn random_id() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    fn test_backend(sh: &Shared) -> (Arc<Backend>, mpsc::Receiver<Packet>) {
+        let (tx, rx) = mpsc::channel(64);
+        let backend = Arc::new(Backend {
+            uid: sh.uid(),
+            agent_id: "agent".into(),
+            idents: Identifiers::default(),
+            draining: AtomicBool::new(false),
+            tx,
+            conns: Mutex::new(HashMap::new()),
+            gone: CancellationToken::new(),
+            flow_window: 0,
+            deferred: Default::default(),
+        });
+        sh.add_backend(backend.clone());
+        (backend, rx)
+    }
+
+    fn queued(fe: &Frontend) -> Vec<Checked> {
+        std::iter::from_fn(|| fe.queue.pop().now_or_never().flatten())
+            .map(|p| p.checked().unwrap())
+            .collect()
+    }
+
+    /// An agent that answers two dials with the same connectID: the second
+    /// dial fails toward its client; the first connection keeps working and
+    /// the established gauge counts it once.
+    #[tokio::test]
+    async fn dial_response_reusing_a_live_connect_id_is_refused() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let (backend, mut to_agent) = test_backend(&sh);
+        let (first, second) = (sh.new_frontend(), sh.new_frontend());
+        sh.start_dial(&first, "tcp", "127.0.0.1:80", 11)
+            .await
+            .unwrap();
+        sh.start_dial(&second, "tcp", "127.0.0.1:80", 22)
+            .await
+            .unwrap();
+        while to_agent.try_recv().is_ok() {}
+
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(11, 7, ""));
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(22, 7, ""));
+
+        assert_eq!(sh.metrics.established_connections.get(), 1);
+        assert_eq!(
+            sh.metrics
+                .bad_input_total
+                .with_label_values(&["duplicate_connect_id"])
+                .get(),
+            1
+        );
+        assert!(
+            matches!(&queued(&first)[..], [Checked::DialRsp(r)] if r.random == 11 && r.connect_id == 7 && r.error.is_empty())
+        );
+        assert!(
+            matches!(&queued(&second)[..], [Checked::DialRsp(r)] if r.random == 22 && r.connect_id == 0 && !r.error.is_empty())
+        );
+        assert!(second.queue.is_closed() && second.conn(7).is_none());
+        // Nothing toward the agent: a CLOSE_REQ for 7 would end the live one.
+        assert!(to_agent.try_recv().is_err());
+        assert_eq!(sh.pending.lock().unwrap().len(), 0);
+
+        // The first connection still carries data, then closes cleanly.
+        sh.handle_agent_packet(&backend, Packet::data(7, "hello".into()));
+        assert!(matches!(&queued(&first)[..], [Checked::Data(d)] if &d.data[..] == b"hello"));
+        sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
+        assert!(matches!(&queued(&first)[..], [Checked::CloseRsp(c)] if c.connect_id == 7));
+        assert_eq!(sh.metrics.established_connections.get(), 0);
+        assert!(backend.conns.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn identifiers_and_hosts() {
