@@ -7,6 +7,9 @@
 //! binds the proxy's listener inside it). `IMDS_BENCH_SECS` sets the time
 //! per measurement (default 3).
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -19,6 +19,9 @@
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "support/backend.rs"]
 mod backend;
 use backend::backend;

@@ -339,15 +339,38 @@ async fn idle_rss(
 type Row = (String, f64, f64, f64, f64);
 
 fn print_rows(rows: &[Row], gib: f64) {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     println!();
-    println!("konnectivity tunnel benchmark ({cpus} CPUs; loopback; server and agent are separate processes; {gib} GiB stream)");
-    println!("{:<34} {:>12} {:>8} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12}", "path", "MiB/s", "x direct", "dials/s", "x direct", "p50 us", "p99 us", "+p50 us", "+p99 us");
+    println!(
+        "konnectivity tunnel benchmark ({cpus} CPUs; loopback; server and agent are separate processes; {gib} GiB stream)"
+    );
+    println!(
+        "{:<34} {:>12} {:>8} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12}",
+        "path",
+        "MiB/s",
+        "x direct",
+        "dials/s",
+        "x direct",
+        "p50 us",
+        "p99 us",
+        "+p50 us",
+        "+p99 us"
+    );
     let (_, dt, dd, d50, d99) = rows[0].clone();
     for (name, t, dps, p50, p99) in rows {
         println!(
             "{:<34} {:>12.0} {:>8.2} {:>10.0} {:>7.2} {:>10.1} {:>10.1} {:>12.1} {:>12.1}",
-            name, t, t / dt, dps, dps / dd, p50, p99, p50 - d50, p99 - d99
+            name,
+            t,
+            t / dt,
+            dps,
+            dps / dd,
+            p50,
+            p99,
+            p50 - d50,
+            p99 - d99
         );
     }
     println!();
