@@ -19,9 +19,6 @@
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "support/backend.rs"]
 mod backend;
 use backend::backend;
@@ -110,6 +107,7 @@ fn tree(pid: u32) -> Vec<u32> {
 
 fn run_role(role: &str, args: &[String]) {
     raise_nofile();
+    konnectivity::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

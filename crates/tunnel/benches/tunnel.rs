@@ -9,9 +9,6 @@
 //! `cargo bench -p konnectivity --bench tunnel` (release). Env: BENCH_GIB
 //! (default 1), BENCH_IDLE (default 10000).
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "support/backend.rs"]
 mod backend;
 use backend::backend;
@@ -61,6 +58,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn run_role(role: &str, args: &[String]) {
     raise_nofile();
+    konnectivity::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -189,9 +187,21 @@ impl Drop for ChildGuard {
     }
 }
 
+/// BENCH_WRAP_<ROLE> (e.g. BENCH_WRAP_SERVER="heaptrack -o /tmp/server")
+/// runs that child under a profiler.
 fn spawn_role(role: &str, args: &[String]) -> ChildGuard {
     let exe = std::env::current_exe().unwrap();
-    let child = Command::new(exe)
+    let wrap = std::env::var(format!("BENCH_WRAP_{}", role.to_uppercase())).unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = cmd
         .arg(format!("--role={role}"))
         .args(args)
         .stdin(Stdio::piped())
@@ -304,13 +314,31 @@ async fn latency(path: &Path2, backend: SocketAddr, rounds: usize) -> (f64, f64)
     (samples[rounds / 2], samples[rounds * 99 / 100])
 }
 
+/// RSS growth per idle tunnelled connection, KiB, by process.
+struct Idle {
+    server: f64,
+    agent: f64,
+}
+
+impl std::fmt::Display for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} KiB (server {:.1} + agent {:.1})",
+            self.server + self.agent,
+            self.server,
+            self.agent
+        )
+    }
+}
+
 async fn idle_rss(
     path: &Path2,
     backend: SocketAddr,
     n: usize,
     pids: &[u32],
-) -> (f64, Vec<Box<dyn Io>>) {
-    let before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+) -> (Idle, Vec<Box<dyn Io>>) {
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let mut conns = Vec::with_capacity(n);
     let batch = 50;
     let mut i = 0;
@@ -332,11 +360,48 @@ async fn idle_rss(
         i += batch;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
-    ((after.saturating_sub(before)) as f64 / n as f64, conns)
+    let per_conn = |i: usize| rss_kib(pids[i]).saturating_sub(before[i]) as f64 / n as f64;
+    (
+        Idle {
+            server: per_conn(0),
+            agent: per_conn(1),
+        },
+        conns,
+    )
 }
 
-type Row = (String, f64, f64, f64, f64);
+const DIALS: u64 = 4000;
+
+/// One measured path: MiB/s, dials/s, p50/p99 us, and the CPU the server
+/// and agent spent (ms per GiB streamed, us per dial). CPU time is far less
+/// sensitive to other load on the machine than wall-clock rates, so it is
+/// what to compare when judging a change.
+#[derive(Clone)]
+struct Row {
+    name: String,
+    mibs: f64,
+    dials: f64,
+    p50: f64,
+    p99: f64,
+    cpu_ms_per_gib: f64,
+    cpu_us_per_dial: f64,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of those.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}
 
 fn print_rows(rows: &[Row], gib: f64) {
     let cpus = std::thread::available_parallelism()
@@ -346,8 +411,9 @@ fn print_rows(rows: &[Row], gib: f64) {
     println!(
         "konnectivity tunnel benchmark ({cpus} CPUs; loopback; server and agent are separate processes; {gib} GiB stream)"
     );
+    println!("(cpu: user + system time of the server and agent processes)");
     println!(
-        "{:<34} {:>12} {:>8} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12}",
+        "{:<34} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
         "path",
         "MiB/s",
         "x direct",
@@ -356,21 +422,25 @@ fn print_rows(rows: &[Row], gib: f64) {
         "p50 us",
         "p99 us",
         "+p50 us",
-        "+p99 us"
+        "+p99 us",
+        "cpu ms/GiB",
+        "cpu us/dial"
     );
-    let (_, dt, dd, d50, d99) = rows[0].clone();
-    for (name, t, dps, p50, p99) in rows {
+    let d = rows[0].clone();
+    for r in rows {
         println!(
-            "{:<34} {:>12.0} {:>8.2} {:>10.0} {:>7.2} {:>10.1} {:>10.1} {:>12.1} {:>12.1}",
-            name,
-            t,
-            t / dt,
-            dps,
-            dps / dd,
-            p50,
-            p99,
-            p50 - d50,
-            p99 - d99
+            "{:<34} {:>8.0} {:>8.2} {:>8.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>10.0} {:>10.1}",
+            r.name,
+            r.mibs,
+            r.mibs / d.mibs,
+            r.dials,
+            r.dials / d.dials,
+            r.p50,
+            r.p99,
+            r.p50 - d.p50,
+            r.p99 - d.p99,
+            r.cpu_ms_per_gib,
+            r.cpu_us_per_dial
         );
     }
     println!();
@@ -396,25 +466,11 @@ fn main() {
         .unwrap_or(10_000);
     let dir = tempfile::tempdir().unwrap();
     konnectivity::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
-    let (front, agent_port) = (free_port(), free_port());
-    let uds = dir.path().join("proxy.sock");
-    let d = dir.path().display().to_string();
-    let server = spawn_role(
-        "server",
-        &[
-            d.clone(),
-            front.to_string(),
-            agent_port.to_string(),
-            uds.display().to_string(),
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let agent = spawn_role("agent", &[d.clone(), agent_port.to_string()]);
-    let pids = [server.0.id(), agent.0.id()];
     // The backend lives in its own process: 10,000 idle tunnels need 10,000
     // descriptors on each side and the hard limit here may be 20,000.
     let backend_port = free_port();
-    let backend_proc = spawn_role("backend", &[d.clone(), backend_port.to_string()]);
+    let d = dir.path().display().to_string();
+    let backend_proc = spawn_role("backend", &[d, backend_port.to_string()]);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -422,37 +478,10 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-                let backend_addr = SocketAddr::from(([127, 0, 0, 1], backend_port));
-        let m = dir.path().join("certs/master");
-        let ctls = tls::client_config(
-            &m.join("issued/ca.crt"),
-            Some((&m.join("issued/proxy-client.crt"), &m.join("private/proxy-client.key"))),
-            &Default::default(),
-            &[],
-        )
-        .unwrap();
-        let tls_path = Path2::Proxy(ProxyAddr::Tcp { host: "127.0.0.1".into(), port: front, tls: Some(ctls) });
-        let uds_path = Path2::Proxy(ProxyAddr::Uds(uds.clone()));
-        let grpc_path = Path2::Grpc(ProxyAddr::Uds(uds.with_extension("grpc")));
-        // Wait until the agent serves both servers.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for p in [&tls_path, &uds_path, &grpc_path] {
-            loop {
-                let ok = match p {
-                    Path2::Proxy(a) => client::http_connect(a, &backend_addr.to_string(), "probe").await.is_ok(),
-                    Path2::Grpc(a) => match client::grpc_channel(a).await {
-                        Ok(ch) => client::grpc_dial(ch, &backend_addr.to_string()).await.is_ok(),
-                        Err(_) => false,
-                    },
-                    Path2::Direct => true,
-                };
-                if ok {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "tunnel not ready");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        let backend_addr = SocketAddr::from(([127, 0, 0, 1], backend_port));
+        let t = Tunnel::start(dir.path(), "rates", backend_addr).await;
+        let pids = t.pids();
+        let (tls_path, uds_path, grpc_path) = (t.tls.clone(), t.uds.clone(), t.grpc.clone());
         let bytes = (gib * (1u64 << 30) as f64) as u64;
         let paths = [("direct TCP", Path2::Direct), ("tunnel, HTTP-CONNECT over mTLS", tls_path.clone()), ("tunnel, HTTP-CONNECT over UDS", uds_path.clone()), ("tunnel, gRPC over UDS", grpc_path.clone())];
         // BENCH_PATHS: comma-separated row numbers (0 = direct) to run only
@@ -465,32 +494,131 @@ fn main() {
             if i > 0 && only.as_ref().is_some_and(|o| !o.contains(&i)) {
                 continue;
             }
-            let tput = throughput(p, backend_addr, bytes).await;
-            let dps = dials_per_sec(p, backend_addr, 4000, 16).await;
+            let c0 = cpu_of(&pids);
+            let mibs = throughput(p, backend_addr, bytes).await;
+            let c1 = cpu_of(&pids);
+            let dials = dials_per_sec(p, backend_addr, DIALS, 16).await;
+            let c2 = cpu_of(&pids);
             let (p50, p99) = latency(p, backend_addr, 5000).await;
-            rows.push((name.to_string(), tput, dps, p50, p99));
+            rows.push(Row {
+                name: name.to_string(),
+                mibs,
+                dials,
+                p50,
+                p99,
+                cpu_ms_per_gib: (c1 - c0) * 1e3 / (bytes as f64 / (1u64 << 30) as f64),
+                cpu_us_per_dial: (c2 - c1) * 1e6 / DIALS as f64,
+            });
         }
         if idle_n == 0 {
             print_rows(&rows, gib);
             return;
         }
-        let (idle_uds, conns) = idle_rss(&uds_path, backend_addr, idle_n, &pids).await;
-        drop(conns);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let (idle_tls, conns) = idle_rss(&tls_path, backend_addr, idle_n, &pids).await;
-        drop(conns);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let (idle_grpc, conns) = idle_rss(&grpc_path, backend_addr, idle_n, &pids).await;
-        drop(conns);
+        drop(t);
+        // Each idle measurement gets fresh server and agent processes: memory
+        // freed by an earlier phase would otherwise be reused and hide cost.
+        let mut idle = Vec::new();
+        // BENCH_IDLE_PATHS: which of uds,tls,grpc to measure (default all).
+        let idle_paths = std::env::var("BENCH_IDLE_PATHS").unwrap_or("uds,tls,grpc".into());
+        for (i, which) in ["uds", "tls", "grpc"].into_iter().enumerate() {
+            if !idle_paths.split(',').any(|p| p == which) {
+                idle.push(Idle { server: f64::NAN, agent: f64::NAN });
+                continue;
+            }
+            let t = Tunnel::start(dir.path(), &format!("idle{i}"), backend_addr).await;
+            let path = match which {
+                "uds" => t.uds.clone(),
+                "tls" => t.tls.clone(),
+                _ => t.grpc.clone(),
+            };
+            let (cost, conns) = idle_rss(&path, backend_addr, idle_n, &t.pids()).await;
+            drop(conns);
+            idle.push(cost);
+        }
+        let [idle_uds, idle_tls, idle_grpc] = <[Idle; 3]>::try_from(idle).ok().unwrap();
 
         print_rows(&rows, gib);
         println!("idle tunnelled connections: {idle_n} open; RSS growth of server + agent per connection:");
-        println!("  HTTP-CONNECT over UDS : {:.1} KiB", idle_uds);
-        println!("  HTTP-CONNECT over mTLS: {:.1} KiB", idle_tls);
-        println!("  gRPC over UDS (one HTTP/2 connection per dial): {:.1} KiB", idle_grpc);
+        println!("  HTTP-CONNECT over UDS : {idle_uds}");
+        println!("  HTTP-CONNECT over mTLS: {idle_tls}");
+        println!("  gRPC over UDS (one HTTP/2 connection per dial): {idle_grpc}");
     });
-    drop(server);
-    drop(agent);
     drop(backend_proc);
-    let _ = Path::new("");
+}
+
+/// A server process (three servers: HTTP-CONNECT over mTLS, HTTP-CONNECT
+/// over UDS, gRPC over UDS) and an agent connected to all three.
+struct Tunnel {
+    server: ChildGuard,
+    agent: ChildGuard,
+    tls: Path2,
+    uds: Path2,
+    grpc: Path2,
+}
+
+impl Tunnel {
+    async fn start(dir: &Path, tag: &str, backend: SocketAddr) -> Tunnel {
+        let (front, agent_port) = (free_port(), free_port());
+        let uds = dir.join(format!("proxy-{tag}.sock"));
+        let d = dir.display().to_string();
+        let server = spawn_role(
+            "server",
+            &[
+                d.clone(),
+                front.to_string(),
+                agent_port.to_string(),
+                uds.display().to_string(),
+            ],
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let agent = spawn_role("agent", &[d, agent_port.to_string()]);
+        let m = dir.join("certs/master");
+        let ctls = tls::client_config(
+            &m.join("issued/ca.crt"),
+            Some((
+                &m.join("issued/proxy-client.crt"),
+                &m.join("private/proxy-client.key"),
+            )),
+            &Default::default(),
+            &[],
+        )
+        .unwrap();
+        let t = Tunnel {
+            server,
+            agent,
+            tls: Path2::Proxy(ProxyAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: front,
+                tls: Some(ctls),
+            }),
+            uds: Path2::Proxy(ProxyAddr::Uds(uds.clone())),
+            grpc: Path2::Grpc(ProxyAddr::Uds(uds.with_extension("grpc"))),
+        };
+        // Wait until the agent serves all three servers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in [&t.tls, &t.uds, &t.grpc] {
+            loop {
+                let ok = match p {
+                    Path2::Proxy(a) => client::http_connect(a, &backend.to_string(), "probe")
+                        .await
+                        .is_ok(),
+                    Path2::Grpc(a) => match client::grpc_channel(a).await {
+                        Ok(ch) => client::grpc_dial(ch, &backend.to_string()).await.is_ok(),
+                        Err(_) => false,
+                    },
+                    Path2::Direct => true,
+                };
+                if ok {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "tunnel not ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        t
+    }
+
+    fn pids(&self) -> [u32; 2] {
+        [self.server.0.id(), self.agent.0.id()]
+    }
 }

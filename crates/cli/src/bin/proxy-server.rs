@@ -3,12 +3,6 @@
 
 mod tunnel_common;
 
-// The data paths allocate and free a buffer per socket read; glibc's
-// malloc returns those pages to the kernel and faults them back in (a
-// profile showed page faults and madvise near the top). mimalloc keeps them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::time::Duration;
 
 use clap::Parser;
@@ -186,6 +180,7 @@ struct Args {
 }
 
 fn main() {
+    konnectivity::tune_allocator();
     let args = Args::parse();
     args.klog.init("proxy-server", 4);
     let runtime = tokio::runtime::Builder::new_multi_thread()
