@@ -155,6 +155,11 @@ pub fn server_config(
     };
     let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Resumption without server-side state: one stateless ticket per
+    // handshake (as Go's crypto/tls sends), instead of rustls's default of
+    // two tickets kept in a 256-entry cache shared by every handshake.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }
 
@@ -182,4 +187,73 @@ pub fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>,
     let host = host.trim_start_matches('[').trim_end_matches(']');
     rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|_| TlsError::Option(format!("invalid server name {host:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A second mTLS connection from the same client config resumes the
+    /// first session: no certificate signature or chain check, which is
+    /// most of a handshake's cost (dials/s over the mTLS frontend).
+    #[tokio::test]
+    async fn second_mtls_handshake_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
+        let m = dir.path().join("certs/master");
+        let server = server_config(
+            &m.join("issued/proxy-master.crt"),
+            &m.join("private/proxy-master.key"),
+            Some(&m.join("issued/ca.crt")),
+            &TlsOptions::default(),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let client = client_config(
+            &m.join("issued/ca.crt"),
+            Some((
+                &m.join("issued/proxy-client.crt"),
+                &m.join("private/proxy-client.key"),
+            )),
+            &TlsOptions::default(),
+            &[b"http/1.1".to_vec()],
+        )
+        .unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+            let srv = tokio::spawn(async move {
+                let mut s = acceptor.accept(b).await.unwrap();
+                let mut byte = [0u8; 1];
+                s.read_exact(&mut byte).await.unwrap();
+                s.write_all(&byte).await.unwrap();
+                s.flush().await.unwrap();
+                let kind = s.get_ref().1.handshake_kind();
+                // Keep the stream open until the client has read the echo
+                // (and with it the session tickets sent before it).
+                let _ = s.read(&mut byte).await;
+                kind
+            });
+            let connector = tokio_rustls::TlsConnector::from(client.clone());
+            let mut c = connector
+                .connect(server_name("127.0.0.1").unwrap(), a)
+                .await
+                .unwrap();
+            c.write_all(b"x").await.unwrap();
+            c.flush().await.unwrap();
+            let mut byte = [0u8; 1];
+            c.read_exact(&mut byte).await.unwrap();
+            kinds.push(c.get_ref().1.handshake_kind());
+            drop(c);
+            assert_eq!(srv.await.unwrap(), *kinds.last().unwrap());
+        }
+        use rustls::HandshakeKind::{Full, Resumed};
+        assert_eq!(
+            kinds,
+            vec![Some(Full), Some(Resumed), Some(Resumed)],
+            "mTLS sessions must resume"
+        );
+    }
 }
