@@ -295,26 +295,21 @@ impl ProxyHandle {
             admin_addr,
             _workers: workers,
         };
-        let report = handle.reconcile().await?;
-        for (pod, err) in &report.failed {
-            tracing::error!(pod, "no listener for pod: {err}");
+        // Fail closed, not out: if the pods cannot be read (the container
+        // runtime is not up yet), serve no pod, stay not ready, and keep
+        // trying. Exiting would leave pods whose DNAT points here with
+        // nothing at all, and restart loops are slower to recover.
+        if let Err(e) = run_reconcile(&shared).await {
+            tracing::error!("pods could not be read; serving none until they can: {e}");
         }
-        shared.ready.store(true, Ordering::SeqCst);
         let mut handle = handle;
-        if !config.reconcile_every.is_zero() {
-            let weak = Arc::downgrade(&shared);
-            let every = config.reconcile_every;
-            handle.tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let Some(shared) = weak.upgrade() else { return };
-                    if let Err(e) = reconcile(&shared).await {
-                        tracing::warn!("reconcile failed: {e}");
-                    }
-                }
-            }));
+        let changes = shared.source.changes();
+        if !config.reconcile_every.is_zero() || changes.is_some() {
+            handle.tasks.push(tokio::spawn(reconcile_loop(
+                Arc::downgrade(&shared),
+                config.reconcile_every,
+                changes,
+            )));
         }
         Ok(handle)
     }
@@ -334,7 +329,92 @@ impl ProxyHandle {
     }
 }
 
+/// Retry interval while the pods have never been read (not ready).
+const UNREADY_RETRY: Duration = Duration::from_secs(1);
+
+/// Look-agains after a change wake-up: containerd reports a sandbox's task
+/// start before the CRI plugin lists the sandbox, so the first read can
+/// miss it (the same race `proxyctl_cri::events` retries for).
+const AFTER_CHANGE: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(500),
+];
+
+/// One reconcile with its outcome logged.
+async fn run_reconcile(shared: &Arc<Shared>) -> Result<(), Error> {
+    let report = reconcile(shared).await?;
+    for (pod, err) in &report.failed {
+        tracing::error!(pod, "no listener for pod: {err}");
+    }
+    Ok(())
+}
+
+/// Reconciles every `every` (never, if zero), every `UNREADY_RETRY` until
+/// the first success, and at once on each wake-up from `changes`.
+async fn reconcile_loop(
+    shared: std::sync::Weak<Shared>,
+    every: Duration,
+    mut changes: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+) {
+    loop {
+        let ready = match shared.upgrade() {
+            Some(s) => s.ready.load(Ordering::SeqCst),
+            None => return,
+        };
+        let wait = match (ready, every.is_zero()) {
+            (false, true) => UNREADY_RETRY,
+            (false, false) => every.min(UNREADY_RETRY),
+            (true, false) => every,
+            // Wake-ups only.
+            (true, true) => Duration::from_secs(86_400),
+        };
+        let woken = match changes.as_mut() {
+            Some(rx) => tokio::select! {
+                got = rx.recv() => {
+                    if got.is_none() {
+                        changes = None;
+                    }
+                    got.is_some()
+                }
+                () = tokio::time::sleep(wait) => false,
+            },
+            None => {
+                tokio::time::sleep(wait).await;
+                false
+            }
+        };
+        let passes: &[Duration] = if woken {
+            &AFTER_CHANGE
+        } else {
+            &[Duration::ZERO]
+        };
+        for delay in passes {
+            tokio::time::sleep(*delay).await;
+            // Wake-ups that queued meanwhile are covered by this pass.
+            if let Some(rx) = changes.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if let Err(e) = run_reconcile(&shared).await {
+                tracing::warn!("reconcile failed: {e}");
+            }
+        }
+    }
+}
+
+/// Reads the pods and brings the listeners in step; the proxy is ready
+/// from the first success on.
 async fn reconcile(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
+    let report = reconcile_inner(shared).await?;
+    shared.ready.store(true, Ordering::SeqCst);
+    Ok(report)
+}
+
+async fn reconcile_inner(shared: &Arc<Shared>) -> Result<ReconcileReport, Error> {
     let source = shared.source.clone();
     let pods = tokio::task::spawn_blocking(move || source.pods())
         .await
