@@ -245,7 +245,7 @@ rules:
         let msi = pod("kube-system", "m", &[("role", "MSIProxyContainer")]);
         assert_eq!(
             rules.check(&msi, "GET", "/metadata/identity/oauth2/token"),
-            Verdict::Allow("token-for-msi".into())
+            Verdict::Allow("token-for-msi")
         );
         let msi_elsewhere = pod("default", "m", &[("role", "MSIProxyContainer")]);
         assert_eq!(
