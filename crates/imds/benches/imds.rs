@@ -320,7 +320,14 @@ rules:
     // targets take turns in short rounds so each sees the same conditions.
     let targets = [
         ("mock direct", MOCK),
-        ("imds-proxy (rules+audit)", PROXY),
+        (
+            if log {
+                "imds-proxy (rules+audit)"
+            } else {
+                "imds-proxy (rules)"
+            },
+            PROXY,
+        ),
         ("nginx reverse proxy", NGINX),
     ];
     const ROUND: f64 = 0.5;

@@ -90,7 +90,9 @@ pub struct ProxyConfig {
     pub admin_listen: Option<SocketAddr>,
     pub audit: Audit,
     pub limits: Limits,
-    /// How often the pod source is read again (zero: only on `reconcile`).
+    /// How often the pod source is read again, besides at once on the
+    /// source's change wake-ups and every second until the first read
+    /// succeeded (zero: only on `reconcile`, none of these).
     pub reconcile_every: Duration,
     /// Threads serving connections, each with its own single-threaded
     /// runtime (see `workers`); 0 serves them on the caller's runtime.
@@ -303,12 +305,12 @@ impl ProxyHandle {
             tracing::error!("pods could not be read; serving none until they can: {e}");
         }
         let mut handle = handle;
-        let changes = shared.source.changes();
-        if !config.reconcile_every.is_zero() || changes.is_some() {
+        // Zero means reconciles only on request: no timer, no wake-ups.
+        if !config.reconcile_every.is_zero() {
             handle.tasks.push(tokio::spawn(reconcile_loop(
                 Arc::downgrade(&shared),
                 config.reconcile_every,
-                changes,
+                shared.source.changes(),
             )));
         }
         Ok(handle)
@@ -351,8 +353,8 @@ async fn run_reconcile(shared: &Arc<Shared>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reconciles every `every` (never, if zero), every `UNREADY_RETRY` until
-/// the first success, and at once on each wake-up from `changes`.
+/// Reconciles every `every`, every `UNREADY_RETRY` until the first
+/// success, and at once on each wake-up from `changes`.
 async fn reconcile_loop(
     shared: std::sync::Weak<Shared>,
     every: Duration,
@@ -363,12 +365,10 @@ async fn reconcile_loop(
             Some(s) => s.ready.load(Ordering::SeqCst),
             None => return,
         };
-        let wait = match (ready, every.is_zero()) {
-            (false, true) => UNREADY_RETRY,
-            (false, false) => every.min(UNREADY_RETRY),
-            (true, false) => every,
-            // Wake-ups only.
-            (true, true) => Duration::from_secs(86_400),
+        let wait = if ready {
+            every
+        } else {
+            every.min(UNREADY_RETRY)
         };
         let woken = match changes.as_mut() {
             Some(rx) => tokio::select! {
