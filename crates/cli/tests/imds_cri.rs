@@ -205,3 +205,161 @@ fn cni_redirect_and_serve_from_cri() {
     assert_ne!(out.exit_code, 0, "{out:?}");
     assert!(!out.stderr.contains("403"), "{out:?}");
 }
+
+/// `curl` inside `ns`: (HTTP status, or 0 when nothing answered; body).
+fn curl_in(ns: &NetNs, url: &str) -> (u16, String) {
+    let out = ns.exec(&[
+        "curl",
+        "-sS",
+        "-m",
+        "3",
+        "-H",
+        "Metadata: true",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+    why: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            why()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `serve` started before the runtime is up stays up, fail-closed (no pod
+/// served, unknown callers refused, /readyz not ready), and becomes ready
+/// once the runtime answers. A pod started after that is served on
+/// containerd's task-start event: the periodic reconcile is set to an hour,
+/// so only the event can have brought its listener.
+#[test]
+fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
+    if !require_root(TEST) {
+        return;
+    }
+    for tool in ["containerd", "ctr", "runc", "curl", "nsenter"] {
+        if !require_tool(TEST, tool) {
+            return;
+        }
+    }
+    // Proxy and fake in a private namespace: fixed ports, loopback only.
+    let ns = NetNs::new("imcr");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cri.sock");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules: [{name: clients, pods: {labels: {role: ClientContainer}}, paths: [{prefix: /metadata/instance}]}]\n",
+    )
+    .unwrap();
+    let log = dir.path().join("serve.log");
+    let spawn = |args: &[&str], stderr: Stdio| {
+        Proc(
+            // nsenter, not `ip netns exec`: that one runs the command in a
+            // mount namespace of its own, where pod netns files bind-mounted
+            // later are not visible.
+            Command::new("nsenter")
+                .arg(format!("--net={}", ns.path().display()))
+                .arg(BIN)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("spawning imds-proxy"),
+        )
+    };
+    let _mock = spawn(&["mock", "--listen", "127.0.0.1:18080"], Stdio::null());
+    let mut proxy = spawn(
+        &[
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:18080",
+            "--rules",
+            rules.to_str().unwrap(),
+            "--runtime-endpoint",
+            &format!("unix://{}", socket.display()),
+            "--reconcile-secs",
+            "3600",
+            "--listen",
+            "127.0.0.1:18081",
+            "--admin-listen",
+            "127.0.0.1:18082",
+            "--audit-log",
+            dir.path().join("audit.jsonl").to_str().unwrap(),
+        ],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    let serve_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // No runtime behind the endpoint: up, not ready, serving no one.
+    wait_until(
+        "healthz",
+        Duration::from_secs(10),
+        || curl_in(&ns, "http://127.0.0.1:18082/healthz").0 == 200,
+        serve_log,
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // a retry or two
+    assert!(
+        proxy.0.try_wait().unwrap().is_none(),
+        "serve exited without a runtime"
+    );
+    assert_eq!(curl_in(&ns, "http://127.0.0.1:18082/readyz").0, 503);
+    let (code, body) = curl_in(&ns, &INSTANCE.replace("169.254.169.254", "127.0.0.1:18081"));
+    assert_eq!(code, 403, "unknown caller before any pod is known: {body}");
+
+    // The runtime appears at the endpoint: ready without a restart.
+    let cd = Containerd::start(ContainerdOptions::default());
+    std::os::unix::fs::symlink(cd.socket(), &socket).unwrap();
+    wait_until(
+        "readyz after the runtime came up",
+        Duration::from_secs(20),
+        || curl_in(&ns, "http://127.0.0.1:18082/readyz").0 == 200,
+        serve_log,
+    );
+
+    // A new pod is served on its start event, long before the periodic
+    // reconcile (an hour away).
+    let client = cd.run_pod(&PodSpec::new("client").label("role", "ClientContainer"));
+    let local = INSTANCE.replace("169.254.169.254", "127.0.0.1:15990");
+    let last = std::cell::RefCell::new(None);
+    wait_until(
+        "the new pod served",
+        Duration::from_secs(20),
+        || {
+            let out = cd.exec(
+                &client.container_id,
+                &[
+                    "wget",
+                    "-q",
+                    "-O",
+                    "-",
+                    "--header",
+                    "Metadata: true",
+                    &local,
+                ],
+            );
+            let ok = out.exit_code == 0;
+            *last.borrow_mut() = Some(out);
+            ok
+        },
+        || format!("last try: {:?}\n{}", last.borrow(), serve_log()),
+    );
+    let out = last.into_inner().unwrap();
+    let body: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(body["compute"]["vmId"].is_string(), "{body}");
+    assert!(proxy.0.try_wait().unwrap().is_none(), "serve exited");
+}

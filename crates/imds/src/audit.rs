@@ -118,9 +118,11 @@ impl Audit {
 
     pub fn record(&self, rec: &AuditRecord<'_>) {
         let Some(tx) = &self.tx else { return };
-        let Ok(mut line) = serde_json::to_vec(rec) else {
+        // Sized for a typical line, so serialising does not regrow it.
+        let mut line = Vec::with_capacity(320);
+        if serde_json::to_writer(&mut line, rec).is_err() {
             return;
-        };
+        }
         line.push(b'\n');
         let sent = tx.try_send(Msg::Line(line));
         if let Err(TrySendError::Full(_)) = sent {

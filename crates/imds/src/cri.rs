@@ -5,6 +5,11 @@
 //! life, so each sandbox's status is read once and cached by id; only the
 //! list (with the ready state) is read at every reconcile.
 //!
+//! New sandboxes are noticed at once where the runtime is containerd: its
+//! event service (on the same socket) reports each task start, and
+//! [`PodSource::changes`] turns those into early reconciles. Runtimes
+//! without it (CRI-O) are read at the periodic reconcile only.
+//!
 //! For the source-IP fallback, [`PodSource::owns_ip`] asks the runtime
 //! again at connection time: the sandbox must still be READY, still report
 //! the same network namespace and still hold the address.
@@ -13,7 +18,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
+use proxyctl_cri::containerd::{self, Signal};
 use proxyctl_cri::{CriClient, PodRecord, PodState, RuntimeEndpoint};
+use tokio::sync::mpsc;
 
 use crate::Error;
 use crate::pods::{Pod, PodSource};
@@ -165,5 +172,40 @@ impl PodSource for CriPodSource {
         };
         let r = self.with_client(async move |client| client.pod(&id).await)?;
         Ok(r.state == PodState::Ready && r.netns == pod.netns && r.ips.contains(&ip))
+    }
+    /// A wake-up for every containerd task start in the CRI namespace, and
+    /// one each time the subscription is (re)made (events may have been
+    /// missed meanwhile, e.g. while the runtime was down). The subscriber
+    /// retries on its own and stops when the receiver is dropped.
+    fn changes(&self) -> Option<mpsc::UnboundedReceiver<()>> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let (signal_tx, mut signals) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        handle.spawn(containerd::subscribe(
+            self.endpoint.clone(),
+            containerd::CRI_NAMESPACE.into(),
+            signal_tx,
+        ));
+        handle.spawn(async move {
+            while let Some(signal) = signals.recv().await {
+                let wake = match signal {
+                    Signal::TaskStarted { .. } | Signal::Subscribed => true,
+                    Signal::Lost { reason } => {
+                        tracing::debug!("containerd events lost: {reason}");
+                        false
+                    }
+                    Signal::Unsupported { reason } => {
+                        tracing::info!(
+                            "no containerd events ({reason}): new pods wait for the periodic reconcile"
+                        );
+                        false
+                    }
+                };
+                if wake && tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        Some(rx)
     }
 }

@@ -23,6 +23,7 @@ pub mod pods;
 pub mod proxy;
 pub mod ratelimit;
 pub mod rules;
+mod workers;
 
 pub use cri::CriPodSource;
 pub use pods::{FilePodSource, Pod, PodSource};
@@ -50,4 +51,6 @@ pub enum Error {
     },
     #[error("invalid upstream URL {0:?}: need http://HOST[:PORT] with no path")]
     Upstream(String),
+    #[error("starting the connection workers: {0}")]
+    Workers(#[source] std::io::Error),
 }

@@ -53,6 +53,13 @@ pub trait PodSource: Send + Sync {
     fn owns_ip(&self, _pod: &Pod, _ip: IpAddr) -> Result<bool, Error> {
         Ok(true)
     }
+    /// Wake-ups meaning "the pods may have changed: read them now" (a
+    /// container runtime's task-start events), for sources that have them.
+    /// Asked once, on the proxy's runtime; the periodic reconcile stays as
+    /// the fallback, so a lost wake-up only delays a pod.
+    fn changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<()>> {
+        None
+    }
 }
 
 #[derive(Debug, Deserialize)]

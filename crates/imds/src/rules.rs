@@ -85,10 +85,12 @@ impl PathMatch {
     }
 }
 
-/// Is `path` one that hands out credentials?
+/// Is `path` one that hands out credentials? (Runs on every request: a
+/// case-insensitive prefix compare, no lower-cased copy.)
 pub fn is_sensitive(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    SENSITIVE_PREFIXES.iter().any(|p| lower.starts_with(p))
+    SENSITIVE_PREFIXES.iter().any(|p| {
+        path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+    })
 }
 
 impl PodSelector {
@@ -106,9 +108,9 @@ impl PodSelector {
 
 /// The outcome of checking one request against the rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Allowed by the named rule.
-    Allow(String),
+pub enum Verdict<'a> {
+    /// Allowed by the named rule (borrowed: no copy per request).
+    Allow(&'a str),
     Deny,
 }
 
@@ -171,7 +173,7 @@ impl Rules {
     }
 
     /// Decides whether `pod` may send `method path`.
-    pub fn check(&self, pod: &Pod, method: &str, path: &str) -> Verdict {
+    pub fn check(&self, pod: &Pod, method: &str, path: &str) -> Verdict<'_> {
         let sensitive = is_sensitive(path);
         for rule in &self.rules {
             if !rule.pods.matches(pod) || !rule.methods.iter().any(|m| m == method) {
@@ -182,7 +184,7 @@ impl Rules {
                 .iter()
                 .any(|p| p.matches(path) && (!sensitive || is_sensitive(p.value())));
             if hit {
-                return Verdict::Allow(rule.name.clone());
+                return Verdict::Allow(&rule.name);
             }
         }
         Verdict::Deny
@@ -243,7 +245,7 @@ rules:
         let msi = pod("kube-system", "m", &[("role", "MSIProxyContainer")]);
         assert_eq!(
             rules.check(&msi, "GET", "/metadata/identity/oauth2/token"),
-            Verdict::Allow("token-for-msi".into())
+            Verdict::Allow("token-for-msi")
         );
         let msi_elsewhere = pod("default", "m", &[("role", "MSIProxyContainer")]);
         assert_eq!(

@@ -172,6 +172,7 @@ fn seed_roles_on_containerd_through_cri_and_watch() {
             ..Limits::default()
         },
         reconcile_every: Duration::ZERO,
+        workers: 0,
     };
     let src: Arc<dyn PodSource> = source.clone();
     let proxy = on(

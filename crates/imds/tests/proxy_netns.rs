@@ -101,6 +101,7 @@ impl Proxy {
             audit: Audit::to_file(&audit_file).unwrap(),
             limits,
             reconcile_every: Duration::ZERO,
+            workers: 2,
         };
         let source = Arc::new(FilePodSource::new(&pods_file));
         let handle = on(&rt, async move {

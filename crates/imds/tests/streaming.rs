@@ -89,6 +89,7 @@ fn large_bodies_stream_through() {
         audit: Audit::discard(),
         limits: Limits::default(),
         reconcile_every: Duration::ZERO,
+        workers: 2,
     };
     let source = Arc::new(MemoryPodSource::new(vec![pod]));
     let proxy = on(&rt, async move {
@@ -219,6 +220,7 @@ fn upstream_failures_are_502_and_504() {
                 ..Limits::default()
             },
             reconcile_every: Duration::ZERO,
+            workers: 2,
         };
         let source = Arc::new(MemoryPodSource::new(vec![pod]));
         let proxy = on(&rt, async move {
@@ -304,6 +306,7 @@ fn kept_upstream_connections_closed_by_the_upstream_are_replaced() {
         audit: Audit::discard(),
         limits: Limits::default(),
         reconcile_every: Duration::ZERO,
+        workers: 2,
     };
     let source = Arc::new(MemoryPodSource::new(vec![pod]));
     let proxy = on(&rt, async move {

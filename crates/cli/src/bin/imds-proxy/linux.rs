@@ -87,6 +87,10 @@ enum Command {
         /// How often the pods (--pods or the runtime) are read again.
         #[arg(long, default_value_t = 5)]
         reconcile_secs: u64,
+        /// Threads serving connections, each with its own event loop
+        /// (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
     },
 }
 
@@ -162,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             header_timeout_ms,
             upstream_timeout_ms,
             reconcile_secs,
+            workers,
         } => {
             let rules = Rules::load(&rules).map_err(|e| bad_input(format!("--rules: {e}")))?;
             if !(rate_limit.is_finite() && rate_limit >= 0.0) {
@@ -202,6 +207,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ..Limits::default()
                 },
                 reconcile_every: Duration::from_secs(reconcile_secs),
+                workers: workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             };
             let handle = ProxyHandle::start(config, source).await?;
             tracing::info!(
