@@ -108,10 +108,7 @@ fn tree(pid: u32) -> Vec<u32> {
 fn run_role(role: &str, args: &[String]) {
     raise_nofile();
     konnectivity::tune_allocator();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = konnectivity::runtime().unwrap();
     rt.block_on(async move {
         match role {
             "server" => {
@@ -523,6 +520,47 @@ fn wait_listen(port: u16) {
     }
 }
 
+/// Our server and agent processes, and the two ways in.
+struct Ours {
+    server: ChildGuard,
+    agent: ChildGuard,
+    http: Via,
+    grpc: Via,
+}
+
+impl Ours {
+    fn start(dir: &Path, tag: &str) -> Ours {
+        let (front, agent_port) = (free_port(), free_port());
+        let grpc_uds = dir.join(format!("grpc-{tag}.sock"));
+        let d = dir.display().to_string();
+        let server = spawn_role(
+            "server",
+            &[
+                d.clone(),
+                front.to_string(),
+                agent_port.to_string(),
+                grpc_uds.display().to_string(),
+            ],
+        );
+        wait_listen(agent_port);
+        let agent = spawn_role("agent", &[d, agent_port.to_string()]);
+        Ours {
+            server,
+            agent,
+            http: Via::Connect(ProxyAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: front,
+                tls: None,
+            }),
+            grpc: Via::Grpc(ProxyAddr::Uds(grpc_uds)),
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        vec![self.server.0.id(), self.agent.0.id()]
+    }
+}
+
 async fn wait_ready(via: &Via, backend: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while one_dial(via, backend).await.is_err() {
@@ -587,29 +625,10 @@ fn main() {
     let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
     wait_listen(backend_port);
 
-    // Our tunnel: server and agent processes.
+    // Our tunnel: server and agent processes (a fresh pair per row, so no
+    // row reuses memory another row freed).
     konnectivity::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
-    let (front, agent_port) = (free_port(), free_port());
-    let grpc_uds = dir.path().join("grpc.sock");
-    let d = dir.path().display().to_string();
-    let server = spawn_role(
-        "server",
-        &[
-            d.clone(),
-            front.to_string(),
-            agent_port.to_string(),
-            grpc_uds.display().to_string(),
-        ],
-    );
-    wait_listen(agent_port);
-    let agent = spawn_role("agent", &[d.clone(), agent_port.to_string()]);
-    let ours = vec![server.0.id(), agent.0.id()];
-    let http = Via::Connect(ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: front,
-        tls: None,
-    });
-    let grpc = Via::Grpc(ProxyAddr::Uds(grpc_uds.clone()));
+    let ours = Ours::start(dir.path(), "a");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -619,8 +638,15 @@ fn main() {
 
     if soak > 0 {
         rt.block_on(async {
-            wait_ready(&http, backend).await;
-            soak_run(&http, backend, soak, server.0.id(), agent.0.id()).await;
+            wait_ready(&ours.http, backend).await;
+            soak_run(
+                &ours.http,
+                backend,
+                soak,
+                ours.server.0.id(),
+                ours.agent.0.id(),
+            )
+            .await;
         });
         return;
     }
@@ -661,13 +687,15 @@ fn main() {
     if want("http") {
         measure(
             "ours, HTTP-CONNECT (TCP)",
-            http.clone(),
-            ours.clone(),
+            ours.http.clone(),
+            ours.pids(),
             idle_n,
         );
     }
+    drop(ours);
     if want("grpc") {
-        measure("ours, gRPC (UDS)", grpc.clone(), ours.clone(), idle_n);
+        let fresh = Ours::start(dir.path(), "b");
+        measure("ours, gRPC (UDS)", fresh.grpc.clone(), fresh.pids(), idle_n);
     }
     if want("ssh") || want("ssh-gcm") {
         if Path::new("/usr/sbin/sshd").exists() {
@@ -718,8 +746,6 @@ fn main() {
             notes.push("rathole skipped: not installed (scripts/install-bench-tools.sh)".into());
         }
     }
-    drop(server);
-    drop(agent);
     drop(backend_proc);
 
     let cpus = std::thread::available_parallelism()

@@ -7,7 +7,10 @@
 //! beside the server uses). Agent <-> server is always gRPC over mTLS.
 //!
 //! `cargo bench -p konnectivity --bench tunnel` (release). Env: BENCH_GIB
-//! (default 1), BENCH_IDLE (default 10000).
+//! (default 1), BENCH_IDLE (default 10000; 0 skips the idle rows),
+//! BENCH_DIALS (default 4000), BENCH_PATHS (rows to run, e.g. "2,3"),
+//! BENCH_IDLE_PATHS (uds,tls,grpc), GOMAXPROCS (server and agent worker
+//! threads), BENCH_WRAP_SERVER / BENCH_WRAP_AGENT (run under a profiler).
 
 #[path = "support/backend.rs"]
 mod backend;
@@ -59,10 +62,8 @@ fn rss_kib(pid: u32) -> u64 {
 fn run_role(role: &str, args: &[String]) {
     raise_nofile();
     konnectivity::tune_allocator();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // GOMAXPROCS sets the server and agent worker threads, as in the binaries.
+    let rt = konnectivity::runtime().unwrap();
     let certs = PathBuf::from(&args[0]);
     rt.block_on(async move {
         match role {
@@ -370,8 +371,6 @@ async fn idle_rss(
     )
 }
 
-const DIALS: u64 = 4000;
-
 /// One measured path: MiB/s, dials/s, p50/p99 us, and the CPU the server
 /// and agent spent (ms per GiB streamed, us per dial). CPU time is far less
 /// sensitive to other load on the machine than wall-clock rates, so it is
@@ -464,6 +463,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    let n_dials: u64 = std::env::var("BENCH_DIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
     let dir = tempfile::tempdir().unwrap();
     konnectivity::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
     // The backend lives in its own process: 10,000 idle tunnels need 10,000
@@ -497,7 +500,7 @@ fn main() {
             let c0 = cpu_of(&pids);
             let mibs = throughput(p, backend_addr, bytes).await;
             let c1 = cpu_of(&pids);
-            let dials = dials_per_sec(p, backend_addr, DIALS, 16).await;
+            let dials = dials_per_sec(p, backend_addr, n_dials, 16).await;
             let c2 = cpu_of(&pids);
             let (p50, p99) = latency(p, backend_addr, 5000).await;
             rows.push(Row {
@@ -507,7 +510,7 @@ fn main() {
                 p50,
                 p99,
                 cpu_ms_per_gib: (c1 - c0) * 1e3 / (bytes as f64 / (1u64 << 30) as f64),
-                cpu_us_per_dial: (c2 - c1) * 1e6 / DIALS as f64,
+                cpu_us_per_dial: (c2 - c1) * 1e6 / n_dials as f64,
             });
         }
         if idle_n == 0 {

@@ -47,6 +47,29 @@ pub fn tune_allocator() {
     }
 }
 
+/// The runtime for proxy-server and proxy-agent: one worker thread per CPU,
+/// or `GOMAXPROCS` threads when that is set — the variable operators of
+/// upstream's Go binaries already use to bound their CPU use, so existing
+/// manifests keep their meaning.
+///
+/// Fewer workers can be faster: a packet crosses several tasks, and with
+/// more workers than free cores those hand-offs become cross-thread
+/// wake-ups. On 2 cores shared by server, agent, client and backend,
+/// GOMAXPROCS=1 cut server+agent CPU per streamed GiB by 15-30% in the
+/// tunnel bench.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = gomaxprocs(std::env::var("GOMAXPROCS").ok().as_deref()) {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
+}
+
+/// GOMAXPROCS as Go reads it: a positive integer, anything else ignored.
+fn gomaxprocs(value: Option<&str>) -> Option<usize> {
+    value?.trim().parse::<usize>().ok().filter(|n| *n > 0)
+}
+
 /// Read size for sockets (upstream: 4 KiB on the agent, 32 KiB on the
 /// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. The buffer
 /// lives on the stack only during a poll, so an idle connection holds none.
@@ -83,4 +106,18 @@ pub async fn read_chunk<R: tokio::io::AsyncRead + Unpin>(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    #[test]
+    fn gomaxprocs_is_read_like_go() {
+        use super::gomaxprocs;
+        assert_eq!(gomaxprocs(Some("1")), Some(1));
+        assert_eq!(gomaxprocs(Some(" 4 ")), Some(4));
+        assert_eq!(gomaxprocs(Some("0")), None);
+        assert_eq!(gomaxprocs(Some("-2")), None);
+        assert_eq!(gomaxprocs(Some("two")), None);
+        assert_eq!(gomaxprocs(None), None);
+    }
 }

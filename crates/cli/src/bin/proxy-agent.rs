@@ -129,10 +129,7 @@ fn main() {
     konnectivity::tune_allocator();
     let args = Args::parse();
     args.klog.init("proxy-agent", 4);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = konnectivity::runtime().expect("tokio runtime");
     std::process::exit(runtime.block_on(run(args)));
 }
 

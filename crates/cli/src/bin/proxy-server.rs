@@ -183,10 +183,7 @@ fn main() {
     konnectivity::tune_allocator();
     let args = Args::parse();
     args.klog.init("proxy-server", 4);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = konnectivity::runtime().expect("tokio runtime");
     let code = runtime.block_on(run(args));
     std::process::exit(code);
 }
