@@ -10,7 +10,7 @@ mod netns;
 mod ports;
 
 pub use netns::{NetNs, in_netns};
-pub use ports::free_port;
+pub use ports::{free_consecutive_ports, free_port};
 
 /// True when running under CI (`CI=true`): privileged tests must not skip.
 pub fn in_ci() -> bool {

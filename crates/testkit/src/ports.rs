@@ -35,6 +35,20 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The first of `n` consecutive free ports (claimed like [`free_port`]),
+/// for a process that binds a run of ports from one base.
+pub fn free_consecutive_ports(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base.checked_add(n).is_none_or(|end| end > FIRST + SPAN) {
+            continue;
+        }
+        if (1..n).all(|i| claim(base + i) && TcpListener::bind(("0.0.0.0", base + i)).is_ok()) {
+            return base;
+        }
+    }
+}
+
 /// Claims held for the life of the process.
 #[cfg(target_os = "linux")]
 static CLAIMS: std::sync::Mutex<Vec<std::os::unix::net::UnixListener>> =
@@ -68,6 +82,19 @@ fn claim(_port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_ports_are_free_and_not_handed_out_again() {
+        let base = free_consecutive_ports(3);
+        for p in base..base + 3 {
+            assert!(TcpListener::bind(("127.0.0.1", p)).is_ok(), "{p}");
+        }
+        let later: Vec<u16> = (0..10).map(|_| free_port()).collect();
+        assert!(
+            later.iter().all(|p| !(base..base + 3).contains(p)),
+            "{later:?}"
+        );
+    }
 
     #[test]
     fn ports_are_below_the_ephemeral_range_distinct_and_claimed() {

@@ -237,14 +237,12 @@ fn spawn_role(role: &str, args: &[String]) -> ChildGuard {
     spawn_cmd(cmd)
 }
 
+/// Ports for the processes this bench starts: below the ephemeral range, so
+/// the dial storms' outgoing connections (and their TIME_WAIT) never hold a
+/// port a peer is about to bind (ssh -R failed that way with bind(0) ports).
+/// Two consecutive ports: some roles bind `port` and `port + 1`.
 fn free_port() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
+    proxyctl_testkit::free_consecutive_ports(2)
 }
 
 #[derive(Clone)]

@@ -213,18 +213,11 @@ fn spawn_role(role: &str, args: &[String]) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// Three consecutive ports below the ephemeral range (the server role binds
+/// `port`, `port + 1` and `port + 2` for its agent listeners); see
+/// `proxyctl_testkit::free_consecutive_ports`.
 fn free_port() -> u16 {
-    // Two consecutive ports are needed for the agent listeners.
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < 65000
-            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", p + 2)).is_ok()
-        {
-            return p;
-        }
-    }
+    proxyctl_testkit::free_consecutive_ports(3)
 }
 
 #[derive(Clone)]
