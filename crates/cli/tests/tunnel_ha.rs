@@ -16,19 +16,8 @@ fn start_server(dir: &std::path::Path, p: &Ports, id: &str, name: &str) -> Proc 
 }
 
 fn request(dir: &std::path::Path, p: &Ports, backend: u16) -> bool {
-    std::process::Command::new(bin("proxy-test-client"))
-        .args([
-            "--ca-cert=certs/master/issued/ca.crt",
-            "--client-cert=certs/master/issued/proxy-client.crt",
-            "--client-key=certs/master/private/proxy-client.key",
-            &format!("--proxy-port={}", p.server),
-            &format!("--request-port={backend}"),
-        ])
-        .current_dir(dir)
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("success: hello")
-        })
+    let (ok, out) = test_client_request(dir, p.server, backend);
+    ok && out.contains("success: hello")
 }
 
 #[test]

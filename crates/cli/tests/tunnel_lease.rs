@@ -9,13 +9,12 @@
 mod tunnel_support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tunnel_support::fake_api::{self, status};
 use tunnel_support::*;
 
 const TOKEN: &str = "s3cret-token";
@@ -32,7 +31,7 @@ struct State {
 struct FakeApi {
     port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
+    _server: fake_api::FakeServer,
 }
 
 fn is_micro_time(v: &Value) -> bool {
@@ -51,31 +50,16 @@ fn is_micro_time(v: &Value) -> bool {
             .all(|(i, c)| [4, 7, 10, 13, 16, 19, 26].contains(&i) || c.is_ascii_digit())
 }
 
-fn status(code: u16, reason: &str, msg: &str) -> (u16, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": msg, "code": code}),
-    )
-}
-
 impl FakeApi {
     fn start() -> FakeApi {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                if sp.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(c) = c else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || serve(c, &st));
-            }
-        });
-        FakeApi { port, state, stop }
+        let st = state.clone();
+        let server = fake_api::FakeServer::start(move |c| serve(c, &st));
+        FakeApi {
+            port: server.port,
+            state,
+            _server: server,
+        }
     }
     fn put(&self, ns: &str, lease: Value) {
         let mut s = self.state.lock().unwrap();
@@ -97,76 +81,26 @@ impl FakeApi {
         self.state.lock().unwrap().violations.clone()
     }
     fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
-        let p = dir.join("kubeconfig.yaml");
-        std::fs::write(
-            &p,
-            format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-                 clusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{}\n\
-                 users:\n- name: konnectivity\n  user:\n    token: {TOKEN}\n\
-                 contexts:\n- name: test\n  context:\n    cluster: fake\n    user: konnectivity\n",
-                self.port
-            ),
-        )
-        .unwrap();
-        p
-    }
-}
-
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        fake_api::kubeconfig(dir, self.port, TOKEN)
     }
 }
 
 fn serve(mut c: TcpStream, st: &Mutex<State>) {
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match c.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return,
-        }
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
-    let mut lines = text.lines();
-    let mut first = lines.next().unwrap_or("").split_whitespace();
-    let (method, target) = (
-        first.next().unwrap_or("").to_string(),
-        first.next().unwrap_or("").to_string(),
-    );
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let h = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let len: usize = h("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    if c.read_exact(&mut body).is_err() {
+    let Some(req) = fake_api::read_request(&mut c) else {
         return;
-    }
+    };
+    let (method, target) = (&req.method, &req.target);
     let (code, out) = {
         let mut s = st.lock().unwrap();
         s.requests.push(format!("{method} {target}"));
-        let r = handle(&mut s, &method, &target, &h, &body);
+        let r = handle(&mut s, method, target, &|k| req.header(k), &req.body);
         if r.0 >= 400 && r.0 != 404 && r.0 != 409 {
             s.violations
                 .push(format!("{method} {target} -> {}: {}", r.0, r.1["message"]));
         }
         r
     };
-    let payload = out.to_string();
-    let _ = c.write_all(
-        format!(
-            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-            payload.len()
-        )
-        .as_bytes(),
-    );
+    fake_api::write_json(&mut c, code, &out);
 }
 
 fn handle(

@@ -254,21 +254,9 @@ fn a_stalled_reader_does_not_stall_the_others() {
 }
 
 fn one_request(st: &Stack, backend_port: u16) -> Result<(), String> {
-    let out = std::process::Command::new(bin("proxy-test-client"))
-        .args([
-            "--ca-cert=certs/master/issued/ca.crt",
-            "--client-cert=certs/master/issued/proxy-client.crt",
-            "--client-key=certs/master/private/proxy-client.key",
-            &format!("--proxy-port={}", st.ports.server),
-            &format!("--request-port={backend_port}"),
-        ])
-        .current_dir(st.dir.path())
-        .output()
-        .unwrap();
-    if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("success: hello") {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    match test_client_request(st.dir.path(), st.ports.server, backend_port) {
+        (true, out) if out.contains("success: hello") => Ok(()),
+        (_, out) => Err(out),
     }
 }
 

@@ -10,14 +10,14 @@
 mod tunnel_support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tunnel_support::fake_api::{self, status};
 use tunnel_support::*;
 
 /// The proxy server's own credential toward the API (from its kubeconfig).
@@ -48,20 +48,11 @@ struct State {
 struct FakeApi {
     port: u16,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-}
-
-fn status(code: u16, reason: &str, msg: &str) -> (u16, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": msg, "code": code}),
-    )
+    _server: fake_api::FakeServer,
 }
 
 impl FakeApi {
     fn start(known: &[(&str, &str)], answer: Answer) -> FakeApi {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State {
             known: known
                 .iter()
@@ -71,19 +62,13 @@ impl FakeApi {
             reviews: Vec::new(),
             violations: Vec::new(),
         }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                if sp.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(c) = c else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || serve(c, &st));
-            }
-        });
-        FakeApi { port, state, stop }
+        let st = state.clone();
+        let server = fake_api::FakeServer::start(move |c| serve(c, &st));
+        FakeApi {
+            port: server.port,
+            state,
+            _server: server,
+        }
     }
     fn reviews(&self) -> Vec<(String, Value)> {
         self.state.lock().unwrap().reviews.clone()
@@ -93,57 +78,14 @@ impl FakeApi {
     }
 }
 
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
-}
-
 fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
-    let p = dir.join("kubeconfig.yaml");
-    std::fs::write(
-        &p,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-             users:\n- name: konnectivity\n  user:\n    token: {SERVER_TOKEN}\n\
-             contexts:\n- name: test\n  context:\n    cluster: fake\n    user: konnectivity\n"
-        ),
-    )
-    .unwrap();
-    p
+    fake_api::kubeconfig(dir, port, SERVER_TOKEN)
 }
 
 fn serve(mut c: TcpStream, st: &Mutex<State>) {
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match c.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return,
-        }
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
-    let mut lines = text.lines();
-    let mut first = lines.next().unwrap_or("").split_whitespace();
-    let (method, target) = (
-        first.next().unwrap_or("").to_string(),
-        first.next().unwrap_or("").to_string(),
-    );
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let h = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let len: usize = h("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    if c.read_exact(&mut body).is_err() {
+    let Some(req) = fake_api::read_request(&mut c) else {
         return;
-    }
+    };
     let mut s = st.lock().unwrap();
     if s.answer == Answer::Garbage {
         drop(s);
@@ -152,20 +94,14 @@ fn serve(mut c: TcpStream, st: &Mutex<State>) {
         );
         return;
     }
-    let (code, out) = handle(&mut s, &method, &target, &h, &body);
+    let (method, target) = (&req.method, &req.target);
+    let (code, out) = handle(&mut s, method, target, &|k| req.header(k), &req.body);
     if code >= 300 {
         s.violations
             .push(format!("{method} {target} -> {code}: {}", out["message"]));
     }
     drop(s);
-    let payload = out.to_string();
-    let _ = c.write_all(
-        format!(
-            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-            payload.len()
-        )
-        .as_bytes(),
-    );
+    fake_api::write_json(&mut c, code, &out);
 }
 
 fn handle(
@@ -273,25 +209,7 @@ const BAD: &str = "konnectivity_network_proxy_server_bad_input_total";
 const READY: &str = "konnectivity_network_proxy_server_ready_backend_connections";
 
 fn request(dir: &Path, p: &Ports, backend: u16) -> (bool, String) {
-    let out = std::process::Command::new(bin("proxy-test-client"))
-        .args([
-            "--ca-cert=certs/master/issued/ca.crt",
-            "--client-cert=certs/master/issued/proxy-client.crt",
-            "--client-key=certs/master/private/proxy-client.key",
-            &format!("--proxy-port={}", p.server),
-            &format!("--request-port={backend}"),
-        ])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    test_client_request(dir, p.server, backend)
 }
 
 #[test]

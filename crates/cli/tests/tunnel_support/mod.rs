@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod fake_api;
+
 /// A port no one listens on, from below the ephemeral range and claimed
 /// against other test processes (see `proxyctl_testkit::free_port`).
 pub use proxyctl_testkit::free_port;
@@ -427,4 +429,29 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// One `proxy-test-client` GET through the server's mTLS frontend with the
+/// README's certificate paths, run in `dir` (where `proxyctl certs` wrote
+/// them): whether it exited 0, and its stdout then stderr.
+pub fn test_client_request(dir: &Path, proxy_port: u16, backend_port: u16) -> (bool, String) {
+    let out = Command::new(bin("proxy-test-client"))
+        .args([
+            "--ca-cert=certs/master/issued/ca.crt",
+            "--client-cert=certs/master/issued/proxy-client.crt",
+            "--client-key=certs/master/private/proxy-client.key",
+            &format!("--proxy-port={proxy_port}"),
+            &format!("--request-port={backend_port}"),
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }

@@ -1,0 +1,139 @@
+//! Plumbing of the strict Kubernetes API fakes (Lease, TokenReview): an
+//! accept loop on loopback, one request per connection, JSON in and out,
+//! and the kubeconfig that points proxy-server at the fake. What each fake
+//! accepts and answers stays in its test file.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// One request as the fakes see it.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// A header by lower-case name.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// Reads one request (head byte by byte, then Content-Length bytes); None
+/// on a malformed or cut-off request.
+pub fn read_request(c: &mut TcpStream) -> Option<Request> {
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let mut lines = text.lines();
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let (method, target) = (
+        first.next().unwrap_or("").to_string(),
+        first.next().unwrap_or("").to_string(),
+    );
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut req = Request {
+        method,
+        target,
+        headers,
+        body: Vec::new(),
+    };
+    let len: usize = req
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    req.body = vec![0u8; len];
+    c.read_exact(&mut req.body).ok()?;
+    Some(req)
+}
+
+/// Answers with a JSON body and closes.
+pub fn write_json(c: &mut TcpStream, code: u16, body: &Value) {
+    let payload = body.to_string();
+    let _ = c.write_all(
+        format!(
+            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+            payload.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// A Kubernetes `Status` failure object with its HTTP code.
+pub fn status(code: u16, reason: &str, msg: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": msg, "code": code}),
+    )
+}
+
+/// A kubeconfig in `dir` pointing at `http://127.0.0.1:<port>` with a bearer token.
+pub fn kubeconfig(dir: &Path, port: u16, token: &str) -> PathBuf {
+    let p = dir.join("kubeconfig.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: konnectivity\n  user:\n    token: {token}\n\
+             contexts:\n- name: test\n  context:\n    cluster: fake\n    user: konnectivity\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// The accept loop; stops when dropped. Each connection is served on its
+/// own thread by `serve`.
+pub struct FakeServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeServer {
+    pub fn start(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> FakeServer {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sp, serve) = (stop.clone(), Arc::new(serve));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(c) = c else { continue };
+                let serve = serve.clone();
+                std::thread::spawn(move || serve(c));
+            }
+        });
+        FakeServer { port, stop }
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
