@@ -38,6 +38,42 @@ pub(crate) fn dial_error_status(err: &str) -> (u16, &'static str) {
     }
 }
 
+enum HeadError {
+    Malformed,
+    Method(String),
+    NoTarget,
+}
+
+/// The CONNECT target of a complete request head.
+///
+/// A plain function, not inline in `serve`: httparse's header array (2 KiB)
+/// would otherwise live in the connection's future for its whole life,
+/// since that future's locals stay allocated across every later await.
+fn parse_head(head: &[u8]) -> Result<String, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let (method, target) = match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or(""), req.path.unwrap_or("")),
+        _ => return Err(HeadError::Malformed),
+    };
+    if method != "CONNECT" {
+        return Err(HeadError::Method(method.to_string()));
+    }
+    let address = if target.is_empty() {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .unwrap_or("")
+    } else {
+        target
+    };
+    if address.is_empty() {
+        return Err(HeadError::NoTarget);
+    }
+    Ok(address.to_string())
+}
+
 struct Guard<'a>(&'a Shared);
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
@@ -77,46 +113,32 @@ where
             return;
         }
     };
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    let parsed = req.parse(&head[..head_end]);
-    let (method, target) = match parsed {
-        Ok(httparse::Status::Complete(_)) => (req.method.unwrap_or(""), req.path.unwrap_or("")),
-        _ => {
+    let address = match parse_head(&head[..head_end]) {
+        Ok(address) => address,
+        Err(HeadError::Malformed) => {
             sh.metrics.bad("http_malformed");
             tracing::info!("malformed HTTP request on the HTTP-CONNECT port");
             let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
             return;
         }
+        Err(HeadError::Method(method)) => {
+            sh.metrics.bad("http_method");
+            tracing::info!(method, "refused: only CONNECT is served");
+            let _ = wr
+                .write_all(&go_error(
+                    405,
+                    "Method Not Allowed",
+                    "this proxy only supports CONNECT passthrough\n",
+                ))
+                .await;
+            return;
+        }
+        Err(HeadError::NoTarget) => {
+            sh.metrics.bad("http_no_target");
+            let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
+            return;
+        }
     };
-    if method != "CONNECT" {
-        sh.metrics.bad("http_method");
-        tracing::info!(method, "refused: only CONNECT is served");
-        let _ = wr
-            .write_all(&go_error(
-                405,
-                "Method Not Allowed",
-                "this proxy only supports CONNECT passthrough\n",
-            ))
-            .await;
-        return;
-    }
-    let host_header = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok());
-    let address = if target.is_empty() {
-        host_header.unwrap_or("")
-    } else {
-        target
-    }
-    .to_string();
-    if address.is_empty() {
-        sh.metrics.bad("http_no_target");
-        let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
-        return;
-    }
     let mut early = BytesMut::from(&head[head_end..]);
     drop(head);
 
@@ -222,4 +244,25 @@ where
         _ = sh.stop.cancelled() => {}
     }
     sh.frontend_gone(&fe);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_head_finds_the_target_or_says_why_not() {
+        let ok = parse_head(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nHost: 10.0.0.1:443\r\n\r\n");
+        assert!(matches!(ok, Ok(a) if a == "10.0.0.1:443"));
+        let get = parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(matches!(get, Err(HeadError::Method(m)) if m == "GET"));
+        assert!(matches!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n"),
+            Err(HeadError::Malformed)
+        ));
+        assert!(matches!(
+            parse_head(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n"),
+            Err(HeadError::Malformed)
+        ));
+    }
 }
