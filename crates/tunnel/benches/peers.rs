@@ -21,7 +21,9 @@
 
 #[path = "support/backend.rs"]
 mod backend;
-use backend::backend;
+#[path = "support/roles.rs"]
+mod roles;
+use roles::{raise_nofile, rss_kib};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,45 +32,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use konnectivity::agent::{self, AgentLaunch, AgentOptions};
 use konnectivity::client::{self, Io, ProxyAddr};
-use konnectivity::server::{self, FrontendListen, FrontendMode, ServerLaunch, ServerOptions};
-use konnectivity::tls;
+use konnectivity::server::{self, FrontendListen, FrontendMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-fn raise_nofile() -> u64 {
-    let mut cur = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
-        let want = libc::rlimit {
-            rlim_cur: 1_048_576,
-            rlim_max: 1_048_576,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-            return want.rlim_cur;
-        }
-        cur.rlim_cur = cur.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
-    }
-    cur.rlim_cur
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
+use tokio::net::TcpStream;
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -116,97 +83,41 @@ fn run_role(role: &str, args: &[String]) {
                 let front: u16 = args[1].parse().unwrap();
                 let agent_port: u16 = args[2].parse().unwrap();
                 let grpc_uds = PathBuf::from(&args[3]);
-                let a = certs.join("certs/agent");
-                let agent_tls = tls::server_config(
-                    &a.join("issued/proxy-master.crt"),
-                    &a.join("private/proxy-master.key"),
-                    Some(&a.join("issued/ca.crt")),
-                    &Default::default(),
-                    &[b"h2"],
-                )
-                .unwrap();
-                let launch = |mode, frontend, agent_addr| ServerLaunch {
-                    opts: ServerOptions::default(),
-                    mode,
-                    frontend,
-                    agent_addr,
-                    agent_tls: agent_tls.clone(),
-                    health_addr: None,
-                    admin_addr: None,
-                    agent_keepalive: Duration::from_secs(3600),
-                    agent_liveness: Duration::from_secs(5),
-                    frontend_keepalive: Duration::from_secs(3600),
-                };
+                let agent_tls = roles::agent_listener_tls(&certs);
                 // HTTP-CONNECT on plain loopback TCP (like the ssh -R and
                 // rathole listeners), gRPC on a unix socket (kube-apiserver's
                 // setup). Agent <-> server is gRPC over mTLS in both.
-                let _s1 = server::launch(launch(
+                let _s1 = server::launch(roles::server_launch(
+                    &agent_tls,
                     FrontendMode::HttpConnect,
                     FrontendListen::Tcp {
                         addr: SocketAddr::from(([127, 0, 0, 1], front)),
                         tls: None,
                     },
-                    SocketAddr::from(([127, 0, 0, 1], agent_port)),
+                    agent_port,
                 ))
                 .await
                 .unwrap();
-                let _s2 = server::launch(launch(
+                let _s2 = server::launch(roles::server_launch(
+                    &agent_tls,
                     FrontendMode::Grpc,
                     FrontendListen::Uds {
                         path: grpc_uds,
                         delete_existing: true,
                     },
-                    SocketAddr::from(([127, 0, 0, 1], agent_port + 1)),
+                    agent_port + 1,
                 ))
                 .await
                 .unwrap();
-                wait_parent().await;
+                roles::wait_parent().await;
             }
             "agent" => {
-                let certs = PathBuf::from(&args[0]);
-                let agent_port: u16 = args[1].parse().unwrap();
-                let a = certs.join("certs/agent");
-                let tls = tls::client_config(
-                    &a.join("issued/ca.crt"),
-                    Some((
-                        &a.join("issued/proxy-agent.crt"),
-                        &a.join("private/proxy-agent.key"),
-                    )),
-                    &Default::default(),
-                    &[b"h2".to_vec()],
-                )
-                .unwrap();
-                let servers = (0..2)
-                    .map(|i| ("127.0.0.1".to_string(), agent_port + i))
-                    .collect();
-                let mut opts = AgentOptions::new(servers, tls);
-                opts.sync_interval = Duration::from_millis(100);
-                let _a = agent::launch(AgentLaunch {
-                    opts,
-                    health_addr: None,
-                    admin_addr: None,
-                })
-                .await
-                .unwrap();
-                wait_parent().await;
+                roles::run_agent(&PathBuf::from(&args[0]), args[1].parse().unwrap(), 2).await
             }
-            "backend" => {
-                let port: u16 = args[0].parse().unwrap();
-                let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-                tokio::spawn(backend(listener));
-                wait_parent().await;
-            }
+            "backend" => roles::run_backend(args[0].parse().unwrap()).await,
             _ => panic!("unknown role"),
         }
     });
-}
-
-/// Children exit when the bench closes their stdin.
-async fn wait_parent() {
-    let mut stdin = tokio::io::stdin();
-    let mut b = [0u8; 1];
-    let _ = stdin.read(&mut b).await;
-    std::process::exit(0);
 }
 
 /// Kills the process group it leads (sshd's per-connection children too).

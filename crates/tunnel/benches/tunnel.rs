@@ -14,7 +14,9 @@
 
 #[path = "support/backend.rs"]
 mod backend;
-use backend::backend;
+#[path = "support/roles.rs"]
+mod roles;
+use roles::{raise_nofile, rss_kib};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,39 +25,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use konnectivity::agent::{self, AgentLaunch, AgentOptions};
 use konnectivity::client::{self, Io, ProxyAddr};
-use konnectivity::server::{self, FrontendListen, FrontendMode, ServerLaunch, ServerOptions};
+use konnectivity::server::{self, FrontendListen, FrontendMode};
 use konnectivity::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-fn raise_nofile() {
-    let lim = libc::rlimit {
-        rlim_cur: 200_000,
-        rlim_max: 200_000,
-    };
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            let mut cur = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
-            cur.rlim_cur = cur.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
-        }
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
+use tokio::net::TcpStream;
 
 // ---- child roles ----
 
@@ -72,112 +46,45 @@ fn run_role(role: &str, args: &[String]) {
                 let agent_port: u16 = args[2].parse().unwrap();
                 let uds = PathBuf::from(&args[3]);
                 let m = certs.join("certs/master");
-                let a = certs.join("certs/agent");
-                let mk_tls = |alpn: &[&[u8]]| {
-                    tls::server_config(
-                        &m.join("issued/proxy-master.crt"),
-                        &m.join("private/proxy-master.key"),
-                        Some(&m.join("issued/ca.crt")),
-                        &Default::default(),
-                        alpn,
-                    )
-                    .unwrap()
-                };
-                let agent_tls = tls::server_config(
-                    &a.join("issued/proxy-master.crt"),
-                    &a.join("private/proxy-master.key"),
-                    Some(&a.join("issued/ca.crt")),
+                let frontend_tls = tls::server_config(
+                    &m.join("issued/proxy-master.crt"),
+                    &m.join("private/proxy-master.key"),
+                    Some(&m.join("issued/ca.crt")),
                     &Default::default(),
-                    &[b"h2"],
+                    &[b"http/1.1"],
                 )
                 .unwrap();
-                let launch = |frontend, agent_addr| ServerLaunch {
-                    opts: ServerOptions::default(),
-                    mode: FrontendMode::HttpConnect,
-                    frontend,
-                    agent_addr,
-                    agent_tls: agent_tls.clone(),
-                    health_addr: None,
-                    admin_addr: None,
-                    agent_keepalive: Duration::from_secs(3600),
-                    agent_liveness: Duration::from_secs(5),
-                    frontend_keepalive: Duration::from_secs(3600),
+                let agent_tls = roles::agent_listener_tls(&certs);
+                // One process, three servers, each with its own agent port:
+                // HTTP-CONNECT over mTLS, HTTP-CONNECT over UDS, gRPC over UDS.
+                let uds_at = |path: PathBuf| FrontendListen::Uds {
+                    path,
+                    delete_existing: true,
                 };
-                // One process, two servers: TLS frontend and UDS frontend,
-                // each with its own agent port.
-                let _s1 = server::launch(launch(
-                    FrontendListen::Tcp {
-                        addr: SocketAddr::from(([127, 0, 0, 1], front)),
-                        tls: Some(mk_tls(&[b"http/1.1"])),
-                    },
-                    SocketAddr::from(([127, 0, 0, 1], agent_port)),
-                ))
-                .await
-                .unwrap();
-                let _s2 = server::launch(launch(
-                    FrontendListen::Uds {
-                        path: uds.clone(),
-                        delete_existing: true,
-                    },
-                    SocketAddr::from(([127, 0, 0, 1], agent_port + 1)),
-                ))
-                .await
-                .unwrap();
-                let mut grpc = launch(
-                    FrontendListen::Uds {
-                        path: uds.with_extension("grpc"),
-                        delete_existing: true,
-                    },
-                    SocketAddr::from(([127, 0, 0, 1], agent_port + 2)),
-                );
-                grpc.mode = FrontendMode::Grpc;
-                let _s3 = server::launch(grpc).await.unwrap();
-                wait_parent().await;
+                let servers = [
+                    (
+                        FrontendMode::HttpConnect,
+                        FrontendListen::Tcp {
+                            addr: SocketAddr::from(([127, 0, 0, 1], front)),
+                            tls: Some(frontend_tls),
+                        },
+                    ),
+                    (FrontendMode::HttpConnect, uds_at(uds.clone())),
+                    (FrontendMode::Grpc, uds_at(uds.with_extension("grpc"))),
+                ];
+                let mut running = Vec::new();
+                for (i, (mode, frontend)) in servers.into_iter().enumerate() {
+                    let launch =
+                        roles::server_launch(&agent_tls, mode, frontend, agent_port + i as u16);
+                    running.push(server::launch(launch).await.unwrap());
+                }
+                roles::wait_parent().await;
             }
-            "agent" => {
-                let agent_port: u16 = args[1].parse().unwrap();
-                let a = certs.join("certs/agent");
-                let tls = tls::client_config(
-                    &a.join("issued/ca.crt"),
-                    Some((
-                        &a.join("issued/proxy-agent.crt"),
-                        &a.join("private/proxy-agent.key"),
-                    )),
-                    &Default::default(),
-                    &[b"h2".to_vec()],
-                )
-                .unwrap();
-                let servers = (0..3)
-                    .map(|i| ("127.0.0.1".to_string(), agent_port + i))
-                    .collect();
-                let mut opts = AgentOptions::new(servers, tls);
-                opts.sync_interval = Duration::from_millis(100);
-                let _a = agent::launch(AgentLaunch {
-                    opts,
-                    health_addr: None,
-                    admin_addr: None,
-                })
-                .await
-                .unwrap();
-                wait_parent().await;
-            }
-            "backend" => {
-                let port: u16 = args[1].parse().unwrap();
-                let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-                tokio::spawn(backend(listener));
-                wait_parent().await;
-            }
+            "agent" => roles::run_agent(&certs, args[1].parse().unwrap(), 3).await,
+            "backend" => roles::run_backend(args[1].parse().unwrap()).await,
             _ => panic!("unknown role"),
         }
     });
-}
-
-/// Children exit when the bench closes their stdin.
-async fn wait_parent() {
-    let mut stdin = tokio::io::stdin();
-    let mut b = [0u8; 1];
-    let _ = stdin.read(&mut b).await;
-    std::process::exit(0);
 }
 
 struct ChildGuard(Child);
