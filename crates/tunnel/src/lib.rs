@@ -55,8 +55,8 @@ pub fn tune_allocator() {
 /// Fewer workers can be faster: a packet crosses several tasks, and with
 /// more workers than free cores those hand-offs become cross-thread
 /// wake-ups. On 2 cores shared by server, agent, client and backend,
-/// GOMAXPROCS=1 cut server+agent CPU per streamed GiB by 15-30% in the
-/// tunnel bench.
+/// GOMAXPROCS=1 cut server+agent CPU per streamed GiB by 3-30% (mostly
+/// 10-30%) in four runs of the tunnel bench.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = gomaxprocs(std::env::var("GOMAXPROCS").ok().as_deref()) {
