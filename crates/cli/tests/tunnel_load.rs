@@ -213,6 +213,14 @@ fn a_stalled_reader_does_not_stall_the_others() {
                 st.logs()
             );
         }
+        // The agent ran out of credit for the stalled connection and said so.
+        assert!(
+            metric(
+                st.ports.agent_health,
+                "konnectivity_network_proxy_agent_flow_control_stalls_total"
+            ) >= 1.0,
+            "the stalled connection never made the agent wait for credit"
+        );
         // Nothing was cut: the stalled connection was throttled, not dropped.
         assert_eq!(
             metric(
@@ -251,6 +259,69 @@ fn a_stalled_reader_does_not_stall_the_others() {
     });
     drop(rt);
     st.wait_settled(sfd, afd);
+}
+
+/// The other direction: a backend that stops reading while its client
+/// uploads. The server runs out of credit toward the agent (counted as a
+/// flow-control stall), the client's writes block instead of filling any
+/// queue, and other connections on the same agent stream carry on.
+#[test]
+fn a_backend_that_stops_reading_throttles_only_its_uploader() {
+    let backend = HttpServer::start();
+    let backend_port = backend.port;
+    // Accepts connections and never reads them.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || sink.accept().map(|(s, _)| s));
+    let st = Stack::start("http-connect");
+    let addr = proxy_addr(&st);
+    let rt = runtime();
+    rt.block_on(async {
+        let stalls = "konnectivity_network_proxy_server_flow_control_stalls_total";
+        let mut uploader = client::http_connect(&addr, &format!("127.0.0.1:{sink_port}"), "up")
+            .await
+            .unwrap();
+        // Far more than socket buffers, agent queue and credit window hold.
+        let chunk = vec![7u8; 1 << 20];
+        let mut sent = 0usize;
+        let blocked = tokio::time::timeout(Duration::from_secs(10), async {
+            while sent < (256 << 20) {
+                uploader.write_all(&chunk).await.unwrap();
+                sent += chunk.len();
+            }
+        })
+        .await
+        .is_err();
+        assert!(
+            blocked,
+            "256 MiB went into a backend that reads nothing: nothing pushed back"
+        );
+        assert!(
+            metric(st.ports.health, stalls) >= 1.0,
+            "the server never waited for credit toward the agent ({sent} bytes sent)"
+        );
+        // The uploader is stuck; a neighbour on the same agent stream is not.
+        let mut io = client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "busy")
+            .await
+            .unwrap();
+        echo_check(&mut *io, 7, 1 << 20).await.unwrap();
+        assert_eq!(
+            metric(
+                st.ports.health,
+                "konnectivity_network_proxy_server_queue_overflow_total"
+            ),
+            0.0
+        );
+        assert_eq!(
+            metric(
+                st.ports.agent_health,
+                "konnectivity_network_proxy_agent_queue_overflow_total"
+            ),
+            0.0
+        );
+    });
+    drop(rt);
+    drop(held.join().unwrap());
 }
 
 fn one_request(st: &Stack, backend_port: u16) -> Result<(), String> {

@@ -191,13 +191,14 @@ pub struct AgentMetrics {
     pub stream_errors_total: IntCounterVec,
     pub queue_overflow_total: IntCounterVec,
     pub bad_input_total: IntCounterVec,
+    pub flow_control_stalls_total: IntCounterVec,
 }
 
 impl Default for AgentMetrics {
     fn default() -> Self {
         let r = Registry::new();
         let s = "agent";
-        AgentMetrics {
+        let m = AgentMetrics {
             open_server_connections: gauge(
                 &r,
                 s,
@@ -252,8 +253,19 @@ impl Default for AgentMetrics {
                 "Refused bad input, by kind.",
                 &["kind"],
             ),
+            flow_control_stalls_total: counter_vec(
+                &r,
+                s,
+                "flow_control_stalls_total",
+                "DATA sends toward a server that had to wait (no credit: the client reads slower than its backend sends).",
+                &["segment"],
+            ),
             registry: r,
-        }
+        };
+        // Shown from the start (0), not only after the first stall.
+        m.flow_control_stalls_total
+            .with_label_values(&["to_server"]);
+        m
     }
 }
 
