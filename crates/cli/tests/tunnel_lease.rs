@@ -9,12 +9,11 @@
 mod tunnel_support;
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tunnel_support::fake_api::{self, status};
+use tunnel_support::fake_api::{self, Reply, Request, status};
 use tunnel_support::*;
 
 const TOKEN: &str = "s3cret-token";
@@ -54,7 +53,7 @@ impl FakeApi {
     fn start() -> FakeApi {
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();
-        let server = fake_api::FakeServer::start(move |c| serve(c, &st));
+        let server = fake_api::FakeServer::start(move |req| serve(req, &st));
         FakeApi {
             port: server.port,
             state,
@@ -85,34 +84,23 @@ impl FakeApi {
     }
 }
 
-fn serve(mut c: TcpStream, st: &Mutex<State>) {
-    let Some(req) = fake_api::read_request(&mut c) else {
-        return;
-    };
+fn serve(req: &Request, st: &Mutex<State>) -> Reply {
     let (method, target) = (&req.method, &req.target);
-    let (code, out) = {
-        let mut s = st.lock().unwrap();
-        s.requests.push(format!("{method} {target}"));
-        let r = handle(&mut s, method, target, &|k| req.header(k), &req.body);
-        if r.0 >= 400 && r.0 != 404 && r.0 != 409 {
-            s.violations
-                .push(format!("{method} {target} -> {}: {}", r.0, r.1["message"]));
-        }
-        r
-    };
-    fake_api::write_json(&mut c, code, &out);
+    let mut s = st.lock().unwrap();
+    s.requests.push(format!("{method} {target}"));
+    let r = handle(&mut s, req);
+    if r.0 >= 400 && r.0 != 404 && r.0 != 409 {
+        s.violations
+            .push(format!("{method} {target} -> {}: {}", r.0, r.1["message"]));
+    }
+    r.into()
 }
 
-fn handle(
-    s: &mut State,
-    method: &str,
-    target: &str,
-    h: &dyn Fn(&str) -> Option<String>,
-    body: &[u8],
-) -> (u16, Value) {
-    if h("authorization").as_deref() != Some(&format!("Bearer {TOKEN}")) {
-        return status(401, "Unauthorized", "missing or wrong bearer token");
+fn handle(s: &mut State, req: &Request) -> (u16, Value) {
+    if let Some(refused) = req.unauthorized(TOKEN) {
+        return refused;
     }
+    let (method, target) = (req.method.as_str(), req.target.as_str());
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return status(400, "BadRequest", &format!("unexpected path {path}"));
@@ -122,13 +110,6 @@ fn handle(
         [ns, "leases"] => (ns.to_string(), None),
         [ns, "leases", name] if !name.is_empty() => (ns.to_string(), Some(name.to_string())),
         _ => return status(400, "BadRequest", &format!("unexpected path {path}")),
-    };
-    let json_body = || -> Result<Value, (u16, Value)> {
-        if !h("content-type").is_some_and(|t| t.starts_with("application/json")) {
-            return Err(status(415, "UnsupportedMediaType", "want application/json"));
-        }
-        serde_json::from_slice::<Value>(body)
-            .map_err(|e| status(400, "BadRequest", &format!("body: {e}")))
     };
     let validate = |l: &Value, name: &str| -> Result<(), (u16, Value)> {
         let bad = |m: &str| Err(status(422, "Invalid", m));
@@ -220,7 +201,7 @@ fn handle(
             )
         }
         ("POST", None) => {
-            let l = match json_body() {
+            let l = match req.json_body() {
                 Ok(l) => l,
                 Err(e) => return e,
             };
@@ -242,7 +223,7 @@ fn handle(
             (201, l)
         }
         ("PUT", Some(n)) => {
-            let l = match json_body() {
+            let l = match req.json_body() {
                 Ok(l) => l,
                 Err(e) => return e,
             };

@@ -10,14 +10,12 @@
 mod tunnel_support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tunnel_support::fake_api::{self, status};
+use tunnel_support::fake_api::{self, Reply, Request, status};
 use tunnel_support::*;
 
 /// The proxy server's own credential toward the API (from its kubeconfig).
@@ -63,7 +61,7 @@ impl FakeApi {
             violations: Vec::new(),
         }));
         let st = state.clone();
-        let server = fake_api::FakeServer::start(move |c| serve(c, &st));
+        let server = fake_api::FakeServer::start(move |req| serve(req, &st));
         FakeApi {
             port: server.port,
             state,
@@ -82,50 +80,37 @@ fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
     fake_api::kubeconfig(dir, port, SERVER_TOKEN)
 }
 
-fn serve(mut c: TcpStream, st: &Mutex<State>) {
-    let Some(req) = fake_api::read_request(&mut c) else {
-        return;
-    };
+fn serve(req: &Request, st: &Mutex<State>) -> Reply {
     let mut s = st.lock().unwrap();
     if s.answer == Answer::Garbage {
-        drop(s);
-        let _ = c.write_all(
+        return Reply::Raw(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot json!",
         );
-        return;
     }
-    let (method, target) = (&req.method, &req.target);
-    let (code, out) = handle(&mut s, method, target, &|k| req.header(k), &req.body);
+    let (code, out) = handle(&mut s, req);
     if code >= 300 {
-        s.violations
-            .push(format!("{method} {target} -> {code}: {}", out["message"]));
+        s.violations.push(format!(
+            "{} {} -> {code}: {}",
+            req.method, req.target, out["message"]
+        ));
     }
-    drop(s);
-    fake_api::write_json(&mut c, code, &out);
+    Reply::Json(code, out)
 }
 
-fn handle(
-    s: &mut State,
-    method: &str,
-    target: &str,
-    h: &dyn Fn(&str) -> Option<String>,
-    body: &[u8],
-) -> (u16, Value) {
-    if h("authorization").as_deref() != Some(&format!("Bearer {SERVER_TOKEN}")) {
-        return status(401, "Unauthorized", "missing or wrong bearer token");
+fn handle(s: &mut State, req: &Request) -> (u16, Value) {
+    if let Some(refused) = req.unauthorized(SERVER_TOKEN) {
+        return refused;
     }
+    let (method, target) = (req.method.as_str(), req.target.as_str());
     if target != PATH {
         return status(404, "NotFound", &format!("unexpected path {target}"));
     }
     if method != "POST" {
         return status(405, "MethodNotAllowed", &format!("{method} not allowed"));
     }
-    if !h("content-type").is_some_and(|t| t.starts_with("application/json")) {
-        return status(415, "UnsupportedMediaType", "want application/json");
-    }
-    let r: Value = match serde_json::from_slice(body) {
+    let r = match req.json_body() {
         Ok(v) => v,
-        Err(e) => return status(400, "BadRequest", &format!("body: {e}")),
+        Err(e) => return e,
     };
     if r["apiVersion"] != "authentication.k8s.io/v1" || r["kind"] != "TokenReview" {
         return status(400, "BadRequest", "apiVersion/kind");
