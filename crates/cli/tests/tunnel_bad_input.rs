@@ -24,20 +24,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn tls(st: &Stack, set: &str, client: &str) -> std::sync::Arc<rustls::ClientConfig> {
-    let c = st.path(&format!("certs/{set}"));
-    konnectivity::tls::client_config(
-        &c.join("issued/ca.crt"),
-        Some((
-            &c.join(format!("issued/{client}.crt")),
-            &c.join(format!("private/{client}.key")),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap()
-}
-
 fn bad_count(st: &Stack, kind: &str) -> f64 {
     let Some((_, body)) = http_get(st.ports.health, "/metrics") else {
         return -1.0;
@@ -64,11 +50,7 @@ fn http_connect_port_refuses_other_methods_garbage_and_bad_certificates() {
     let backend = HttpServer::start();
     let st = Stack::start("http-connect");
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: st.ports.server,
-        tls: Some(tls(&st, "master", "proxy-client")),
-    };
+    let addr = st.frontend();
     let rt = runtime();
     rt.block_on(async {
         let r = raw_http(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -111,11 +93,7 @@ fn http_connect_port_refuses_other_methods_garbage_and_bad_certificates() {
             &[],
         )
         .unwrap();
-        let a2 = ProxyAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: st.ports.server,
-            tls: Some(no_cert),
-        };
+        let a2 = tls_addr(st.ports.server, no_cert);
         assert!(
             client::http_connect(&a2, &format!("127.0.0.1:{}", backend.port), "t")
                 .await
@@ -134,11 +112,7 @@ fn http_connect_port_refuses_other_methods_garbage_and_bad_certificates() {
             &[],
         )
         .unwrap();
-        let a3 = ProxyAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: st.ports.server,
-            tls: Some(wrong),
-        };
+        let a3 = tls_addr(st.ports.server, wrong);
         assert!(
             client::http_connect(&a3, &format!("127.0.0.1:{}", backend.port), "t")
                 .await
@@ -201,11 +175,7 @@ fn grpc_frontend_bad_packets_close_only_their_own_stream() {
     let backend = HttpServer::start();
     let st = Stack::start("grpc");
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: st.ports.server,
-        tls: Some(tls(&st, "master", "proxy-client")),
-    };
+    let addr = st.frontend();
     let target = format!("127.0.0.1:{}", backend.port);
     let rt = runtime();
     rt.block_on(async {
@@ -310,11 +280,10 @@ fn grpc_frontend_bad_packets_close_only_their_own_stream() {
 fn agent_listener_refuses_agents_without_id_and_survives_bad_agent_packets() {
     let st = Stack::start("grpc");
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: st.ports.agent,
-        tls: Some(tls(&st, "agent", "proxy-agent")),
-    };
+    let addr = tls_addr(
+        st.ports.agent,
+        client_tls(st.dir.path(), "agent", "proxy-agent"),
+    );
     let rt = runtime();
     rt.block_on(async {
         // No agentID: refused.
@@ -397,35 +366,9 @@ fn backend_dial_timeout_releases_the_pending_dial() {
     wait_for("server up", Duration::from_secs(60), || {
         http_get(p.health, "/healthz").is_some()
     });
-    let c = dir.path().join("certs/agent");
-    let agent_tls = konnectivity::tls::client_config(
-        &c.join("issued/ca.crt"),
-        Some((
-            &c.join("issued/proxy-agent.crt"),
-            &c.join("private/proxy-agent.key"),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap();
-    let m = dir.path().join("certs/master");
-    let client_tls = konnectivity::tls::client_config(
-        &m.join("issued/ca.crt"),
-        Some((
-            &m.join("issued/proxy-client.crt"),
-            &m.join("private/proxy-client.key"),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap();
     let rt = runtime();
     rt.block_on(async {
-        let aaddr = ProxyAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: p.agent,
-            tls: Some(agent_tls),
-        };
+        let aaddr = tls_addr(p.agent, client_tls(dir.path(), "agent", "proxy-agent"));
         let channel = client::grpc_channel(&aaddr).await.unwrap();
         let (_tx, rx) = mpsc::channel::<Packet>(4);
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
@@ -439,11 +382,7 @@ fn backend_dial_timeout_releases_the_pending_dial() {
         wait_for("silent agent registered", Duration::from_secs(10), || {
             http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
         });
-        let caddr = ProxyAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: p.server,
-            tls: Some(client_tls),
-        };
+        let caddr = frontend_addr(dir.path(), p.server);
         let r = raw_http(
             &caddr,
             b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",

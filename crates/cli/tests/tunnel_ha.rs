@@ -107,24 +107,7 @@ fn one_balanced_address_reaches_the_server_count() {
     let (p1, p2) = (Ports::new(), Ports::new());
     let _s1 = start_server(dir.path(), &p1, "server-one", "s1");
     let _s2 = start_server(dir.path(), &p2, "server-two", "s2");
-    let lb_port = free_port();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-             frontend agents\n  bind 127.0.0.1:{lb_port}\n  default_backend servers\n\
-             backend servers\n  balance roundrobin\n  server one 127.0.0.1:{}\n  server two 127.0.0.1:{}\n",
-            p1.agent, p2.agent
-        ),
-    )
-    .unwrap();
-    let _lb = Proc::spawn(
-        "haproxy",
-        &["-db".into(), "-f".into(), cfg.display().to_string()],
-        dir.path(),
-        "haproxy",
-    );
+    let (_lb, lb_port) = haproxy(dir.path(), &[p1, p2]);
     let mut aa = agent_args(&p1);
     aa.retain(|a| !a.starts_with("--proxy-server-port"));
     aa.push(format!("--proxy-server-port={lb_port}"));

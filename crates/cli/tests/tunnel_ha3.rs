@@ -46,27 +46,6 @@ fn start_agent(dir: &Path, own: &Ports, hosts: &str, name: &str, extra: &[&str])
     Proc::spawn(&bin("proxy-agent"), &aa, dir, name)
 }
 
-fn haproxy(dir: &Path, servers: &[Ports]) -> (Proc, u16) {
-    let lb_port = free_port();
-    let cfg = dir.join("haproxy.cfg");
-    let mut text = format!(
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-         frontend agents\n  bind 127.0.0.1:{lb_port}\n  default_backend servers\n\
-         backend servers\n  balance roundrobin\n"
-    );
-    for (i, p) in servers.iter().enumerate() {
-        text.push_str(&format!("  server s{i} 127.0.0.1:{}\n", p.agent));
-    }
-    std::fs::write(&cfg, text).unwrap();
-    let lb = Proc::spawn(
-        "haproxy",
-        &["-db".into(), "-f".into(), cfg.display().to_string()],
-        dir,
-        "haproxy",
-    );
-    (lb, lb_port)
-}
-
 fn ready(port: u16) -> Option<u16> {
     http_get(port, "/readyz").map(|r| r.0)
 }
@@ -77,25 +56,6 @@ fn logs(procs: &[&Proc]) -> String {
         .map(|p| format!("--- {} ---\n{}", p.name, p.log_text()))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn proxy_addr(dir: &Path, port: u16) -> ProxyAddr {
-    let c = dir.join("certs/master");
-    let tls = konnectivity::tls::client_config(
-        &c.join("issued/ca.crt"),
-        Some((
-            &c.join("issued/proxy-client.crt"),
-            &c.join("private/proxy-client.key"),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap();
-    ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port,
-        tls: Some(tls),
-    }
 }
 
 /// Both agents hold all three servers; every server has both agents.
@@ -199,7 +159,7 @@ impl Mesh {
         logs(&self.procs())
     }
     fn addr(&self, server: usize) -> ProxyAddr {
-        proxy_addr(self.dir.path(), self.sp[server].server)
+        frontend_addr(self.dir.path(), self.sp[server].server)
     }
 }
 

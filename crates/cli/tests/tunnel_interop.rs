@@ -280,22 +280,7 @@ fn upstream_style_agent_slow_reader_is_cut_alone() {
     wait_for("python agent connected", Duration::from_secs(30), || {
         http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
-    let m = dir.path().join("certs/master");
-    let tls = konnectivity::tls::client_config(
-        &m.join("issued/ca.crt"),
-        Some((
-            &m.join("issued/proxy-client.crt"),
-            &m.join("private/proxy-client.key"),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap();
-    let addr = konnectivity::client::ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: p.server,
-        tls: Some(tls),
-    };
+    let addr = frontend_addr(dir.path(), p.server);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -382,24 +382,7 @@ fn agent_counts_server_leases() {
                 .get("kube-system", "konnectivity-proxy-server-srv-b")
                 .is_some()
     });
-    let lb_port = free_port();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-             frontend agents\n  bind 127.0.0.1:{lb_port}\n  default_backend servers\n\
-             backend servers\n  balance roundrobin\n  server one 127.0.0.1:{}\n  server two 127.0.0.1:{}\n",
-            pa.agent, pb.agent
-        ),
-    )
-    .unwrap();
-    let _lb = Proc::spawn(
-        "haproxy",
-        &["-db".into(), "-f".into(), cfg.display().to_string()],
-        dir.path(),
-        "haproxy",
-    );
+    let (_lb, lb_port) = haproxy(dir.path(), &[pa, pb]);
     let start = |own: &Ports, name: &str, extra: &[String]| {
         let mut aa = agent_args(own);
         aa.retain(|a| !a.starts_with("--proxy-server-port"));

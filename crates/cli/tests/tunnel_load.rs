@@ -8,7 +8,7 @@ mod tunnel_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use konnectivity::client::{self, ProxyAddr};
+use konnectivity::client;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel_support::*;
@@ -19,25 +19,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn proxy_addr(st: &Stack) -> ProxyAddr {
-    let c = st.path("certs/master");
-    let tls = konnectivity::tls::client_config(
-        &c.join("issued/ca.crt"),
-        Some((
-            &c.join("issued/proxy-client.crt"),
-            &c.join("private/proxy-client.key"),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap();
-    ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: st.ports.server,
-        tls: Some(tls),
-    }
 }
 
 /// Echo `size` bytes of a per-connection pattern through an open tunnel
@@ -86,7 +67,7 @@ fn two_hundred_concurrent_grpc_connections_keep_their_data() {
     let backend_port = _backend.port;
     let st = Stack::start("grpc");
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = proxy_addr(&st);
+    let addr = st.frontend();
     let rt = runtime();
     let failures = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -128,7 +109,7 @@ fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
     let backend_port = backend.port;
     let st = Stack::start("http-connect");
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = proxy_addr(&st);
+    let addr = st.frontend();
     let rt = runtime();
     let failures = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -179,7 +160,7 @@ fn a_stalled_reader_does_not_stall_the_others() {
         &[],
     );
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = proxy_addr(&st);
+    let addr = st.frontend();
     let rt = runtime();
     rt.block_on(async {
         const BIG: usize = 64 << 20;
@@ -274,7 +255,7 @@ fn a_backend_that_stops_reading_throttles_only_its_uploader() {
     let sink_port = sink.local_addr().unwrap().port();
     let held = std::thread::spawn(move || sink.accept().map(|(s, _)| s));
     let st = Stack::start("http-connect");
-    let addr = proxy_addr(&st);
+    let addr = st.frontend();
     let rt = runtime();
     rt.block_on(async {
         let stalls = "konnectivity_network_proxy_server_flow_control_stalls_total";

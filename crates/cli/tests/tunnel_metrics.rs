@@ -5,7 +5,7 @@ mod tunnel_support;
 
 use std::time::Duration;
 
-use konnectivity::client::{self, ProxyAddr};
+use konnectivity::client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel_support::*;
 
@@ -43,22 +43,7 @@ fn metrics_count_what_happened() {
     let backend = HttpServer::start();
     let target = format!("127.0.0.1:{}", backend.port);
     let st = Stack::start_with("grpc", &[], &["--agent-id=agent-m"]);
-    let c = st.path("certs/master");
-    let tls = konnectivity::tls::client_config(
-        &c.join("issued/ca.crt"),
-        Some((
-            &c.join("issued/proxy-client.crt"),
-            &c.join("private/proxy-client.key"),
-        )),
-        &Default::default(),
-        &[],
-    )
-    .unwrap();
-    let addr = ProxyAddr::Tcp {
-        host: "127.0.0.1".into(),
-        port: st.ports.server,
-        tls: Some(tls),
-    };
+    let addr = st.frontend();
     assert_eq!(srv(&st, "ready_backend_connections", &[]), 1.0);
     assert_eq!(agt(&st, "open_server_connections", &[]), 1.0);
     let rt = tokio::runtime::Builder::new_multi_thread()

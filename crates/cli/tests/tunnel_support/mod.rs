@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use konnectivity::client::ProxyAddr;
+
 pub mod fake_api;
 
 /// A port no one listens on, from below the ephemeral range and claimed
@@ -341,6 +343,31 @@ pub fn agent_args(p: &Ports) -> Vec<String> {
     a
 }
 
+/// haproxy (started here, config in `dir`) on a free loopback port,
+/// balancing TCP round robin over the `servers`' agent ports: upstream's HA
+/// setup, where agents know one address and find the servers behind it.
+/// Returns the process and its port.
+pub fn haproxy(dir: &Path, servers: &[Ports]) -> (Proc, u16) {
+    let lb_port = free_port();
+    let cfg = dir.join("haproxy.cfg");
+    let mut text = format!(
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+         frontend agents\n  bind 127.0.0.1:{lb_port}\n  default_backend servers\n\
+         backend servers\n  balance roundrobin\n"
+    );
+    for (i, p) in servers.iter().enumerate() {
+        text.push_str(&format!("  server s{i} 127.0.0.1:{}\n", p.agent));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let lb = Proc::spawn(
+        "haproxy",
+        &["-db".into(), "-f".into(), cfg.display().to_string()],
+        dir,
+        "haproxy",
+    );
+    (lb, lb_port)
+}
+
 /// A working directory with certificates, a server and an agent.
 pub struct Stack {
     pub dir: tempfile::TempDir,
@@ -392,6 +419,10 @@ impl Stack {
         let aa = agent_args(&self.ports);
         self.agent = Proc::spawn(&bin("proxy-agent"), &aa, self.dir.path(), "agent2");
     }
+    /// The server's mTLS frontend, as the README's client reaches it.
+    pub fn frontend(&self) -> ProxyAddr {
+        frontend_addr(self.dir.path(), self.ports.server)
+    }
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -429,6 +460,39 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// A client TLS config from the `proxyctl certs` tree in `dir`: trusts
+/// `certs/<set>/issued/ca.crt` and presents that set's `<name>` certificate
+/// ("master", "proxy-client" for the frontend; "agent", "proxy-agent" for
+/// the agent port).
+pub fn client_tls(dir: &Path, set: &str, name: &str) -> Arc<rustls::ClientConfig> {
+    let c = dir.join("certs").join(set);
+    konnectivity::tls::client_config(
+        &c.join("issued/ca.crt"),
+        Some((
+            &c.join(format!("issued/{name}.crt")),
+            &c.join(format!("private/{name}.key")),
+        )),
+        &Default::default(),
+        &[],
+    )
+    .unwrap()
+}
+
+/// A TLS endpoint on 127.0.0.1.
+pub fn tls_addr(port: u16, tls: Arc<rustls::ClientConfig>) -> ProxyAddr {
+    ProxyAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+        tls: Some(tls),
+    }
+}
+
+/// The server's mTLS frontend on `port`, reached with the README's client
+/// certificate from `dir`.
+pub fn frontend_addr(dir: &Path, port: u16) -> ProxyAddr {
+    tls_addr(port, client_tls(dir, "master", "proxy-client"))
 }
 
 /// One `proxy-test-client` GET through the server's mTLS frontend with the
