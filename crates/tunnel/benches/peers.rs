@@ -23,7 +23,7 @@
 mod backend;
 #[path = "support/roles.rs"]
 mod roles;
-use roles::{raise_nofile, rss_kib};
+use roles::{raise_nofile, rss_kib, wait_listen};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -249,18 +249,7 @@ async fn dials_per_sec(via: &Via, backend: SocketAddr, total: u64, workers: u64)
 
 /// Round-trip of 64 bytes on one open echo connection, microseconds.
 async fn latency(via: &Via, backend: SocketAddr, rounds: usize) -> (f64, f64) {
-    let mut io = open(via, backend).await;
-    io.write_all(b"E").await.unwrap();
-    let mut samples = Vec::with_capacity(rounds);
-    let mut b = [0u8; 64];
-    for _ in 0..rounds {
-        let t = Instant::now();
-        io.write_all(&b).await.unwrap();
-        io.read_exact(&mut b).await.unwrap();
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (samples[rounds / 2], samples[rounds * 99 / 100])
+    roles::echo_latency_us(open(via, backend).await, rounds).await
 }
 
 /// KiB of RSS growth per idle connection over the tunnel's processes
@@ -274,26 +263,11 @@ async fn idle_rss(via: &Via, backend: SocketAddr, n: usize, roots: &[u32]) -> f6
             .sum::<u64>()
     };
     let before = sum();
-    let mut conns = Vec::with_capacity(n);
-    let batch = 50;
-    let mut i = 0;
-    while i < n {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..batch.min(n - i) {
-            let via = via.clone();
-            set.spawn(async move {
-                let mut io = open(&via, backend).await;
-                io.write_all(b"Eping").await.unwrap();
-                let mut b = [0u8; 4];
-                io.read_exact(&mut b).await.unwrap();
-                io
-            });
-        }
-        while let Some(io) = set.join_next().await {
-            conns.push(io.unwrap());
-        }
-        i += batch;
-    }
+    let conns = roles::open_idle(n, || {
+        let via = via.clone();
+        async move { open(&via, backend).await }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sum();
     drop(conns);
@@ -421,14 +395,6 @@ fn start_rathole(bin: &Path, dir: &Path, backend: u16) -> (Vec<ChildGuard>, u16)
     (vec![server, client], fwd)
 }
 
-fn wait_listen(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Our server and agent processes, and the two ways in.
 struct Ours {
     server: ChildGuard,
@@ -471,11 +437,10 @@ impl Ours {
 }
 
 async fn wait_ready(via: &Via, backend: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while one_dial(via, backend).await.is_err() {
-        assert!(Instant::now() < deadline, "path not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    roles::wait_until("path", Duration::from_secs(30), || async {
+        one_dial(via, backend).await.is_ok()
+    })
+    .await;
 }
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {

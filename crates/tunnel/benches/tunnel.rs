@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use konnectivity::client::{self, Io, ProxyAddr};
 use konnectivity::server::{self, FrontendListen, FrontendMode};
-use konnectivity::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -45,15 +44,7 @@ fn run_role(role: &str, args: &[String]) {
                 let front: u16 = args[1].parse().unwrap();
                 let agent_port: u16 = args[2].parse().unwrap();
                 let uds = PathBuf::from(&args[3]);
-                let m = certs.join("certs/master");
-                let frontend_tls = tls::server_config(
-                    &m.join("issued/proxy-master.crt"),
-                    &m.join("private/proxy-master.key"),
-                    Some(&m.join("issued/ca.crt")),
-                    &Default::default(),
-                    &[b"http/1.1"],
-                )
-                .unwrap();
+                let frontend_tls = roles::server_tls(&certs, "master", &[b"http/1.1"]);
                 let agent_tls = roles::agent_listener_tls(&certs);
                 // One process, three servers, each with its own agent port:
                 // HTTP-CONNECT over mTLS, HTTP-CONNECT over UDS, gRPC over UDS.
@@ -157,6 +148,20 @@ async fn open(path: &Path2, backend: SocketAddr) -> Box<dyn Io> {
     }
 }
 
+/// Whether a dial through `path` reaches the backend (the readiness probe).
+async fn dials(path: &Path2, backend: SocketAddr) -> bool {
+    match path {
+        Path2::Proxy(a) => client::http_connect(a, &backend.to_string(), "probe")
+            .await
+            .is_ok(),
+        Path2::Grpc(a) => match client::grpc_channel(a).await {
+            Ok(ch) => client::grpc_dial(ch, &backend.to_string()).await.is_ok(),
+            Err(_) => false,
+        },
+        Path2::Direct => true,
+    }
+}
+
 async fn throughput(path: &Path2, backend: SocketAddr, bytes: u64) -> f64 {
     let mut io = open(path, backend).await;
     let mut cmd = vec![b'S'];
@@ -201,18 +206,7 @@ async fn dials_per_sec(path: &Path2, backend: SocketAddr, total: u64, workers: u
 }
 
 async fn latency(path: &Path2, backend: SocketAddr, rounds: usize) -> (f64, f64) {
-    let mut io = open(path, backend).await;
-    io.write_all(b"E").await.unwrap();
-    let mut samples = Vec::with_capacity(rounds);
-    let mut b = [0u8; 64];
-    for _ in 0..rounds {
-        let t = Instant::now();
-        io.write_all(&b).await.unwrap();
-        io.read_exact(&mut b).await.unwrap();
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (samples[rounds / 2], samples[rounds * 99 / 100])
+    roles::echo_latency_us(open(path, backend).await, rounds).await
 }
 
 /// RSS growth per idle tunnelled connection, KiB, by process.
@@ -240,26 +234,11 @@ async fn idle_rss(
     pids: &[u32],
 ) -> (Idle, Vec<Box<dyn Io>>) {
     let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
-    let mut conns = Vec::with_capacity(n);
-    let batch = 50;
-    let mut i = 0;
-    while i < n {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..batch.min(n - i) {
-            let path = path.clone();
-            set.spawn(async move {
-                let mut io = open(&path, backend).await;
-                io.write_all(b"Eping").await.unwrap();
-                let mut b = [0u8; 4];
-                io.read_exact(&mut b).await.unwrap();
-                io
-            });
-        }
-        while let Some(io) = set.join_next().await {
-            conns.push(io.unwrap());
-        }
-        i += batch;
-    }
+    let conns = roles::open_idle(n, || {
+        let path = path.clone();
+        async move { open(&path, backend).await }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let per_conn = |i: usize| rss_kib(pids[i]).saturating_sub(before[i]) as f64 / n as f64;
     (
@@ -473,19 +452,9 @@ impl Tunnel {
                 uds.display().to_string(),
             ],
         );
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        roles::wait_listen(agent_port);
         let agent = spawn_role("agent", &[d, agent_port.to_string()]);
-        let m = dir.join("certs/master");
-        let ctls = tls::client_config(
-            &m.join("issued/ca.crt"),
-            Some((
-                &m.join("issued/proxy-client.crt"),
-                &m.join("private/proxy-client.key"),
-            )),
-            &Default::default(),
-            &[],
-        )
-        .unwrap();
+        let ctls = roles::client_tls(dir, "master", "proxy-client", &[]);
         let t = Tunnel {
             server,
             agent,
@@ -498,25 +467,8 @@ impl Tunnel {
             grpc: Path2::Grpc(ProxyAddr::Uds(uds.with_extension("grpc"))),
         };
         // Wait until the agent serves all three servers.
-        let deadline = Instant::now() + Duration::from_secs(20);
         for p in [&t.tls, &t.uds, &t.grpc] {
-            loop {
-                let ok = match p {
-                    Path2::Proxy(a) => client::http_connect(a, &backend.to_string(), "probe")
-                        .await
-                        .is_ok(),
-                    Path2::Grpc(a) => match client::grpc_channel(a).await {
-                        Ok(ch) => client::grpc_dial(ch, &backend.to_string()).await.is_ok(),
-                        Err(_) => false,
-                    },
-                    Path2::Direct => true,
-                };
-                if ok {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "tunnel not ready");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            roles::wait_until("tunnel", Duration::from_secs(20), || dials(p, backend)).await;
         }
         t
     }

@@ -1,17 +1,20 @@
 //! What both tunnel benches run in their child processes (the bench binary
 //! re-executed with `--role=...`): the agent, the server's TLS and launch
-//! settings, the backend, and the exit-with-the-parent rule. Also the
-//! process facts both read from /proc.
+//! settings, the backend, and the exit-with-the-parent rule. Also what the
+//! parent does the same way in both: the process facts read from /proc,
+//! the waits until a port or a path answers, and the echo-latency and
+//! idle-connection measurements.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use konnectivity::agent::{self, AgentLaunch, AgentOptions};
+use konnectivity::client::Io;
 use konnectivity::server::{FrontendListen, FrontendMode, ServerLaunch, ServerOptions};
 use konnectivity::tls;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Raises RLIMIT_NOFILE as far as allowed; returns the soft limit now set.
@@ -50,15 +53,42 @@ pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
-/// The agent listener's mTLS config from `proxyctl certs`' tree.
-pub fn agent_listener_tls(certs: &Path) -> Arc<rustls::ServerConfig> {
-    let a = certs.join("certs/agent");
+/// A server's mTLS config from `proxyctl certs`' tree: that `set`'s
+/// proxy-master certificate, clients checked against its CA.
+pub fn server_tls(certs: &Path, set: &str, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    let c = certs.join("certs").join(set);
     tls::server_config(
-        &a.join("issued/proxy-master.crt"),
-        &a.join("private/proxy-master.key"),
-        Some(&a.join("issued/ca.crt")),
+        &c.join("issued/proxy-master.crt"),
+        &c.join("private/proxy-master.key"),
+        Some(&c.join("issued/ca.crt")),
         &Default::default(),
-        &[b"h2"],
+        alpn,
+    )
+    .unwrap()
+}
+
+/// The agent listener's mTLS config.
+pub fn agent_listener_tls(certs: &Path) -> Arc<rustls::ServerConfig> {
+    server_tls(certs, "agent", &[b"h2"])
+}
+
+/// A client's mTLS config from `proxyctl certs`' tree: trusts that `set`'s
+/// CA and presents its `name` certificate.
+pub fn client_tls(
+    certs: &Path,
+    set: &str,
+    name: &str,
+    alpn: &[Vec<u8>],
+) -> Arc<rustls::ClientConfig> {
+    let c = certs.join("certs").join(set);
+    tls::client_config(
+        &c.join("issued/ca.crt"),
+        Some((
+            &c.join(format!("issued/{name}.crt")),
+            &c.join(format!("private/{name}.key")),
+        )),
+        &Default::default(),
+        alpn,
     )
     .unwrap()
 }
@@ -88,17 +118,7 @@ pub fn server_launch(
 /// The agent role: connects to `servers` agent ports from `first_port` on,
 /// then lives until the parent goes away.
 pub async fn run_agent(certs: &Path, first_port: u16, servers: u16) {
-    let a = certs.join("certs/agent");
-    let tls = tls::client_config(
-        &a.join("issued/ca.crt"),
-        Some((
-            &a.join("issued/proxy-agent.crt"),
-            &a.join("private/proxy-agent.key"),
-        )),
-        &Default::default(),
-        &[b"h2".to_vec()],
-    )
-    .unwrap();
+    let tls = client_tls(certs, "agent", "proxy-agent", &[b"h2".to_vec()]);
     let addrs = (0..servers)
         .map(|i| ("127.0.0.1".to_string(), first_port + i))
         .collect();
@@ -127,4 +147,75 @@ pub async fn wait_parent() {
     let mut b = [0u8; 1];
     let _ = stdin.read(&mut b).await;
     std::process::exit(0);
+}
+
+/// Blocks until something accepts on 127.0.0.1:`port`; panics after 20 s.
+pub fn wait_listen(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `probe` every 100 ms until it answers true; panics naming `what`
+/// after `limit`.
+pub async fn wait_until<F: Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !probe().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not ready after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Round trips of 64 bytes on `io`, a fresh connection to the backend
+/// switched to echo here: (p50, p99) in microseconds.
+pub async fn echo_latency_us(mut io: Box<dyn Io>, rounds: usize) -> (f64, f64) {
+    io.write_all(b"E").await.unwrap();
+    let mut samples = Vec::with_capacity(rounds);
+    let mut b = [0u8; 64];
+    for _ in 0..rounds {
+        let t = Instant::now();
+        io.write_all(&b).await.unwrap();
+        io.read_exact(&mut b).await.unwrap();
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (samples[rounds / 2], samples[rounds * 99 / 100])
+}
+
+/// `n` echo connections from `open`, 50 opening at a time, each proven
+/// with one ping, then left idle for the caller to hold.
+pub async fn open_idle<F>(n: usize, open: impl Fn() -> F) -> Vec<Box<dyn Io>>
+where
+    F: Future<Output = Box<dyn Io>> + Send + 'static,
+{
+    let mut conns = Vec::with_capacity(n);
+    let batch = 50;
+    let mut i = 0;
+    while i < n {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..batch.min(n - i) {
+            let opening = open();
+            set.spawn(async move {
+                let mut io = opening.await;
+                io.write_all(b"Eping").await.unwrap();
+                let mut b = [0u8; 4];
+                io.read_exact(&mut b).await.unwrap();
+                io
+            });
+        }
+        while let Some(io) = set.join_next().await {
+            conns.push(io.unwrap());
+        }
+        i += batch;
+    }
+    conns
 }
