@@ -5,11 +5,11 @@
 //! CRI; `imds-proxy mock` serves 169.254.169.254 in a test "cloud"
 //! namespace linked only to the proxy pod.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proxyctl_testkit::containerd::{Containerd, ContainerdOptions, GATEWAY, PodSpec};
+use proxyctl_testkit::containerd::{Containerd, ContainerdOptions, PodSpec, metadata_cloud};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 use serde_json::json;
 
@@ -25,19 +25,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn nsenter(netns: &Path, argv: &[&str]) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(argv)
-        .output()
-        .expect("nsenter");
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -68,33 +55,7 @@ fn cni_redirect_and_serve_from_cri() {
             .namespace("kube-system")
             .label("role", "MSIProxyContainer"),
     );
-    let cloud = NetNs::new("imcc");
-    let p = &proxy_pod.netns;
-    nsenter(
-        p,
-        &[
-            "ip",
-            "link",
-            "add",
-            "imp0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "imc0",
-            "netns",
-            cloud.name(),
-        ],
-    );
-    nsenter(p, &["ip", "addr", "add", "169.254.0.1/32", "dev", "imp0"]);
-    nsenter(p, &["ip", "link", "set", "imp0", "up"]);
-    nsenter(
-        p,
-        &["ip", "route", "add", "169.254.169.254/32", "dev", "imp0"],
-    );
-    cloud.run(&["ip", "addr", "add", "169.254.169.254/32", "dev", "imc0"]);
-    cloud.run(&["ip", "link", "set", "imc0", "up"]);
-    cloud.run(&["ip", "route", "add", "169.254.0.1/32", "dev", "imc0"]);
+    let cloud = metadata_cloud(&proxy_pod, "imcc");
     let _mock = Proc(
         Command::new("ip")
             .args(["netns", "exec", cloud.name(), BIN, "mock", "--listen"])
@@ -113,7 +74,7 @@ fn cni_redirect_and_serve_from_cri() {
     .unwrap();
     let _proxy = Proc(
         Command::new("nsenter")
-            .arg(format!("--net={}", p.display()))
+            .arg(format!("--net={}", proxy_pod.netns.display()))
             .args([
                 BIN,
                 "serve",
@@ -142,12 +103,7 @@ fn cni_redirect_and_serve_from_cri() {
             spec = spec.annotation("imds-proxy.io/redirect", "true");
         }
         let pod = cd.run_pod(&spec);
-        nsenter(
-            &pod.netns,
-            &[
-                "ip", "route", "replace", "default", "via", GATEWAY, "dev", "eth0",
-            ],
-        );
+        pod.add_default_route();
         pod
     };
     let client = app("client", "ClientContainer", true);

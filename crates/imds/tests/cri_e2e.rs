@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,9 +16,9 @@ use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
 use imds_proxy::{CriPodSource, PodSource, Rules};
 use proxyctl_cri::RuntimeEndpoint;
 use proxyctl_testkit::containerd::{
-    Containerd, ContainerdOptions, ExecOutput, GATEWAY, Pod, PodSpec,
+    Containerd, ContainerdOptions, ExecOutput, Pod, PodSpec, metadata_cloud,
 };
-use proxyctl_testkit::{NetNs, require_root, require_tool};
+use proxyctl_testkit::{require_root, require_tool};
 
 const TEST: &str = "cri_e2e";
 const INSTANCE: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
@@ -42,32 +40,6 @@ rules:
       - name: imds
         destinationProxy: { destination: "169.254.169.254:80", proxy: "127.0.0.1:15990" }
 "#;
-
-fn nsenter(netns: &Path, argv: &[&str]) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(argv)
-        .output()
-        .expect("nsenter");
-    assert!(
-        out.status.success(),
-        "{argv:?} in {}: {}",
-        netns.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The harness's pods have no default route; real pods do (and without a
-/// route, connect fails before the DNAT is consulted). The node has no
-/// route to 169.254.169.254, so this gives no way around the proxy.
-fn default_route(pod: &Pod) {
-    nsenter(
-        &pod.netns,
-        &[
-            "ip", "route", "replace", "default", "via", GATEWAY, "dev", "eth0",
-        ],
-    );
-}
 
 fn wget(cd: &Containerd, pod: &Pod, url: &str, metadata_header: bool) -> ExecOutput {
     // (No -T: busybox 1.35's wget crashes with it; ExecSync times out at 30 s.)
@@ -124,35 +96,7 @@ fn seed_roles_on_containerd_through_cri_and_watch() {
     );
 
     // The cloud: 169.254.169.254 exists only here, linked to the proxy pod.
-    let cloud = NetNs::new("imc");
-    nsenter(
-        &proxy_pod.netns,
-        &[
-            "ip",
-            "link",
-            "add",
-            "imp0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "imc0",
-            "netns",
-            cloud.name(),
-        ],
-    );
-    nsenter(
-        &proxy_pod.netns,
-        &["ip", "addr", "add", "169.254.0.1/32", "dev", "imp0"],
-    );
-    nsenter(&proxy_pod.netns, &["ip", "link", "set", "imp0", "up"]);
-    nsenter(
-        &proxy_pod.netns,
-        &["ip", "route", "add", "169.254.169.254/32", "dev", "imp0"],
-    );
-    cloud.run(&["ip", "addr", "add", "169.254.169.254/32", "dev", "imc0"]);
-    cloud.run(&["ip", "link", "set", "imc0", "up"]);
-    cloud.run(&["ip", "route", "add", "169.254.0.1/32", "dev", "imc0"]);
+    let cloud = metadata_cloud(&proxy_pod, "imc");
     let cloud_rt = runtime_in(&cloud.path());
     let (mock, _) = start_mock(&cloud_rt, format!("{IMDS}:80").parse().unwrap());
 
@@ -207,8 +151,9 @@ fn seed_roles_on_containerd_through_cri_and_watch() {
         .map(|i| cd.run_pod(&client(&format!("client-{i}"))))
         .collect();
     let stranger = cd.run_pod(&PodSpec::new("stranger").label("imds", "redirect"));
+    // The node has no route to 169.254.169.254: no way around the proxy.
     for p in clients.iter().chain([&stranger]) {
-        default_route(p);
+        p.add_default_route();
     }
 
     // The CRI source sees every pod with its labels, netns and IP.
@@ -262,13 +207,10 @@ fn seed_roles_on_containerd_through_cri_and_watch() {
     cd.remove_pod(&clients[0].id);
     let intruder = cd.run_pod(&PodSpec::new("intruder").label("imds", "redirect"));
     let own = format!("{}/16", intruder.ip);
-    nsenter(&intruder.netns, &["ip", "addr", "del", &own, "dev", "eth0"]);
+    intruder.run_in_netns(&["ip", "addr", "del", &own, "dev", "eth0"]);
     let taken = format!("{victim_ip}/16");
-    nsenter(
-        &intruder.netns,
-        &["ip", "addr", "add", &taken, "dev", "eth0"],
-    );
-    default_route(&intruder);
+    intruder.run_in_netns(&["ip", "addr", "add", &taken, "dev", "eth0"]);
+    intruder.add_default_route();
     let before = mock.requests();
     // Before the proxy knows the intruder: redirected, but refused (fail closed).
     wget_until(

@@ -27,7 +27,9 @@
 //! chain has run by then), [`ContainerdOptions`] to chain CNI plugins of
 //! your own, [`Containerd::stop_containerd`]/[`Containerd::start_containerd`]
 //! for restarts, [`ProxyStandIn`] for a listener inside a pod's namespace,
-//! and [`GATEWAY`] as an address every pod can reach (the node's bridge).
+//! [`GATEWAY`] as an address every pod can reach (the node's bridge),
+//! [`Sandbox::add_default_route`] for pods that need one, and
+//! [`metadata_cloud`] for a 169.254.169.254 that only one pod can reach.
 //! Several harnesses may run at once (each has its own node namespace).
 //!
 //! Dropping [`Containerd`] tears everything down, on success or panic:
@@ -138,6 +140,65 @@ pub struct Sandbox {
     /// The pod's network namespace (a bind mount under the harness's state dir).
     pub netns: PathBuf,
     pub ip: String,
+}
+
+impl Sandbox {
+    /// Runs `argv` in the pod's network namespace, from the node's side
+    /// (`nsenter --net`: unlike `ip netns exec` it keeps the test's mount
+    /// namespace); panics with its stderr on failure, else returns stdout.
+    pub fn run_in_netns(&self, argv: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .args(argv)
+            .output()
+            .expect("spawning nsenter");
+        assert!(
+            out.status.success(),
+            "{argv:?} in {}: {}",
+            self.netns.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Gives the pod the default route (via [`GATEWAY`]) that real pods
+    /// have and the harness's lack: without a route, connect fails before
+    /// a DNAT is consulted. The node routes nowhere past its bridge, so
+    /// this opens no way out.
+    pub fn add_default_route(&self) {
+        self.run_in_netns(&[
+            "ip", "route", "replace", "default", "via", GATEWAY, "dev", "eth0",
+        ]);
+    }
+}
+
+/// A test "cloud": a namespace `pxt-<prefix>-...` holding the metadata
+/// address 169.254.169.254, linked by a veth pair to `pod` alone (the pod
+/// side is 169.254.0.1 with a host route to 169.254.169.254), so only that
+/// pod reaches it and nothing leaves it. Removed on drop with the
+/// [`NetNs`]; the veth pair goes with it.
+pub fn metadata_cloud(pod: &Sandbox, prefix: &str) -> NetNs {
+    let cloud = NetNs::new(prefix);
+    pod.run_in_netns(&[
+        "ip",
+        "link",
+        "add",
+        "imp0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "imc0",
+        "netns",
+        cloud.name(),
+    ]);
+    pod.run_in_netns(&["ip", "addr", "add", "169.254.0.1/32", "dev", "imp0"]);
+    pod.run_in_netns(&["ip", "link", "set", "imp0", "up"]);
+    pod.run_in_netns(&["ip", "route", "add", "169.254.169.254/32", "dev", "imp0"]);
+    cloud.run(&["ip", "addr", "add", "169.254.169.254/32", "dev", "imc0"]);
+    cloud.run(&["ip", "link", "set", "imc0", "up"]);
+    cloud.run(&["ip", "route", "add", "169.254.0.1/32", "dev", "imc0"]);
+    cloud
 }
 
 /// A running pod: its sandbox and app container.
