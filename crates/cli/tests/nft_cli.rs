@@ -21,6 +21,60 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// proxyctl with `args`, which must succeed.
+fn proxyctl_ok(args: &[&str]) -> Output {
+    let out = proxyctl(args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    out
+}
+
+/// stdout of a command in the test's own (root) namespace.
+fn host(argv: &[&str]) -> String {
+    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deletes, behind proxyctl's back, the rule of `chain` whose listing
+/// contains `marker`.
+fn delete_rule(ns: &NetNs, chain: &str, marker: &str) {
+    let listing = ns.run(&["nft", "-a", "list", "chain", "inet", "proxyctl", chain]);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.rsplit("handle ").next())
+        .unwrap_or_else(|| panic!("no rule with {marker} in {listing}"))
+        .trim()
+        .to_owned();
+    ns.run(&[
+        "nft", "delete", "rule", "inet", "proxyctl", chain, "handle", &handle,
+    ]);
+}
+
+/// `proxyctl verify` on `target` passes; returns its report.
+fn verify_passes(target: &str) -> String {
+    let out = proxyctl_ok(&["verify", target]);
+    assert!(!text(&out).contains("MISMATCH"), "{}", text(&out));
+    text(&out)
+}
+
+/// `proxyctl verify` on `target` exits 1 reporting a mismatch.
+fn verify_finds_a_mismatch(target: &str) {
+    let out = proxyctl(&["verify", target]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("MISMATCH"), "{}", text(&out));
+}
+
+/// The demo's interfaces (pxd*) and table never reach the root namespace.
+fn assert_root_namespace_untouched() {
+    let links = host(&["ip", "-o", "link"]);
+    assert!(!links.contains("pxd"), "demo left an interface: {links}");
+    let tables = host(&["nft", "list", "tables"]);
+    assert!(
+        !tables.contains("proxyctl"),
+        "demo touched the root namespace: {tables}"
+    );
+}
+
 fn nft_table(ns: &NetNs) -> Option<String> {
     let out = ns.exec(&["nft", "-a", "list", "table", "inet", "proxyctl"]);
     out.status
@@ -35,7 +89,7 @@ fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
     }
     let ns = NetNs::new("clibad");
     let target = format!("netns:{}", ns.name());
-    let ok = proxyctl(&[
+    proxyctl_ok(&[
         "add",
         &target,
         "--name",
@@ -45,7 +99,6 @@ fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
         "--exclude-uid",
         "1337",
     ]);
-    assert!(ok.status.success(), "{}", text(&ok));
     let before = nft_table(&ns).expect("table");
     let t = target.as_str();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -137,7 +190,7 @@ fn add_list_clear_round_trip_through_the_cli() {
     }
     let ns = NetNs::new("clirt");
     let t = format!("netns:{}", ns.name());
-    let add = proxyctl(&[
+    proxyctl_ok(&[
         "add",
         &t,
         "--name",
@@ -159,7 +212,6 @@ fn add_list_clear_round_trip_through_the_cli() {
         "--priority",
         "3",
     ]);
-    assert!(add.status.success(), "{}", text(&add));
     let json = proxyctl(&["list", &t, "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let p = &listed[0];
@@ -232,7 +284,7 @@ fn verify_passes_on_a_good_policy_and_fails_on_a_tampered_one() {
     }
     let ns = NetNs::new("cliver");
     let t = format!("netns:{}", ns.name());
-    let add = proxyctl(&[
+    proxyctl_ok(&[
         "add",
         &t,
         "--name",
@@ -250,45 +302,11 @@ fn verify_passes_on_a_good_policy_and_fails_on_a_tampered_one() {
         "--exclude-outbound-port",
         "5432",
     ]);
-    assert!(add.status.success(), "{}", text(&add));
-    let good = proxyctl(&["verify", &t]);
-    assert!(good.status.success(), "{}", text(&good));
-    assert!(!text(&good).contains("MISMATCH"), "{}", text(&good));
-    assert!(
-        text(&good).contains("orig dst 198.18.0.2:40123"),
-        "{}",
-        text(&good)
-    );
+    let good = verify_passes(&t);
+    assert!(good.contains("orig dst 198.18.0.2:40123"), "{good}");
     // Tamper: drop the proxy-uid exclusion from the TCP chain behind our back.
-    let chain = ns.run(&[
-        "nft",
-        "-a",
-        "list",
-        "chain",
-        "inet",
-        "proxyctl",
-        "pol-mesh-out",
-    ]);
-    let handle = chain
-        .lines()
-        .find(|l| l.contains("exclude-uid"))
-        .and_then(|l| l.rsplit("handle ").next())
-        .unwrap()
-        .trim()
-        .to_owned();
-    ns.run(&[
-        "nft",
-        "delete",
-        "rule",
-        "inet",
-        "proxyctl",
-        "pol-mesh-out",
-        "handle",
-        &handle,
-    ]);
-    let bad = proxyctl(&["verify", &t]);
-    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
-    assert!(text(&bad).contains("MISMATCH"), "{}", text(&bad));
+    delete_rule(&ns, "pol-mesh-out", "exclude-uid");
+    verify_finds_a_mismatch(&t);
     // With the proxy port taken, verify says it cannot verify (and fails).
     let _ = proxyctl(&["add", &t, "--name", "mesh", "--outbound-port", "15001"]);
     let tt = t.clone();
@@ -310,11 +328,7 @@ fn demo_runs_and_leaves_nothing_behind() {
     if !require_root("cli_demo") {
         return;
     }
-    let netns_before = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap()
-        .stdout;
+    let before = host(&["ip", "netns", "list"]);
     let out = proxyctl(&["demo"]);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
@@ -331,40 +345,14 @@ fn demo_runs_and_leaves_nothing_behind() {
     assert!(all.contains("hello from 198.18.1.2:80"), "{all}");
     assert!(all.contains("table inet proxyctl"), "{all}");
     assert!(!all.contains("MISMATCH"), "{all}");
-    let netns_after = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap()
-        .stdout;
     // Tests running in parallel add and remove their own pxt-* namespaces.
-    let before = String::from_utf8_lossy(&netns_before).into_owned();
-    let new: Vec<String> = String::from_utf8_lossy(&netns_after)
+    let new: Vec<String> = host(&["ip", "netns", "list"])
         .lines()
         .filter(|l| !before.contains(*l) && !l.starts_with("pxt-"))
         .map(str::to_owned)
         .collect();
     assert!(new.is_empty(), "demo left named namespaces: {new:?}");
-    let links = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(!links.contains("pxd"), "demo left an interface: {links}");
-    let tables = String::from_utf8_lossy(
-        &Command::new("nft")
-            .args(["list", "tables"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(
-        !tables.contains("proxyctl"),
-        "demo touched the root namespace: {tables}"
-    );
+    assert_root_namespace_untouched();
 }
 
 #[test]
@@ -397,32 +385,8 @@ fn demo_interrupted_by_ctrl_c_leaves_nothing_behind() {
     // Its namespaces were anonymous: they died with the process, taking
     // the veth pair, rules and routes with them. The root namespace saw
     // nothing.
-    let links = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(!links.contains("pxd"), "{links}");
-    let tables = String::from_utf8_lossy(
-        &Command::new("nft")
-            .args(["list", "tables"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(!tables.contains("proxyctl"), "{tables}");
-    let netns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
+    assert_root_namespace_untouched();
+    let netns = host(&["ip", "netns", "list"]);
     assert!(netns.lines().all(|l| l.starts_with("pxt-")), "{netns}");
 }
 
@@ -433,7 +397,7 @@ fn verify_probes_destination_proxies() {
     }
     let ns = NetNs::new("clidnat");
     let t = format!("netns:{}", ns.name());
-    let add = proxyctl(&[
+    proxyctl_ok(&[
         "add",
         &t,
         "--name",
@@ -443,41 +407,11 @@ fn verify_probes_destination_proxies() {
         "--exclude-uid",
         "1337",
     ]);
-    assert!(add.status.success(), "{}", text(&add));
-    let good = proxyctl(&["verify", &t]);
-    assert!(good.status.success(), "{}", text(&good));
+    let good = verify_passes(&t);
     assert!(
-        text(&good).contains("dnat 127.0.0.1:18080 (orig dst 169.254.169.254:80)"),
-        "{}",
-        text(&good)
+        good.contains("dnat 127.0.0.1:18080 (orig dst 169.254.169.254:80)"),
+        "{good}"
     );
-    let chain = ns.run(&[
-        "nft",
-        "-a",
-        "list",
-        "chain",
-        "inet",
-        "proxyctl",
-        "pol-imds-out",
-    ]);
-    let handle = chain
-        .lines()
-        .find(|l| l.contains("\"dnat\""))
-        .and_then(|l| l.rsplit("handle ").next())
-        .unwrap()
-        .trim()
-        .to_owned();
-    ns.run(&[
-        "nft",
-        "delete",
-        "rule",
-        "inet",
-        "proxyctl",
-        "pol-imds-out",
-        "handle",
-        &handle,
-    ]);
-    let bad = proxyctl(&["verify", &t]);
-    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
-    assert!(text(&bad).contains("MISMATCH"), "{}", text(&bad));
+    delete_rule(&ns, "pol-imds-out", "\"dnat\"");
+    verify_finds_a_mismatch(&t);
 }
