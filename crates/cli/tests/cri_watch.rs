@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proxyctl_nft::Target;
 use proxyctl_testkit::containerd::{
-    Containerd, ContainerdOptions, GATEWAY, Pod, PodSpec, ProxyStandIn,
+    Containerd, ContainerdOptions, ExecOutput, GATEWAY, Pod, PodSpec, ProxyStandIn,
 };
 use proxyctl_testkit::{free_port, require_root, require_tool};
 
@@ -57,6 +57,36 @@ fn wait_for_metric(port: u16, name: &str, want: u64) -> String {
     }
 }
 
+/// Root and the tools the containerd harness and the policies need.
+fn prerequisites(test: &str) -> bool {
+    require_root(test)
+        && ["containerd", "ctr", "runc", "nft"]
+            .iter()
+            .all(|t| require_tool(test, t))
+}
+
+/// The names of the policies in the pod's network namespace.
+fn policies(pod: &Pod) -> Vec<String> {
+    proxyctl_nft::list(&Target::Path(pod.netns.clone()))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
+}
+
+/// An HTTP request from inside the pod's container to the gateway: what
+/// a redirect sends to the pod's proxy instead.
+fn request_to_gateway(cd: &Containerd, pod: &Pod) -> ExecOutput {
+    cd.exec(
+        &pod.container_id,
+        &[
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
+        ],
+    )
+}
+
 fn spec(i: usize) -> PodSpec {
     let app = if matches(i) { "web" } else { "db" };
     PodSpec::new(&format!("pod-{i:02}"))
@@ -71,11 +101,7 @@ fn matches(i: usize) -> bool {
 #[test]
 fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
     let test = "watch_applies_to_matching_pods_only_and_survives_a_runtime_restart";
-    if !require_root(test)
-        || !["containerd", "ctr", "runc", "nft"]
-            .iter()
-            .all(|t| require_tool(test, t))
-    {
+    if !prerequisites(test) {
         return;
     }
     let cd = Containerd::start(ContainerdOptions::default());
@@ -86,18 +112,7 @@ fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
     let mut pods: Vec<Pod> = (0..8).map(|i| cd.run_pod(&spec(i))).collect();
 
     let port = free_port();
-    let _watch = Watch(
-        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
-            .args(["watch", "--selector", "app=web", "--policy"])
-            .arg(&policy)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--poll-interval-ms", "50", "--runtime-endpoint"])
-            .arg(cd.endpoint())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting proxyctl watch"),
-    );
+    let _watch = spawn_watch(&cd, &policy, port, &["--poll-interval-ms", "50"]);
     wait_for_metric(port, "proxyctl_watch_policy_applied_total", 4);
     assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
 
@@ -146,32 +161,14 @@ fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
 
     // Every matching pod, and no other, redirects a real connection.
     for (i, pod) in pods.iter().enumerate() {
-        let listed: Vec<String> = proxyctl_nft::list(&Target::Path(pod.netns.clone()))
-            .unwrap()
-            .into_iter()
-            .map(|p| p.name)
-            .collect();
-        let proxy = ProxyStandIn::start(&pod.netns, 15001, &pod.name);
-        let out = cd.exec(
-            &pod.container_id,
-            &[
-                "sh",
-                "-c",
-                &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
-            ],
-        );
+        let listed = policies(pod);
         if matches(i) {
             assert_eq!(listed, ["mesh"], "{}", pod.name);
-            assert_eq!(out.exit_code, 0, "{}: {}", pod.name, out.stderr);
-            assert!(
-                out.stdout.ends_with(&format!("proxied {}", pod.name)),
-                "{}: {:?}",
-                pod.name,
-                out.stdout
-            );
-            assert_eq!(proxy.accepted(), 1);
+            assert_redirected(&cd, pod);
         } else {
             assert!(listed.is_empty(), "{} got {listed:?}", pod.name);
+            let proxy = ProxyStandIn::start(&pod.netns, 15001, &pod.name);
+            let out = request_to_gateway(&cd, pod);
             assert_ne!(
                 out.exit_code, 0,
                 "{} was redirected: {}",
@@ -247,11 +244,7 @@ fn tempfile_dir() -> std::path::PathBuf {
 #[test]
 fn watch_config_file_gives_each_selector_its_own_policy() {
     let test = "watch_config_file_gives_each_selector_its_own_policy";
-    if !require_root(test)
-        || !["containerd", "ctr", "runc", "nft"]
-            .iter()
-            .all(|t| require_tool(test, t))
-    {
+    if !prerequisites(test) {
         return;
     }
     let cd = Containerd::start(ContainerdOptions::default());
@@ -271,29 +264,20 @@ fn watch_config_file_gives_each_selector_its_own_policy() {
     let other = cd.run_pod(&PodSpec::new("other").label("app", "cache"));
 
     let port = free_port();
-    let _watch = Watch(
-        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
-            .args(["watch", "--config"])
-            .arg(&config)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--poll-interval-ms", "50", "--runtime-endpoint"])
-            .arg(cd.endpoint())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting proxyctl watch"),
+    let _watch = spawn_watch_with(
+        &cd,
+        port,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--poll-interval-ms",
+            "50",
+        ],
     );
     let text = wait_for_metric(port, "proxyctl_watch_policy_applied_total", 2);
-    let names = |pod: &Pod| -> Vec<String> {
-        proxyctl_nft::list(&Target::Path(pod.netns.clone()))
-            .unwrap()
-            .into_iter()
-            .map(|p| p.name)
-            .collect()
-    };
-    assert_eq!(names(&web), ["mesh"]);
-    assert_eq!(names(&db), ["db"]);
-    assert!(names(&other).is_empty());
+    assert_eq!(policies(&web), ["mesh"]);
+    assert_eq!(policies(&db), ["db"]);
+    assert!(policies(&other).is_empty());
     assert_eq!(
         metric(&text, "proxyctl_watch_pods_matched_total"),
         2,
@@ -303,25 +287,30 @@ fn watch_config_file_gives_each_selector_its_own_policy() {
     // The db pod's connection goes to ITS proxy port, not the web one.
     let wrong = ProxyStandIn::start(&db.netns, 15001, "wrong");
     let right = ProxyStandIn::start(&db.netns, 15002, "db-proxy");
-    let out = cd.exec(
-        &db.container_id,
-        &[
-            "sh",
-            "-c",
-            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
-        ],
-    );
+    let out = request_to_gateway(&cd, &db);
     assert!(out.stdout.ends_with("proxied db-proxy"), "{:?}", out.stdout);
     assert_eq!((right.accepted(), wrong.accepted()), (1, 0));
 }
 
+/// `proxyctl watch --selector app=web --policy <policy>` plus `extra`.
 fn spawn_watch(cd: &Containerd, policy: &std::path::Path, port: u16, extra: &[&str]) -> Watch {
+    let mut args = vec![
+        "--selector",
+        "app=web",
+        "--policy",
+        policy.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    spawn_watch_with(cd, port, &args)
+}
+
+/// `proxyctl watch <args>` on `cd`'s runtime, metrics on `port`.
+fn spawn_watch_with(cd: &Containerd, port: u16, args: &[&str]) -> Watch {
     Watch(
         Command::new(env!("CARGO_BIN_EXE_proxyctl"))
-            .args(["watch", "--selector", "app=web", "--policy"])
-            .arg(policy)
+            .arg("watch")
+            .args(args)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(extra)
             .arg("--runtime-endpoint")
             .arg(cd.endpoint())
             .stdout(Stdio::null())
@@ -335,14 +324,7 @@ fn spawn_watch(cd: &Containerd, policy: &std::path::Path, port: u16, extra: &[&s
 /// stand-in proxy on 15001 (the policy redirects it), once.
 fn assert_redirected(cd: &Containerd, pod: &Pod) {
     let proxy = ProxyStandIn::start(&pod.netns, 15001, &pod.name);
-    let out = cd.exec(
-        &pod.container_id,
-        &[
-            "sh",
-            "-c",
-            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {GATEWAY} 80"),
-        ],
-    );
+    let out = request_to_gateway(cd, pod);
     assert_eq!(out.exit_code, 0, "{}: {}", pod.name, out.stderr);
     assert!(
         out.stdout.ends_with(&format!("proxied {}", pod.name)),
@@ -362,11 +344,7 @@ const FOUND_BY_POLL: &str = "proxyctl_watch_pods_found_total{by=\"poll\"}";
 #[test]
 fn watch_events_drive_it_and_resubscribe_after_a_containerd_restart() {
     let test = "watch_events_drive_it_and_resubscribe_after_a_containerd_restart";
-    if !require_root(test)
-        || !["containerd", "ctr", "runc", "nft"]
-            .iter()
-            .all(|t| require_tool(test, t))
-    {
+    if !prerequisites(test) {
         return;
     }
     let cd = Containerd::start(ContainerdOptions::default());
@@ -395,11 +373,7 @@ fn watch_events_drive_it_and_resubscribe_after_a_containerd_restart() {
         "{text}"
     );
     assert_redirected(&cd, &first);
-    assert!(
-        proxyctl_nft::list(&Target::Path(other.netns.clone()))
-            .unwrap()
-            .is_empty()
-    );
+    assert!(policies(&other).is_empty());
 
     cd.restart_containerd();
     wait_for_metric(port, "proxyctl_watch_event_subscriptions_total", 2);
@@ -422,11 +396,7 @@ fn watch_events_drive_it_and_resubscribe_after_a_containerd_restart() {
 #[test]
 fn watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode() {
     let test = "watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode";
-    if !require_root(test)
-        || !["containerd", "ctr", "runc", "nft"]
-            .iter()
-            .all(|t| require_tool(test, t))
-    {
+    if !prerequisites(test) {
         return;
     }
     let cd = Containerd::start(ContainerdOptions {
