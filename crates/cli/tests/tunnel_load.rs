@@ -61,28 +61,15 @@ async fn echo_check<S: client::Io + ?Sized>(
     Ok(())
 }
 
-#[test]
-fn two_hundred_concurrent_grpc_connections_keep_their_data() {
-    let _backend = HttpServer::start();
-    let backend_port = _backend.port;
-    let st = Stack::start("grpc");
-    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = st.frontend();
+/// Runs `check(0..n)` all at once, 120 s each; panics with the first
+/// failures and the stack's logs unless every one succeeds.
+fn all_succeed<F>(st: &Stack, n: u64, check: impl Fn(u64) -> F)
+where
+    F: Future<Output = Result<(), String>> + Send + 'static,
+{
     let rt = runtime();
     let failures = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for i in 0..200u64 {
-            let addr = addr.clone();
-            tasks.push(tokio::spawn(async move {
-                let channel = client::grpc_channel(&addr)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut io = client::grpc_dial(channel, &format!("127.0.0.1:{backend_port}"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                echo_check(&mut io, i + 1, 64 * 1024 + i as usize * 331).await
-            }));
-        }
+        let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(check(i))).collect();
         let mut failures = Vec::new();
         for t in tasks {
             match tokio::time::timeout(Duration::from_secs(120), t).await {
@@ -95,11 +82,50 @@ fn two_hundred_concurrent_grpc_connections_keep_their_data() {
     drop(rt);
     assert!(
         failures.is_empty(),
-        "{} of 200 failed: {:?}\n{}",
+        "{} of {n} failed: {:?}\n{}",
         failures.len(),
         &failures[..failures.len().min(5)],
         st.logs()
     );
+}
+
+/// Neither the server nor the agent dropped data for a full queue.
+fn assert_no_queue_overflow(st: &Stack) {
+    assert_eq!(
+        metric(
+            st.ports.health,
+            "konnectivity_network_proxy_server_queue_overflow_total"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            st.ports.agent_health,
+            "konnectivity_network_proxy_agent_queue_overflow_total"
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn two_hundred_concurrent_grpc_connections_keep_their_data() {
+    let _backend = HttpServer::start();
+    let backend_port = _backend.port;
+    let st = Stack::start("grpc");
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = st.frontend();
+    all_succeed(&st, 200, |i| {
+        let addr = addr.clone();
+        async move {
+            let channel = client::grpc_channel(&addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut io = client::grpc_dial(channel, &format!("127.0.0.1:{backend_port}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            echo_check(&mut io, i + 1, 64 * 1024 + i as usize * 331).await
+        }
+    });
     st.wait_settled(sfd, afd);
 }
 
@@ -110,36 +136,15 @@ fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
     let st = Stack::start("http-connect");
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
     let addr = st.frontend();
-    let rt = runtime();
-    let failures = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for i in 0..200u64 {
-            let addr = addr.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut io =
-                    client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "load")
-                        .await
-                        .map_err(|e| e.to_string())?;
-                echo_check(&mut *io, i + 7, 48 * 1024 + i as usize * 97).await
-            }));
+    all_succeed(&st, 200, |i| {
+        let addr = addr.clone();
+        async move {
+            let mut io = client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "load")
+                .await
+                .map_err(|e| e.to_string())?;
+            echo_check(&mut *io, i + 7, 48 * 1024 + i as usize * 97).await
         }
-        let mut failures = Vec::new();
-        for t in tasks {
-            match tokio::time::timeout(Duration::from_secs(120), t).await {
-                Ok(Ok(Ok(()))) => {}
-                other => failures.push(format!("{other:?}")),
-            }
-        }
-        failures
     });
-    drop(rt);
-    assert!(
-        failures.is_empty(),
-        "{} of 200 failed: {:?}\n{}",
-        failures.len(),
-        &failures[..failures.len().min(5)],
-        st.logs()
-    );
     st.wait_settled(sfd, afd);
     wait_for("backend sockets closed", Duration::from_secs(10), || {
         backend.open.load(std::sync::atomic::Ordering::SeqCst) == 0
@@ -203,20 +208,7 @@ fn a_stalled_reader_does_not_stall_the_others() {
             "the stalled connection never made the agent wait for credit"
         );
         // Nothing was cut: the stalled connection was throttled, not dropped.
-        assert_eq!(
-            metric(
-                st.ports.health,
-                "konnectivity_network_proxy_server_queue_overflow_total"
-            ),
-            0.0
-        );
-        assert_eq!(
-            metric(
-                st.ports.agent_health,
-                "konnectivity_network_proxy_agent_queue_overflow_total"
-            ),
-            0.0
-        );
+        assert_no_queue_overflow(&st);
         // It reads now and gets every byte.
         let mut raw = Vec::with_capacity(BIG + 1024);
         let read =
@@ -286,20 +278,7 @@ fn a_backend_that_stops_reading_throttles_only_its_uploader() {
             .await
             .unwrap();
         echo_check(&mut *io, 7, 1 << 20).await.unwrap();
-        assert_eq!(
-            metric(
-                st.ports.health,
-                "konnectivity_network_proxy_server_queue_overflow_total"
-            ),
-            0.0
-        );
-        assert_eq!(
-            metric(
-                st.ports.agent_health,
-                "konnectivity_network_proxy_agent_queue_overflow_total"
-            ),
-            0.0
-        );
+        assert_no_queue_overflow(&st);
     });
     drop(rt);
     drop(held.join().unwrap());
