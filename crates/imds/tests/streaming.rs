@@ -29,6 +29,50 @@ use proxyctl_testkit::{NetNs, require_root};
 const CHUNK: usize = 64 * 1024;
 const CHUNKS: usize = 16;
 
+/// imds-proxy on `ns`'s 127.0.0.1:`port` for one pod, `name`, living in
+/// `ns` and allowed under `prefix` of `upstream`; audit discarded and
+/// default limits unless `tweak` says otherwise.
+fn start_proxy(
+    rt: &tokio::runtime::Runtime,
+    ns: &NetNs,
+    name: &str,
+    prefix: &str,
+    upstream: SocketAddr,
+    port: u16,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> ProxyHandle {
+    let pod = Pod {
+        name: name.into(),
+        namespace: "default".into(),
+        uid: None,
+        labels: Default::default(),
+        netns: Some(ns.path()),
+        ip: None,
+    };
+    let mut config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+        rules: Rules::from_yaml(
+            &format!(
+                "rules: [{{name: {name}, pods: {{name: {name}}}, paths: [{{prefix: {prefix}}}]}}]"
+            ),
+            "test",
+        )
+        .unwrap(),
+        pod_listen: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::discard(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+        workers: 2,
+    };
+    tweak(&mut config);
+    let source = Arc::new(MemoryPodSource::new(vec![pod]));
+    on(rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    })
+}
+
 #[test]
 fn large_bodies_stream_through() {
     if !require_root("large_bodies_stream_through") {
@@ -68,33 +112,15 @@ fn large_bodies_stream_through() {
         addr
     });
 
-    let pod = Pod {
-        name: "big".into(),
-        namespace: "default".into(),
-        uid: None,
-        labels: Default::default(),
-        netns: Some(ns.path()),
-        ip: None,
-    };
-    let config = ProxyConfig {
-        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-        rules: Rules::from_yaml(
-            "rules: [{name: big, pods: {name: big}, paths: [{prefix: /latest/user-data}]}]",
-            "test",
-        )
-        .unwrap(),
-        pod_listen: Some("127.0.0.1:15990".parse().unwrap()),
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::discard(),
-        limits: Limits::default(),
-        reconcile_every: Duration::ZERO,
-        workers: 2,
-    };
-    let source = Arc::new(MemoryPodSource::new(vec![pod]));
-    let proxy = on(&rt, async move {
-        ProxyHandle::start(config, source).await.unwrap()
-    });
+    let proxy = start_proxy(
+        &rt,
+        &ns,
+        "big",
+        "/latest/user-data",
+        upstream,
+        15990,
+        |_| {},
+    );
 
     let (first_tx, first_rx) = mpsc::channel();
     let client = std::thread::spawn({
@@ -195,36 +221,10 @@ fn upstream_failures_are_502_and_504() {
         ),
         (silent, 15991, 504, "upstream_timeout"),
     ] {
-        let pod = Pod {
-            name: "app".into(),
-            namespace: "default".into(),
-            uid: None,
-            labels: Default::default(),
-            netns: Some(ns.path()),
-            ip: None,
-        };
         let audit_path = dir.path().join(format!("{port}.jsonl"));
-        let config = ProxyConfig {
-            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-            rules: Rules::from_yaml(
-                "rules: [{name: app, pods: {name: app}, paths: [{prefix: /latest/}]}]",
-                "test",
-            )
-            .unwrap(),
-            pod_listen: Some(SocketAddr::from(([127, 0, 0, 1], port))),
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::to_file(&audit_path).unwrap(),
-            limits: Limits {
-                upstream_timeout: Duration::from_millis(300),
-                ..Limits::default()
-            },
-            reconcile_every: Duration::ZERO,
-            workers: 2,
-        };
-        let source = Arc::new(MemoryPodSource::new(vec![pod]));
-        let proxy = on(&rt, async move {
-            ProxyHandle::start(config, source).await.unwrap()
+        let proxy = start_proxy(&rt, &ns, "app", "/latest/", upstream, port, |c| {
+            c.audit = Audit::to_file(&audit_path).unwrap();
+            c.limits.upstream_timeout = Duration::from_millis(300);
         });
         let out = proxyctl_testkit::in_netns(&ns.path(), move || {
             common::send(
@@ -285,33 +285,15 @@ fn kept_upstream_connections_closed_by_the_upstream_are_replaced() {
         });
         addr
     });
-    let pod = Pod {
-        name: "keep".into(),
-        namespace: "default".into(),
-        uid: None,
-        labels: Default::default(),
-        netns: Some(ns.path()),
-        ip: None,
-    };
-    let config = ProxyConfig {
-        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-        rules: Rules::from_yaml(
-            "rules: [{name: keep, pods: {name: keep}, paths: [{prefix: /latest/meta-data}]}]",
-            "test",
-        )
-        .unwrap(),
-        pod_listen: Some("127.0.0.1:15990".parse().unwrap()),
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::discard(),
-        limits: Limits::default(),
-        reconcile_every: Duration::ZERO,
-        workers: 2,
-    };
-    let source = Arc::new(MemoryPodSource::new(vec![pod]));
-    let proxy = on(&rt, async move {
-        ProxyHandle::start(config, source).await.unwrap()
-    });
+    let proxy = start_proxy(
+        &rt,
+        &ns,
+        "keep",
+        "/latest/meta-data",
+        upstream,
+        15990,
+        |_| {},
+    );
     let statuses = proxyctl_testkit::in_netns(&ns.path(), || {
         let mut s = std::net::TcpStream::connect("127.0.0.1:15990").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
