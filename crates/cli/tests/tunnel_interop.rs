@@ -77,6 +77,68 @@ fn py(stubs: &Path, script: &str, args: &[String], name: &str) -> Proc {
     Proc::spawn("python3", &a, stubs, name)
 }
 
+/// The Python agent, id `id`, dialing our server's agent port with the
+/// agent certificate from `dir`.
+fn python_agent(stubs: &Path, dir: &Path, agent_port: u16, id: &str) -> Proc {
+    let c = dir.join("certs/agent");
+    py(
+        stubs,
+        "agent.py",
+        &[
+            "127.0.0.1".into(),
+            agent_port.to_string(),
+            c.join("issued/ca.crt").display().to_string(),
+            c.join("issued/proxy-agent.crt").display().to_string(),
+            c.join("private/proxy-agent.key").display().to_string(),
+            id.into(),
+        ],
+        "pyagent",
+    )
+}
+
+/// Our server in `dir` with `extra` flags and no agent, once it answers
+/// /healthz.
+fn server_without_agent(dir: &Path, p: &Ports, mode: &str, extra: &[&str]) -> Proc {
+    let mut sa = server_args(p, mode);
+    sa.extend(s(extra));
+    let server = Proc::spawn(&bin("proxy-server"), &sa, dir, "server");
+    wait_for("server listening", Duration::from_secs(60), || {
+        http_get(p.health, "/healthz").is_some()
+    });
+    server
+}
+
+/// Our test client (README certificates from `dir`) makes `n` requests to
+/// the backend through the proxy on `proxy_port`; every one must succeed.
+/// `logs` explains a failure.
+fn our_client_gets(dir: &Path, proxy_port: u16, backend_port: u16, n: usize, logs: &str) {
+    let mut args = s(&[
+        "--proxy-host=127.0.0.1",
+        "--ca-cert=certs/master/issued/ca.crt",
+        "--client-cert=certs/master/issued/proxy-client.crt",
+        "--client-key=certs/master/private/proxy-client.key",
+    ]);
+    args.push(format!("--test-requests={n}"));
+    args.push(format!("--proxy-port={proxy_port}"));
+    args.push(format!("--request-port={backend_port}"));
+    let out = Command::new(bin("proxy-test-client"))
+        .args(&args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client: {}\n{logs}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("success: hello from the backend")
+            .count(),
+        n
+    );
+}
+
 #[test]
 fn python_client_against_our_server_and_agent() {
     if !have_grpcio("python_client_against_our_server_and_agent") {
@@ -118,28 +180,14 @@ fn python_agent_against_our_server() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
     let p = Ports::new();
-    let mut sa = server_args(&p, "grpc");
-    sa.push("--server-id=server-under-test".into());
-    sa.push("--server-count=3".into());
-    let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
     let stubs = python_stubs(dir.path());
-    let c = dir.path().join("certs/agent");
-    wait_for("server listening", Duration::from_secs(60), || {
-        http_get(p.health, "/healthz").is_some()
-    });
-    let agent = py(
-        &stubs,
-        "agent.py",
-        &[
-            "127.0.0.1".into(),
-            p.agent.to_string(),
-            c.join("issued/ca.crt").display().to_string(),
-            c.join("issued/proxy-agent.crt").display().to_string(),
-            c.join("private/proxy-agent.key").display().to_string(),
-            "py-agent-1".into(),
-        ],
-        "pyagent",
+    let server = server_without_agent(
+        dir.path(),
+        &p,
+        "grpc",
+        &["--server-id=server-under-test", "--server-count=3"],
     );
+    let agent = python_agent(&stubs, dir.path(), p.agent, "py-agent-1");
     wait_for("python agent connected", Duration::from_secs(30), || {
         http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
@@ -154,31 +202,12 @@ fn python_agent_against_our_server() {
         agent.log_text()
     );
     // Our test client through our server and the Python agent.
-    let mut args = s(&[
-        "--ca-cert=certs/master/issued/ca.crt",
-        "--client-cert=certs/master/issued/proxy-client.crt",
-        "--client-key=certs/master/private/proxy-client.key",
-        "--test-requests=3",
-    ]);
-    args.push(format!("--proxy-port={}", p.server));
-    args.push(format!("--request-port={}", backend.port));
-    let out = Command::new(bin("proxy-test-client"))
-        .args(&args)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client: {}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text(),
-        agent.log_text()
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .matches("success: hello from the backend")
-            .count(),
-        3
+    our_client_gets(
+        dir.path(),
+        p.server,
+        backend.port,
+        3,
+        &format!("{}\n{}", server.log_text(), agent.log_text()),
     );
     // The server saw every connection closed (CLOSE_RSP from the Python agent).
     wait_for("connections closed", Duration::from_secs(10), || {
@@ -214,32 +243,7 @@ fn our_client_against_python_server() {
     wait_for("python server", Duration::from_secs(30), || {
         server.log_text().contains("LISTENING")
     });
-    let mut args = s(&[
-        "--proxy-host=127.0.0.1",
-        "--ca-cert=certs/master/issued/ca.crt",
-        "--client-cert=certs/master/issued/proxy-client.crt",
-        "--client-key=certs/master/private/proxy-client.key",
-        "--test-requests=2",
-    ]);
-    args.push(format!("--proxy-port={port}"));
-    args.push(format!("--request-port={}", backend.port));
-    let out = Command::new(bin("proxy-test-client"))
-        .args(&args)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .matches("success: hello from the backend")
-            .count(),
-        2
-    );
+    our_client_gets(dir.path(), port, backend.port, 2, &server.log_text());
 }
 
 /// With an agent that does not speak our flow-control extension (the
@@ -256,27 +260,14 @@ fn upstream_style_agent_slow_reader_is_cut_alone() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
     let p = Ports::new();
-    let mut sa = server_args(&p, "http-connect");
-    sa.push("--max-connection-queue-bytes=1048576".into());
-    let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
     let stubs = python_stubs(dir.path());
-    wait_for("server listening", Duration::from_secs(60), || {
-        http_get(p.health, "/healthz").is_some()
-    });
-    let c = dir.path().join("certs/agent");
-    let agent = py(
-        &stubs,
-        "agent.py",
-        &[
-            "127.0.0.1".into(),
-            p.agent.to_string(),
-            c.join("issued/ca.crt").display().to_string(),
-            c.join("issued/proxy-agent.crt").display().to_string(),
-            c.join("private/proxy-agent.key").display().to_string(),
-            "py-agent-2".into(),
-        ],
-        "pyagent",
+    let server = server_without_agent(
+        dir.path(),
+        &p,
+        "http-connect",
+        &["--max-connection-queue-bytes=1048576"],
     );
+    let agent = python_agent(&stubs, dir.path(), p.agent, "py-agent-2");
     wait_for("python agent connected", Duration::from_secs(30), || {
         http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
