@@ -211,6 +211,56 @@ async fn load(addr: SocketAddr, conns: usize, secs: f64) -> Sample {
     total
 }
 
+/// CPU time (ns) the kernel has run a task for: first field of schedstat.
+fn task_cpu_ns(task_dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(task_dir.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU (ns) used so far by this process's threads whose name starts with
+/// `prefix` (the proxy's connection workers and audit writer).
+fn own_threads_cpu_ns(prefixes: &[&str]) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| prefixes.iter().any(|p| c.starts_with(p)))
+        })
+        .map(|t| task_cpu_ns(&t.path()))
+        .sum()
+}
+
+/// CPU (ns) used so far by process `pid` and its children (nginx's master
+/// and workers), every thread counted.
+fn process_tree_cpu_ns(pid: u32) -> u64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            p == pid
+                || std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                    // The parent pid is the second field after the `(comm)`.
+                    s.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                        == Some(pid)
+                })
+        })
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .map(|ts| ts.flatten().map(|t| task_cpu_ns(&t.path())).sum::<u64>())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 fn wait_listening(rt: &tokio::runtime::Runtime, addr: SocketAddr) {
     on(rt, async move {
         for _ in 0..100 {
@@ -294,7 +344,8 @@ rules:
         ProxyHandle::start(config, source).await.unwrap()
     }));
 
-    let _nginx = start_nginx(&ns, dir.path(), log);
+    let nginx = start_nginx(&ns, dir.path(), log);
+    let nginx_pid = nginx.0.id();
     let client_rt = runtime_in(&ns, 2, "bench-client");
     for addr in [MOCK, PROXY, NGINX] {
         wait_listening(&client_rt, addr.parse().unwrap());
@@ -313,9 +364,28 @@ rules:
         }
     );
     println!(
-        "{:<24} {:>5} {:>10} {:>9} {:>9} {:>12} {:>12} {:>7}",
-        "target", "conns", "req/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "errors"
+        "{:<24} {:>5} {:>10} {:>9} {:>9} {:>12} {:>12} {:>11} {:>7}",
+        "target",
+        "conns",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "cpu us/req",
+        "errors"
     );
+    // The CPU each proxy spends per request is the steadier comparison on a
+    // shared 2-CPU box: the load generator and the mock take most of the
+    // CPU, and req/s moves with whatever else runs. For the mock direct row
+    // it is the mock's own CPU.
+    let cpu_of = |target: usize| -> u64 {
+        match target {
+            0 => own_threads_cpu_ns(&["bench-mock"]),
+            1 => own_threads_cpu_ns(&["imds-conn", "imds-audit"]),
+            _ => process_tree_cpu_ns(nginx_pid),
+        }
+    };
     // The CPU is shared with other jobs whose load comes and goes: the three
     // targets take turns in short rounds so each sees the same conditions.
     let targets = [
@@ -337,12 +407,15 @@ rules:
             .iter()
             .map(|(n, _)| (*n, Sample::default()))
             .collect();
+        let mut cpu_ns = [0u64; 3];
         for (_, addr) in targets {
             on(&client_rt, load(addr.parse().unwrap(), conns, 0.3)); // warm-up
         }
         for _ in 0..rounds {
             for (i, (_, addr)) in targets.iter().enumerate() {
+                let cpu_before = cpu_of(i);
                 let s = on(&client_rt, load(addr.parse().unwrap(), conns, ROUND));
+                cpu_ns[i] += cpu_of(i).saturating_sub(cpu_before);
                 let row = &mut rows[i].1;
                 row.requests += s.requests;
                 row.errors += s.errors;
@@ -355,20 +428,24 @@ rules:
             (s.pct(0.50), s.pct(0.99))
         };
         let mut rps = Vec::new();
-        for (name, s) in &mut rows {
+        let mut cpu_per_req = Vec::new();
+        for (i, (name, s)) in rows.iter_mut().enumerate() {
             let (p50, p99) = (s.pct(0.50), s.pct(0.99));
             rps.push(s.rps());
+            cpu_per_req.push(cpu_ns[i] as f64 / 1000.0 / s.requests.max(1) as f64);
             println!(
-                "{name:<24} {conns:>5} {:>10.0} {p50:>9.3} {p99:>9.3} {:>12.3} {:>12.3} {:>7}",
+                "{name:<24} {conns:>5} {:>10.0} {p50:>9.3} {p99:>9.3} {:>12.3} {:>12.3} {:>11.1} {:>7}",
                 s.rps(),
                 p50 - base50,
                 p99 - base99,
+                cpu_per_req[i],
                 s.errors
             );
         }
         println!(
-            "  conns={conns}: imds-proxy / nginx requests/s = {:.2}",
-            rps[1] / rps[2]
+            "  conns={conns}: imds-proxy / nginx requests/s = {:.2}, CPU per request = {:.2}",
+            rps[1] / rps[2],
+            cpu_per_req[1] / cpu_per_req[2]
         );
     }
     let metrics = proxy.metrics_text();
@@ -379,6 +456,7 @@ rules:
         .sum::<f64>();
     println!("imds-proxy forwarded {allowed} requests (metrics), all under the rules");
     drop(proxy);
+    drop(nginx);
     proxy_rt.shutdown_timeout(Duration::from_secs(1));
     mock_rt.shutdown_timeout(Duration::from_secs(1));
     client_rt.shutdown_timeout(Duration::from_secs(1));
