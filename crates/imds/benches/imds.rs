@@ -16,9 +16,6 @@
 //! same mock on the same loopback; imds-proxy additionally checks identity,
 //! headers, paths and rules on every request.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod audit;
 pub mod body;
 pub mod cri;
+mod h1;
 pub mod metrics;
 pub mod mock;
 pub mod netns;

@@ -8,21 +8,13 @@
 //! rate limit (429) -> forward, keeping the upstream's status.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http::{StatusCode, Uri};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -30,13 +22,14 @@ use tokio::task::JoinHandle;
 
 use crate::Error;
 use crate::audit::{Audit, AuditRecord, now_ts};
-use crate::body::{ProxyBody, json as json_resp, text};
 use crate::metrics::{DecisionLabels, KindLabels, Metrics, PodLabel, RequestLabels};
 use crate::netns::{self, NetnsId};
 use crate::pods::{Pod, PodSource};
 use crate::ratelimit::TokenBucket;
 use crate::rules::{Rules, Verdict};
 use crate::workers::{Spawner, Workers};
+
+mod exchange;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -145,46 +138,6 @@ struct Conn {
     caller: Option<Arc<Identity>>,
     listener: &'static str,
     peer: SocketAddr,
-    /// This downstream connection's upstream connection, kept between its
-    /// requests (HTTP/1: one request at a time per connection, so no pool,
-    /// no lock contention, no task per request).
-    upstream: Mutex<Option<Upstream>>,
-}
-
-/// An upstream connection: its request handle and its driver, which is
-/// polled by the request's own task while the exchange runs (no hand-off
-/// to another task), and spawned only when a body is streamed.
-struct Upstream {
-    sender: hyper::client::conn::http1::SendRequest<Incoming>,
-    /// `None` once the connection ended (dropping the driver fails any
-    /// request still waiting on it).
-    driver: Option<Pin<Box<UpstreamDriver>>>,
-}
-
-type UpstreamDriver = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
-
-/// Runs `work` while polling the connection's driver. If the driver ends
-/// (the connection closed) `work` is awaited alone; it then fails or
-/// finishes with what was already read.
-async fn driven<F: std::future::Future>(
-    driver: &mut Option<Pin<Box<UpstreamDriver>>>,
-    work: F,
-) -> F::Output {
-    tokio::pin!(work);
-    let Some(running) = driver.as_mut() else {
-        return work.await;
-    };
-    tokio::select! {
-        biased;
-        out = &mut work => out,
-        r = running.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!("upstream connection ended: {e}");
-            }
-            *driver = None;
-            work.await
-        }
-    }
 }
 
 struct Shared {
@@ -587,7 +540,6 @@ async fn pod_accept(
             caller: Some(identity.clone()),
             listener: "pod",
             peer,
-            upstream: Mutex::new(None),
         });
         shared.spawner.spawn(serve_conn(
             shared.clone(),
@@ -620,7 +572,6 @@ async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
                 caller,
                 listener: "source-ip",
                 peer,
-                upstream: Mutex::new(None),
             });
             serve_conn(shared, stream, conn, None).await;
         });
@@ -689,61 +640,15 @@ async fn serve_conn(
         }
     };
     let _ = stream.set_nodelay(true);
-    let svc_shared = shared.clone();
-    let svc_conn = conn.clone();
-    let svc = service_fn(move |req| {
-        let shared = svc_shared.clone();
-        let conn = svc_conn.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, &conn, req).await) }
-    });
-    let serving = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.limits.header_read_timeout)
-        .max_buf_size(shared.limits.max_header_bytes.max(8192))
-        .max_headers(shared.limits.max_headers)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
-    let result = match closed {
+    let serving = exchange::serve(&shared, &conn, stream);
+    match closed {
         Some(mut closed) => {
             tokio::select! {
-                r = serving => r,
-                _ = closed.changed() => return,
+                () = serving => {}
+                _ = closed.changed() => {}
             }
         }
         None => serving.await,
-    };
-    if let Err(e) = result {
-        let kind = if e.is_timeout() {
-            "header_timeout"
-        } else if e.is_parse_too_large() {
-            "too_large"
-        } else if e.is_parse() || e.is_parse_status() {
-            "malformed"
-        } else if e.is_incomplete_message() {
-            "incomplete"
-        } else {
-            "io"
-        };
-        shared
-            .metrics
-            .connection_errors
-            .get_or_create(&KindLabels { kind })
-            .inc();
-        let pod = caller_key(&conn);
-        shared.audit.record(&AuditRecord {
-            ts: now_ts(),
-            pod: &pod,
-            listener: conn.listener,
-            peer: conn.peer,
-            method: "-",
-            path: "-",
-            decision: kind,
-            status: 0,
-            latency_ms: 0.0,
-            rule: None,
-            error: Some(e.to_string()),
-        });
-        tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {e}");
     }
 }
 
@@ -753,77 +658,8 @@ fn caller_key(conn: &Conn) -> Arc<str> {
         .map_or_else(|| Arc::from("-"), |i| i.key.clone())
 }
 
-async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
-    let start = Instant::now();
-    let method = req.method().clone();
-    // A Uri clone shares its bytes (no copy of the path).
-    let uri = req.uri().clone();
-    let path = uri.path();
-    let pod = conn
-        .caller
-        .as_ref()
-        .map(|i| i.pod.read().expect("pod poisoned").clone());
-    let (resp, decision, rule) = decide(shared, conn, pod.as_deref(), req).await;
-    let latency = start.elapsed();
-    let status = resp.status().as_u16();
-    match &conn.caller {
-        Some(caller) if decision == ALLOWED && status == 200 => {
-            caller.allowed_ok.inc();
-        }
-        _ => {
-            shared
-                .metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    pod: PodLabel(caller_key(conn)),
-                    decision,
-                    code: status,
-                })
-                .inc();
-        }
-    }
-    if decision == ALLOWED {
-        shared.allowed_duration.observe(latency.as_secs_f64());
-    } else {
-        shared
-            .metrics
-            .duration
-            .get_or_create(&DecisionLabels { decision })
-            .observe(latency.as_secs_f64());
-    }
-    let pod_key = conn.caller.as_ref().map_or("-", |c| &c.key);
-    shared.audit.record(&AuditRecord {
-        ts: now_ts(),
-        pod: pod_key,
-        listener: conn.listener,
-        peer: conn.peer,
-        method: method.as_str(),
-        path,
-        decision,
-        status,
-        latency_ms: latency.as_secs_f64() * 1000.0,
-        rule,
-        error: None,
-    });
-    resp
-}
-
 fn is_azure(path: &str) -> bool {
     path == "/metadata" || path.starts_with("/metadata/")
-}
-
-fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-fn refuse(path: &str, status: StatusCode, message: &str) -> Response<ProxyBody> {
-    if is_azure(path) {
-        json_resp(status, &json!({ "error": message }))
-    } else {
-        text(status, format!("{message}\n"))
-    }
 }
 
 /// Only plain, canonical paths reach the rules: no dot segments, no empty
@@ -838,316 +674,7 @@ fn path_is_canonical(path: &str) -> bool {
         && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
-/// The response, the decision label, and the rule that allowed it.
-type Decision<'a> = (Response<ProxyBody>, &'static str, Option<&'a str>);
-
 const ALLOWED: &str = "allowed";
-
-async fn decide<'a>(
-    shared: &'a Shared,
-    conn: &Conn,
-    pod: Option<&Pod>,
-    req: Request<Incoming>,
-) -> Decision<'a> {
-    let uri = req.uri().clone();
-    let path = uri.path();
-    let Some(pod) = pod else {
-        return (
-            refuse(path, StatusCode::FORBIDDEN, "Forbidden. Unknown caller"),
-            "unknown_caller",
-            None,
-        );
-    };
-    // Framing: one unambiguous Content-Length or nothing. Transfer-Encoding
-    // on a request is refused outright: metadata requests are tiny, and
-    // CL/TE disagreements are how requests are smuggled.
-    let headers = req.headers();
-    let mut cls = headers.get_all(header::CONTENT_LENGTH).iter();
-    let cl = cls.next();
-    if headers.contains_key(header::TRANSFER_ENCODING) || cls.next().is_some() {
-        return (
-            closing(refuse(
-                path,
-                StatusCode::BAD_REQUEST,
-                "Bad request. Ambiguous or chunked request framing",
-            )),
-            "bad_framing",
-            None,
-        );
-    }
-    if let Some(cl) = cl {
-        let len = cl.to_str().ok().and_then(|s| s.parse::<u64>().ok());
-        match len {
-            None => {
-                return (
-                    closing(refuse(
-                        path,
-                        StatusCode::BAD_REQUEST,
-                        "Bad request. Invalid Content-Length",
-                    )),
-                    "bad_framing",
-                    None,
-                );
-            }
-            Some(n) if n > shared.limits.max_body_bytes => {
-                return (
-                    closing(refuse(
-                        path,
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "Request body too large",
-                    )),
-                    "too_large",
-                    None,
-                );
-            }
-            Some(_) => {}
-        }
-    }
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() || !path_is_canonical(path) {
-        return (
-            refuse(
-                path,
-                StatusCode::BAD_REQUEST,
-                "Bad request. Path not accepted",
-            ),
-            "bad_path",
-            None,
-        );
-    }
-    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
-        let resp = if is_azure(path) {
-            refuse(
-                path,
-                StatusCode::BAD_REQUEST,
-                "Bad request. Requests with the X-Forwarded-For header are not accepted",
-            )
-        } else {
-            refuse(path, StatusCode::FORBIDDEN, "Forbidden")
-        };
-        return (resp, "forwarded_header", None);
-    }
-    if is_azure(path) {
-        // Exactly one `Metadata` field, equal to `true` (no Vec per request).
-        let mut values = headers.get_all("metadata").iter();
-        let ok = values
-            .next()
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
-            && values.next().is_none();
-        if !ok {
-            let body = if path == "/metadata/identity/oauth2/token" {
-                json!({"error": "invalid_request", "error_description": "Required metadata header not specified"})
-            } else {
-                json!({"error": "Bad request. Required metadata header not specified"})
-            };
-            return (
-                json_resp(StatusCode::BAD_REQUEST, &body),
-                "missing_metadata_header",
-                None,
-            );
-        }
-    }
-    let rule = match shared.rules.check(pod, req.method().as_str(), path) {
-        Verdict::Allow(rule) => rule,
-        Verdict::Deny => {
-            let message = format!(
-                "Forbidden. Pod {} may not {} {path}",
-                pod.key(),
-                req.method()
-            );
-            return (
-                refuse(path, StatusCode::FORBIDDEN, &message),
-                "denied",
-                None,
-            );
-        }
-    };
-    let bucket_ok = conn.caller.as_ref().is_some_and(|c| c.bucket.try_take());
-    if !bucket_ok {
-        let mut resp = refuse(path, StatusCode::TOO_MANY_REQUESTS, "Too many requests");
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return (resp, "rate_limited", Some(rule));
-    }
-    let (resp, decision) = forward(shared, conn, req).await;
-    (resp, decision, Some(rule))
-}
-
-/// Upstream bodies up to this size with a known length are buffered.
-const BUFFER_BODY_BELOW: u64 = 64 * 1024;
-
-/// Ready-made names: removing by `&str` would parse each name again on
-/// every request (twice per request: request and response).
-const HOP_HEADERS: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, including any named in Connection.
-fn strip_hop_headers(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_HEADERS {
-        headers.remove(name);
-    }
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A new upstream connection (TCP_NODELAY, HTTP/1.1).
-async fn connect_upstream(shared: &Shared) -> Result<Upstream, BoxError> {
-    let (host, port) = &shared.upstream_addr;
-    let stream = tokio::time::timeout(
-        shared.limits.connect_timeout,
-        TcpStream::connect((host.as_str(), *port)),
-    )
-    .await
-    .map_err(|_| "connect timed out")??;
-    let _ = stream.set_nodelay(true);
-    let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    Ok(Upstream {
-        sender,
-        driver: Some(Box::pin(driver)),
-    })
-}
-
-/// Sends `req` on the connection's kept upstream connection if it is still
-/// usable, else on a new one. A request a closing kept connection did not
-/// take is sent again on a new one (it was never written).
-async fn send_upstream(
-    shared: &Shared,
-    conn: &Conn,
-    mut req: Request<Incoming>,
-) -> Result<(Response<Incoming>, Upstream), BoxError> {
-    let kept = conn.upstream.lock().expect("upstream poisoned").take();
-    let mut kept = match kept {
-        Some(mut up) => {
-            let ready = driven(&mut up.driver, up.sender.ready()).await;
-            ready.is_ok().then_some(up)
-        }
-        None => None,
-    };
-    loop {
-        let (mut up, reused) = match kept.take() {
-            Some(s) => (s, true),
-            None => (connect_upstream(shared).await?, false),
-        };
-        let sent = driven(&mut up.driver, up.sender.try_send_request(req)).await;
-        match sent {
-            Ok(resp) => return Ok((resp, up)),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if reused => req = unsent,
-                _ => return Err(e.into_error().into()),
-            },
-        }
-    }
-}
-
-async fn forward(
-    shared: &Shared,
-    conn: &Conn,
-    req: Request<Incoming>,
-) -> (Response<ProxyBody>, &'static str) {
-    let (mut parts, body) = req.into_parts();
-    strip_hop_headers(&mut parts.headers);
-    // Origin-form towards the upstream; the caller's Host is kept (as the
-    // pooled client did), the upstream's given when there is none.
-    if !parts.headers.contains_key(header::HOST)
-        && let Ok(host) = HeaderValue::from_str(shared.upstream.as_str())
-    {
-        parts.headers.insert(header::HOST, host);
-    }
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .map_or_else(|| Uri::from_static("/"), Uri::from);
-    let upstream_req = Request::from_parts(parts, body);
-    match tokio::time::timeout(
-        shared.limits.upstream_timeout,
-        send_upstream(shared, conn, upstream_req),
-    )
-    .await
-    {
-        Ok(Ok((resp, mut up))) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_headers(&mut parts.headers);
-            // Small bodies of known length (almost every metadata answer)
-            // are read whole so head and body leave in one write; anything
-            // larger or of unknown length is streamed through.
-            let small = hyper::body::Body::size_hint(&body)
-                .exact()
-                .is_some_and(|n| n <= BUFFER_BODY_BELOW);
-            if small {
-                let collecting = driven(&mut up.driver, body.collect());
-                match tokio::time::timeout(shared.limits.upstream_timeout, collecting).await {
-                    Ok(Ok(collected)) => {
-                        let bytes = collected.to_bytes();
-                        // The exchange is complete: keep the connection for
-                        // this caller's next request (unless it is closing).
-                        if up.driver.is_some() && !up.sender.is_closed() {
-                            *conn.upstream.lock().expect("upstream poisoned") = Some(up);
-                        }
-                        return (
-                            Response::from_parts(parts, crate::body::full(bytes)),
-                            "allowed",
-                        );
-                    }
-                    _ => {
-                        return (
-                            text(
-                                StatusCode::BAD_GATEWAY,
-                                "Upstream metadata service failed mid-body\n",
-                            ),
-                            "upstream_error",
-                        );
-                    }
-                }
-            }
-            // Streamed: the driver runs on its own until the body is
-            // through; the connection is not kept.
-            if let Some(driver) = up.driver {
-                tokio::spawn(async move {
-                    let _ = driver.await;
-                });
-            }
-            (Response::from_parts(parts, body.boxed()), "allowed")
-        }
-        Ok(Err(e)) => {
-            tracing::warn!("upstream request failed: {e}");
-            (
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    "Upstream metadata service unreachable\n",
-                ),
-                "upstream_error",
-            )
-        }
-        Err(_) => (
-            text(
-                StatusCode::GATEWAY_TIMEOUT,
-                "Upstream metadata service timed out\n",
-            ),
-            "upstream_timeout",
-        ),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -1188,17 +715,5 @@ mod tests {
         ] {
             assert!(parse_upstream(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn hop_headers_and_those_named_in_connection_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close, x-secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("metadata", HeaderValue::from_static("true"));
-        strip_hop_headers(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("metadata"));
     }
 }

@@ -2,13 +2,6 @@
 //! (a listener inside each pod's network namespace, through setns); on other
 //! platforms the binary says so and exits 1.
 
-// The data paths allocate and free a buffer per socket read; glibc's
-// malloc returns those pages to the kernel and faults them back in (a
-// profile showed page faults and madvise near the top). mimalloc keeps them.
-#[cfg(target_os = "linux")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[cfg(target_os = "linux")]
 #[path = "imds-proxy/linux.rs"]
 mod linux;

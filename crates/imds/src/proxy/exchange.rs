@@ -1,0 +1,1031 @@
+//! One caller connection: reads its request heads, decides each request,
+//! forwards allowed ones over the connection's own upstream connection and
+//! writes the answers; records every decision (metrics, audit).
+//!
+//! The framing is `h1` (see there for why not hyper). Per request this
+//! does what nginx does: one read and one write toward the caller, one
+//! write and one read toward the upstream, and at most two timer resets.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Sleep;
+
+use super::*;
+use crate::h1::{self, Chunk, ChunkedDecoder, HeadError, RequestHead, ResponseHead, View};
+
+/// Initial read buffer of a connection (either side); grows to the head
+/// limit when a head needs it.
+const READ_BUF: usize = 4096;
+
+/// Upstream bodies up to this size with a known length are read whole, so
+/// head and body leave in one write; bigger ones are streamed through.
+const BUFFER_BODY_BELOW: u64 = 64 * 1024;
+
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Runs `work` until `deadline`: `None` if the deadline came first. The
+/// connection's one timer is reset only when `work` has to wait, and only
+/// if it is not already set to `deadline`.
+async fn until<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: tokio::time::Instant,
+    work: F,
+) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut armed = false;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if !armed {
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            armed = true;
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
+/// Why a connection ended before a request could be read.
+enum ConnError {
+    Timeout,
+    Head(HeadError),
+    /// The caller closed in the middle of a head or body.
+    Incomplete,
+    Io(io::Error),
+}
+
+impl ConnError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ConnError::Timeout => "header_timeout",
+            ConnError::Head(HeadError::TooLarge | HeadError::TooManyFields) => "too_large",
+            ConnError::Head(HeadError::Malformed(_)) => "malformed",
+            ConnError::Incomplete => "incomplete",
+            ConnError::Io(_) => "io",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ConnError::Timeout => "request head not received in time".into(),
+            ConnError::Head(e) => e.to_string(),
+            ConnError::Incomplete => "connection closed before the message was complete".into(),
+            ConnError::Io(e) => e.to_string(),
+        }
+    }
+
+    /// What the caller is told before the connection closes (as hyper's
+    /// server answers: 431 for oversized heads, 400 for malformed ones).
+    fn answer(&self) -> Option<&'static [u8]> {
+        match self {
+            ConnError::Head(HeadError::TooLarge | HeadError::TooManyFields) => Some(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            ),
+            ConnError::Head(HeadError::Malformed(_)) => {
+                Some(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The caller's side of the connection.
+struct Caller {
+    stream: TcpStream,
+    buf: BytesMut,
+    fields: Vec<h1::Field>,
+    out: Vec<u8>,
+}
+
+/// This connection's upstream connection, kept between its requests
+/// (HTTP/1: one request at a time, so no pool and no lock).
+struct Upstream {
+    stream: TcpStream,
+    buf: BytesMut,
+    fields: Vec<h1::Field>,
+}
+
+/// Serves requests on `stream` until the caller or an error ends it.
+pub(super) async fn serve(shared: &Shared, conn: &Conn, stream: TcpStream) {
+    let mut caller = Caller {
+        stream,
+        buf: BytesMut::with_capacity(READ_BUF),
+        fields: Vec::new(),
+        out: Vec::with_capacity(1024),
+    };
+    let mut upstream: Option<Upstream> = None;
+    let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    let mut timer: Pin<&mut Sleep> = timer;
+    loop {
+        let head = match read_head(&shared.limits, &mut caller, timer.as_mut()).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(e) => {
+                if let Some(answer) = e.answer() {
+                    let _ = caller.stream.write_all(answer).await;
+                }
+                connection_refused(shared, conn, &e);
+                return;
+            }
+        };
+        let keep = serve_request(
+            shared,
+            conn,
+            &mut caller,
+            &mut upstream,
+            head,
+            timer.as_mut(),
+        )
+        .await;
+        if !keep {
+            return;
+        }
+    }
+}
+
+fn connection_refused(shared: &Shared, conn: &Conn, e: &ConnError) {
+    let kind = e.kind();
+    shared
+        .metrics
+        .connection_errors
+        .get_or_create(&KindLabels { kind })
+        .inc();
+    let pod = caller_key(conn);
+    let message = e.message();
+    shared.audit.record(&AuditRecord {
+        ts: now_ts(),
+        pod: &pod,
+        listener: conn.listener,
+        peer: conn.peer,
+        method: "-",
+        path: "-",
+        decision: kind,
+        status: 0,
+        latency_ms: 0.0,
+        rule: None,
+        error: Some(message.clone()),
+    });
+    tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {message}");
+}
+
+/// The next request head; `None` when the caller closed between requests.
+async fn read_head(
+    limits: &Limits,
+    caller: &mut Caller,
+    timer: Pin<&mut Sleep>,
+) -> Result<Option<RequestHead>, ConnError> {
+    let max_len = limits.max_header_bytes;
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let mut timer = timer;
+    loop {
+        if !caller.buf.is_empty() {
+            let parsed =
+                h1::parse_request(&caller.buf, &mut caller.fields, limits.max_headers, max_len)
+                    .map_err(ConnError::Head)?;
+            if let Some(head) = parsed {
+                return Ok(Some(head));
+            }
+        }
+        caller.buf.reserve(READ_BUF);
+        let read = until(
+            timer.as_mut(),
+            deadline,
+            caller.stream.read_buf(&mut caller.buf),
+        );
+        match read.await {
+            None => return Err(ConnError::Timeout),
+            Some(Ok(0)) if caller.buf.is_empty() => return Ok(None),
+            Some(Ok(0)) => return Err(ConnError::Incomplete),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(ConnError::Io(e)),
+        }
+    }
+}
+
+/// A local answer (refusal or upstream failure).
+struct Local {
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+    decision: &'static str,
+    /// The connection closes after it (framing could not be trusted, or
+    /// a request body was left unread).
+    close: bool,
+    retry_after: bool,
+}
+
+impl Local {
+    fn new(path: &str, status: StatusCode, message: &str, decision: &'static str) -> Self {
+        let (content_type, body) = if is_azure(path) {
+            (
+                JSON,
+                serde_json::to_vec(&json!({ "error": message })).unwrap_or_default(),
+            )
+        } else {
+            ("text/plain", format!("{message}\n").into_bytes())
+        };
+        Local {
+            status,
+            content_type,
+            body,
+            decision,
+            close: false,
+            retry_after: false,
+        }
+    }
+
+    fn text(status: StatusCode, message: &str, decision: &'static str) -> Self {
+        Local {
+            content_type: "text/plain",
+            body: message.as_bytes().to_vec(),
+            ..Local::new("", status, "", decision)
+        }
+    }
+
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+}
+
+const JSON: &str = "application/json; charset=utf-8";
+
+/// What to do with a request (the rule that allowed it comes beside).
+enum Decided {
+    Answer(Local),
+    Forward { body_len: u64 },
+}
+
+/// Order of checks: see the module doc of `proxy`.
+fn decide<'r>(
+    shared: &'r Shared,
+    conn: &Conn,
+    pod: Option<&Pod>,
+    view: &View<'_>,
+    head: &RequestHead,
+) -> (Decided, Option<&'r str>) {
+    let target = view.target(head);
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let answer = |local: Local| (Decided::Answer(local), None);
+    let Some(pod) = pod else {
+        return answer(Local::new(
+            path,
+            StatusCode::FORBIDDEN,
+            "Forbidden. Unknown caller",
+            "unknown_caller",
+        ));
+    };
+    // Framing: one unambiguous Content-Length or nothing. Transfer-Encoding
+    // on a request is refused outright: metadata requests are tiny, and
+    // CL/TE disagreements are how requests are smuggled.
+    if view.has("transfer-encoding") {
+        return answer(
+            Local::new(
+                path,
+                StatusCode::BAD_REQUEST,
+                "Bad request. Ambiguous or chunked request framing",
+                "bad_framing",
+            )
+            .closing(),
+        );
+    }
+    let body_len = match h1::content_length(view) {
+        Err(()) => {
+            return answer(
+                Local::new(
+                    path,
+                    StatusCode::BAD_REQUEST,
+                    "Bad request. Invalid Content-Length",
+                    "bad_framing",
+                )
+                .closing(),
+            );
+        }
+        Ok(Some(n)) if n > shared.limits.max_body_bytes => {
+            return answer(
+                Local::new(
+                    path,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large",
+                    "too_large",
+                )
+                .closing(),
+            );
+        }
+        Ok(n) => n.unwrap_or(0),
+    };
+    // From here on a refusal leaves the body unread: close after it.
+    let unread = |local: Local| {
+        let local = if body_len > 0 { local.closing() } else { local };
+        (Decided::Answer(local), None)
+    };
+    // Origin-form only: no absolute-form, authority-form or `*`.
+    if !path_is_canonical(path) {
+        return unread(Local::new(
+            path,
+            StatusCode::BAD_REQUEST,
+            "Bad request. Path not accepted",
+            "bad_path",
+        ));
+    }
+    if view.has("x-forwarded-for") || view.has("forwarded") {
+        let local = if is_azure(path) {
+            Local::new(
+                path,
+                StatusCode::BAD_REQUEST,
+                "Bad request. Requests with the X-Forwarded-For header are not accepted",
+                "forwarded_header",
+            )
+        } else {
+            Local::text(StatusCode::FORBIDDEN, "Forbidden\n", "forwarded_header")
+        };
+        return unread(local);
+    }
+    if is_azure(path) {
+        // Exactly one `Metadata` field, equal to `true`.
+        let mut values = view.values("metadata");
+        let ok = values
+            .next()
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
+            && values.next().is_none();
+        if !ok {
+            let body = if path == "/metadata/identity/oauth2/token" {
+                json!({"error": "invalid_request", "error_description": "Required metadata header not specified"})
+            } else {
+                json!({"error": "Bad request. Required metadata header not specified"})
+            };
+            return unread(Local {
+                content_type: JSON,
+                body: serde_json::to_vec(&body).unwrap_or_default(),
+                ..Local::new(path, StatusCode::BAD_REQUEST, "", "missing_metadata_header")
+            });
+        }
+    }
+    let method = view.method(head);
+    let rule = match shared.rules.check(pod, method, path) {
+        Verdict::Allow(rule) => rule,
+        Verdict::Deny => {
+            let message = format!("Forbidden. Pod {} may not {method} {path}", pod.key());
+            return unread(Local::new(path, StatusCode::FORBIDDEN, &message, "denied"));
+        }
+    };
+    let bucket_ok = conn.caller.as_ref().is_some_and(|c| c.bucket.try_take());
+    if !bucket_ok {
+        let mut local = Local::new(
+            path,
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests",
+            "rate_limited",
+        );
+        local.retry_after = true;
+        let (verdict, _) = unread(local);
+        return (verdict, Some(rule));
+    }
+    (Decided::Forward { body_len }, Some(rule))
+}
+
+/// Whether the caller wants the connection kept after this request.
+fn caller_keeps_alive(view: &View<'_>, head: &RequestHead) -> bool {
+    if head.minor == 0 {
+        view.lists("connection", "keep-alive")
+    } else {
+        !view.lists("connection", "close")
+    }
+}
+
+/// Serves one request whose head is at the start of the caller's buffer.
+/// Returns whether the connection stays open.
+async fn serve_request(
+    shared: &Shared,
+    conn: &Conn,
+    caller: &mut Caller,
+    upstream: &mut Option<Upstream>,
+    head: RequestHead,
+    mut timer: Pin<&mut Sleep>,
+) -> bool {
+    let start = Instant::now();
+    let pod = conn
+        .caller
+        .as_ref()
+        .map(|i| i.pod.read().expect("pod poisoned").clone());
+    let Caller {
+        stream,
+        buf,
+        fields,
+        out,
+    } = caller;
+    let view = View::new(&buf[..head.len], fields);
+    let (verdict, rule) = decide(shared, conn, pod.as_deref(), &view, &head);
+    let keep_alive = caller_keeps_alive(&view, &head);
+    let target = view.target(&head);
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let method = view.method(&head);
+
+    let (status, decision, consumed, keep) = match verdict {
+        Decided::Answer(local) => {
+            let keep = keep_alive && !local.close;
+            write_local(out, &local, head.minor, keep);
+            let ok = stream.write_all(out).await.is_ok();
+            (local.status.as_u16(), local.decision, head.len, keep && ok)
+        }
+        Decided::Forward { body_len, .. } => {
+            // The upstream request: the head without hop-by-hop fields, then
+            // the body (read whole: at most `max_body_bytes`).
+            out.clear();
+            write_upstream_head(out, &view, &head, &shared.upstream, body_len);
+            let in_buf = (buf.len() - head.len).min(body_len as usize);
+            out.extend_from_slice(&buf[head.len..head.len + in_buf]);
+            let missing = body_len - in_buf as u64;
+            if missing > 0 {
+                if view.lists("expect", "100-continue") {
+                    let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                }
+                let deadline = tokio::time::Instant::now() + shared.limits.header_read_timeout;
+                let mut body = (&mut *stream).take(missing);
+                let reading = body.read_to_end(out);
+                match until(timer.as_mut(), deadline, reading).await {
+                    Some(Ok(n)) if n as u64 == missing => {}
+                    _ => {
+                        connection_refused(shared, conn, &ConnError::Incomplete);
+                        return false;
+                    }
+                }
+            }
+            let idempotent = matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
+            let head_only = method == "HEAD";
+            let outcome = forward(
+                shared,
+                upstream,
+                out,
+                idempotent,
+                head_only,
+                stream,
+                head.minor,
+                keep_alive,
+                start,
+                timer.as_mut(),
+            )
+            .await;
+            match outcome {
+                Forwarded::Answered { status, keep } => (status, ALLOWED, head.len + in_buf, keep),
+                Forwarded::Failed(local) => {
+                    let keep = keep_alive && !local.close;
+                    write_local(out, &local, head.minor, keep);
+                    let ok = stream.write_all(out).await.is_ok();
+                    (
+                        local.status.as_u16(),
+                        local.decision,
+                        head.len + in_buf,
+                        keep && ok,
+                    )
+                }
+            }
+        }
+    };
+    let latency = start.elapsed();
+    record(shared, conn, method, path, decision, status, latency, rule);
+    buf.advance(consumed);
+    keep
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    shared: &Shared,
+    conn: &Conn,
+    method: &str,
+    path: &str,
+    decision: &'static str,
+    status: u16,
+    latency: Duration,
+    rule: Option<&str>,
+) {
+    match &conn.caller {
+        Some(caller) if decision == ALLOWED && status == 200 => {
+            caller.allowed_ok.inc();
+        }
+        _ => {
+            shared
+                .metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    pod: PodLabel(caller_key(conn)),
+                    decision,
+                    code: status,
+                })
+                .inc();
+        }
+    }
+    if decision == ALLOWED {
+        shared.allowed_duration.observe(latency.as_secs_f64());
+    } else {
+        shared
+            .metrics
+            .duration
+            .get_or_create(&DecisionLabels { decision })
+            .observe(latency.as_secs_f64());
+    }
+    shared.audit.record(&AuditRecord {
+        ts: now_ts(),
+        pod: conn.caller.as_ref().map_or("-", |c| &*c.key),
+        listener: conn.listener,
+        peer: conn.peer,
+        method,
+        path,
+        decision,
+        status,
+        latency_ms: latency.as_secs_f64() * 1000.0,
+        rule,
+        error: None,
+    });
+}
+
+fn status_line(out: &mut Vec<u8>, code: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    h1::put_number(out, u64::from(code));
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn connection_field(out: &mut Vec<u8>, minor: u8, keep: bool) {
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if minor == 0 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+}
+
+fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool) {
+    out.clear();
+    let reason = local.status.canonical_reason().unwrap_or("");
+    status_line(out, local.status.as_u16(), reason.as_bytes());
+    h1::put_field(out, "content-type", local.content_type.as_bytes());
+    out.extend_from_slice(b"content-length: ");
+    h1::put_number(out, local.body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    if local.retry_after {
+        out.extend_from_slice(b"retry-after: 1\r\n");
+    }
+    connection_field(out, minor, keep);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&local.body);
+}
+
+/// The request head toward the upstream: origin-form, HTTP/1.1, the
+/// caller's fields minus hop-by-hop ones and `Expect` (answered here), the
+/// caller's Host (the upstream's when there is none), and the body length.
+fn write_upstream_head(
+    out: &mut Vec<u8>,
+    view: &View<'_>,
+    head: &RequestHead,
+    authority: &http::uri::Authority,
+    body_len: u64,
+) {
+    let method = view.method(head);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(view.target(head).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
+    for (name, value) in view.fields() {
+        if h1::is_hop_by_hop(view, name)
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("content-length")
+        {
+            continue;
+        }
+        has_host |= name.eq_ignore_ascii_case("host");
+        h1::put_field(out, name, value);
+    }
+    if !has_host {
+        h1::put_field(out, "host", authority.as_str().as_bytes());
+    }
+    if body_len > 0 || matches!(method, "POST" | "PUT" | "PATCH") {
+        out.extend_from_slice(b"content-length: ");
+        h1::put_number(out, body_len);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+enum Forwarded {
+    /// The upstream's answer went to the caller (whole or streamed).
+    Answered { status: u16, keep: bool },
+    /// Nothing was sent to the caller yet; answer this instead.
+    Failed(Local),
+}
+
+enum UpstreamError {
+    /// Connect failed, or the connection ended before any answer.
+    Unreachable(String),
+    Timeout,
+    /// The answer was not valid HTTP/1.x or ended early.
+    Broken(&'static str),
+}
+
+impl UpstreamError {
+    fn local(self) -> Local {
+        match self {
+            UpstreamError::Unreachable(e) => {
+                tracing::warn!("upstream request failed: {e}");
+                Local::text(
+                    StatusCode::BAD_GATEWAY,
+                    "Upstream metadata service unreachable\n",
+                    "upstream_error",
+                )
+            }
+            UpstreamError::Broken(why) => {
+                tracing::warn!("upstream answer refused: {why}");
+                Local::text(
+                    StatusCode::BAD_GATEWAY,
+                    "Upstream metadata service failed mid-body\n",
+                    "upstream_error",
+                )
+            }
+            UpstreamError::Timeout => Local::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Upstream metadata service timed out\n",
+                "upstream_timeout",
+            ),
+        }
+    }
+}
+
+/// How the upstream's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Sends the request in `out` upstream and passes the answer to the
+/// caller. `out` is free for the answer once the request is written.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Shared,
+    slot: &mut Option<Upstream>,
+    out: &mut Vec<u8>,
+    idempotent: bool,
+    head_only: bool,
+    caller: &mut TcpStream,
+    caller_minor: u8,
+    caller_keep: bool,
+    start: Instant,
+    mut timer: Pin<&mut Sleep>,
+) -> Forwarded {
+    let deadline = tokio::time::Instant::from_std(start) + shared.limits.upstream_timeout;
+    let (mut up, resp) =
+        match exchange(shared, slot, out, idempotent, deadline, timer.as_mut()).await {
+            Ok(r) => r,
+            Err(e) => return Forwarded::Failed(e.local()),
+        };
+    let view = View::new(&up.buf[..resp.len], &up.fields);
+    let both_framings = view.has("transfer-encoding") && view.has("content-length");
+    let framing = if head_only || matches!(resp.code, 204 | 304) {
+        Framing::Empty
+    } else if view.has("transfer-encoding") {
+        if view.lists("transfer-encoding", "chunked") {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match h1::content_length(&view) {
+            Ok(Some(n)) => Framing::Length(n),
+            Ok(None) => Framing::UntilClose,
+            Err(()) => {
+                return Forwarded::Failed(UpstreamError::Broken("bad Content-Length").local());
+            }
+        }
+    };
+    let upstream_keeps = !both_framings
+        && framing != Framing::UntilClose
+        && if resp.minor == 0 {
+            view.lists("connection", "keep-alive")
+        } else {
+            !view.lists("connection", "close")
+        };
+    // A body of unknown length reaches an HTTP/1.0 caller as bytes up to
+    // the close; an HTTP/1.1 caller gets it chunked and keeps the connection.
+    let rechunk = matches!(framing, Framing::Chunked | Framing::UntilClose) && caller_minor == 1;
+    let keep =
+        caller_keep && (rechunk || !matches!(framing, Framing::Chunked | Framing::UntilClose));
+
+    out.clear();
+    let reason = view.reason(&resp);
+    let reason = if reason.is_empty() {
+        StatusCode::from_u16(resp.code)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("")
+            .as_bytes()
+    } else {
+        reason
+    };
+    status_line(out, resp.code, reason);
+    for (name, value) in view.fields() {
+        if h1::is_hop_by_hop(&view, name)
+            || (name.eq_ignore_ascii_case("content-length") && framing != Framing::Empty)
+        {
+            continue;
+        }
+        h1::put_field(out, name, value);
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            h1::put_number(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked | Framing::UntilClose if rechunk => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        _ => {}
+    }
+    connection_field(out, caller_minor, keep);
+    out.extend_from_slice(b"\r\n");
+    up.buf.advance(resp.len);
+    let status = resp.code;
+
+    let body_done = match framing {
+        Framing::Empty => true,
+        Framing::Length(n) if n <= BUFFER_BODY_BELOW => {
+            // Read whole before anything goes to the caller: a failure
+            // here is still a clean 502.
+            let n = n as usize;
+            while up.buf.len() < n {
+                up.buf.reserve(n - up.buf.len());
+                match until(timer.as_mut(), deadline, up.stream.read_buf(&mut up.buf)).await {
+                    Some(Ok(0)) | Some(Err(_)) => {
+                        return Forwarded::Failed(
+                            UpstreamError::Broken("body ended early").local(),
+                        );
+                    }
+                    None => return Forwarded::Failed(UpstreamError::Timeout.local()),
+                    Some(Ok(_)) => {}
+                }
+            }
+            out.extend_from_slice(&up.buf[..n]);
+            up.buf.advance(n);
+            true
+        }
+        Framing::Length(n) => stream_length(&mut up, out, caller, n).await,
+        Framing::Chunked => stream_chunked(&mut up, out, caller, rechunk).await,
+        Framing::UntilClose => stream_until_close(&mut up, out, caller, rechunk).await,
+    };
+    if !body_done {
+        return Forwarded::Answered {
+            status,
+            keep: false,
+        };
+    }
+    if !out.is_empty() && caller.write_all(out).await.is_err() {
+        return Forwarded::Answered {
+            status,
+            keep: false,
+        };
+    }
+    if upstream_keeps && up.buf.is_empty() {
+        *slot = Some(up);
+    }
+    Forwarded::Answered { status, keep }
+}
+
+/// Writes `out` and empties it; false if the caller is gone.
+async fn flush(caller: &mut TcpStream, out: &mut Vec<u8>) -> bool {
+    let ok = caller.write_all(out).await.is_ok();
+    out.clear();
+    ok
+}
+
+/// Reads more of the upstream's body; false at its end or on an error.
+async fn fill(up: &mut Upstream) -> bool {
+    up.buf.reserve(READ_BUF * 16);
+    matches!(up.stream.read_buf(&mut up.buf).await, Ok(n) if n > 0)
+}
+
+/// Passes `left` bytes through. Streamed bodies have no deadline (as they
+/// may legitimately trickle); the caller's close ends them.
+async fn stream_length(
+    up: &mut Upstream,
+    out: &mut Vec<u8>,
+    caller: &mut TcpStream,
+    mut left: u64,
+) -> bool {
+    loop {
+        let take = (up.buf.len() as u64).min(left) as usize;
+        out.extend_from_slice(&up.buf[..take]);
+        up.buf.advance(take);
+        left -= take as u64;
+        if left == 0 {
+            return true;
+        }
+        if !flush(caller, out).await || !fill(up).await {
+            return false;
+        }
+    }
+}
+
+fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+async fn stream_chunked(
+    up: &mut Upstream,
+    out: &mut Vec<u8>,
+    caller: &mut TcpStream,
+    rechunk: bool,
+) -> bool {
+    let mut decoder = ChunkedDecoder::default();
+    loop {
+        match decoder.step(&mut up.buf) {
+            Ok(Chunk::Data(data)) if rechunk => put_chunk(out, &data),
+            Ok(Chunk::Data(data)) => out.extend_from_slice(&data),
+            Ok(Chunk::End) => {
+                if rechunk {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                return true;
+            }
+            Ok(Chunk::NeedMore) => {
+                // The caller gets what arrived before the upstream is
+                // waited on again (a body may trickle).
+                if !flush(caller, out).await || !fill(up).await {
+                    return false;
+                }
+            }
+            Err(why) => {
+                tracing::warn!("upstream chunked body refused: {why}");
+                return false;
+            }
+        }
+    }
+}
+
+async fn stream_until_close(
+    up: &mut Upstream,
+    out: &mut Vec<u8>,
+    caller: &mut TcpStream,
+    rechunk: bool,
+) -> bool {
+    loop {
+        if !up.buf.is_empty() {
+            let data = up.buf.split().freeze();
+            if rechunk {
+                put_chunk(out, &data);
+            } else {
+                out.extend_from_slice(&data);
+            }
+        }
+        if !flush(caller, out).await {
+            return false;
+        }
+        up.buf.reserve(READ_BUF * 16);
+        match up.stream.read_buf(&mut up.buf).await {
+            Ok(0) => {
+                if rechunk {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                return true;
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A new upstream connection (TCP_NODELAY).
+async fn connect(
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    timer: Pin<&mut Sleep>,
+) -> Result<Upstream, UpstreamError> {
+    let (host, port) = &shared.upstream_addr;
+    let connect_by = deadline.min(tokio::time::Instant::now() + shared.limits.connect_timeout);
+    let stream = match until(
+        timer,
+        connect_by,
+        TcpStream::connect((host.as_str(), *port)),
+    )
+    .await
+    {
+        None if connect_by < deadline => {
+            return Err(UpstreamError::Unreachable("connect timed out".into()));
+        }
+        None => return Err(UpstreamError::Timeout),
+        Some(Err(e)) => return Err(UpstreamError::Unreachable(e.to_string())),
+        Some(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(Upstream {
+        stream,
+        buf: BytesMut::with_capacity(READ_BUF),
+        fields: Vec::new(),
+    })
+}
+
+/// Whether a kept connection is still open and silent, checked without a
+/// system call when the reactor saw nothing arrive.
+fn still_usable(up: &Upstream) -> bool {
+    let mut probe = [0u8; 1];
+    match up.stream.try_read(&mut probe) {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}
+
+/// One attempt's failure.
+enum Attempt {
+    /// Nothing came back: on a kept connection the upstream may have
+    /// closed it while idle.
+    NothingBack(String),
+    Fatal(UpstreamError),
+}
+
+/// Writes the request and reads the answer's head (interim 1xx answers
+/// skipped). A kept connection that turns out closed before answering is
+/// replaced once for idempotent requests; others only go out on a kept
+/// connection checked to be open.
+async fn exchange(
+    shared: &Shared,
+    slot: &mut Option<Upstream>,
+    request: &[u8],
+    idempotent: bool,
+    deadline: tokio::time::Instant,
+    mut timer: Pin<&mut Sleep>,
+) -> Result<(Upstream, ResponseHead), UpstreamError> {
+    let mut kept = slot.take().filter(|up| idempotent || still_usable(up));
+    loop {
+        let (mut up, reused) = match kept.take() {
+            Some(up) => (up, true),
+            None => (connect(shared, deadline, timer.as_mut()).await?, false),
+        };
+        match attempt(&mut up, request, deadline, timer.as_mut()).await {
+            Ok(head) => return Ok((up, head)),
+            Err(Attempt::NothingBack(_)) if reused => continue,
+            Err(Attempt::NothingBack(e)) => return Err(UpstreamError::Unreachable(e)),
+            Err(Attempt::Fatal(e)) => return Err(e),
+        }
+    }
+}
+
+async fn attempt(
+    up: &mut Upstream,
+    request: &[u8],
+    deadline: tokio::time::Instant,
+    mut timer: Pin<&mut Sleep>,
+) -> Result<ResponseHead, Attempt> {
+    up.buf.clear();
+    match until(timer.as_mut(), deadline, up.stream.write_all(request)).await {
+        None => return Err(Attempt::Fatal(UpstreamError::Timeout)),
+        Some(Err(e)) => return Err(Attempt::NothingBack(e.to_string())),
+        Some(Ok(())) => {}
+    }
+    let mut answered = false;
+    loop {
+        if !up.buf.is_empty() {
+            match h1::parse_response(&up.buf, &mut up.fields, MAX_RESPONSE_HEAD) {
+                Err(_) => {
+                    return Err(Attempt::Fatal(UpstreamError::Broken(
+                        "malformed response head",
+                    )));
+                }
+                Ok(Some(head)) if head.code == 101 => {
+                    return Err(Attempt::Fatal(UpstreamError::Broken(
+                        "upstream switched protocols",
+                    )));
+                }
+                Ok(Some(head)) if (100..200).contains(&head.code) => {
+                    up.buf.advance(head.len);
+                    continue;
+                }
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+            }
+        }
+        up.buf.reserve(READ_BUF);
+        match until(timer.as_mut(), deadline, up.stream.read_buf(&mut up.buf)).await {
+            None => return Err(Attempt::Fatal(UpstreamError::Timeout)),
+            Some(Ok(0)) if !answered => {
+                return Err(Attempt::NothingBack("closed before answering".into()));
+            }
+            Some(Ok(0)) => return Err(Attempt::Fatal(UpstreamError::Broken("closed mid-head"))),
+            Some(Err(e)) if !answered => return Err(Attempt::NothingBack(e.to_string())),
+            Some(Err(_)) => return Err(Attempt::Fatal(UpstreamError::Broken("reset mid-head"))),
+            Some(Ok(_)) => answered = true,
+        }
+    }
+}
