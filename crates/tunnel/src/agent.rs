@@ -715,10 +715,7 @@ async fn endpoint_reader(
             Ok(c) if !c.is_empty() => {
                 if let Some(cr) = &ep.send_credit {
                     if cr.would_wait(c.len()) {
-                        sh.metrics
-                            .flow_control_stalls_total
-                            .with_label_values(&["to_server"])
-                            .inc();
+                        sh.metrics.stalls_to_server.inc();
                     }
                     let ok = tokio::select! {
                         _ = ep.stop_read.cancelled() => return,

@@ -65,13 +65,23 @@ pub struct ServerMetrics {
     /// DATA sends that had to wait for flow-control credit or a full
     /// agent stream (ours, not upstream's).
     pub flow_control_stalls_total: IntCounterVec,
+    /// `flow_control_stalls_total{segment="to_agent"}`, looked up once: it
+    /// is counted on the data path.
+    pub stalls_to_agent: prometheus::IntCounter,
 }
 
 impl Default for ServerMetrics {
     fn default() -> Self {
         let r = Registry::new();
         let s = "server";
-        let m = ServerMetrics {
+        let stalls = counter_vec(
+            &r,
+            s,
+            "flow_control_stalls_total",
+            "DATA sends toward an agent that had to wait (no credit or a full agent stream).",
+            &["segment"],
+        );
+        ServerMetrics {
             grpc_connections: gauge_vec(
                 &r,
                 s,
@@ -151,18 +161,11 @@ impl Default for ServerMetrics {
                 "Payload bytes carried per agent, by direction (to_agent, from_agent).",
                 &["agent_id", "direction"],
             ),
-            flow_control_stalls_total: counter_vec(
-                &r,
-                s,
-                "flow_control_stalls_total",
-                "DATA sends toward an agent that had to wait (no credit or a full agent stream).",
-                &["segment"],
-            ),
+            // Shown from the start (0), not only after the first stall.
+            stalls_to_agent: stalls.with_label_values(&["to_agent"]),
+            flow_control_stalls_total: stalls,
             registry: r,
-        };
-        // Shown from the start (0), not only after the first stall.
-        m.flow_control_stalls_total.with_label_values(&["to_agent"]);
-        m
+        }
     }
 }
 
@@ -192,13 +195,22 @@ pub struct AgentMetrics {
     pub queue_overflow_total: IntCounterVec,
     pub bad_input_total: IntCounterVec,
     pub flow_control_stalls_total: IntCounterVec,
+    /// `flow_control_stalls_total{segment="to_server"}`, looked up once.
+    pub stalls_to_server: prometheus::IntCounter,
 }
 
 impl Default for AgentMetrics {
     fn default() -> Self {
         let r = Registry::new();
         let s = "agent";
-        let m = AgentMetrics {
+        let stalls = counter_vec(
+            &r,
+            s,
+            "flow_control_stalls_total",
+            "DATA sends toward a server that had to wait (no credit: the client reads slower than its backend sends).",
+            &["segment"],
+        );
+        AgentMetrics {
             open_server_connections: gauge(
                 &r,
                 s,
@@ -253,19 +265,11 @@ impl Default for AgentMetrics {
                 "Refused bad input, by kind.",
                 &["kind"],
             ),
-            flow_control_stalls_total: counter_vec(
-                &r,
-                s,
-                "flow_control_stalls_total",
-                "DATA sends toward a server that had to wait (no credit: the client reads slower than its backend sends).",
-                &["segment"],
-            ),
+            // Shown from the start (0), not only after the first stall.
+            stalls_to_server: stalls.with_label_values(&["to_server"]),
+            flow_control_stalls_total: stalls,
             registry: r,
-        };
-        // Shown from the start (0), not only after the first stall.
-        m.flow_control_stalls_total
-            .with_label_values(&["to_server"]);
-        m
+        }
     }
 }
 

@@ -3,16 +3,13 @@
 //! agent and frontend streams are replaced by direct calls to the same
 //! per-packet handlers the gRPC services call.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::{Backend, Frontend, Identifiers, ServerOptions, Shared, dial_host};
 use crate::proto::{Checked, Packet};
@@ -109,17 +106,13 @@ impl StateMachine {
             .min(sh.opts.flow_window)
             .min(sh.opts.connection_queue_bytes / 2);
         let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
-        let backend = Arc::new(Backend {
-            uid: sh.uid(),
-            agent_id: format!("agent-{}", self.agents.len()),
-            idents: Identifiers::parse(identifiers),
-            draining: AtomicBool::new(false),
+        let backend = Arc::new(Backend::new(
+            sh,
+            format!("agent-{}", self.agents.len()),
+            Identifiers::parse(identifiers),
             tx,
-            conns: std::sync::Mutex::new(HashMap::new()),
-            gone: CancellationToken::new(),
-            flow_window: window,
-            deferred: Default::default(),
-        });
+            window,
+        ));
         sh.add_backend(backend.clone());
         self.agents.push(Agent {
             backend,
@@ -345,17 +338,13 @@ pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u
     let sh = ProxyServer::new(small_options(0, 0)).shared;
     let agent = with_agent.then(|| {
         let (tx, rx) = mpsc::channel(64);
-        let backend = Arc::new(Backend {
-            uid: sh.uid(),
-            agent_id: "agent".into(),
-            idents: Identifiers::default(),
-            draining: AtomicBool::new(false),
+        let backend = Arc::new(Backend::new(
+            &sh,
+            "agent".into(),
+            Identifiers::default(),
             tx,
-            conns: std::sync::Mutex::new(HashMap::new()),
-            gone: CancellationToken::new(),
-            flow_window: 0,
-            deferred: Default::default(),
-        });
+            0,
+        ));
         sh.add_backend(backend.clone());
         (backend, rx)
     });

@@ -156,6 +156,39 @@ pub(crate) struct Backend {
     flow_window: usize,
     /// Control packets waiting for room in `tx`.
     deferred: Arc<std::sync::atomic::AtomicUsize>,
+    /// This agent's `agent_bytes_total` counters, looked up once (they are
+    /// counted per DATA packet).
+    bytes_to_agent: prometheus::IntCounter,
+    bytes_from_agent: prometheus::IntCounter,
+}
+
+impl Backend {
+    pub(crate) fn new(
+        sh: &Shared,
+        agent_id: String,
+        idents: Identifiers,
+        tx: mpsc::Sender<Packet>,
+        flow_window: usize,
+    ) -> Self {
+        let bytes = |direction| {
+            sh.metrics
+                .agent_bytes_total
+                .with_label_values(&[agent_id.as_str(), direction])
+        };
+        Backend {
+            uid: sh.uid(),
+            bytes_to_agent: bytes("to_agent"),
+            bytes_from_agent: bytes("from_agent"),
+            agent_id,
+            idents,
+            draining: AtomicBool::new(false),
+            tx,
+            conns: Mutex::new(HashMap::new()),
+            gone: CancellationToken::new(),
+            flow_window,
+            deferred: Default::default(),
+        }
+    }
 }
 
 /// Control packets that may wait for a full agent or server stream.
@@ -531,10 +564,7 @@ impl Shared {
     pub(crate) async fn send_data_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
         let n = data.len();
         if c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n)) || c.backend.tx.capacity() == 0 {
-            self.metrics
-                .flow_control_stalls_total
-                .with_label_values(&["to_agent"])
-                .inc();
+            self.metrics.stalls_to_agent.inc();
         }
         if let Some(cr) = &c.to_agent {
             let ok = tokio::select! {
@@ -552,10 +582,7 @@ impl Shared {
             .await
             .is_ok();
         if ok {
-            self.metrics
-                .agent_bytes_total
-                .with_label_values(&[&c.backend.agent_id, "to_agent"])
-                .inc_by(n as u64);
+            c.backend.bytes_to_agent.inc_by(n as u64);
         }
         ok
     }
@@ -757,10 +784,7 @@ impl Shared {
                     self.send_control(backend, Packet::close_req(d.connect_id));
                     return;
                 };
-                self.metrics
-                    .agent_bytes_total
-                    .with_label_values(&[&backend.agent_id, "from_agent"])
-                    .inc_by(d.data.len() as u64);
+                backend.bytes_from_agent.inc_by(d.data.len() as u64);
                 match fe.queue.push_data(Packet::data(d.connect_id, d.data)) {
                     Ok(()) => {}
                     Err(e) => {
@@ -1008,17 +1032,7 @@ impl AgentService for AgentSvc {
             })
             .unwrap_or(0);
         let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
-        let backend = Arc::new(Backend {
-            uid: sh.uid(),
-            agent_id,
-            idents,
-            draining: AtomicBool::new(false),
-            tx,
-            conns: Mutex::new(HashMap::new()),
-            gone: CancellationToken::new(),
-            flow_window,
-            deferred: Default::default(),
-        });
+        let backend = Arc::new(Backend::new(sh, agent_id, idents, tx, flow_window));
         tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
         sh.add_backend(backend.clone());
         let mut inbound = request.into_inner();
@@ -1150,17 +1164,13 @@ mod tests {
 
     fn test_backend(sh: &Shared) -> (Arc<Backend>, mpsc::Receiver<Packet>) {
         let (tx, rx) = mpsc::channel(64);
-        let backend = Arc::new(Backend {
-            uid: sh.uid(),
-            agent_id: "agent".into(),
-            idents: Identifiers::default(),
-            draining: AtomicBool::new(false),
+        let backend = Arc::new(Backend::new(
+            sh,
+            "agent".into(),
+            Identifiers::default(),
             tx,
-            conns: Mutex::new(HashMap::new()),
-            gone: CancellationToken::new(),
-            flow_window: 0,
-            deferred: Default::default(),
-        });
+            0,
+        ));
         sh.add_backend(backend.clone());
         (backend, rx)
     }
