@@ -6,6 +6,14 @@
 //! README use) and HTTP-CONNECT over a unix socket (what a kube-apiserver
 //! beside the server uses). Agent <-> server is always gRPC over mTLS.
 //!
+//! Two "floor" rows bound what any tunnel of this shape can stream: a pair
+//! of bare relay processes with the same sockets as server + agent (client
+//! -> unix socket -> relay -> TCP -> relay -> backend), copying bytes with
+//! no framing, no multiplexing and no flow control; once with the relay
+//! link in TLS (the agent link's certificates and cipher), once in plain
+//! TCP. Only their throughput is comparable: each of their connections is
+//! its own TLS session, so they have no dial or latency figures.
+//!
 //! `cargo bench -p konnectivity --bench tunnel` (release). Env: BENCH_GIB
 //! (default 1), BENCH_IDLE (default 10000; 0 skips the idle rows),
 //! BENCH_DIALS (default 4000), BENCH_PATHS (rows to run, e.g. "2,3"),
@@ -72,10 +80,142 @@ fn run_role(role: &str, args: &[String]) {
                 roles::wait_parent().await;
             }
             "agent" => roles::run_agent(&certs, args[1].parse().unwrap(), 3).await,
+            "relay-back" => relay_back(&certs, args).await,
+            "relay-front" => relay_front(&certs, args).await,
             "backend" => roles::run_backend(args[1].parse().unwrap()).await,
             _ => panic!("unknown role"),
         }
     });
+}
+
+/// Bytes both ways between two streams through 256 KiB buffers (the size
+/// our own copy loops read with).
+async fn relay<A, B>(mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 256 << 10, 256 << 10).await;
+}
+
+/// The floor's agent side: accepts on a plain and on a TLS port (the agent
+/// link's server certificate, client certificates checked) and relays each
+/// connection to the backend.
+async fn relay_back(certs: &Path, args: &[String]) {
+    let ports: Vec<u16> = args[1..4].iter().map(|a| a.parse().unwrap()).collect();
+    let backend = SocketAddr::from(([127, 0, 0, 1], ports[2]));
+    let acceptor = tokio_rustls::TlsAcceptor::from(roles::server_tls(certs, "agent", &[]));
+    for (port, tls) in [(ports[0], None), (ports[1], Some(acceptor))] {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _ = inbound.set_nodelay(true);
+                    let Ok(out) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = out.set_nodelay(true);
+                    match tls {
+                        Some(acc) => {
+                            if let Ok(inbound) = acc.accept(inbound).await {
+                                relay(inbound, out).await
+                            }
+                        }
+                        None => relay(inbound, out).await,
+                    }
+                });
+            }
+        });
+    }
+    roles::wait_parent().await;
+}
+
+/// The floor's server side: accepts on two unix sockets and relays each
+/// connection to `relay_back`, in plain TCP or in TLS (the agent's client
+/// certificate).
+async fn relay_front(certs: &Path, args: &[String]) {
+    let plain_sock = PathBuf::from(&args[1]);
+    let tls_sock = PathBuf::from(&args[2]);
+    let ports: Vec<u16> = args[3..5].iter().map(|a| a.parse().unwrap()).collect();
+    let connector =
+        tokio_rustls::TlsConnector::from(roles::client_tls(certs, "agent", "proxy-agent", &[]));
+    for (sock, port, tls) in [
+        (plain_sock, ports[0], None),
+        (tls_sock, ports[1], Some(connector)),
+    ] {
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let Ok(out) = TcpStream::connect(("127.0.0.1", port)).await else {
+                        return;
+                    };
+                    let _ = out.set_nodelay(true);
+                    match tls {
+                        Some(conn) => {
+                            let name = konnectivity::tls::server_name("127.0.0.1").unwrap();
+                            if let Ok(out) = conn.connect(name, out).await {
+                                relay(inbound, out).await
+                            }
+                        }
+                        None => relay(inbound, out).await,
+                    }
+                });
+            }
+        });
+    }
+    roles::wait_parent().await;
+}
+
+/// The two floor relay processes and their unix sockets (plain, TLS).
+struct Floor {
+    front: ChildGuard,
+    back: ChildGuard,
+    plain: PathBuf,
+    tls: PathBuf,
+}
+
+impl Floor {
+    fn start(dir: &Path, backend_port: u16) -> Floor {
+        let ports = proxyctl_testkit::free_consecutive_ports(2);
+        let d = dir.display().to_string();
+        let back = spawn_role(
+            "relay-back",
+            &[
+                d.clone(),
+                ports.to_string(),
+                (ports + 1).to_string(),
+                backend_port.to_string(),
+            ],
+        );
+        roles::wait_listen(ports + 1);
+        let (plain, tls) = (dir.join("floor-plain.sock"), dir.join("floor-tls.sock"));
+        let front = spawn_role(
+            "relay-front",
+            &[
+                d,
+                plain.display().to_string(),
+                tls.display().to_string(),
+                ports.to_string(),
+                (ports + 1).to_string(),
+            ],
+        );
+        Floor {
+            front,
+            back,
+            plain,
+            tls,
+        }
+    }
+
+    fn pids(&self) -> [u32; 2] {
+        [self.front.0.id(), self.back.0.id()]
+    }
 }
 
 struct ChildGuard(Child);
@@ -125,6 +265,8 @@ enum Path2 {
     /// gRPC frontend: one HTTP/2 connection and Proxy stream per dial, as
     /// kube-apiserver's konnectivity client does.
     Grpc(ProxyAddr),
+    /// A floor relay's unix socket: the bytes go straight through.
+    Relay(PathBuf),
 }
 
 async fn open(path: &Path2, backend: SocketAddr) -> Box<dyn Io> {
@@ -137,6 +279,7 @@ async fn open(path: &Path2, backend: SocketAddr) -> Box<dyn Io> {
         Path2::Proxy(addr) => client::http_connect(addr, &backend.to_string(), "bench")
             .await
             .unwrap(),
+        Path2::Relay(sock) => Box::new(tokio::net::UnixStream::connect(sock).await.unwrap()),
         Path2::Grpc(addr) => {
             let channel = client::grpc_channel(addr).await.unwrap();
             Box::new(
@@ -159,6 +302,13 @@ async fn dials(path: &Path2, backend: SocketAddr) -> bool {
             Err(_) => false,
         },
         Path2::Direct => true,
+        Path2::Relay(sock) => {
+            let Ok(mut s) = tokio::net::UnixStream::connect(sock).await else {
+                return false;
+            };
+            let mut b = [0u8; 4];
+            s.write_all(b"Eping").await.is_ok() && s.read_exact(&mut b).await.is_ok()
+        }
     }
 }
 
@@ -263,6 +413,8 @@ struct Row {
     p99: f64,
     cpu_ms_per_gib: f64,
     cpu_us_per_dial: f64,
+    /// CPU of this process (the clients) per dial.
+    client_us_per_dial: f64,
 }
 
 /// utime + stime of a process, in seconds.
@@ -289,9 +441,11 @@ fn print_rows(rows: &[Row], gib: f64) {
     println!(
         "konnectivity tunnel benchmark ({cpus} CPUs; loopback; server and agent are separate processes; {gib} GiB stream)"
     );
-    println!("(cpu: user + system time of the server and agent processes)");
     println!(
-        "{:<34} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "(cpu: user + system time of the server and agent processes; client: of the dialling bench process)"
+    );
+    println!(
+        "{:<34} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10}",
         "path",
         "MiB/s",
         "x direct",
@@ -302,12 +456,14 @@ fn print_rows(rows: &[Row], gib: f64) {
         "+p50 us",
         "+p99 us",
         "cpu ms/GiB",
-        "cpu us/dial"
+        "cpu us/dial",
+        "client us"
     );
     let d = rows[0].clone();
     for r in rows {
-        println!(
-            "{:<34} {:>8.0} {:>8.2} {:>8.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>10.0} {:>10.1}",
+        // Floor rows have no dial or latency figures: "-" instead of NaN.
+        let line = format!(
+            "{:<34} {:>8.0} {:>8.2} {:>8.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>10.0} {:>10.1} {:>10.1}",
             r.name,
             r.mibs,
             r.mibs / d.mibs,
@@ -318,8 +474,10 @@ fn print_rows(rows: &[Row], gib: f64) {
             r.p50 - d.p50,
             r.p99 - d.p99,
             r.cpu_ms_per_gib,
-            r.cpu_us_per_dial
+            r.cpu_us_per_dial,
+            r.client_us_per_dial
         );
+        println!("{}", line.replace("NaN", "  -"));
     }
     println!();
 }
@@ -379,8 +537,10 @@ fn main() {
             let c0 = cpu_of(&pids);
             let mibs = throughput(p, backend_addr, bytes).await;
             let c1 = cpu_of(&pids);
+            let me = cpu_secs(std::process::id());
             let dials = dials_per_sec(p, backend_addr, n_dials, 16).await;
             let c2 = cpu_of(&pids);
+            let client_us_per_dial = (cpu_secs(std::process::id()) - me) * 1e6 / n_dials as f64;
             let (p50, p99) = latency(p, backend_addr, 5000).await;
             rows.push(Row {
                 name: name.to_string(),
@@ -390,7 +550,33 @@ fn main() {
                 p99,
                 cpu_ms_per_gib: (c1 - c0) * 1e3 / (bytes as f64 / (1u64 << 30) as f64),
                 cpu_us_per_dial: (c2 - c1) * 1e6 / n_dials as f64,
+                client_us_per_dial,
             });
+        }
+        // BENCH_FLOOR=0 skips the floor rows.
+        if std::env::var("BENCH_FLOOR").map_or(true, |v| v != "0") {
+            let floor = Floor::start(dir.path(), backend_port);
+            let floors = [
+                ("floor: bare relays, TLS link", floor.tls.clone()),
+                ("floor: bare relays, plain link", floor.plain.clone()),
+            ];
+            for (name, sock) in floors {
+                let p = Path2::Relay(sock);
+                roles::wait_until("floor relay", Duration::from_secs(20), || dials(&p, backend_addr)).await;
+                let c0 = cpu_of(&floor.pids());
+                let mibs = throughput(&p, backend_addr, bytes).await;
+                let c1 = cpu_of(&floor.pids());
+                rows.push(Row {
+                    name: name.to_string(),
+                    mibs,
+                    dials: f64::NAN,
+                    p50: f64::NAN,
+                    p99: f64::NAN,
+                    cpu_ms_per_gib: (c1 - c0) * 1e3 / (bytes as f64 / (1u64 << 30) as f64),
+                    cpu_us_per_dial: f64::NAN,
+                    client_us_per_dial: f64::NAN,
+                });
+            }
         }
         if idle_n == 0 {
             print_rows(&rows, gib);
