@@ -66,6 +66,34 @@ pub struct ResponseHead {
     pub minor: u8,
 }
 
+// The proxy reads a head's parts only through `View`; the fuzz targets
+// (`crate::fuzzing`) check the offsets themselves, so they see them raw.
+impl Field {
+    pub fn name_range(&self) -> Range<usize> {
+        self.name.clone()
+    }
+
+    pub fn value_range(&self) -> Range<usize> {
+        self.value.clone()
+    }
+}
+
+impl RequestHead {
+    pub fn method_range(&self) -> Range<usize> {
+        self.method.clone()
+    }
+
+    pub fn target_range(&self) -> Range<usize> {
+        self.target.clone()
+    }
+}
+
+impl ResponseHead {
+    pub fn reason_range(&self) -> Range<usize> {
+        self.reason.clone()
+    }
+}
+
 fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - buf.as_ptr() as usize;
     start..start + part.len()
