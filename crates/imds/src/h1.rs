@@ -176,7 +176,12 @@ pub fn parse_response(
             let (Some(code), Some(minor)) = (resp.code, resp.version) else {
                 return Err(HeadError::Malformed("incomplete status line"));
             };
-            let reason = resp.reason.map_or(0..0, |r| offset(buf, r.as_bytes()));
+            // httparse gives a missing reason, or one with obs-text, as a
+            // static "" that is no part of `buf`: no offset to take there.
+            let reason = resp
+                .reason
+                .filter(|r| !r.is_empty())
+                .map_or(0..0, |r| offset(buf, r.as_bytes()));
             record_fields(buf, resp.headers, fields);
             Ok(Some(ResponseHead {
                 len,
@@ -493,6 +498,22 @@ mod tests {
         assert_eq!((head.code, head.minor, head.len), (404, 1, text.len()));
         assert_eq!(view.reason(&head), b"Not Found");
         assert_eq!(content_length(&view), Ok(Some(0)));
+    }
+
+    #[test]
+    fn responses_without_a_usable_reason_have_an_empty_one() {
+        // No reason at all, no space before the line end, and a reason
+        // with obs-text (which httparse does not hand out).
+        for text in [
+            &b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.0 213\n\n",
+            b"HTTP/1.1 200 \xe9t\xe9\r\nX: y\r\n\r\n",
+        ] {
+            let mut fields = Vec::new();
+            let head = parse_response(text, &mut fields, 8192).unwrap().unwrap();
+            assert_eq!(head.len, text.len());
+            assert_eq!(View::new(text, &fields).reason(&head), b"");
+        }
     }
 
     #[test]
