@@ -173,6 +173,9 @@ pub fn parse_response(
             }
         }
         httparse::Status::Complete(len) => {
+            if len > max_len {
+                return Err(HeadError::TooLarge);
+            }
             let (Some(code), Some(minor)) = (resp.code, resp.version) else {
                 return Err(HeadError::Malformed("incomplete status line"));
             };
@@ -498,6 +501,20 @@ mod tests {
         assert_eq!((head.code, head.minor, head.len), (404, 1, text.len()));
         assert_eq!(view.reason(&head), b"Not Found");
         assert_eq!(content_length(&view), Ok(Some(0)));
+    }
+
+    #[test]
+    fn response_heads_over_the_limit_are_too_large_even_when_complete() {
+        // The whole head can arrive in one read that takes the buffer from
+        // below the limit to past it.
+        let text = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(100));
+        let mut fields = Vec::new();
+        assert_eq!(
+            parse_response(text.as_bytes(), &mut fields, 64).unwrap_err(),
+            HeadError::TooLarge
+        );
+        let head = parse_response(text.as_bytes(), &mut fields, text.len()).unwrap();
+        assert_eq!(head.map(|h| h.len), Some(text.len()));
     }
 
     #[test]
