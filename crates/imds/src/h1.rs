@@ -179,6 +179,12 @@ pub fn parse_response(
             let (Some(code), Some(minor)) = (resp.code, resp.version) else {
                 return Err(HeadError::Malformed("incomplete status line"));
             };
+            // httparse takes any three digits; below 100 is no status code
+            // (RFC 9110 15), and the answer to the caller could not carry
+            // it in three digits either.
+            if code < 100 {
+                return Err(HeadError::Malformed("bad status"));
+            }
             // httparse gives a missing reason, or one with obs-text, as a
             // static "" that is no part of `buf`: no offset to take there.
             let reason = resp
@@ -515,6 +521,23 @@ mod tests {
         );
         let head = parse_response(text.as_bytes(), &mut fields, text.len()).unwrap();
         assert_eq!(head.map(|h| h.len), Some(text.len()));
+    }
+
+    #[test]
+    fn status_codes_below_100_are_malformed() {
+        for text in [&b"HTTP/1.1 013 X\r\n\r\n"[..], b"HTTP/1.1 000 X\r\n\r\n"] {
+            let mut fields = Vec::new();
+            assert!(
+                matches!(
+                    parse_response(text, &mut fields, 8192),
+                    Err(HeadError::Malformed(_))
+                ),
+                "{text:?}"
+            );
+        }
+        let mut fields = Vec::new();
+        let head = parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", &mut fields, 8192);
+        assert_eq!(head.unwrap().map(|h| h.code), Some(100));
     }
 
     #[test]
