@@ -433,7 +433,7 @@ async fn serve_request(
     let (status, decision, consumed, keep) = match verdict {
         Decided::Answer(local) => {
             let keep = keep_alive && !local.close;
-            write_local(out, &local, head.minor, keep);
+            write_local(out, &local, head.minor, keep, method == "HEAD");
             let ok = stream.write_all(out).await.is_ok();
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
@@ -479,7 +479,7 @@ async fn serve_request(
                 Forwarded::Answered { status, keep } => (status, ALLOWED, head.len + in_buf, keep),
                 Forwarded::Failed(local) => {
                     let keep = keep_alive && !local.close;
-                    write_local(out, &local, head.minor, keep);
+                    write_local(out, &local, head.minor, keep, method == "HEAD");
                     let ok = stream.write_all(out).await.is_ok();
                     (
                         local.status.as_u16(),
@@ -564,7 +564,9 @@ fn connection_field(out: &mut Vec<u8>, minor: u8, keep: bool) {
     }
 }
 
-fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool) {
+/// `head_only`: the answer to a HEAD request, whose body the caller will not
+/// read (RFC 9110 9.3.2): sent, it would be taken for the next answer.
+fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool, head_only: bool) {
     out.clear();
     let reason = local.status.canonical_reason().unwrap_or("");
     status_line(out, local.status.as_u16(), reason.as_bytes());
@@ -577,7 +579,9 @@ fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool) {
     }
     connection_field(out, minor, keep);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&local.body);
+    if !head_only {
+        out.extend_from_slice(&local.body);
+    }
 }
 
 /// The request head toward the upstream: origin-form, HTTP/1.1, the
@@ -1084,6 +1088,25 @@ mod tests {
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn local_answers_to_head_requests_have_no_body() {
+        // Nothing is forwarded: the upstream's address is never dialled.
+        let (_proxy, addr) = proxy_for("127.0.0.1:9".parse().unwrap()).await;
+        let out = talk(
+            addr,
+            b"HEAD /denied HTTP/1.1\r\nHost: x\r\n\r\nGET /denied HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        // The GET's answer starts where the HEAD's head ends, and keeps its body.
+        let head_end = out.find("\r\n\r\n").expect(&out) + 4;
+        assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out:?}");
+        assert!(
+            out[head_end..].starts_with("HTTP/1.1 403 Forbidden\r\n"),
+            "{out:?}"
+        );
+        assert!(out.ends_with("may not GET /denied\n"), "{out:?}");
     }
 
     #[tokio::test]
