@@ -16,7 +16,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test.log
 
-# Fuzz smoke run of the tunnel's parsers and server state machine
+# Fuzz smoke run of the tunnel's parsers and server state machine and of
+# imds-proxy's HTTP/1 layer and request path
 # (cargo-fuzz; bounded: FUZZ_SECONDS per target, default 15).
 echo "== fuzz smoke"
 scripts/fuzz-smoke.sh

@@ -66,6 +66,34 @@ pub struct ResponseHead {
     pub minor: u8,
 }
 
+// The proxy reads a head's parts only through `View`; the fuzz targets
+// (`crate::fuzzing`) check the offsets themselves, so they see them raw.
+impl Field {
+    pub fn name_range(&self) -> Range<usize> {
+        self.name.clone()
+    }
+
+    pub fn value_range(&self) -> Range<usize> {
+        self.value.clone()
+    }
+}
+
+impl RequestHead {
+    pub fn method_range(&self) -> Range<usize> {
+        self.method.clone()
+    }
+
+    pub fn target_range(&self) -> Range<usize> {
+        self.target.clone()
+    }
+}
+
+impl ResponseHead {
+    pub fn reason_range(&self) -> Range<usize> {
+        self.reason.clone()
+    }
+}
+
 fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - buf.as_ptr() as usize;
     start..start + part.len()
@@ -145,10 +173,24 @@ pub fn parse_response(
             }
         }
         httparse::Status::Complete(len) => {
+            if len > max_len {
+                return Err(HeadError::TooLarge);
+            }
             let (Some(code), Some(minor)) = (resp.code, resp.version) else {
                 return Err(HeadError::Malformed("incomplete status line"));
             };
-            let reason = resp.reason.map_or(0..0, |r| offset(buf, r.as_bytes()));
+            // httparse takes any three digits; below 100 is no status code
+            // (RFC 9110 15), and the answer to the caller could not carry
+            // it in three digits either.
+            if code < 100 {
+                return Err(HeadError::Malformed("bad status"));
+            }
+            // httparse gives a missing reason, or one with obs-text, as a
+            // static "" that is no part of `buf`: no offset to take there.
+            let reason = resp
+                .reason
+                .filter(|r| !r.is_empty())
+                .map_or(0..0, |r| offset(buf, r.as_bytes()));
             record_fields(buf, resp.headers, fields);
             Ok(Some(ResponseHead {
                 len,
@@ -465,6 +507,53 @@ mod tests {
         assert_eq!((head.code, head.minor, head.len), (404, 1, text.len()));
         assert_eq!(view.reason(&head), b"Not Found");
         assert_eq!(content_length(&view), Ok(Some(0)));
+    }
+
+    #[test]
+    fn response_heads_over_the_limit_are_too_large_even_when_complete() {
+        // The whole head can arrive in one read that takes the buffer from
+        // below the limit to past it.
+        let text = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(100));
+        let mut fields = Vec::new();
+        assert_eq!(
+            parse_response(text.as_bytes(), &mut fields, 64).unwrap_err(),
+            HeadError::TooLarge
+        );
+        let head = parse_response(text.as_bytes(), &mut fields, text.len()).unwrap();
+        assert_eq!(head.map(|h| h.len), Some(text.len()));
+    }
+
+    #[test]
+    fn status_codes_below_100_are_malformed() {
+        for text in [&b"HTTP/1.1 013 X\r\n\r\n"[..], b"HTTP/1.1 000 X\r\n\r\n"] {
+            let mut fields = Vec::new();
+            assert!(
+                matches!(
+                    parse_response(text, &mut fields, 8192),
+                    Err(HeadError::Malformed(_))
+                ),
+                "{text:?}"
+            );
+        }
+        let mut fields = Vec::new();
+        let head = parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", &mut fields, 8192);
+        assert_eq!(head.unwrap().map(|h| h.code), Some(100));
+    }
+
+    #[test]
+    fn responses_without_a_usable_reason_have_an_empty_one() {
+        // No reason at all, no space before the line end, and a reason
+        // with obs-text (which httparse does not hand out).
+        for text in [
+            &b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.0 213\n\n",
+            b"HTTP/1.1 200 \xe9t\xe9\r\nX: y\r\n\r\n",
+        ] {
+            let mut fields = Vec::new();
+            let head = parse_response(text, &mut fields, 8192).unwrap().unwrap();
+            assert_eq!(head.len, text.len());
+            assert_eq!(View::new(text, &fields).reason(&head), b"");
+        }
     }
 
     #[test]

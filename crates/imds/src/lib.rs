@@ -16,6 +16,8 @@ pub mod admin;
 pub mod audit;
 pub mod body;
 pub mod cri;
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1;
 pub mod metrics;
 pub mod mock;

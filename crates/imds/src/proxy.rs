@@ -282,6 +282,27 @@ impl ProxyHandle {
     pub fn flush_audit(&self) {
         self.shared.audit.flush();
     }
+
+    /// See `crate::fuzzing::serve_as_pod`. The listener is kept as a
+    /// bound namespace's would be, so the pod's removal stops it the same way.
+    pub(crate) fn serve_as_pod(&self, listener: TcpListener, key: &str) -> bool {
+        let mut pods = self.shared.pods.lock().expect("pods poisoned");
+        let Some(entry) = pods.get_mut(key) else {
+            return false;
+        };
+        if entry.listener.is_some() || entry.quarantined {
+            return false;
+        }
+        let (closer, closed) = watch::channel(());
+        let task = tokio::spawn(pod_accept(
+            self.shared.clone(),
+            listener,
+            entry.identity.clone(),
+            closed,
+        ));
+        entry.listener = Some((task, closer));
+        true
+    }
 }
 
 /// Retry interval while the pods have never been read (not ready).

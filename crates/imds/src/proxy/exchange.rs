@@ -433,7 +433,7 @@ async fn serve_request(
     let (status, decision, consumed, keep) = match verdict {
         Decided::Answer(local) => {
             let keep = keep_alive && !local.close;
-            write_local(out, &local, head.minor, keep);
+            write_local(out, &local, head.minor, keep, method == "HEAD");
             let ok = stream.write_all(out).await.is_ok();
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
@@ -479,7 +479,7 @@ async fn serve_request(
                 Forwarded::Answered { status, keep } => (status, ALLOWED, head.len + in_buf, keep),
                 Forwarded::Failed(local) => {
                     let keep = keep_alive && !local.close;
-                    write_local(out, &local, head.minor, keep);
+                    write_local(out, &local, head.minor, keep, method == "HEAD");
                     let ok = stream.write_all(out).await.is_ok();
                     (
                         local.status.as_u16(),
@@ -564,7 +564,9 @@ fn connection_field(out: &mut Vec<u8>, minor: u8, keep: bool) {
     }
 }
 
-fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool) {
+/// `head_only`: the answer to a HEAD request, whose body the caller will not
+/// read (RFC 9110 9.3.2): sent, it would be taken for the next answer.
+fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool, head_only: bool) {
     out.clear();
     let reason = local.status.canonical_reason().unwrap_or("");
     status_line(out, local.status.as_u16(), reason.as_bytes());
@@ -577,7 +579,9 @@ fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool) {
     }
     connection_field(out, minor, keep);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&local.body);
+    if !head_only {
+        out.extend_from_slice(&local.body);
+    }
 }
 
 /// The request head toward the upstream: origin-form, HTTP/1.1, the
@@ -1027,5 +1031,110 @@ async fn attempt(
             Some(Err(_)) => return Err(Attempt::Fatal(UpstreamError::Broken("reset mid-head"))),
             Some(Ok(_)) => answered = true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use crate::audit::Audit;
+    use crate::pods::MemoryPodSource;
+    use crate::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+    use crate::{Pod, Rules};
+
+    /// The proxy for one pod allowed GET and HEAD under `/allowed/`, served
+    /// on a loopback listener (no network namespace, so no root).
+    async fn proxy_for(upstream: std::net::SocketAddr) -> (ProxyHandle, std::net::SocketAddr) {
+        let pod = Pod {
+            name: "t".into(),
+            namespace: "default".into(),
+            uid: None,
+            labels: Default::default(),
+            netns: None,
+            ip: None,
+        };
+        let config = ProxyConfig {
+            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+            rules: Rules::from_yaml(
+                "rules: [{name: t, pods: {name: t}, paths: [{prefix: /allowed/}], methods: [GET, HEAD]}]",
+                "test",
+            )
+            .unwrap(),
+            pod_listen: None,
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::discard(),
+            limits: Limits::default(),
+            reconcile_every: std::time::Duration::ZERO,
+            workers: 0,
+        };
+        let proxy =
+            ProxyHandle::start(config, std::sync::Arc::new(MemoryPodSource::new(vec![pod])))
+                .await
+                .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(proxy.serve_as_pod(listener, "default/t"));
+        (proxy, addr)
+    }
+
+    /// Sends `request`, half-closes, reads to the proxy's close.
+    async fn talk(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn local_answers_to_head_requests_have_no_body() {
+        // Nothing is forwarded: the upstream's address is never dialled.
+        let (_proxy, addr) = proxy_for("127.0.0.1:9".parse().unwrap()).await;
+        let out = talk(
+            addr,
+            b"HEAD /denied HTTP/1.1\r\nHost: x\r\n\r\nGET /denied HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        // The GET's answer starts where the HEAD's head ends, and keeps its body.
+        let head_end = out.find("\r\n\r\n").expect(&out) + 4;
+        assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out:?}");
+        assert!(
+            out[head_end..].starts_with("HTTP/1.1 403 Forbidden\r\n"),
+            "{out:?}"
+        );
+        assert!(out.ends_with("may not GET /denied\n"), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn upstream_answers_without_a_reason_phrase_are_forwarded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut buf = Vec::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "request cut short");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        });
+        let (_proxy, addr) = proxy_for(upstream_addr).await;
+        let out = talk(
+            addr,
+            b"GET /allowed/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        // The canonical reason stands in for the missing one.
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out:?}");
+        assert!(out.ends_with("\r\n\r\nok"), "{out:?}");
     }
 }
