@@ -130,13 +130,7 @@ pub fn parse_request(
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers[..max_fields.min(MAX_HEADERS)]);
     match req.parse(buf).map_err(head_error)? {
-        httparse::Status::Partial => {
-            if buf.len() >= max_len {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(None)
-            }
-        }
+        httparse::Status::Partial => incomplete(buf, max_len),
         httparse::Status::Complete(len) => {
             if len > max_len {
                 return Err(HeadError::TooLarge);
@@ -156,6 +150,16 @@ pub fn parse_request(
     }
 }
 
+/// An incomplete head: wait for more bytes, unless it already fills
+/// `max_len`.
+fn incomplete<T>(buf: &[u8], max_len: usize) -> Result<Option<T>, HeadError> {
+    if buf.len() >= max_len {
+        Err(HeadError::TooLarge)
+    } else {
+        Ok(None)
+    }
+}
+
 /// Parses the response head at the start of `buf` into `fields`.
 pub fn parse_response(
     buf: &[u8],
@@ -165,13 +169,7 @@ pub fn parse_response(
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf).map_err(head_error)? {
-        httparse::Status::Partial => {
-            if buf.len() >= max_len {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(None)
-            }
-        }
+        httparse::Status::Partial => incomplete(buf, max_len),
         httparse::Status::Complete(len) => {
             if len > max_len {
                 return Err(HeadError::TooLarge);
