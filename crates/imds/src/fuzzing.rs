@@ -16,17 +16,53 @@ pub fn content_length(view: &View<'_>) -> Result<Option<u64>, ()> {
     crate::h1::content_length(view)
 }
 
-use crate::proxy::ProxyHandle;
+use crate::audit::Audit;
+use crate::pods::MemoryPodSource;
+use crate::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+use crate::{Pod, Rules};
 
-/// Serves `listener` as the per-pod listener of the pod `key`
-/// (`namespace/name`), which `proxy`'s pod source lists without a network
-/// namespace: every connection accepted on it is that pod's, as on a
-/// listener bound inside the pod's namespace. Binding there takes setns(2)
-/// and so CAP_SYS_ADMIN; a listener the caller binds on 127.0.0.1 does not,
-/// which lets the exchange target run the real request path unprivileged.
+/// A proxy in front of `upstream` for one pod, `default/<pod>`, under
+/// `rules` (YAML), serving that pod on a fresh 127.0.0.1 listener: every
+/// connection accepted there is the pod's, as on a listener bound inside
+/// the pod's namespace. Binding there takes setns(2) and so CAP_SYS_ADMIN;
+/// a loopback listener does not, which lets the exchange target (and the
+/// exchange's unit tests) run the real request path unprivileged.
 ///
-/// Call it on the proxy's tokio runtime. False when the proxy has no such
-/// pod or the pod already has a listener.
-pub fn serve_as_pod(proxy: &ProxyHandle, listener: tokio::net::TcpListener, key: &str) -> bool {
-    proxy.serve_as_pod(listener, key)
+/// Call it on a tokio runtime. Panics on bad rules or a failed start.
+pub async fn loopback_proxy(
+    upstream: std::net::SocketAddr,
+    pod: &str,
+    rules: &str,
+    limits: Limits,
+    workers: usize,
+) -> (ProxyHandle, std::net::SocketAddr) {
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{upstream}")).expect("upstream URL"),
+        rules: Rules::from_yaml(rules, "fuzzing").expect("rules"),
+        pod_listen: None,
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::discard(),
+        limits,
+        reconcile_every: std::time::Duration::ZERO,
+        workers,
+    };
+    let pod = Pod {
+        name: pod.into(),
+        namespace: "default".into(),
+        uid: None,
+        labels: Default::default(),
+        netns: None,
+        ip: None,
+    };
+    let key = format!("default/{}", pod.name);
+    let proxy = ProxyHandle::start(config, std::sync::Arc::new(MemoryPodSource::new(vec![pod])))
+        .await
+        .expect("proxy starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback listener");
+    let addr = listener.local_addr().expect("listener address");
+    assert!(proxy.serve_as_pod(listener, &key), "the pod is known");
+    (proxy, addr)
 }

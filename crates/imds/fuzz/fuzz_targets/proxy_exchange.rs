@@ -7,7 +7,7 @@
 //! connection must still get a clean 200 afterwards.
 //!
 //! No root or network namespace: the pod's listener is a loopback socket
-//! handed to the proxy (`fuzzing::serve_as_pod`) instead of one bound inside
+//! handed to the proxy (`fuzzing::loopback_proxy`) instead of one bound inside
 //! the pod's namespace.
 #![no_main]
 
@@ -17,10 +17,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
-use imds_proxy::audit::Audit;
-use imds_proxy::pods::MemoryPodSource;
-use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
-use imds_proxy::{Pod, Rules};
+use imds_proxy::proxy::{Limits, ProxyHandle};
 use imds_proxy_fuzz::check_answers;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,27 +53,12 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream_addr = upstream.local_addr().unwrap();
         tokio::spawn(serve_upstream(upstream, script));
-        let pod = Pod {
-            name: "fuzz".into(),
-            namespace: "default".into(),
-            uid: None,
-            labels: Default::default(),
-            netns: None,
-            ip: None,
-        };
-        let config = ProxyConfig {
-            upstream: parse_upstream(&format!("http://{upstream_addr}")).unwrap(),
-            rules: Rules::from_yaml(
-                "rules: [{name: all, pods: {name: fuzz}, paths: [{prefix: /}], \
-                 methods: [GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS]}]",
-                "fuzz",
-            )
-            .unwrap(),
-            pod_listen: None,
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::discard(),
-            limits: Limits {
+        imds_proxy::fuzzing::loopback_proxy(
+            upstream_addr,
+            "fuzz",
+            "rules: [{name: all, pods: {name: fuzz}, paths: [{prefix: /}], \
+             methods: [GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS]}]",
+            Limits {
                 header_read_timeout: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(1),
                 upstream_timeout: Duration::from_secs(2),
@@ -84,19 +66,9 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
                 rate_per_sec: 0.0,
                 ..Limits::default()
             },
-            reconcile_every: Duration::ZERO,
-            workers: 1,
-        };
-        let proxy = ProxyHandle::start(config, Arc::new(MemoryPodSource::new(vec![pod])))
-            .await
-            .expect("proxy starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        assert!(
-            imds_proxy::fuzzing::serve_as_pod(&proxy, listener, "default/fuzz"),
-            "the pod is known"
-        );
-        (proxy, addr)
+            1,
+        )
+        .await
     });
     Harness {
         _rt: rt,

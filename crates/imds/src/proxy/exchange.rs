@@ -1038,45 +1038,19 @@ async fn attempt(
 mod tests {
     use tokio::net::TcpListener;
 
-    use crate::audit::Audit;
-    use crate::pods::MemoryPodSource;
-    use crate::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
-    use crate::{Pod, Rules};
+    use crate::proxy::{Limits, ProxyHandle};
 
     /// The proxy for one pod allowed GET and HEAD under `/allowed/`, served
     /// on a loopback listener (no network namespace, so no root).
     async fn proxy_for(upstream: std::net::SocketAddr) -> (ProxyHandle, std::net::SocketAddr) {
-        let pod = Pod {
-            name: "t".into(),
-            namespace: "default".into(),
-            uid: None,
-            labels: Default::default(),
-            netns: None,
-            ip: None,
-        };
-        let config = ProxyConfig {
-            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-            rules: Rules::from_yaml(
-                "rules: [{name: t, pods: {name: t}, paths: [{prefix: /allowed/}], methods: [GET, HEAD]}]",
-                "test",
-            )
-            .unwrap(),
-            pod_listen: None,
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::discard(),
-            limits: Limits::default(),
-            reconcile_every: std::time::Duration::ZERO,
-            workers: 0,
-        };
-        let proxy =
-            ProxyHandle::start(config, std::sync::Arc::new(MemoryPodSource::new(vec![pod])))
-                .await
-                .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        assert!(proxy.serve_as_pod(listener, "default/t"));
-        (proxy, addr)
+        crate::fuzzing::loopback_proxy(
+            upstream,
+            "t",
+            "rules: [{name: t, pods: {name: t}, paths: [{prefix: /allowed/}], methods: [GET, HEAD]}]",
+            Limits::default(),
+            0,
+        )
+        .await
     }
 
     /// Sends `request`, half-closes, reads to the proxy's close.
