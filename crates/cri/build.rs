@@ -1,5 +1,6 @@
 //! Generates the containerd Events client from proto/containerd_events.proto
-//! (needs `protoc`, installed by scripts/install-deps.sh as protobuf-compiler).
+//! (needs `protoc` and the well-known types under /usr/include, installed by
+//! scripts/install-deps.sh as protobuf-compiler and libprotobuf-dev).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
