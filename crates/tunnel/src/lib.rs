@@ -10,12 +10,14 @@
 //! - [`certs`]: the certificate tree upstream's `make certs` writes.
 //! - [`lease`], [`tokenreview`]: what the server and agent ask the Kubernetes
 //!   API (server-count Leases, agent TokenReviews).
+//! - [`h2`]: the HTTP/2 frame layer of the gRPC frontend's own server.
 //! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`]: shared plumbing.
 
 pub mod agent;
 pub mod certs;
 pub mod client;
 pub mod duration;
+pub mod h2;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -334,6 +334,98 @@ fn pick<T>(v: &mut [T], i: usize) -> Option<&mut T> {
 /// connected and answers each DIAL_REQ with `dial_error` (empty: success,
 /// then a few bytes of DATA and CLOSE_RSP). Returns the response bytes.
 pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u8> {
+    exchange(request, with_agent, dial_error, |sh, server| {
+        tokio::spawn(super::super::connect::serve(sh, server))
+    })
+}
+
+/// (e) The gRPC frontend's HTTP/2 server (`grpc_front`): arbitrary client
+/// bytes, after [`grpc_call_start`] when `valid_start` (so the fuzzer
+/// starts inside a Proxy call), with an agent that answers dials. Returns
+/// what the server wrote; checks that it is a sequence of whole frames
+/// starting with SETTINGS.
+pub fn grpc_frontend(input: &[u8], valid_start: bool, dial_error: &str) -> Vec<u8> {
+    let mut request = if valid_start {
+        grpc_call_start(1)
+    } else {
+        Vec::new()
+    };
+    request.extend_from_slice(input);
+    let out = exchange(&request, true, dial_error, |sh, server| {
+        tokio::spawn(super::super::grpc_front::serve(
+            sh,
+            server,
+            Duration::from_secs(3600),
+        ))
+    });
+    let mut rest = &out[..];
+    let mut first = true;
+    while !rest.is_empty() {
+        let head = crate::h2::Head::parse(rest).expect("a whole frame head");
+        assert!(
+            !first || head.kind == crate::h2::kind::SETTINGS,
+            "first frame {head:?}"
+        );
+        assert!(
+            rest.len() >= crate::h2::HEAD_LEN + head.len,
+            "a whole frame"
+        );
+        rest = &rest[crate::h2::HEAD_LEN + head.len..];
+        first = false;
+    }
+    out
+}
+
+/// A client's preface, empty SETTINGS and the HEADERS of a Proxy call on
+/// stream `id` (HPACK: static-table entries and literals without indexing).
+pub fn grpc_call_start(id: u32) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(crate::h2::PREFACE);
+    crate::h2::settings(&mut out, &[]);
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    for (index, value) in [
+        (4u8, &b"/ProxyService/Proxy"[..]),
+        (31, b"application/grpc"),
+    ] {
+        // Literal without indexing, indexed name (4-bit prefix).
+        if index < 15 {
+            block.push(index);
+        } else {
+            block.extend_from_slice(&[0x0f, index - 15]);
+        }
+        block.push(value.len() as u8);
+        block.extend_from_slice(value);
+    }
+    crate::h2::Head {
+        len: block.len(),
+        kind: crate::h2::kind::HEADERS,
+        flags: crate::h2::flag::END_HEADERS,
+        stream: id,
+    }
+    .write(&mut out);
+    out.extend_from_slice(&block);
+    out.to_vec()
+}
+
+/// One gRPC message (uncompressed) carrying `packet`.
+pub fn grpc_message(packet: &Packet) -> Vec<u8> {
+    let body = packet.encode_to_vec();
+    let mut out = vec![0];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Runs one client connection against `serve` with an in-process server
+/// (and, `with_agent`, an agent that answers every dial with `dial_error`,
+/// or with "hello" and a close when that is empty). Returns what the
+/// server wrote; checks that the connection left nothing behind.
+fn exchange(
+    request: &[u8],
+    with_agent: bool,
+    dial_error: &str,
+    serve: impl FnOnce(Arc<Shared>, tokio::io::DuplexStream) -> tokio::task::JoinHandle<()>,
+) -> Vec<u8> {
     let rt = runtime();
     let sh = ProxyServer::new(small_options(0, 0)).shared;
     let agent = with_agent.then(|| {
@@ -350,7 +442,7 @@ pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u
     });
     let out = rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let serve = tokio::spawn(super::super::connect::serve(sh.clone(), server));
+        let serve = serve(sh.clone(), server);
         let agent_task = agent.map(|(backend, mut rx)| {
             let sh = sh.clone();
             let dial_error = dial_error.to_string();
@@ -376,6 +468,11 @@ pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u
         let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out)).await;
         drop(client);
         serve.await.expect("serve panicked");
+        // A packet in flight when the connection ended finishes in a task
+        // of its own (then releases its stream): let those run.
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
         if let Some(t) = agent_task {
             // The agent stream ends; its state must go with it.
             let backends: Vec<_> = sh.backends.read().unwrap().clone();
@@ -390,5 +487,11 @@ pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u
     assert_eq!(sh.metrics.pending_backend_dials.get(), 0);
     assert_eq!(sh.metrics.established_connections.get(), 0);
     assert_eq!(sh.metrics.http_connections.get(), 0);
+    let proxy_streams = sh
+        .metrics
+        .grpc_connections
+        .with_label_values(&["/ProxyService/Proxy"])
+        .get();
+    assert_eq!(proxy_streams, 0, "leaked Proxy stream");
     out
 }

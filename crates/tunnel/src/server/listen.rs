@@ -16,15 +16,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-#[cfg(unix)]
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::state::{AgentSvc, ProxyServer, ProxySvc, ServerOptions, Shared};
+use super::state::{AgentSvc, ProxyServer, ServerOptions, Shared};
 use crate::http::{self, Reply};
 use crate::proto::agent_service_server::AgentServiceServer;
-use crate::proto::proxy_service_server::ProxyServiceServer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrontendMode {
@@ -102,7 +99,8 @@ impl RunningServer {
     }
 }
 
-/// A TLS stream tonic can serve (tonic's own impl needs its TLS feature).
+/// A TLS stream tonic can serve (tonic's own impl needs its TLS feature);
+/// the frontends serve it too.
 pub(crate) struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
 
 impl Connected for TlsConn {
@@ -147,6 +145,29 @@ impl AsyncWrite for TlsConn {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What serves an accepted frontend connection.
+#[derive(Clone)]
+struct Front {
+    sh: Arc<Shared>,
+    mode: FrontendMode,
+    keepalive: Duration,
+}
+
+impl Front {
+    fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, io: S) {
+        let sh = self.sh.clone();
+        match self.mode {
+            FrontendMode::Grpc => {
+                tokio::spawn(super::grpc_front::serve(sh, io, self.keepalive));
+            }
+            // HTTP/1.1 only, also over TLS, as upstream.
+            FrontendMode::HttpConnect => {
+                tokio::spawn(super::connect::serve(sh, io));
+            }
+        }
+    }
+}
 
 /// Accepts TCP, completes TLS handshakes off the accept loop, and hands
 /// finished streams to `out`. Failed handshakes (no or wrong client
@@ -254,57 +275,23 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
         }
     });
 
-    // Frontend.
+    // Frontend: one task per client connection, gRPC or HTTP-CONNECT.
     // Without unix sockets the only other arm diverges: not an error there.
     #[cfg_attr(not(unix), allow(unused_assignments))]
     let mut frontend_addr = None;
     #[cfg_attr(not(unix), allow(unused_mut))]
     let mut uds_path = None;
-    let proxy_svc = || {
-        ProxyServiceServer::new(ProxySvc(sh.clone()))
-            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
+    let front = Front {
+        sh: sh.clone(),
+        mode: cfg.mode,
+        keepalive: cfg.frontend_keepalive,
     };
     match cfg.frontend {
         FrontendListen::Tcp { addr, tls } => {
             let listener = TcpListener::bind(addr).await?;
             frontend_addr = Some(listener.local_addr()?);
-            match (cfg.mode, tls) {
-                (FrontendMode::Grpc, Some(tls)) => {
-                    let (tx, rx) = mpsc::channel::<TlsConn>(64);
-                    tasks.spawn(tls_accept_loop(
-                        sh.clone(),
-                        listener,
-                        TlsAcceptor::from(tls),
-                        "frontend",
-                        tx,
-                        stop.clone(),
-                    ));
-                    let svc = proxy_svc();
-                    let (ka, stop2) = (cfg.frontend_keepalive, stop.clone());
-                    tasks.spawn(async move {
-                        let _ = h2_server(ka, Duration::from_secs(20))
-                            .add_service(svc)
-                            .serve_with_incoming_shutdown(
-                                ReceiverStream::new(rx).map(Ok::<_, std::io::Error>),
-                                stop2.cancelled_owned(),
-                            )
-                            .await;
-                    });
-                }
-                (FrontendMode::Grpc, None) => {
-                    let svc = proxy_svc();
-                    let (ka, stop2) = (cfg.frontend_keepalive, stop.clone());
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                    tasks.spawn(async move {
-                        let _ = h2_server(ka, Duration::from_secs(20))
-                            .add_service(svc)
-                            .serve_with_incoming_shutdown(incoming, stop2.cancelled_owned())
-                            .await;
-                    });
-                }
-                (FrontendMode::HttpConnect, Some(tls)) => {
-                    // HTTP/1.1 only over TLS, as upstream.
+            match tls {
+                Some(tls) => {
                     let (tx, mut rx) = mpsc::channel::<TlsConn>(64);
                     tasks.spawn(tls_accept_loop(
                         sh.clone(),
@@ -314,23 +301,23 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                         tx,
                         stop.clone(),
                     ));
-                    let (sh2, stop2) = (sh.clone(), stop.clone());
+                    let stop2 = stop.clone();
                     tasks.spawn(async move {
                         loop {
                             let conn = tokio::select! { _ = stop2.cancelled() => return, c = rx.recv() => c };
                             let Some(conn) = conn else { return };
-                            tokio::spawn(super::connect::serve(sh2.clone(), conn));
+                            front.serve(conn);
                         }
                     });
                 }
-                (FrontendMode::HttpConnect, None) => {
-                    let (sh2, stop2) = (sh.clone(), stop.clone());
+                None => {
+                    let stop2 = stop.clone();
                     tasks.spawn(async move {
                         loop {
                             let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
                             if let Ok((s, _)) = r {
                                 let _ = s.set_nodelay(true);
-                                tokio::spawn(super::connect::serve(sh2.clone(), s));
+                                front.serve(s);
                             }
                         }
                     });
@@ -359,32 +346,15 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o770))?;
             }
             uds_path = Some(path);
-            match cfg.mode {
-                FrontendMode::Grpc => {
-                    let svc = proxy_svc();
-                    let (ka, stop2) = (cfg.frontend_keepalive, stop.clone());
-                    tasks.spawn(async move {
-                        let _ = h2_server(ka, Duration::from_secs(20))
-                            .add_service(svc)
-                            .serve_with_incoming_shutdown(
-                                UnixListenerStream::new(listener),
-                                stop2.cancelled_owned(),
-                            )
-                            .await;
-                    });
+            let stop2 = stop.clone();
+            tasks.spawn(async move {
+                loop {
+                    let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
+                    if let Ok((s, _)) = r {
+                        front.serve(s);
+                    }
                 }
-                FrontendMode::HttpConnect => {
-                    let (sh2, stop2) = (sh.clone(), stop.clone());
-                    tasks.spawn(async move {
-                        loop {
-                            let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
-                            if let Ok((s, _)) = r {
-                                tokio::spawn(super::connect::serve(sh2.clone(), s));
-                            }
-                        }
-                    });
-                }
-            }
+            });
         }
     }
 

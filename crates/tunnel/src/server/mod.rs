@@ -12,6 +12,7 @@
 //! frontend that is sending.
 
 mod connect;
+mod grpc_front;
 mod listen;
 mod state;
 

@@ -16,7 +16,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::metrics::ServerMetrics;
 use crate::proto::agent_service_server::AgentService;
 use crate::proto::headers;
-use crate::proto::proxy_service_server::ProxyService;
 use crate::proto::{Checked, Packet};
 use crate::queue::{Credit, PacketQueue, PushError};
 
@@ -214,7 +213,7 @@ struct FrontState {
 
 /// One client stream (gRPC) or socket (HTTP-CONNECT).
 pub(crate) struct Frontend {
-    uid: u64,
+    pub(crate) uid: u64,
     pub(crate) queue: PacketQueue,
     state: Mutex<FrontState>,
 }
@@ -632,7 +631,7 @@ impl Shared {
         frontend.queue.close();
     }
 
-    fn add_backend(&self, backend: Arc<Backend>) {
+    pub(crate) fn add_backend(&self, backend: Arc<Backend>) {
         let mut b = self.backends.write().unwrap();
         b.push(backend);
         self.metrics.ready_backend_connections.set(b.len() as i64);
@@ -674,7 +673,7 @@ impl Shared {
     }
 
     /// One packet from an agent. Never waits: see the module docs.
-    fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
+    pub(crate) fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
         let checked = match packet.checked() {
             Ok(c) => c,
             Err(why) => {
@@ -849,7 +848,11 @@ impl Shared {
     }
 
     /// One packet from a gRPC frontend; false ends the stream.
-    async fn handle_frontend_packet(self: &Arc<Self>, fe: &Arc<Frontend>, packet: Packet) -> bool {
+    pub(crate) async fn handle_frontend_packet(
+        self: &Arc<Self>,
+        fe: &Arc<Frontend>,
+        packet: Packet,
+    ) -> bool {
         let checked = match packet.checked() {
             Ok(c) => c,
             Err(why) => {
@@ -942,23 +945,8 @@ impl Shared {
     }
 }
 
-fn queue_stream(sh: Arc<Shared>, fe: Arc<Frontend>) -> PacketStream {
-    Box::pin(futures_util::stream::unfold(
-        (sh, fe),
-        |(sh, fe)| async move {
-            let p = fe.queue.pop().await?;
-            if let Some(crate::proto::Payload::Data(d)) = &p.payload {
-                sh.delivered(&fe, d.connect_id, d.data.len());
-            }
-            Some((Ok(p), (sh, fe)))
-        },
-    ))
-}
-
 /// `AgentService` (the agent listener).
 pub(crate) struct AgentSvc(pub(crate) Arc<Shared>);
-/// `ProxyService` (the gRPC frontend).
-pub(crate) struct ProxySvc(pub(crate) Arc<Shared>);
 
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
@@ -1091,60 +1079,6 @@ impl AgentService for AgentSvc {
             );
         }
         Ok(response)
-    }
-}
-
-#[tonic::async_trait]
-impl ProxyService for ProxySvc {
-    type ProxyStream = PacketStream;
-
-    async fn proxy(
-        &self,
-        request: Request<Streaming<Packet>>,
-    ) -> Result<Response<PacketStream>, Status> {
-        let sh = self.0.clone();
-        let user_agent = request
-            .metadata()
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let fe = sh.new_frontend();
-        tracing::debug!(%user_agent, stream = fe.uid, "proxy stream opened");
-        let mut inbound = request.into_inner();
-        let fe2 = fe.clone();
-        sh.metrics
-            .grpc_connections
-            .with_label_values(&["/ProxyService/Proxy"])
-            .inc();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = sh.stop.cancelled() => break,
-                    m = inbound.message() => m,
-                };
-                match msg {
-                    Ok(Some(p)) => {
-                        // Boxed: the idle task keeps only a pointer, not this
-                        // large future (a dial is rare, waiting is not).
-                        if !Box::pin(sh.handle_frontend_packet(&fe2, p)).await {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(%status, "client stream ended");
-                        break;
-                    }
-                }
-            }
-            sh.frontend_gone(&fe2);
-            sh.metrics
-                .grpc_connections
-                .with_label_values(&["/ProxyService/Proxy"])
-                .dec();
-        });
-        Ok(Response::new(queue_stream(self.0.clone(), fe)))
     }
 }
 

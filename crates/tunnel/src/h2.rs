@@ -1,0 +1,496 @@
+//! The HTTP/2 frame layer of the gRPC frontend (RFC 9113): frame heads,
+//! padding, SETTINGS, and the few header blocks a gRPC server sends.
+//! Pure functions over bytes; [`crate::server::grpc_front`] drives them
+//! and the `h2_frontend` fuzz target reaches them through it.
+//!
+//! Header blocks we send need no HPACK encoder state: every field is either
+//! a static-table index or a literal "without indexing", which any decoder
+//! accepts and which leaves both dynamic tables untouched. Decoding what
+//! clients send needs the full HPACK (Huffman, dynamic table): that is
+//! `loona-hpack`'s job.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// What every client sends first.
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Length of a frame head.
+pub const HEAD_LEN: usize = 9;
+/// The window every stream and the connection start with.
+pub const DEFAULT_WINDOW: i64 = 65_535;
+/// Frame size every peer accepts before SETTINGS say otherwise.
+pub const DEFAULT_MAX_FRAME: usize = 16_384;
+/// The largest window flow control allows.
+pub const MAX_WINDOW: i64 = (1 << 31) - 1;
+
+/// Frame types.
+pub mod kind {
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const PRIORITY: u8 = 0x2;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PUSH_PROMISE: u8 = 0x5;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const CONTINUATION: u8 = 0x9;
+}
+
+/// Frame flags.
+pub mod flag {
+    pub const END_STREAM: u8 = 0x1;
+    pub const ACK: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const PADDED: u8 = 0x8;
+    pub const PRIORITY: u8 = 0x20;
+}
+
+/// Error codes (RST_STREAM, GOAWAY).
+pub mod code {
+    pub const NO_ERROR: u32 = 0x0;
+    pub const PROTOCOL_ERROR: u32 = 0x1;
+    pub const INTERNAL_ERROR: u32 = 0x2;
+    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+    pub const STREAM_CLOSED: u32 = 0x5;
+    pub const FRAME_SIZE_ERROR: u32 = 0x6;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const CANCEL: u32 = 0x8;
+    pub const COMPRESSION_ERROR: u32 = 0x9;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+}
+
+/// SETTINGS identifiers.
+pub mod setting {
+    pub const HEADER_TABLE_SIZE: u16 = 0x1;
+    pub const ENABLE_PUSH: u16 = 0x2;
+    pub const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    pub const MAX_FRAME_SIZE: u16 = 0x5;
+    pub const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+}
+
+/// A connection error: the connection ends with GOAWAY carrying `code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("HTTP/2 connection error {code:#x}: {reason}")]
+pub struct ConnError {
+    pub code: u32,
+    pub reason: &'static str,
+}
+
+pub(crate) fn conn_error(code: u32, reason: &'static str) -> ConnError {
+    ConnError { code, reason }
+}
+
+fn protocol(reason: &'static str) -> ConnError {
+    conn_error(code::PROTOCOL_ERROR, reason)
+}
+
+/// A frame head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub len: usize,
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+}
+
+impl Head {
+    /// The head at the start of `b`, if all nine bytes are there.
+    pub fn parse(b: &[u8]) -> Option<Head> {
+        let b: &[u8; HEAD_LEN] = b.get(..HEAD_LEN)?.try_into().ok()?;
+        Some(Head {
+            len: u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize,
+            kind: b[3],
+            flags: b[4],
+            // The reserved bit is ignored on receipt.
+            stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
+        })
+    }
+
+    pub fn write(&self, out: &mut BytesMut) {
+        debug_assert!(self.len < 1 << 24);
+        out.put_slice(&(self.len as u32).to_be_bytes()[1..]);
+        out.put_u8(self.kind);
+        out.put_u8(self.flags);
+        out.put_u32(self.stream & 0x7fff_ffff);
+    }
+}
+
+/// The payload without its padding (DATA, HEADERS with PADDED).
+pub fn unpad(flags: u8, mut payload: Bytes) -> Result<Bytes, ConnError> {
+    if flags & flag::PADDED == 0 {
+        return Ok(payload);
+    }
+    let Some(&pad) = payload.first() else {
+        return Err(conn_error(
+            code::FRAME_SIZE_ERROR,
+            "padded frame without pad length",
+        ));
+    };
+    let pad = pad as usize;
+    if pad >= payload.len() {
+        return Err(protocol("padding as long as the frame"));
+    }
+    payload.truncate(payload.len() - pad);
+    Ok(payload.slice(1..))
+}
+
+/// A HEADERS payload reduced to its header block fragment.
+pub fn header_fragment(flags: u8, payload: Bytes) -> Result<Bytes, ConnError> {
+    let payload = unpad(flags, payload)?;
+    if flags & flag::PRIORITY == 0 {
+        return Ok(payload);
+    }
+    if payload.len() < 5 {
+        return Err(conn_error(
+            code::FRAME_SIZE_ERROR,
+            "HEADERS too short for its priority",
+        ));
+    }
+    Ok(payload.slice(5..))
+}
+
+/// SETTINGS a client sent, validated as RFC 9113 section 6.5.2 asks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSettings {
+    pub initial_window: Option<u32>,
+    pub max_frame: Option<u32>,
+}
+
+pub fn parse_settings(payload: &[u8]) -> Result<PeerSettings, ConnError> {
+    if !payload.len().is_multiple_of(6) {
+        return Err(conn_error(
+            code::FRAME_SIZE_ERROR,
+            "SETTINGS length not a multiple of 6",
+        ));
+    }
+    let mut out = PeerSettings::default();
+    for entry in payload.chunks_exact(6) {
+        let id = u16::from_be_bytes([entry[0], entry[1]]);
+        let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+        match id {
+            setting::ENABLE_PUSH if value > 1 => return Err(protocol("ENABLE_PUSH above 1")),
+            setting::INITIAL_WINDOW_SIZE if i64::from(value) > MAX_WINDOW => {
+                return Err(conn_error(
+                    code::FLOW_CONTROL_ERROR,
+                    "INITIAL_WINDOW_SIZE above 2^31-1",
+                ));
+            }
+            setting::INITIAL_WINDOW_SIZE => out.initial_window = Some(value),
+            setting::MAX_FRAME_SIZE if !(16_384..1 << 24).contains(&value) => {
+                return Err(protocol("MAX_FRAME_SIZE out of range"));
+            }
+            setting::MAX_FRAME_SIZE => out.max_frame = Some(value),
+            // Our header blocks never use the dynamic table, so its size
+            // does not matter to us; unknown settings must be ignored.
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+pub fn settings(out: &mut BytesMut, entries: &[(u16, u32)]) {
+    Head {
+        len: entries.len() * 6,
+        kind: kind::SETTINGS,
+        flags: 0,
+        stream: 0,
+    }
+    .write(out);
+    for (id, value) in entries {
+        out.put_u16(*id);
+        out.put_u32(*value);
+    }
+}
+
+pub fn settings_ack(out: &mut BytesMut) {
+    Head {
+        len: 0,
+        kind: kind::SETTINGS,
+        flags: flag::ACK,
+        stream: 0,
+    }
+    .write(out);
+}
+
+pub fn window_update(out: &mut BytesMut, stream: u32, increment: u32) {
+    Head {
+        len: 4,
+        kind: kind::WINDOW_UPDATE,
+        flags: 0,
+        stream,
+    }
+    .write(out);
+    out.put_u32(increment & 0x7fff_ffff);
+}
+
+pub fn ping(out: &mut BytesMut, ack: bool, opaque: [u8; 8]) {
+    Head {
+        len: 8,
+        kind: kind::PING,
+        flags: if ack { flag::ACK } else { 0 },
+        stream: 0,
+    }
+    .write(out);
+    out.put_slice(&opaque);
+}
+
+pub fn rst_stream(out: &mut BytesMut, stream: u32, error: u32) {
+    Head {
+        len: 4,
+        kind: kind::RST_STREAM,
+        flags: 0,
+        stream,
+    }
+    .write(out);
+    out.put_u32(error);
+}
+
+pub fn goaway(out: &mut BytesMut, last_stream: u32, error: u32) {
+    Head {
+        len: 8,
+        kind: kind::GOAWAY,
+        flags: 0,
+        stream: 0,
+    }
+    .write(out);
+    out.put_u32(last_stream & 0x7fff_ffff);
+    out.put_u32(error);
+}
+
+/// HPACK integer with an `n`-bit prefix whose upper bits are `first`.
+fn hpack_int(out: &mut BytesMut, first: u8, n: u32, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.put_u8(first | value as u8);
+        return;
+    }
+    out.put_u8(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.put_u8((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.put_u8(value as u8);
+}
+
+fn hpack_string(out: &mut BytesMut, s: &[u8]) {
+    hpack_int(out, 0, 7, s.len());
+    out.put_slice(s);
+}
+
+/// Literal without indexing, name from the static table.
+fn field_indexed_name(out: &mut BytesMut, index: usize, value: &[u8]) {
+    hpack_int(out, 0, 4, index);
+    hpack_string(out, value);
+}
+
+/// Literal without indexing, literal name.
+fn field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_u8(0);
+    hpack_string(out, name);
+    hpack_string(out, value);
+}
+
+/// Static table: `:status: 200` (8), `:status` (name, 8), `content-type` (31).
+const STATIC_STATUS_200: u8 = 0x80 | 8;
+const STATIC_STATUS: usize = 8;
+const STATIC_CONTENT_TYPE: usize = 31;
+
+fn header_block(out: &mut BytesMut, stream: u32, end_stream: bool, block: &[u8]) {
+    Head {
+        len: block.len(),
+        kind: kind::HEADERS,
+        flags: flag::END_HEADERS | if end_stream { flag::END_STREAM } else { 0 },
+        stream,
+    }
+    .write(out);
+    out.put_slice(block);
+}
+
+fn grpc_head(block: &mut BytesMut) {
+    block.put_u8(STATIC_STATUS_200);
+    field_indexed_name(block, STATIC_CONTENT_TYPE, b"application/grpc");
+}
+
+/// The response head of an accepted gRPC call.
+pub fn grpc_response_headers(out: &mut BytesMut, stream: u32) {
+    let mut block = BytesMut::with_capacity(32);
+    grpc_head(&mut block);
+    header_block(out, stream, false, &block);
+}
+
+/// Longest grpc-message we send: keeps every header block in one frame.
+const MAX_GRPC_MESSAGE: usize = 1024;
+
+/// The trailers that end a call (`trailers_only`: no response head was
+/// sent, so this block carries it too).
+pub fn grpc_trailers(
+    out: &mut BytesMut,
+    stream: u32,
+    trailers_only: bool,
+    status: u32,
+    message: &str,
+) {
+    let mut block = BytesMut::with_capacity(64 + message.len());
+    if trailers_only {
+        grpc_head(&mut block);
+    }
+    field(&mut block, b"grpc-status", status.to_string().as_bytes());
+    if !message.is_empty() {
+        field(&mut block, b"grpc-message", &percent_encode(message));
+    }
+    header_block(out, stream, true, &block);
+}
+
+/// A non-gRPC refusal (405, 415): an HTTP status and nothing else.
+pub fn http_status(out: &mut BytesMut, stream: u32, status: u16) {
+    let mut block = BytesMut::with_capacity(8);
+    field_indexed_name(&mut block, STATIC_STATUS, status.to_string().as_bytes());
+    header_block(out, stream, true, &block);
+}
+
+/// grpc-message encoding (gRPC over HTTP/2): bytes outside printable ASCII
+/// and `%` become `%XX`.
+fn percent_encode(message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len().min(MAX_GRPC_MESSAGE));
+    for &b in message.as_bytes() {
+        if out.len() + 3 > MAX_GRPC_MESSAGE {
+            break;
+        }
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(block: &[u8]) -> Vec<(String, String)> {
+        loona_hpack::Decoder::new()
+            .decode(block)
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+            .collect()
+    }
+
+    fn only_frame(out: &BytesMut) -> (Head, &[u8]) {
+        let head = Head::parse(out).unwrap();
+        assert_eq!(out.len(), HEAD_LEN + head.len, "exactly one frame");
+        (head, &out[HEAD_LEN..])
+    }
+
+    #[test]
+    fn heads_round_trip_and_ignore_the_reserved_bit() {
+        let head = Head {
+            len: 0x12_3456,
+            kind: kind::DATA,
+            flags: flag::END_STREAM,
+            stream: 7,
+        };
+        let mut out = BytesMut::new();
+        head.write(&mut out);
+        assert_eq!(Head::parse(&out), Some(head));
+        out[5] |= 0x80;
+        assert_eq!(Head::parse(&out).unwrap().stream, 7);
+        assert_eq!(Head::parse(&out[..8]), None);
+    }
+
+    #[test]
+    fn header_blocks_decode_with_an_independent_hpack_decoder() {
+        let mut out = BytesMut::new();
+        grpc_response_headers(&mut out, 1);
+        let (head, block) = only_frame(&out);
+        assert_eq!(head.flags, flag::END_HEADERS);
+        assert_eq!(
+            decode(block),
+            [
+                (":status".into(), "200".into()),
+                ("content-type".into(), "application/grpc".into())
+            ]
+        );
+
+        let mut out = BytesMut::new();
+        grpc_trailers(&mut out, 3, true, 12, "unknown method /x 100%\n");
+        let (head, block) = only_frame(&out);
+        assert_eq!(head.flags, flag::END_HEADERS | flag::END_STREAM);
+        assert_eq!(head.stream, 3);
+        assert_eq!(
+            decode(block),
+            [
+                (":status".into(), "200".into()),
+                ("content-type".into(), "application/grpc".into()),
+                ("grpc-status".into(), "12".into()),
+                ("grpc-message".into(), "unknown method /x 100%25%0A".into()),
+            ]
+        );
+
+        let mut out = BytesMut::new();
+        http_status(&mut out, 5, 415);
+        assert_eq!(
+            decode(only_frame(&out).1),
+            [(":status".into(), "415".into())]
+        );
+
+        // Long values need multi-byte HPACK integers.
+        let long = "x".repeat(300);
+        let mut out = BytesMut::new();
+        grpc_trailers(&mut out, 1, false, 13, &long);
+        assert_eq!(decode(only_frame(&out).1)[1].1, long);
+        let huge = "y".repeat(5000);
+        let mut out = BytesMut::new();
+        grpc_trailers(&mut out, 1, false, 13, &huge);
+        assert!(decode(only_frame(&out).1)[1].1.len() <= MAX_GRPC_MESSAGE);
+    }
+
+    #[test]
+    fn padding_and_priority_are_stripped_or_refused() {
+        let padded = Bytes::from_static(&[2, b'a', b'b', 0, 0]);
+        assert_eq!(unpad(flag::PADDED, padded.clone()).unwrap(), &b"ab"[..]);
+        assert_eq!(unpad(0, padded).unwrap().len(), 5);
+        assert!(unpad(flag::PADDED, Bytes::from_static(&[4, 1, 2, 3])).is_err());
+        assert!(unpad(flag::PADDED, Bytes::new()).is_err());
+        let prio = Bytes::from_static(&[0, 0, 0, 1, 16, 0x88]);
+        assert_eq!(header_fragment(flag::PRIORITY, prio).unwrap(), &[0x88][..]);
+        assert!(header_fragment(flag::PRIORITY, Bytes::from_static(&[1, 2])).is_err());
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let entry = |id: u16, v: u32| {
+            let mut b = id.to_be_bytes().to_vec();
+            b.extend_from_slice(&v.to_be_bytes());
+            b
+        };
+        let ok = [entry(4, 1 << 20), entry(5, 1 << 17), entry(0x99, 7)].concat();
+        assert_eq!(
+            parse_settings(&ok).unwrap(),
+            PeerSettings {
+                initial_window: Some(1 << 20),
+                max_frame: Some(1 << 17)
+            }
+        );
+        assert_eq!(
+            parse_settings(&entry(4, 1 << 31)).unwrap_err().code,
+            code::FLOW_CONTROL_ERROR
+        );
+        assert_eq!(
+            parse_settings(&entry(5, 100)).unwrap_err().code,
+            code::PROTOCOL_ERROR
+        );
+        assert_eq!(
+            parse_settings(&entry(2, 2)).unwrap_err().code,
+            code::PROTOCOL_ERROR
+        );
+        assert_eq!(
+            parse_settings(&[0; 5]).unwrap_err().code,
+            code::FRAME_SIZE_ERROR
+        );
+    }
+}
