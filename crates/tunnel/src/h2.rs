@@ -7,7 +7,7 @@
 //! a static-table index or a literal "without indexing", which any decoder
 //! accepts and which leaves both dynamic tables untouched. Decoding what
 //! clients send needs the full HPACK (Huffman, dynamic table): that is
-//! `loona-hpack`'s job.
+//! `httlib-hpack`'s job, behind [`HeaderDecoder`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -83,6 +83,35 @@ pub(crate) fn conn_error(code: u32, reason: &'static str) -> ConnError {
 
 fn protocol(reason: &'static str) -> ConnError {
     conn_error(code::PROTOCOL_ERROR, reason)
+}
+
+/// The HPACK decoder of one connection (its dynamic table follows the
+/// client's encoder, so every header block must pass through it in order).
+pub struct HeaderDecoder(httlib_hpack::Decoder<'static>);
+
+impl Default for HeaderDecoder {
+    fn default() -> Self {
+        HeaderDecoder(httlib_hpack::Decoder::with_dynamic_size(4096))
+    }
+}
+
+impl HeaderDecoder {
+    /// Calls `field` with each name and value of a complete header block.
+    pub fn decode(
+        &mut self,
+        block: &[u8],
+        mut field: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), ConnError> {
+        let mut buf = block.to_vec();
+        let mut fields = Vec::new();
+        self.0
+            .decode(&mut buf, &mut fields)
+            .map_err(|_| conn_error(code::COMPRESSION_ERROR, "undecodable header block"))?;
+        for (name, value, _) in &fields {
+            field(name, value);
+        }
+        Ok(())
+    }
 }
 
 /// A frame head.
@@ -368,16 +397,21 @@ fn percent_encode(message: &str) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn decode(block: &[u8]) -> Vec<(String, String)> {
-        loona_hpack::Decoder::new()
-            .decode(block)
-            .unwrap()
-            .into_iter()
-            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
-            .collect()
+    /// A header block decoded by a fresh decoder, as strings.
+    pub(crate) fn decode(block: &[u8]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        HeaderDecoder::default()
+            .decode(block, |n, v| {
+                out.push((
+                    String::from_utf8(n.to_vec()).unwrap(),
+                    String::from_utf8(v.to_vec()).unwrap(),
+                ))
+            })
+            .unwrap();
+        out
     }
 
     fn only_frame(out: &BytesMut) -> (Head, &[u8]) {
@@ -404,6 +438,7 @@ mod tests {
 
     #[test]
     fn header_blocks_decode_with_an_independent_hpack_decoder() {
+        // (httlib-hpack: written apart from our encoder)
         let mut out = BytesMut::new();
         grpc_response_headers(&mut out, 1);
         let (head, block) = only_frame(&out);

@@ -98,7 +98,7 @@ struct Stream {
     /// How much more we may send (the client's window for this stream).
     send_window: i64,
     /// The encoded message being sent, when the windows held it up.
-    pending: Option<Bytes>,
+    pending: Option<OutMessage>,
     pop: Option<BoxFuture<Option<Packet>>>,
     /// Trailers sent (or the stream was reset): nothing more goes out.
     send_done: bool,
@@ -239,17 +239,29 @@ impl Out {
         }
     }
 
-    fn data(&mut self, stream: u32, payload: Bytes) {
+    /// One DATA frame carrying the next `n` bytes of `message`.
+    fn data(&mut self, stream: u32, message: &mut OutMessage, n: usize) {
         Head {
-            len: payload.len(),
+            len: n,
             kind: kind::DATA,
             flags: 0,
             stream,
         }
         .write(&mut self.tail);
         self.seal();
-        self.queued += payload.len();
-        self.chunks.push_back(payload);
+        let mut left = n;
+        while left > 0 {
+            let part = message.parts.front_mut().expect("n within the message");
+            let chunk = if part.len() <= left {
+                message.parts.pop_front().expect("front exists")
+            } else {
+                part.split_to(left)
+            };
+            left -= chunk.len();
+            message.len -= chunk.len();
+            self.queued += chunk.len();
+            self.chunks.push_back(chunk);
+        }
     }
 
     fn len(&self) -> usize {
@@ -316,7 +328,7 @@ struct Connection<S> {
     io: S,
     rbuf: BytesMut,
     out: Out,
-    hpack: loona_hpack::Decoder<'static>,
+    hpack: h2::HeaderDecoder,
     partial: Option<PartialHeaders>,
     streams: Vec<Stream>,
     /// Highest stream id the client opened.
@@ -360,7 +372,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             io,
             rbuf: BytesMut::new(),
             out,
-            hpack: loona_hpack::Decoder::new(),
+            hpack: h2::HeaderDecoder::default(),
             partial: None,
             streams: Vec::new(),
             last_stream: 0,
@@ -413,9 +425,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if !self.ending && !self.read_closed {
                 progress |= self.drive_streams(cx);
             }
+            let queued = self.out.len();
             if let Poll::Ready(Err(_)) = self.out.poll_write(&mut self.io, cx) {
                 return Poll::Ready(());
             }
+            // Output that left may reopen reading (skipped above the high
+            // water mark, so no read wake-up is registered) and popping.
+            progress |= self.out.len() < queued;
             if self.closing() {
                 if self.out.len() == 0 {
                     let _ = Pin::new(&mut self.io).poll_shutdown(cx);
@@ -825,22 +841,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         let mut path = String::new();
         let mut grpc_content = false;
         let mut user_agent = String::new();
-        self.hpack
-            .decode_with_cb(block, |name, value| match &*name {
-                b":method" => method_post = &*value == b"POST",
-                b":path" => {
-                    path_ok = &*value == PROXY_PATH.as_bytes();
-                    path = String::from_utf8_lossy(&value).into_owned();
-                }
-                b"content-type" => {
-                    let v = &*value;
-                    grpc_content = v == b"application/grpc"
-                        || (v.starts_with(b"application/grpc") && matches!(v[16], b'+' | b';'));
-                }
-                b"user-agent" => user_agent = String::from_utf8_lossy(&value).into_owned(),
-                _ => {}
-            })
-            .map_err(|_| conn_error(code::COMPRESSION_ERROR, "undecodable header block"))?;
+        self.hpack.decode(block, |name, value| match name {
+            b":method" => method_post = value == b"POST",
+            b":path" => {
+                path_ok = value == PROXY_PATH.as_bytes();
+                path = String::from_utf8_lossy(value).into_owned();
+            }
+            b"content-type" => {
+                grpc_content = value == b"application/grpc"
+                    || (value.starts_with(b"application/grpc") && matches!(value[16], b'+' | b';'));
+            }
+            b"user-agent" => user_agent = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        })?;
 
         if let Some(i) = self.stream_index(id) {
             // Trailers from the client: gRPC has none, but they end its side.
@@ -1042,21 +1055,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if s.send_done {
                 return progress;
             }
-            if let Some(buf) = &mut s.pending {
-                let n = (buf.len() as i64)
+            if let Some(message) = &mut s.pending {
+                let n = (message.len as i64)
                     .min(s.send_window)
                     .min(self.conn_send_window)
                     .min(self.peer_max_frame as i64);
                 if n <= 0 {
                     return progress;
                 }
-                let chunk = buf.split_to(n as usize);
-                if buf.is_empty() {
+                self.out.data(s.id, message, n as usize);
+                if message.len == 0 {
                     s.pending = None;
                 }
                 s.send_window -= n;
                 self.conn_send_window -= n;
-                self.out.data(s.id, chunk);
                 progress = true;
                 continue;
             }
@@ -1130,13 +1142,72 @@ fn release(sh: &Shared, fe: &Frontend) {
         .dec();
 }
 
-fn encode_message(p: &Packet) -> Bytes {
-    let len = p.encoded_len();
-    let mut b = BytesMut::with_capacity(5 + len);
-    b.put_u8(0);
-    b.put_u32(len as u32);
-    p.encode(&mut b).expect("buffer sized by encoded_len");
-    b.freeze()
+/// One gRPC message on its way out, in parts: DATA payloads are not
+/// copied into the encoding, they follow its head.
+struct OutMessage {
+    parts: VecDeque<Bytes>,
+    len: usize,
+}
+
+/// A packet as a gRPC message (5-byte prefix, then the protobuf).
+///
+/// DATA packets are framed by hand so their payload (up to 64 KiB a
+/// packet) is sent from the buffer the agent's message arrived in instead
+/// of being copied into an encode buffer as prost would. The fields keep
+/// prost's order and proto3's omission of defaults; a test decodes the
+/// result with prost.
+fn encode_message(p: &Packet) -> OutMessage {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    let mut head = BytesMut::new();
+    let mut parts = VecDeque::with_capacity(2);
+    match &p.payload {
+        Some(crate::proto::Payload::Data(d)) if d.data.len() >= 1024 => {
+            let id = d.connect_id as u64;
+            let mut inner = 0;
+            if id != 0 {
+                inner += 1 + encoded_len_varint(id);
+            }
+            if !d.error.is_empty() {
+                inner += 1 + encoded_len_varint(d.error.len() as u64) + d.error.len();
+            }
+            inner += 1 + encoded_len_varint(d.data.len() as u64) + d.data.len();
+            let mut outer = 1 + encoded_len_varint(inner as u64) + inner;
+            if p.r#type != 0 {
+                outer += 1 + encoded_len_varint(p.r#type as u64);
+            }
+            head.put_u8(0);
+            head.put_u32(outer as u32);
+            if p.r#type != 0 {
+                head.put_u8(0x08);
+                encode_varint(p.r#type as u64, &mut head);
+            }
+            head.put_u8(0x22); // field 4 (data), length-delimited
+            encode_varint(inner as u64, &mut head);
+            if id != 0 {
+                head.put_u8(0x08);
+                encode_varint(id, &mut head);
+            }
+            if !d.error.is_empty() {
+                head.put_u8(0x12);
+                encode_varint(d.error.len() as u64, &mut head);
+                head.put_slice(d.error.as_bytes());
+            }
+            head.put_u8(0x1a);
+            encode_varint(d.data.len() as u64, &mut head);
+            parts.push_back(head.freeze());
+            parts.push_back(d.data.clone());
+        }
+        _ => {
+            let len = p.encoded_len();
+            head.reserve(5 + len);
+            head.put_u8(0);
+            head.put_u32(len as u32);
+            p.encode(&mut head).expect("buffer sized by encoded_len");
+            parts.push_back(head.freeze());
+        }
+    }
+    let len = parts.iter().map(Bytes::len).sum();
+    OutMessage { parts, len }
 }
 
 fn h2_metric(error: u32) -> &'static str {
@@ -1172,7 +1243,11 @@ mod tests {
     }
 
     fn connect() -> Client {
-        let sh = ProxyServer::new(small_options(0, 0)).shared;
+        connect_with(small_options(0, 0))
+    }
+
+    fn connect_with(opts: crate::server::ServerOptions) -> Client {
+        let sh = ProxyServer::new(opts).shared;
         let (tx, mut rx) = mpsc::channel::<Packet>(64);
         let agent = Arc::new(Backend::new(
             &sh,
@@ -1194,7 +1269,8 @@ mod tests {
                 sh2.handle_agent_packet(&agent2, answer);
             }
         });
-        let (io, server) = tokio::io::duplex(1 << 20);
+        // A socket buffer smaller than the server's output high-water mark.
+        let (io, server) = tokio::io::duplex(64 << 10);
         tokio::spawn(serve(sh.clone(), server, Duration::ZERO));
         Client {
             io,
@@ -1275,20 +1351,11 @@ mod tests {
             out
         }
 
-        fn headers(block: &[u8]) -> Vec<(String, String)> {
-            loona_hpack::Decoder::new()
-                .decode(block)
-                .unwrap()
-                .into_iter()
-                .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
-                .collect()
-        }
-
         async fn trailers(&mut self) -> Vec<(String, String)> {
             loop {
                 let (h, p) = self.until(kind::HEADERS).await;
                 if h.flags & flag::END_STREAM != 0 {
-                    return Self::headers(&p);
+                    return crate::h2::tests::decode(&p);
                 }
             }
         }
@@ -1302,6 +1369,36 @@ mod tests {
             .1
     }
 
+    #[test]
+    fn hand_framed_data_messages_decode_as_prost_encodes_them() {
+        let big = Bytes::from(vec![7u8; 70_000]);
+        let packets = [
+            Packet::data(7, big.clone()),
+            Packet::data(-3, big.slice(..1024)),
+            Packet::data(0, big.slice(..5000)),
+            Packet::data(1, Bytes::from_static(b"small")),
+            Packet {
+                r#type: crate::proto::PacketType::Data as i32,
+                payload: Some(crate::proto::Payload::Data(crate::proto::Data {
+                    connect_id: 9,
+                    error: "broken pipe".into(),
+                    data: big.slice(..2048),
+                })),
+            },
+            Packet::dial_rsp(5, 6, "refused"),
+        ];
+        for p in packets {
+            let m = encode_message(&p);
+            let bytes: Vec<u8> = m.parts.iter().flat_map(|b| b.to_vec()).collect();
+            assert_eq!(bytes.len(), m.len);
+            assert_eq!(bytes[0], 0);
+            let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+            assert_eq!(len + 5, bytes.len());
+            assert_eq!(Packet::decode(&bytes[5..]).unwrap(), p);
+            assert_eq!(len, p.encoded_len(), "same length as prost's encoding");
+        }
+    }
+
     #[tokio::test]
     async fn a_call_dials_echoes_closes_and_releases_everything() {
         let mut c = connect();
@@ -1310,7 +1407,10 @@ mod tests {
         assert_eq!(h.kind, kind::SETTINGS);
         let (h, block) = c.until(kind::HEADERS).await;
         assert_eq!((h.stream, h.flags & flag::END_STREAM), (1, 0));
-        assert_eq!(Client::headers(&block)[0], (":status".into(), "200".into()));
+        assert_eq!(
+            crate::h2::tests::decode(&block)[0],
+            (":status".into(), "200".into())
+        );
 
         c.send_frame(
             kind::DATA,
@@ -1402,6 +1502,53 @@ mod tests {
             Checked::DialRsp(r) => assert_eq!((r.random, r.connect_id), (1, 7)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// More than the output high-water mark in flight: the server must keep
+    /// reading the client's WINDOW_UPDATEs once its output drains.
+    #[tokio::test]
+    async fn a_download_larger_than_the_output_buffer_completes() {
+        let mut c = connect_with(crate::server::ServerOptions {
+            connection_queue_bytes: 64 << 20,
+            ..small_options(0, 0)
+        });
+        let mut start = BytesMut::new();
+        start.put_slice(h2::PREFACE);
+        h2::settings(&mut start, &[(setting::INITIAL_WINDOW_SIZE, 4 << 20)]);
+        h2::window_update(&mut start, 0, 16 << 20);
+        c.send(&start).await;
+        let call = grpc_call_start(1);
+        c.send(&call[h2::PREFACE.len() + HEAD_LEN..]).await;
+        c.send_frame(
+            kind::DATA,
+            0,
+            1,
+            &grpc_message(&Packet::dial_req("tcp", "x:1", 1)),
+        )
+        .await;
+        assert!(matches!(&c.packets(1, 1).await[..], [Checked::DialRsp(_)]));
+        // 12 MiB from the agent, in 64 KiB packets, queued at once.
+        const TOTAL: usize = 12 << 20;
+        let chunk = Bytes::from(vec![5u8; 64 << 10]);
+        for _ in 0..TOTAL / chunk.len() {
+            c.sh.handle_agent_packet(&c.agent, Packet::data(7, chunk.clone()));
+        }
+        // The client gives window back only once all of it is used.
+        let (mut got, mut unacked) = (0usize, 0usize);
+        while got < TOTAL {
+            let (h, p) = c.until(kind::DATA).await;
+            assert_eq!(h.stream, 1);
+            got += p.len();
+            unacked += p.len();
+            if unacked >= (4 << 20) - (64 << 10) {
+                let mut inc = BytesMut::new();
+                h2::window_update(&mut inc, 1, unacked as u32);
+                c.send(&inc).await;
+                unacked = 0;
+            }
+        }
+        // Payloads plus each message's framing, nothing lost.
+        assert!(got >= TOTAL, "{got}");
     }
 
     #[tokio::test]
