@@ -7,7 +7,7 @@
 //! a static-table index or a literal "without indexing", which any decoder
 //! accepts and which leaves both dynamic tables untouched. Decoding what
 //! clients send needs the full HPACK (Huffman, dynamic table): that is
-//! `httlib-hpack`'s job, behind [`HeaderDecoder`].
+//! [`HeaderDecoder`]'s job.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -85,30 +85,221 @@ fn protocol(reason: &'static str) -> ConnError {
     conn_error(code::PROTOCOL_ERROR, reason)
 }
 
-/// The HPACK decoder of one connection (its dynamic table follows the
-/// client's encoder, so every header block must pass through it in order).
-pub struct HeaderDecoder(httlib_hpack::Decoder<'static>);
+/// The HPACK decoder of one connection (RFC 7541): its dynamic table
+/// follows the client's encoder, so every header block passes through it,
+/// in order. Written here because the HPACK crates on crates.io fell short:
+/// loona-hpack builds a Huffman HashMap per string (~40% of the server's CPU
+/// per dial) and httlib-hpack panics on truncated input (found by the
+/// `grpc_frontend` fuzz target). Huffman strings are httlib-huffman's job.
+#[derive(Default)]
+pub struct HeaderDecoder {
+    table: std::collections::VecDeque<TableEntry>,
+    /// Sum of entry sizes (name + value + 32 each, RFC 7541 section 4.1).
+    size: usize,
+    /// Current limit; `None` until the client sets one: the 4096-octet
+    /// default, as we never advertise SETTINGS_HEADER_TABLE_SIZE.
+    limit: Option<usize>,
+}
 
-impl Default for HeaderDecoder {
-    fn default() -> Self {
-        HeaderDecoder(httlib_hpack::Decoder::with_dynamic_size(4096))
+/// A dynamic-table entry: name, value.
+type TableEntry = (Box<[u8]>, Box<[u8]>);
+
+/// SETTINGS_HEADER_TABLE_SIZE's default, the most a client may use with us.
+const HPACK_TABLE_MAX: usize = 4096;
+
+/// RFC 7541 Appendix A.
+const STATIC_TABLE: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+fn compression(reason: &'static str) -> ConnError {
+    conn_error(code::COMPRESSION_ERROR, reason)
+}
+
+/// An HPACK integer with an `n`-bit prefix: (value, octets used).
+fn hpack_read_int(b: &[u8], n: u32) -> Result<(usize, usize), ConnError> {
+    let max = (1usize << n) - 1;
+    let first = *b.first().ok_or(compression("truncated integer"))?;
+    let mut value = first as usize & max;
+    if value < max {
+        return Ok((value, 1));
     }
+    for (i, &byte) in b.iter().enumerate().skip(1) {
+        let shift = 7 * (i - 1);
+        if shift > 28 {
+            return Err(compression("integer too large"));
+        }
+        value += ((byte & 0x7f) as usize) << shift;
+        if byte & 0x80 == 0 {
+            return Ok((value, i + 1));
+        }
+    }
+    Err(compression("truncated integer"))
+}
+
+/// An HPACK string literal: (octets, octets used).
+fn hpack_read_string(b: &[u8]) -> Result<(std::borrow::Cow<'_, [u8]>, usize), ConnError> {
+    let huffman = b.first().is_some_and(|f| f & 0x80 != 0);
+    let (len, n) = hpack_read_int(b, 7)?;
+    let end = n
+        .checked_add(len)
+        .filter(|end| *end <= b.len())
+        .ok_or(compression("string past the end of the block"))?;
+    let raw = &b[n..end];
+    if !huffman {
+        return Ok((std::borrow::Cow::Borrowed(raw), end));
+    }
+    let mut out = Vec::with_capacity(raw.len() * 8 / 5 + 1);
+    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
+        .map_err(|_| compression("invalid Huffman string"))?;
+    Ok((std::borrow::Cow::Owned(out), end))
 }
 
 impl HeaderDecoder {
+    fn limit(&self) -> usize {
+        self.limit.unwrap_or(HPACK_TABLE_MAX)
+    }
+
+    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), ConnError> {
+        match index {
+            0 => Err(compression("index 0")),
+            1..=61 => {
+                let (n, v) = STATIC_TABLE[index - 1];
+                Ok((n.as_bytes(), v.as_bytes()))
+            }
+            _ => self
+                .table
+                .get(index - 62)
+                .map(|(n, v)| (&n[..], &v[..]))
+                .ok_or(compression("index past the dynamic table")),
+        }
+    }
+
+    fn evict_to(&mut self, room: usize) {
+        while self.size > room {
+            let (n, v) = self.table.pop_back().expect("size counts the entries");
+            self.size -= n.len() + v.len() + 32;
+        }
+    }
+
+    fn insert(&mut self, name: &[u8], value: &[u8]) {
+        let size = name.len() + value.len() + 32;
+        if size > self.limit() {
+            // An entry larger than the table empties it (section 4.4).
+            self.evict_to(0);
+            return;
+        }
+        self.evict_to(self.limit() - size);
+        self.table.push_front((name.into(), value.into()));
+        self.size += size;
+    }
+
     /// Calls `field` with each name and value of a complete header block.
     pub fn decode(
         &mut self,
         block: &[u8],
         mut field: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), ConnError> {
-        let mut buf = block.to_vec();
-        let mut fields = Vec::new();
-        self.0
-            .decode(&mut buf, &mut fields)
-            .map_err(|_| conn_error(code::COMPRESSION_ERROR, "undecodable header block"))?;
-        for (name, value, _) in &fields {
-            field(name, value);
+        let mut rest = block;
+        let mut fields = 0;
+        while let Some(&first) = rest.first() {
+            if first & 0x80 != 0 {
+                let (index, n) = hpack_read_int(rest, 7)?;
+                rest = &rest[n..];
+                let (name, value) = self.entry(index)?;
+                field(name, value);
+            } else if first & 0xe0 == 0x20 {
+                // Size updates come before the block's first field.
+                if fields > 0 {
+                    return Err(compression("table size update after a field"));
+                }
+                let (size, n) = hpack_read_int(rest, 5)?;
+                rest = &rest[n..];
+                if size > HPACK_TABLE_MAX {
+                    return Err(compression("table size above SETTINGS_HEADER_TABLE_SIZE"));
+                }
+                self.limit = Some(size);
+                self.evict_to(size);
+                continue;
+            } else {
+                let indexing = first & 0x40 != 0;
+                let (index, n) = hpack_read_int(rest, if indexing { 6 } else { 4 })?;
+                rest = &rest[n..];
+                let name = if index == 0 {
+                    let (name, n) = hpack_read_string(rest)?;
+                    rest = &rest[n..];
+                    name.into_owned()
+                } else {
+                    self.entry(index)?.0.to_vec()
+                };
+                let (value, n) = hpack_read_string(rest)?;
+                rest = &rest[n..];
+                field(&name, &value);
+                if indexing {
+                    self.insert(&name, &value);
+                }
+            }
+            fields += 1;
         }
         Ok(())
     }
@@ -418,6 +609,85 @@ pub(crate) mod tests {
         let head = Head::parse(out).unwrap();
         assert_eq!(out.len(), HEAD_LEN + head.len, "exactly one frame");
         (head, &out[HEAD_LEN..])
+    }
+
+    /// Blocks from an independent encoder (httlib-hpack's): Huffman or
+    /// plain, indexed, never indexed, a shrunken table that evicts.
+    #[test]
+    fn header_decoder_follows_an_independent_encoder() {
+        use httlib_hpack::Encoder;
+        let mut enc = Encoder::default();
+        let mut dec = HeaderDecoder::default();
+        let field = |n: &str, v: &str| (n.as_bytes().to_vec(), v.as_bytes().to_vec());
+        let blocks = [
+            vec![
+                field(":method", "POST"),
+                field(":path", "/ProxyService/Proxy"),
+                field("content-type", "application/grpc"),
+            ],
+            vec![
+                field("user-agent", "grpc-go/1.60.1"),
+                field("te", "trailers"),
+                field("x-long", &"v".repeat(300)),
+            ],
+            vec![
+                field(":path", "/ProxyService/Proxy"),
+                field("user-agent", "grpc-go/1.60.1"),
+                field("grpc-timeout", "5S"),
+            ],
+        ];
+        let flag_sets = [
+            Encoder::BEST_FORMAT
+                | Encoder::WITH_INDEXING
+                | Encoder::HUFFMAN_NAME
+                | Encoder::HUFFMAN_VALUE,
+            Encoder::BEST_FORMAT | Encoder::WITH_INDEXING,
+            Encoder::NEVER_INDEXED | Encoder::HUFFMAN_VALUE,
+            Encoder::BEST_FORMAT,
+        ];
+        for round in 0..3 {
+            for flags in flag_sets {
+                for block in &blocks {
+                    let mut wire = Vec::new();
+                    if round == 1 {
+                        // Shrink the table: later entries evict earlier ones.
+                        enc.update_max_dynamic_size(120, &mut wire).unwrap();
+                    }
+                    for (n, v) in block {
+                        enc.encode((n.clone(), v.clone(), flags), &mut wire)
+                            .unwrap();
+                    }
+                    let mut got = Vec::new();
+                    dec.decode(&wire, |n, v| got.push((n.to_vec(), v.to_vec())))
+                        .unwrap();
+                    assert_eq!(&got, block, "round {round} flags {flags:#x}");
+                    assert!(dec.size <= dec.limit());
+                }
+            }
+        }
+        assert_eq!(dec.limit(), 120);
+    }
+
+    #[test]
+    fn header_decoder_refuses_malformed_blocks() {
+        let bad: [&[u8]; 9] = [
+            &[0x80],                                     // index 0
+            &[0xbf, 0x80],                               // truncated integer
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], // integer too large
+            &[0xc0 | 62],                                // empty dynamic table
+            &[0x00, 0x05, b'a'],                         // name past the end
+            &[0x00],                                     // no name at all
+            &[0x04],                                     // no value at all
+            &[0x3f, 0xe2, 0x1f],                         // size update to 4097
+            &[0x82, 0x20],                               // size update after a field
+        ];
+        for b in bad {
+            let r = HeaderDecoder::default().decode(b, |_, _| {});
+            assert_eq!(r.unwrap_err().code, code::COMPRESSION_ERROR, "{b:?}");
+        }
+        // An invalid Huffman string (EOS padding of more than 7 bits).
+        let r = HeaderDecoder::default().decode(&[0x04, 0x82, 0xff, 0xff], |_, _| {});
+        assert!(r.is_err());
     }
 
     #[test]
