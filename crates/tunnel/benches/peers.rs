@@ -12,7 +12,8 @@
 //!   BENCH_MIB          bytes per throughput row (default 1024)
 //!   BENCH_DIALS        dials per dials/s row (default 4000)
 //!   BENCH_IDLE         idle connections for the memory row (default 10000)
-//!   BENCH_PEERS        comma list to run (direct,http,grpc,ssh,ssh-gcm,rathole)
+//!   BENCH_PEERS        comma list to run (direct,http,grpc,ssh,ssh-gcm,rathole,
+//!                      rathole-noise)
 //!   BENCH_SOAK=N       soak instead: N dials (64 at a time) through the
 //!                      HTTP-CONNECT tunnel, sampling RSS and fds
 //!   BENCH_SOAK_SECS    soak time budget (default 600); stops early and
@@ -356,16 +357,53 @@ fn rathole_bin() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// A rathole Noise key pair, from `rathole --genkey` (private, public).
+fn rathole_keys(bin: &Path) -> (String, String) {
+    let out = Command::new(bin).arg("--genkey").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "Private Key:\n<base64>\n\nPublic Key:\n<base64>"
+    let keys: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.ends_with(':'))
+        .collect();
+    assert_eq!(keys.len(), 2, "rathole --genkey printed {text:?}");
+    (keys[0].to_string(), keys[1].to_string())
+}
+
+/// The Noise pattern of the encrypted rathole row: AES-GCM, the AEAD our
+/// agent link negotiates, so both pay for the same cipher.
+const RATHOLE_NOISE: &str = "Noise_NK_25519_AESGCM_SHA256";
+
 /// rathole server (the public side) and client (beside the backend), TCP
-/// transport, configs written here.
-fn start_rathole(bin: &Path, dir: &Path, backend: u16) -> (Vec<ChildGuard>, u16) {
+/// transport, or Noise over TCP when `noise` holds a key pair; configs
+/// written here.
+fn start_rathole(
+    bin: &Path,
+    dir: &Path,
+    backend: u16,
+    noise: Option<(String, String)>,
+) -> (Vec<ChildGuard>, u16) {
     let (ctl, fwd) = (free_port(), free_port());
     let s = dir.join("rathole-server.toml");
     let c = dir.join("rathole-client.toml");
+    let (server_transport, client_transport) = match &noise {
+        None => (String::new(), String::new()),
+        Some((private, public)) => (
+            format!(
+                "[server.transport]\ntype = \"noise\"\n[server.transport.noise]\n\
+                 pattern = \"{RATHOLE_NOISE}\"\nlocal_private_key = \"{private}\"\n\n"
+            ),
+            format!(
+                "[client.transport]\ntype = \"noise\"\n[client.transport.noise]\n\
+                 pattern = \"{RATHOLE_NOISE}\"\nremote_public_key = \"{public}\"\n\n"
+            ),
+        ),
+    };
     std::fs::write(
         &s,
         format!(
-            "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n[server.services.bench]\n\
+            "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\n{server_transport}[server.services.bench]\n\
              token = \"bench-token\"\nbind_addr = \"127.0.0.1:{fwd}\"\n"
         ),
     )
@@ -373,7 +411,7 @@ fn start_rathole(bin: &Path, dir: &Path, backend: u16) -> (Vec<ChildGuard>, u16)
     std::fs::write(
         &c,
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n[client.services.bench]\n\
+            "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\n{client_transport}[client.services.bench]\n\
              token = \"bench-token\"\nlocal_addr = \"127.0.0.1:{backend}\"\n"
         ),
     )
@@ -487,7 +525,7 @@ fn main() {
     let idle_n: usize = env_or("BENCH_IDLE", if quick { 500 } else { 10_000 });
     let soak: u64 = env_or("BENCH_SOAK", 0);
     let peers: Vec<String> = std::env::var("BENCH_PEERS")
-        .unwrap_or_else(|_| "direct,http,grpc,ssh,ssh-gcm,rathole".into())
+        .unwrap_or_else(|_| "direct,http,grpc,ssh,ssh-gcm,rathole,rathole-noise".into())
         .split(',')
         .map(str::to_string)
         .collect();
@@ -597,28 +635,32 @@ fn main() {
             );
         }
     }
-    if want("rathole") {
-        if let Some(bin) = rathole_bin() {
-            let (procs, port) = start_rathole(&bin, dir.path(), backend_port);
-            let roots = procs.iter().map(|c| c.0.id()).collect();
-            // rathole's server holds two descriptors per connection (visitor
-            // and data channel): keep it under the descriptor limit.
-            let cap = ((nofile as usize).saturating_sub(500) / 2).min(idle_n);
-            if cap < idle_n {
-                notes.push(format!(
-                    "rathole idle row at {cap} connections: its server needs 2 fds per connection and RLIMIT_NOFILE is {nofile}"
-                ));
-            }
-            measure(
-                "rathole (TCP transport)",
-                Via::Tcp(([127, 0, 0, 1], port).into()),
-                roots,
-                cap,
-            );
-            drop(procs);
-        } else {
-            notes.push("rathole skipped: not installed (scripts/install-bench-tools.sh)".into());
+    for (key, name, noise) in [
+        ("rathole", "rathole (TCP transport)", false),
+        ("rathole-noise", "rathole (Noise, AES-GCM)", true),
+    ] {
+        if !want(key) {
+            continue;
         }
+        let Some(bin) = rathole_bin() else {
+            notes.push(format!(
+                "{name} skipped: not installed (scripts/install-bench-tools.sh)"
+            ));
+            continue;
+        };
+        let keys = noise.then(|| rathole_keys(&bin));
+        let (procs, port) = start_rathole(&bin, dir.path(), backend_port, keys);
+        let roots = procs.iter().map(|c| c.0.id()).collect();
+        // rathole's server holds two descriptors per connection (visitor
+        // and data channel): keep it under the descriptor limit.
+        let cap = ((nofile as usize).saturating_sub(500) / 2).min(idle_n);
+        if cap < idle_n {
+            notes.push(format!(
+                "{name} idle row at {cap} connections: its server needs 2 fds per connection and RLIMIT_NOFILE is {nofile}"
+            ));
+        }
+        measure(name, Via::Tcp(([127, 0, 0, 1], port).into()), roots, cap);
+        drop(procs);
     }
     drop(backend_proc);
 
@@ -663,7 +705,8 @@ fn main() {
         for (peer, goal) in [
             ("ssh -R (default", 2.0),
             ("ssh -R (aes128", 2.0),
-            ("rathole", 1.0),
+            ("rathole (TCP", 1.0),
+            ("rathole (Noise", 1.0),
         ] {
             let Some(p) = find(peer) else { continue };
             let mem = match (o.kib_per_conn, p.kib_per_conn) {
