@@ -429,9 +429,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if let Poll::Ready(Err(_)) = self.out.poll_write(&mut self.io, cx) {
                 return Poll::Ready(());
             }
-            // Output that left may reopen reading (skipped above the high
-            // water mark, so no read wake-up is registered) and popping.
-            progress |= self.out.len() < queued;
+            // Output that fell below the high-water mark reopens reading and
+            // popping, both skipped above it (so no read wake-up is
+            // registered): go round again rather than wait.
+            progress |= queued >= OUT_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
             if self.closing() {
                 if self.out.len() == 0 {
                     let _ = Pin::new(&mut self.io).poll_shutdown(cx);
