@@ -1241,6 +1241,8 @@ mod tests {
         buf: Vec<u8>,
         sh: Arc<Shared>,
         agent: Arc<Backend>,
+        /// How long a read may wait for the server.
+        patience: Duration,
     }
 
     fn connect() -> Client {
@@ -1248,6 +1250,10 @@ mod tests {
     }
 
     fn connect_with(opts: crate::server::ServerOptions) -> Client {
+        connect_keepalive(opts, Duration::ZERO)
+    }
+
+    fn connect_keepalive(opts: crate::server::ServerOptions, keepalive: Duration) -> Client {
         let sh = ProxyServer::new(opts).shared;
         let (tx, mut rx) = mpsc::channel::<Packet>(64);
         let agent = Arc::new(Backend::new(
@@ -1272,12 +1278,13 @@ mod tests {
         });
         // A socket buffer smaller than the server's output high-water mark.
         let (io, server) = tokio::io::duplex(64 << 10);
-        tokio::spawn(serve(sh.clone(), server, Duration::ZERO));
+        tokio::spawn(serve(sh.clone(), server, keepalive));
         Client {
             io,
             buf: Vec::new(),
             sh,
             agent,
+            patience: Duration::from_secs(5),
         }
     }
 
@@ -1310,9 +1317,9 @@ mod tests {
                     return Some((h, payload));
                 }
                 let mut tmp = vec![0u8; 1 << 16];
-                let n = tokio::time::timeout(Duration::from_secs(5), self.io.read(&mut tmp))
+                let n = tokio::time::timeout(self.patience, self.io.read(&mut tmp))
                     .await
-                    .expect("the server answers within 5 s")
+                    .expect("the server answers in time")
                     .unwrap_or(0);
                 if n == 0 {
                     return None;
@@ -1600,6 +1607,57 @@ mod tests {
                 .grpc_connections
                 .with_label_values(&[PROXY_PATH]);
         assert_eq!(streams.get(), 0);
+    }
+
+    /// Time is paused: the runtime jumps to each deadline once idle.
+    #[tokio::test(start_paused = true)]
+    async fn silent_clients_are_dropped_and_answering_ones_kept() {
+        // No preface within the handshake deadline.
+        let mut c = connect();
+        c.patience = Duration::from_secs(86_400);
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(c.frame().await.unwrap().0.kind, kind::SETTINGS);
+        while c.frame().await.is_some() {}
+        assert!(t0.elapsed() >= HANDSHAKE_TIMEOUT);
+        assert_eq!(
+            c.sh.metrics
+                .bad_input_total
+                .with_label_values(&["h2_handshake_timeout"])
+                .get(),
+            1
+        );
+
+        // Keepalive every 30 s: a client that answers stays for hours.
+        let mut c = connect_keepalive(small_options(0, 0), Duration::from_secs(30));
+        c.patience = Duration::from_secs(86_400);
+        c.send(&grpc_call_start(1)).await;
+        for _ in 0..200 {
+            let (h, p) = c.until(kind::PING).await;
+            assert_eq!(h.flags, 0);
+            c.send_frame(kind::PING, flag::ACK, 0, &p).await;
+        }
+        assert!(t0.elapsed() >= Duration::from_secs(200 * 30));
+        // One that stops answering is dropped 20 s after the next ping.
+        c.until(kind::PING).await;
+        let silent = tokio::time::Instant::now();
+        while c.frame().await.is_some() {}
+        assert!(silent.elapsed() >= PING_TIMEOUT);
+        assert_eq!(
+            c.sh.metrics
+                .bad_input_total
+                .with_label_values(&["h2_ping_timeout"])
+                .get(),
+            1
+        );
+        let streams =
+            c.sh.metrics
+                .grpc_connections
+                .with_label_values(&[PROXY_PATH]);
+        assert_eq!(
+            streams.get(),
+            0,
+            "the dropped connection's call is released"
+        );
     }
 
     #[tokio::test]
