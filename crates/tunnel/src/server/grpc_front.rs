@@ -171,6 +171,21 @@ impl Inbox {
         out.freeze()
     }
 
+    /// A short partial message left waiting keeps only its own bytes, not
+    /// the 64 KiB read buffers its pieces are slices of (a client that
+    /// sends a few bytes and stops must not pin a read buffer).
+    fn compact(&mut self) {
+        if self.len == 0 || self.len > 4096 {
+            return;
+        }
+        let mut own = Vec::with_capacity(self.len);
+        for c in &self.chunks {
+            own.extend_from_slice(c);
+        }
+        self.chunks.clear();
+        self.chunks.push_back(Bytes::from(own));
+    }
+
     /// The next complete gRPC message as a packet, with the bytes it took.
     fn next_packet(&mut self) -> Result<Option<(Packet, usize)>, CallError> {
         let Some(prefix) = self.peek_prefix() else {
@@ -1019,6 +1034,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                     progress = true;
                 }
                 Ok(None) => {
+                    s.inbox.compact();
                     if s.recv_closed {
                         if s.inbox.len > 0 {
                             tracing::debug!(stream = s.id, "client stream ended inside a message");
@@ -1375,6 +1391,30 @@ mod tests {
             .find(|(n, _)| n == "grpc-status")
             .expect("grpc-status")
             .1
+    }
+
+    #[test]
+    fn a_waiting_partial_message_does_not_pin_the_read_buffer() {
+        let read_buffer = Bytes::from(vec![0u8; 64 << 10]);
+        let message = grpc_message(&Packet::data(7, Bytes::from_static(b"hello")));
+        let mut inbox = Inbox::default();
+        // Three bytes of a message, as two slices of one big read.
+        inbox.push(read_buffer.slice(100..102));
+        inbox.push(Bytes::copy_from_slice(&message[..1]));
+        assert!(matches!(inbox.next_packet(), Ok(None)));
+        inbox.compact();
+        let big = read_buffer.as_ptr_range();
+        assert_eq!(inbox.chunks.len(), 1);
+        assert!(
+            !big.contains(&inbox.chunks[0].as_ptr()),
+            "still a slice of the read buffer"
+        );
+        assert_eq!(inbox.len, 3);
+        // Large partial messages are left as they are.
+        let mut inbox = Inbox::default();
+        inbox.push(read_buffer.slice(..5000));
+        inbox.compact();
+        assert!(big.contains(&inbox.chunks[0].as_ptr()));
     }
 
     #[test]
