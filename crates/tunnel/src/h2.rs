@@ -512,10 +512,22 @@ fn field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     hpack_string(out, value);
 }
 
+/// A gRPC client's request head for `path` (`:method POST`, `:scheme http`,
+/// `:path`, `content-type: application/grpc`), for tests and the fuzz
+/// harness: the client side of what the frontend decodes.
+pub fn request_block(path: &[u8]) -> Vec<u8> {
+    let mut block = BytesMut::new();
+    block.put_slice(&[0x80 | 3, 0x80 | 6]); // static: :method POST, :scheme http
+    field_indexed_name(&mut block, STATIC_PATH, path);
+    field_indexed_name(&mut block, STATIC_CONTENT_TYPE, b"application/grpc");
+    block.to_vec()
+}
+
 /// Static table: `:status: 200` (8), `:status` (name, 8), `content-type` (31).
 const STATIC_STATUS_200: u8 = 0x80 | 8;
 const STATIC_STATUS: usize = 8;
 const STATIC_CONTENT_TYPE: usize = 31;
+const STATIC_PATH: usize = 4;
 
 fn header_block(out: &mut BytesMut, stream: u32, end_stream: bool, block: &[u8]) {
     Head {

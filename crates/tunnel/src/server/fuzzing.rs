@@ -377,25 +377,12 @@ pub fn grpc_frontend(input: &[u8], valid_start: bool, dial_error: &str) -> Vec<u
 }
 
 /// A client's preface, empty SETTINGS and the HEADERS of a Proxy call on
-/// stream `id` (HPACK: static-table entries and literals without indexing).
+/// stream `id`.
 pub fn grpc_call_start(id: u32) -> Vec<u8> {
     let mut out = bytes::BytesMut::new();
     out.extend_from_slice(crate::h2::PREFACE);
     crate::h2::settings(&mut out, &[]);
-    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
-    for (index, value) in [
-        (4u8, &b"/ProxyService/Proxy"[..]),
-        (31, b"application/grpc"),
-    ] {
-        // Literal without indexing, indexed name (4-bit prefix).
-        if index < 15 {
-            block.push(index);
-        } else {
-            block.extend_from_slice(&[0x0f, index - 15]);
-        }
-        block.push(value.len() as u8);
-        block.extend_from_slice(value);
-    }
+    let block = crate::h2::request_block(b"/ProxyService/Proxy");
     crate::h2::Head {
         len: block.len(),
         kind: crate::h2::kind::HEADERS,
