@@ -5,7 +5,7 @@ set -euo pipefail
 debian_packages=(
   nftables iptables iproute2 curl
   containerd runc containernetworking-plugins busybox-static
-  protobuf-compiler libprotobuf-dev openssh-server openssh-client haproxy nginx-light
+  openssh-server openssh-client haproxy nginx-light
 )
 missing=()
 for p in "${debian_packages[@]}"; do

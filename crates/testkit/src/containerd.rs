@@ -53,9 +53,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use nix::sched::{CloneFlags, setns};
+use proxyctl_cri_api::runtime::v1 as cri;
+use proxyctl_cri_api::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -558,7 +558,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 }),
                 ..Default::default()
             }),
-            ..Default::default()
         }
     }
 
