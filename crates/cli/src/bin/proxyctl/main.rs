@@ -59,9 +59,14 @@ enum Command {
     /// Prove the policies with real probe traffic; exits non-zero on any mismatch.
     #[cfg(target_os = "linux")]
     Verify(TargetArgs),
-    /// Run a self-contained demonstration in throw-away namespaces (needs root).
+    /// Show the three systems at work in throw-away network namespaces
+    /// (needs root; nothing is left behind, Ctrl-C included): the redirect
+    /// policy, imds-proxy and the Konnectivity tunnel; or only the one named.
     #[cfg(target_os = "linux")]
-    Demo,
+    Demo {
+        #[arg(value_enum)]
+        part: Option<demo::Part>,
+    },
     /// Apply policies to every pod whose labels match, now and as pods start (CRI).
     #[cfg(target_os = "linux")]
     Watch(cri::WatchArgs),
@@ -75,8 +80,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging("info");
     let cli = Cli::parse();
+    // The demo's own lines say what happens; the components' INFO logs
+    // would bury them (RUST_LOG still wins).
+    #[cfg(target_os = "linux")]
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    #[cfg(not(target_os = "linux"))]
+    let quiet = false;
+    init_logging(if quiet { "warn" } else { "info" });
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -152,7 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
         #[cfg(target_os = "linux")]
-        Command::Demo => return demo::run(),
+        Command::Demo { part } => return demo::run(part),
         Command::Certs(args) => certs::run(&args)?,
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
     }
