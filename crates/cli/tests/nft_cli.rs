@@ -152,11 +152,31 @@ fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
             ],
             "exclude-user",
         ),
+        (vec!["add", t, "--outbound-port", "1"], "--allow-proxy-loop"),
+        (vec!["add", t, "--outbound-port", "1"], "--exclude-uid"),
         (
-            vec!["add", "netns:pxt-no-such-namespace", "--outbound-port", "1"],
+            vec!["add", t, "--dns-port", "15053", "--protocol", "udp"],
+            "--allow-proxy-loop",
+        ),
+        (
+            vec!["add", t, "--outbound-port", "1", "--dns-port", "0"],
+            "dns-port",
+        ),
+        (
+            vec![
+                "add",
+                "netns:pxt-no-such-namespace",
+                "--outbound-port",
+                "1",
+                "--exclude-uid",
+                "1",
+            ],
             "no network namespace",
         ),
-        (vec!["add", "bogus", "--outbound-port", "1"], "target"),
+        (
+            vec!["add", "bogus", "--outbound-port", "1", "--exclude-uid", "1"],
+            "target",
+        ),
         (vec!["list", "pid:999999999"], "no network namespace"),
         (vec!["clear", "/nonexistent/ns"], "no network namespace"),
     ];
@@ -168,6 +188,15 @@ fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
             "{args:?} should mention {needle}: {}",
             text(&out)
         );
+        // `check` validates exactly as `add` does: a policy add refuses is
+        // refused by check too, with the same words.
+        if args[0] == "add" && args[1] == t {
+            let mut check = vec!["check"];
+            check.extend_from_slice(&args[2..]);
+            let out = proxyctl(&check);
+            assert_eq!(out.status.code(), Some(2), "{check:?}: {}", text(&out));
+            assert!(text(&out).contains(needle), "{check:?}: {}", text(&out));
+        }
         assert_eq!(
             nft_table(&ns).as_deref(),
             Some(before.as_str()),
@@ -261,8 +290,23 @@ fn add_list_clear_round_trip_through_the_cli() {
     )
     .unwrap();
     let re = proxyctl(&["add", &t, "--file", file.to_str().unwrap()]);
+    // A file whose policy would loop is refused like the flags are.
+    let looping = dir.join("loop.yaml");
+    std::fs::write(&looping, "name: loop\noutboundPort: 15003\n").unwrap();
+    let refused = proxyctl(&["add", &t, "--file", looping.to_str().unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(re.status.success(), "{}", text(&re));
+    assert_eq!(
+        text(&re).trim(),
+        format!("replaced policy mesh in {t}"),
+        "a replace says so"
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("--allow-proxy-loop"),
+        "{}",
+        text(&refused)
+    );
     let json = proxyctl(&["list", &t, "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);

@@ -12,9 +12,15 @@ use proxyctl_testkit::require_root;
 
 const APP: Option<(u32, u32)> = Some((1000, 1000));
 
+/// A policy excluding the proxies' uid (1337), as every real one must; the
+/// test apps run as uid 1000.
 fn policy(name: &str) -> Policy {
     Policy {
         name: name.into(),
+        exclude: Exclusions {
+            uids: vec![1337],
+            ..Default::default()
+        },
         ..Policy::default()
     }
 }
@@ -66,6 +72,7 @@ fn inbound_tcp_is_redirected_to_the_inbound_port() {
             ports: vec!["15020".parse().unwrap()],
             cidrs: vec![format!("{PEER3_V4}/32").parse().unwrap()],
         },
+        exclude: Exclusions::default(),
         ..policy("in")
     };
     nft::add(&pair.target, &p).unwrap();

@@ -43,6 +43,17 @@ pub struct Policy {
     /// Identities whose traffic is never redirected (the proxy itself).
     #[serde(default, skip_serializing_if = "Exclusions::is_empty")]
     pub exclude: Exclusions,
+    /// Accept an outbound redirect that excludes no identity, so the proxy's
+    /// own upstream connections are redirected back into it (a loop, unless
+    /// the proxy bypasses the redirect by other means). Without it such a
+    /// policy is refused. After [`Policy::normalize`] it is true exactly
+    /// when the policy redirects outbound traffic and excludes no identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_proxy_loop: bool,
+    /// Redirect DNS (UDP and TCP to port 53) to this local port with NAT,
+    /// so any DNS server can serve it (conntrack rewrites the replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_port: Option<u16>,
     /// When non-empty, only matching traffic is redirected.
     #[serde(default, rename = "match", skip_serializing_if = "Match::is_empty")]
     pub matching: Match,
@@ -76,6 +87,8 @@ impl Default for Policy {
             protocols: default_protocols(),
             family: Family::Both,
             exclude: Exclusions::default(),
+            allow_proxy_loop: false,
+            dns_port: None,
             matching: Match::default(),
             outbound_exceptions: Exceptions::default(),
             inbound_exceptions: Exceptions::default(),
@@ -101,6 +114,15 @@ impl Policy {
             sort_dedup(&mut exceptions.ports);
             sort_dedup(&mut exceptions.cidrs);
         }
+        // The loop permission only means something where a loop can happen.
+        self.allow_proxy_loop &= self.redirects_outbound() && self.exclude.is_empty();
+    }
+
+    /// Whether local processes' outbound traffic goes to a proxy in this
+    /// namespace (the proxy's own traffic then needs an identity exclusion).
+    /// A destination proxy alone does not count: its proxy runs elsewhere.
+    pub fn redirects_outbound(&self) -> bool {
+        self.outbound_port.is_some() || self.dns_port.is_some()
     }
 
     /// Normalizes, then validates: the form every backend should accept.
