@@ -102,17 +102,15 @@ fn delete(sock: &Socket, e: &Entry) -> io::Result<bool> {
     }
 }
 
-/// Deletes the entries of connections whose destination our rules rewrote
-/// to one of `ports` (TCP or UDP); returns how many were deleted.
-pub(crate) fn flush_nat_to(sock: &Socket, ports: &BTreeSet<u16>) -> io::Result<usize> {
-    if ports.is_empty() {
-        return Ok(0);
-    }
+/// Deletes the entries of TCP and UDP connections whose destination was
+/// rewritten (redirect, DNAT) to any port but those in `spared`; returns
+/// how many were deleted. In a pod's namespace our table is what NATs.
+pub(crate) fn flush_nat_except(sock: &Socket, spared: &BTreeSet<u16>) -> io::Result<usize> {
     let mut deleted = 0;
     for e in dump(sock)? {
         let ours = e.status & IPS_DST_NAT != 0
             && matches!(e.protocol, 6 | 17)
-            && e.reply_src_port.is_some_and(|p| ports.contains(&p));
+            && e.reply_src_port.is_some_and(|p| !spared.contains(&p));
         if ours && delete(sock, &e)? {
             deleted += 1;
         }

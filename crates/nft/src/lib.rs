@@ -123,24 +123,24 @@ pub fn add_with(
     Ok(report)
 }
 
-/// Deletes the conntrack entries NATed to the ports of `changed` that no
-/// policy still in force (`kept`) uses.
+/// After a change to the policies `changed`, deletes the conntrack entries
+/// of every NATed connection except those NATed to a port of a policy the
+/// change left untouched (`kept`): a connection redirected under any earlier
+/// version of a changed policy is re-evaluated, the rest keep going.
 fn flush<'a>(
     sock: &netlink::Socket,
     changed: &[ResolvedPolicy],
     kept: impl Iterator<Item = &'a ResolvedPolicy>,
 ) -> Result<usize, NftError> {
-    let mut ports: std::collections::BTreeSet<u16> =
-        changed.iter().flat_map(|p| nat_ports(&p.policy)).collect();
-    for p in kept {
-        let still = nat_ports(&p.policy);
-        // A replaced policy keeping its port still needs its connections
-        // re-evaluated; only ports of untouched policies are spared.
-        if !changed.iter().any(|c| c.policy.name == p.policy.name) {
-            ports.retain(|port| !still.contains(port));
-        }
+    if changed.is_empty() {
+        return Ok(0);
     }
-    conntrack::flush_nat_to(sock, &ports).map_err(|e| NftError::kernel("flushing conntrack", &e))
+    let spared: std::collections::BTreeSet<u16> = kept
+        .filter(|p| !changed.iter().any(|c| c.policy.name == p.policy.name))
+        .flat_map(|p| nat_ports(&p.policy))
+        .collect();
+    conntrack::flush_nat_except(sock, &spared)
+        .map_err(|e| NftError::kernel("flushing conntrack", &e))
 }
 
 /// The ports a policy's NAT rules rewrite destinations to.
