@@ -101,6 +101,15 @@ impl Policy {
     /// Sorts and de-duplicates every list so that two policies meaning the
     /// same thing compare equal (what `list` reads back is normalized).
     pub fn normalize(&mut self) {
+        // DNS capture always takes UDP and TCP; a policy doing nothing else
+        // has no other traffic for --protocol to choose.
+        if self.dns_port.is_some()
+            && self.outbound_port.is_none()
+            && self.inbound_port.is_none()
+            && self.destination_proxy.is_none()
+        {
+            self.protocols = vec![Protocol::Tcp, Protocol::Udp];
+        }
         sort_dedup(&mut self.protocols);
         sort_dedup(&mut self.exclude.uids);
         sort_dedup(&mut self.exclude.gids);
