@@ -16,6 +16,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::netlink::{self, MsgBuf, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Socket, attr, be32};
 
@@ -26,9 +27,15 @@ const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
 /// The connection's destination was rewritten (redirect or DNAT).
 const IPS_DST_NAT: u32 = 1 << 5;
 
@@ -100,6 +107,52 @@ fn delete(sock: &Socket, e: &Entry) -> io::Result<bool> {
         Err(err) if netlink::errno_of(&err) == Some(libc::ENOENT) => Ok(false),
         Err(err) => Err(err),
     }
+}
+
+/// The (source, destination) of a tuple attribute.
+fn tuple_addrs(tuple: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let ip = attr(tuple, CTA_TUPLE_IP)?;
+    let proto = attr(tuple, CTA_TUPLE_PROTO)?;
+    let port = |ty| -> Option<u16> {
+        Some(u16::from_be_bytes(
+            attr(proto, ty)?.get(0..2)?.try_into().ok()?,
+        ))
+    };
+    let addr = |ty| -> Option<IpAddr> {
+        let v = attr(ip, ty)?;
+        match v.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(v).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(v).ok()?)),
+            _ => None,
+        }
+    };
+    let (src, dst) = match (addr(CTA_IP_V4_SRC), addr(CTA_IP_V4_DST)) {
+        (Some(s), Some(d)) => (s, d),
+        _ => (addr(CTA_IP_V6_SRC)?, addr(CTA_IP_V6_DST)?),
+    };
+    Some((
+        SocketAddr::new(src, port(CTA_PROTO_SRC_PORT)?),
+        SocketAddr::new(dst, port(CTA_PROTO_DST_PORT)?),
+    ))
+}
+
+/// What conntrack decided for the connection `protocol` from `source`: its
+/// original destination, and the port NAT rewrote it to (None: not NATed).
+pub(crate) fn nat_of(
+    sock: &Socket,
+    protocol: u8,
+    source: SocketAddr,
+) -> io::Result<Option<(SocketAddr, Option<u16>)>> {
+    Ok(dump(sock)?.into_iter().find_map(|e| {
+        if e.protocol != protocol {
+            return None;
+        }
+        let (src, dst) = tuple_addrs(&e.orig_tuple)?;
+        (src == source).then_some((
+            dst,
+            e.reply_src_port.filter(|_| e.status & IPS_DST_NAT != 0),
+        ))
+    }))
 }
 
 /// Deletes the entries of TCP and UDP connections whose destination was

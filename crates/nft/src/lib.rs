@@ -30,7 +30,7 @@
 //! destination via IP_RECVORIGDSTADDR), which needs policy routing in the
 //! namespace ([`route`], raw rtnetlink).
 
-mod conntrack;
+pub(crate) mod conntrack;
 mod error;
 pub mod expr;
 pub mod netlink;

@@ -110,10 +110,16 @@ pub fn verify(args: TargetArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     print!("{}", report.table());
+    let unverified = report.unverified();
+    if unverified > 0 {
+        println!(
+            "verify: {unverified} probe(s) could not be observed (NOT VERIFIED: a UDP port in use)"
+        );
+    }
     if report.ok() {
         println!(
-            "verify: all {} probes behaved as the policies say",
-            report.rows.len()
+            "verify: all {} observed probes behaved as the policies say",
+            report.rows.len() - unverified
         );
         Ok(ExitCode::SUCCESS)
     } else {
