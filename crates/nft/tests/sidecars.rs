@@ -344,7 +344,8 @@ fn squid_in_intercept_mode_serves_redirected_http_over_ipv4_and_ipv6() {
              cache_effective_user proxy\n\
              coredump_dir {d}\n\
              visible_hostname pxt-squid\n\
-             shutdown_lifetime 0 seconds\n"
+             shutdown_lifetime 0 seconds\n\
+             pinger_enable off\n"
         ),
     )
     .unwrap();
