@@ -6,6 +6,7 @@ debian_packages=(
   nftables iptables iproute2 curl
   containerd runc containernetworking-plugins busybox-static
   openssh-server openssh-client haproxy nginx-light
+  dnsmasq-base squid shadowsocks-libev
 )
 missing=()
 for p in "${debian_packages[@]}"; do

@@ -103,7 +103,11 @@ struct WatcherWork {
 fn watch_mode(mode: &Mode) -> (Vec<Duration>, Vec<Duration>, WatcherWork) {
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
     // Claimed below the ephemeral range, so no other process takes it
     // before watch binds it.
     let port = proxyctl_testkit::free_port();
@@ -173,7 +177,7 @@ fn plugin_conf() -> serde_json::Value {
         "type": "proxyctl-cni",
         "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "rules": [{"selector": {"annotations": {"proxy": "on"}},
-                   "policies": [{"name": "mesh", "outboundPort": 15001}]}],
+                   "policies": [{"name": "mesh", "outboundPort": 15001, "exclude": {"uids": [1337]}}]}],
     })
 }
 

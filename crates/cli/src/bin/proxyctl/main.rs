@@ -46,6 +46,9 @@ enum Command {
     Check {
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Validate for this backend, exactly as `add` would.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
@@ -134,8 +137,18 @@ fn nft_clear(_: ClearArgs) -> anyhow::Result<ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { policy, output } => {
-            let policies = policy.policies()?;
+        Command::Check {
+            policy,
+            backend,
+            output,
+        } => {
+            let policies = match backend.resolve() {
+                Backend::Hns => hns::checked_policies(&policy)?,
+                #[cfg(target_os = "linux")]
+                _ => linux::checked_policies(&policy)?,
+                #[cfg(not(target_os = "linux"))]
+                _ => return nft_unavailable(),
+            };
             match output {
                 OutputFormat::Table => {
                     for p in &policies {
