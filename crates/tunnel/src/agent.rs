@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsConnector;
@@ -773,6 +773,31 @@ impl RunningAgent {
     }
 }
 
+/// Where the admin port's /metrics sends the client: `host` (from the
+/// request, its port dropped) with the health port, scheme-relative as Go's
+/// `http.Redirect` of a server-side URL writes it.
+fn redirect_target(host: &str, port: u16, path: &str, query: Option<&str>) -> String {
+    let bare = match host.rsplit_once(':') {
+        // "[v6]:port" or "name:port"; a bare v6 literal has more colons.
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
+        {
+            h
+        }
+        _ => host,
+    };
+    let bare = bare.trim_start_matches('[').trim_end_matches(']');
+    let host = if bare.contains(':') {
+        format!("[{bare}]")
+    } else {
+        bare.to_string()
+    };
+    match query {
+        Some(q) => format!("//{host}:{port}{path}?{q}"),
+        None => format!("//{host}:{port}{path}"),
+    }
+}
+
 /// Starts the agent's sync loop and its health and admin ports.
 pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
     let agent = Agent::new(cfg.opts);
@@ -780,12 +805,13 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
     let mut tasks = JoinSet::new();
     let mut health_addr = None;
     if let Some(addr) = cfg.health_addr {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::net::listen(addr)?;
         health_addr = Some(listener.local_addr()?);
         let a = agent.clone();
         let handler: http::Handler = Arc::new(move |path, query| match path {
             "/healthz" => Reply::text(200, "ok"),
-            "/readyz" => {
+            // "/ready": upstream's deprecated spelling, still served.
+            "/readyz" | "/ready" => {
                 let verbose = query.is_some_and(|q| {
                     q.split('&')
                         .any(|k| k == "verbose" || k.starts_with("verbose="))
@@ -813,21 +839,25 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
     }
     let mut admin_addr = None;
     if let Some(addr) = cfg.admin_addr {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::net::listen(addr)?;
         admin_addr = Some(listener.local_addr()?);
-        let target = health_addr.map(|h| format!("http://{h}/metrics"));
+        let health_port = health_addr.map(|h| h.port());
         let a = agent.clone();
-        let handler: http::Handler = Arc::new(move |path, _| match (path, &target) {
-            ("/metrics", Some(t)) => Reply {
-                status: 301,
-                content_type: "text/plain; charset=utf-8",
-                body: String::new(),
-                location: Some(t.clone()),
-            },
-            ("/metrics", None) => Reply::metrics(a.metrics_text()),
-            _ => Reply::not_found(),
-        });
-        tasks.spawn(http::serve(listener, handler, stop.clone()));
+        // As upstream: a 301 to the health port on the host the client
+        // used, so the redirect works behind any address the admin port
+        // is reached by (the health listener's own may be `[::]`).
+        let handler: http::HostHandler =
+            Arc::new(move |path, query, host| match (path, health_port) {
+                ("/metrics", Some(port)) => Reply {
+                    status: 301,
+                    content_type: "text/plain; charset=utf-8",
+                    body: String::new(),
+                    location: Some(redirect_target(host.unwrap_or(""), port, path, query)),
+                },
+                ("/metrics", None) => Reply::metrics(a.metrics_text()),
+                _ => Reply::not_found(),
+            });
+        tasks.spawn(http::serve_with_host(listener, handler, stop.clone()));
     }
     let a = agent.clone();
     tasks.spawn(async move { a.run().await });
@@ -838,4 +868,25 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
         tasks,
         stop,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_target;
+
+    #[test]
+    fn admin_redirect_keeps_the_request_host() {
+        assert_eq!(
+            redirect_target("10.0.0.5:8094", 8093, "/metrics", None),
+            "//10.0.0.5:8093/metrics"
+        );
+        assert_eq!(
+            redirect_target("[::1]:8094", 8093, "/metrics", Some("a=b")),
+            "//[::1]:8093/metrics?a=b"
+        );
+        assert_eq!(
+            redirect_target("node-a", 8093, "/metrics", None),
+            "//node-a:8093/metrics"
+        );
+    }
 }

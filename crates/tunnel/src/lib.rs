@@ -11,7 +11,7 @@
 //! - [`lease`], [`tokenreview`]: what the server and agent ask the Kubernetes
 //!   API (server-count Leases, agent TokenReviews).
 //! - [`h2`]: the HTTP/2 frame layer of the gRPC frontend's own server.
-//! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`]: shared plumbing.
+//! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`], [`net`]: shared plumbing.
 
 pub mod agent;
 pub mod certs;
@@ -21,6 +21,7 @@ pub mod h2;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod net;
 pub mod proto;
 pub mod queue;
 pub mod server;

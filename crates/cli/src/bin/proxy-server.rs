@@ -31,13 +31,15 @@ fn uuid_v4() -> String {
     about = "Konnectivity proxy server (apiserver-network-proxy compatible)."
 )]
 struct Args {
-    /// If non-empty secure communication with this cert.
+    /// Frontend certificate; required for the TCP frontend (with
+    /// --server-key and --server-ca-cert), refused with --uds-name.
     #[arg(long = "server-cert", default_value = "")]
     server_cert: String,
-    /// If non-empty secure communication with this key.
+    /// Frontend key; required for the TCP frontend, refused with --uds-name.
     #[arg(long = "server-key", default_value = "")]
     server_key: String,
-    /// If non-empty the CA we use to validate KAS clients.
+    /// The CA we use to validate KAS clients; required for the TCP frontend,
+    /// refused with --uds-name.
     #[arg(long = "server-ca-cert", default_value = "")]
     server_ca_cert: String,
     /// If non-empty secure communication with this cert.
@@ -73,7 +75,7 @@ struct Args {
     /// Port we listen for admin connections on.
     #[arg(long = "admin-port", default_value_t = 8095)]
     admin_port: u16,
-    /// Bind address for admin connections. If empty, we will bind to localhost.
+    /// Bind address for admin connections. If empty, we will bind to all interfaces.
     #[arg(long = "admin-bind-address", default_value = "127.0.0.1")]
     admin_bind_address: String,
     /// Port we listen for health connections on.
@@ -220,6 +222,36 @@ async fn run(a: Args) -> i32 {
     port_ok("--agent-port", a.agent_port, false);
     port_ok("--admin-port", a.admin_port, false);
     port_ok("--health-port", a.health_port, false);
+    // Secure by default, as upstream: a TCP frontend is mTLS only (an
+    // unauthenticated proxy into the cluster network is never served), and
+    // a unix socket, protected by its file mode, takes no certificates.
+    if a.uds_name.is_empty() {
+        for (flag, value) in [
+            ("--server-cert", &a.server_cert),
+            ("--server-key", &a.server_key),
+            ("--server-ca-cert", &a.server_ca_cert),
+        ] {
+            if value.is_empty() {
+                bad_flag(
+                    flag,
+                    "required for the TCP frontend (--uds-name is empty): --server-cert, --server-key and --server-ca-cert (clients are verified); or serve a unix socket with --uds-name and --server-port=0",
+                );
+            }
+        }
+    } else {
+        for (flag, value) in [
+            ("--server-cert", &a.server_cert),
+            ("--server-key", &a.server_key),
+            ("--server-ca-cert", &a.server_ca_cert),
+        ] {
+            if !value.is_empty() {
+                bad_flag(
+                    flag,
+                    "should not be set with --uds-name (the unix socket is plain)",
+                );
+            }
+        }
+    }
     if a.cluster_cert.is_empty() || a.cluster_key.is_empty() {
         bad_flag(
             "--cluster-cert",
@@ -311,16 +343,7 @@ async fn run(a: Args) -> i32 {
     } else {
         let addr = bind(&a.server_bind_address, a.server_port)
             .unwrap_or_else(|e| bad_flag("--server-bind-address", e));
-        let tls = if a.server_cert.is_empty() && a.server_key.is_empty() {
-            tracing::warn!("no --server-cert/--server-key: the TCP frontend is plaintext");
-            None
-        } else {
-            if a.server_ca_cert.is_empty() {
-                bad_flag(
-                    "--server-ca-cert",
-                    "required in TCP mode with TLS (clients are verified)",
-                );
-            }
+        let tls = {
             let alpn: &[&[u8]] = if mode == FrontendMode::Grpc {
                 &[b"h2"]
             } else {
@@ -362,16 +385,10 @@ async fn run(a: Args) -> i32 {
             bind(&a.health_bind_address, a.health_port)
                 .unwrap_or_else(|e| bad_flag("--health-bind-address", e)),
         ),
+        // Empty: every interface, as upstream (its flag text says localhost).
         admin_addr: Some(
-            bind(
-                if a.admin_bind_address.is_empty() {
-                    "127.0.0.1"
-                } else {
-                    &a.admin_bind_address
-                },
-                a.admin_port,
-            )
-            .unwrap_or_else(|e| bad_flag("--admin-bind-address", e)),
+            bind(&a.admin_bind_address, a.admin_port)
+                .unwrap_or_else(|e| bad_flag("--admin-bind-address", e)),
         ),
         agent_keepalive: a.keepalive_time,
         agent_liveness: a.agent_liveness_interval,
