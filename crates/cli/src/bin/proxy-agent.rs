@@ -107,6 +107,8 @@ struct Args {
     /// Extra: how often server Leases are counted.
     #[arg(long = "lease-poll-interval", default_value = "10s", value_parser = go_duration, hide = true)]
     lease_poll_interval: Duration,
+    /// absolute path to the kubeconfig file (lease counting); empty: the
+    /// pod's service account (in-cluster).
     #[arg(long, default_value = "")]
     kubeconfig: String,
     #[arg(
@@ -144,14 +146,11 @@ async fn run(a: Args) -> i32 {
         bad_flag("--server-count-source", "must be default or max");
     }
     let lease_client = if a.count_server_leases {
-        if a.kubeconfig.is_empty() {
-            bad_flag("--count-server-leases", "needs --kubeconfig");
-        }
         if a.lease_poll_interval.is_zero() {
             bad_flag("--lease-poll-interval", "must be positive");
         }
         Some(
-            konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
+            konnectivity::kube::KubeClient::from_flags(&a.kubeconfig)
                 .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}"))),
         )
     } else {

@@ -115,11 +115,13 @@ struct Args {
     #[arg(long = "agent-service-account", default_value = "")]
     agent_service_account: String,
     /// absolute path to the kubeconfig file (for agent authentication and the
-    /// lease controller; required by both: there is no in-cluster fallback).
+    /// lease controller); empty: the pod's service account (in-cluster).
     #[arg(long, default_value = "")]
     kubeconfig: String,
+    /// Maximum client QPS toward the Kubernetes API (0: 5, as client-go).
     #[arg(long = "kubeconfig-qps", default_value_t = 0.0)]
     kubeconfig_qps: f32,
+    /// Maximum client burst toward the Kubernetes API (0: 10, as client-go).
     #[arg(long = "kubeconfig-burst", default_value_t = 0)]
     kubeconfig_burst: i32,
     #[arg(
@@ -258,11 +260,20 @@ async fn run(a: Args) -> i32 {
             "--cluster-cert and --cluster-key are required (agents connect over TLS)",
         );
     }
-    // Upstream's rules and order; --kubeconfig is needed here because
-    // there is no in-cluster configuration fallback.
+    // Upstream's rules and order. One Kubernetes client serves token
+    // reviews and leases: from --kubeconfig, else the pod's service account.
     let token_auth = !a.agent_namespace.is_empty()
         || !a.agent_service_account.is_empty()
         || !a.authentication_audience.is_empty();
+    let kube = if token_auth || a.enable_lease_controller {
+        Some(
+            konnectivity::kube::KubeClient::from_flags(&a.kubeconfig)
+                .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")))
+                .with_rate_limit(a.kubeconfig_qps, a.kubeconfig_burst.max(0) as u32),
+        )
+    } else {
+        None
+    };
     let agent_auth = if token_auth {
         if !a.cluster_ca_cert.is_empty() {
             bad_flag(
@@ -274,17 +285,14 @@ async fn run(a: Args) -> i32 {
             ("--agent-namespace", &a.agent_namespace),
             ("--agent-service-account", &a.agent_service_account),
             ("--authentication-audience", &a.authentication_audience),
-            ("--kubeconfig", &a.kubeconfig),
         ] {
             if value.is_empty() {
                 bad_flag(flag, "cannot be empty when agent authentication is enabled");
             }
         }
-        let client = konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
-            .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")));
         Some(std::sync::Arc::new(
             konnectivity::tokenreview::AgentTokenAuth {
-                client,
+                client: kube.clone().expect("client made above"),
                 namespace: a.agent_namespace.clone(),
                 service_account: a.agent_service_account.clone(),
                 audience: a.authentication_audience.clone(),
@@ -294,18 +302,13 @@ async fn run(a: Args) -> i32 {
         None
     };
     let lease_controller = if a.enable_lease_controller {
-        if a.kubeconfig.is_empty() {
-            bad_flag("--enable-lease-controller", "needs --kubeconfig");
-        }
         if a.lease_renewal_interval.is_zero() || a.lease_gc_interval.is_zero() {
             bad_flag("--lease-renewal-interval", "must be positive");
         }
-        let client = konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
-            .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")));
         let labels = konnectivity::lease::parse_labels(&a.lease_label)
             .unwrap_or_else(|e| bad_flag("--lease-label", format!("{e:#}")));
         Some(konnectivity::lease::LeaseController {
-            client,
+            client: kube.clone().expect("client made above"),
             server_id: a.server_id.clone(),
             namespace: a.lease_namespace.clone(),
             labels,
