@@ -226,3 +226,73 @@ fn agent_ready_endpoint_and_admin_redirect_use_the_request_host() {
         "{head}"
     );
 }
+
+/// `--cipher-suites` takes Go's names (TLS 1.3 ones included, which Go and
+/// we leave enabled); the TLS 1.2 suite chosen is the one named. A suite Go
+/// knows and rustls lacks is refused with the list of supported names.
+#[test]
+fn cipher_suites_take_go_names() {
+    let st = Stack::start_with(
+        "grpc",
+        &["--cipher-suites=TLS_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"],
+        &[],
+    );
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-tls1_2",
+            "-connect",
+            &format!("127.0.0.1:{}", st.ports.agent),
+            "-cert",
+            "certs/agent/issued/proxy-agent.crt",
+            "-key",
+            "certs/agent/private/proxy-agent.key",
+        ])
+        .current_dir(st.dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ECDHE-ECDSA-CHACHA20-POLY1305"),
+        "TLS 1.2 must use the one suite named: {text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let mut a = server_args(&Ports::new(), "grpc");
+    a.push("--cipher-suites=TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA".into());
+    let (code, err) = run_to_exit("proxy-server", &a, dir.path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA")
+            && err.contains("rustls")
+            && err.contains("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")
+            && err.contains("TLS_AES_256_GCM_SHA384"),
+        "{err}"
+    );
+}
+
+/// The agent checks its flags as upstream: identifier keys it does not
+/// know, a malformed query and a sync interval above its cap exit 2.
+#[test]
+fn agent_flags_validated_as_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let p = Ports::new();
+    for (flag, want) in [
+        (
+            "--agent-identifiers=hostname=a",
+            "unknown address type: hostname",
+        ),
+        ("--agent-identifiers=host=a;ipv4=1.2.3.4", "semicolon"),
+        ("--agent-identifiers=host=%zz", "escape"),
+        ("--sync-interval=11s", "sync interval cap"),
+    ] {
+        let mut a = agent_args(&p);
+        a.retain(|x| !x.starts_with("--sync-interval"));
+        a.push(flag.into());
+        let (code, err) = run_to_exit("proxy-agent", &a, dir.path());
+        assert_eq!(code, Some(2), "{flag}: {err}");
+        assert!(err.contains(want), "{flag}: {err}");
+    }
+}

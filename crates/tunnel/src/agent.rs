@@ -773,6 +773,56 @@ impl RunningAgent {
     }
 }
 
+/// Upstream agent's check of `--agent-identifiers`: a URL query (Go's
+/// `url.ParseQuery`: no `;`, valid `%` escapes) whose keys are all known
+/// identifier types.
+pub fn validate_agent_identifiers(s: &str) -> Result<(), String> {
+    fn decode(part: &str) -> Result<String, String> {
+        let b = part.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' => {
+                    let hex = b
+                        .get(i + 1..i + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| format!("invalid URL escape in {part:?}"))?;
+                    out.push(hex);
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                c => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+    for pair in s.split('&').filter(|p| !p.is_empty()) {
+        if pair.contains(';') {
+            return Err("invalid semicolon separator in query".into());
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = decode(k)?;
+        decode(v)?;
+        if !matches!(
+            key.as_str(),
+            "ipv4" | "ipv6" | "cidr" | "host" | "default-route"
+        ) {
+            return Err(format!(
+                "unknown address type: {key} (known: ipv4, ipv6, cidr, host, default-route)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where the admin port's /metrics sends the client: `host` (from the
 /// request, its port dropped) with the health port, scheme-relative as Go's
 /// `http.Redirect` of a server-side URL writes it.
@@ -872,7 +922,21 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
 
 #[cfg(test)]
 mod tests {
-    use super::redirect_target;
+    use super::{redirect_target, validate_agent_identifiers};
+
+    #[test]
+    fn agent_identifiers_validated_as_upstream() {
+        for ok in [
+            "",
+            "host=node-a&ipv4=10.0.0.1",
+            "ipv6=fd00%3A%3A1&cidr=10.0.0.0%2F8&default-route=1",
+        ] {
+            assert_eq!(validate_agent_identifiers(ok), Ok(()), "{ok}");
+        }
+        for bad in ["uid=1", "hostname=a", "host=a;ipv4=b", "host=%zz", "%4=a"] {
+            assert!(validate_agent_identifiers(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn admin_redirect_keeps_the_request_host() {

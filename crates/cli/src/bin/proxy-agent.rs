@@ -142,6 +142,21 @@ async fn run(a: Args) -> i32 {
     if a.agent_cert.is_empty() != a.agent_key.is_empty() {
         bad_flag("--agent-cert", "--agent-cert and --agent-key go together");
     }
+    if a.sync_interval > a.sync_interval_cap {
+        bad_flag(
+            "--sync-interval",
+            format!(
+                "sync interval {:?} must be less than sync interval cap {:?} (--sync-interval-cap)",
+                a.sync_interval, a.sync_interval_cap
+            ),
+        );
+    }
+    if let Err(e) = agent::validate_agent_identifiers(&a.agent_identifiers) {
+        bad_flag(
+            "--agent-identifiers",
+            format!("agent address is invalid: {e}"),
+        );
+    }
     if !matches!(a.server_count_source.as_str(), "default" | "max") {
         bad_flag("--server-count-source", "must be default or max");
     }

@@ -122,11 +122,22 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Go's `strconv.ParseBool`.
+fn go_parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 impl Identifiers {
     /// Parses `host=a&ipv4=1.2.3.4&ipv6=..&default-route=true`; unknown keys
-    /// are ignored, as upstream's server does.
+    /// are ignored, as upstream's server does. `default-route` takes its
+    /// first value, read as Go's `strconv.ParseBool`.
     pub(crate) fn parse(s: &str) -> Self {
         let mut ids = Identifiers::default();
+        let mut default_route_seen = false;
         for pair in s.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v);
@@ -134,7 +145,10 @@ impl Identifiers {
                 "host" => ids.hosts.push(v),
                 "ipv4" => ids.ipv4.push(v),
                 "ipv6" => ids.ipv6.push(v),
-                "default-route" => ids.default_route = v == "true",
+                "default-route" if !default_route_seen => {
+                    default_route_seen = true;
+                    ids.default_route = go_parse_bool(&v) == Some(true);
+                }
                 _ => {}
             }
         }
@@ -1170,6 +1184,21 @@ mod tests {
         assert_eq!(ids.ipv4, vec!["1.2.3.4"]);
         assert_eq!(ids.ipv6, vec!["::1"]);
         assert!(ids.default_route);
+        // strconv.ParseBool spellings; the first value counts.
+        for (v, want) in [
+            ("1", true),
+            ("T", true),
+            ("True", true),
+            ("0", false),
+            ("yes", false),
+        ] {
+            assert_eq!(
+                Identifiers::parse(&format!("default-route={v}")).default_route,
+                want,
+                "{v}"
+            );
+        }
+        assert!(!Identifiers::parse("default-route=false&default-route=true").default_route);
         assert_eq!(dial_host("[::1]:80"), "::1");
         assert_eq!(dial_host("1.2.3.4:80"), "1.2.3.4");
         assert_eq!(dial_host("node1"), "node1");
