@@ -296,3 +296,113 @@ fn agent_flags_validated_as_upstream() {
         assert!(err.contains(want), "{flag}: {err}");
     }
 }
+
+/// A second SIGTERM or SIGINT during a graceful shutdown exits at once with
+/// status 1, as upstream; until then the server waits for its connection.
+#[test]
+fn second_signal_during_graceful_shutdown_exits_1() {
+    use tokio::io::AsyncWriteExt;
+    let backend = HttpServer::start();
+    for second in [SIGTERM, 2] {
+        let mut st = Stack::start_with("grpc", &["--graceful-shutdown-timeout=120s"], &[]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let target = format!("127.0.0.1:{}", backend.port);
+        let _open = rt.block_on(async {
+            let ch = konnectivity::client::grpc_channel(&st.frontend())
+                .await
+                .unwrap();
+            let mut io = konnectivity::client::grpc_dial(ch, &target).await.unwrap();
+            io.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            io
+        });
+        wait_for(
+            "the connection established",
+            Duration::from_secs(30),
+            || {
+                metric(
+                    st.ports.health,
+                    "konnectivity_network_proxy_server_established_connections",
+                ) == 1.0
+            },
+        );
+        st.server.signal(SIGTERM);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            st.server.alive(),
+            "graceful shutdown must wait:\n{}",
+            st.logs()
+        );
+        st.server.signal(second);
+        let code = st.server.wait_exit(Duration::from_secs(20));
+        assert_eq!(code, Some(1), "second signal {second}:\n{}", st.logs());
+        drop(rt);
+    }
+}
+
+/// A rollout behind a load balancer: the agent holds an old server that
+/// says `--server-count=3`, then reaches a new one that says 1. With
+/// `--sync-forever` it keeps dialling the balancer and lands on the old
+/// server again and again; those duplicate connections must not bring its
+/// stale count back (upstream's fix for the same bug): the agent's target
+/// stays 1.
+#[test]
+fn duplicate_connection_to_an_old_server_keeps_the_new_count() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let (old, new) = (Ports::new(), Ports::new());
+    let server = |p: &Ports, id: &str, count: u32| {
+        let mut sa = server_args(p, "grpc");
+        sa.push(format!("--server-id={id}"));
+        sa.push(format!("--server-count={count}"));
+        Proc::spawn(&bin("proxy-server"), &sa, dir.path(), id)
+    };
+    let _old = server(&old, "old", 3);
+    let (_lb, lb_port) = haproxy(dir.path(), &[old, new]);
+    let mut aa = agent_args(&old);
+    aa.retain(|a| !a.starts_with("--proxy-server-port") && !a.starts_with("--sync-interval"));
+    aa.extend(s(&[
+        "--sync-forever",
+        "--v=5",
+        "--sync-interval=100ms",
+        "--sync-interval-cap=200ms",
+    ]));
+    aa.push(format!("--proxy-server-port={lb_port}"));
+    let agent = Proc::spawn(&bin("proxy-agent"), &aa, dir.path(), "agent");
+    let count = || {
+        metric(
+            old.agent_health,
+            "konnectivity_network_proxy_agent_known_server_count",
+        )
+    };
+    wait_for("agent on the old server", Duration::from_secs(30), || {
+        count() == 3.0
+    });
+    let _new = server(&new, "new", 1);
+    wait_for("agent on the new server", Duration::from_secs(30), || {
+        metric(
+            old.agent_health,
+            "konnectivity_network_proxy_agent_open_server_connections",
+        ) == 2.0
+    });
+    wait_for("the new count", Duration::from_secs(30), || count() == 1.0);
+    // Several more rounds of duplicates to both servers; the count is
+    // watched all along.
+    let dups = |log: &str| log.matches("already connected").count();
+    let before = dups(&agent.log_text());
+    let mut seen = std::collections::BTreeSet::new();
+    wait_for("duplicate connections", Duration::from_secs(30), || {
+        seen.insert(count() as i64);
+        dups(&agent.log_text()) >= before + 6
+    });
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec![1],
+        "{}",
+        agent.log_text()
+    );
+}

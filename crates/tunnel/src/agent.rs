@@ -231,6 +231,8 @@ impl Agent {
             }
             let addrs = o.servers.len().max(1);
             let target = sh.target_count().max(if addrs > 1 { addrs } else { 1 });
+            // As upstream: the count the agent works toward, leases included.
+            sh.metrics.known_server_count.set(target as i64);
             let have = sh.servers.lock().unwrap().len();
             let mut pause = o.sync_interval;
             if !sh.draining.load(Ordering::Relaxed)
@@ -380,8 +382,6 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     let count: usize = counts[0]
         .parse()
         .map_err(|_| anyhow::anyhow!("bad server count {:?}", counts[0]))?;
-    sh.server_count.store(count.max(1), Ordering::Relaxed);
-    sh.metrics.known_server_count.set(count as i64);
     let server_id = ids[0].to_string();
     let flow_window = md
         .get(headers::FLOW_WINDOW)
@@ -409,6 +409,10 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         }
         servers.insert(server_id.clone(), conn.clone());
         sh.metrics.open_server_connections.set(servers.len() as i64);
+        // Only a new, unique server's count is taken: during a rollout a
+        // second connection to an old server must not bring back its
+        // stale count (as upstream since its fix for this).
+        sh.server_count.store(count.max(1), Ordering::Relaxed);
     }
     tracing::info!(%server_id, server = %format!("{host}:{port}"), count, "connected to proxy server");
     if sh.draining.load(Ordering::Relaxed) {

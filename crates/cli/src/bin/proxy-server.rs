@@ -410,23 +410,56 @@ async fn run(a: Args) -> i32 {
             let _ = lease_stopped.await;
         }))
     });
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let mut signals = Signals::new();
+    signals.next().await;
+    tracing::info!("shutting down");
+    let stop = async {
+        let _ = lease_stop.send(());
+        if let Some(t) = lease_task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        running.shutdown(a.graceful_shutdown_timeout).await;
+    };
+    // As upstream: a second SIGTERM or SIGINT during the graceful shutdown
+    // exits at once, with status 1.
+    tokio::select! {
+        _ = stop => 0,
+        _ = signals.next() => {
+            eprintln!("proxy-server: second signal during shutdown: exiting");
+            1
         }
     }
-    // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) only.
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.expect("signal");
-    tracing::info!("shutting down");
-    let _ = lease_stop.send(());
-    if let Some(t) = lease_task {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+}
+
+/// SIGTERM and SIGINT (Ctrl-C elsewhere), one at a time.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                term: signal(SignalKind::terminate()).expect("signal"),
+                int: signal(SignalKind::interrupt()).expect("signal"),
+            }
+        }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    running.shutdown(a.graceful_shutdown_timeout).await;
-    0
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) only.
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await.expect("signal");
+    }
 }

@@ -530,6 +530,12 @@ impl Shared {
                     .retain(|r| *r != random);
             }
             let reason = if matches!(e, DialError::Timeout) {
+                // As upstream's retireBackend: an agent whose stream does
+                // not take a DIAL_REQ within the timeout is stuck; it gets
+                // no more dials and its stream ends (the agent reconnects).
+                tracing::warn!(agent_id = %backend.agent_id, "retiring the agent: sending a dial request timed out");
+                backend.draining.store(true, Ordering::Release);
+                self.remove_backend(&backend);
                 "backend_dial_timeout"
             } else {
                 "backend_close"
@@ -1174,6 +1180,39 @@ mod tests {
         assert!(matches!(&queued(&first)[..], [Checked::CloseRsp(c)] if c.connect_id == 7));
         assert_eq!(sh.metrics.established_connections.get(), 0);
         assert!(backend.conns.lock().unwrap().is_empty());
+    }
+
+    /// With --backend-dial-timeout, an agent whose stream does not take a
+    /// DIAL_REQ in time is retired: out of the backend list, its stream
+    /// ended, later dials go elsewhere or fail with no_agent.
+    #[tokio::test(start_paused = true)]
+    async fn dial_request_send_timeout_retires_the_agent() {
+        let sh = ProxyServer::new(ServerOptions {
+            backend_dial_timeout: Duration::from_secs(1),
+            ..ServerOptions::default()
+        })
+        .shared;
+        let (tx, _never_read) = mpsc::channel(1);
+        let stuck = Arc::new(Backend::new(
+            &sh,
+            "stuck".into(),
+            Identifiers::default(),
+            tx,
+            0,
+        ));
+        sh.add_backend(stuck.clone());
+        let fe = sh.new_frontend();
+        // The first DIAL_REQ fills the stream; the second cannot be sent.
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 1).await.unwrap();
+        let r = sh.start_dial(&fe, "tcp", "127.0.0.1:80", 2).await;
+        assert!(matches!(r, Err(DialError::Timeout)), "{r:?}");
+        assert!(stuck.gone.is_cancelled());
+        assert!(sh.backends.read().unwrap().is_empty());
+        assert_eq!(sh.metrics.ready_backend_connections.get(), 0);
+        assert!(matches!(
+            sh.start_dial(&fe, "tcp", "127.0.0.1:80", 3).await,
+            Err(DialError::NoAgent)
+        ));
     }
 
     #[test]
