@@ -33,7 +33,7 @@ use tonic::Request;
 use tonic::transport::{Endpoint, Uri};
 
 use crate::http::{self, Reply};
-use crate::metrics::AgentMetrics;
+use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError};
@@ -193,6 +193,10 @@ impl Agent {
     pub fn metrics_text(&self) -> String {
         self.sh.metrics.render()
     }
+    /// The lease counting series (the binary counts the Leases).
+    pub fn lease_metrics(&self) -> crate::metrics::AgentLeaseMetrics {
+        self.sh.metrics.lease.clone()
+    }
     pub fn open_endpoints(&self) -> usize {
         self.sh
             .servers
@@ -340,7 +344,15 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<Packet>(o.channel_packets.max(1));
     let gone = CancellationToken::new();
-    let outbound = ReceiverStream::new(rx).take_until(gone.clone().cancelled_owned());
+    // Every packet sent to the server is counted as it leaves, as
+    // upstream's Send does (segment from_agent).
+    let sent = sh.metrics.stream_packets_total.clone();
+    let outbound = ReceiverStream::new(rx)
+        .take_until(gone.clone().cancelled_owned())
+        .inspect(move |p| {
+            sent.with_label_values(&["from_agent", &p.kind_name()])
+                .inc();
+        });
     let mut req = Request::new(outbound);
     let md = req.metadata_mut();
     md.insert(headers::AGENT_ID, o.agent_id.parse()?);
@@ -442,7 +454,11 @@ async fn serve_server(
                 tracing::warn!(server_id = %conn.server_id, %status, "server stream ended");
                 sh.metrics
                     .stream_errors_total
-                    .with_label_values(&["from_server", &format!("{:?}", status.code()), ""])
+                    .with_label_values(&["to_agent", grpc_code_name(status.code()), NO_PACKET])
+                    .inc();
+                sh.metrics
+                    .server_connection_failure_count
+                    .with_label_values(&["from_server"])
                     .inc();
                 break;
             }
@@ -479,7 +495,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
             return;
         }
     };
-    sh.metrics.packet("from_server", checked.type_name());
+    sh.metrics.packet("to_agent", checked.type_name());
     match checked {
         Checked::DialReq(d) => {
             if d.protocol != "tcp" {
@@ -598,7 +614,7 @@ async fn dial(
         Ok(Err(e)) => {
             sh.metrics
                 .endpoint_dial_failure_total
-                .with_label_values(&["connection"])
+                .with_label_values(&["unknown"])
                 .inc();
             let msg = format!("dial tcp {address}: connect: {}", go_io_error(&e));
             tracing::info!(%address, error = %msg, "backend dial failed");

@@ -100,6 +100,8 @@ pub fn parse_labels(s: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
 /// The server side: holds, renews, garbage-collects and finally deletes.
 pub struct LeaseController {
     pub client: KubeClient,
+    /// The garbage collector's series (upstream's server lease metrics).
+    pub metrics: Option<crate::metrics::ServerLeaseMetrics>,
     pub server_id: String,
     pub namespace: String,
     pub labels: serde_json::Map<String, Value>,
@@ -177,7 +179,11 @@ impl LeaseController {
             leases_path(&self.namespace),
             enc(&self.selector())
         );
+        let start = std::time::Instant::now();
         let (st, v) = self.client.request("GET", &list, None).await?;
+        if let Some(m) = &self.metrics {
+            m.list(st, &api_reason(st, &v), start.elapsed());
+        }
         if st != 200 {
             bail!("list leases: HTTP {st}: {v}");
         }
@@ -190,7 +196,8 @@ impl LeaseController {
             if name == self.lease_name() || lease_valid(&l, now) {
                 continue;
             }
-            let (st, _) = self
+            let start = std::time::Instant::now();
+            let (st, v) = self
                 .client
                 .request(
                     "DELETE",
@@ -198,6 +205,12 @@ impl LeaseController {
                     None,
                 )
                 .await?;
+            if let Some(m) = &self.metrics {
+                m.delete(st, &api_reason(st, &v), start.elapsed());
+                if st == 200 || st == 202 {
+                    m.culled_leases_count.inc();
+                }
+            }
             if st == 200 || st == 202 || st == 404 {
                 n += 1;
             }
@@ -242,14 +255,30 @@ impl LeaseController {
     }
 }
 
-/// The agent side: counts unexpired Leases matching a selector.
+/// Upstream's `reason` label of a lease call: "" on success, else the
+/// Kubernetes Status object's reason.
+fn api_reason(code: u16, body: &Value) -> String {
+    if (200..300).contains(&code) {
+        String::new()
+    } else {
+        body["reason"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// The agent side: counts unexpired Leases matching a selector; each list
+/// call is recorded in `metrics` when given (as upstream's informer's).
 pub async fn count_leases(
     client: &KubeClient,
     namespace: &str,
     selector: &str,
+    metrics: Option<&crate::metrics::AgentLeaseMetrics>,
 ) -> anyhow::Result<usize> {
     let list = format!("{}?labelSelector={}", leases_path(namespace), enc(selector));
+    let start = std::time::Instant::now();
     let (st, v) = client.request("GET", &list, None).await?;
+    if let Some(m) = metrics {
+        m.list(st, &api_reason(st, &v), start.elapsed());
+    }
     if st != 200 {
         bail!("list leases: HTTP {st}: {v}");
     }

@@ -255,9 +255,12 @@ async fn run(a: Args) -> i32 {
             a.lease_poll_interval,
         );
         let use_max = a.server_count_source == "max";
+        let lease_metrics = agent.lease_metrics();
         tokio::spawn(async move {
             loop {
-                match konnectivity::lease::count_leases(&client, &ns, &sel).await {
+                match konnectivity::lease::count_leases(&client, &ns, &sel, Some(&lease_metrics))
+                    .await
+                {
                     Ok(n) => {
                         tracing::debug!(leases = n, "server leases counted");
                         agent.set_lease_count(n, use_max);

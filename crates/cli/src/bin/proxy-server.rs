@@ -309,6 +309,7 @@ async fn run(a: Args) -> i32 {
             .unwrap_or_else(|e| bad_flag("--lease-label", format!("{e:#}")));
         Some(konnectivity::lease::LeaseController {
             client: kube.clone().expect("client made above"),
+            metrics: None,
             server_id: a.server_id.clone(),
             namespace: a.lease_namespace.clone(),
             labels,
@@ -405,7 +406,8 @@ async fn run(a: Args) -> i32 {
         }
     };
     let (lease_stop, lease_stopped) = tokio::sync::oneshot::channel::<()>();
-    let lease_task = lease_controller.map(|c| {
+    let lease_task = lease_controller.map(|mut c| {
+        c.metrics = Some(running.server.lease_metrics());
         tokio::spawn(c.run(async move {
             let _ = lease_stopped.await;
         }))
