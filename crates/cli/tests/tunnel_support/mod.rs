@@ -32,10 +32,21 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &str, args: &[String], dir: &Path, name: &str) -> Proc {
+        Self::spawn_env(bin, args, &[], dir, name)
+    }
+    /// As [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        bin: &str,
+        args: &[String],
+        env: &[(&str, String)],
+        dir: &Path,
+        name: &str,
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
