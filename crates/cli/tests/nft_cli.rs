@@ -312,13 +312,92 @@ fn add_list_clear_round_trip_through_the_cli() {
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["outboundPort"], 15002);
 
-    let clear = proxyctl(&["clear", &t]);
+    // A replace that also flushes conntrack says what it did.
+    let flushed = proxyctl_ok(&[
+        "add",
+        &t,
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15003",
+        "--exclude-uid",
+        "1337",
+        "--flush-conntrack",
+    ]);
+    assert_eq!(
+        text(&flushed),
+        format!(
+            "replaced policy mesh in {t}\nflushed 0 conntrack entries of redirected connections\n"
+        )
+    );
+
+    let clear = proxyctl(&["clear", &t, "--flush-conntrack"]);
     assert!(
-        text(&clear).contains("removed 1 policy"),
+        text(&clear).contains("removed 1 policy") && text(&clear).contains("flushed 0 conntrack"),
         "{}",
         text(&clear)
     );
     assert_eq!(nft_table(&ns), None);
+}
+
+#[test]
+fn check_and_add_accept_and_refuse_the_same_policies() {
+    if !require_root("cli_check_parity") {
+        return;
+    }
+    let ns = NetNs::new("clichk");
+    let t = format!("netns:{}", ns.name());
+    // UDP to a destination proxy is NAT, which works for UDP: both accept.
+    let udp_dnat = [
+        "--destination-proxy",
+        "169.254.169.254:53=127.0.0.1:5353",
+        "--protocol",
+        "udp",
+    ];
+    let mut check = vec!["check"];
+    check.extend(udp_dnat);
+    proxyctl_ok(&check);
+    let mut add = vec!["add", t.as_str()];
+    add.extend(udp_dnat);
+    proxyctl_ok(&add);
+    // What only a backend refuses is refused by check for that backend.
+    for (args, flag) in [
+        (
+            vec!["check", "--outbound-port", "1", "--usersid", "S-1-5-18"],
+            "--exclude-uid",
+        ),
+        (
+            vec![
+                "check",
+                "--backend",
+                "hns",
+                "--port",
+                "8000",
+                "--usersid",
+                "system",
+                "--dns-port",
+                "53",
+            ],
+            "--dns-port",
+        ),
+        (
+            vec!["check", "--backend", "hns", "--port", "8000"],
+            "--allow-proxy-loop",
+        ),
+    ] {
+        let out = proxyctl(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(flag), "{args:?}: {}", text(&out));
+    }
+    proxyctl_ok(&[
+        "check",
+        "--backend",
+        "hns",
+        "--port",
+        "8000",
+        "--usersid",
+        "system",
+    ]);
 }
 
 #[test]

@@ -28,7 +28,10 @@
 //!
 //! UDP is redirected with tproxy (so the proxy learns the original
 //! destination via IP_RECVORIGDSTADDR), which needs policy routing in the
-//! namespace ([`route`], raw rtnetlink).
+//! namespace ([`route`], raw rtnetlink); DNS capture (`dns_port`) and
+//! destination proxies use NAT for UDP as for TCP. `conntrack` deletes the
+//! conntrack entries of redirected connections after a change (ctnetlink,
+//! encoded by hand like the rest).
 
 pub(crate) mod conntrack;
 mod error;
@@ -158,6 +161,18 @@ pub fn apply(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
     let prepared = prepare_all(policies)?;
     let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
     retry_on_stale(|| commit_policies(&sock, &route, &prepared, table_base(&sock)?, false))
+}
+
+/// Bench-only: like [`apply`], returning how long it took until the kernel
+/// acknowledged the batch (the new rules in force), which excludes the
+/// wait at socket close for the old rules to be freed.
+#[doc(hidden)]
+pub fn apply_timed(target: &Target, policies: &[Policy]) -> Result<std::time::Duration, NftError> {
+    let start = std::time::Instant::now();
+    let prepared = prepare_all(policies)?;
+    let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
+    retry_on_stale(|| commit_policies(&sock, &route, &prepared, table_base(&sock)?, false))?;
+    Ok(start.elapsed())
 }
 
 /// Test-only: like [`apply`], but the batch ends with a message the kernel

@@ -774,13 +774,6 @@ pub fn build(policies: &[ResolvedPolicy]) -> Ruleset {
         rs: Ruleset::default(),
         next_set_id: 0,
     };
-    for (name, ty, hook, prio) in BASE_CHAINS {
-        b.rs.chains.push(ChainSpec {
-            name: name.to_owned(),
-            hook: Some((ty.to_owned(), hook, prio)),
-            comment: None,
-        });
-    }
     let mut jumps = Vec::new();
     for rp in &ordered {
         for role in b.policy(rp) {
@@ -791,6 +784,20 @@ pub fn build(policies: &[ResolvedPolicy]) -> Ruleset {
             });
         }
     }
+    // Only the base chains something jumps from: every base chain is a
+    // hook every packet of its kind traverses (the route and filter ones
+    // every packet, not only a connection's first), so a TCP-only table
+    // does not make each packet walk empty UDP chains.
+    let base: Vec<ChainSpec> = BASE_CHAINS
+        .iter()
+        .filter(|(name, ..)| jumps.iter().any(|j| j.chain == *name))
+        .map(|(name, ty, hook, prio)| ChainSpec {
+            name: (*name).to_owned(),
+            hook: Some(((*ty).to_owned(), *hook, *prio)),
+            comment: None,
+        })
+        .collect();
+    b.rs.chains.splice(0..0, base);
     b.rs.rules.extend(jumps);
     b.rs
 }

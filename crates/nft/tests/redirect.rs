@@ -537,3 +537,47 @@ fn replacing_a_policy_moves_kept_alive_connections_only_with_flush_conntrack() {
     other_client.set_read_timeout(Some(WAIT)).unwrap();
     assert!(other_client.read(&mut buf).is_err());
 }
+
+#[test]
+fn udp_destination_proxy_is_natted_and_replies_come_from_the_destination() {
+    if !require_root("udp_dnat") {
+        return;
+    }
+    let pair = Pair::new("udnat");
+    pair.pod
+        .run(&["ip", "route", "add", "169.254.169.254/32", "dev", "v0"]);
+    let p = Policy {
+        destination_proxy: Some(DestinationProxy {
+            destination: "169.254.169.254:53".parse().unwrap(),
+            proxy: "127.0.0.1:5353".parse().unwrap(),
+        }),
+        protocols: vec![Protocol::Udp],
+        ..policy("udnat")
+    };
+    nft::add(&pair.target, &p).unwrap();
+    assert_eq!(nft::list(&pair.target).unwrap(), vec![p.checked().unwrap()]);
+    // An ordinary UDP server (no tproxy): NAT delivers to it, conntrack
+    // rewrites its reply's source back to the destination the app asked.
+    let server = udp_servers(&pair.pod, &[sa("127.0.0.1", 5353)]).remove(0);
+    server.set_nonblocking(false).unwrap();
+    let echo = std::thread::spawn(move || {
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(&buf[..n], from).unwrap();
+    });
+    let reply = pair.pod.enter(|| {
+        probe::set_thread_fs_ids(1000, 1000).unwrap();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect("169.254.169.254:53").unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.send(b"query").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("a reply from 169.254.169.254:53");
+        buf[..n].to_vec()
+    });
+    echo.join().unwrap();
+    assert_eq!(reply, b"query");
+}
