@@ -1,9 +1,11 @@
 //! Links, addresses and routes over rtnetlink, in the network namespace of
 //! the calling thread (a socket belongs to the namespace it was opened in).
 //!
-//! What `proxyctl demo` needs to wire its throw-away namespaces: a veth
-//! pair (optionally with its peer end in another namespace), a link moved
-//! into a namespace, links up, addresses, routes through a link. Messages
+//! What `proxyctl demo` and `proxyctl verify` need to wire throw-away
+//! namespaces: a veth pair (optionally with its peer end in another
+//! namespace), a link moved into a namespace or deleted, links up,
+//! addresses, routes through a link (in any table), source rules, and
+//! whether a destination is routed. Messages
 //! are built with netlink-packet-route and sent on a netlink-sys socket,
 //! one request and its acknowledgement at a time; the kernel's error comes
 //! back as [`LinkError::Kernel`] with the operation named. Doing this here
@@ -27,6 +29,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -138,11 +141,23 @@ impl Rtnl {
 
     /// `ip route add DEST dev NAME` (DEST 0.0.0.0/0 or ::/0: the default route).
     pub fn add_route_via_link(&mut self, dest: IpNet, name: &str) -> Result<(), LinkError> {
-        let op = format!("adding a route to {dest} through {name}");
+        self.add_route_via_link_in(dest, name, u32::from(RouteHeader::RT_TABLE_MAIN))
+    }
+
+    /// `ip route add DEST dev NAME table TABLE`.
+    pub fn add_route_via_link_in(
+        &mut self,
+        dest: IpNet,
+        name: &str,
+        table: u32,
+    ) -> Result<(), LinkError> {
+        let op = format!("adding a route to {dest} through {name} (table {table})");
         let mut msg = RouteMessage::default();
         msg.header.address_family = family(dest.addr());
         msg.header.destination_prefix_length = dest.prefix_len();
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        // Tables above 255 travel in the attribute only, as iproute2 sends them.
+        msg.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+        msg.attributes.push(RouteAttribute::Table(table));
         msg.header.protocol = RouteProtocol::Boot;
         msg.header.scope = RouteScope::Link;
         msg.header.kind = RouteType::Unicast;
@@ -155,6 +170,67 @@ impl Rtnl {
             &op,
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Whether the calling thread's namespace has a route to `dest`
+    /// (`ip route get DEST` succeeding).
+    pub fn has_route(&mut self, dest: IpAddr) -> Result<bool, LinkError> {
+        let op = format!("looking up the route to {dest}");
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dest);
+        msg.header.destination_prefix_length = if dest.is_ipv4() { 32 } else { 128 };
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dest)));
+        match self.request(&op, RouteNetlinkMessage::GetRoute(msg), 0) {
+            Ok(()) => Ok(true),
+            Err(LinkError::Kernel { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `ip link del NAME` (a veth pair goes as a whole).
+    pub fn delete_link(&mut self, name: &str) -> Result<(), LinkError> {
+        let op = format!("deleting {name}");
+        let mut msg = LinkMessage::default();
+        msg.header.index = index(&op, name)?;
+        self.request(&op, RouteNetlinkMessage::DelLink(msg), 0)
+    }
+
+    /// `ip rule add from SOURCE lookup TABLE pref PREF` (SOURCE a host address).
+    pub fn add_source_rule(
+        &mut self,
+        source: IpAddr,
+        table: u32,
+        pref: u32,
+    ) -> Result<(), LinkError> {
+        let op = format!("adding the rule from {source} lookup {table}");
+        self.request(
+            &op,
+            RouteNetlinkMessage::NewRule(source_rule(source, table, pref)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// `ip rule del from SOURCE lookup TABLE pref PREF`.
+    pub fn delete_source_rule(
+        &mut self,
+        source: IpAddr,
+        table: u32,
+        pref: u32,
+    ) -> Result<(), LinkError> {
+        let op = format!("deleting the rule from {source} lookup {table}");
+        self.request(
+            &op,
+            RouteNetlinkMessage::DelRule(source_rule(source, table, pref)),
+            0,
         )
     }
 
@@ -202,6 +278,18 @@ impl Rtnl {
             }
         }
     }
+}
+
+fn source_rule(source: IpAddr, table: u32, pref: u32) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = family(source);
+    msg.header.src_len = if source.is_ipv4() { 32 } else { 128 };
+    msg.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    msg.header.action = RuleAction::ToTable;
+    msg.attributes.push(RuleAttribute::Source(source));
+    msg.attributes.push(RuleAttribute::Table(table));
+    msg.attributes.push(RuleAttribute::Priority(pref));
+    msg
 }
 
 fn family(addr: IpAddr) -> AddressFamily {

@@ -115,6 +115,33 @@ fn refusals_name_the_operation_and_change_nothing() {
             .add_address("one", "10.1.0.1/24".parse().unwrap())
             .unwrap_err();
         assert!(dup.to_string().contains("File exists"), "{dup}");
+        // Routes, a table of its own, source rules; deletion.
+        let far: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+        assert!(!rt.has_route(far).unwrap());
+        rt.set_up("one").unwrap();
+        rt.add_route_via_link_in("0.0.0.0/0".parse().unwrap(), "one", 2018)
+            .unwrap();
+        assert!(
+            !rt.has_route(far).unwrap(),
+            "a route in table 2018 alone is not used"
+        );
+        let from: std::net::IpAddr = "10.1.0.1".parse().unwrap();
+        rt.add_source_rule(from, 2018, 1400).unwrap();
+        assert!(
+            rt.add_source_rule(from, 2018, 1400).is_err(),
+            "a duplicate rule is refused"
+        );
+        rt.delete_source_rule(from, 2018, 1400).unwrap();
+        assert!(rt.delete_source_rule(from, 2018, 1400).is_err());
+        rt.add_route_via_link("203.0.113.0/24".parse().unwrap(), "one")
+            .unwrap();
+        assert!(rt.has_route(far).unwrap());
+        rt.delete_link("one").unwrap();
+        assert!(
+            matches!(rt.set_up("two"), Err(LinkError::NoSuchLink { .. })),
+            "the pair went whole"
+        );
+        assert!(!rt.has_route(far).unwrap(), "its routes went with it");
         let missing = rt.set_up("nope").unwrap_err();
         assert!(
             missing.to_string().contains("no link named \"nope\""),

@@ -45,10 +45,11 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
+use ipnet::IpNet;
+use proxyctl_link::Rtnl;
 use proxyctl_policy::{Policy, Protocol, loopback_nets};
 use serde::Serialize;
 
@@ -259,11 +260,11 @@ impl Drop for VethGuard {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = self.target.run_in(move || {
-            let _ = Command::new("ip").args(["link", "del", &name]).output();
-            for (fam, from) in [("-4", LOCAL_V4), ("-6", LOCAL_V6)] {
-                let _ = Command::new("ip")
-                    .args([fam, "rule", "del", "from", from, "lookup", PROBE_TABLE])
-                    .output();
+            let mut rt = rtnl()?;
+            let _ = rt.delete_link(&name);
+            for from in [LOCAL_V4, LOCAL_V6] {
+                let from = from.parse().expect("literal");
+                let _ = rt.delete_source_rule(from, PROBE_TABLE, PROBE_RULE_PREF);
             }
             Ok(())
         });
@@ -272,21 +273,21 @@ impl Drop for VethGuard {
 
 /// The routing table (and rule preference) of the probes' source rules:
 /// after the UDP tproxy rule (1300), before the main table.
-const PROBE_TABLE: &str = "2018";
-const PROBE_RULE_PREF: &str = "1400";
+const PROBE_TABLE: u32 = 2018;
+const PROBE_RULE_PREF: u32 = 1400;
 
-fn ip(args: &[&str]) -> Result<(), NftError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| NftError::io("running ip", e))?;
-    if !out.status.success() {
-        return Err(NftError::io(
-            &format!("ip {}", args.join(" ")),
-            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-        ));
-    }
-    Ok(())
+/// A route netlink socket of the calling thread's namespace (links,
+/// addresses, routes and rules without running iproute2).
+fn rtnl() -> Result<Rtnl, NftError> {
+    Rtnl::new().map_err(link_err)
+}
+
+fn link_err(e: proxyctl_link::LinkError) -> NftError {
+    NftError::io("probe network", std::io::Error::other(e.to_string()))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("literal")
 }
 
 /// Listeners verify holds on one side.
@@ -365,10 +366,14 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     let n = std::process::id() % 100_000;
     let (a, b) = (format!("pxv{n}a"), format!("pxv{n}b"));
     {
-        let (a, b, peer_path) = (a.clone(), b.clone(), peer_path.clone());
+        let (a, b) = (a.clone(), b.clone());
+        let peer_ns = peer_file
+            .try_clone()
+            .map_err(|e| NftError::io("probe namespace", e))?;
         target.run_in(move || {
-            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
-            ip(&["link", "set", &b, "netns", &peer_path])
+            rtnl()?
+                .add_veth(&a, &b, Some(peer_ns.as_fd()))
+                .map_err(link_err)
         })?;
     }
     let _veth = VethGuard {
@@ -378,31 +383,21 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     {
         let a = a.clone();
         target.run_in(move || {
-            ip(&["addr", "add", &format!("{LOCAL_V4}/30"), "dev", &a])?;
-            ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{LOCAL_V6}/64"),
-                "dev",
-                &a,
-                "nodad",
-            ])?;
-            ip(&["link", "set", &a, "up"])
+            let mut rt = rtnl()?;
+            rt.add_address(&a, net(&format!("{LOCAL_V4}/30")))
+                .map_err(link_err)?;
+            rt.add_address(&a, net(&format!("{LOCAL_V6}/64")))
+                .map_err(link_err)?;
+            rt.set_up(&a).map_err(link_err)
         })?;
         let b = b.clone();
         peer.run_in(move || {
-            ip(&["addr", "add", &format!("{PEER_V4}/30"), "dev", &b])?;
-            ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{PEER_V6}/64"),
-                "dev",
-                &b,
-                "nodad",
-            ])?;
-            ip(&["link", "set", &b, "up"])
+            let mut rt = rtnl()?;
+            rt.add_address(&b, net(&format!("{PEER_V4}/30")))
+                .map_err(link_err)?;
+            rt.add_address(&b, net(&format!("{PEER_V6}/64")))
+                .map_err(link_err)?;
+            rt.set_up(&b).map_err(link_err)
         })?;
     }
 
@@ -411,28 +406,12 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     {
         let a = a.clone();
         target.run_in(move || {
-            for (fam, from) in [("-4", LOCAL_V4), ("-6", LOCAL_V6)] {
-                ip(&[
-                    fam,
-                    "route",
-                    "add",
-                    "default",
-                    "dev",
-                    &a,
-                    "table",
-                    PROBE_TABLE,
-                ])?;
-                ip(&[
-                    fam,
-                    "rule",
-                    "add",
-                    "from",
-                    from,
-                    "lookup",
-                    PROBE_TABLE,
-                    "pref",
-                    PROBE_RULE_PREF,
-                ])?;
+            let mut rt = rtnl()?;
+            for (default, from) in [("0.0.0.0/0", LOCAL_V4), ("::/0", LOCAL_V6)] {
+                rt.add_route_via_link_in(net(default), &a, PROBE_TABLE)
+                    .map_err(link_err)?;
+                rt.add_source_rule(from.parse().expect("literal"), PROBE_TABLE, PROBE_RULE_PREF)
+                    .map_err(link_err)?;
             }
             Ok(())
         })?;
@@ -446,18 +425,9 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     {
         let (b, samples) = (b.clone(), samples.clone());
         peer.run_in(move || {
+            let mut rt = rtnl()?;
             for addr in samples {
-                let (fam, host) = if addr.is_ipv4() {
-                    ("-4", 32)
-                } else {
-                    ("-6", 128)
-                };
-                let a = format!("{addr}/{host}");
-                let mut args = vec![fam, "addr", "add", &a, "dev", &b];
-                if !addr.is_ipv4() {
-                    args.push("nodad");
-                }
-                ip(&args)?;
+                rt.add_address(&b, IpNet::from(addr)).map_err(link_err)?;
             }
             Ok(())
         })?;
@@ -709,29 +679,18 @@ fn dnat_rows(
                 continue;
             }
         };
-        let (host, fam) = if v4 { ("/32", "-4") } else { ("/128", "-6") };
         let routed = {
-            let d = dest.ip().to_string();
-            target.run_in(move || {
-                let out = Command::new("ip")
-                    .args([fam, "route", "get", &d])
-                    .output()
-                    .map_err(|e| NftError::io("running ip", e))?;
-                Ok(out.status.success())
-            })?
+            let d = dest.ip();
+            target.run_in(move || rtnl()?.has_route(d).map_err(link_err))?
         };
         let server = if routed {
             None
         } else {
-            let (d, a) = (format!("{}{host}", dest.ip()), a.to_owned());
-            target.run_in(move || ip(&[fam, "route", "add", &d, "dev", &a]))?;
-            let (d, b) = (format!("{}{host}", dest.ip()), b.to_owned());
+            let (d, a) = (IpNet::from(dest.ip()), a.to_owned());
+            target.run_in(move || rtnl()?.add_route_via_link(d, &a).map_err(link_err))?;
+            let b = b.to_owned();
             peer.run_in(move || {
-                let mut args = vec![fam, "addr", "add", &d, "dev", &b];
-                if !v4 {
-                    args.push("nodad");
-                }
-                ip(&args)?;
+                rtnl()?.add_address(&b, d).map_err(link_err)?;
                 probe::tcp_listener(dest).map_err(|e| NftError::io("probe server", e))
             })
             .ok()
