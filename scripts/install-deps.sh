@@ -22,7 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Python tools the tests drive (validators, independent protocol peers).
-python_packages=(kubernetes-validate)
+# Cloud SDKs run unmodified inside the imds-proxy tests' stand-in pods.
+python_packages=(kubernetes-validate azure-identity)
 missing_py=()
 for p in "${python_packages[@]}"; do
   python3 -m pip show -q "$p" >/dev/null 2>&1 || missing_py+=("$p")

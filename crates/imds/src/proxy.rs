@@ -156,6 +156,8 @@ struct Shared {
     /// `request_duration_seconds{decision="allowed"}`, looked up once (as
     /// `Identity::allowed_ok`).
     allowed_duration: Histogram,
+    /// Credentials per cloud identity (see `identity`).
+    credentials: crate::identity::CredentialCache,
 }
 
 /// A running proxy. Dropping it stops every listener it owns.
@@ -221,6 +223,7 @@ impl ProxyHandle {
             source,
             pods: Mutex::new(HashMap::new()),
             ready: Arc::new(AtomicBool::new(false)),
+            credentials: Default::default(),
         });
         let mut tasks = Vec::new();
         let mut admin_addr = None;

@@ -11,7 +11,15 @@
 //!     pods: { namespace: default, labels: { role: ClientContainer } }
 //!     paths: [ { prefix: /metadata/instance }, { exact: /metadata/versions } ]
 //!     methods: [GET]
+//! identities:
+//!   - name: web-keyvault
+//!     pods: { namespace: default, labels: { app: web } }
+//!     azure: { client_id: 11111111-2222-3333-4444-555555555555 }
 //! ```
+//!
+//! `identities` bind pods (same selectors, first match wins) to the cloud
+//! identity their credential requests are answered for; a rule still has to
+//! allow the credential path. See [`crate::identity`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,6 +27,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::identity::AzureIdentity;
 use crate::pods::Pod;
 
 /// Path prefixes that hand out credentials. Compared case-insensitively, in
@@ -30,6 +39,19 @@ pub const SENSITIVE_PREFIXES: &[&str] = &["/metadata/identity", "/latest/meta-da
 pub struct Rules {
     #[serde(default)]
     pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub identities: Vec<IdentityBinding>,
+}
+
+/// Pods whose credential requests are answered for one cloud identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityBinding {
+    pub name: String,
+    pub pods: PodSelector,
+    /// The managed identity Azure tokens are issued for.
+    #[serde(default)]
+    pub azure: Option<AzureIdentity>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -169,7 +191,26 @@ impl Rules {
                 }
             }
         }
+        for binding in &self.identities {
+            if binding.azure.is_none() {
+                return Err(format!(
+                    "identity {:?}: names no identity (azure)",
+                    binding.name
+                ));
+            }
+            if let Some(azure) = &binding.azure {
+                azure
+                    .validate()
+                    .map_err(|e| format!("identity {:?}: azure: {e}", binding.name))?;
+            }
+        }
         Ok(())
+    }
+
+    /// The identity `pod` is bound to: the first binding whose selector
+    /// matches it.
+    pub fn identity_for(&self, pod: &Pod) -> Option<&IdentityBinding> {
+        self.identities.iter().find(|b| b.pods.matches(pod))
     }
 
     /// Decides whether `pod` may send `method path`.

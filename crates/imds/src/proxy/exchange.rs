@@ -17,6 +17,8 @@ use tokio::time::Sleep;
 
 use super::*;
 use crate::h1::{self, Chunk, ChunkedDecoder, HeadError, RequestHead, ResponseHead, View};
+use crate::identity;
+use crate::metrics::{FetchLabels, IssuedLabels};
 
 /// Initial read buffer of a connection (either side); grows to the head
 /// limit when a head needs it.
@@ -173,6 +175,7 @@ fn connection_refused(shared: &Shared, conn: &Conn, e: &ConnError) {
         latency_ms: 0.0,
         rule: None,
         error: Some(message.clone()),
+        identity: None,
     });
     tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {message}");
 }
@@ -262,7 +265,66 @@ const JSON: &str = "application/json; charset=utf-8";
 /// What to do with a request (the rule that allowed it comes beside).
 enum Decided {
     Answer(Local),
-    Forward { body_len: u64 },
+    Forward {
+        body_len: u64,
+    },
+    /// A credential request answered by the identity layer for this
+    /// identity (its label).
+    AzureToken {
+        ask: identity::AzureTokenAsk,
+        identity: String,
+    },
+}
+
+impl From<identity::Answer> for Local {
+    fn from(a: identity::Answer) -> Self {
+        Local {
+            status: StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            content_type: a.content_type,
+            body: a.body,
+            decision: a.decision,
+            close: false,
+            retry_after: a.retry_after,
+        }
+    }
+}
+
+/// The identity layer's part of `decide` for an allowed request: `None`
+/// when the request is not one it answers.
+fn decide_credential(
+    shared: &Shared,
+    pod: &Pod,
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Option<Decided> {
+    if !path.eq_ignore_ascii_case(identity::AZURE_TOKEN_PATH) || method != "GET" {
+        return None;
+    }
+    let Some(bound) = shared
+        .rules
+        .identity_for(pod)
+        .and_then(|b| b.azure.as_ref())
+    else {
+        // What IMDS answers on a VM without that identity: no token, and
+        // nothing about the node's identities.
+        return Some(Decided::Answer(Local {
+            content_type: JSON,
+            body: serde_json::to_vec(&json!({
+                "error": "invalid_request",
+                "error_description": "Identity not found",
+            }))
+            .unwrap_or_default(),
+            ..Local::new(path, StatusCode::BAD_REQUEST, "", "no_identity")
+        }));
+    };
+    Some(match identity::azure_token_ask(bound, query) {
+        Ok(ask) => Decided::AzureToken {
+            ask,
+            identity: bound.label(),
+        },
+        Err(refusal) => Decided::Answer(refusal.into()),
+    })
 }
 
 /// Order of checks: see the module doc of `proxy`.
@@ -390,6 +452,14 @@ fn decide<'r>(
         let (verdict, _) = unread(local);
         return (verdict, Some(rule));
     }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    if let Some(decided) = decide_credential(shared, pod, method, path, query) {
+        let decided = match decided {
+            Decided::Answer(local) => unread(local).0,
+            other => other,
+        };
+        return (decided, Some(rule));
+    }
     (Decided::Forward { body_len }, Some(rule))
 }
 
@@ -430,7 +500,16 @@ async fn serve_request(
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let method = view.method(&head);
 
+    let mut issued_for: Option<String> = None;
     let (status, decision, consumed, keep) = match verdict {
+        Decided::AzureToken { ask, identity } => {
+            let local = azure_token(shared, conn, &ask, &identity).await;
+            issued_for = Some(identity);
+            let keep = keep_alive && !local.close;
+            write_local(out, &local, head.minor, keep, false);
+            let ok = stream.write_all(out).await.is_ok();
+            (local.status.as_u16(), local.decision, head.len, keep && ok)
+        }
         Decided::Answer(local) => {
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, method == "HEAD");
@@ -492,7 +571,17 @@ async fn serve_request(
         }
     };
     let latency = start.elapsed();
-    record(shared, conn, method, path, decision, status, latency, rule);
+    record(
+        shared,
+        conn,
+        method,
+        path,
+        decision,
+        status,
+        latency,
+        rule,
+        issued_for.as_deref(),
+    );
     buf.advance(consumed);
     keep
 }
@@ -507,6 +596,7 @@ fn record(
     status: u16,
     latency: Duration,
     rule: Option<&str>,
+    identity: Option<&str>,
 ) {
     match &conn.caller {
         Some(caller) if decision == ALLOWED && status == 200 => {
@@ -545,7 +635,60 @@ fn record(
         latency_ms: latency.as_secs_f64() * 1000.0,
         rule,
         error: None,
+        identity,
     });
+}
+
+/// A token for `identity` from the cache, fetched upstream when it is
+/// missing or due for refresh (one fetch per identity at a time).
+async fn azure_token(
+    shared: &Shared,
+    conn: &Conn,
+    ask: &identity::AzureTokenAsk,
+    label: &str,
+) -> Local {
+    let (host, port) = &shared.upstream_addr;
+    let fetch = || async {
+        let got = identity::fetch_azure(
+            (host.as_str(), *port),
+            shared.upstream.as_str(),
+            ask,
+            shared.limits.upstream_timeout,
+        )
+        .await;
+        let outcome = match &got {
+            Ok(_) => "ok",
+            Err(identity::FetchError::Refused { .. }) => "refused",
+            Err(identity::FetchError::Failed(_)) => "failed",
+        };
+        shared
+            .metrics
+            .credential_fetches
+            .get_or_create(&FetchLabels {
+                identity: label.to_owned(),
+                outcome,
+            })
+            .inc();
+        got
+    };
+    match shared.credentials.get(&ask.key, fetch).await {
+        Ok((credential, _)) => {
+            shared
+                .metrics
+                .credentials_issued
+                .get_or_create(&IssuedLabels {
+                    pod: PodLabel(caller_key(conn)),
+                    identity: label.to_owned(),
+                })
+                .inc();
+            Local {
+                content_type: JSON,
+                body: credential.azure_answer(identity::unix_now()),
+                ..Local::text(StatusCode::OK, "", ALLOWED)
+            }
+        }
+        Err(e) => identity::failure_answer(e).into(),
+    }
 }
 
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &[u8]) {

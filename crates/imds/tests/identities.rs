@@ -1,0 +1,402 @@
+//! Per-pod cloud identities through imds-proxy.
+//!
+//! - Stand-in pods (network namespaces the test makes, DNAT of
+//!   169.254.169.254:80 to the proxy's listener inside each) run unmodified
+//!   azure-identity `ManagedIdentityCredential` against the strict fake on
+//!   169.254.169.254 in a "cloud" namespace with no route out.
+//! - The single-flight test serves 100 pods on loopback listeners (the
+//!   proxy cannot tell them from listeners in pod namespaces; no root
+//!   needed) in front of the same fake, and counts what the fake issued.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{IMDS, POD_PORT, Topology, on, runtime_in};
+use imds_proxy::audit::Audit;
+use imds_proxy::mock::{self, MockIdentity, MockState};
+use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+use imds_proxy::{FilePodSource, Pod, Rules};
+use proxyctl_testkit::{NetNs, require_root, require_tool};
+
+fn pod(name: &str, netns: Option<PathBuf>, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        name: name.into(),
+        namespace: "default".into(),
+        uid: Some(format!("uid-{name}")),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        netns,
+        ip: None,
+    }
+}
+
+/// The Azure rules of both tests: every pod may ask the token endpoint;
+/// which identity it gets is the bindings' business.
+fn azure_rules(web: &MockIdentity, batch: &MockIdentity) -> String {
+    format!(
+        r#"
+rules:
+  - name: tokens
+    pods: {{}}
+    paths: [ {{ exact: /metadata/identity/oauth2/token }} ]
+identities:
+  - name: web
+    pods: {{ labels: {{ app: web }} }}
+    azure: {{ client_id: "{}" }}
+  - name: batch
+    pods: {{ labels: {{ app: batch }} }}
+    azure: {{ msi_res_id: "{}" }}
+"#,
+        web.client_id,
+        batch.msi_res_id.as_deref().unwrap()
+    )
+}
+
+/// azure-identity inside a pod: prints one JSON line, the token's identity
+/// (from the fake's claims) or the exception. Endpoint variables are
+/// removed so the SDK picks IMDS as it does on a VM.
+const AZURE_APP: &str = r#"
+import base64, json, sys
+from azure.identity import ManagedIdentityCredential
+client_id = sys.argv[1] or None
+cred = ManagedIdentityCredential(client_id=client_id) if client_id else ManagedIdentityCredential()
+try:
+    t = cred.get_token("https://vault.azure.net/.default")
+    part = t.token.split(".")[1]
+    claims = json.loads(base64.b64decode(part + "=" * (-len(part) % 4)))
+    print(json.dumps({"ok": True, "appid": claims["appid"], "expires_on": t.expires_on}))
+except Exception as e:
+    print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+"#;
+
+/// Variables that would send the SDKs somewhere other than the metadata
+/// service (App Service, Arc, workload identity, explicit credentials).
+const SDK_ENDPOINT_VARS: &[&str] = &[
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+];
+
+fn python_in(ns: &NetNs, script: &str, args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), "python3", "-c", script])
+        .args(args);
+    for var in SDK_ENDPOINT_VARS {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| {
+        panic!(
+            "app printed no JSON: stdout {stdout:?} stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
+    let test = "azure_identity_sdk_gets_its_pods_identity_and_no_other";
+    if !(require_root(test) && require_tool(test, "python3")) {
+        return;
+    }
+    let have_sdk = Command::new("python3")
+        .args(["-c", "import azure.identity"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_sdk {
+        assert!(
+            std::env::var("CI").is_err(),
+            "azure-identity missing (scripts/install-deps.sh installs it)"
+        );
+        eprintln!("skipping {test}: azure-identity not installed");
+        return;
+    }
+    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
+    let mut topo = Topology::new("imid");
+    let ids = topo.mock.identities().to_vec();
+    let (system, web_id, batch_id) = (&ids[0], &ids[1], &ids[2]);
+    for ip in ["10.98.0.21", "10.98.0.22", "10.98.0.23"] {
+        topo.add_pod(ip, Some(pod_listen));
+    }
+    let pods = vec![
+        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
+        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
+        pod("unbound", Some(topo.pod(2).path()), &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pods_file = dir.path().join("pods.yaml");
+    let audit_file = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &pods_file,
+        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
+    )
+    .unwrap();
+    let rt = runtime_in(&topo.node.path());
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
+        rules: Rules::from_yaml(&azure_rules(web_id, batch_id), "test").unwrap(),
+        pod_listen: Some(pod_listen),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::to_file(&audit_file).unwrap(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+        workers: 1,
+    };
+    let source = Arc::new(FilePodSource::new(&pods_file));
+    let proxy = Arc::new(on(&rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    }));
+
+    // The web pod's app, asking for its own client id or for none, gets a
+    // token for the web identity; the second ask is served from the cache.
+    for asked in [web_id.client_id.as_str(), ""] {
+        let r = python_in(topo.pod(0), AZURE_APP, &[asked]);
+        assert_eq!(r["ok"], true, "web asking {asked:?}: {r}");
+        assert_eq!(
+            r["appid"],
+            web_id.client_id.as_str(),
+            "web asking {asked:?}"
+        );
+    }
+    assert_eq!(topo.mock.tokens_issued(&web_id.client_id), 1);
+    // Asking for another identity: refused as IMDS refuses, nothing issued.
+    for other in [&batch_id.client_id, &system.client_id] {
+        let r = python_in(topo.pod(0), AZURE_APP, &[other]);
+        assert_eq!(r["ok"], false, "web asking for {other}: {r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains("Identity not found")
+                || r["message"].as_str().unwrap().contains("not been assigned"),
+            "{r}"
+        );
+        assert_eq!(topo.mock.tokens_issued(other), 0);
+    }
+    // The batch pod, bound by resource id, gets the batch identity.
+    let r = python_in(topo.pod(1), AZURE_APP, &[""]);
+    assert_eq!(r["ok"], true, "batch: {r}");
+    assert_eq!(r["appid"], batch_id.client_id.as_str());
+    // A pod without a binding gets no token at all, not the node's.
+    let r = python_in(topo.pod(2), AZURE_APP, &[""]);
+    assert_eq!(r["ok"], false, "unbound: {r}");
+    assert_eq!(topo.mock.tokens_issued(&system.client_id), 0);
+
+    proxy.flush_audit();
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let web_label = format!("azure:client_id={}", web_id.client_id);
+    let issued: Vec<_> = audit
+        .iter()
+        .filter(|l| l["decision"] == "allowed" && l["status"] == 200)
+        .collect();
+    assert!(
+        issued
+            .iter()
+            .any(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str()),
+        "{audit:#?}"
+    );
+    assert!(
+        issued.iter().all(|l| l["identity"].is_string()),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
+        "{audit:#?}"
+    );
+    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    assert!(!raw.contains("mock."), "a token reached the audit log");
+    let metrics = proxy.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("imds_proxy_credentials_issued_total")
+                && l.contains("pod=\"default/web\"")
+                && l.contains(&web_label)),
+        "{metrics}"
+    );
+    drop(proxy);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
+
+/// GETs `target` on `addr` with `Metadata: true`; (status, body).
+async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: {IMDS}\r\nMetadata: true\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head[9..12].parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Tokens that live 4 s: the proxy refreshes them after 2 s.
+        let state = Arc::new(MockState::with_identities(
+            (1..=2).map(MockIdentity::user_assigned).collect(),
+            Duration::from_secs(4),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let ids = state.identities().to_vec();
+        let pods: Vec<Pod> = (0..100)
+            .map(|i| {
+                let app = if i % 2 == 0 { "web" } else { "batch" };
+                pod(&format!("p{i}"), None, &[("app", app)])
+            })
+            .collect();
+        let config = ProxyConfig {
+            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
+            pod_listen: None,
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::discard(),
+            limits: Limits {
+                rate_per_sec: 0.0,
+                ..Limits::default()
+            },
+            reconcile_every: Duration::ZERO,
+            workers: 2,
+        };
+        let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
+        let target = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+        let round = || {
+            let addrs = addrs.clone();
+            async move {
+                let asks = addrs.iter().enumerate().map(|(i, addr)| {
+                    let addr = *addr;
+                    tokio::spawn(async move { (i, get(addr, target).await) })
+                });
+                let mut tokens = Vec::new();
+                for ask in asks.collect::<Vec<_>>() {
+                    let (i, (status, body)) = ask.await.unwrap();
+                    assert_eq!(status, 200, "pod p{i}: {body}");
+                    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    tokens.push((i, doc));
+                }
+                tokens
+            }
+        };
+        for refresh in [1, 2] {
+            if refresh == 2 {
+                // Past the refresh point (half the 4 s life, in whole seconds).
+                tokio::time::sleep(Duration::from_millis(3100)).await;
+            }
+            let tokens = round().await;
+            for (i, doc) in &tokens {
+                let want = if i % 2 == 0 { &ids[1] } else { &ids[2] };
+                assert_eq!(doc["client_id"], want.client_id.as_str(), "pod p{i}");
+            }
+            // Every pod of one identity got the same token, and the fake
+            // issued one per identity for this refresh.
+            for (parity, id) in [(0, &ids[1]), (1, &ids[2])] {
+                let mut seen: Vec<&str> = tokens
+                    .iter()
+                    .filter(|(i, _)| i % 2 == parity)
+                    .map(|(_, d)| d["access_token"].as_str().unwrap())
+                    .collect();
+                seen.dedup();
+                assert_eq!(seen.len(), 1, "one token per identity, refresh {refresh}");
+                assert_eq!(state.tokens_issued(&id.client_id), refresh);
+            }
+            assert_ne!(
+                tokens[0].1["access_token"], tokens[1].1["access_token"],
+                "identities never share a token"
+            );
+        }
+        let metrics = proxy.metrics_text();
+        assert!(
+            metrics.contains("imds_proxy_credential_fetches_total{identity=\"azure:client_id=11111111-0000-0000-0000-000000000001\",outcome=\"ok\"} 2"),
+            "{metrics}"
+        );
+        drop(proxy);
+        fake.abort();
+    });
+}
+
+#[test]
+fn an_unreachable_upstream_gets_a_status_sdks_retry_not_a_hang() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Nothing listens on the discard port of loopback.
+        let ids: Vec<MockIdentity> = (0..=2)
+            .map(|n| {
+                if n == 0 {
+                    MockIdentity::system_assigned()
+                } else {
+                    MockIdentity::user_assigned(n)
+                }
+            })
+            .collect();
+        let config = ProxyConfig {
+            upstream: parse_upstream("http://127.0.0.1:9").unwrap(),
+            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
+            pod_listen: None,
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::discard(),
+            limits: Limits::default(),
+            reconcile_every: Duration::ZERO,
+            workers: 0,
+        };
+        let (_proxy, addrs) =
+            imds_proxy::fuzzing::loopback_pods(config, vec![pod("w", None, &[("app", "web")])])
+                .await;
+        let (status, body) = get(
+            addrs[0],
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=r",
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["error"], "service_unavailable");
+    });
+}
