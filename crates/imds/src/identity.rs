@@ -103,6 +103,121 @@ impl AzureIdentity {
     }
 }
 
+/// An IAM role a pod's AWS credentials are assumed for.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsRole {
+    pub role_arn: String,
+    /// Session length asked of STS (900..=43200; STS's own limits).
+    #[serde(default = "default_role_duration")]
+    pub duration_seconds: u32,
+}
+
+fn default_role_duration() -> u32 {
+    3600
+}
+
+impl AwsRole {
+    pub fn validate(&self) -> Result<(), String> {
+        let parts: Vec<&str> = self.role_arn.splitn(6, ':').collect();
+        let ok = parts.len() == 6
+            && parts[0] == "arn"
+            && matches!(parts[1], "aws" | "aws-cn" | "aws-us-gov")
+            && parts[2] == "iam"
+            && parts[3].is_empty()
+            && parts[4].len() == 12
+            && parts[4].bytes().all(|b| b.is_ascii_digit())
+            && parts[5].starts_with("role/")
+            && (1..=64).contains(&self.name().len())
+            && self
+                .name()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
+        if !ok {
+            return Err(format!(
+                "role_arn {:?} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+                self.role_arn
+            ));
+        }
+        if !(900..=43_200).contains(&self.duration_seconds) {
+            return Err(format!(
+                "duration_seconds {} is outside STS's 900..=43200",
+                self.duration_seconds
+            ));
+        }
+        Ok(())
+    }
+
+    /// The role's name: what IMDS lists under `security-credentials/`.
+    pub fn name(&self) -> &str {
+        self.role_arn.rsplit('/').next().unwrap_or_default()
+    }
+
+    pub fn label(&self) -> String {
+        format!("aws:{}", self.role_arn)
+    }
+}
+
+/// Where STS is reached (rules file, top-level `sts:`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StsSettings {
+    #[serde(default = "default_sts_endpoint")]
+    pub endpoint: String,
+    #[serde(default = "default_sts_region")]
+    pub region: String,
+}
+
+impl Default for StsSettings {
+    fn default() -> Self {
+        StsSettings {
+            endpoint: default_sts_endpoint(),
+            region: default_sts_region(),
+        }
+    }
+}
+
+fn default_sts_endpoint() -> String {
+    "https://sts.amazonaws.com".into()
+}
+
+fn default_sts_region() -> String {
+    "us-east-1".into()
+}
+
+/// IMDSv2 session tokens the proxy obtained for pods, each good only for
+/// the pod it was issued to (a stolen token is useless elsewhere).
+#[derive(Default)]
+pub struct SessionTokens {
+    tokens: Mutex<HashMap<String, (std::sync::Arc<str>, std::time::Instant)>>,
+}
+
+const MAX_SESSION_TOKENS: usize = 65_536;
+
+impl SessionTokens {
+    /// Remembers `token` for `pod` for `ttl`; false when full.
+    pub fn insert(&self, token: &str, pod: std::sync::Arc<str>, ttl: Duration) -> bool {
+        let mut tokens = self.tokens.lock().expect("tokens poisoned");
+        let now = std::time::Instant::now();
+        if tokens.len() >= MAX_SESSION_TOKENS {
+            tokens.retain(|_, (_, expiry)| *expiry > now);
+            if tokens.len() >= MAX_SESSION_TOKENS {
+                return false;
+            }
+        }
+        tokens.insert(token.to_owned(), (pod, now + ttl));
+        true
+    }
+
+    /// Is `token` live and `pod`'s?
+    pub fn valid_for(&self, token: &str, pod: &str) -> bool {
+        let tokens = self.tokens.lock().expect("tokens poisoned");
+        tokens
+            .get(token)
+            .is_some_and(|(owner, expiry)| &**owner == pod && *expiry > std::time::Instant::now())
+    }
+}
+
 /// A local answer of the identity layer: status, content type, body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -239,6 +354,17 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// A credential expiring at `expires_on`, refreshed halfway through
+    /// the life it has left now.
+    pub fn new(document: Value, expires_on: u64) -> Self {
+        let now = unix_now();
+        Credential {
+            refresh_after: now + expires_on.saturating_sub(now) / 2,
+            expires_on,
+            document,
+        }
+    }
+
     /// An Azure token answer (`expires_on` as IMDS writes it: a string of
     /// unix seconds; `expires_in` as a fallback).
     pub fn from_azure(document: Value, now: u64) -> Option<Self> {
@@ -377,7 +503,31 @@ pub async fn upstream_get(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    use http_body_util::{BodyExt, Empty, Limited};
+    upstream_request(
+        upstream,
+        authority,
+        "GET",
+        target,
+        headers,
+        Vec::new(),
+        timeout,
+    )
+    .await
+    .map(|(status, _, body)| (status, body))
+}
+
+/// One HTTP/1.1 request to the upstream metadata service on a connection
+/// of its own: status, the TTL field of an IMDSv2 token answer, body.
+pub async fn upstream_request(
+    upstream: (&str, u16),
+    authority: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(u16, Option<String>, Vec<u8>), String> {
+    use http_body_util::{BodyExt, Full, Limited};
     let work = async {
         let stream = tokio::net::TcpStream::connect(upstream)
             .await
@@ -387,24 +537,32 @@ pub async fn upstream_get(
                 .await
                 .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
-        let mut req = http::Request::get(target).header("host", authority);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(target)
+            .header("host", authority);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = req
-            .body(Empty::<bytes::Bytes>::new())
+            .body(Full::new(bytes::Bytes::from(body)))
             .map_err(|e| e.to_string())?;
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| format!("request: {e}"))?;
         let status = resp.status().as_u16();
+        let ttl = resp
+            .headers()
+            .get(crate::mock::AWS_TOKEN_TTL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
             .map_err(|e| format!("body: {e}"))?
             .to_bytes();
-        Ok((status, body.to_vec()))
+        Ok((status, ttl, body.to_vec()))
     };
     tokio::time::timeout(timeout, work)
         .await

@@ -29,6 +29,7 @@ pub mod pods;
 pub mod proxy;
 pub mod ratelimit;
 pub mod rules;
+pub mod sts;
 mod workers;
 
 pub use cri::CriPodSource;

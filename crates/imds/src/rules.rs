@@ -27,7 +27,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::Error;
-use crate::identity::AzureIdentity;
+use crate::identity::{AwsRole, AzureIdentity, StsSettings};
 use crate::pods::Pod;
 
 /// Path prefixes that hand out credentials. Compared case-insensitively, in
@@ -41,6 +41,9 @@ pub struct Rules {
     pub rules: Vec<Rule>,
     #[serde(default)]
     pub identities: Vec<IdentityBinding>,
+    /// The STS endpoint AWS roles are assumed at.
+    #[serde(default)]
+    pub sts: Option<StsSettings>,
 }
 
 /// Pods whose credential requests are answered for one cloud identity.
@@ -52,6 +55,9 @@ pub struct IdentityBinding {
     /// The managed identity Azure tokens are issued for.
     #[serde(default)]
     pub azure: Option<AzureIdentity>,
+    /// The IAM role AWS credentials are assumed for.
+    #[serde(default)]
+    pub aws: Option<AwsRole>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -62,6 +68,9 @@ pub struct Rule {
     pub paths: Vec<PathMatch>,
     #[serde(default = "default_methods")]
     pub methods: Vec<String>,
+    /// Let AWS metadata reads through without an IMDSv2 session token.
+    #[serde(default)]
+    pub imdsv1: bool,
 }
 
 fn default_methods() -> Vec<String> {
@@ -192,11 +201,15 @@ impl Rules {
             }
         }
         for binding in &self.identities {
-            if binding.azure.is_none() {
+            if binding.azure.is_none() && binding.aws.is_none() {
                 return Err(format!(
-                    "identity {:?}: names no identity (azure)",
+                    "identity {:?}: names no identity (azure, aws)",
                     binding.name
                 ));
+            }
+            if let Some(aws) = &binding.aws {
+                aws.validate()
+                    .map_err(|e| format!("identity {:?}: aws: {e}", binding.name))?;
             }
             if let Some(azure) = &binding.azure {
                 azure
@@ -215,6 +228,14 @@ impl Rules {
 
     /// Decides whether `pod` may send `method path`.
     pub fn check(&self, pod: &Pod, method: &str, path: &str) -> Verdict<'_> {
+        match self.allowing_rule(pod, method, path) {
+            Some(rule) => Verdict::Allow(&rule.name),
+            None => Verdict::Deny,
+        }
+    }
+
+    /// The first rule that allows `pod` to send `method path`.
+    pub fn allowing_rule(&self, pod: &Pod, method: &str, path: &str) -> Option<&Rule> {
         let sensitive = is_sensitive(path);
         for rule in &self.rules {
             if !rule.pods.matches(pod) || !rule.methods.iter().any(|m| m == method) {
@@ -225,10 +246,10 @@ impl Rules {
                 .iter()
                 .any(|p| p.matches(path) && (!sensitive || is_sensitive(p.value())));
             if hit {
-                return Verdict::Allow(&rule.name);
+                return Some(rule);
             }
         }
-        Verdict::Deny
+        None
     }
 }
 

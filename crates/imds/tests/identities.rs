@@ -400,3 +400,318 @@ fn an_unreachable_upstream_gets_a_status_sdks_retry_not_a_hang() {
         assert_eq!(doc["error"], "service_unavailable");
     });
 }
+
+/// moto's server (a real STS implementation, PyPI moto[server]) inside the
+/// node namespace on all of its addresses: the proxy reaches it on
+/// loopback, the pods' apps on the node's bridge address. Killed on drop.
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const MOTO_SERVER: &str = r#"
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="0.0.0.0", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+server.stop()
+"#;
+
+impl Moto {
+    fn start(node: &NetNs) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", node.name(), "python3", "-c", MOTO_SERVER])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting moto");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "moto did not report its port: {line:?}; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Moto {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Variables that would make botocore take credentials from anywhere but
+/// the instance metadata service.
+const AWS_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+];
+
+/// boto3 in a pod: credentials from the instance metadata service (IMDSv2
+/// only), then STS GetCallerIdentity at moto with them, twice, reading the
+/// credentials again in between (botocore refreshes credentials that
+/// expire within 15 minutes on every use).
+const BOTO_APP: &str = r#"
+import json, sys
+import boto3
+session = boto3.Session(region_name="us-east-1")
+creds = session.get_credentials()
+if creds is None:
+    print(json.dumps({"ok": False, "error": "no credentials"}))
+    sys.exit(0)
+sts = session.client("sts", endpoint_url=sys.argv[1])
+first = creds.get_frozen_credentials()
+who = sts.get_caller_identity()["Arn"]
+again = creds.get_frozen_credentials()
+who_again = sts.get_caller_identity()["Arn"]
+print(json.dumps({"ok": True, "method": creds.method, "access_key": first.access_key,
+                  "access_key_again": again.access_key, "arn": who, "arn_again": who_again}))
+"#;
+
+fn boto_in(ns: &NetNs, sts_url: &str) -> serde_json::Value {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        ns.name(),
+        "python3",
+        "-c",
+        BOTO_APP,
+        sts_url,
+    ]);
+    for var in AWS_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_V1_DISABLED", "true");
+    let out = cmd.output().expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+        panic!(
+            "boto app printed no JSON: stdout {stdout:?} stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn boto3_pods_get_their_own_roles_from_sts_through_the_proxy() {
+    let test = "boto3_pods_get_their_own_roles_from_sts_through_the_proxy";
+    if !(require_root(test) && require_tool(test, "python3") && require_tool(test, "curl")) {
+        return;
+    }
+    let have = Command::new("python3")
+        .args(["-c", "import boto3, moto.server, flask"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var("CI").is_err(),
+            "boto3/moto[server] missing (scripts/install-deps.sh installs them)"
+        );
+        eprintln!("skipping {test}: boto3 or moto[server] not installed");
+        return;
+    }
+    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
+    let mut topo = Topology::new("imaw");
+    for ip in ["10.98.0.31", "10.98.0.32", "10.98.0.33"] {
+        topo.add_pod(ip, Some(pod_listen));
+    }
+    let moto = Moto::start(&topo.node);
+    let web_role = "arn:aws:iam::123456789012:role/web-role";
+    let batch_role = "arn:aws:iam::123456789012:role/batch-role";
+    let rules = format!(
+        r#"
+rules:
+  - name: aws-token
+    pods: {{}}
+    paths: [ {{ exact: /latest/api/token }} ]
+    methods: [PUT]
+  - name: aws-read
+    pods: {{}}
+    paths: [ {{ prefix: /latest/meta-data/ }}, {{ prefix: /latest/meta-data/iam/security-credentials }} ]
+identities:
+  - name: web
+    pods: {{ labels: {{ app: web }} }}
+    aws: {{ role_arn: "{web_role}", duration_seconds: 900 }}
+  - name: batch
+    pods: {{ labels: {{ app: batch }} }}
+    aws: {{ role_arn: "{batch_role}" }}
+sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
+"#,
+        moto.port
+    );
+    let pods = vec![
+        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
+        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
+        pod("unbound", Some(topo.pod(2).path()), &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pods_file = dir.path().join("pods.yaml");
+    let audit_file = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &pods_file,
+        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
+    )
+    .unwrap();
+    let rt = runtime_in(&topo.node.path());
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
+        rules: Rules::from_yaml(&rules, "test").unwrap(),
+        pod_listen: Some(pod_listen),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::to_file(&audit_file).unwrap(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+        workers: 1,
+    };
+    let source = Arc::new(FilePodSource::new(&pods_file));
+    let proxy = Arc::new(on(&rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    }));
+    let sts_url = format!("http://10.98.0.1:{}", moto.port);
+
+    let web = boto_in(topo.pod(0), &sts_url);
+    assert_eq!(web["ok"], true, "web: {web}; moto: {}", moto.log());
+    assert_eq!(web["method"], "iam-role");
+    // STS says who these credentials are: the web role, in a session
+    // named after the pod.
+    assert_eq!(
+        web["arn"], "arn:aws:sts::123456789012:assumed-role/web-role/default@web",
+        "{web}"
+    );
+    assert_eq!(web["arn_again"], web["arn"]);
+    let batch = boto_in(topo.pod(1), &sts_url);
+    assert_eq!(batch["ok"], true, "batch: {batch}");
+    assert_eq!(
+        batch["arn"],
+        "arn:aws:sts::123456789012:assumed-role/batch-role/default@batch"
+    );
+    assert_ne!(web["access_key"], batch["access_key"]);
+    // The unbound pod: no role listed, so botocore finds no credentials.
+    let unbound = boto_in(topo.pod(2), &sts_url);
+    assert_eq!(unbound["ok"], false, "unbound: {unbound}");
+    // IMDSv1 is off: no token, no answer.
+    let v1 = common::curl(
+        topo.pod(0),
+        &[],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
+    );
+    assert_eq!(v1.status, 401, "{v1:?}");
+    // A token obtained by another pod is not this pod's.
+    let batch_token = common::curl(
+        topo.pod(1),
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ],
+        &format!("http://{IMDS}/latest/api/token"),
+    );
+    assert_eq!(batch_token.status, 200);
+    let stolen = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {}", batch_token.body),
+        ],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/web-role"),
+    );
+    assert_eq!(stolen.status, 401, "{stolen:?}");
+    // Another role's name is not there for this pod.
+    let web_token = common::curl(
+        topo.pod(0),
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ],
+        &format!("http://{IMDS}/latest/api/token"),
+    );
+    let other = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
+        ],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/batch-role"),
+    );
+    assert_eq!(other.status, 404, "{other:?}");
+    let listed = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
+        ],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
+    );
+    assert_eq!((listed.status, listed.body.as_str()), (200, "web-role"));
+
+    proxy.flush_audit();
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let web_label = format!("aws:{web_role}");
+    // Each credential handed out is audited with its identity; STS was
+    // asked once per role.
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str()),
+        "{audit:#?}"
+    );
+    let metrics = proxy.metrics_text();
+    for role in [web_role, batch_role] {
+        assert!(
+            metrics.contains(&format!(
+                "imds_proxy_credential_fetches_total{{identity=\"aws:{role}\",outcome=\"ok\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    assert!(
+        !raw.contains(web["access_key"].as_str().unwrap()),
+        "a key reached the audit log"
+    );
+    drop(proxy);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
