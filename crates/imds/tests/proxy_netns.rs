@@ -324,13 +324,17 @@ fn pods_get_what_rules_allow_and_nothing_else() {
         &["-H", &with],
         &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/mock-role"),
     );
-    assert_eq!(r.status, 200, "{r:?}");
+    // A pod bound to no role never gets the node's role credentials.
+    assert_eq!(r.status, 404, "{r:?}");
     let r = curl(
         aws,
         &[],
         &format!("http://{IMDS}/latest/meta-data/instance-id"),
     );
-    assert_eq!(r.status, 401, "no token: the upstream's 401 passes through");
+    assert_eq!(
+        r.status, 401,
+        "no token: IMDSv1 is off unless a rule allows it"
+    );
     let r = curl(
         aws,
         &[
