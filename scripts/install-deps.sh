@@ -6,6 +6,7 @@ debian_packages=(
   nftables iptables iproute2 curl
   containerd runc containernetworking-plugins busybox-static
   protobuf-compiler libprotobuf-dev openssh-server openssh-client haproxy nginx-light
+  faketime
 )
 missing=()
 for p in "${debian_packages[@]}"; do

@@ -500,17 +500,30 @@ print(json.dumps({"ok": True, "method": creds.method, "access_key": first.access
                   "access_key_again": again.access_key, "arn": who, "arn_again": who_again}))
 "#;
 
+/// boto3 using its credentials for 30 minutes of its own time, run under
+/// libfaketime at 200x (9 s of real time): botocore refreshes instance
+/// credentials whenever they come within 15 minutes of expiry (after its
+/// jittered static-stability extension), so it goes back to the metadata
+/// service several times. Prints the access keys it saw.
+const BOTO_REFRESH_APP: &str = r#"
+import json, time
+import boto3
+creds = boto3.Session(region_name="us-east-1").get_credentials()
+keys = set()
+end = time.time() + 1800
+while time.time() < end:
+    keys.add(creds.get_frozen_credentials().access_key)
+    time.sleep(20)
+print(json.dumps({"ok": True, "keys": sorted(keys)}))
+"#;
+
 fn boto_in(ns: &NetNs, sts_url: &str) -> serde_json::Value {
+    boto_run(ns, &["python3", "-c", BOTO_APP, sts_url])
+}
+
+fn boto_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
     let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        ns.name(),
-        "python3",
-        "-c",
-        BOTO_APP,
-        sts_url,
-    ]);
+    cmd.args(["netns", "exec", ns.name()]).args(argv);
     for var in AWS_VARS {
         cmd.env_remove(var);
     }
@@ -690,14 +703,45 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let web_label = format!("aws:{web_role}");
-    // Each credential handed out is audited with its identity; STS was
-    // asked once per role.
-    assert!(
+    let web_reads = |audit: &[serde_json::Value]| {
         audit
             .iter()
-            .any(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str()),
-        "{audit:#?}"
-    );
+            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
+            .count()
+    };
+    let reads_before = web_reads(&audit);
+    assert!(reads_before >= 1, "{audit:#?}");
+    // botocore refreshes through the proxy; the proxy answers from its
+    // cache (STS is asked once per role, checked below).
+    if require_tool(test, "faketime") {
+        let r = boto_run(
+            topo.pod(0),
+            &[
+                // botocore's 1 s metadata timeout would be 5 ms at 200x.
+                "env",
+                "AWS_METADATA_SERVICE_TIMEOUT=400",
+                "faketime",
+                "-f",
+                "+0 x200",
+                "python3",
+                "-c",
+                BOTO_REFRESH_APP,
+            ],
+        );
+        assert_eq!(r["keys"].as_array().map(Vec::len), Some(1), "{r}");
+        assert_eq!(r["keys"][0], web["access_key"]);
+        proxy.flush_audit();
+        let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let refreshes = web_reads(&audit) - reads_before;
+        assert!(
+            refreshes >= 3,
+            "botocore read its credentials {refreshes} more times"
+        );
+    }
     let metrics = proxy.metrics_text();
     for role in [web_role, batch_role] {
         assert!(
