@@ -6,7 +6,7 @@ debian_packages=(
   nftables iptables iproute2 curl
   containerd runc containernetworking-plugins busybox-static
   openssh-server openssh-client haproxy nginx-light
-  dnsmasq-base squid shadowsocks-libev
+  dnsmasq-base squid shadowsocks-libev faketime
 )
 missing=()
 for p in "${debian_packages[@]}"; do
@@ -23,7 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Python tools the tests drive (validators, independent protocol peers).
-python_packages=(kubernetes-validate)
+# Cloud SDKs run unmodified inside the imds-proxy tests' stand-in pods.
+python_packages=(kubernetes-validate azure-identity boto3)
 missing_py=()
 for p in "${python_packages[@]}"; do
   python3 -m pip show -q "$p" >/dev/null 2>&1 || missing_py+=("$p")
@@ -37,4 +38,12 @@ fi
 if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
   echo "== pip install grpcio grpcio-tools"
   python3 -m pip install -q --root-user-action=ignore grpcio grpcio-tools
+fi
+
+# moto's server: a real STS (AssumeRole, GetCallerIdentity) on loopback for
+# the imds-proxy AWS identity tests. pip show does not take extras, so ask
+# for the server's own imports.
+if ! python3 -c "import moto.server, flask, flask_cors" >/dev/null 2>&1; then
+  echo "== pip install moto[server]"
+  python3 -m pip install -q --root-user-action=ignore "moto[server]"
 fi
