@@ -281,3 +281,134 @@ fn cni_installer_daemonset_chains_the_plugin_and_unchains_on_stop() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+const IMDS: &str = env!("CARGO_BIN_EXE_imds-proxy");
+const INSTANCE: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
+const TOKEN: &str = "http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+
+/// Kills and reaps a child on drop.
+struct Proc(std::process::Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The imds-proxy DaemonSet in a real containerd: a host-network container
+/// with the manifest's args, capabilities, rules ConfigMap, CRI socket and
+/// netns mount (HostToContainer), and the CNI plugin chained with the
+/// deploy/cni ConfigMap's entry. App pods started after it get the DNAT at
+/// sandbox creation and their metadata requests are answered through the
+/// containerised imds-proxy, under the ConfigMap's rules.
+#[test]
+fn imds_proxy_daemonset_serves_pods_from_its_container() {
+    let test = "imds_proxy_daemonset_serves_pods_from_its_container";
+    if !prerequisites(test) || !require_tool(test, "nsenter") {
+        return;
+    }
+    let cni_docs = deploy("cni/proxyctl-cni.yaml");
+    let plugin: serde_json::Value = serde_json::from_str(
+        cni_docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap()["data"]["plugin.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let cd = Containerd::start(ContainerdOptions {
+        chained_plugins: vec![plugin],
+        cni_binaries: vec![("proxyctl-cni".into(), PathBuf::from(PLUGIN))],
+        shared_state: true,
+        ..Default::default()
+    });
+    let docs = deploy("imds-proxy/imds-proxy.yaml");
+    let scratch = tempfile::tempdir().unwrap();
+    let socket = cd.socket();
+    let state = cd.state_dir();
+    let mut m = from_manifest(&docs, scratch.path(), &|p| match p {
+        "/run/containerd/containerd.sock" => socket.clone(),
+        // The node's netns dir: containerd here keeps pod namespaces under
+        // its state dir, so that is what is mounted (at the same path, the
+        // one CRI reports), with the manifest's propagation.
+        "/var/run/netns" => state.clone(),
+        other => panic!("unexpected hostPath {other}"),
+    });
+    for mount in &mut m.spec.mounts {
+        if mount.host_path == state {
+            assert!(mount.host_to_container, "netns mount needs HostToContainer");
+            mount.container_path = state.display().to_string();
+        }
+    }
+    assert!(m.host_network);
+    assert_eq!(m.spec.add_capabilities, ["SYS_ADMIN"]);
+    assert_eq!(m.spec.drop_capabilities, ["ALL"]);
+    let took = import_image(
+        &cd,
+        &m.spec.image,
+        "/usr/local/bin/imds-proxy",
+        &[(IMDS, "/usr/local/bin/imds-proxy")],
+    );
+    eprintln!("imds-proxy image (debug binary) built and imported in {took:?}");
+
+    let spec = PodSpec::new(&m.name).namespace(&m.namespace).host_network();
+    let (proxy_pod, proxy_cfg) = cd.create_sandbox(&spec);
+    // The metadata service, reachable from the node (where imds-proxy runs) only.
+    let cloud = proxyctl_testkit::containerd::metadata_cloud(&proxy_pod, "dcl");
+    let _mock = Proc(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", cloud.name(), IMDS, "mock", "--listen"])
+            .arg("169.254.169.254:80")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("imds-proxy mock"),
+    );
+    let proxy = cd.run_container(&proxy_pod, &proxy_cfg, &m.spec);
+    let log = || cd.container_log(&proxy_cfg, &m.spec.name);
+
+    let pod = cd.run_pod(
+        &PodSpec::new("app")
+            .namespace("shop")
+            .annotation("imds-proxy.io/redirect", "true"),
+    );
+    pod.add_default_route();
+    assert_eq!(
+        policy_names(&pod.netns),
+        ["imds"],
+        "DNAT installed by the chained plugin"
+    );
+    let wget = |url: &str| {
+        cd.exec(
+            &pod.container_id,
+            &["wget", "-q", "-O", "-", "--header", "Metadata: true", url],
+        )
+    };
+    // Refused until imds-proxy (event-driven) binds the pod's listener.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = wget(INSTANCE);
+        if out.exit_code == 0 {
+            break out;
+        }
+        let (state, code) = cd.container_state(&proxy);
+        assert_eq!(
+            state,
+            1,
+            "imds-proxy container exited ({code}); log:\n{}",
+            log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never served: {out:?}\nimds-proxy log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let body: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(body["compute"]["vmId"].is_string(), "{body}");
+    // The ConfigMap's rules open instance metadata only: no token.
+    let out = wget(TOKEN);
+    assert!(out.stderr.contains("403"), "{out:?}\n{}", log());
+    // The audit lines come from the container (stdout, CRI log).
+    let log = log();
+    assert!(log.contains("/metadata/instance"), "{log}");
+}

@@ -89,6 +89,12 @@ pub struct ContainerdOptions {
     /// `io.containerd.grpc.v1.events` to stand in for a runtime without
     /// containerd's event service).
     pub disabled_plugins: Vec<String>,
+    /// Make `$D/state` (where pod netns are bind-mounted) a shared mount
+    /// of its own, so a container may mount it with HostToContainer
+    /// propagation and see pods' namespaces created after it started (as
+    /// a node's /var/run/netns is). The test's `/` here is private, and
+    /// containerd refuses rslave mounts from a private mount.
+    pub shared_state: bool,
 }
 
 /// One container of a pod spec, as the kubelet passes it to CRI (the
@@ -311,6 +317,9 @@ impl Containerd {
         };
         // From here on a panic drops `cd`, which cleans up.
         cd.write_config(&options);
+        if options.shared_state {
+            cd.share_state_dir();
+        }
         cd.spawn_containerd();
         cd.import_image();
         cd
@@ -351,6 +360,33 @@ impl Containerd {
     /// containerd reloads it on change).
     pub fn cni_conflist(&self) -> PathBuf {
         self.dir().join("cni/net.d/10-pxt.conflist")
+    }
+
+    /// `$D/state`: where containerd keeps pod netns bind mounts.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    fn share_state_dir(&self) {
+        use nix::mount::{MsFlags, mount};
+        let state = self.state_dir();
+        mount(
+            Some(&state),
+            &state,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind-mounting $D/state");
+        // Removed with every other mount under $D at drop.
+        mount(
+            None::<&str>,
+            &state,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .expect("making $D/state shared");
     }
 
     /// The CNI bin dir containerd runs plugins from (the node's /opt/cni/bin).
