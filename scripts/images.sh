@@ -25,13 +25,19 @@ bins=target/$profile
 cargo build --profile "$profile" -p proxyctl-cli -p proxyctl-oci \
     --bin proxyctl --bin proxyctl-cni --bin imds-proxy \
     --bin proxy-server --bin proxy-agent --bin proxyctl-oci
-mkdir -p "$out"
+mkdir -p "$out" "$out/bin"
+# The release profile keeps debug info (for perf); images carry the
+# binaries without it (objcopy from binutils).
+for b in proxyctl proxyctl-cni imds-proxy proxy-server proxy-agent; do
+    objcopy --strip-debug "$bins/$b" "$out/bin/$b"
+done
+tool=$bins/proxyctl-oci
 
 # image NAME TITLE USER ENTRYPOINT [--add SRC:DEST ...]
 image() {
     local name=$1 title=$2 user=$3 entry=$4
     shift 4
-    "$bins/proxyctl-oci" --name "$prefix/$name:$version" --out "$out/$name.tar" \
+    "$tool" --name "$prefix/$name:$version" --out "$out/$name.tar" \
         --with-libs --user "$user" --entrypoint "$entry" \
         --label "org.opencontainers.image.title=$title" \
         --label "org.opencontainers.image.version=$version" \
@@ -44,15 +50,16 @@ image() {
 # proxyctl + proxyctl-cni: `proxyctl cni-install` copies the plugin onto the
 # node and `proxyctl watch` sets up pods; both need root on the node.
 image proxyctl "proxyctl (watch, cni-install, proxyctl-cni)" 0:0 /usr/local/bin/proxyctl \
-    --add "$bins/proxyctl:/usr/local/bin/proxyctl" \
-    --add "$bins/proxyctl-cni:/usr/local/bin/proxyctl-cni"
+    --add "$out/bin/proxyctl:/usr/local/bin/proxyctl" \
+    --add "$out/bin/proxyctl-cni:/usr/local/bin/proxyctl-cni"
 # imds-proxy enters pod network namespaces (CAP_SYS_ADMIN): root.
 image imds-proxy "imds-proxy" 0:0 /usr/local/bin/imds-proxy \
-    --add "$bins/imds-proxy:/usr/local/bin/imds-proxy"
+    --add "$out/bin/imds-proxy:/usr/local/bin/imds-proxy"
 # The Konnectivity binaries sit at / as in upstream's images, so upstream's
 # manifests (command: ["/proxy-server"]) work unchanged; they need no root.
 image proxy-server "proxy-server (Konnectivity)" 65532:65532 /proxy-server \
-    --add "$bins/proxy-server:/proxy-server"
+    --add "$out/bin/proxy-server:/proxy-server"
 image proxy-agent "proxy-agent (Konnectivity)" 65532:65532 /proxy-agent \
-    --add "$bins/proxy-agent:/proxy-agent"
+    --add "$out/bin/proxy-agent:/proxy-agent"
+rm -r "$out/bin"
 ls -l "$out"

@@ -25,10 +25,10 @@ struct Args {
     #[arg(long)]
     with_libs: bool,
     /// Entrypoint argv, one flag per element.
-    #[arg(long = "entrypoint")]
+    #[arg(long = "entrypoint", allow_hyphen_values = true)]
     entrypoint: Vec<String>,
     /// Default args, one flag per element.
-    #[arg(long = "cmd")]
+    #[arg(long = "cmd", allow_hyphen_values = true)]
     cmd: Vec<String>,
     /// KEY=VALUE environment (repeatable).
     #[arg(long = "env")]
