@@ -30,6 +30,12 @@
 //! [`GATEWAY`] as an address every pod can reach (the node's bridge),
 //! [`Sandbox::add_default_route`] for pods that need one, and
 //! [`metadata_cloud`] for a 169.254.169.254 that only one pod can reach.
+//! To run our own images as the kubelet would: [`Containerd::import_archive`]
+//! (an OCI archive), [`PodSpec::host_network`], [`Containerd::run_container`]
+//! with a [`ContainerSpec`] (command, args, mounts with propagation,
+//! security context), [`Containerd::stop_container`],
+//! [`Containerd::container_log`]; [`ContainerdOptions::shared_state`] when a
+//! container must see pod namespaces created after it started.
 //! Several harnesses may run at once (each has its own node namespace).
 //!
 //! Dropping [`Containerd`] tears everything down, on success or panic:
