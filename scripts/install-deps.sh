@@ -22,6 +22,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubectl renders deploy/'s Kustomize set-up (built-in Kustomize) in the
+# deploy_manifests test; it is not in Debian's archive, so it is only checked.
+command -v kubectl >/dev/null 2>&1 ||
+  echo "install-deps: kubectl not found; the Kustomize rendering test skips (fails with CI=true)" >&2
+
 # Python tools the tests drive (validators, independent protocol peers).
 # Cloud SDKs run unmodified inside the imds-proxy tests' stand-in pods.
 python_packages=(kubernetes-validate azure-identity boto3)

@@ -2,6 +2,8 @@
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
 mod certs;
+#[cfg(target_os = "linux")]
+mod cni_install;
 mod cri;
 // Linux-only: throw-away namespaces, nftables, setns.
 #[cfg(target_os = "linux")]
@@ -76,6 +78,10 @@ enum Command {
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
     Lookup(cri::LookupArgs),
+    /// Copy proxyctl-cni onto the node and keep it chained into the node's
+    /// CNI config until stopped, then un-chain it (the CNI DaemonSet's job).
+    #[cfg(target_os = "linux")]
+    CniInstall(cni_install::CniInstallArgs),
     /// Write the Konnectivity test certificates (upstream's `make certs` layout).
     Certs(certs::CertsArgs),
     /// Print the version.
@@ -175,6 +181,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(target_os = "linux")]
         Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
+        #[cfg(target_os = "linux")]
+        Command::CniInstall(args) => return cni_install::run(args),
         #[cfg(target_os = "linux")]
         Command::Demo { part } => return demo::run(part),
         Command::Certs(args) => certs::run(&args)?,
