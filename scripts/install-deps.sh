@@ -22,10 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# kubectl renders deploy/'s Kustomize set-up (built-in Kustomize) in the
-# deploy_manifests test; it is not in Debian's archive, so it is only checked.
-command -v kubectl >/dev/null 2>&1 ||
-  echo "install-deps: kubectl not found; the Kustomize rendering test skips (fails with CI=true)" >&2
+# kustomize renders deploy/'s Kustomize set-up in the deploy_manifests test
+# (the same engine kubectl embeds). Neither is in Debian's archive; Go builds
+# the pinned release from the module proxy once.
+kustomize_version=v5.8.1
+if ! kustomize version 2>/dev/null | grep -q "$kustomize_version"; then
+  echo "== go install kustomize $kustomize_version"
+  GOBIN=/usr/local/bin go install "sigs.k8s.io/kustomize/kustomize/v5@$kustomize_version"
+fi
 
 # Python tools the tests drive (validators, independent protocol peers).
 # Cloud SDKs run unmodified inside the imds-proxy tests' stand-in pods.
