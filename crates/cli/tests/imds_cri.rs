@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proxyctl_testkit::containerd::{Containerd, ContainerdOptions, PodSpec, metadata_cloud};
-use proxyctl_testkit::process::{LoggedChild, wait_until};
+use proxyctl_testkit::process::{LoggedChild, wait_until as wait_printing_logs};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 use serde_json::json;
 
@@ -121,7 +121,7 @@ fn cni_redirect_and_serve_from_cri() {
     // until then, the rules' answer after.
     let once_listened = |pod: &proxyctl_testkit::containerd::Pod| {
         let mut last = None;
-        wait_until("a pod's metadata listener", Duration::from_secs(20), || {
+        wait_printing_logs("a pod's metadata listener", Duration::from_secs(20), || {
             let out = wget(pod);
             let listened = !out.stderr.contains("refused");
             last = Some(out);
