@@ -34,6 +34,10 @@ rules:
   - name: batch-reads-instance-only
     pods: { labels: { app: batch } }
     paths: [ { prefix: /metadata/instance } ]
+identities:
+  - name: web
+    pods: { labels: { app: web } }
+    azure: { client_id: 11111111-0000-0000-0000-000000000001 }
 ";
 
 const INSTANCE: &str = "/metadata/instance/compute/name?api-version=2021-02-01&format=text";
@@ -64,8 +68,9 @@ pub fn run() -> anyhow::Result<bool> {
             "(169.254.169.254). It knows which pod asks because it listens inside each",
             "pod's namespace, where a proxyctl policy sends 169.254.169.254:80 to it;",
             "never by what the request claims. Rules by pod label say who may ask for",
-            "what; every decision is an audit line. Pod \"web\" may read instance",
-            "metadata and get a token; pod \"batch\" may only read instance metadata.",
+            "what, identities by pod label say whose token a pod gets; every decision",
+            "is an audit line. Pod \"web\" may read instance metadata and gets a token",
+            "for its own managed identity; pod \"batch\" may only read instance metadata.",
         ],
     );
     let node = anonymous_netns()?;
