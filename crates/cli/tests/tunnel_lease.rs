@@ -423,7 +423,7 @@ fn agent_counts_server_leases() {
 }
 
 #[test]
-fn lease_flags_need_a_kubeconfig() {
+fn lease_flags_need_a_kubeconfig_outside_a_pod() {
     let dir = tempfile::tempdir().unwrap();
     let p = Ports::new();
     let mut sa = server_args(&p, "grpc");
@@ -431,10 +431,16 @@ fn lease_flags_need_a_kubeconfig() {
     let out = std::process::Command::new(bin("proxy-server"))
         .args(&sa)
         .current_dir(dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--kubeconfig"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kubeconfig") && err.contains("KUBERNETES_SERVICE_HOST"),
+        "{err}"
+    );
     let mut aa = agent_args(&p);
     aa.push("--count-server-leases".into());
     aa.push("--kubeconfig=/nonexistent/kubeconfig".into());

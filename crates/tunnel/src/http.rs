@@ -46,8 +46,22 @@ impl Reply {
 /// Routes `path` (and query) to a reply.
 pub type Handler = Arc<dyn Fn(&str, Option<&str>) -> Reply + Send + Sync>;
 
+/// Routes `path`, query and the request's Host (header or authority) to a
+/// reply.
+pub type HostHandler = Arc<dyn Fn(&str, Option<&str>, Option<&str>) -> Reply + Send + Sync>;
+
 /// Serves `handler` on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, handler: Handler, stop: CancellationToken) {
+    serve_with_host(
+        listener,
+        Arc::new(move |path, query, _host| handler(path, query)),
+        stop,
+    )
+    .await
+}
+
+/// As [`serve`], for handlers that need the Host the client asked for.
+pub async fn serve_with_host(listener: TcpListener, handler: HostHandler, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -60,7 +74,12 @@ pub async fn serve(listener: TcpListener, handler: Handler, stop: CancellationTo
         let stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let reply = handler(req.uri().path(), req.uri().query());
+                let host = req
+                    .headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()));
+                let reply = handler(req.uri().path(), req.uri().query(), host);
                 let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
                 *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
                 resp.headers_mut()

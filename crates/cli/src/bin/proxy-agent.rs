@@ -107,6 +107,8 @@ struct Args {
     /// Extra: how often server Leases are counted.
     #[arg(long = "lease-poll-interval", default_value = "10s", value_parser = go_duration, hide = true)]
     lease_poll_interval: Duration,
+    /// absolute path to the kubeconfig file (lease counting); empty: the
+    /// pod's service account (in-cluster).
     #[arg(long, default_value = "")]
     kubeconfig: String,
     #[arg(
@@ -140,18 +142,30 @@ async fn run(a: Args) -> i32 {
     if a.agent_cert.is_empty() != a.agent_key.is_empty() {
         bad_flag("--agent-cert", "--agent-cert and --agent-key go together");
     }
+    if a.sync_interval > a.sync_interval_cap {
+        bad_flag(
+            "--sync-interval",
+            format!(
+                "sync interval {:?} must be less than sync interval cap {:?} (--sync-interval-cap)",
+                a.sync_interval, a.sync_interval_cap
+            ),
+        );
+    }
+    if let Err(e) = agent::validate_agent_identifiers(&a.agent_identifiers) {
+        bad_flag(
+            "--agent-identifiers",
+            format!("agent address is invalid: {e}"),
+        );
+    }
     if !matches!(a.server_count_source.as_str(), "default" | "max") {
         bad_flag("--server-count-source", "must be default or max");
     }
     let lease_client = if a.count_server_leases {
-        if a.kubeconfig.is_empty() {
-            bad_flag("--count-server-leases", "needs --kubeconfig");
-        }
         if a.lease_poll_interval.is_zero() {
             bad_flag("--lease-poll-interval", "must be positive");
         }
         Some(
-            konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
+            konnectivity::kube::KubeClient::from_flags(&a.kubeconfig)
                 .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}"))),
         )
     } else {
@@ -241,9 +255,12 @@ async fn run(a: Args) -> i32 {
             a.lease_poll_interval,
         );
         let use_max = a.server_count_source == "max";
+        let lease_metrics = agent.lease_metrics();
         tokio::spawn(async move {
             loop {
-                match konnectivity::lease::count_leases(&client, &ns, &sel).await {
+                match konnectivity::lease::count_leases(&client, &ns, &sel, Some(&lease_metrics))
+                    .await
+                {
                     Ok(n) => {
                         tracing::debug!(leases = n, "server leases counted");
                         agent.set_lease_count(n, use_max);

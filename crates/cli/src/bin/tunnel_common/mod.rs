@@ -107,14 +107,10 @@ pub fn go_duration(s: &str) -> Result<Duration, String> {
     konnectivity::duration::parse_go_duration(s)
 }
 
-/// Bind address: empty means all interfaces, as in Go.
+/// Bind address as Go reads `host:port`: empty is every interface over
+/// IPv6 and IPv4, a host name resolves to one of its addresses.
 pub fn bind(host: &str, port: u16) -> Result<std::net::SocketAddr, String> {
-    let host = if host.is_empty() { "0.0.0.0" } else { host };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let ip: std::net::IpAddr = host
-        .parse()
-        .map_err(|_| format!("invalid bind address {host:?}"))?;
-    Ok(std::net::SocketAddr::new(ip, port))
+    konnectivity::net::bind_addr(host, port)
 }
 
 /// Exit code for bad flags (as clap's own).
