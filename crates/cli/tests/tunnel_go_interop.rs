@@ -1,0 +1,451 @@
+//! Interop with the Go implementation every Konnectivity user runs:
+//! upstream apiserver-network-proxy's proxy-server and proxy-agent,
+//! konnectivity-client dialling as kube-apiserver does, and k8s.io/apiserver's
+//! egress selector, all built from pinned published modules by
+//! scripts/install-deps.sh (crates/cli/tests/go-peers -> target/go-peers).
+//!
+//! Every cell runs twice: with our binaries in the cell's place, and with
+//! upstream on both sides as the control, so a failing cell is ours.
+
+mod tunnel_support;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tunnel_support::*;
+
+/// A binary from target/go-peers; None (the test skips) when they were not
+/// built, and a failure under CI, where install-deps.sh builds them.
+fn go_peer(test: &str, name: &str) -> Option<String> {
+    let dir = std::env::var_os("PROXYCTL_GO_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/go-peers"));
+    let path = dir.join(name);
+    if path.is_file() {
+        return Some(path.display().to_string());
+    }
+    if proxyctl_testkit::in_ci() {
+        panic!(
+            "{test}: {} is missing (scripts/install-deps.sh builds it)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED {test}: {} is missing; run scripts/install-deps.sh",
+        path.display()
+    );
+    None
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    Ours,
+    Upstream,
+}
+
+fn server_bin(side: Side) -> String {
+    match side {
+        Side::Ours => bin("proxy-server"),
+        Side::Upstream => go_peer("server", "upstream-server").unwrap(),
+    }
+}
+
+fn agent_bin(side: Side) -> String {
+    match side {
+        Side::Ours => bin("proxy-agent"),
+        Side::Upstream => go_peer("agent", "upstream-agent").unwrap(),
+    }
+}
+
+/// How the server's frontend listens.
+#[derive(Clone, Copy, Debug)]
+enum Front {
+    /// gRPC on a unix socket (kube-apiserver's GRPC/UDS transport).
+    GrpcUds,
+    /// HTTP-CONNECT on a unix socket.
+    ConnectUds,
+    /// HTTP-CONNECT on TCP with mTLS.
+    ConnectTls,
+    /// gRPC on TCP with mTLS.
+    GrpcTls,
+}
+
+/// One server and one agent, each ours or upstream's, with certificates
+/// from `proxyctl certs` laid out as upstream's README.
+struct Cell {
+    dir: tempfile::TempDir,
+    ports: Ports,
+    front: Front,
+    server: Proc,
+    agent: Proc,
+}
+
+impl Cell {
+    fn start(server: Side, agent: Side, front: Front, extra_agent: &[&str]) -> Cell {
+        let dir = tempfile::tempdir().unwrap();
+        make_certs(dir.path());
+        let ports = Ports::new();
+        let uds = dir.path().join("konnectivity.sock");
+        let mode = match front {
+            Front::GrpcUds | Front::GrpcTls => "grpc",
+            Front::ConnectUds | Front::ConnectTls => "http-connect",
+        };
+        let mut sa = match front {
+            Front::GrpcUds | Front::ConnectUds => {
+                let mut a = s(&[
+                    "--server-port=0",
+                    "--cluster-ca-cert=certs/agent/issued/ca.crt",
+                    "--cluster-cert=certs/agent/issued/proxy-master.crt",
+                    "--cluster-key=certs/agent/private/proxy-master.key",
+                ]);
+                a.push(format!("--uds-name={}", uds.display()));
+                a.push(format!("--mode={mode}"));
+                a.extend(port_args(&ports).into_iter().skip(1));
+                a
+            }
+            Front::ConnectTls | Front::GrpcTls => server_args(&ports, mode),
+        };
+        sa.push("--server-id=server-0".into());
+        let srv = Proc::spawn(&server_bin(server), &sa, dir.path(), "server");
+        let mut aa = agent_args(&ports);
+        aa.extend(s(extra_agent));
+        let agt = Proc::spawn(&agent_bin(agent), &aa, dir.path(), "agent");
+        let cell = Cell {
+            dir,
+            ports,
+            front,
+            server: srv,
+            agent: agt,
+        };
+        let p = cell.ports;
+        wait_for("server and agent ready", Duration::from_secs(60), || {
+            http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
+                && http_get(p.agent_health, "/readyz").is_some_and(|(s, _)| s == 200)
+        });
+        // Upstream's server reports ready before the agent's backend is
+        // registered everywhere; a first dial proves the path.
+        cell
+    }
+
+    fn uds(&self) -> PathBuf {
+        self.dir.path().join("konnectivity.sock")
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- server ---\n{}\n--- agent ---\n{}",
+            tail(&self.server.log_text()),
+            tail(&self.agent.log_text())
+        )
+    }
+
+    /// The EgressSelectorConfiguration kube-apiserver would be given for
+    /// this frontend, written into the cell's directory.
+    fn egress_config(&self) -> PathBuf {
+        let d = self.dir.path().display();
+        let connection = match self.front {
+            Front::GrpcUds => format!(
+                "proxyProtocol: GRPC\n    transport:\n      uds:\n        udsName: {}\n",
+                self.uds().display()
+            ),
+            Front::ConnectUds => format!(
+                "proxyProtocol: HTTPConnect\n    transport:\n      uds:\n        udsName: {}\n",
+                self.uds().display()
+            ),
+            Front::ConnectTls => format!(
+                "proxyProtocol: HTTPConnect\n    transport:\n      tcp:\n        url: https://127.0.0.1:{}\n        tlsConfig:\n          caBundle: {d}/certs/master/issued/ca.crt\n          clientCert: {d}/certs/master/issued/proxy-client.crt\n          clientKey: {d}/certs/master/private/proxy-client.key\n",
+                self.ports.server
+            ),
+            Front::GrpcTls => panic!("kube-apiserver has no GRPC-over-TCP egress transport"),
+        };
+        let text = format!(
+            "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n- name: cluster\n  connection:\n    {connection}"
+        );
+        let path = self.dir.path().join("egress.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// konn-client's address flags for this frontend: the egress selector
+    /// when `egress`, else konnectivity-client directly.
+    fn client_args(&self, egress: bool) -> Vec<String> {
+        if egress {
+            return vec![format!(
+                "--egress-config={}",
+                self.egress_config().display()
+            )];
+        }
+        match self.front {
+            Front::GrpcUds => vec![format!("--uds={}", self.uds().display())],
+            Front::GrpcTls => {
+                let d = self.dir.path().display();
+                vec![
+                    format!("--proxy-addr=127.0.0.1:{}", self.ports.server),
+                    format!("--ca-cert={d}/certs/master/issued/ca.crt"),
+                    format!("--client-cert={d}/certs/master/issued/proxy-client.crt"),
+                    format!("--client-key={d}/certs/master/private/proxy-client.key"),
+                ]
+            }
+            _ => panic!("konnectivity-client speaks gRPC only"),
+        }
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// The summary line konn-client prints.
+#[derive(Debug)]
+struct Run {
+    ok: bool,
+    json: serde_json::Value,
+    stderr: String,
+}
+
+fn konn_client(args: &[String]) -> Run {
+    let out = Command::new(go_peer("konn-client", "konn-client").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Run {
+        ok: out.status.success(),
+        json: serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn have_peers(test: &str) -> bool {
+    ["upstream-server", "upstream-agent", "konn-client"]
+        .iter()
+        .all(|n| go_peer(test, n).is_some())
+}
+
+/// `dials` echo dials, `concurrency` at once, through the cell; asserts
+/// every one came back with the right hash.
+fn echo_dials(cell: &Cell, egress: bool, dials: usize, concurrency: usize, payload: usize) {
+    let backend = HttpServer::start();
+    let mut args = cell.client_args(egress);
+    args.push(format!("--target=127.0.0.1:{}", backend.port));
+    args.push(format!("--dials={dials}"));
+    args.push(format!("--concurrency={concurrency}"));
+    args.push(format!("--payload={payload}"));
+    let run = konn_client(&args);
+    assert!(
+        run.ok && run.json["ok"] == dials,
+        "{:?}: {}\n{}\n{}",
+        cell.front,
+        run.json,
+        run.stderr,
+        cell.logs()
+    );
+    assert_eq!(run.json["bytes"], (dials * payload) as u64);
+}
+
+// ---- cell 3: konnectivity-client against the server over UDS ----
+
+fn cell3_concurrent(server: Side, agent: Side) {
+    let cell = Cell::start(server, agent, Front::GrpcUds, &[]);
+    echo_dials(&cell, false, 200, 200, 64 * 1024);
+}
+
+#[test]
+fn konnectivity_client_200_concurrent_dials_ours() {
+    if have_peers("konnectivity_client_200_concurrent_dials_ours") {
+        cell3_concurrent(Side::Ours, Side::Ours);
+    }
+}
+
+#[test]
+fn konnectivity_client_200_concurrent_dials_upstream_control() {
+    if have_peers("konnectivity_client_200_concurrent_dials_upstream_control") {
+        cell3_concurrent(Side::Upstream, Side::Upstream);
+    }
+}
+
+/// The error text konnectivity-client returns for a dial to a closed
+/// backend port.
+fn closed_port_error(server: Side, agent: Side) -> String {
+    let cell = Cell::start(server, agent, Front::GrpcUds, &[]);
+    let port = free_port();
+    let mut args = cell.client_args(false);
+    args.push(format!("--target=127.0.0.1:{port}"));
+    let run = konn_client(&args);
+    assert!(!run.ok, "a dial to a closed port succeeded: {}", run.json);
+    let errors = run.json["errors"].as_object().cloned().unwrap_or_default();
+    assert_eq!(errors.len(), 1, "{}\n{}", run.json, run.stderr);
+    errors
+        .keys()
+        .next()
+        .unwrap()
+        .replace(&port.to_string(), "PORT")
+}
+
+#[test]
+fn konnectivity_client_closed_port_error_text_matches_upstream() {
+    if !have_peers("konnectivity_client_closed_port_error_text_matches_upstream") {
+        return;
+    }
+    let upstream = closed_port_error(Side::Upstream, Side::Upstream);
+    let ours = closed_port_error(Side::Ours, Side::Ours);
+    assert!(upstream.contains("connection refused"), "{upstream}");
+    assert_eq!(ours, upstream);
+}
+
+/// A listener on loopback whose accept queue is full, so a connect to it
+/// hangs (the kernel drops the SYN): a dial that stays pending.
+struct Blackhole {
+    port: u16,
+    _listener: std::net::TcpListener,
+    _fill: Vec<TcpStream>,
+}
+
+unsafe extern "C" {
+    fn listen(fd: i32, backlog: i32) -> i32;
+}
+
+fn blackhole() -> Blackhole {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A backlog of 0 holds one connection; listen() again only resizes it.
+    assert_eq!(unsafe { listen(listener.as_raw_fd(), 0) }, 0);
+    let port = listener.local_addr().unwrap().port();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        if let Ok(c) =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300))
+        {
+            fill.push(c);
+        }
+    }
+    Blackhole {
+        port,
+        _listener: listener,
+        _fill: fill,
+    }
+}
+
+fn cancelled_dial_leaves_nothing(server: Side, agent: Side) {
+    let hole = blackhole();
+    let cell = Cell::start(server, agent, Front::GrpcUds, &[]);
+    // One good dial first: upstream's agent exports its endpoint gauge only
+    // once it has been set.
+    echo_dials(&cell, false, 1, 1, 1024);
+    let p = cell.ports;
+    // A metric missing from the page would sum to 0 below and pass.
+    for (port, name) in [
+        (
+            p.health,
+            "konnectivity_network_proxy_server_pending_backend_dials",
+        ),
+        (
+            p.agent_health,
+            "konnectivity_network_proxy_agent_open_endpoint_connections",
+        ),
+    ] {
+        let page = http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        assert!(page.contains(name), "{name} not exported\n{}", cell.logs());
+    }
+    let mut args = cell.client_args(false);
+    args.push(format!("--target=127.0.0.1:{}", hole.port));
+    args.push("--cancel-after=500ms".into());
+    args.push("--dials=5".into());
+    args.push("--concurrency=5".into());
+    let run = konn_client(&args);
+    assert_eq!(run.json["failed"], 5, "{}\n{}", run.json, cell.logs());
+    // konnectivity-client's own wording for a dial whose context ended
+    // before DIAL_RSP (its dialFailureTimeout).
+    let text = run.json["errors"].to_string();
+    assert!(text.contains("dial timeout, context"), "{text}");
+    wait_for(
+        &format!("no pending dial or endpoint left\n{}", cell.logs()),
+        Duration::from_secs(20),
+        || {
+            metric(
+                p.health,
+                "konnectivity_network_proxy_server_pending_backend_dials",
+            ) == 0.0
+                && metric(
+                    p.agent_health,
+                    "konnectivity_network_proxy_agent_open_endpoint_connections",
+                ) == 0.0
+        },
+    );
+    // The tunnel still works afterwards.
+    echo_dials(&cell, false, 1, 1, 1024);
+}
+
+#[test]
+fn konnectivity_client_cancelled_dial_leaves_nothing_pending_ours() {
+    if have_peers("konnectivity_client_cancelled_dial_leaves_nothing_pending_ours") {
+        cancelled_dial_leaves_nothing(Side::Ours, Side::Ours);
+    }
+}
+
+#[test]
+fn konnectivity_client_cancelled_dial_leaves_nothing_pending_upstream_control() {
+    if have_peers("konnectivity_client_cancelled_dial_leaves_nothing_pending_upstream_control") {
+        cancelled_dial_leaves_nothing(Side::Upstream, Side::Upstream);
+    }
+}
+
+// ---- cell 4: kube-apiserver's egress selector ----
+
+fn egress_cell(server: Side, agent: Side) {
+    for front in [Front::GrpcUds, Front::ConnectUds, Front::ConnectTls] {
+        let cell = Cell::start(server, agent, front, &[]);
+        echo_dials(&cell, true, 20, 4, 256 * 1024);
+    }
+}
+
+#[test]
+fn egress_selector_every_transport_ours() {
+    if have_peers("egress_selector_every_transport_ours") {
+        egress_cell(Side::Ours, Side::Ours);
+    }
+}
+
+#[test]
+fn egress_selector_every_transport_upstream_control() {
+    if have_peers("egress_selector_every_transport_upstream_control") {
+        egress_cell(Side::Upstream, Side::Upstream);
+    }
+}
+
+// ---- cell 2: our server with upstream's agent ----
+
+#[test]
+fn our_server_upstream_agent_both_frontends() {
+    if !have_peers("our_server_upstream_agent_both_frontends") {
+        return;
+    }
+    let cell = Cell::start(Side::Ours, Side::Upstream, Front::GrpcUds, &[]);
+    echo_dials(&cell, false, 200, 200, 64 * 1024);
+    let cell = Cell::start(Side::Ours, Side::Upstream, Front::GrpcTls, &[]);
+    echo_dials(&cell, false, 50, 10, 64 * 1024);
+    for front in [Front::ConnectUds, Front::ConnectTls] {
+        let cell = Cell::start(Side::Ours, Side::Upstream, front, &[]);
+        echo_dials(&cell, true, 20, 4, 256 * 1024);
+    }
+}
+
+// ---- cell 1 (basics): upstream's server with our agent ----
+
+#[test]
+fn upstream_server_our_agent_both_frontends() {
+    if !have_peers("upstream_server_our_agent_both_frontends") {
+        return;
+    }
+    let cell = Cell::start(Side::Upstream, Side::Ours, Front::GrpcUds, &[]);
+    echo_dials(&cell, false, 200, 200, 64 * 1024);
+    for front in [Front::ConnectUds, Front::ConnectTls] {
+        let cell = Cell::start(Side::Upstream, Side::Ours, front, &[]);
+        echo_dials(&cell, true, 20, 4, 256 * 1024);
+    }
+}
