@@ -80,6 +80,8 @@ struct Cell {
     front: Front,
     server: Proc,
     agent: Proc,
+    agent_side: Side,
+    agent_args: Vec<String>,
 }
 
 impl Cell {
@@ -118,6 +120,8 @@ impl Cell {
             front,
             server: srv,
             agent: agt,
+            agent_side: agent,
+            agent_args: aa,
         };
         let p = cell.ports;
         wait_for("server and agent ready", Duration::from_secs(60), || {
@@ -127,6 +131,18 @@ impl Cell {
         // Upstream's server reports ready before the agent's backend is
         // registered everywhere; a first dial proves the path.
         cell
+    }
+
+    /// Kills the agent (SIGKILL, no goodbye) and starts a new one with the
+    /// same flags, logging to a second file.
+    fn restart_agent(&mut self) {
+        self.agent.kill();
+        self.agent = Proc::spawn(
+            &agent_bin(self.agent_side),
+            &self.agent_args,
+            self.dir.path(),
+            "agent-2",
+        );
     }
 
     fn uds(&self) -> PathBuf {
@@ -447,6 +463,47 @@ fn upstream_server_our_agent_both_frontends() {
     for front in [Front::ConnectUds, Front::ConnectTls] {
         let cell = Cell::start(Side::Upstream, Side::Ours, front, &[]);
         echo_dials(&cell, true, 20, 4, 256 * 1024);
+    }
+}
+
+// ---- agent restart, each side against the other's server ----
+
+/// The agent is killed and restarted; dials work again once the server has
+/// the new agent (a dial may fail while it still holds the dead one, so the
+/// first good dial is waited for), then 20 hashed dials must all pass.
+fn agent_restart(server: Side, agent: Side) {
+    let mut cell = Cell::start(server, agent, Front::GrpcUds, &[]);
+    echo_dials(&cell, false, 1, 1, 1024);
+    cell.restart_agent();
+    let backend = HttpServer::start();
+    let mut args = cell.client_args(false);
+    args.push(format!("--target=127.0.0.1:{}", backend.port));
+    wait_for(
+        "a dial through the restarted agent",
+        Duration::from_secs(30),
+        || konn_client(&args).ok,
+    );
+    echo_dials(&cell, false, 20, 4, 64 * 1024);
+}
+
+#[test]
+fn agent_restart_upstream_server_our_agent() {
+    if have_peers("agent_restart_upstream_server_our_agent") {
+        agent_restart(Side::Upstream, Side::Ours);
+    }
+}
+
+#[test]
+fn agent_restart_our_server_upstream_agent() {
+    if have_peers("agent_restart_our_server_upstream_agent") {
+        agent_restart(Side::Ours, Side::Upstream);
+    }
+}
+
+#[test]
+fn agent_restart_upstream_control() {
+    if have_peers("agent_restart_upstream_control") {
+        agent_restart(Side::Upstream, Side::Upstream);
     }
 }
 
