@@ -507,6 +507,99 @@ fn agent_restart_upstream_control() {
     }
 }
 
+// ---- three servers with --server-count=3 behind HAProxy, one agent ----
+
+/// Upstream's HA layout: three servers (each its own gRPC frontend on a
+/// unix socket) with --server-count=3, HAProxy round-robin over their agent
+/// ports, one agent given only HAProxy's address. The agent must find all
+/// three: 20 hashed dials through each server's frontend pass.
+fn three_servers(server: Side, agent: Side) {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let ports = [Ports::new(), Ports::new(), Ports::new()];
+    let mut procs = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let mut a = s(&[
+            "--mode=grpc",
+            "--server-port=0",
+            "--server-count=3",
+            "--cluster-ca-cert=certs/agent/issued/ca.crt",
+            "--cluster-cert=certs/agent/issued/proxy-master.crt",
+            "--cluster-key=certs/agent/private/proxy-master.key",
+        ]);
+        let uds = dir.path().join(format!("konnectivity-{i}.sock"));
+        a.push(format!("--uds-name={}", uds.display()));
+        a.push(format!("--server-id=server-{i}"));
+        a.extend(port_args(p).into_iter().skip(1));
+        procs.push(Proc::spawn(
+            &server_bin(server),
+            &a,
+            dir.path(),
+            &format!("server-{i}"),
+        ));
+    }
+    for p in &ports {
+        wait_listen(p.agent);
+    }
+    let (lb, lb_port) = haproxy(dir.path(), &ports);
+    let mut own = Ports::new();
+    own.agent = lb_port;
+    let agt = Proc::spawn(&agent_bin(agent), &agent_args(&own), dir.path(), "agent");
+    let backend = HttpServer::start();
+    for i in 0..3 {
+        let uds = dir.path().join(format!("konnectivity-{i}.sock"));
+        let args = vec![
+            format!("--uds={}", uds.display()),
+            format!("--target=127.0.0.1:{}", backend.port),
+        ];
+        // The agent reaches the servers one HAProxy round at a time.
+        wait_for(
+            &format!("a dial through server-{i}"),
+            Duration::from_secs(60),
+            || konn_client(&args).ok,
+        );
+        let mut many = args.clone();
+        many.extend(s(&["--dials=20", "--concurrency=4", "--payload=65536"]));
+        let run = konn_client(&many);
+        assert!(
+            run.ok && run.json["ok"] == 20,
+            "server-{i}: {}\n{}",
+            run.json,
+            run.stderr
+        );
+    }
+    drop((agt, lb, procs));
+}
+
+fn wait_listen(port: u16) {
+    wait_for(
+        &format!("a listener on {port}"),
+        Duration::from_secs(30),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+}
+
+#[test]
+fn three_upstream_servers_our_agent() {
+    if have_peers("three_upstream_servers_our_agent") {
+        three_servers(Side::Upstream, Side::Ours);
+    }
+}
+
+#[test]
+fn three_our_servers_upstream_agent() {
+    if have_peers("three_our_servers_upstream_agent") {
+        three_servers(Side::Ours, Side::Upstream);
+    }
+}
+
+#[test]
+fn three_servers_upstream_control() {
+    if have_peers("three_servers_upstream_control") {
+        three_servers(Side::Upstream, Side::Upstream);
+    }
+}
+
 // ---- HTTP/2 conformance: h2spec against our gRPC frontend ----
 
 /// A TCP listener on loopback relaying each connection to a unix socket:
