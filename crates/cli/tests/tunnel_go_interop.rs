@@ -507,6 +507,80 @@ fn agent_restart_upstream_control() {
     }
 }
 
+// ---- DRAIN: an agent told to stop (SIGTERM) takes no new dials ----
+
+const AGENT_DIALS: &str = "konnectivity_network_proxy_agent_dial_duration_seconds_count";
+
+/// One server, agents A and B of the given kind. A gets SIGTERM, on which
+/// both implementations send DRAIN and stay connected; from then on every
+/// dial must go to B (A's dial count stays put). A server that ignored
+/// DRAIN would pick A for about half of them.
+fn drain(server: Side, agent: Side) {
+    let cell = Cell::start(server, agent, Front::GrpcUds, &[]);
+    let mut own = Ports::new();
+    own.agent = cell.ports.agent;
+    let _b = Proc::spawn(
+        &agent_bin(agent),
+        &agent_args(&own),
+        cell.dir.path(),
+        "agent-b",
+    );
+    wait_for("agent B ready", Duration::from_secs(30), || {
+        http_get(own.agent_health, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let backend = HttpServer::start();
+    let args = |n: usize| {
+        let mut a = cell.client_args(false);
+        a.push(format!("--target=127.0.0.1:{}", backend.port));
+        a.push(format!("--dials={n}"));
+        a.push("--concurrency=4".into());
+        a
+    };
+    let a_dials = || metric(cell.ports.agent_health, AGENT_DIALS);
+    let b_dials = || metric(own.agent_health, AGENT_DIALS);
+    cell.agent.signal(SIGTERM);
+    // Until the server has the DRAIN, a batch may still reach A.
+    wait_for(
+        &format!("a batch of 10 dials all on agent B\n{}", cell.logs()),
+        Duration::from_secs(20),
+        || {
+            let before = a_dials();
+            konn_client(&args(10)).ok && a_dials() == before
+        },
+    );
+    let (a0, b0) = (a_dials(), b_dials());
+    let run = konn_client(&args(30));
+    assert!(run.ok, "{}\n{}\n{}", run.json, run.stderr, cell.logs());
+    assert_eq!(
+        a_dials(),
+        a0,
+        "the draining agent took dials\n{}",
+        cell.logs()
+    );
+    assert_eq!(b_dials(), b0 + 30.0, "{}", cell.logs());
+}
+
+#[test]
+fn drain_upstream_server_our_agent() {
+    if have_peers("drain_upstream_server_our_agent") {
+        drain(Side::Upstream, Side::Ours);
+    }
+}
+
+#[test]
+fn drain_our_server_upstream_agent() {
+    if have_peers("drain_our_server_upstream_agent") {
+        drain(Side::Ours, Side::Upstream);
+    }
+}
+
+#[test]
+fn drain_upstream_control() {
+    if have_peers("drain_upstream_control") {
+        drain(Side::Upstream, Side::Upstream);
+    }
+}
+
 // ---- three servers with --server-count=3 behind HAProxy, one agent ----
 
 /// Upstream's HA layout: three servers (each its own gRPC frontend on a
