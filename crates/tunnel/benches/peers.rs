@@ -48,6 +48,27 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// utime + stime of `pid` and of its reaped children (sshd's per-connection
+/// processes end before the row does), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: utime, stime, cutime and
+    // cstime are fields 14-17, so the 12th-15th after it.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds of `roots` and their live descendants.
+fn cpu_of(roots: &[u32]) -> f64 {
+    roots.iter().flat_map(|r| tree(*r)).map(cpu_secs).sum()
+}
+
 /// `pid` and all its descendants (sshd forks a process pair per connection).
 fn tree(pid: u32) -> Vec<u32> {
     let mut parent: Vec<(u32, u32)> = Vec::new();
@@ -568,6 +589,10 @@ struct Row {
     p99: f64,
     kib_per_conn: Option<f64>,
     idle_n: usize,
+    /// Tunnel processes' CPU per GiB over both throughput rows, and per
+    /// dial over the dials/s row (None for direct).
+    cpu_ms_gib: Option<f64>,
+    cpu_us_dial: Option<f64>,
 }
 
 fn main() {
@@ -635,9 +660,15 @@ fn main() {
         let row = rt.block_on(async {
             wait_ready(&via, backend).await;
             let bytes = mib << 20;
+            let c0 = cpu_of(&roots);
             let t1 = throughput(&via, backend, bytes, 1).await;
             let t16 = throughput(&via, backend, bytes, 16).await;
+            let c1 = cpu_of(&roots);
             let dps = dials_per_sec(&via, backend, dials, 16).await;
+            let c2 = cpu_of(&roots);
+            let tunnelled = !roots.is_empty();
+            let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
+            let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
             let (p50, p99) = latency(&via, backend, rounds).await;
             let kib_per_conn = if roots.is_empty() {
                 None
@@ -653,6 +684,8 @@ fn main() {
                 p99,
                 kib_per_conn,
                 idle_n: idle,
+                cpu_ms_gib,
+                cpu_us_dial,
             }
         });
         rows.push(row);
@@ -766,8 +799,16 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14}",
-        "path", "1x MiB/s", "16x MiB/s", "dials/s", "+p50 us", "+p99 us", "KiB/idle conn"
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11}",
+        "path",
+        "1x MiB/s",
+        "16x MiB/s",
+        "dials/s",
+        "+p50 us",
+        "+p99 us",
+        "KiB/idle conn",
+        "cpu ms/GiB",
+        "cpu us/dial"
     );
     let direct = rows
         .iter()
@@ -779,15 +820,18 @@ fn main() {
             Some(k) => format!("{k:.1} @{}", r.idle_n),
             None => "-".into(),
         };
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14}",
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11}",
             r.name,
             r.t1,
             r.t16,
             r.dps,
             r.p50 - d50,
             r.p99 - d99,
-            mem
+            mem,
+            opt(r.cpu_ms_gib),
+            opt(r.cpu_us_dial)
         );
     }
     let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
@@ -806,8 +850,24 @@ fn main() {
                 _ => f64::NAN,
             };
             let ok = |x: f64, goal: f64| if x >= goal { "ok" } else { "MISS" };
+            let cpu = match (o.cpu_ms_gib, u.cpu_ms_gib) {
+                (Some(a), Some(b)) if b > 0.0 => a / b,
+                _ => f64::NAN,
+            };
+            let cpu_dial = match (o.cpu_us_dial, u.cpu_us_dial) {
+                (Some(a), Some(b)) if b > 0.0 => a / b,
+                _ => f64::NAN,
+            };
             println!(
-                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} dials {:>5.2} {:<4} mem {:>5.2} {:<4} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory)",
+                "  {:<24} / {:<22} cpu/GiB {:>5.2} {:<4} cpu/dial {:>5.2}",
+                o.name,
+                u.name,
+                cpu,
+                if cpu <= 0.5 { "ok" } else { "MISS" },
+                cpu_dial
+            );
+            println!(
+                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} dials {:>5.2} {:<4} mem {:>5.2} {:<4} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory, <= 0.5x cpu/GiB)",
                 o.name,
                 u.name,
                 o.t1 / u.t1,
