@@ -86,6 +86,16 @@ struct Cell {
 
 impl Cell {
     fn start(server: Side, agent: Side, front: Front, extra_agent: &[&str]) -> Cell {
+        Cell::start_with(server, agent, front, &[], extra_agent)
+    }
+
+    fn start_with(
+        server: Side,
+        agent: Side,
+        front: Front,
+        extra_server: &[&str],
+        extra_agent: &[&str],
+    ) -> Cell {
         let dir = tempfile::tempdir().unwrap();
         make_certs(dir.path());
         let ports = Ports::new();
@@ -110,6 +120,7 @@ impl Cell {
             Front::ConnectTls | Front::GrpcTls => server_args(&ports, mode),
         };
         sa.push("--server-id=server-0".into());
+        sa.extend(s(extra_server));
         let srv = Proc::spawn(&server_bin(server), &sa, dir.path(), "server");
         let mut aa = agent_args(&ports);
         aa.extend(s(extra_agent));
@@ -578,6 +589,71 @@ fn drain_our_server_upstream_agent() {
 fn drain_upstream_control() {
     if have_peers("drain_upstream_control") {
         drain(Side::Upstream, Side::Upstream);
+    }
+}
+
+// ---- agent identifiers: destHost, then defaultRoute ----
+
+/// --proxy-strategies=destHost,defaultRoute with agent A identified as
+/// host=localhost and agent B as the default route: dials to localhost go
+/// through A, dials to 127.0.0.1 (no agent has that host) through B.
+fn strategies(server: Side, agent: Side) {
+    let cell = Cell::start_with(
+        server,
+        agent,
+        Front::GrpcUds,
+        &["--proxy-strategies=destHost,defaultRoute"],
+        &["--agent-identifiers=host=localhost"],
+    );
+    let mut own = Ports::new();
+    own.agent = cell.ports.agent;
+    let mut b_args = agent_args(&own);
+    b_args.push("--agent-identifiers=default-route=true".into());
+    let _b = Proc::spawn(&agent_bin(agent), &b_args, cell.dir.path(), "agent-b");
+    wait_for("agent B ready", Duration::from_secs(30), || {
+        http_get(own.agent_health, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let backend = HttpServer::start();
+    let a_dials = || metric(cell.ports.agent_health, AGENT_DIALS).max(0.0);
+    let b_dials = || metric(own.agent_health, AGENT_DIALS).max(0.0);
+    for (host, via_a) in [("localhost", true), ("127.0.0.1", false)] {
+        let (a0, b0) = (a_dials(), b_dials());
+        let mut args = cell.client_args(false);
+        args.push(format!("--target={host}:{}", backend.port));
+        args.push("--dials=10".into());
+        args.push("--concurrency=2".into());
+        let run = konn_client(&args);
+        assert!(
+            run.ok,
+            "{host}: {}\n{}\n{}",
+            run.json,
+            run.stderr,
+            cell.logs()
+        );
+        let (da, db) = (a_dials() - a0, b_dials() - b0);
+        let want = if via_a { (10.0, 0.0) } else { (0.0, 10.0) };
+        assert_eq!((da, db), want, "{host}: dials on (A, B)\n{}", cell.logs());
+    }
+}
+
+#[test]
+fn strategies_upstream_server_our_agents() {
+    if have_peers("strategies_upstream_server_our_agents") {
+        strategies(Side::Upstream, Side::Ours);
+    }
+}
+
+#[test]
+fn strategies_our_server_upstream_agents() {
+    if have_peers("strategies_our_server_upstream_agents") {
+        strategies(Side::Ours, Side::Upstream);
+    }
+}
+
+#[test]
+fn strategies_upstream_control() {
+    if have_peers("strategies_upstream_control") {
+        strategies(Side::Upstream, Side::Upstream);
     }
 }
 
