@@ -657,32 +657,34 @@ fn strategies_upstream_control() {
     }
 }
 
-// ---- three servers with --server-count=3 behind HAProxy, one agent ----
+// ---- HA: servers with --server-count behind HAProxy ----
 
-/// Upstream's HA layout: three servers (each its own gRPC frontend on a
-/// unix socket) with --server-count=3, HAProxy round-robin over their agent
-/// ports, one agent given only HAProxy's address. The agent must find all
-/// three: 20 hashed dials through each server's frontend pass.
-fn three_servers(server: Side, agent: Side) {
+/// Upstream's HA layout: servers (each its own gRPC frontend on a unix
+/// socket) with --server-count set to their number, HAProxy round-robin
+/// over their agent ports, agents given only HAProxy's address. Every
+/// agent must find every server: hashed dials through each server's
+/// frontend pass; then the first server is killed (SIGKILL) and dials
+/// through the others still pass.
+fn ha(servers: &[Side], agents: &[Side]) {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
-    let ports = [Ports::new(), Ports::new(), Ports::new()];
+    let ports: Vec<Ports> = servers.iter().map(|_| Ports::new()).collect();
     let mut procs = Vec::new();
-    for (i, p) in ports.iter().enumerate() {
+    for (i, (p, side)) in ports.iter().zip(servers).enumerate() {
         let mut a = s(&[
             "--mode=grpc",
             "--server-port=0",
-            "--server-count=3",
             "--cluster-ca-cert=certs/agent/issued/ca.crt",
             "--cluster-cert=certs/agent/issued/proxy-master.crt",
             "--cluster-key=certs/agent/private/proxy-master.key",
         ]);
         let uds = dir.path().join(format!("konnectivity-{i}.sock"));
+        a.push(format!("--server-count={}", servers.len()));
         a.push(format!("--uds-name={}", uds.display()));
         a.push(format!("--server-id=server-{i}"));
         a.extend(port_args(p).into_iter().skip(1));
         procs.push(Proc::spawn(
-            &server_bin(server),
+            &server_bin(*side),
             &a,
             dir.path(),
             &format!("server-{i}"),
@@ -691,34 +693,61 @@ fn three_servers(server: Side, agent: Side) {
     for p in &ports {
         wait_listen(p.agent);
     }
-    let (lb, lb_port) = haproxy(dir.path(), &ports);
-    let mut own = Ports::new();
-    own.agent = lb_port;
-    let agt = Proc::spawn(&agent_bin(agent), &agent_args(&own), dir.path(), "agent");
+    let (_lb, lb_port) = haproxy(dir.path(), &ports);
+    let mut agent_ports = Vec::new();
+    let mut agent_procs = Vec::new();
+    for (k, side) in agents.iter().enumerate() {
+        let mut own = Ports::new();
+        own.agent = lb_port;
+        agent_procs.push(Proc::spawn(
+            &agent_bin(*side),
+            &agent_args(&own),
+            dir.path(),
+            &format!("agent-{k}"),
+        ));
+        agent_ports.push(own);
+    }
     let backend = HttpServer::start();
-    for i in 0..3 {
+    let dial_args = |i: usize| {
         let uds = dir.path().join(format!("konnectivity-{i}.sock"));
-        let args = vec![
+        vec![
             format!("--uds={}", uds.display()),
             format!("--target=127.0.0.1:{}", backend.port),
-        ];
-        // The agent reaches the servers one HAProxy round at a time.
+        ]
+    };
+    // Each agent reports, on its /metrics, how many servers it holds a
+    // connection to; both implementations name the gauge alike.
+    for (k, own) in agent_ports.iter().enumerate() {
         wait_for(
-            &format!("a dial through server-{i}"),
+            &format!("agent-{k} connected to all {} servers", servers.len()),
             Duration::from_secs(60),
-            || konn_client(&args).ok,
+            || {
+                metric(
+                    own.agent_health,
+                    "konnectivity_network_proxy_agent_open_server_connections",
+                ) == servers.len() as f64
+            },
         );
-        let mut many = args.clone();
-        many.extend(s(&["--dials=20", "--concurrency=4", "--payload=65536"]));
-        let run = konn_client(&many);
+    }
+    let many = |i: usize| {
+        let mut a = dial_args(i);
+        a.extend(s(&["--dials=20", "--concurrency=4", "--payload=65536"]));
+        let run = konn_client(&a);
         assert!(
             run.ok && run.json["ok"] == 20,
             "server-{i}: {}\n{}",
             run.json,
             run.stderr
         );
+    };
+    for i in 0..servers.len() {
+        many(i);
     }
-    drop((agt, lb, procs));
+    // One server dies without a goodbye; the others keep serving.
+    procs[0].kill();
+    for i in 1..servers.len() {
+        many(i);
+    }
 }
 
 fn wait_listen(port: u16) {
@@ -732,21 +761,33 @@ fn wait_listen(port: u16) {
 #[test]
 fn three_upstream_servers_our_agent() {
     if have_peers("three_upstream_servers_our_agent") {
-        three_servers(Side::Upstream, Side::Ours);
+        ha(&[Side::Upstream; 3], &[Side::Ours]);
     }
 }
 
 #[test]
 fn three_our_servers_upstream_agent() {
     if have_peers("three_our_servers_upstream_agent") {
-        three_servers(Side::Ours, Side::Upstream);
+        ha(&[Side::Ours; 3], &[Side::Upstream]);
+    }
+}
+
+/// Mixed: servers and agents of both kinds. Three servers, not two: with
+/// two agents retrying in step, HAProxy's round robin over two servers can
+/// hand each agent the same server every time.
+#[test]
+fn mixed_servers_and_agents_behind_haproxy() {
+    if have_peers("mixed_servers_and_agents_behind_haproxy") {
+        use Side::*;
+        ha(&[Ours, Upstream, Ours], &[Ours, Upstream]);
+        ha(&[Upstream, Ours, Upstream], &[Upstream, Ours]);
     }
 }
 
 #[test]
 fn three_servers_upstream_control() {
     if have_peers("three_servers_upstream_control") {
-        three_servers(Side::Upstream, Side::Upstream);
+        ha(&[Side::Upstream; 3], &[Side::Upstream]);
     }
 }
 
