@@ -823,8 +823,8 @@ fn tcp_to_uds(uds: PathBuf) -> u16 {
 }
 
 /// h2spec cases our gRPC frontend fails on purpose, as "section: case"
-/// from its JUnit report; docs/h2spec.md gives the reason for each. All but
-/// the last few stem from one choice: a request that is not a gRPC call to
+/// from its JUnit report; docs/h2spec.md gives the reason for each. Most
+/// stem from one choice: a request that is not a gRPC call to
 /// the Proxy method is answered at once (a trailers-only response with
 /// END_STREAM, or an HTTP status), so the stream h2spec meant to keep
 /// using is already closed by us.
@@ -839,7 +839,6 @@ const H2SPEC_DEVIATIONS: &[&str] = &[
     "http2/5.3.1: Sends HEADERS frame that depend on itself",
     "http2/5.3.1: Sends PRIORITY frame that depend on itself",
     "http2/6.1: Sends a DATA frame on the stream that is not in \"open\" or \"half-closed (local)\" state",
-    "http2/6.1: Sends a DATA frame with invalid pad length",
     "http2/6.9: Sends a WINDOW_UPDATE frame with a flow control window increment of 0 on a stream",
     "http2/6.9.1: Sends multiple WINDOW_UPDATE frames increasing the flow control window to above 2^31-1 on a stream",
     "http2/8.1.2.6: Sends a HEADERS frame with the \"content-length\" header field which does not equal the DATA frame payload length",

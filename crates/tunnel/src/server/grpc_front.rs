@@ -859,6 +859,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             ));
         }
         self.conn_recv_window -= len;
+        // Bad padding is a connection error whatever the stream's state
+        // (RFC 9113 6.1), so it is checked before the stream is looked up.
+        let data = h2::unpad(head.flags, payload)?;
         let Some(i) = self.stream_index(head.stream) else {
             if head.stream > self.last_stream {
                 return Err(conn_error(code::PROTOCOL_ERROR, "DATA on an idle stream"));
@@ -868,7 +871,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             self.conn_recv_unacked += len;
             return Ok(());
         };
-        let data = h2::unpad(head.flags, payload)?;
         let s = &mut self.streams[i];
         if s.recv_closed {
             self.conn_recv_unacked += len;
