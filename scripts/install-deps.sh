@@ -56,3 +56,25 @@ if ! python3 -c "import moto.server, flask, flask_cors" >/dev/null 2>&1; then
   echo "== pip install moto[server]"
   python3 -m pip install -q --root-user-action=ignore "moto[server]"
 fi
+
+# Go peers for the tunnel's interop tests and benches (test-only, never
+# shipped): upstream apiserver-network-proxy's server and agent, a
+# konnectivity-client / egress-selector client and h2spec, built from the
+# pinned module in crates/cli/tests/go-peers into target/go-peers. Rebuilt
+# only when that module's sources change (a fresh build downloads ~120
+# modules and compiles for a few minutes on 2 CPUs).
+go_src=crates/cli/tests/go-peers
+go_out=target/go-peers
+if ! command -v go >/dev/null 2>&1; then
+  echo "install-deps: go is not installed; the Go interop peers need Go >= 1.26" >&2
+  exit 1
+fi
+go_stamp=$( (cd "$go_src" && find . -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) | sort | xargs sha256sum; go version) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$go_out/stamp" 2>/dev/null)" != "$go_stamp" ]; then
+  echo "== go build (Go interop peers, $go_src)"
+  mkdir -p "$go_out"
+  rm -f "$go_out/stamp"
+  (cd "$go_src" && GOFLAGS=-mod=readonly go build -trimpath -o "$OLDPWD/$go_out/" \
+    ./upstream-server ./upstream-agent ./konn-client github.com/summerwind/h2spec/cmd/h2spec)
+  echo "$go_stamp" > "$go_out/stamp"
+fi
