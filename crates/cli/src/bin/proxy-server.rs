@@ -175,6 +175,11 @@ struct Args {
     /// Extra: pending dials over all clients; more are refused.
     #[arg(long = "max-pending-dials", default_value_t = 10_000)]
     max_pending_dials: usize,
+    /// Extra: concurrent streams (dials) on one gRPC frontend connection
+    /// (grpc-go sets no limit; konnectivity-client's reusable tunnel puts
+    /// every dial on one connection).
+    #[arg(long = "max-concurrent-streams", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
     /// Extra: per-connection flow-control window (bytes) used with peers that
     /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
@@ -372,6 +377,7 @@ async fn run(a: Args) -> i32 {
         strategies,
         backend_dial_timeout: a.backend_dial_timeout,
         max_pending_dials: a.max_pending_dials,
+        max_concurrent_streams: a.max_concurrent_streams as usize,
         flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         agent_channel_packets: a.xfr_channel_size.max(256),
