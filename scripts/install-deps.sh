@@ -6,6 +6,7 @@ debian_packages=(
   nftables iptables iproute2 curl
   containerd runc containernetworking-plugins busybox-static
   openssh-server openssh-client haproxy nginx-light
+  dnsmasq-base squid shadowsocks-libev faketime
 )
 missing=()
 for p in "${debian_packages[@]}"; do
@@ -21,8 +22,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kustomize renders deploy/'s Kustomize set-up in the deploy_manifests test
+# (the same engine kubectl embeds). Neither is in Debian's archive; Go builds
+# the pinned release from the module proxy once.
+kustomize_version=v5.8.1
+if ! kustomize version 2>/dev/null | grep -q "$kustomize_version"; then
+  echo "== go install kustomize $kustomize_version"
+  GOBIN=/usr/local/bin go install "sigs.k8s.io/kustomize/kustomize/v5@$kustomize_version"
+fi
+
 # Python tools the tests drive (validators, independent protocol peers).
-python_packages=(kubernetes-validate)
+# Cloud SDKs run unmodified inside the imds-proxy tests' stand-in pods.
+python_packages=(kubernetes-validate azure-identity boto3)
 missing_py=()
 for p in "${python_packages[@]}"; do
   python3 -m pip show -q "$p" >/dev/null 2>&1 || missing_py+=("$p")
@@ -36,4 +47,12 @@ fi
 if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
   echo "== pip install grpcio grpcio-tools"
   python3 -m pip install -q --root-user-action=ignore grpcio grpcio-tools
+fi
+
+# moto's server: a real STS (AssumeRole, GetCallerIdentity) on loopback for
+# the imds-proxy AWS identity tests. pip show does not take extras, so ask
+# for the server's own imports.
+if ! python3 -c "import moto.server, flask, flask_cors" >/dev/null 2>&1; then
+  echo "== pip install moto[server]"
+  python3 -m pip install -q --root-user-action=ignore "moto[server]"
 fi

@@ -99,7 +99,11 @@ fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
     }
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
 
     // 8 pods exist before the watcher starts.
     let mut pods: Vec<Pod> = (0..8).map(|i| cd.run_pod(&spec(i))).collect();
@@ -176,7 +180,11 @@ fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
 fn watch_refuses_bad_input_with_exit_2_naming_the_flag() {
     let dir = tempfile_dir();
     let good = dir.join("p.yaml");
-    std::fs::write(&good, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &good,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "name: mesh\noutboundPort: 0\n").unwrap();
     let missing = dir.join("missing.yaml");
@@ -243,13 +251,13 @@ fn watch_config_file_gives_each_selector_its_own_policy() {
     let cd = Containerd::start(ContainerdOptions::default());
     std::fs::write(
         cd.dir().join("mesh.yaml"),
-        "name: mesh\noutboundPort: 15001\n",
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
     )
     .unwrap();
     let config = cd.dir().join("watch.yaml");
     std::fs::write(
         &config,
-        "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002}]\n",
+        "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002, exclude: {uids: [1337]}}]\n",
     )
     .unwrap();
     let web = cd.run_pod(&PodSpec::new("web").label("app", "web"));
@@ -337,7 +345,11 @@ fn watch_events_drive_it_and_resubscribe_after_a_containerd_restart() {
     }
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
     let port = free_port();
     let _watch = spawn_watch(
         &cd,
@@ -392,7 +404,11 @@ fn watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode() {
         ..Default::default()
     });
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
 
     let mut strict = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
         .args(["watch", "--selector", "app=web", "--policy"])

@@ -90,7 +90,7 @@ fn processes_using(dir: &Path) -> Vec<String> {
 }
 
 fn ready(test: &str) -> bool {
-    require_root(test) && require_tool(test, "ip") && require_tool(test, "curl")
+    require_root(test) && require_tool(test, "curl")
 }
 
 /// Checks that nothing of a finished or interrupted run is left.
@@ -274,4 +274,40 @@ fn ctrl_c_at_any_moment_leaves_nothing() {
             "demo {part}: its namespaces were never seen in use"
         );
     }
+}
+
+/// The demo needs only the kernel: with no program on PATH (no ip, nft or
+/// curl) every part still runs to the end, saying how to get the viewers.
+#[test]
+fn the_demo_needs_no_program_but_itself() {
+    if !ready("the_demo_needs_no_program_but_itself") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let record_dir = tempfile::tempdir().unwrap();
+    let record = record_dir.path().join("record");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .arg("demo")
+        .env("PATH", "/nonexistent")
+        .env("TMPDIR", tmp.path())
+        .env("PROXYCTL_DEMO_RECORD", &record)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for s in [
+        "apt-get install nftables",
+        "apt-get install curl",
+        "200 hello from the node's backend",
+        "access_token",
+        "redirect :15001",
+    ] {
+        assert!(stdout.contains(s), "no {s:?} in:\n{stdout}");
+    }
+    assert_nothing_left(tmp.path(), &record, "demo without PATH");
 }

@@ -220,6 +220,8 @@ runtime_service! {{
         list_pod_sandbox: ListPodSandboxRequest => ListPodSandboxResponse,
         create_container: CreateContainerRequest => CreateContainerResponse,
         start_container: StartContainerRequest => StartContainerResponse,
+        stop_container: StopContainerRequest => StopContainerResponse,
+        remove_container: RemoveContainerRequest => RemoveContainerResponse,
         exec_sync: ExecSyncRequest => ExecSyncResponse,
 }
 

@@ -2,6 +2,8 @@
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
 mod certs;
+#[cfg(target_os = "linux")]
+mod cni_install;
 mod cri;
 // Linux-only: throw-away namespaces, nftables, setns.
 #[cfg(target_os = "linux")]
@@ -46,6 +48,9 @@ enum Command {
     Check {
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Validate for this backend, exactly as `add` would.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
@@ -73,6 +78,10 @@ enum Command {
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
     Lookup(cri::LookupArgs),
+    /// Copy proxyctl-cni onto the node and keep it chained into the node's
+    /// CNI config until stopped, then un-chain it (the CNI DaemonSet's job).
+    #[cfg(target_os = "linux")]
+    CniInstall(cni_install::CniInstallArgs),
     /// Write the Konnectivity test certificates (upstream's `make certs` layout).
     Certs(certs::CertsArgs),
     /// Print the version.
@@ -134,8 +143,18 @@ fn nft_clear(_: ClearArgs) -> anyhow::Result<ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { policy, output } => {
-            let policies = policy.policies()?;
+        Command::Check {
+            policy,
+            backend,
+            output,
+        } => {
+            let policies = match backend.resolve() {
+                Backend::Hns => hns::checked_policies(&policy)?,
+                #[cfg(target_os = "linux")]
+                _ => linux::checked_policies(&policy)?,
+                #[cfg(not(target_os = "linux"))]
+                _ => return nft_unavailable(),
+            };
             match output {
                 OutputFormat::Table => {
                     for p in &policies {
@@ -162,6 +181,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(target_os = "linux")]
         Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
+        #[cfg(target_os = "linux")]
+        Command::CniInstall(args) => return cni_install::run(args),
         #[cfg(target_os = "linux")]
         Command::Demo { part } => return demo::run(part),
         Command::Certs(args) => certs::run(&args)?,

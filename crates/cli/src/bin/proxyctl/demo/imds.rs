@@ -21,7 +21,7 @@ use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
 use imds_proxy::{Pod, Rules};
 use proxyctl_policy::{DestinationProxy, Policy};
 
-use super::{anonymous_netns, in_ns, intro, ip, ns_path, on, runtime_in};
+use super::{anonymous_netns, in_ns, intro, links, ns_path, on, runtime_in};
 
 const IMDS: &str = "169.254.169.254";
 const POD_LISTEN: &str = imds_proxy::proxy::DEFAULT_POD_LISTEN;
@@ -34,6 +34,10 @@ rules:
   - name: batch-reads-instance-only
     pods: { labels: { app: batch } }
     paths: [ { prefix: /metadata/instance } ]
+identities:
+  - name: web
+    pods: { labels: { app: web } }
+    azure: { client_id: 11111111-0000-0000-0000-000000000001 }
 ";
 
 const INSTANCE: &str = "/metadata/instance/compute/name?api-version=2021-02-01&format=text";
@@ -64,13 +68,16 @@ pub fn run() -> anyhow::Result<bool> {
             "(169.254.169.254). It knows which pod asks because it listens inside each",
             "pod's namespace, where a proxyctl policy sends 169.254.169.254:80 to it;",
             "never by what the request claims. Rules by pod label say who may ask for",
-            "what; every decision is an audit line. Pod \"web\" may read instance",
-            "metadata and get a token; pod \"batch\" may only read instance metadata.",
+            "what, identities by pod label say whose token a pod gets; every decision",
+            "is an audit line. Pod \"web\" may read instance metadata and gets a token",
+            "for its own managed identity; pod \"batch\" may only read instance metadata.",
         ],
     );
     let node = anonymous_netns()?;
-    ip(&node, &["link", "set", "lo", "up"])?;
-    ip(&node, &["addr", "add", &format!("{IMDS}/32"), "dev", "lo"])?;
+    links(&node, |rt| {
+        rt.set_up("lo")?;
+        rt.add_address("lo", format!("{IMDS}/32").parse().expect("literal"))
+    })?;
     let node_rt = runtime_in(&node, 2)?;
 
     println!("$ imds-proxy mock --listen {IMDS}:80          (in the node namespace)");
@@ -195,24 +202,15 @@ pub fn run() -> anyhow::Result<bool> {
 /// 169.254.169.254 has a route (the DNAT takes the packet before it
 /// would leave) and nothing can leave the namespace.
 fn pod_network(ns: &std::fs::File, addr: &str) -> anyhow::Result<()> {
-    ip(ns, &["link", "set", "lo", "up"])?;
-    ip(
-        ns,
-        &[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0-peer",
-        ],
-    )?;
-    ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-    ip(ns, &["link", "set", "eth0", "up"])?;
-    ip(ns, &["link", "set", "eth0-peer", "up"])?;
-    ip(ns, &["route", "add", "default", "dev", "eth0"])
+    let addr: ipnet::IpNet = format!("{addr}/24").parse()?;
+    links(ns, move |rt| {
+        rt.set_up("lo")?;
+        rt.add_veth("eth0", "eth0-peer", None)?;
+        rt.add_address("eth0", addr)?;
+        rt.set_up("eth0")?;
+        rt.set_up("eth0-peer")?;
+        rt.add_route_via_link("0.0.0.0/0".parse().expect("literal"), "eth0")
+    })
 }
 
 /// A GET with `Metadata: true`, as an Azure SDK sends it; (status, body).

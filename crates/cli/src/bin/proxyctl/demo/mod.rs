@@ -10,7 +10,7 @@
 //! - temp files live on a tmpfs mounted over the temp dir in a mount
 //!   namespace of the demo's own: the host's temp dir never sees them, and
 //!   the tmpfs goes with the process;
-//! - child processes (ip, curl) get SIGKILL when the thread that started
+//! - child processes (curl) get SIGKILL when the thread that started
 //!   them ends (PR_SET_PDEATHSIG).
 //!
 //! Doing it in a signal handler instead would race with the threads still
@@ -28,6 +28,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, bail};
 use nix::sched::{CloneFlags, setns};
+use proxyctl_link::Rtnl;
 
 /// One part of the demo (no part: all three, one after the other).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -203,21 +204,46 @@ pub fn in_ns<T: Send + 'static>(
     join(spawn_in(ns, f)?)
 }
 
-/// `ip ARGS` inside `ns` (iproute2).
-pub fn ip(ns: &File, args: &[&str]) -> anyhow::Result<()> {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+/// Runs `f` with a route netlink socket of namespace `ns` (links,
+/// addresses, routes: what `ip` would do, without needing iproute2).
+pub fn links(
+    ns: &File,
+    f: impl FnOnce(&mut Rtnl) -> Result<(), proxyctl_link::LinkError> + Send + 'static,
+) -> anyhow::Result<()> {
     in_ns(ns, move || {
-        let out = output(Command::new("ip").args(&args)).map_err(|e| {
-            anyhow::anyhow!("running ip ({e}); the demo needs iproute2: apt-get install iproute2")
-        })?;
-        if !out.status.success() {
-            bail!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let mut rt = Rtnl::new()?;
+        f(&mut rt)?;
         Ok(())
+    })
+}
+
+/// Joins two namespaces with a veth pair: `a_name` in `a` with `a_addrs`,
+/// `b_name` in `b` with `b_addrs`; both ends and both loopbacks up.
+pub fn veth_between(
+    (a, a_name, a_addrs): (&File, &str, &[&str]),
+    (b, b_name, b_addrs): (&File, &str, &[&str]),
+) -> anyhow::Result<()> {
+    let parse = |addrs: &[&str]| -> anyhow::Result<Vec<ipnet::IpNet>> {
+        addrs.iter().map(|s| Ok(s.parse()?)).collect()
+    };
+    let (a_addrs, b_addrs) = (parse(a_addrs)?, parse(b_addrs)?);
+    let (a_name, b_name) = (a_name.to_owned(), b_name.to_owned());
+    let peer_ns = b.try_clone()?;
+    let peer = b_name.clone();
+    links(a, move |rt| {
+        rt.add_veth(&a_name, &peer, Some(peer_ns.as_fd()))?;
+        rt.set_up("lo")?;
+        for addr in a_addrs {
+            rt.add_address(&a_name, addr)?;
+        }
+        rt.set_up(&a_name)
+    })?;
+    links(b, move |rt| {
+        rt.set_up("lo")?;
+        for addr in b_addrs {
+            rt.add_address(&b_name, addr)?;
+        }
+        rt.set_up(&b_name)
     })
 }
 

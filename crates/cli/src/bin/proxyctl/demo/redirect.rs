@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use proxyctl_nft::{Target, probe};
 use proxyctl_policy::{Policy, Protocol};
 
-use super::{anonymous_netns, intro, ip, join, ns_path, spawn_in};
+use super::{anonymous_netns, intro, join, ns_path, spawn_in, veth_between};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 1000;
@@ -45,50 +45,18 @@ pub fn run() -> anyhow::Result<bool> {
     );
     let pod = anonymous_netns()?;
     let net = anonymous_netns()?;
-    let n = std::process::id() % 100_000;
-    let (a, b) = (format!("pxd{n}a"), format!("pxd{n}b"));
-    ip(
-        &pod,
-        &["link", "add", &a, "type", "veth", "peer", "name", &b],
+    veth_between(
+        (
+            &pod,
+            "eth0",
+            &[&format!("{POD_V4}/30"), &format!("{POD_V6}/64")],
+        ),
+        (
+            &net,
+            "eth0",
+            &[&format!("{NET_V4}/30"), &format!("{NET_V6}/64")],
+        ),
     )?;
-    ip(
-        &pod,
-        &[
-            "link",
-            "set",
-            &b,
-            "netns",
-            &ns_path(&net).display().to_string(),
-        ],
-    )?;
-    ip(&pod, &["addr", "add", &format!("{POD_V4}/30"), "dev", &a])?;
-    ip(
-        &pod,
-        &[
-            "-6",
-            "addr",
-            "add",
-            &format!("{POD_V6}/64"),
-            "dev",
-            &a,
-            "nodad",
-        ],
-    )?;
-    ip(&pod, &["link", "set", &a, "up"])?;
-    ip(&net, &["addr", "add", &format!("{NET_V4}/30"), "dev", &b])?;
-    ip(
-        &net,
-        &[
-            "-6",
-            "addr",
-            "add",
-            &format!("{NET_V6}/64"),
-            "dev",
-            &b,
-            "nodad",
-        ],
-    )?;
-    ip(&net, &["link", "set", &b, "up"])?;
     println!(
         "pod      {POD_V4}, {POD_V6}   (app uid {APP_UID}, sidecar proxy uid {PROXY_UID} on :{PROXY_PORT})"
     );

@@ -21,7 +21,7 @@ use konnectivity::client::{self, ProxyAddr};
 use konnectivity::server::{self, FrontendListen, FrontendMode, ServerLaunch, ServerOptions};
 use konnectivity::tls::{self, TlsOptions};
 
-use super::{DemoDir, anonymous_netns, in_ns, intro, ip, ns_path, on, output, runtime_in};
+use super::{DemoDir, anonymous_netns, in_ns, intro, on, output, runtime_in, veth_between};
 
 const CP_ADDR: &str = "198.18.3.1";
 const NODE_ADDR: &str = "198.18.3.2";
@@ -49,31 +49,10 @@ pub fn run() -> anyhow::Result<bool> {
     let dir = DemoDir::new("tunnel")?;
     let cp = anonymous_netns()?;
     let node = anonymous_netns()?;
-    let n = std::process::id() % 100_000;
-    let (a, b) = (format!("pxt{n}a"), format!("pxt{n}b"));
-    ip(&cp, &["link", "set", "lo", "up"])?;
-    ip(
-        &cp,
-        &["link", "add", &a, "type", "veth", "peer", "name", &b],
+    veth_between(
+        (&cp, "eth0", &[&format!("{CP_ADDR}/30")]),
+        (&node, "eth0", &[&format!("{NODE_ADDR}/30")]),
     )?;
-    ip(
-        &cp,
-        &[
-            "link",
-            "set",
-            &b,
-            "netns",
-            &ns_path(&node).display().to_string(),
-        ],
-    )?;
-    ip(&cp, &["addr", "add", &format!("{CP_ADDR}/30"), "dev", &a])?;
-    ip(&cp, &["link", "set", &a, "up"])?;
-    ip(&node, &["link", "set", "lo", "up"])?;
-    ip(
-        &node,
-        &["addr", "add", &format!("{NODE_ADDR}/30"), "dev", &b],
-    )?;
-    ip(&node, &["link", "set", &b, "up"])?;
     println!("control-plane {CP_ADDR}   node {NODE_ADDR}   backend {BACKEND} (node only)\n");
 
     println!("$ proxyctl certs --out DIR --proxy-server-ip {CP_ADDR}");
