@@ -459,3 +459,25 @@ fn log_file_rotation_levels_and_headers() {
     assert!(text.contains("proxy server started"), "{text}");
     assert!(!text.contains("INFO") && !text.contains("DEBUG"), "{text}");
 }
+
+/// --legacy-stderr-threshold-behavior=false: with --logtostderr (the
+/// default) standard error gets only lines at --stderrthreshold or above.
+#[test]
+fn stderr_threshold_applies_without_legacy_behavior() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let p = Ports::new();
+    let mut a = server_args(&p, "grpc");
+    a.extend(s(&[
+        "--legacy-stderr-threshold-behavior=false",
+        "--stderrthreshold=WARNING",
+    ]));
+    let mut server = Proc::spawn(&bin("proxy-server"), &a, dir.path(), "server");
+    wait_for("server up", Duration::from_secs(60), || {
+        http_get(p.health, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    server.signal(SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+    let text = server.log_text();
+    assert!(!text.contains("proxy server started"), "{text}");
+}

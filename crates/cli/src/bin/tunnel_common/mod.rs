@@ -46,7 +46,7 @@ pub struct KlogArgs {
     /// Accepted for compatibility, no effect (there is one log file, not one per severity).
     #[arg(long = "one-output", alias = "one_output", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub one_output: bool,
-    /// With --logtostderr=true, --stderrthreshold has no effect (klog's default).
+    /// With --logtostderr=true, --stderrthreshold has no effect unless this is false.
     #[arg(long = "legacy-stderr-threshold-behavior", alias = "legacy_stderr_threshold_behavior", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub legacy_stderr_threshold_behavior: bool,
     /// Logs at or above this severity go to stderr too when logging to files
@@ -160,7 +160,13 @@ impl KlogArgs {
             ),
             _ => None,
         };
-        let all_to_stderr = file.is_none() || self.alsologtostderr;
+        // klog: with --logtostderr the threshold applies only once the
+        // legacy behaviour is turned off.
+        let all_to_stderr = if self.logtostderr {
+            self.legacy_stderr_threshold_behavior
+        } else {
+            file.is_none() || self.alsologtostderr
+        };
         let skip = self.skip_headers;
         let stderr = tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal() && !skip)
