@@ -406,3 +406,78 @@ fn duplicate_connection_to_an_old_server_keeps_the_new_count() {
         agent.log_text()
     );
 }
+
+/// klog's file flags: with --logtostderr=false the log goes to --log-file,
+/// rotated by --log-file-max-size (MB; a full file becomes <file>.1),
+/// standard error gets only what reaches --stderrthreshold, -v selects
+/// the levels and --skip-headers drops the level and time.
+#[test]
+fn log_file_rotation_levels_and_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let log = dir.path().join("server.log");
+    // A full file from an earlier run: the first line written rotates it.
+    std::fs::write(&log, vec![b'x'; (1 << 20) + 10]).unwrap();
+    let p = Ports::new();
+    let mut a = server_args(&p, "grpc");
+    a.extend(s(&[
+        "--logtostderr=false",
+        "--log-file=server.log",
+        "--log-file-max-size=1",
+        "--v=5",
+    ]));
+    let mut server = Proc::spawn(&bin("proxy-server"), &a, dir.path(), "server-stderr");
+    wait_for("server up", Duration::from_secs(60), || {
+        http_get(p.health, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    // A client stream (refused: no agent) makes the server log at debug.
+    let _ = test_client_request(dir.path(), p.server, 1);
+    server.signal(SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+    let old = std::fs::read(dir.path().join("server.log.1")).unwrap();
+    assert!(old.len() > 1 << 20 && old.iter().all(|b| *b == b'x'));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("proxy server started") && text.contains("INFO"),
+        "{text}"
+    );
+    assert!(text.contains("DEBUG"), "-v=5 logs debug lines: {text}");
+    let stderr = server.log_text();
+    assert!(!stderr.contains("INFO"), "only errors on stderr: {stderr}");
+
+    // -v=0 and --skip-headers on stderr: no debug, no level column.
+    let p = Ports::new();
+    let mut a = server_args(&p, "grpc");
+    a.extend(s(&["--skip-headers", "--v=0"]));
+    let mut server = Proc::spawn(&bin("proxy-server"), &a, dir.path(), "server2");
+    wait_for("server up", Duration::from_secs(60), || {
+        http_get(p.health, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    server.signal(SIGTERM);
+    server.wait_exit(Duration::from_secs(20));
+    let text = server.log_text();
+    assert!(text.contains("proxy server started"), "{text}");
+    assert!(!text.contains("INFO") && !text.contains("DEBUG"), "{text}");
+}
+
+/// --legacy-stderr-threshold-behavior=false: with --logtostderr (the
+/// default) standard error gets only lines at --stderrthreshold or above.
+#[test]
+fn stderr_threshold_applies_without_legacy_behavior() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let p = Ports::new();
+    let mut a = server_args(&p, "grpc");
+    a.extend(s(&[
+        "--legacy-stderr-threshold-behavior=false",
+        "--stderrthreshold=WARNING",
+    ]));
+    let mut server = Proc::spawn(&bin("proxy-server"), &a, dir.path(), "server");
+    wait_for("server up", Duration::from_secs(60), || {
+        http_get(p.health, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    server.signal(SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+    let text = server.log_text();
+    assert!(!text.contains("proxy server started"), "{text}");
+}

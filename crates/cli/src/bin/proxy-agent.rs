@@ -57,8 +57,10 @@ struct Args {
     /// Bind address for admin connections.
     #[arg(long = "admin-bind-address", default_value = "127.0.0.1")]
     admin_bind_address: String,
+    /// Accepted for compatibility, no effect: there is no pprof (use perf).
     #[arg(long = "enable-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_profiling: bool,
+    /// Accepted for compatibility, no effect (needs --enable-profiling, as upstream).
     #[arg(long = "enable-contention-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_contention_profiling: bool,
     /// The unique ID of this agent (also $PROXY_AGENT_ID; default a uuid).
@@ -70,7 +72,8 @@ struct Args {
     /// The initial interval for checking connections to every server.
     #[arg(long = "sync-interval", default_value = "1s", value_parser = go_duration)]
     sync_interval: Duration,
-    /// The interval for checking that server connections are ready.
+    /// Accepted for compatibility, no effect: a broken server connection ends its stream at once (HTTP/2
+    /// keepalive finds silent ones) and the sync loop replaces it.
     #[arg(long = "probe-interval", default_value = "1s", value_parser = go_duration)]
     probe_interval: Duration,
     /// The maximum interval for the sync backoff.
@@ -82,6 +85,7 @@ struct Args {
     /// If non-empty the agent sends this token (Authorization: Bearer).
     #[arg(long = "service-account-token-path", default_value = "")]
     service_account_token_path: String,
+    /// Deprecated upstream. Accepted for compatibility, no effect.
     #[arg(long = "warn-on-channel-limit", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     warn_on_channel_limit: bool,
     /// If true, the agent continues syncing, in order to support server count changes.
@@ -111,6 +115,7 @@ struct Args {
     /// pod's service account (in-cluster).
     #[arg(long, default_value = "")]
     kubeconfig: String,
+    /// Accepted for compatibility, no effect: the Kubernetes client speaks JSON.
     #[arg(
         long = "kube-api-content-type",
         default_value = "application/vnd.kubernetes.protobuf"
@@ -136,6 +141,12 @@ fn main() {
 }
 
 async fn run(a: Args) -> i32 {
+    if a.enable_contention_profiling && !a.enable_profiling {
+        bad_flag(
+            "--enable-contention-profiling",
+            "if --enable-contention-profiling is set, --enable-profiling must also be set",
+        );
+    }
     if a.ca_cert.is_empty() {
         bad_flag("--ca-cert", "required (the server is verified)");
     }

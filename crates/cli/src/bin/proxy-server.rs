@@ -94,9 +94,10 @@ struct Args {
     /// dropped within twice this time. 0 leaves only --keepalive-time.
     #[arg(long = "agent-liveness-interval", default_value = "5s", value_parser = go_duration)]
     agent_liveness_interval: Duration,
-    /// enable pprof (accepted; there is no pprof in this implementation).
+    /// Accepted for compatibility, no effect: there is no pprof (use perf).
     #[arg(long = "enable-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_profiling: bool,
+    /// Accepted for compatibility, no effect (needs --enable-profiling, as upstream).
     #[arg(long = "enable-contention-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_contention_profiling: bool,
     /// The unique ID of this server. Can also be set by the 'PROXY_SERVER_ID' environment variable.
@@ -124,6 +125,7 @@ struct Args {
     /// Maximum client burst toward the Kubernetes API (0: 10, as client-go).
     #[arg(long = "kubeconfig-burst", default_value_t = 0)]
     kubeconfig_burst: i32,
+    /// Accepted for compatibility, no effect: the Kubernetes client speaks JSON.
     #[arg(
         long = "kube-api-content-type",
         default_value = "application/vnd.kubernetes.protobuf"
@@ -166,7 +168,7 @@ struct Args {
     /// Timeout for sending DIAL_REQ to an agent and waiting for DIAL_RSP (0: none).
     #[arg(long = "backend-dial-timeout", default_value = "0", value_parser = go_duration)]
     backend_dial_timeout: Duration,
-    /// Deprecated, no effect.
+    /// Deprecated upstream. Accepted for compatibility, no effect.
     #[arg(long = "warn-on-channel-limit", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     warn_on_channel_limit: bool,
     /// Extra: bytes queued toward one client before that connection is closed.
@@ -175,6 +177,11 @@ struct Args {
     /// Extra: pending dials over all clients; more are refused.
     #[arg(long = "max-pending-dials", default_value_t = 10_000)]
     max_pending_dials: usize,
+    /// Extra: concurrent streams (dials) on one gRPC frontend connection
+    /// (grpc-go sets no limit; konnectivity-client's reusable tunnel puts
+    /// every dial on one connection).
+    #[arg(long = "max-concurrent-streams", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
     /// Extra: per-connection flow-control window (bytes) used with peers that
     /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
@@ -200,6 +207,12 @@ fn port_ok(flag: &str, port: u16, allow_zero: bool) {
 }
 
 async fn run(a: Args) -> i32 {
+    if a.enable_contention_profiling && !a.enable_profiling {
+        bad_flag(
+            "--enable-contention-profiling",
+            "if --enable-contention-profiling is set, --enable-profiling must also be set",
+        );
+    }
     let mode = match a.mode.as_str() {
         "grpc" => FrontendMode::Grpc,
         "http-connect" => FrontendMode::HttpConnect,
@@ -372,6 +385,7 @@ async fn run(a: Args) -> i32 {
         strategies,
         backend_dial_timeout: a.backend_dial_timeout,
         max_pending_dials: a.max_pending_dials,
+        max_concurrent_streams: a.max_concurrent_streams as usize,
         flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         agent_channel_packets: a.xfr_channel_size.max(256),

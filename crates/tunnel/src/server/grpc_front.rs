@@ -38,8 +38,6 @@ use crate::proto::Packet;
 
 /// The one method this server has.
 const PROXY_PATH: &str = "/ProxyService/Proxy";
-/// Streams one connection may have open (clients open one per dial).
-const MAX_STREAMS: usize = 100;
 /// Receive windows we offer: a stream, and the connection as a whole.
 const STREAM_WINDOW: i64 = 4 << 20;
 const CONN_WINDOW: i64 = 8 << 20;
@@ -438,7 +436,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         h2::settings(
             out.buf(),
             &[
-                (setting::MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
+                (
+                    setting::MAX_CONCURRENT_STREAMS,
+                    sh.opts.max_concurrent_streams.min(u32::MAX as usize) as u32,
+                ),
                 (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW as u32),
                 (setting::MAX_FRAME_SIZE, crate::H2_MAX_FRAME),
                 (setting::MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK as u32),
@@ -975,7 +976,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             h2::rst_stream(self.out.buf(), id, code::PROTOCOL_ERROR);
             return Ok(());
         }
-        if self.goaway_sent || self.streams.len() >= MAX_STREAMS {
+        if self.goaway_sent || self.streams.len() >= self.sh.opts.max_concurrent_streams {
             h2::rst_stream(self.out.buf(), id, code::REFUSED_STREAM);
             return Ok(());
         }

@@ -72,6 +72,12 @@ pub struct ServerOptions {
     pub agent_channel_packets: usize,
     /// Dials one frontend stream may have open at once.
     pub max_dials_per_stream: usize,
+    /// Streams (one per dial) one gRPC frontend connection may have open
+    /// at once. konnectivity-client's reusable tunnel carries every dial of
+    /// kube-apiserver on one connection, and grpc-go sets no limit; memory
+    /// stays bounded per stream (`connection_queue_bytes`), by the
+    /// connection's receive window and by `max_pending_dials`.
+    pub max_concurrent_streams: usize,
     /// Per-connection window offered to agents that speak the flow-control
     /// extension (0: off). Kept at most `connection_queue_bytes`.
     pub flow_window: usize,
@@ -91,6 +97,7 @@ impl Default for ServerOptions {
             connection_queue_bytes: 4 << 20,
             agent_channel_packets: 256,
             max_dials_per_stream: 64,
+            max_concurrent_streams: 10_000,
             flow_window: 1 << 20,
             agent_auth: None,
         }
