@@ -1162,3 +1162,40 @@ fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
         fake.abort();
     });
 }
+
+#[test]
+fn gcp_wait_for_change_is_held_past_the_upstream_timeout() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let state = MockState::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let fake = tokio::spawn(mock::serve(listener, state));
+        let (_proxy, addr) = imds_proxy::fuzzing::loopback_proxy(
+            upstream,
+            "w",
+            "rules: [{name: gcp, pods: {}, paths: [{prefix: /computeMetadata/v1/project/}]}]",
+            Limits {
+                upstream_timeout: Duration::from_millis(500),
+                ..Limits::default()
+            },
+            0,
+        )
+        .await;
+        // Held 2 s by the fake, four times the upstream timeout: still the
+        // fake's answer, not a gateway timeout.
+        let (status, body) = get_gcp(
+            addr,
+            "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=2",
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (200, "mock-project"));
+        // The metadata server's edge, checked before anything is forwarded.
+        let (status, _) = get(addr, "/computeMetadata/v1/project/project-id").await;
+        assert_eq!(status, 403, "no Metadata-Flavor");
+        fake.abort();
+    });
+}

@@ -520,9 +520,10 @@ pub async fn iam(gcp: &GcpMock, req: Request<Incoming>) -> Response<ProxyBody> {
         "iam.serviceAccounts.getOpenIdToken"
     };
     // The same answer for an account that does not exist as for one the
-    // caller may not act as.
+    // caller may not act as. Token Creator is granted to the node only
+    // (not even an account on itself, as in IAM without that binding).
     if !gcp.accounts.iter().any(|a| a == target)
-        || !(gcp.grants.iter().any(|g| g == target) || caller == target)
+        || !(caller == gcp.node && gcp.grants.iter().any(|g| g == target))
     {
         return google_error(
             StatusCode::FORBIDDEN,

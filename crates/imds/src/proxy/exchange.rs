@@ -611,6 +611,28 @@ fn decide<'r>(
     (Decided::Forward { body_len }, Some(rule))
 }
 
+/// The longest the GCP metadata server may hold `target` open: a
+/// `wait_for_change=true` request is answered when the value changes or
+/// its `timeout_sec` passes (none given: up to an hour, the cap here),
+/// so the upstream timeout starts after that.
+fn held_open(target: &str) -> Option<Duration> {
+    const MAX_HOLD: u64 = 3600;
+    let query = target.split_once('?')?.1;
+    let params = crate::mock::parse_query(query).ok()?;
+    if !params
+        .get("wait_for_change")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return None;
+    }
+    let secs = params
+        .get("timeout_sec")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(MAX_HOLD)
+        .min(MAX_HOLD);
+    Some(Duration::from_secs(secs))
+}
+
 /// Whether the caller wants the connection kept after this request.
 fn caller_keeps_alive(view: &View<'_>, head: &RequestHead) -> bool {
     if head.minor == 0 {
@@ -715,6 +737,11 @@ async fn serve_request(
             }
             let idempotent = matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
             let head_only = method == "HEAD";
+            let wait = if gcp { held_open(target) } else { None };
+            let deadline = tokio::time::Instant::from_std(start)
+                + wait.map_or(shared.limits.upstream_timeout, |w| {
+                    w + shared.limits.upstream_timeout
+                });
             let outcome = forward(
                 shared,
                 upstream,
@@ -724,7 +751,7 @@ async fn serve_request(
                 stream,
                 head.minor,
                 keep_alive,
-                start,
+                deadline,
                 timer.as_mut(),
             )
             .await;
@@ -1238,10 +1265,9 @@ async fn forward(
     caller: &mut TcpStream,
     caller_minor: u8,
     caller_keep: bool,
-    start: Instant,
+    deadline: tokio::time::Instant,
     mut timer: Pin<&mut Sleep>,
 ) -> Forwarded {
-    let deadline = tokio::time::Instant::from_std(start) + shared.limits.upstream_timeout;
     let (mut up, resp) =
         match exchange(shared, slot, out, idempotent, deadline, timer.as_mut()).await {
             Ok(r) => r,
