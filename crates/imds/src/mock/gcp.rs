@@ -522,9 +522,9 @@ pub async fn iam(gcp: &GcpMock, req: Request<Incoming>) -> Response<ProxyBody> {
     // The same answer for an account that does not exist as for one the
     // caller may not act as. Token Creator is granted to the node only
     // (not even an account on itself, as in IAM without that binding).
-    if !gcp.accounts.iter().any(|a| a == target)
-        || !(caller == gcp.node && gcp.grants.iter().any(|g| g == target))
-    {
+    let exists = gcp.accounts.iter().any(|a| a == target);
+    let granted = caller == gcp.node && gcp.grants.iter().any(|g| g == target);
+    if !(exists && granted) {
         return google_error(
             StatusCode::FORBIDDEN,
             &format!("Permission '{permission}' denied on resource (or it may not exist)."),
