@@ -1177,7 +1177,7 @@ fn gcp_wait_for_change_is_held_past_the_upstream_timeout() {
         let (_proxy, addr) = imds_proxy::fuzzing::loopback_proxy(
             upstream,
             "w",
-            "rules: [{name: gcp, pods: {}, paths: [{prefix: /computeMetadata/v1/project/}]}]",
+            "rules: [{name: gcp, pods: {}, paths: [{prefix: /computeMetadata/v1/}]}]",
             Limits {
                 upstream_timeout: Duration::from_millis(500),
                 ..Limits::default()
@@ -1196,6 +1196,17 @@ fn gcp_wait_for_change_is_held_past_the_upstream_timeout() {
         // The metadata server's edge, checked before anything is forwarded.
         let (status, _) = get(addr, "/computeMetadata/v1/project/project-id").await;
         assert_eq!(status, 403, "no Metadata-Flavor");
+        // Instance metadata passes; a recursive listing that would carry
+        // the node's service account does not.
+        let (status, body) = get_gcp(addr, "/computeMetadata/v1/instance/hostname").await;
+        assert_eq!(status, 200, "{body}");
+        for target in [
+            "/computeMetadata/v1/instance/?recursive=true",
+            "/computeMetadata/v1/?recursive=true&alt=json",
+        ] {
+            let (status, body) = get_gcp(addr, target).await;
+            assert_eq!(status, 403, "{target}: {body}");
+        }
         fake.abort();
     });
 }

@@ -373,6 +373,21 @@ fn decide_gcp(
     query: &str,
 ) -> Option<Decided> {
     let dir = crate::gcp::SERVICE_ACCOUNTS_DIR;
+    // A recursive listing of a directory above the accounts would carry
+    // the node's account (email, scopes) to the pod: not served.
+    let above = ["/computeMetadata/v1", "/computeMetadata/v1/instance"];
+    if above.contains(&path.trim_end_matches('/'))
+        && crate::mock::parse_query(query).map_or(true, |q| {
+            q.get("recursive")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        })
+    {
+        return Some(Decided::Answer(Local::text(
+            StatusCode::FORBIDDEN,
+            "Forbidden. Recursive listings that include service accounts are not served\n",
+            "denied",
+        )));
+    }
     if path.len() < dir.len() || !path.as_bytes()[..dir.len()].eq_ignore_ascii_case(dir.as_bytes())
     {
         return None;
