@@ -33,7 +33,7 @@ fi
 
 # Python tools the tests drive (validators, independent protocol peers).
 # Cloud SDKs run unmodified inside the imds-proxy tests' stand-in pods.
-python_packages=(kubernetes-validate azure-identity boto3)
+python_packages=(kubernetes-validate azure-identity boto3 google-auth requests)
 missing_py=()
 for p in "${python_packages[@]}"; do
   python3 -m pip show -q "$p" >/dev/null 2>&1 || missing_py+=("$p")

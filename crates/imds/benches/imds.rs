@@ -36,6 +36,11 @@ const PATH: &str = "/metadata/instance?api-version=2021-02-01";
 /// the fake issues a new one per request, imds-proxy answers from its
 /// per-identity cache (a cache hit), nginx passes every request on.
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net&client_id=11111111-0000-0000-0000-000000000001";
+/// A Google service-account token for the account the bench pod is bound
+/// to: the fake's metadata server hands out its cached node token, the
+/// proxy answers from its per-account cache (generateAccessToken at the
+/// fake's IAM Credentials once), nginx passes every request on.
+const GCP_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
 const MOCK: &str = "127.0.0.1:18080";
 const PROXY: &str = "127.0.0.1:18081";
 const NGINX: &str = "127.0.0.1:18082";
@@ -176,6 +181,7 @@ async fn load(addr: SocketAddr, conns: usize, secs: f64, path: &'static str) -> 
                     let req = http::Request::get(path)
                         .header("host", "169.254.169.254")
                         .header("metadata", "true")
+                        .header("metadata-flavor", "Google")
                         .body(Empty::new())
                         .unwrap();
                     let t = Instant::now();
@@ -312,11 +318,13 @@ rules:
     paths: [ { prefix: /metadata/instance }, { exact: /metadata/versions } ]
   - name: client-tokens
     pods: { namespace: default, labels: { role: ClientContainer } }
-    paths: [ { exact: /metadata/identity/oauth2/token } ]
+    paths: [ { exact: /metadata/identity/oauth2/token }, { prefix: /computeMetadata/v1/instance/service-accounts/ } ]
 identities:
   - name: client-identity
     pods: { labels: { role: ClientContainer } }
     azure: { client_id: 11111111-0000-0000-0000-000000000001 }
+    gcp: { email: app-1@mock-project.iam.gserviceaccount.com }
+gcp: { iam_endpoint: "http://127.0.0.1:18080" }
 "#,
         "bench",
     )
@@ -415,6 +423,8 @@ identities:
         ("instance", PATH, 16),
         ("token", TOKEN_PATH, 1),
         ("token", TOKEN_PATH, 16),
+        ("gcp token", GCP_TOKEN_PATH, 1),
+        ("gcp token", GCP_TOKEN_PATH, 16),
     ] {
         if conns == 1 {
             println!("-- GET {path}");

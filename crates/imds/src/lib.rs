@@ -12,7 +12,10 @@
 //!   forwarding to the upstream, rate limits, audit and metrics.
 //! - [`identity`] owns per-pod cloud identities: the identity a bound pod's
 //!   credential request is answered for, and the credential cache.
-//! - [`mock`] is the strict fake of Azure IMDS and AWS IMDSv2.
+//! - [`gcp`] owns the GCP metadata server's service-accounts directory for
+//!   bound pods (tokens from IAM Credentials with the node's token).
+//! - [`mock`] is the strict fake of Azure IMDS, AWS IMDSv2, the GCP
+//!   metadata server and GCP's IAM Credentials API.
 
 pub mod admin;
 pub mod audit;
@@ -20,6 +23,7 @@ pub mod body;
 pub mod cri;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gcp;
 mod h1;
 pub mod identity;
 pub mod metrics;

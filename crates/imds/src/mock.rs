@@ -1,5 +1,5 @@
-//! A strict local fake of the Azure Instance Metadata Service and of AWS
-//! IMDSv2, for local development and for tests: it enforces the documented
+//! A strict local fake of the Azure Instance Metadata Service, of AWS
+//! IMDSv2 and of the GCP metadata server (with IAM Credentials), for local development and for tests: it enforces the documented
 //! contract (headers, methods, api-version, token TTLs, status codes) rather
 //! than answering everything, so a proxy that drops a header or rewrites a
 //! method is caught.
@@ -15,6 +15,8 @@
 //! AWS (`/latest/...`): `PUT /latest/api/token` with
 //! `X-aws-ec2-metadata-token-ttl-seconds` in 1..=21600 (else 400; with
 //! `X-Forwarded-For` 403); every metadata read needs a live token (else 401).
+//! GCP (`/computeMetadata/v1/...`, and IAM Credentials under
+//! `/v1/projects/-/serviceAccounts/`): see [`gcp`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -33,6 +35,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::body::{ProxyBody, empty, json as json_resp, text};
+
+pub mod gcp;
 
 /// API versions the fake accepts, oldest first (Azure's published list).
 pub const API_VERSIONS: &[&str] = &[
@@ -77,7 +81,7 @@ pub const AWS_TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const AWS_TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const AWS_MAX_TTL: u64 = 21600;
 const MAX_TOKENS: usize = 4096;
-const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// The fake's state: issued IMDSv2 tokens and a count of requests it served
 /// (tests use the count to prove that a refused request reached nothing).
@@ -93,6 +97,8 @@ pub struct MockState {
     token_lifetime: Duration,
     /// Azure tokens issued, by the identity's client id.
     issued: Mutex<BTreeMap<String, u64>>,
+    /// The GCP metadata server and IAM Credentials.
+    gcp: gcp::GcpMock,
 }
 
 /// A managed identity assigned to the fake VM.
@@ -158,7 +164,20 @@ impl MockState {
             identities,
             token_lifetime,
             issued: Mutex::new(BTreeMap::new()),
+            gcp: gcp::GcpMock::default(),
         }
+    }
+
+    /// The same fake with its GCP metadata server's tokens living
+    /// `lifetime` (realistic: [`gcp::METADATA_TOKEN_LIFETIME`]).
+    pub fn with_gcp_token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.gcp = gcp::GcpMock::new(lifetime);
+        self
+    }
+
+    /// The GCP side: accounts, and the tokens issued for them.
+    pub fn gcp(&self) -> &gcp::GcpMock {
+        &self.gcp
     }
 
     /// The VM's identities, the system-assigned one first.
@@ -217,6 +236,10 @@ pub async fn handle(state: &MockState, req: Request<Incoming>) -> Response<Proxy
         azure(state, req).await
     } else if path == "/latest" || path.starts_with("/latest/") {
         aws(state, req)
+    } else if path == "/computeMetadata" || path.starts_with("/computeMetadata/") {
+        gcp::metadata(&state.gcp, req).await
+    } else if path.starts_with("/v1/projects/") {
+        gcp::iam(&state.gcp, req).await
     } else {
         not_found_json()
     }
@@ -648,7 +671,7 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -677,14 +700,14 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let bytes: [u8; 24] = rand::thread_rng().r#gen();
     base64(&bytes)
 }
 
 // Tokens and the attested signature only need to look like base64; a
 // dependency for ten lines is not worth it.
-fn base64(input: &[u8]) -> String {
+pub(crate) fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {

@@ -4,7 +4,8 @@
 //!
 //! Order of checks for one request: caller known (403) -> framing (400/413,
 //! connection closed) -> path shape (400) -> X-Forwarded-For (400 Azure /
-//! 403 AWS) -> `Metadata: true` on Azure paths (400 JSON) -> rules (403) ->
+//! 403 AWS and GCP) -> `Metadata: true` on Azure paths (400 JSON),
+//! `Metadata-Flavor: Google` on GCP paths (403) -> rules (403) ->
 //! rate limit (429) -> forward, keeping the upstream's status.
 
 use std::collections::HashMap;
@@ -162,6 +163,9 @@ struct Shared {
     session_tokens: crate::identity::SessionTokens,
     /// STS, when some pod is bound to an AWS role.
     sts: Option<crate::sts::StsConfig>,
+    /// IAM Credentials (the same HTTP(S) client as STS), when some pod is
+    /// bound to a Google service account.
+    iam: Option<crate::sts::StsConfig>,
 }
 
 /// A running proxy. Dropping it stops every listener it owns.
@@ -220,6 +224,19 @@ impl ProxyHandle {
         } else {
             None
         };
+        let iam = if config.rules.identities.iter().any(|b| b.gcp.is_some()) {
+            let settings = config.rules.gcp.clone().unwrap_or_default();
+            // The region is SigV4's; IAM Credentials takes bearer tokens.
+            let iam = crate::sts::StsConfig::new(&settings.iam_endpoint, "global").map_err(
+                |message| Error::Rules {
+                    path: "gcp".into(),
+                    message: message.replace("STS", "IAM Credentials"),
+                },
+            )?;
+            Some(iam)
+        } else {
+            None
+        };
         let (workers, spawner) = crate::workers::start(config.workers).map_err(Error::Workers)?;
         let metrics = Arc::new(Metrics::default());
         let allowed_duration = metrics
@@ -242,6 +259,7 @@ impl ProxyHandle {
             credentials: Default::default(),
             session_tokens: Default::default(),
             sts,
+            iam,
         });
         let mut tasks = Vec::new();
         let mut admin_addr = None;
@@ -704,14 +722,19 @@ fn is_azure(path: &str) -> bool {
     path == "/metadata" || path.starts_with("/metadata/")
 }
 
+fn is_gcp(path: &str) -> bool {
+    path == "/computeMetadata" || path.starts_with("/computeMetadata/")
+}
+
 /// Only plain, canonical paths reach the rules: no dot segments, no empty
-/// segments, no percent-encoding, so `/metadata/x/../identity` or
+/// segments, no percent-encoding (`@` is allowed: GCP names service
+/// accounts by email in paths), so `/metadata/x/../identity` or
 /// `/metadata/%69dentity` cannot slip past a prefix check.
 fn path_is_canonical(path: &str) -> bool {
     path.starts_with('/')
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~'))
+        && path.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~' | b'@')
+        })
         && !path.contains("//")
         && !path.split('/').any(|seg| seg == "." || seg == "..")
 }

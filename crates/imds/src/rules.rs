@@ -1,7 +1,8 @@
 //! Access rules: which pods may use which metadata paths with which methods.
 //!
 //! Deny by default. Credential paths (Azure `/metadata/identity...`, AWS
-//! `/latest/meta-data/iam...`) are opened only by a rule whose own path lies
+//! `/latest/meta-data/iam...`, GCP
+//! `/computeMetadata/v1/instance/service-accounts...`) are opened only by a rule whose own path lies
 //! inside them: a broad `prefix: /` or `prefix: /metadata` never hands out
 //! tokens (the lesson of kube2iam/kiam defaults).
 //!
@@ -15,6 +16,9 @@
 //!   - name: web-keyvault
 //!     pods: { namespace: default, labels: { app: web } }
 //!     azure: { client_id: 11111111-2222-3333-4444-555555555555 }
+//!   - name: web-gcs
+//!     pods: { namespace: default, labels: { app: web } }
+//!     gcp: { email: web@my-project.iam.gserviceaccount.com }
 //! ```
 //!
 //! `identities` bind pods (same selectors, first match wins) to the cloud
@@ -27,12 +31,17 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::gcp::{GcpServiceAccount, GcpSettings};
 use crate::identity::{AwsRole, AzureIdentity, StsSettings};
 use crate::pods::Pod;
 
 /// Path prefixes that hand out credentials. Compared case-insensitively, in
 /// case an upstream treats paths that way.
-pub const SENSITIVE_PREFIXES: &[&str] = &["/metadata/identity", "/latest/meta-data/iam"];
+pub const SENSITIVE_PREFIXES: &[&str] = &[
+    "/metadata/identity",
+    "/latest/meta-data/iam",
+    "/computeMetadata/v1/instance/service-accounts",
+];
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +53,9 @@ pub struct Rules {
     /// The STS endpoint AWS roles are assumed at.
     #[serde(default)]
     pub sts: Option<StsSettings>,
+    /// The IAM Credentials endpoint Google service-account tokens come from.
+    #[serde(default)]
+    pub gcp: Option<GcpSettings>,
 }
 
 /// Pods whose credential requests are answered for one cloud identity.
@@ -58,6 +70,9 @@ pub struct IdentityBinding {
     /// The IAM role AWS credentials are assumed for.
     #[serde(default)]
     pub aws: Option<AwsRole>,
+    /// The Google service account tokens are issued for.
+    #[serde(default)]
+    pub gcp: Option<GcpServiceAccount>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -201,15 +216,19 @@ impl Rules {
             }
         }
         for binding in &self.identities {
-            if binding.azure.is_none() && binding.aws.is_none() {
+            if binding.azure.is_none() && binding.aws.is_none() && binding.gcp.is_none() {
                 return Err(format!(
-                    "identity {:?}: names no identity (azure, aws)",
+                    "identity {:?}: names no identity (azure, aws, gcp)",
                     binding.name
                 ));
             }
             if let Some(aws) = &binding.aws {
                 aws.validate()
                     .map_err(|e| format!("identity {:?}: aws: {e}", binding.name))?;
+            }
+            if let Some(gcp) = &binding.gcp {
+                gcp.validate()
+                    .map_err(|e| format!("identity {:?}: gcp: {e}", binding.name))?;
             }
             if let Some(azure) = &binding.azure {
                 azure

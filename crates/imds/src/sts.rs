@@ -301,7 +301,7 @@ pub async fn assume_role(
     Ok(Credential::new(doc, expires_on))
 }
 
-async fn send(
+pub(crate) async fn send(
     sts: &StsConfig,
     request: http::Request<Full<bytes::Bytes>>,
 ) -> Result<(u16, Vec<u8>), String> {

@@ -759,3 +759,454 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
     drop(proxy);
     rt.shutdown_timeout(Duration::from_secs(2));
 }
+
+// ------------------------------------------------------------------ GCP --
+//
+// There is no emulator of IAM Credentials: these tests run against the
+// fake in `imds_proxy::mock::gcp`, which enforces the documented contract
+// strictly (a live bearer token it issued with the cloud-platform scope,
+// the `-` project wildcard, known fields only, a lifetime of at most an
+// hour, Token Creator granted to the caller on the target).
+
+/// The GCP rules: every pod may read the service-accounts directory; which
+/// account it sees is the bindings' business. Tokens live `lifetime` s.
+fn gcp_rules(web: &str, batch: &str, lifetime: u32, iam: &str) -> String {
+    format!(
+        r#"
+rules:
+  - name: gcp-accounts
+    pods: {{}}
+    paths: [ {{ prefix: /computeMetadata/v1/instance/service-accounts/ }} ]
+identities:
+  - name: web
+    pods: {{ labels: {{ app: web }} }}
+    gcp: {{ email: "{web}", lifetime_seconds: {lifetime} }}
+  - name: batch
+    pods: {{ labels: {{ app: batch }} }}
+    gcp: {{ email: "{batch}", lifetime_seconds: {lifetime} }}
+gcp: {{ iam_endpoint: "{iam}" }}
+"#
+    )
+}
+
+/// google-auth inside a pod: compute_engine credentials (access token and
+/// account email), and an ID token from the metadata identity endpoint.
+const GOOGLE_APP: &str = r#"
+import json
+import google.auth.transport.requests
+from google.auth import compute_engine, jwt
+req = google.auth.transport.requests.Request()
+try:
+    cred = compute_engine.Credentials()
+    cred.refresh(req)
+    idc = compute_engine.IDTokenCredentials(req, "https://svc.example", use_metadata_identity_endpoint=True)
+    idc.refresh(req)
+    claims = jwt.decode(idc.token, verify=False)
+    print(json.dumps({"ok": True, "email": cred.service_account_email, "token": cred.token,
+                      "id_email": claims.get("email"), "id_aud": claims["aud"]}))
+except Exception as e:
+    print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+"#;
+
+/// google-auth using its credentials for 30 minutes of its own time under
+/// libfaketime at 200x (9 s of real time): it refreshes a token once it
+/// comes within 3m45s of expiry, so a 600 s token is refreshed several
+/// times, each time through the proxy.
+const GOOGLE_REFRESH_APP: &str = r#"
+import json, time
+import google.auth.transport.requests
+from google.auth import compute_engine
+req = google.auth.transport.requests.Request()
+cred = compute_engine.Credentials()
+tokens, refreshes = set(), 0
+end = time.time() + 1800
+while time.time() < end:
+    if not cred.valid:
+        cred.refresh(req)
+        refreshes += 1
+    tokens.add(cred.token)
+    time.sleep(20)
+print(json.dumps({"ok": True, "tokens": sorted(tokens), "refreshes": refreshes}))
+"#;
+
+/// Variables that would point google-auth anywhere but the metadata server.
+const GOOGLE_VARS: &[&str] = &[
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GCE_METADATA_HOST",
+    "GCE_METADATA_ROOT",
+    "GCE_METADATA_IP",
+    "GOOGLE_CLOUD_PROJECT",
+    "NO_GCE_CHECK",
+];
+
+fn google_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).args(argv);
+    for var in GOOGLE_VARS {
+        cmd.env_remove(var);
+    }
+    // metadata.google.internal is not resolvable in a stand-in pod; the
+    // SDK's documented override names the same address.
+    cmd.env("GCE_METADATA_HOST", IMDS);
+    let out = cmd.output().expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+        panic!(
+            "google app printed no JSON: stdout {stdout:?} stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn read_audit(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn google_auth_pods_get_their_own_service_accounts() {
+    let test = "google_auth_pods_get_their_own_service_accounts";
+    if !(require_root(test) && require_tool(test, "python3") && require_tool(test, "curl")) {
+        return;
+    }
+    let have_sdk = Command::new("python3")
+        .args(["-c", "import google.auth.compute_engine, requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_sdk {
+        assert!(
+            std::env::var("CI").is_err(),
+            "google-auth missing (scripts/install-deps.sh installs it)"
+        );
+        eprintln!("skipping {test}: google-auth not installed");
+        return;
+    }
+    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
+    let mut topo = Topology::new("imgc");
+    for ip in ["10.98.0.41", "10.98.0.42", "10.98.0.43"] {
+        topo.add_pod(ip, Some(pod_listen));
+    }
+    // IAM Credentials: the same fake (same accounts and tokens) on the
+    // cloud namespace's other address.
+    let state = topo.mock.clone();
+    on(&topo.cloud_rt, async move {
+        let listener = tokio::net::TcpListener::bind("10.99.0.2:8080")
+            .await
+            .expect("bind IAM fake");
+        tokio::spawn(mock::serve(listener, state));
+    });
+    let gcp = topo.mock.gcp();
+    let (web_sa, batch_sa) = (gcp.accounts()[1].clone(), gcp.accounts()[2].clone());
+    let pods = vec![
+        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
+        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
+        pod("unbound", Some(topo.pod(2).path()), &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pods_file = dir.path().join("pods.yaml");
+    let audit_file = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &pods_file,
+        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
+    )
+    .unwrap();
+    let rt = runtime_in(&topo.node.path());
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
+        rules: Rules::from_yaml(
+            &gcp_rules(&web_sa, &batch_sa, 600, "http://10.99.0.2:8080"),
+            "test",
+        )
+        .unwrap(),
+        pod_listen: Some(pod_listen),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::to_file(&audit_file).unwrap(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+        workers: 1,
+    };
+    let source = Arc::new(FilePodSource::new(&pods_file));
+    let proxy = Arc::new(on(&rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    }));
+
+    let web = google_run(topo.pod(0), &["python3", "-c", GOOGLE_APP]);
+    assert_eq!(web["ok"], true, "web: {web}");
+    assert_eq!(web["email"], web_sa.as_str());
+    assert_eq!(web["id_email"], web_sa.as_str());
+    assert_eq!(web["id_aud"], "https://svc.example");
+    // The fake says whose token it is: the web account's, not the node's.
+    assert_eq!(
+        gcp.token_owner(web["token"].as_str().unwrap()).as_deref(),
+        Some(web_sa.as_str())
+    );
+    let batch = google_run(topo.pod(1), &["python3", "-c", GOOGLE_APP]);
+    assert_eq!(batch["ok"], true, "batch: {batch}");
+    assert_eq!(batch["email"], batch_sa.as_str());
+    assert_eq!(
+        gcp.token_owner(batch["token"].as_str().unwrap()).as_deref(),
+        Some(batch_sa.as_str())
+    );
+    // No account at all for the unbound pod, not the node's.
+    let unbound = google_run(topo.pod(2), &["python3", "-c", GOOGLE_APP]);
+    assert_eq!(unbound["ok"], false, "unbound: {unbound}");
+    let node_sa = gcp.node_account().to_owned();
+    // The web pod: its listing names only its account; another account's
+    // token is 404 as on the metadata server; no header, 403.
+    let sa_url = format!("http://{IMDS}/computeMetadata/v1/instance/service-accounts");
+    let flavor = ["-H", "Metadata-Flavor: Google"];
+    let listing = common::curl(topo.pod(0), &flavor, &format!("{sa_url}/"));
+    assert_eq!(
+        (listing.status, listing.body.as_str()),
+        (200, format!("default/\n{web_sa}/\n").as_str())
+    );
+    for other in [&batch_sa, &node_sa] {
+        let r = common::curl(topo.pod(0), &flavor, &format!("{sa_url}/{other}/token"));
+        assert_eq!(r.status, 404, "{other}: {r:?}");
+    }
+    let r = common::curl(topo.pod(0), &[], &format!("{sa_url}/default/token"));
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            "Metadata-Flavor: Google",
+            "-H",
+            "X-Forwarded-For: 1.2.3.4",
+        ],
+        &format!("{sa_url}/default/token"),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = common::curl(
+        topo.pod(0),
+        &["-i", "-H", "Metadata-Flavor: Google"],
+        &format!("{sa_url}/default/email"),
+    );
+    assert!(
+        r.body
+            .to_ascii_lowercase()
+            .contains("metadata-flavor: google"),
+        "{r:?}"
+    );
+    assert!(r.body.ends_with(&web_sa), "{r:?}");
+
+    assert_eq!(gcp.access_tokens_issued(&web_sa), 1);
+    assert_eq!(gcp.id_tokens_issued(&web_sa), 1);
+    assert_eq!(gcp.access_tokens_issued(&node_sa), 0);
+
+    proxy.flush_audit();
+    let audit = read_audit(&audit_file);
+    let web_label = format!("gcp:{web_sa}");
+    let web_reads = |audit: &[serde_json::Value]| {
+        audit
+            .iter()
+            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
+            .count()
+    };
+    let reads_before = web_reads(&audit);
+    assert!(reads_before >= 2, "{audit:#?}");
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
+        "{audit:#?}"
+    );
+    // google-auth refreshes through the proxy, which answers from its
+    // cache: still one token and one IAM call for the account.
+    if require_tool(test, "faketime") {
+        let r = google_run(
+            topo.pod(0),
+            &[
+                // google-auth's 3 s metadata timeout would be 15 ms at 200x.
+                "env",
+                "GCE_METADATA_TIMEOUT=400",
+                "faketime",
+                "-f",
+                "+0 x200",
+                "python3",
+                "-c",
+                GOOGLE_REFRESH_APP,
+            ],
+        );
+        assert_eq!(r["tokens"].as_array().map(Vec::len), Some(1), "{r}");
+        assert_eq!(r["tokens"][0], web["token"]);
+        assert!(r["refreshes"].as_u64().unwrap() >= 3, "{r}");
+        proxy.flush_audit();
+        let refreshes = web_reads(&read_audit(&audit_file)) - reads_before;
+        assert!(
+            refreshes >= 3,
+            "google-auth read its token {refreshes} more times"
+        );
+        assert_eq!(gcp.access_tokens_issued(&web_sa), 1);
+    }
+    let metrics = proxy.metrics_text();
+    for sa in [&web_sa, &batch_sa] {
+        assert!(
+            metrics.contains(&format!(
+                "imds_proxy_credential_fetches_total{{identity=\"gcp:{sa}\",outcome=\"ok\"}} 2"
+            )),
+            "one access and one ID token fetch for {sa}: {metrics}"
+        );
+    }
+    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    assert!(!raw.contains("ya29."), "a token reached the audit log");
+    drop(proxy);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
+
+/// GETs `target` on `addr` with `Metadata-Flavor: Google`.
+async fn get_gcp(addr: SocketAddr, target: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: {IMDS}\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head[9..12].parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The fake serves the metadata server and IAM Credentials alike.
+        let state = MockState::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let accounts = state.gcp().accounts().to_vec();
+        let (web_sa, batch_sa) = (&accounts[1], &accounts[2]);
+        let pods: Vec<Pod> = (0..100)
+            .map(|i| {
+                let app = if i % 2 == 0 { "web" } else { "batch" };
+                pod(&format!("p{i}"), None, &[("app", app)])
+            })
+            .collect();
+        // Tokens that live 4 s: the proxy refreshes them after 2 s.
+        let config = ProxyConfig {
+            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+            rules: Rules::from_yaml(
+                &gcp_rules(web_sa, batch_sa, 4, &format!("http://{upstream}")),
+                "test",
+            )
+            .unwrap(),
+            pod_listen: None,
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::discard(),
+            limits: Limits {
+                rate_per_sec: 0.0,
+                ..Limits::default()
+            },
+            reconcile_every: Duration::ZERO,
+            workers: 2,
+        };
+        let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
+        let target = "/computeMetadata/v1/instance/service-accounts/default/token";
+        for refresh in [1, 2] {
+            if refresh == 2 {
+                tokio::time::sleep(Duration::from_millis(3100)).await;
+            }
+            let asks: Vec<_> = addrs
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| {
+                    let addr = *addr;
+                    tokio::spawn(async move { (i, get_gcp(addr, target).await) })
+                })
+                .collect();
+            let mut tokens: [Vec<String>; 2] = Default::default();
+            for ask in asks {
+                let (i, (status, body)) = ask.await.unwrap();
+                assert_eq!(status, 200, "pod p{i}: {body}");
+                let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert!(doc["expires_in"].as_u64().unwrap() <= 4, "{doc}");
+                let token = doc["access_token"].as_str().unwrap().to_owned();
+                let want = if i % 2 == 0 { web_sa } else { batch_sa };
+                assert_eq!(
+                    state.gcp().token_owner(&token).as_deref(),
+                    Some(want.as_str()),
+                    "pod p{i}"
+                );
+                tokens[i % 2].push(token);
+            }
+            for (sa, mut seen) in [web_sa, batch_sa].into_iter().zip(tokens) {
+                seen.dedup();
+                assert_eq!(seen.len(), 1, "one token per account, refresh {refresh}");
+                assert_eq!(state.gcp().access_tokens_issued(sa), refresh);
+            }
+        }
+        drop(proxy);
+        fake.abort();
+    });
+}
+
+#[test]
+fn gcp_wait_for_change_is_held_past_the_upstream_timeout() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let state = MockState::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let fake = tokio::spawn(mock::serve(listener, state));
+        let (_proxy, addr) = imds_proxy::fuzzing::loopback_proxy(
+            upstream,
+            "w",
+            "rules: [{name: gcp, pods: {}, paths: [{prefix: /computeMetadata/v1/}]}]",
+            Limits {
+                upstream_timeout: Duration::from_millis(500),
+                ..Limits::default()
+            },
+            0,
+        )
+        .await;
+        // Held 2 s by the fake, four times the upstream timeout: still the
+        // fake's answer, not a gateway timeout.
+        let (status, body) = get_gcp(
+            addr,
+            "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=2",
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (200, "mock-project"));
+        // The metadata server's edge, checked before anything is forwarded.
+        let (status, _) = get(addr, "/computeMetadata/v1/project/project-id").await;
+        assert_eq!(status, 403, "no Metadata-Flavor");
+        // Instance metadata passes; a recursive listing that would carry
+        // the node's service account does not.
+        let (status, body) = get_gcp(addr, "/computeMetadata/v1/instance/hostname").await;
+        assert_eq!(status, 200, "{body}");
+        for target in [
+            "/computeMetadata/v1/instance/?recursive=true",
+            "/computeMetadata/v1/?recursive=true&alt=json",
+        ] {
+            let (status, body) = get_gcp(addr, target).await;
+            assert_eq!(status, 403, "{target}: {body}");
+        }
+        fake.abort();
+    });
+}

@@ -320,3 +320,242 @@ fn aws_imdsv2_token_rules_are_enforced() {
         401
     );
 }
+
+const FLAVOR: &str = "Metadata-Flavor: Google";
+
+#[test]
+fn gcp_metadata_server_edge_matches_the_real_one() {
+    let (_rt, state, addr) = mock();
+    let sa = "/computeMetadata/v1/instance/service-accounts";
+    // The header is required, exactly "Google", once; X-Forwarded-For is
+    // refused even with it. Every answer says Metadata-Flavor: Google.
+    for headers in [
+        &[][..],
+        &["Metadata-Flavor: google"][..],
+        &[FLAVOR, FLAVOR][..],
+        &[FLAVOR, "X-Forwarded-For: 10.0.0.1"][..],
+    ] {
+        let r = send(addr, "GET", &format!("{sa}/default/email"), headers);
+        assert_eq!(r.status, 403, "{headers:?}");
+        assert!(
+            r.head
+                .to_ascii_lowercase()
+                .contains("metadata-flavor: google")
+        );
+    }
+    let node = state.gcp().node_account().to_owned();
+    let email = send(addr, "GET", &format!("{sa}/default/email"), &[FLAVOR]);
+    assert_eq!((email.status, email.body.as_str()), (200, node.as_str()));
+    assert!(
+        email
+            .head
+            .to_ascii_lowercase()
+            .contains("metadata-flavor: google")
+    );
+    let json = send(
+        addr,
+        "GET",
+        &format!("{sa}/default/email?alt=json"),
+        &[FLAVOR],
+    );
+    assert_eq!(json.json(), serde_json::json!(node));
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            &format!("{sa}/default/email?alt=xml"),
+            &[FLAVOR]
+        )
+        .status,
+        400
+    );
+    // Recursive directories are JSON with camelCase keys.
+    let inst = send(
+        addr,
+        "GET",
+        "/computeMetadata/v1/instance/?recursive=true",
+        &[FLAVOR],
+    );
+    assert_eq!(
+        inst.json()["serviceAccounts"]["default"]["email"],
+        node.as_str()
+    );
+    assert!(inst.json().get("machineType").is_some());
+    // Tokens: realistic lifetime, the same cached token counting down.
+    let t1 = send(addr, "GET", &format!("{sa}/default/token"), &[FLAVOR]).json();
+    let t2 = send(addr, "GET", &format!("{sa}/{node}/token"), &[FLAVOR]).json();
+    assert_eq!(t1["access_token"], t2["access_token"]);
+    let left = t1["expires_in"].as_u64().unwrap();
+    assert!((3500..=3599).contains(&left), "{t1}");
+    assert_eq!(
+        send(addr, "GET", &format!("{sa}/default/identity"), &[FLAVOR]).status,
+        400
+    );
+    assert_eq!(
+        send(
+            addr,
+            "GET",
+            &format!("{sa}/other@x.iam.gserviceaccount.com/token"),
+            &[FLAVOR]
+        )
+        .status,
+        404
+    );
+    // wait_for_change: held for timeout_sec; a stale last_etag answers at once.
+    let first = send(
+        addr,
+        "GET",
+        "/computeMetadata/v1/project/project-id",
+        &[FLAVOR],
+    );
+    let etag = first
+        .head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("etag: ")
+                .map(str::to_owned)
+        })
+        .expect("an ETag");
+    let start = std::time::Instant::now();
+    let held = send(
+        addr,
+        "GET",
+        &format!(
+            "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=1&last_etag={etag}"
+        ),
+        &[FLAVOR],
+    );
+    assert_eq!(held.body, "mock-project");
+    assert!(
+        start.elapsed() >= std::time::Duration::from_secs(1),
+        "not held"
+    );
+    let stale = send(
+        addr,
+        "GET",
+        "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=60&last_etag=0",
+        &[FLAVOR],
+    );
+    assert_eq!(stale.status, 200);
+}
+
+#[test]
+fn gcp_iam_credentials_fake_enforces_the_contract() {
+    let (_rt, state, addr) = mock();
+    let gcp = state.gcp();
+    let node_token = send(
+        addr,
+        "GET",
+        "/computeMetadata/v1/instance/service-accounts/default/token",
+        &[FLAVOR],
+    )
+    .json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let call = |project: &str, target: &str, verb: &str, token: &str, body: &str| {
+        let req = format!(
+            "POST /v1/projects/{project}/serviceAccounts/{target}:{verb} HTTP/1.1\r\nHost: iamcredentials.googleapis.com\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        parse(&raw(addr, req.as_bytes()).unwrap())
+    };
+    let (granted, refused) = (&gcp.accounts()[1], &gcp.accounts()[3]);
+    let scope = r#"{"scope":["https://www.googleapis.com/auth/cloud-platform"],"lifetime":"600s"}"#;
+    let ok = call("-", granted, "generateAccessToken", &node_token, scope);
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let token = ok.json()["accessToken"].as_str().unwrap().to_owned();
+    assert_eq!(gcp.token_owner(&token).as_deref(), Some(granted.as_str()));
+    for (project, target, tok, body, status, code) in [
+        (
+            "-",
+            granted.as_str(),
+            "bogus",
+            scope,
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "-",
+            refused.as_str(),
+            node_token.as_str(),
+            scope,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "-",
+            "nobody@mock-project.iam.gserviceaccount.com",
+            node_token.as_str(),
+            scope,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "mock-project",
+            granted.as_str(),
+            node_token.as_str(),
+            scope,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "-",
+            granted.as_str(),
+            node_token.as_str(),
+            r#"{"scope":[]}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "-",
+            granted.as_str(),
+            node_token.as_str(),
+            r#"{"scope":["x"],"lifetime":"7200s"}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "-",
+            granted.as_str(),
+            node_token.as_str(),
+            r#"{"scope":["x"],"extra":1}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+    ] {
+        let r = call(project, target, "generateAccessToken", tok, body);
+        assert_eq!(r.status, status, "{project} {target} {body}: {}", r.body);
+        assert_eq!(r.json()["error"]["status"], code, "{body}");
+    }
+    // A token of an app account lacks nothing but the grant: it may not
+    // mint tokens for another account.
+    let r = call(
+        "-",
+        &gcp.accounts()[2],
+        "generateAccessToken",
+        &token,
+        scope,
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let id = call(
+        "-",
+        granted,
+        "generateIdToken",
+        &node_token,
+        r#"{"audience":"https://a","includeEmail":true}"#,
+    );
+    assert_eq!(id.status, 200, "{}", id.body);
+    let claims = imds_proxy::gcp::jwt_claims(id.json()["token"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (claims["aud"].as_str(), claims["email"].as_str()),
+        (Some("https://a"), Some(granted.as_str()))
+    );
+    assert_eq!(
+        call("-", granted, "generateIdToken", &node_token, "{}").status,
+        400
+    );
+    assert_eq!(gcp.access_tokens_issued(granted), 1);
+    assert_eq!(gcp.id_tokens_issued(granted), 1);
+}

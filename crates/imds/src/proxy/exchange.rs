@@ -286,6 +286,11 @@ enum Decided {
     AwsCredentials {
         role: identity::AwsRole,
     },
+    /// A token of the pod's Google service account.
+    Gcp {
+        account: crate::gcp::GcpServiceAccount,
+        ask: crate::gcp::GcpAsk,
+    },
 }
 
 const AWS_TOKEN_PATH: &str = "/latest/api/token";
@@ -357,6 +362,56 @@ fn decide_aws(
     })
 }
 
+/// The GCP part of `decide_credential`: everything under the
+/// service-accounts directory is answered here, never forwarded (in any
+/// letter case: the rules treat the prefix case-insensitively too).
+fn decide_gcp(
+    shared: &Shared,
+    pod: &Pod,
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Option<Decided> {
+    let dir = crate::gcp::SERVICE_ACCOUNTS_DIR;
+    // A recursive listing of a directory above the accounts would carry
+    // the node's account (email, scopes) to the pod: not served.
+    let above = ["/computeMetadata/v1", "/computeMetadata/v1/instance"];
+    if above.contains(&path.trim_end_matches('/'))
+        && crate::mock::parse_query(query).map_or(true, |q| {
+            q.get("recursive")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        })
+    {
+        return Some(Decided::Answer(Local::text(
+            StatusCode::FORBIDDEN,
+            "Forbidden. Recursive listings that include service accounts are not served\n",
+            "denied",
+        )));
+    }
+    if path.len() < dir.len() || !path.as_bytes()[..dir.len()].eq_ignore_ascii_case(dir.as_bytes())
+    {
+        return None;
+    }
+    let rest = &path[dir.len()..];
+    if !rest.is_empty() && !rest.starts_with('/') {
+        return None;
+    }
+    let bound = shared.rules.identity_for(pod).and_then(|b| b.gcp.as_ref());
+    let ask = if path.starts_with(dir) {
+        crate::gcp::gcp_ask(bound, method, rest, query)
+    } else {
+        crate::gcp::gcp_ask(bound, method, "/-/unknown", "")
+    };
+    Some(match (ask, bound) {
+        (crate::gcp::GcpAsk::Answer(a), _) => Decided::Answer(a.into()),
+        (ask, Some(account)) => Decided::Gcp {
+            account: account.clone(),
+            ask,
+        },
+        (_, None) => unreachable!("credential asks come only from bound pods"),
+    })
+}
+
 impl From<identity::Answer> for Local {
     fn from(a: identity::Answer) -> Self {
         Local {
@@ -384,6 +439,9 @@ fn decide_credential(
 ) -> Option<Decided> {
     if path.starts_with("/latest/") {
         return decide_aws(shared, pod, rule, view, method, path);
+    }
+    if is_gcp(path) {
+        return decide_gcp(shared, pod, method, path, query);
     }
     if !path.eq_ignore_ascii_case(identity::AZURE_TOKEN_PATH) || method != "GET" {
         return None;
@@ -499,6 +557,19 @@ fn decide<'r>(
         };
         return unread(local);
     }
+    if is_gcp(path) {
+        // Exactly one `Metadata-Flavor: Google`, as the metadata server
+        // requires of every /computeMetadata request.
+        let mut values = view.values(crate::gcp::FLAVOR_HEADER);
+        let ok = values.next().is_some_and(|v| v == b"Google") && values.next().is_none();
+        if !ok {
+            return unread(Local::text(
+                StatusCode::FORBIDDEN,
+                "Missing required header \"Metadata-Flavor\": \"Google\"\n",
+                "missing_metadata_header",
+            ));
+        }
+    }
     if is_azure(path) {
         // Exactly one `Metadata` field, equal to `true`.
         let mut values = view.values("metadata");
@@ -555,6 +626,28 @@ fn decide<'r>(
     (Decided::Forward { body_len }, Some(rule))
 }
 
+/// The longest the GCP metadata server may hold `target` open: a
+/// `wait_for_change=true` request is answered when the value changes or
+/// its `timeout_sec` passes (none given: up to an hour, the cap here),
+/// so the upstream timeout starts after that.
+fn held_open(target: &str) -> Option<Duration> {
+    const MAX_HOLD: u64 = 3600;
+    let query = target.split_once('?')?.1;
+    let params = crate::mock::parse_query(query).ok()?;
+    if !params
+        .get("wait_for_change")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return None;
+    }
+    let secs = params
+        .get("timeout_sec")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(MAX_HOLD)
+        .min(MAX_HOLD);
+    Some(Duration::from_secs(secs))
+}
+
 /// Whether the caller wants the connection kept after this request.
 fn caller_keeps_alive(view: &View<'_>, head: &RequestHead) -> bool {
     if head.minor == 0 {
@@ -591,6 +684,7 @@ async fn serve_request(
     let target = view.target(&head);
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let method = view.method(&head);
+    let gcp = is_gcp(path);
 
     let mut issued_for: Option<String> = None;
     let (status, decision, consumed, keep) = match verdict {
@@ -598,14 +692,23 @@ async fn serve_request(
             let local = azure_token(shared, conn, &ask, &identity).await;
             issued_for = Some(identity);
             let keep = keep_alive && !local.close;
-            write_local(out, &local, head.minor, keep, false);
+            write_local(out, &local, head.minor, keep, gcp, false);
+            let ok = stream.write_all(out).await.is_ok();
+            (local.status.as_u16(), local.decision, head.len, keep && ok)
+        }
+        Decided::Gcp { account, ask } => {
+            let label = account.label();
+            let local = gcp_credential(shared, conn, &account, &ask, &label).await;
+            issued_for = Some(label);
+            let keep = keep_alive && !local.close;
+            write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
             let ok = stream.write_all(out).await.is_ok();
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::AwsSessionToken { ttl } => {
             let local = aws_session_token(shared, conn, &ttl).await;
             let keep = keep_alive && !local.close;
-            write_local(out, &local, head.minor, keep, false);
+            write_local(out, &local, head.minor, keep, gcp, false);
             let ok = stream.write_all(out).await.is_ok();
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
@@ -614,13 +717,13 @@ async fn serve_request(
             let local = aws_credentials(shared, conn, &role, &label).await;
             issued_for = Some(label);
             let keep = keep_alive && !local.close;
-            write_local(out, &local, head.minor, keep, method == "HEAD");
+            write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
             let ok = stream.write_all(out).await.is_ok();
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::Answer(local) => {
             let keep = keep_alive && !local.close;
-            write_local(out, &local, head.minor, keep, method == "HEAD");
+            write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
             let ok = stream.write_all(out).await.is_ok();
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
@@ -649,6 +752,11 @@ async fn serve_request(
             }
             let idempotent = matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
             let head_only = method == "HEAD";
+            let wait = if gcp { held_open(target) } else { None };
+            let deadline = tokio::time::Instant::from_std(start)
+                + wait.map_or(shared.limits.upstream_timeout, |w| {
+                    w + shared.limits.upstream_timeout
+                });
             let outcome = forward(
                 shared,
                 upstream,
@@ -658,7 +766,7 @@ async fn serve_request(
                 stream,
                 head.minor,
                 keep_alive,
-                start,
+                deadline,
                 timer.as_mut(),
             )
             .await;
@@ -666,7 +774,7 @@ async fn serve_request(
                 Forwarded::Answered { status, keep } => (status, ALLOWED, head.len + in_buf, keep),
                 Forwarded::Failed(local) => {
                     let keep = keep_alive && !local.close;
-                    write_local(out, &local, head.minor, keep, method == "HEAD");
+                    write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
                     let ok = stream.write_all(out).await.is_ok();
                     (
                         local.status.as_u16(),
@@ -892,6 +1000,100 @@ fn issued(shared: &Shared, conn: &Conn, label: &str) {
         .inc();
 }
 
+/// A token of `account` from the cache, or from IAM Credentials with the
+/// node's token (both cached, one fetch per key at a time).
+async fn gcp_credential(
+    shared: &Shared,
+    conn: &Conn,
+    account: &crate::gcp::GcpServiceAccount,
+    ask: &crate::gcp::GcpAsk,
+    label: &str,
+) -> Local {
+    use crate::gcp::GcpAsk;
+    let Some(iam) = shared.iam.as_ref() else {
+        return identity::failure_answer(identity::FetchError::Failed(
+            "no IAM Credentials endpoint configured".into(),
+        ))
+        .into();
+    };
+    let (host, port) = &shared.upstream_addr;
+    let upstream = (host.as_str(), *port);
+    let timeout = shared.limits.upstream_timeout;
+    let key = match ask {
+        GcpAsk::Token { key, .. } | GcpAsk::Identity { key, .. } => key.as_str(),
+        GcpAsk::Answer(_) => unreachable!("answered in decide"),
+    };
+    let fetch = || async {
+        let node = shared
+            .credentials
+            .get("gcp:node", || {
+                crate::gcp::node_token(upstream, shared.upstream.as_str(), timeout)
+            })
+            .await
+            .map(|(c, _)| c);
+        let got = match node {
+            Ok(node) => {
+                let node_token = node.document["access_token"].as_str().unwrap_or_default();
+                match ask {
+                    GcpAsk::Token { scopes, .. } => {
+                        crate::gcp::generate_access_token(iam, node_token, account, scopes, timeout)
+                            .await
+                    }
+                    GcpAsk::Identity {
+                        audience,
+                        include_email,
+                        ..
+                    } => {
+                        crate::gcp::generate_id_token(
+                            iam,
+                            node_token,
+                            account,
+                            audience,
+                            *include_email,
+                            timeout,
+                        )
+                        .await
+                    }
+                    GcpAsk::Answer(_) => unreachable!("answered in decide"),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        count_fetch(shared, label, &got);
+        got
+    };
+    match shared.credentials.get(key, fetch).await {
+        Ok((credential, _)) => {
+            issued(shared, conn, label);
+            match ask {
+                GcpAsk::Identity { .. } => Local {
+                    content_type: crate::gcp::TEXT,
+                    body: credential.document["token"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .as_bytes()
+                        .to_vec(),
+                    ..Local::text(StatusCode::OK, "", ALLOWED)
+                },
+                _ => Local {
+                    content_type: crate::gcp::JSON,
+                    body: crate::gcp::token_answer(&credential, identity::unix_now()),
+                    ..Local::text(StatusCode::OK, "", ALLOWED)
+                },
+            }
+        }
+        // Every failure is a 503 google-auth retries; IAM's refusals are
+        // the node's configuration, logged, not the pod's to read.
+        Err(e) => identity::failure_answer(match e {
+            identity::FetchError::Refused { status, .. } => {
+                identity::FetchError::Failed(format!("refused with {status}"))
+            }
+            failed => failed,
+        })
+        .into(),
+    }
+}
+
 /// A token for `identity` from the cache, fetched upstream when it is
 /// missing or due for refresh (one fetch per identity at a time).
 async fn azure_token(
@@ -943,7 +1145,17 @@ fn connection_field(out: &mut Vec<u8>, minor: u8, keep: bool) {
 
 /// `head_only`: the answer to a HEAD request, whose body the caller will not
 /// read (RFC 9110 9.3.2): sent, it would be taken for the next answer.
-fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool, head_only: bool) {
+/// `gcp`: the answer to a GCP metadata path, which carries
+/// `Metadata-Flavor: Google` as every metadata server answer does (SDKs
+/// check it to know they reached one).
+fn write_local(
+    out: &mut Vec<u8>,
+    local: &Local,
+    minor: u8,
+    keep: bool,
+    gcp: bool,
+    head_only: bool,
+) {
     out.clear();
     let reason = local.status.canonical_reason().unwrap_or("");
     status_line(out, local.status.as_u16(), reason.as_bytes());
@@ -953,6 +1165,9 @@ fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool, head_onl
     out.extend_from_slice(b"\r\n");
     if local.retry_after {
         out.extend_from_slice(b"retry-after: 1\r\n");
+    }
+    if gcp {
+        out.extend_from_slice(b"metadata-flavor: Google\r\n");
     }
     if let Some(ttl) = &local.ttl_header {
         h1::put_field(out, crate::mock::AWS_TOKEN_TTL_HEADER, ttl.as_bytes());
@@ -1065,10 +1280,9 @@ async fn forward(
     caller: &mut TcpStream,
     caller_minor: u8,
     caller_keep: bool,
-    start: Instant,
+    deadline: tokio::time::Instant,
     mut timer: Pin<&mut Sleep>,
 ) -> Forwarded {
-    let deadline = tokio::time::Instant::from_std(start) + shared.limits.upstream_timeout;
     let (mut up, resp) =
         match exchange(shared, slot, out, idempotent, deadline, timer.as_mut()).await {
             Ok(r) => r,

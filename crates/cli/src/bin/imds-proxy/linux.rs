@@ -1,5 +1,5 @@
 //! `imds-proxy`: the metadata-service proxy for pods, and a strict local
-//! fake of Azure IMDS / AWS IMDSv2. A thin shell over the `imds-proxy` crate.
+//! fake of Azure IMDS / AWS IMDSv2 / the GCP metadata server. A thin shell over the `imds-proxy` crate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +33,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve a strict local fake of Azure IMDS and AWS IMDSv2.
+    /// Serve a strict local fake of Azure IMDS, AWS IMDSv2, the GCP
+    /// metadata server and GCP IAM Credentials (under /v1/projects/).
     Mock {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:16990")]
@@ -42,6 +43,11 @@ enum Command {
         /// shorter makes SDKs refresh sooner.
         #[arg(long, default_value_t = 86_399, value_parser = clap::value_parser!(u64).range(60..=86_399))]
         token_lifetime_secs: u64,
+        /// Lifetime of the GCP metadata server's tokens in seconds (real:
+        /// 3599, handed out counting down); IAM Credentials tokens live
+        /// as long as asked, at most 3600.
+        #[arg(long, default_value_t = 3599, value_parser = clap::value_parser!(u64).range(60..=3600))]
+        gcp_token_lifetime_secs: u64,
     },
     /// Proxy pods' metadata requests to the real service under access rules.
     Serve {
@@ -148,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mock {
             listen,
             token_lifetime_secs,
+            gcp_token_lifetime_secs,
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -159,7 +166,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = MockState::with_identities(
                 (1..=3).map(mock::MockIdentity::user_assigned).collect(),
                 std::time::Duration::from_secs(token_lifetime_secs),
-            );
+            )
+            .with_gcp_token_lifetime(Duration::from_secs(gcp_token_lifetime_secs));
             for id in state.identities() {
                 tracing::info!(
                     client_id = %id.client_id,
@@ -167,6 +175,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     msi_res_id = id.msi_res_id.as_deref().unwrap_or("(system-assigned)"),
                     "managed identity"
                 );
+            }
+            let gcp = state.gcp();
+            for account in gcp.accounts() {
+                let role = if account == gcp.node_account() {
+                    "the node's (metadata server default)"
+                } else if gcp.grants().contains(account) {
+                    "the node may mint its tokens"
+                } else {
+                    "the node may not mint its tokens"
+                };
+                tracing::info!(email = %account, access = role, "GCP service account");
             }
             mock::serve(listener, std::sync::Arc::new(state)).await;
             Ok(())
