@@ -447,6 +447,11 @@ async fn reconcile_inner(shared: &Arc<Shared>) -> Result<ReconcileReport, Error>
             .map(|(k, e)| (k.clone(), e.netns.clone()))
             .collect()
     };
+    // Listeners stopped here are awaited before reconcile returns: an
+    // aborted task drops its socket only when the runtime next polls it, and
+    // until then the kernel still completes handshakes on it. A caller (or a
+    // pod) that sees the reconcile done must find the port closed.
+    let mut closing: Vec<JoinHandle<()>> = Vec::new();
     for (key, bound) in stale {
         let keep = match (wanted.get(&key), bound) {
             (None, _) => false,
@@ -464,7 +469,10 @@ async fn reconcile_inner(shared: &Arc<Shared>) -> Result<ReconcileReport, Error>
                     // stop serving it until the source tells us more.
                     let mut entries = shared.pods.lock().expect("pods poisoned");
                     if let Some(e) = entries.get_mut(&key) {
-                        let had_listener = e.listener.take().map(|(task, _closer)| task.abort());
+                        let had_listener = e.listener.take().map(|(task, _closer)| {
+                            task.abort();
+                            closing.push(task);
+                        });
                         if had_listener.is_some() || !e.quarantined {
                             report.failed.push((
                                 key.clone(),
@@ -479,9 +487,17 @@ async fn reconcile_inner(shared: &Arc<Shared>) -> Result<ReconcileReport, Error>
             (Some(pod), None) => pod.netns.is_none(),
         };
         if !keep {
-            shared.pods.lock().expect("pods poisoned").remove(&key);
+            let removed = shared.pods.lock().expect("pods poisoned").remove(&key);
+            if let Some((task, _closer)) = removed.and_then(|mut e| e.listener.take()) {
+                task.abort();
+                closing.push(task);
+            }
             report.removed.push(key);
         }
+    }
+    for task in closing {
+        // Err(cancelled) is the expected outcome.
+        let _ = task.await;
     }
 
     for (key, pod) in wanted {

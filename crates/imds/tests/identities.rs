@@ -529,7 +529,13 @@ fn boto_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
     }
     cmd.env("AWS_CONFIG_FILE", "/nonexistent")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_V1_DISABLED", "true");
+        .env("AWS_EC2_METADATA_V1_DISABLED", "true")
+        // botocore gives the metadata service 1 s and one attempt by default;
+        // a first credentials request here waits for moto's first AssumeRole
+        // (a cold Python import), which on a loaded 2-CPU machine can take
+        // longer. These are botocore's own settings for slow metadata.
+        .env("AWS_METADATA_SERVICE_TIMEOUT", "10")
+        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "3");
     let out = cmd.output().expect("running python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
