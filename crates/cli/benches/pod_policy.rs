@@ -103,12 +103,14 @@ struct WatcherWork {
 fn watch_mode(mode: &Mode) -> (Vec<Duration>, Vec<Duration>, WatcherWork) {
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
+    // Claimed below the ephemeral range, so no other process takes it
+    // before watch binds it.
+    let port = proxyctl_testkit::free_port();
     let mut watch = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
         .args(["watch", "--selector", "app=web", "--policy"])
         .arg(&policy)
@@ -175,7 +177,7 @@ fn plugin_conf() -> serde_json::Value {
         "type": "proxyctl-cni",
         "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "rules": [{"selector": {"annotations": {"proxy": "on"}},
-                   "policies": [{"name": "mesh", "outboundPort": 15001}]}],
+                   "policies": [{"name": "mesh", "outboundPort": 15001, "exclude": {"uids": [1337]}}]}],
     })
 }
 

@@ -25,7 +25,7 @@ fn plugin_conf() -> Value {
         "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "rules": [{
             "selector": {"annotations": {"proxy": "on"}},
-            "policies": [{"name": "mesh", "outboundPort": 15001}],
+            "policies": [{"name": "mesh", "outboundPort": 15001, "exclude": {"uids": [1337]}}],
         }],
     })
 }
@@ -244,7 +244,7 @@ fn chained_plugin_redirects_the_first_connection_and_del_leaves_nothing() {
     let annotated_spec = PodSpec::new("annotated")
         .annotation(
             "proxyctl.io/policy",
-            r#"{"name": "own", "outboundPort": 15002}"#,
+            r#"{"name": "own", "outboundPort": 15002, "exclude": {"uids": [1337]}}"#,
         )
         .shell(&first_connection_app());
     let (annotated, annotated_cfg) = cd.create_sandbox(&annotated_spec);

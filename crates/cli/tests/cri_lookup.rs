@@ -106,6 +106,8 @@ fn lookup_prints_the_netns_or_the_whole_record_and_refuses_bad_ids() {
         "mesh",
         "--outbound-port",
         "15001",
+        "--exclude-uid",
+        "1337",
         "--runtime-endpoint",
         &ep,
     ]);
@@ -136,6 +138,8 @@ fn lookup_prints_the_netns_or_the_whole_record_and_refuses_bad_ids() {
         "add",
         "fedcba9876543210fedc",
         "--outbound-port",
+        "1",
+        "--exclude-uid",
         "1",
         "--runtime-endpoint",
         &ep,

@@ -3,24 +3,18 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proxyctl_nft::Target;
 use proxyctl_testkit::containerd::{
     Containerd, ContainerdOptions, ExecOutput, GATEWAY, Pod, PodSpec, ProxyStandIn,
 };
-use proxyctl_testkit::{free_port, require_root, require_tool};
+use proxyctl_testkit::{LoggedChild, free_port, require_root, require_tool, wait_until};
 
 /// The watcher process, killed on drop (even when an assertion fails).
-struct Watch(Child);
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// A running `proxyctl watch`; its log is printed when a wait fails.
+struct Watch(#[allow(dead_code)] LoggedChild);
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -41,20 +35,19 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 fn wait_for_metric(port: u16, name: &str, want: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((200, text)) = http_get(port, "/metrics")
-            && metric(&text, name) >= want
-        {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never reached {want}: {:?}",
-            http_get(port, "/metrics")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut page = String::new();
+    wait_until(
+        &format!("{name} >= {want}"),
+        Duration::from_secs(30),
+        || match http_get(port, "/metrics") {
+            Some((200, text)) => {
+                page = text;
+                metric(&page, name) >= want
+            }
+            _ => false,
+        },
+    );
+    page
 }
 
 /// Root and the tools the containerd harness and the policies need.
@@ -106,7 +99,11 @@ fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
     }
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
 
     // 8 pods exist before the watcher starts.
     let mut pods: Vec<Pod> = (0..8).map(|i| cd.run_pod(&spec(i))).collect();
@@ -183,7 +180,11 @@ fn watch_applies_to_matching_pods_only_and_survives_a_runtime_restart() {
 fn watch_refuses_bad_input_with_exit_2_naming_the_flag() {
     let dir = tempfile_dir();
     let good = dir.join("p.yaml");
-    std::fs::write(&good, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &good,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "name: mesh\noutboundPort: 0\n").unwrap();
     let missing = dir.join("missing.yaml");
@@ -250,13 +251,13 @@ fn watch_config_file_gives_each_selector_its_own_policy() {
     let cd = Containerd::start(ContainerdOptions::default());
     std::fs::write(
         cd.dir().join("mesh.yaml"),
-        "name: mesh\noutboundPort: 15001\n",
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
     )
     .unwrap();
     let config = cd.dir().join("watch.yaml");
     std::fs::write(
         &config,
-        "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002}]\n",
+        "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002, exclude: {uids: [1337]}}]\n",
     )
     .unwrap();
     let web = cd.run_pod(&PodSpec::new("web").label("app", "web"));
@@ -306,18 +307,13 @@ fn spawn_watch(cd: &Containerd, policy: &std::path::Path, port: u16, extra: &[&s
 
 /// `proxyctl watch <args>` on `cd`'s runtime, metrics on `port`.
 fn spawn_watch_with(cd: &Containerd, port: u16, args: &[&str]) -> Watch {
-    Watch(
-        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
-            .arg("watch")
-            .args(args)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .arg("--runtime-endpoint")
-            .arg(cd.endpoint())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting proxyctl watch"),
-    )
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_proxyctl"));
+    cmd.arg("watch")
+        .args(args)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg("--runtime-endpoint")
+        .arg(cd.endpoint());
+    Watch(LoggedChild::spawn(cmd, "proxyctl watch", None).expect("starting proxyctl watch"))
 }
 
 /// A connection from inside the pod's container to the gateway reaches the
@@ -349,7 +345,11 @@ fn watch_events_drive_it_and_resubscribe_after_a_containerd_restart() {
     }
     let cd = Containerd::start(ContainerdOptions::default());
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
     let port = free_port();
     let _watch = spawn_watch(
         &cd,
@@ -404,7 +404,11 @@ fn watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode() {
         ..Default::default()
     });
     let policy = cd.dir().join("mesh.yaml");
-    std::fs::write(&policy, "name: mesh\noutboundPort: 15001\n").unwrap();
+    std::fs::write(
+        &policy,
+        "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+    )
+    .unwrap();
 
     let mut strict = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
         .args(["watch", "--selector", "app=web", "--policy"])

@@ -1,5 +1,7 @@
 //! The Kubernetes manifests in deploy/ are valid for the Kubernetes API
-//! (kubernetes-validate, strict: unknown fields are errors), and the
+//! (kubernetes-validate, strict: unknown fields are errors), the Kustomize
+//! set-up renders (the standalone kustomize, which kubectl embeds) into valid resources, every
+//! image named is one scripts/images.sh builds, and the
 //! EgressSelectorConfiguration has the shape kube-apiserver reads.
 
 use std::path::{Path, PathBuf};
@@ -55,8 +57,11 @@ fn kubernetes_resources_validate_strictly() {
     let mut checked = 0;
     for path in manifests() {
         let kinds = kinds(&path);
-        if kinds.iter().all(|k| k == "EgressSelectorConfiguration") {
-            continue; // apiserver configuration, not an API resource: checked below
+        if kinds
+            .iter()
+            .all(|k| k == "EgressSelectorConfiguration" || k == "Kustomization")
+        {
+            continue; // apiserver and Kustomize configuration, not API resources: checked below
         }
         let out = validate(&path);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -75,8 +80,8 @@ fn kubernetes_resources_validate_strictly() {
         checked += kinds.len();
     }
     assert!(
-        checked >= 8,
-        "expected the konnectivity manifests, checked {checked} resources"
+        checked >= 14,
+        "expected the konnectivity, cni, imds-proxy and watch manifests, checked {checked} resources"
     );
 }
 
@@ -143,4 +148,114 @@ fn egress_selector_configuration_points_at_the_server_socket() {
         server.contains("--server-port=0"),
         "a unix-socket frontend needs --server-port=0"
     );
+}
+
+/// The images scripts/images.sh writes, as `prefix/name`.
+fn built_images() -> Vec<String> {
+    let script = std::fs::read_to_string(deploy_dir().join("../scripts/images.sh")).unwrap();
+    script
+        .lines()
+        .filter_map(|l| l.strip_prefix("image "))
+        .map(|l| {
+            format!(
+                "localhost/proxyctl/{}",
+                l.split_whitespace().next().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_image_named_is_built_by_images_sh() {
+    let built = built_images();
+    assert_eq!(
+        built.len(),
+        4,
+        "proxyctl, imds-proxy, proxy-server, proxy-agent: {built:?}"
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let mut seen = 0;
+    for path in manifests() {
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let Some(image) = line.trim().strip_prefix("image: ") else {
+                continue;
+            };
+            let (name, tag) = image.rsplit_once(':').unwrap();
+            assert!(
+                built.iter().any(|b| b == name),
+                "{}: {image} is not built by scripts/images.sh ({built:?})",
+                path.display()
+            );
+            assert_eq!(tag, version, "{}: {image}", path.display());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "images named in deploy/: {seen}");
+}
+
+#[test]
+fn kustomization_renders_a_whole_node_set_up() {
+    let test = "kustomization_renders_a_whole_node_set_up";
+    if !require_tool(test, "kustomize") || !require_tool(test, "kubernetes-validate") {
+        return;
+    }
+    let out = Command::new("kustomize")
+        .arg("build")
+        .arg(deploy_dir())
+        .output()
+        .expect("running kustomize build");
+    assert!(
+        out.status.success(),
+        "kustomize build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rendered.yaml");
+    std::fs::write(&path, &rendered).unwrap();
+    let kinds = kinds(&path);
+    for want in ["DaemonSet", "ConfigMap", "ServiceAccount"] {
+        assert!(kinds.iter().any(|k| k == want), "{want} in {kinds:?}");
+    }
+    for ds in [
+        "name: proxyctl-cni",
+        "name: imds-proxy",
+        "name: konnectivity-agent",
+    ] {
+        assert!(rendered.contains(ds), "{ds} rendered:\n{rendered}");
+    }
+    // watch/ is the alternative to cni/, never applied with it.
+    assert!(!rendered.contains("proxyctl-watch"));
+    assert!(rendered.contains("app.kubernetes.io/part-of: proxyctl"));
+    let v = validate(&path);
+    let stdout = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.status.success(),
+        "rendered set-up does not validate:\n{stdout}"
+    );
+    assert_eq!(
+        stdout.matches(" passed for resource ").count(),
+        kinds.len(),
+        "{stdout}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_cni_plugin_config_is_one_proxyctl_cni_accepts() {
+    let text = std::fs::read_to_string(deploy_dir().join("cni/proxyctl-cni.yaml")).unwrap();
+    let cm: serde_yaml::Value = serde_yaml::from_str(text.split("\n---").next().unwrap()).unwrap();
+    let plugin: serde_json::Value =
+        serde_json::from_str(cm["data"]["plugin.json"].as_str().unwrap()).unwrap();
+    assert_eq!(plugin["type"], "proxyctl-cni");
+    assert_eq!(
+        plugin["capabilities"]["io.kubernetes.cri.pod-annotations"],
+        true
+    );
+    // The plugin's own parser: a full network config with this entry.
+    let mut conf = plugin.clone();
+    conf["cniVersion"] = "1.0.0".into();
+    conf["name"] = "k8s-pod-network".into();
+    proxyctl_cni::parse_conf(&serde_json::to_vec(&conf).unwrap())
+        .expect("proxyctl-cni accepts the ConfigMap's plugin entry");
 }

@@ -142,7 +142,15 @@ fn refusals_exit_2_name_the_flag_and_change_nothing() {
             "--exclude-outbound-cidr",
         ),
     ] {
-        let mut args = vec!["add", ENDPOINT, "--backend", "hns", "--port", "8000"];
+        let mut args = vec![
+            "add",
+            ENDPOINT,
+            "--backend",
+            "hns",
+            "--port",
+            "8000",
+            "--allow-proxy-loop",
+        ];
         args.extend_from_slice(extra);
         let out = proxyctl(Some(&fake), &args);
         assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
@@ -296,7 +304,7 @@ fn container_workflow_through_cri_lookup() {
     // HNS untouched.
     let sent = fake.modify_requests().len();
     for (id, why) in [("feedface", "no container"), ("", "empty container id")] {
-        let out = with_cri(&["add", id, "--port", "8000"]);
+        let out = with_cri(&["add", id, "--port", "8000", "--usersid", "system"]);
         assert_eq!(out.status.code(), Some(2), "{id}: {}", stderr(&out));
         assert!(stderr(&out).contains(why), "{id}: {}", stderr(&out));
     }
@@ -329,6 +337,8 @@ fn several_proxies_per_endpoint_replace_by_match_and_priority() {
             port,
             "--priority",
             priority,
+            "--usersid",
+            "S-1-5-32-556",
         ];
         args.extend_from_slice(extra);
         ok(proxyctl(Some(&fake), &args))

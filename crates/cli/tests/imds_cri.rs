@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proxyctl_testkit::containerd::{Containerd, ContainerdOptions, PodSpec, metadata_cloud};
+use proxyctl_testkit::process::{LoggedChild, wait_until as wait_printing_logs};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 use serde_json::json;
 
@@ -56,15 +57,10 @@ fn cni_redirect_and_serve_from_cri() {
             .label("role", "MSIProxyContainer"),
     );
     let cloud = metadata_cloud(&proxy_pod, "imcc");
-    let _mock = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", cloud.name(), BIN, "mock", "--listen"])
-            .arg("169.254.169.254:80")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("imds-proxy mock"),
-    );
+    let mut mock = Command::new("ip");
+    mock.args(["netns", "exec", cloud.name(), BIN, "mock", "--listen"])
+        .arg("169.254.169.254:80");
+    let _mock = LoggedChild::spawn(mock, "imds-proxy mock", None).expect("imds-proxy mock");
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yaml");
     std::fs::write(
@@ -72,30 +68,26 @@ fn cni_redirect_and_serve_from_cri() {
         "rules: [{name: clients, pods: {labels: {role: ClientContainer}}, paths: [{prefix: /metadata/instance}]}]\n",
     )
     .unwrap();
-    let _proxy = Proc(
-        Command::new("nsenter")
-            .arg(format!("--net={}", proxy_pod.netns.display()))
-            .args([
-                BIN,
-                "serve",
-                "--upstream",
-                "http://169.254.169.254",
-                "--rules",
-            ])
-            .arg(&rules)
-            .args([
-                "--runtime-endpoint",
-                &cd.endpoint(),
-                "--reconcile-secs",
-                "1",
-            ])
-            .args(["--admin-listen", "127.0.0.1:0", "--audit-log"])
-            .arg(dir.path().join("audit.jsonl"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("imds-proxy serve"),
-    );
+    let mut proxy = Command::new("nsenter");
+    proxy
+        .arg(format!("--net={}", proxy_pod.netns.display()))
+        .args([
+            BIN,
+            "serve",
+            "--upstream",
+            "http://169.254.169.254",
+            "--rules",
+        ])
+        .arg(&rules)
+        .args([
+            "--runtime-endpoint",
+            &cd.endpoint(),
+            "--reconcile-secs",
+            "1",
+        ])
+        .args(["--admin-listen", "127.0.0.1:0", "--audit-log"])
+        .arg(dir.path().join("audit.jsonl"));
+    let _proxy = LoggedChild::spawn(proxy, "imds-proxy serve", None).expect("imds-proxy serve");
 
     let app = |name: &str, role: &str, redirect: bool| {
         let mut spec = PodSpec::new(name).label("role", role);
@@ -124,24 +116,24 @@ fn cni_redirect_and_serve_from_cri() {
         )
     };
 
-    // The DNAT was there from the start; the listener comes with the next
-    // reconcile: refused until then, the fake's document after.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let out = loop {
-        let out = wget(&client);
-        if out.exit_code == 0 {
-            break out;
-        }
-        assert!(
-            out.stderr.contains("refused"),
-            "before its listener: {out:?}"
-        );
-        assert!(Instant::now() < deadline, "never served: {out:?}");
-        std::thread::sleep(Duration::from_millis(200));
+    // The DNAT was there from the start; each pod's listener comes with a
+    // reconcile (one pod's may come a round after the other's): refused
+    // until then, the rules' answer after.
+    let once_listened = |pod: &proxyctl_testkit::containerd::Pod| {
+        let mut last = None;
+        wait_printing_logs("a pod's metadata listener", Duration::from_secs(20), || {
+            let out = wget(pod);
+            let listened = !out.stderr.contains("refused");
+            last = Some(out);
+            listened
+        });
+        last.expect("one try at least")
     };
+    let out = once_listened(&client);
+    assert_eq!(out.exit_code, 0, "{out:?}");
     let body: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(body["compute"]["vmId"].is_string(), "{body}");
-    let out = wget(&other);
+    let out = once_listened(&other);
     assert!(out.stderr.contains("403"), "{out:?}");
     // Not redirected: no way to 169.254.169.254 at all (the node drops it).
     let out = cd.exec(

@@ -2,10 +2,10 @@
 //! `serve` work together as processes inside a test namespace, with real
 //! curl as the app and the admin endpoints answering.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use proxyctl_testkit::{NetNs, require_root, require_tool};
+use proxyctl_testkit::{LoggedChild, NetNs, require_root, require_tool, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
 
@@ -132,25 +132,11 @@ fn bad_input_exits_2_and_names_the_flag() {
     }
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(ns: &NetNs, args: &[&str]) -> Proc {
-    Proc(
-        Command::new("ip")
-            .args(["netns", "exec", ns.name(), BIN])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning imds-proxy"),
-    )
+/// `imds-proxy ARGS` inside `ns`; its log is printed when a wait fails.
+fn spawn_in(ns: &NetNs, args: &[&str]) -> LoggedChild {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), BIN]).args(args);
+    LoggedChild::spawn(cmd, &format!("imds-proxy {}", args[0]), None).expect("spawning imds-proxy")
 }
 
 fn curl(ns: &NetNs, args: &[&str]) -> (i32, String) {
@@ -162,17 +148,15 @@ fn curl(ns: &NetNs, args: &[&str]) -> (i32, String) {
 }
 
 fn wait_for(ns: &NetNs, url: &str) {
-    for _ in 0..100 {
-        if ns
-            .exec(&["curl", "-sf", "-m", "1", "-H", "Metadata: true", url])
-            .status
-            .success()
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{url} never answered in {}", ns.name());
+    wait_until(
+        &format!("{url} in {}", ns.name()),
+        Duration::from_secs(30),
+        || {
+            ns.exec(&["curl", "-sf", "-m", "1", "-H", "Metadata: true", url])
+                .status
+                .success()
+        },
+    );
 }
 
 #[test]

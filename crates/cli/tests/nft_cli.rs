@@ -152,11 +152,31 @@ fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
             ],
             "exclude-user",
         ),
+        (vec!["add", t, "--outbound-port", "1"], "--allow-proxy-loop"),
+        (vec!["add", t, "--outbound-port", "1"], "--exclude-uid"),
         (
-            vec!["add", "netns:pxt-no-such-namespace", "--outbound-port", "1"],
+            vec!["add", t, "--dns-port", "15053", "--protocol", "udp"],
+            "--allow-proxy-loop",
+        ),
+        (
+            vec!["add", t, "--outbound-port", "1", "--dns-port", "0"],
+            "dns-port",
+        ),
+        (
+            vec![
+                "add",
+                "netns:pxt-no-such-namespace",
+                "--outbound-port",
+                "1",
+                "--exclude-uid",
+                "1",
+            ],
             "no network namespace",
         ),
-        (vec!["add", "bogus", "--outbound-port", "1"], "target"),
+        (
+            vec!["add", "bogus", "--outbound-port", "1", "--exclude-uid", "1"],
+            "target",
+        ),
         (vec!["list", "pid:999999999"], "no network namespace"),
         (vec!["clear", "/nonexistent/ns"], "no network namespace"),
     ];
@@ -168,6 +188,15 @@ fn bad_input_exits_2_names_the_flag_and_changes_nothing() {
             "{args:?} should mention {needle}: {}",
             text(&out)
         );
+        // `check` validates exactly as `add` does: a policy add refuses is
+        // refused by check too, with the same words.
+        if args[0] == "add" && args[1] == t {
+            let mut check = vec!["check"];
+            check.extend_from_slice(&args[2..]);
+            let out = proxyctl(&check);
+            assert_eq!(out.status.code(), Some(2), "{check:?}: {}", text(&out));
+            assert!(text(&out).contains(needle), "{check:?}: {}", text(&out));
+        }
         assert_eq!(
             nft_table(&ns).as_deref(),
             Some(before.as_str()),
@@ -261,20 +290,114 @@ fn add_list_clear_round_trip_through_the_cli() {
     )
     .unwrap();
     let re = proxyctl(&["add", &t, "--file", file.to_str().unwrap()]);
+    // A file whose policy would loop is refused like the flags are.
+    let looping = dir.join("loop.yaml");
+    std::fs::write(&looping, "name: loop\noutboundPort: 15003\n").unwrap();
+    let refused = proxyctl(&["add", &t, "--file", looping.to_str().unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(re.status.success(), "{}", text(&re));
+    assert_eq!(
+        text(&re).trim(),
+        format!("replaced policy mesh in {t}"),
+        "a replace says so"
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("--allow-proxy-loop"),
+        "{}",
+        text(&refused)
+    );
     let json = proxyctl(&["list", &t, "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["outboundPort"], 15002);
 
-    let clear = proxyctl(&["clear", &t]);
+    // A replace that also flushes conntrack says what it did.
+    let flushed = proxyctl_ok(&[
+        "add",
+        &t,
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15003",
+        "--exclude-uid",
+        "1337",
+        "--flush-conntrack",
+    ]);
+    assert_eq!(
+        text(&flushed),
+        format!(
+            "replaced policy mesh in {t}\nflushed 0 conntrack entries of redirected connections\n"
+        )
+    );
+
+    let clear = proxyctl(&["clear", &t, "--flush-conntrack"]);
     assert!(
-        text(&clear).contains("removed 1 policy"),
+        text(&clear).contains("removed 1 policy") && text(&clear).contains("flushed 0 conntrack"),
         "{}",
         text(&clear)
     );
     assert_eq!(nft_table(&ns), None);
+}
+
+#[test]
+fn check_and_add_accept_and_refuse_the_same_policies() {
+    if !require_root("cli_check_parity") {
+        return;
+    }
+    let ns = NetNs::new("clichk");
+    let t = format!("netns:{}", ns.name());
+    // UDP to a destination proxy is NAT, which works for UDP: both accept.
+    let udp_dnat = [
+        "--destination-proxy",
+        "169.254.169.254:53=127.0.0.1:5353",
+        "--protocol",
+        "udp",
+    ];
+    let mut check = vec!["check"];
+    check.extend(udp_dnat);
+    proxyctl_ok(&check);
+    let mut add = vec!["add", t.as_str()];
+    add.extend(udp_dnat);
+    proxyctl_ok(&add);
+    // What only a backend refuses is refused by check for that backend.
+    for (args, flag) in [
+        (
+            vec!["check", "--outbound-port", "1", "--usersid", "S-1-5-18"],
+            "--exclude-uid",
+        ),
+        (
+            vec![
+                "check",
+                "--backend",
+                "hns",
+                "--port",
+                "8000",
+                "--usersid",
+                "system",
+                "--dns-port",
+                "53",
+            ],
+            "--dns-port",
+        ),
+        (
+            vec!["check", "--backend", "hns", "--port", "8000"],
+            "--allow-proxy-loop",
+        ),
+    ] {
+        let out = proxyctl(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(flag), "{args:?}: {}", text(&out));
+    }
+    proxyctl_ok(&[
+        "check",
+        "--backend",
+        "hns",
+        "--port",
+        "8000",
+        "--usersid",
+        "system",
+    ]);
 }
 
 #[test]
@@ -307,20 +430,148 @@ fn verify_passes_on_a_good_policy_and_fails_on_a_tampered_one() {
     // Tamper: drop the proxy-uid exclusion from the TCP chain behind our back.
     delete_rule(&ns, "pol-mesh-out", "exclude-uid");
     verify_finds_a_mismatch(&t);
-    // With the proxy port taken, verify says it cannot verify (and fails).
-    let _ = proxyctl(&["add", &t, "--name", "mesh", "--outbound-port", "15001"]);
+    // With the real proxy running on its port (TCP and UDP), verify reads
+    // where each TCP probe went from conntrack, and says which UDP probes
+    // it could not observe, without failing the run.
+    proxyctl_ok(&[
+        "add",
+        &t,
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15001",
+        "--inbound-port",
+        "15006",
+        "--protocol",
+        "tcp,udp",
+        "--exclude-uid",
+        "1337",
+        "--exclude-gid",
+        "1338",
+        "--exclude-outbound-port",
+        "5432",
+    ]);
     let tt = t.clone();
     let busy = ns.enter(move || {
         let l = std::net::TcpListener::bind("0.0.0.0:15001").unwrap();
+        let u = std::net::UdpSocket::bind("0.0.0.0:15001").unwrap();
         let out = proxyctl(&["verify", &tt]);
-        drop(l);
+        drop((l, u));
         out
     });
-    assert_eq!(busy.status.code(), Some(1), "{}", text(&busy));
-    assert!(text(&busy).contains("NOT VERIFIED"), "{}", text(&busy));
+    let report = text(&busy);
+    assert_eq!(busy.status.code(), Some(0), "{report}");
+    assert!(!report.contains("MISMATCH"), "{report}");
+    assert!(
+        report.contains("redirect :15001 (orig dst 198.18.0.2:40123) (conntrack)"),
+        "{report}"
+    );
+    assert!(report.contains("NOT VERIFIED: udp port 15001"), "{report}");
+    assert!(report.contains("could not be observed"), "{report}");
     // verify leaves no probe interfaces behind.
     let links = ns.run(&["ip", "-o", "link"]);
     assert!(!links.contains("pxv"), "{links}");
+}
+
+#[test]
+fn verify_probes_every_rule_and_reports_only_real_mismatches() {
+    if !require_root("cli_verify_rules") {
+        return;
+    }
+    let ns = NetNs::new("cliverr");
+    let t = format!("netns:{}", ns.name());
+    proxyctl_ok(&[
+        "add",
+        &t,
+        "--name",
+        "mesh",
+        "--outbound-port",
+        "15001",
+        "--inbound-port",
+        "15006",
+        "--protocol",
+        "tcp,udp",
+        "--exclude-uid",
+        "1337",
+        "--exclude-inbound-port",
+        "15020",
+        "--exclude-outbound-cidr",
+        "10.96.0.0/12,fd10::/64",
+        "--exclude-inbound-cidr",
+        "192.0.2.0/24",
+        "--dns-port",
+        "15053",
+    ]);
+    proxyctl_ok(&[
+        "add",
+        &t,
+        "--name",
+        "web",
+        "--priority",
+        "5",
+        "--outbound-port",
+        "15002",
+        "--exclude-uid",
+        "1337",
+        "--remote-address",
+        "203.0.113.0/24",
+    ]);
+    // A service on the excepted inbound port (TCP only): its UDP port is
+    // free and verify's own server takes it.
+    let tt = t.clone();
+    let out = ns.enter(move || {
+        let service = std::net::TcpListener::bind("0.0.0.0:15020").unwrap();
+        let out = proxyctl(&["verify", &tt]);
+        drop(service);
+        out
+    });
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(!report.contains("MISMATCH"), "{report}");
+    assert!(!report.contains("NOT VERIFIED"), "{report}");
+    for probed in [
+        // exception CIDRs, outbound and inbound (as the peer's source)
+        "10.96.0.1:40123",
+        "[fd10::1]:40123",
+        "in from 192.0.2.1",
+        // the match address of the higher-priority policy
+        "203.0.113.1:40123",
+        // DNS capture, both protocols
+        "198.18.0.2:53",
+    ] {
+        assert!(report.contains(probed), "{probed} not probed:\n{report}");
+    }
+    let line = |needle: &str, proto: &str| {
+        report
+            .lines()
+            .find(|l| l.contains(needle) && l.contains(proto))
+            .unwrap_or_else(|| panic!("no {proto} row for {needle}:\n{report}"))
+            .to_owned()
+    };
+    assert!(
+        line("203.0.113.1:40123", "tcp").contains("redirect :15002 (orig"),
+        "{report}"
+    );
+    assert!(
+        line("10.96.0.1:40123", "tcp").contains("bypass"),
+        "{report}"
+    );
+    assert!(
+        line("198.18.0.2:53", "udp").contains("redirect :15053 (orig dst 198.18.0.2:53)"),
+        "{report}"
+    );
+    assert!(
+        line("198.18.0.1:15020", "tcp").contains("bypass (conntrack)"),
+        "{report}"
+    );
+    assert!(line("198.18.0.1:15020", "udp").ends_with("ok"), "{report}");
+    // Tampering with an exception CIDR is caught.
+    delete_rule(&ns, "pol-mesh-out", "except-v4");
+    verify_finds_a_mismatch(&t);
+    assert!(
+        !ns.run(&["ip", "rule"]).contains("2018"),
+        "verify left its rule"
+    );
 }
 
 #[test]

@@ -25,6 +25,8 @@ struct State {
     next_rv: u64,
     violations: Vec<String>,
     requests: Vec<String>,
+    /// When each request arrived (for the client-side rate limit).
+    arrived: Vec<std::time::Instant>,
 }
 
 struct FakeApi {
@@ -88,6 +90,7 @@ fn serve(req: &Request, st: &Mutex<State>) -> Reply {
     let (method, target) = (&req.method, &req.target);
     let mut s = st.lock().unwrap();
     s.requests.push(format!("{method} {target}"));
+    s.arrived.push(std::time::Instant::now());
     let r = handle(&mut s, req);
     if r.0 >= 400 && r.0 != 404 && r.0 != 409 {
         s.violations
@@ -423,7 +426,7 @@ fn agent_counts_server_leases() {
 }
 
 #[test]
-fn lease_flags_need_a_kubeconfig() {
+fn lease_flags_need_a_kubeconfig_outside_a_pod() {
     let dir = tempfile::tempdir().unwrap();
     let p = Ports::new();
     let mut sa = server_args(&p, "grpc");
@@ -431,10 +434,16 @@ fn lease_flags_need_a_kubeconfig() {
     let out = std::process::Command::new(bin("proxy-server"))
         .args(&sa)
         .current_dir(dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--kubeconfig"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kubeconfig") && err.contains("KUBERNETES_SERVICE_HOST"),
+        "{err}"
+    );
     let mut aa = agent_args(&p);
     aa.push("--count-server-leases".into());
     aa.push("--kubeconfig=/nonexistent/kubeconfig".into());
@@ -444,4 +453,49 @@ fn lease_flags_need_a_kubeconfig() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// --kubeconfig-qps/--kubeconfig-burst limit the server's requests: with
+/// renewals and collections every 300 ms the server wants several requests
+/// a second (client-go's default 5 QPS, burst 10, lets them through); at 1
+/// QPS with burst 1 consecutive requests are at least a second apart. Only
+/// lower bounds on the gaps are asserted, so a slow machine cannot fail it.
+#[test]
+fn kubeconfig_qps_and_burst_limit_the_servers_requests() {
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let kc = api.kubeconfig(dir.path());
+    let p = Ports::new();
+    let mut sa = server_args(&p, "grpc");
+    sa.extend([
+        "--server-id=srv-q".to_string(),
+        "--enable-lease-controller".into(),
+        format!("--kubeconfig={}", kc.display()),
+        "--lease-namespace=kube-system".into(),
+        "--lease-duration=3s".into(),
+        "--lease-renewal-interval=300ms".into(),
+        "--lease-gc-interval=300ms".into(),
+        "--kubeconfig-qps=1".into(),
+        "--kubeconfig-burst=1".into(),
+    ]);
+    let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "srv-q");
+    wait_for("five API requests", Duration::from_secs(30), || {
+        api.state.lock().unwrap().arrived.len() >= 5
+    });
+    let (arrived, reqs) = {
+        let s = api.state.lock().unwrap();
+        (s.arrived.clone(), s.requests.clone())
+    };
+    // The first request may use the burst; every later one waits for a
+    // token (1 s at 1 QPS; 0.9 s leaves room for timer rounding).
+    for w in arrived.windows(2) {
+        let gap = w[1].duration_since(w[0]);
+        assert!(
+            gap >= Duration::from_millis(900),
+            "requests {gap:?} apart at --kubeconfig-qps=1: {reqs:?}\n{}",
+            server.log_text()
+        );
+    }
+    assert_eq!(api.violations(), Vec::<String>::new());
 }

@@ -366,3 +366,92 @@ fn a_frozen_agent_is_detected_in_seconds() {
     });
     let _ = Arc::new(());
 }
+
+/// konnectivity-client's reusable tunnel: every dial of kube-apiserver as a
+/// stream of one HTTP/2 connection. 1,000 dials are held open at once on
+/// one connection (grpc-go sets no stream limit; ours used to refuse past
+/// 100), all carry their own data, then all are released.
+#[test]
+fn a_thousand_concurrent_dials_on_one_connection() {
+    const N: usize = 1000;
+    let backend = HttpServer::start();
+    let target = format!("127.0.0.1:{}", backend.port);
+    let st = Stack::start("grpc");
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let rt = runtime();
+    let channel = rt.block_on(client::grpc_channel(&st.frontend())).unwrap();
+    let _guard = rt.enter();
+    let dials = async {
+        let dials: Vec<_> = (0..N)
+            .map(|_| {
+                let (ch, target) = (channel.clone(), target.clone());
+                tokio::spawn(async move { client::grpc_dial(ch, &target).await })
+            })
+            .collect();
+        let mut open = Vec::new();
+        for d in dials {
+            open.push(d.await.unwrap().expect("dial on the shared connection"));
+        }
+        open
+    };
+    // A stream limit below N would leave the later dials waiting forever.
+    let mut open = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), dials).await })
+        .unwrap_or_else(|_| {
+            panic!(
+                "{N} dials did not all open on one connection\n{}",
+                st.logs()
+            )
+        });
+    // All open at once, on one frontend connection.
+    wait_for("all established", Duration::from_secs(60), || {
+        metric(
+            st.ports.health,
+            "konnectivity_network_proxy_server_established_connections",
+        ) == N as f64
+    });
+    assert_eq!(
+        metric(
+            st.ports.health,
+            "konnectivity_network_proxy_server_grpc_connections"
+        ) - 1.0, // the agent's Connect
+        N as f64
+    );
+    assert!(
+        st.server.fd_count() < sfd + 10,
+        "one client connection, not {N}: {} fds",
+        st.server.fd_count()
+    );
+    let checks = rt.block_on(async {
+        let tasks: Vec<_> = open
+            .drain(..)
+            .enumerate()
+            .map(|(i, mut io)| {
+                tokio::spawn(async move {
+                    let r = echo_check(&mut io, i as u64 + 11, 2048 + i).await;
+                    io.shutdown().await.ok();
+                    r
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    });
+    let failed: Vec<_> = checks
+        .into_iter()
+        .map(|r| r.unwrap())
+        .filter_map(Result::err)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}\n{}",
+        failed.len(),
+        failed.first(),
+        st.logs()
+    );
+    drop(channel);
+    st.wait_settled(sfd, afd);
+}

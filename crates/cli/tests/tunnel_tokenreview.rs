@@ -390,6 +390,8 @@ fn incomplete_token_flags_exit_2_naming_the_flag() {
         let out = std::process::Command::new(bin("proxy-server"))
             .args(&sa)
             .current_dir(dir.path())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
             .output()
             .unwrap();
         (
@@ -401,7 +403,6 @@ fn incomplete_token_flags_exit_2_naming_the_flag() {
         "--agent-namespace",
         "--agent-service-account",
         "--authentication-audience",
-        "--kubeconfig",
     ] {
         let (code, err) = run(Some(flag), false);
         assert_eq!(code, Some(2), "without {flag}: {err}");
@@ -412,6 +413,14 @@ fn incomplete_token_flags_exit_2_naming_the_flag() {
             "without {flag}: {err}"
         );
     }
+    // Without --kubeconfig the pod's service account is used; outside a
+    // pod that is an error naming what is missing.
+    let (code, err) = run(Some("--kubeconfig"), false);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--kubeconfig") && err.contains("KUBERNETES_SERVICE_HOST"),
+        "{err}"
+    );
     let (code, err) = run(None, true);
     assert_eq!(code, Some(2), "{err}");
     assert!(

@@ -17,7 +17,7 @@
 //! { "type": "proxyctl-cni",
 //!   "capabilities": {"io.kubernetes.cri.pod-annotations": true},
 //!   "rules": [ {"selector": {"namespaces": ["shop"], "annotations": {"proxy": "on"}},
-//!               "policies": [ {"name": "mesh", "outboundPort": 15001} ]} ],
+//!               "policies": [ {"name": "mesh", "outboundPort": 15001, "exclude": {"uids": [1337]}} ]} ],
 //!   "annotation": "proxyctl.io/policy" }
 //! ```
 //! A pod annotation named by `annotation` (default `proxyctl.io/policy`)
@@ -411,8 +411,8 @@ mod tests {
     fn rules_select_by_namespace_name_and_annotations() {
         let c = conf(json!({"rules": [
             {"selector": {"namespaces": ["shop"], "annotations": {"proxy": "on"}},
-             "policies": [{"name": "mesh", "outboundPort": 15001}]},
-            {"selector": {"names": ["db"]}, "policies": [{"name": "db", "outboundPort": 15002}]}]}));
+             "policies": [{"name": "mesh", "outboundPort": 15001, "exclude": {"uids": [1337]}}]},
+            {"selector": {"names": ["db"]}, "policies": [{"name": "db", "outboundPort": 15002, "exclude": {"uids": [1337]}}]}]}));
         let names = |p: &PodIdentity| -> Vec<String> {
             select_policies(&c, p)
                 .unwrap()
@@ -428,13 +428,15 @@ mod tests {
 
     #[test]
     fn annotation_policies_are_parsed_and_conflicts_refused() {
-        let c = conf(json!({"rules": [{"policies": [{"name": "mesh", "outboundPort": 15001}]}]}));
+        let c = conf(
+            json!({"rules": [{"policies": [{"name": "mesh", "outboundPort": 15001, "exclude": {"uids": [1337]}}]}]}),
+        );
         let p = pod(
             "a",
             "b",
             &[(
                 DEFAULT_ANNOTATION,
-                r#"{"name": "extra", "outboundPort": 15009}"#,
+                r#"{"name": "extra", "outboundPort": 15009, "exclude": {"uids": [1337]}}"#,
             )],
         );
         let got = select_policies(&c, &p).unwrap();
@@ -443,12 +445,37 @@ mod tests {
         let clash = pod(
             "a",
             "b",
-            &[(DEFAULT_ANNOTATION, "name: mesh\noutboundPort: 1\n")],
+            &[(
+                DEFAULT_ANNOTATION,
+                "name: mesh\noutboundPort: 1\nexclude: {uids: [1337]}\n",
+            )],
         );
         assert_eq!(
             select_policies(&c, &clash).unwrap_err().code,
             CniError::INVALID_CONFIG
         );
+        // A looping policy (no identity excluded) is refused in an
+        // annotation, naming the flags, unless it says allowProxyLoop.
+        let looping = pod(
+            "a",
+            "b",
+            &[(
+                DEFAULT_ANNOTATION,
+                r#"{"name": "l", "outboundPort": 15009}"#,
+            )],
+        );
+        let err = select_policies(&c, &looping).unwrap_err();
+        assert_eq!(err.code, CniError::INVALID_CONFIG);
+        assert!(format!("{err:?}").contains("--allow-proxy-loop"), "{err:?}");
+        let allowed = pod(
+            "a",
+            "b",
+            &[(
+                DEFAULT_ANNOTATION,
+                r#"{"name": "l", "outboundPort": 15009, "allowProxyLoop": true}"#,
+            )],
+        );
+        assert!(select_policies(&c, &allowed).unwrap()[1].allow_proxy_loop);
         let bad = pod("a", "b", &[(DEFAULT_ANNOTATION, r#"{"name": "x"}"#)]);
         assert_eq!(
             select_policies(&c, &bad).unwrap_err().code,
@@ -466,6 +493,11 @@ mod tests {
         let bad_rule = br#"{"cniVersion": "1.0.0", "rules": [{"policies": [{"name": "x"}]}]}"#;
         assert_eq!(
             parse_conf(bad_rule).unwrap_err().code,
+            CniError::INVALID_CONFIG
+        );
+        let looping = br#"{"cniVersion": "1.0.0", "rules": [{"policies": [{"outboundPort": 1}]}]}"#;
+        assert_eq!(
+            parse_conf(looping).unwrap_err().code,
             CniError::INVALID_CONFIG
         );
         let env = CniEnv {

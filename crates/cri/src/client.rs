@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use proxyctl_cri_api::runtime::v1 as cri;
+use proxyctl_cri_api::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint, Uri};
 

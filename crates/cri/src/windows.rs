@@ -10,7 +10,7 @@
 //! Testing: a Windows runtime spec exists only where containerd runs
 //! Windows containers, which no Linux CI host can do. The tests therefore
 //! answer these calls from a small runtime.v1 server of their own
-//! (tests/support/windows_cri.rs, built on k8s-cri's generated server
+//! (tests/support/windows_cri.rs, built on proxyctl-cri-api's generated server
 //! stubs, on a unix socket). The client code under test is the real one
 //! (same tonic channel, same calls, same JSON read); the server is strict
 //! (it refuses non-verbose status requests, filters it does not implement

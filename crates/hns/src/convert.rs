@@ -85,6 +85,12 @@ pub fn check_expressible(policy: &Policy) -> Result<(), PolicyError> {
             "L4WFPPROXY has no destination NAT; use the nft backend for --destination-proxy",
         ));
     }
+    if policy.dns_port.is_some() {
+        return Err(refuse(
+            "dns-port",
+            "L4WFPPROXY has no NAT to a DNS port; use the nft backend for --dns-port",
+        ));
+    }
     if policy.outbound_port.is_none() && policy.inbound_port.is_none() {
         return Err(refuse(
             "outbound-port",
@@ -197,6 +203,9 @@ pub fn from_setting(setting: &L4WfpProxyPolicySetting) -> Result<Policy, ReadBac
     if !setting.user_sid.is_empty() {
         policy.exclude.sids.push(setting.user_sid.clone());
     }
+    // What HNS holds is enforced: a policy without UserSID was accepted as
+    // it is (normalize keeps the flag only where a loop is possible).
+    policy.allow_proxy_loop = true;
     policy.matching.local_addresses = nets("LocalAddresses", split(&ft.local_addresses))?;
     policy.matching.remote_addresses = nets("RemoteAddresses", split(&ft.remote_addresses))?;
     policy.matching.local_ports = ports("LocalPorts", split(&ft.local_ports))?;

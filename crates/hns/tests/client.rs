@@ -84,6 +84,8 @@ fn sidecar(port: u16) -> Policy {
     Policy {
         family: Family::Ipv4,
         outbound_port: Some(port),
+        // The fake has no processes: no proxy of its own to loop.
+        allow_proxy_loop: true,
         ..Policy::default()
     }
     .checked()

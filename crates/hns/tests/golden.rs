@@ -17,6 +17,8 @@ fn hcsshim_fixture() -> Policy {
     let mut p = ipv4(Policy::default());
     p.inbound_port = Some(80);
     p.outbound_port = Some(81);
+    // hcsshim's fixture carries no UserSID.
+    p.allow_proxy_loop = true;
     p.protocols = vec![Protocol::Tcp];
     p.matching.remote_addresses = vec!["10.0.0.4/32".parse().unwrap()];
     p.priority = 8;
@@ -166,6 +168,7 @@ fn what_hns_cannot_express_is_refused_naming_the_flag() {
     let base = || {
         let mut p = ipv4(Policy::default());
         p.outbound_port = Some(8000);
+        p.exclude.sids = vec!["S-1-5-18".into()];
         p
     };
     let mut p = base();
@@ -204,6 +207,9 @@ fn what_hns_cannot_express_is_refused_naming_the_flag() {
     });
     assert_eq!(refused_field(p), "destination-proxy");
     let mut p = base();
+    p.dns_port = Some(15053);
+    assert_eq!(refused_field(p), "dns-port");
+    let mut p = base();
     p.name = "web".into();
     assert_eq!(refused_field(p), "name");
     // Invalid before HNS is even considered: the model's own validation.
@@ -228,9 +234,9 @@ fn what_hns_cannot_express_is_refused_naming_the_flag() {
         concat!(
             r#"{"ResourceType":"Policy","RequestType":"Add","Settings":{"Policies":["#,
             r#"{"Type":"L4WFPPROXY","Settings":{"OutboundProxyPort":"8000","FilterTuple":{"Protocols":"6"},"#,
-            r#""InboundExceptions":{},"OutboundExceptions":{}}},"#,
+            r#""UserSID":"S-1-5-18","InboundExceptions":{},"OutboundExceptions":{}}},"#,
             r#"{"Type":"L4WFPPROXY","Settings":{"OutboundProxyPort":"8001","FilterTuple":{"Protocols":"6","Priority":20},"#,
-            r#""InboundExceptions":{},"OutboundExceptions":{}}}]}}"#
+            r#""UserSID":"S-1-5-18","InboundExceptions":{},"OutboundExceptions":{}}}]}}"#
         )
     );
 }

@@ -32,6 +32,10 @@ use imds_proxy::{Pod, Rules};
 use proxyctl_testkit::NetNs;
 
 const PATH: &str = "/metadata/instance?api-version=2021-02-01";
+/// A managed-identity token for the identity the bench pod is bound to:
+/// the fake issues a new one per request, imds-proxy answers from its
+/// per-identity cache (a cache hit), nginx passes every request on.
+const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net&client_id=11111111-0000-0000-0000-000000000001";
 const MOCK: &str = "127.0.0.1:18080";
 const PROXY: &str = "127.0.0.1:18081";
 const NGINX: &str = "127.0.0.1:18082";
@@ -153,7 +157,7 @@ impl Sample {
 }
 
 /// `conns` keep-alive connections, each sending requests back to back.
-async fn load(addr: SocketAddr, conns: usize, secs: f64) -> Sample {
+async fn load(addr: SocketAddr, conns: usize, secs: f64, path: &'static str) -> Sample {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -169,7 +173,7 @@ async fn load(addr: SocketAddr, conns: usize, secs: f64) -> Sample {
                         .expect("handshake");
                 tokio::spawn(conn);
                 while Instant::now() < deadline {
-                    let req = http::Request::get(PATH)
+                    let req = http::Request::get(path)
                         .header("host", "169.254.169.254")
                         .header("metadata", "true")
                         .body(Empty::new())
@@ -306,6 +310,13 @@ rules:
   - name: clients
     pods: { namespace: default, labels: { role: ClientContainer } }
     paths: [ { prefix: /metadata/instance }, { exact: /metadata/versions } ]
+  - name: client-tokens
+    pods: { namespace: default, labels: { role: ClientContainer } }
+    paths: [ { exact: /metadata/identity/oauth2/token } ]
+identities:
+  - name: client-identity
+    pods: { labels: { role: ClientContainer } }
+    azure: { client_id: 11111111-0000-0000-0000-000000000001 }
 "#,
         "bench",
     )
@@ -399,19 +410,27 @@ rules:
     ];
     const ROUND: f64 = 0.5;
     let rounds = (secs / ROUND).ceil().max(1.0) as usize;
-    for conns in [1usize, 16] {
+    for (what, path, conns) in [
+        ("instance", PATH, 1usize),
+        ("instance", PATH, 16),
+        ("token", TOKEN_PATH, 1),
+        ("token", TOKEN_PATH, 16),
+    ] {
+        if conns == 1 {
+            println!("-- GET {path}");
+        }
         let mut rows: Vec<(&str, Sample)> = targets
             .iter()
             .map(|(n, _)| (*n, Sample::default()))
             .collect();
         let mut cpu_ns = [0u64; 3];
         for (_, addr) in targets {
-            on(&client_rt, load(addr.parse().unwrap(), conns, 0.3)); // warm-up
+            on(&client_rt, load(addr.parse().unwrap(), conns, 0.3, path)); // warm-up
         }
         for _ in 0..rounds {
             for (i, (_, addr)) in targets.iter().enumerate() {
                 let cpu_before = cpu_of(i);
-                let s = on(&client_rt, load(addr.parse().unwrap(), conns, ROUND));
+                let s = on(&client_rt, load(addr.parse().unwrap(), conns, ROUND, path));
                 cpu_ns[i] += cpu_of(i).saturating_sub(cpu_before);
                 let row = &mut rows[i].1;
                 row.requests += s.requests;
@@ -440,7 +459,7 @@ rules:
             );
         }
         println!(
-            "  conns={conns}: imds-proxy / nginx requests/s = {:.2}, CPU per request = {:.2}",
+            "  {what} conns={conns}: imds-proxy / nginx requests/s = {:.2}, CPU per request = {:.2}",
             rps[1] / rps[2],
             cpu_per_req[1] / cpu_per_req[2]
         );

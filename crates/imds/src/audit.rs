@@ -43,6 +43,9 @@ pub struct AuditRecord<'a> {
     pub rule: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The cloud identity a credential request was answered for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<&'a str>,
 }
 
 pub fn now_ts() -> f64 {

@@ -1,5 +1,5 @@
-//! Entry points for the cargo-fuzz targets in `crates/imds/fuzz`, and for
-//! nothing else: this is not API. It exposes private parts of the crate
+//! Entry points for the cargo-fuzz targets in `crates/imds/fuzz` (and the
+//! crate's own tests and bench): this is not API. It exposes private parts of the crate
 //! (the HTTP/1 layer, a way to serve a listener as a pod) exactly as they
 //! are, and changes whenever they do.
 
@@ -55,14 +55,28 @@ pub async fn loopback_proxy(
         netns: None,
         ip: None,
     };
-    let key = format!("default/{}", pod.name);
-    let proxy = ProxyHandle::start(config, std::sync::Arc::new(MemoryPodSource::new(vec![pod])))
+    let (proxy, addrs) = loopback_pods(config, vec![pod]).await;
+    (proxy, addrs[0])
+}
+
+/// A proxy for `pods` (no network namespaces), each served on its own
+/// fresh 127.0.0.1 listener as [`loopback_proxy`] does for one; the
+/// addresses come in the order of `pods`.
+pub async fn loopback_pods(
+    config: ProxyConfig,
+    pods: Vec<Pod>,
+) -> (ProxyHandle, Vec<std::net::SocketAddr>) {
+    let keys: Vec<String> = pods.iter().map(Pod::key).collect();
+    let proxy = ProxyHandle::start(config, std::sync::Arc::new(MemoryPodSource::new(pods)))
         .await
         .expect("proxy starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("loopback listener");
-    let addr = listener.local_addr().expect("listener address");
-    assert!(proxy.serve_as_pod(listener, &key), "the pod is known");
-    (proxy, addr)
+    let mut addrs = Vec::new();
+    for key in keys {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback listener");
+        addrs.push(listener.local_addr().expect("listener address"));
+        assert!(proxy.serve_as_pod(listener, &key), "the pod is known");
+    }
+    (proxy, addrs)
 }

@@ -10,6 +10,8 @@
 //!   only through rules that name them).
 //! - [`proxy`] owns the HTTP edge: the checks the real services make, the
 //!   forwarding to the upstream, rate limits, audit and metrics.
+//! - [`identity`] owns per-pod cloud identities: the identity a bound pod's
+//!   credential request is answered for, and the credential cache.
 //! - [`mock`] is the strict fake of Azure IMDS and AWS IMDSv2.
 
 pub mod admin;
@@ -19,6 +21,7 @@ pub mod cri;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
+pub mod identity;
 pub mod metrics;
 pub mod mock;
 pub mod netns;
@@ -26,6 +29,7 @@ pub mod pods;
 pub mod proxy;
 pub mod ratelimit;
 pub mod rules;
+pub mod sts;
 mod workers;
 
 pub use cri::CriPodSource;

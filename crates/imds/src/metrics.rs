@@ -36,6 +36,20 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// A credential issued to a pod, by the identity it was issued for.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuedLabels {
+    pub pod: PodLabel,
+    pub identity: String,
+}
+
+/// An upstream credential fetch, by identity and outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    pub identity: String,
+    pub outcome: &'static str,
+}
+
 type HistogramFamily = Family<DecisionLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -45,6 +59,8 @@ pub struct Metrics {
     pub connection_errors: Family<KindLabels, Counter>,
     pub pod_listeners: Gauge,
     pub listener_errors: Counter,
+    pub credentials_issued: Family<IssuedLabels, Counter>,
+    pub credential_fetches: Family<FetchLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -84,7 +100,21 @@ impl Default for Metrics {
             "Pods whose listener could not be bound",
             listener_errors.clone(),
         );
+        let credentials_issued = Family::<IssuedLabels, Counter>::default();
+        let credential_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "credentials_issued",
+            "Credentials handed to pods, by pod and the identity they were issued for",
+            credentials_issued.clone(),
+        );
+        registry.register(
+            "credential_fetches",
+            "Upstream credential requests, by identity and outcome (ok, refused, failed)",
+            credential_fetches.clone(),
+        );
         Self {
+            credentials_issued,
+            credential_fetches,
             registry,
             requests,
             duration,

@@ -8,6 +8,10 @@
 //! carrying `X-Forwarded-For` refused (400), unknown paths 404, wrong method
 //! 405, duplicate query parameters 400, `api-version` mandatory and checked
 //! (400 listing the newest versions).
+//! Managed identities: the system-assigned one and user-assigned ones
+//! ([`MockIdentity`]); a token request naming an identity the fake VM does
+//! not have gets IMDS's 400 `Identity not found`; tokens name their
+//! identity and live [`AZURE_TOKEN_LIFETIME`] unless configured shorter.
 //! AWS (`/latest/...`): `PUT /latest/api/token` with
 //! `X-aws-ec2-metadata-token-ttl-seconds` in 1..=21600 (else 400; with
 //! `X-Forwarded-For` 403); every metadata read needs a live token (else 401).
@@ -83,23 +87,93 @@ pub struct MockState {
     instance: Value,
     /// The whole instance document, serialized once.
     instance_json: Bytes,
+    /// The VM's managed identities: the system-assigned one first.
+    identities: Vec<MockIdentity>,
+    /// Lifetime of issued Azure tokens.
+    token_lifetime: Duration,
+    /// Azure tokens issued, by the identity's client id.
+    issued: Mutex<BTreeMap<String, u64>>,
+}
+
+/// A managed identity assigned to the fake VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockIdentity {
+    pub client_id: String,
+    pub object_id: String,
+    /// ARM resource id (`None` for the system-assigned identity).
+    pub msi_res_id: Option<String>,
+}
+
+/// Azure's managed-identity tokens live about a day (IMDS answers
+/// `expires_in` of 86399 or less, counting down as it caches them).
+pub const AZURE_TOKEN_LIFETIME: Duration = Duration::from_secs(86_399);
+
+impl MockIdentity {
+    /// A user-assigned identity with ids derived from `n` (stable, so
+    /// tests and local runs can name them).
+    pub fn user_assigned(n: u8) -> Self {
+        MockIdentity {
+            client_id: format!("11111111-0000-0000-0000-0000000000{n:02x}"),
+            object_id: format!("22222222-0000-0000-0000-0000000000{n:02x}"),
+            msi_res_id: Some(format!(
+                "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/mock-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/mock-id-{n}"
+            )),
+        }
+    }
+
+    pub fn system_assigned() -> Self {
+        MockIdentity {
+            client_id: "00000000-0000-0000-0000-00000000c11e".into(),
+            object_id: "00000000-0000-0000-0000-00000000051e".into(),
+            msi_res_id: None,
+        }
+    }
 }
 
 impl Default for MockState {
     fn default() -> Self {
-        let instance = instance_document();
-        Self {
-            requests: AtomicU64::new(0),
-            tokens: Mutex::new(HashMap::new()),
-            instance_json: Bytes::from(instance.to_string()),
-            instance,
-        }
+        Self::with_identities(
+            (1..=3).map(MockIdentity::user_assigned).collect(),
+            AZURE_TOKEN_LIFETIME,
+        )
     }
 }
 
 impl MockState {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A fake VM with the system-assigned identity plus `user_assigned`,
+    /// issuing Azure tokens that live `token_lifetime`.
+    pub fn with_identities(user_assigned: Vec<MockIdentity>, token_lifetime: Duration) -> Self {
+        let instance = instance_document();
+        let mut identities = vec![MockIdentity::system_assigned()];
+        identities.extend(user_assigned);
+        Self {
+            requests: AtomicU64::new(0),
+            tokens: Mutex::new(HashMap::new()),
+            instance_json: Bytes::from(instance.to_string()),
+            instance,
+            identities,
+            token_lifetime,
+            issued: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The VM's identities, the system-assigned one first.
+    pub fn identities(&self) -> &[MockIdentity] {
+        &self.identities
+    }
+
+    /// Azure tokens issued so far for the identity with `client_id`.
+    pub fn tokens_issued(&self, client_id: &str) -> u64 {
+        self.issued
+            .lock()
+            .expect("issued poisoned")
+            .get(client_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Requests that reached a handler (parsed HTTP requests, any status).
@@ -264,7 +338,7 @@ async fn azure(state: &MockState, req: Request<Incoming>) -> Response<ProxyBody>
     match api {
         AzureApi::Versions => json_resp(StatusCode::OK, &json!({ "apiVersions": API_VERSIONS })),
         AzureApi::Instance => instance(state, &path, &query),
-        AzureApi::Token => token(&query),
+        AzureApi::Token => token(state, &query),
         AzureApi::Attested => attested(state, &query),
         AzureApi::ScheduledEvents => scheduled_events(req).await,
     }
@@ -314,42 +388,60 @@ fn instance(
     }
 }
 
-fn token(query: &BTreeMap<String, String>) -> Response<ProxyBody> {
-    let Some(resource) = query.get("resource") else {
-        return json_resp(
+fn token(state: &MockState, query: &BTreeMap<String, String>) -> Response<ProxyBody> {
+    let oauth_error = |description: &str| {
+        json_resp(
             StatusCode::BAD_REQUEST,
-            &json!({
-                "error": "invalid_request",
-                "error_description": "Required query variable 'resource' is missing",
-            }),
-        );
+            &json!({ "error": "invalid_request", "error_description": description }),
+        )
     };
-    let chosen = ["client_id", "object_id", "msi_res_id"]
+    let Some(resource) = query.get("resource") else {
+        return oauth_error("Required query variable 'resource' is missing");
+    };
+    let named: Vec<(&str, &String)> = ["client_id", "object_id", "msi_res_id", "mi_res_id"]
         .iter()
-        .filter(|k| query.contains_key(**k))
-        .count();
-    if chosen > 1 {
-        return json_resp(
-            StatusCode::BAD_REQUEST,
-            &json!({
-                "error": "invalid_request",
-                "error_description": "Only one of client_id, object_id and msi_res_id may be given",
-            }),
-        );
-    }
+        .filter_map(|k| query.get(*k).map(|v| (*k, v)))
+        .collect();
+    let identity = match named.as_slice() {
+        [] => state.identities.first(),
+        [(kind, value)] => state.identities.iter().skip(1).find(|i| match *kind {
+            "client_id" => i.client_id.eq_ignore_ascii_case(value),
+            "object_id" => i.object_id.eq_ignore_ascii_case(value),
+            _ => i
+                .msi_res_id
+                .as_deref()
+                .is_some_and(|r| r.eq_ignore_ascii_case(value)),
+        }),
+        _ => return oauth_error("Only one of client_id, object_id and msi_res_id may be given"),
+    };
+    // IMDS's answer for an identity not assigned to the VM.
+    let Some(identity) = identity else {
+        return oauth_error("Identity not found");
+    };
+    *state
+        .issued
+        .lock()
+        .expect("issued poisoned")
+        .entry(identity.client_id.clone())
+        .or_default() += 1;
     let now = unix_now();
-    let client_id = query
-        .get("client_id")
-        .cloned()
-        .unwrap_or_else(|| "00000000-0000-0000-0000-00000000c11e".into());
+    let lifetime = state.token_lifetime.as_secs();
+    // The token names its identity (as a real one's appid/oid claims do),
+    // so a test can tell whose it is.
+    let claims = json!({
+        "appid": identity.client_id,
+        "oid": identity.object_id,
+        "aud": resource,
+        "exp": now + lifetime,
+    });
     json_resp(
         StatusCode::OK,
         &json!({
-            "access_token": format!("mock.{}", random_token()),
-            "client_id": client_id,
-            "expires_in": "86399",
-            "expires_on": (now + 86399).to_string(),
-            "ext_expires_in": "86399",
+            "access_token": format!("mock.{}.{}", base64(claims.to_string().as_bytes()).trim_end_matches('='), random_token()),
+            "client_id": identity.client_id,
+            "expires_in": lifetime.to_string(),
+            "expires_on": (now + lifetime).to_string(),
+            "ext_expires_in": lifetime.to_string(),
             "not_before": now.to_string(),
             "resource": resource,
             "token_type": "Bearer",
@@ -498,7 +590,9 @@ fn aws_metadata(item: &str) -> Option<String> {
             "AccessKeyId": "ASIAMOCKMOCKMOCKMOCK",
             "SecretAccessKey": random_token(),
             "Token": random_token(),
-            "Expiration": "2099-01-01T00:00:00Z",
+            // Role credentials live six hours on EC2.
+            "Expiration": rfc3339(unix_now() + 6 * 3600),
+            "LastUpdated": rfc3339(unix_now()),
         })
         .to_string(),
         _ => return None,
@@ -559,6 +653,28 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for unix seconds (civil-from-days, proleptic
+/// Gregorian), the form EC2 writes credential times in.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn random_token() -> String {
@@ -632,6 +748,13 @@ mod tests {
         let q = parse_query("resource=https%3A%2F%2Fvault.azure.net&x=").unwrap();
         assert_eq!(q["resource"], "https://vault.azure.net");
         assert_eq!(q["x"], "");
+    }
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_767_225_599), "2025-12-31T23:59:59Z");
     }
 
     #[test]

@@ -156,6 +156,12 @@ struct Shared {
     /// `request_duration_seconds{decision="allowed"}`, looked up once (as
     /// `Identity::allowed_ok`).
     allowed_duration: Histogram,
+    /// Credentials per cloud identity (see `identity`).
+    credentials: crate::identity::CredentialCache,
+    /// IMDSv2 session tokens obtained for AWS-bound pods.
+    session_tokens: crate::identity::SessionTokens,
+    /// STS, when some pod is bound to an AWS role.
+    sts: Option<crate::sts::StsConfig>,
 }
 
 /// A running proxy. Dropping it stops every listener it owns.
@@ -202,6 +208,18 @@ impl ProxyHandle {
                 .to_owned(),
             upstream.port_u16().unwrap_or(80),
         );
+        let sts = if config.rules.identities.iter().any(|b| b.aws.is_some()) {
+            let settings = config.rules.sts.clone().unwrap_or_default();
+            let sts = crate::sts::StsConfig::new(&settings.endpoint, &settings.region).map_err(
+                |message| Error::Rules {
+                    path: "sts".into(),
+                    message,
+                },
+            )?;
+            Some(sts)
+        } else {
+            None
+        };
         let (workers, spawner) = crate::workers::start(config.workers).map_err(Error::Workers)?;
         let metrics = Arc::new(Metrics::default());
         let allowed_duration = metrics
@@ -221,6 +239,9 @@ impl ProxyHandle {
             source,
             pods: Mutex::new(HashMap::new()),
             ready: Arc::new(AtomicBool::new(false)),
+            credentials: Default::default(),
+            session_tokens: Default::default(),
+            sts,
         });
         let mut tasks = Vec::new();
         let mut admin_addr = None;

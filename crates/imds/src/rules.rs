@@ -11,7 +11,15 @@
 //!     pods: { namespace: default, labels: { role: ClientContainer } }
 //!     paths: [ { prefix: /metadata/instance }, { exact: /metadata/versions } ]
 //!     methods: [GET]
+//! identities:
+//!   - name: web-keyvault
+//!     pods: { namespace: default, labels: { app: web } }
+//!     azure: { client_id: 11111111-2222-3333-4444-555555555555 }
 //! ```
+//!
+//! `identities` bind pods (same selectors, first match wins) to the cloud
+//! identity their credential requests are answered for; a rule still has to
+//! allow the credential path. See [`crate::identity`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,6 +27,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::identity::{AwsRole, AzureIdentity, StsSettings};
 use crate::pods::Pod;
 
 /// Path prefixes that hand out credentials. Compared case-insensitively, in
@@ -30,6 +39,25 @@ pub const SENSITIVE_PREFIXES: &[&str] = &["/metadata/identity", "/latest/meta-da
 pub struct Rules {
     #[serde(default)]
     pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub identities: Vec<IdentityBinding>,
+    /// The STS endpoint AWS roles are assumed at.
+    #[serde(default)]
+    pub sts: Option<StsSettings>,
+}
+
+/// Pods whose credential requests are answered for one cloud identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityBinding {
+    pub name: String,
+    pub pods: PodSelector,
+    /// The managed identity Azure tokens are issued for.
+    #[serde(default)]
+    pub azure: Option<AzureIdentity>,
+    /// The IAM role AWS credentials are assumed for.
+    #[serde(default)]
+    pub aws: Option<AwsRole>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -40,6 +68,9 @@ pub struct Rule {
     pub paths: Vec<PathMatch>,
     #[serde(default = "default_methods")]
     pub methods: Vec<String>,
+    /// Let AWS metadata reads through without an IMDSv2 session token.
+    #[serde(default)]
+    pub imdsv1: bool,
 }
 
 fn default_methods() -> Vec<String> {
@@ -169,11 +200,42 @@ impl Rules {
                 }
             }
         }
+        for binding in &self.identities {
+            if binding.azure.is_none() && binding.aws.is_none() {
+                return Err(format!(
+                    "identity {:?}: names no identity (azure, aws)",
+                    binding.name
+                ));
+            }
+            if let Some(aws) = &binding.aws {
+                aws.validate()
+                    .map_err(|e| format!("identity {:?}: aws: {e}", binding.name))?;
+            }
+            if let Some(azure) = &binding.azure {
+                azure
+                    .validate()
+                    .map_err(|e| format!("identity {:?}: azure: {e}", binding.name))?;
+            }
+        }
         Ok(())
+    }
+
+    /// The identity `pod` is bound to: the first binding whose selector
+    /// matches it.
+    pub fn identity_for(&self, pod: &Pod) -> Option<&IdentityBinding> {
+        self.identities.iter().find(|b| b.pods.matches(pod))
     }
 
     /// Decides whether `pod` may send `method path`.
     pub fn check(&self, pod: &Pod, method: &str, path: &str) -> Verdict<'_> {
+        match self.allowing_rule(pod, method, path) {
+            Some(rule) => Verdict::Allow(&rule.name),
+            None => Verdict::Deny,
+        }
+    }
+
+    /// The first rule that allows `pod` to send `method path`.
+    pub fn allowing_rule(&self, pod: &Pod, method: &str, path: &str) -> Option<&Rule> {
         let sensitive = is_sensitive(path);
         for rule in &self.rules {
             if !rule.pods.matches(pod) || !rule.methods.iter().any(|m| m == method) {
@@ -184,10 +246,10 @@ impl Rules {
                 .iter()
                 .any(|p| p.matches(path) && (!sensitive || is_sensitive(p.value())));
             if hit {
-                return Verdict::Allow(&rule.name);
+                return Some(rule);
             }
         }
-        Verdict::Deny
+        None
     }
 }
 

@@ -40,6 +40,10 @@ rules:
   - name: aws-app-read
     pods: { labels: { app: aws } }
     paths: [ { prefix: /latest/meta-data/ }, { prefix: /latest/meta-data/iam/ } ]
+identities:
+  - name: msi-proxy-system-identity
+    pods: { labels: { role: MSIProxyContainer } }
+    azure: { system_assigned: true }
 "#;
 
 fn pod_addr() -> SocketAddr {
@@ -259,10 +263,14 @@ fn pods_get_what_rules_allow_and_nothing_else() {
         "refused requests must not reach the service"
     );
 
-    // The MSI proxy pod may get a token, and the upstream's answer is kept.
+    // The MSI proxy pod gets a token for the identity it is bound to.
     let r = curl(topo.pod(2), &MD, &token_url);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["resource"], "https://vault.azure.net");
+    assert_eq!(
+        r.json()["client_id"],
+        topo.mock.identities()[0].client_id.as_str()
+    );
     // Upstream status codes pass through unchanged (400 with versions, 404).
     let r = curl(
         topo.pod(0),
@@ -316,13 +324,17 @@ fn pods_get_what_rules_allow_and_nothing_else() {
         &["-H", &with],
         &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/mock-role"),
     );
-    assert_eq!(r.status, 200, "{r:?}");
+    // A pod bound to no role never gets the node's role credentials.
+    assert_eq!(r.status, 404, "{r:?}");
     let r = curl(
         aws,
         &[],
         &format!("http://{IMDS}/latest/meta-data/instance-id"),
     );
-    assert_eq!(r.status, 401, "no token: the upstream's 401 passes through");
+    assert_eq!(
+        r.status, 401,
+        "no token: IMDSv1 is off unless a rule allows it"
+    );
     let r = curl(
         aws,
         &[

@@ -53,7 +53,7 @@ fn start_proxy(
         upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
         rules: Rules::from_yaml(
             &format!(
-                "rules: [{{name: {name}, pods: {{name: {name}}}, paths: [{{prefix: {prefix}}}]}}]"
+                "rules: [{{name: {name}, pods: {{name: {name}}}, paths: [{{prefix: {prefix}}}], imdsv1: true}}]"
             ),
             "test",
         )
@@ -455,7 +455,7 @@ fn http1_framing_through_the_proxy() {
     let (upstream, seen) = scripted_upstream(&rt);
     let proxy = start_proxy(&rt, &ns, "frame", "/latest/", upstream, 15990, |c| {
         c.rules = Rules::from_yaml(
-            "rules: [{name: frame, pods: {name: frame}, paths: [{prefix: /latest/}], methods: [GET, PUT]}]",
+            "rules: [{name: frame, pods: {name: frame}, paths: [{prefix: /latest/}], methods: [GET, PUT], imdsv1: true}]",
             "test",
         )
         .unwrap();

@@ -28,8 +28,12 @@
 //!
 //! UDP is redirected with tproxy (so the proxy learns the original
 //! destination via IP_RECVORIGDSTADDR), which needs policy routing in the
-//! namespace ([`route`], raw rtnetlink).
+//! namespace ([`route`], raw rtnetlink); DNS capture (`dns_port`) and
+//! destination proxies use NAT for UDP as for TCP. `conntrack` deletes the
+//! conntrack entries of redirected connections after a change (ctnetlink,
+//! encoded by hand like the rest).
 
+pub(crate) mod conntrack;
 mod error;
 pub mod expr;
 pub mod netlink;
@@ -63,14 +67,93 @@ pub fn add(target: &Target, policy: &Policy) -> Result<(), NftError> {
 
 /// Adds several policies (replacing those of the same names) in one batch.
 pub fn add_all(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
+    add_with(target, policies, Options::default()).map(|_| ())
+}
+
+/// What `add`/`clear` do beyond the ruleset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// After the change, delete the conntrack entries of connections the
+    /// replaced or removed policies redirected (module `conntrack`), so they
+    /// stop reaching the old proxy.
+    pub flush_conntrack: bool,
+}
+
+/// What an `add` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddReport {
+    /// Names of the policies that replaced one of the same name.
+    pub replaced: Vec<String>,
+    /// Conntrack entries deleted (with [`Options::flush_conntrack`]).
+    pub flushed: usize,
+}
+
+/// [`add_all`], saying which policies were replaced, and optionally
+/// flushing the conntrack entries of connections they redirected.
+pub fn add_with(
+    target: &Target,
+    policies: &[Policy],
+    options: Options,
+) -> Result<AddReport, NftError> {
     let new = prepare_all(policies)?;
     let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
-    retry_on_stale(|| {
+    let (old, replaced) = retry_on_stale(|| {
         let (mut all, base) = read_policies(&sock)?;
+        let old = all.clone();
+        let replaced: Vec<String> = new
+            .iter()
+            .filter(|n| all.iter().any(|p| p.policy.name == n.policy.name))
+            .map(|n| n.policy.name.clone())
+            .collect();
         all.retain(|p| !new.iter().any(|n| n.policy.name == p.policy.name));
         all.extend(new.iter().cloned());
-        commit_policies(&sock, &route, &all, base, false)
-    })
+        commit_policies(&sock, &route, &all, base, false)?;
+        Ok((old, replaced))
+    })?;
+    let mut report = AddReport {
+        replaced,
+        flushed: 0,
+    };
+    if options.flush_conntrack {
+        // Changed = replaced by something different; an identical
+        // re-add changes nothing and resets nothing.
+        let (changed, kept): (Vec<_>, Vec<_>) = old.into_iter().partition(|o| {
+            new.iter()
+                .any(|n| n.policy.name == o.policy.name && n.policy != o.policy)
+        });
+        report.flushed = flush(&sock, &changed, kept.iter().chain(new.iter()))?;
+    }
+    Ok(report)
+}
+
+/// After a change to the policies `changed`, deletes the conntrack entries
+/// of every NATed connection except those NATed to a port of a policy the
+/// change left untouched (`kept`): a connection redirected under any earlier
+/// version of a changed policy is re-evaluated, the rest keep going.
+fn flush<'a>(
+    sock: &netlink::Socket,
+    changed: &[ResolvedPolicy],
+    kept: impl Iterator<Item = &'a ResolvedPolicy>,
+) -> Result<usize, NftError> {
+    if changed.is_empty() {
+        return Ok(0);
+    }
+    let spared: std::collections::BTreeSet<u16> = kept
+        .filter(|p| !changed.iter().any(|c| c.policy.name == p.policy.name))
+        .flat_map(|p| nat_ports(&p.policy))
+        .collect();
+    conntrack::flush_nat_except(sock, &spared)
+        .map_err(|e| NftError::kernel("flushing conntrack", &e))
+}
+
+/// The ports a policy's NAT rules rewrite destinations to.
+fn nat_ports(p: &Policy) -> Vec<u16> {
+    let mut ports: Vec<u16> = [p.outbound_port, p.inbound_port, p.dns_port]
+        .into_iter()
+        .flatten()
+        .collect();
+    ports.extend(p.destination_proxy.map(|d| d.proxy.port()));
+    ports
 }
 
 /// Makes the namespace hold exactly `policies`, atomically.
@@ -78,6 +161,18 @@ pub fn apply(target: &Target, policies: &[Policy]) -> Result<(), NftError> {
     let prepared = prepare_all(policies)?;
     let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
     retry_on_stale(|| commit_policies(&sock, &route, &prepared, table_base(&sock)?, false))
+}
+
+/// Bench-only: like [`apply`], returning how long it took until the kernel
+/// acknowledged the batch (the new rules in force), which excludes the
+/// wait at socket close for the old rules to be freed.
+#[doc(hidden)]
+pub fn apply_timed(target: &Target, policies: &[Policy]) -> Result<std::time::Duration, NftError> {
+    let start = std::time::Instant::now();
+    let prepared = prepare_all(policies)?;
+    let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
+    retry_on_stale(|| commit_policies(&sock, &route, &prepared, table_base(&sock)?, false))?;
+    Ok(start.elapsed())
 }
 
 /// Test-only: like [`apply`], but the batch ends with a message the kernel
@@ -102,13 +197,46 @@ pub fn list(target: &Target) -> Result<Vec<Policy>, NftError> {
 /// Removes all our policies (the whole table) or the one named; returns how
 /// many were removed. Other tables are never touched.
 pub fn clear(target: &Target, name: Option<&str>) -> Result<usize, NftError> {
+    clear_with(target, name, Options::default()).map(|(removed, _)| removed)
+}
+
+/// [`clear`], optionally flushing the conntrack entries of connections the
+/// removed policies redirected; returns (policies removed, entries deleted).
+pub fn clear_with(
+    target: &Target,
+    name: Option<&str>,
+    options: Options,
+) -> Result<(usize, usize), NftError> {
     let [sock, route] = target.sockets([libc::NETLINK_NETFILTER, libc::NETLINK_ROUTE])?;
+    // What was in force, for the flush: a table that cannot be read back
+    // as policies is removed all the same, but then nothing is flushed.
+    let before = if options.flush_conntrack {
+        read_policies(&sock).map(|(p, _)| p).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let removed = clear_inner(&sock, &route, name)?;
+    let mut flushed = 0;
+    if options.flush_conntrack && removed > 0 {
+        let (changed, kept): (Vec<_>, Vec<_>) = before
+            .into_iter()
+            .partition(|p| name.is_none_or(|n| p.policy.name == n));
+        flushed = flush(&sock, &changed, kept.iter())?;
+    }
+    Ok((removed, flushed))
+}
+
+fn clear_inner(
+    sock: &netlink::Socket,
+    route: &netlink::Socket,
+    name: Option<&str>,
+) -> Result<usize, NftError> {
     retry_on_stale(|| {
         if name.is_none() {
             // Removing everything must work even when the table cannot be
             // read back as policies (someone edited it): that is how a
             // user gets back to a clean state.
-            let (table, genid) = read_table(&sock)?;
+            let (table, genid) = read_table(sock)?;
             let base = Base {
                 genid,
                 exists: table.is_some(),
@@ -119,10 +247,10 @@ pub fn clear(target: &Target, name: Option<&str>) -> Result<usize, NftError> {
                     Ok(p) => p.len(),
                     Err(_) => ruleset::policy_names(t).len(),
                 });
-            commit_policies(&sock, &route, &[], base, false)?;
+            commit_policies(sock, route, &[], base, false)?;
             return Ok(count);
         }
-        let (mut policies, base) = read_policies(&sock)?;
+        let (mut policies, base) = read_policies(sock)?;
         let before = policies.len();
         match name {
             Some(n) => policies.retain(|p| p.policy.name != n),
@@ -132,7 +260,7 @@ pub fn clear(target: &Target, name: Option<&str>) -> Result<usize, NftError> {
         if removed == 0 && name.is_some() {
             return Ok(0);
         }
-        commit_policies(&sock, &route, &policies, base, false)?;
+        commit_policies(sock, route, &policies, base, false)?;
         Ok(removed)
     })
 }
@@ -182,23 +310,15 @@ fn prepare(policy: &Policy) -> Result<ResolvedPolicy, NftError> {
                 .into(),
         });
     }
-    let has_port = policy.outbound_port.is_some() || policy.inbound_port.is_some();
-    if !has_port && policy.protocols != [Protocol::Tcp] {
-        return Err(NftError::Unsupported {
-            field: "protocol",
-            message: "--destination-proxy redirects TCP only; UDP needs --outbound-port or \
-                      --inbound-port"
-                .into(),
-        });
-    }
-    let outbound = policy.outbound_port.is_some() || policy.destination_proxy.is_some();
+    let outbound = policy.redirects_outbound() || policy.destination_proxy.is_some();
     let ex = &policy.exclude;
     let excludes = !(ex.uids.is_empty() && ex.gids.is_empty() && ex.users.is_empty());
     if !outbound && excludes {
         return Err(NftError::Unsupported {
             field: "exclude-uid",
             message: "excluded identities apply to outbound traffic (inbound packets have no \
-                      local socket owner yet); they need --outbound-port or --destination-proxy"
+                      local socket owner yet); they need --outbound-port, --dns-port or \
+                      --destination-proxy"
                 .into(),
         });
     }

@@ -123,13 +123,15 @@ pub enum Role {
     In,
     Mark,
     Tproxy,
+    Dns,
 }
 
 impl Role {
-    const ALL: [Role; 4] = [Role::Out, Role::In, Role::Mark, Role::Tproxy];
+    const ALL: [Role; 5] = [Role::Out, Role::In, Role::Mark, Role::Tproxy, Role::Dns];
 
     fn suffix(self) -> &'static str {
         match self {
+            Role::Dns => "dns",
             Role::Out => "out",
             Role::In => "in",
             Role::Mark => "mark",
@@ -139,7 +141,7 @@ impl Role {
 
     fn base(self) -> &'static str {
         match self {
-            Role::Out => "nat-output",
+            Role::Out | Role::Dns => "nat-output",
             Role::In => "nat-prerouting",
             Role::Mark => "mark-output",
             Role::Tproxy => "tproxy-prerouting",
@@ -554,12 +556,25 @@ impl Builder {
             role.chain(&p.name)
         };
 
+        if let Some(port) = p.dns_port {
+            // NAT, not tproxy: conntrack rewrites the replies' source back
+            // to the address the client asked, so any DNS server can serve
+            // the port. First, so TCP/53 is not taken by the outbound proxy.
+            let c = chain(self, Role::Dns);
+            self.exclusions(&c, rp);
+            self.family_guard(&c, rp);
+            for proto in [Protocol::Udp, Protocol::Tcp] {
+                self.rule(&c, "dns-redirect", dns_redirect_exprs(proto, port));
+            }
+        }
         if (p.outbound_port.is_some() && tcp) || p.destination_proxy.is_some() {
             let c = chain(self, Role::Out);
             self.exclusions(&c, rp);
             self.family_guard(&c, rp);
             if let Some(dp) = &p.destination_proxy {
-                self.rule(&c, "dnat", dnat_exprs(dp));
+                for proto in &p.protocols {
+                    self.rule(&c, "dnat", dnat_exprs(dp, *proto));
+                }
             }
             if let (Some(port), true) = (p.outbound_port, tcp) {
                 self.filters(&c, rp, true);
@@ -577,6 +592,24 @@ impl Builder {
             let c = chain(self, Role::Mark);
             self.exclusions(&c, rp);
             self.family_guard(&c, rp);
+            // Traffic the nat chains take (DNS, the destination proxy) must
+            // not be marked for tproxy first (this chain runs before nat).
+            if p.dns_port.is_some() {
+                self.rule(
+                    &c,
+                    "dns-skip",
+                    vec![
+                        th_port(true),
+                        cmp(expr::CMP_EQ, DNS_PORT.to_be_bytes()),
+                        ret(),
+                    ],
+                );
+            }
+            if let Some(dp) = &p.destination_proxy {
+                let mut e = dnat_match(dp, Protocol::Udp);
+                e.push(ret());
+                self.rule(&c, "dnat-skip", e);
+            }
             self.filters(&c, rp, true);
             self.loopback(&c);
             self.rule(
@@ -668,17 +701,43 @@ fn tcp_redirect_exprs(port: u16) -> Vec<Expr> {
     ]
 }
 
-fn dnat_exprs(dp: &DestinationProxy) -> Vec<Expr> {
+/// The port DNS clients send to.
+pub const DNS_PORT: u16 = 53;
+
+/// `meta l4proto PROTO th dport 53 counter redirect to :PORT`.
+fn dns_redirect_exprs(proto: Protocol, port: u16) -> Vec<Expr> {
+    vec![
+        meta(expr::META_L4PROTO),
+        cmp(expr::CMP_EQ, [proto.number()]),
+        th_port(true),
+        cmp(expr::CMP_EQ, DNS_PORT.to_be_bytes()),
+        Expr::Counter,
+        load(expr::REG_1, port.to_be_bytes()),
+        Expr::Redir {
+            reg_port: expr::REG_1,
+        },
+    ]
+}
+
+/// Matches `proto` packets to the destination proxy's destination.
+fn dnat_match(dp: &DestinationProxy, proto: Protocol) -> Vec<Expr> {
     let v4 = dp.destination.is_ipv4();
     let mut e = nfproto(family_byte(v4)).to_vec();
     e.extend([
         meta(expr::META_L4PROTO),
-        cmp(expr::CMP_EQ, [Protocol::Tcp.number()]),
+        cmp(expr::CMP_EQ, [proto.number()]),
     ]);
     e.push(if v4 { v4_addr(true) } else { v6_addr(true) });
     e.push(cmp(expr::CMP_EQ, ip_bytes(dp.destination.ip())));
     e.push(th_port(true));
     e.push(cmp(expr::CMP_EQ, dp.destination.port().to_be_bytes()));
+    e
+}
+
+/// NAT works for UDP as for TCP: conntrack rewrites the replies.
+fn dnat_exprs(dp: &DestinationProxy, proto: Protocol) -> Vec<Expr> {
+    let v4 = dp.destination.is_ipv4();
+    let mut e = dnat_match(dp, proto);
     e.push(Expr::Counter);
     e.push(load(expr::REG_1, ip_bytes(dp.proxy.ip())));
     e.push(load(expr::REG_2, dp.proxy.port().to_be_bytes()));
@@ -715,13 +774,6 @@ pub fn build(policies: &[ResolvedPolicy]) -> Ruleset {
         rs: Ruleset::default(),
         next_set_id: 0,
     };
-    for (name, ty, hook, prio) in BASE_CHAINS {
-        b.rs.chains.push(ChainSpec {
-            name: name.to_owned(),
-            hook: Some((ty.to_owned(), hook, prio)),
-            comment: None,
-        });
-    }
     let mut jumps = Vec::new();
     for rp in &ordered {
         for role in b.policy(rp) {
@@ -732,6 +784,20 @@ pub fn build(policies: &[ResolvedPolicy]) -> Ruleset {
             });
         }
     }
+    // Only the base chains something jumps from: every base chain is a
+    // hook every packet of its kind traverses (the route and filter ones
+    // every packet, not only a connection's first), so a TCP-only table
+    // does not make each packet walk empty UDP chains.
+    let base: Vec<ChainSpec> = BASE_CHAINS
+        .iter()
+        .filter(|(name, ..)| jumps.iter().any(|j| j.chain == *name))
+        .map(|(name, ty, hook, prio)| ChainSpec {
+            name: (*name).to_owned(),
+            hook: Some(((*ty).to_owned(), *hook, *prio)),
+            comment: None,
+        })
+        .collect();
+    b.rs.chains.splice(0..0, base);
     b.rs.rules.extend(jumps);
     b.rs
 }
@@ -1258,6 +1324,9 @@ pub fn decode_policies(t: &KernelTable) -> Result<Vec<ResolvedPolicy>, DecodeErr
             if p.protocols.is_empty() {
                 p.protocols = vec![Protocol::Tcp];
             }
+            // The kernel holds what is enforced: a loop it allows was allowed
+            // (normalize keeps the flag only where a loop is possible).
+            p.allow_proxy_loop = true;
             p.normalize();
             rp.users.sort();
             rp.users.dedup();
@@ -1294,7 +1363,13 @@ fn decode_rule(
                 _ => return None,
             }
         }
-        "loopback" | "skip-lo" | "tproxy-out" => {}
+        "loopback" | "skip-lo" | "tproxy-out" | "dns-skip" | "dnat-skip" => {}
+        "dns-redirect" => {
+            if role != Role::Dns {
+                return None;
+            }
+            p.dns_port = Some(port_from(immediates(e).first()?)?);
+        }
         "except-port" => {
             let ports = intervals_to_ports(set()?);
             let ex = if outbound {
@@ -1360,6 +1435,8 @@ fn decode_rule(
             let imm = immediates(e);
             let proxy_ip = ip_from(imm.first()?)?;
             let proxy_port = port_from(imm.get(1)?)?;
+            p.protocols
+                .push(Protocol::from_number(*cmps.get(1)?.first()?)?);
             p.destination_proxy = Some(DestinationProxy {
                 destination: SocketAddr::new(dest_ip, dest_port),
                 proxy: SocketAddr::new(proxy_ip, proxy_port),
@@ -1383,6 +1460,8 @@ mod tests {
             inbound_port: Some(15006),
             protocols: vec![Protocol::Tcp, Protocol::Udp],
             family: Family::Ipv4,
+            dns_port: Some(15053),
+            allow_proxy_loop: true,
             destination_proxy: Some(DestinationProxy {
                 destination: "169.254.169.254:80".parse().unwrap(),
                 proxy: "127.0.0.1:9".parse().unwrap(),

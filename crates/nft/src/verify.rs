@@ -11,15 +11,21 @@
 //!   (per-thread setfsuid/setfsgid: sockets take their owner from them), and
 //!   to each excepted port;
 //! - inbound probes come from the peer to the target's probe address;
+//! - every rule gets its probe: each excepted port, an address inside each
+//!   exception CIDR and each remote match address (up to four per list),
+//!   and DNS (port 53, UDP and TCP) where a policy captures it. Such an
+//!   address is added to the peer's end only, and the target reaches it by
+//!   a source rule (`from 198.18.0.1 lookup 2018`, and the IPv6 probe
+//!   address): only the probes' own packets are routed into the peer, the
+//!   pod's traffic to that address is not hijacked meanwhile;
 //! - destination proxies (DNAT) are probed when their proxy address is in
 //!   the target: with a temporary route into the peer when the target has
 //!   no route to the destination (then bypasses are observed too), else
 //!   only as the redirected identity, so no excluded identity's probe is
 //!   sent to a real destination on purpose.
 //!
-//! Not probed: exception CIDRs and match addresses (that would mean routing
-//! real addresses into the peer, hijacking them for the pod meanwhile);
-//! the e2e tests cover those.
+//! Not probed: local match addresses (the probe would need that address on
+//! the pod's own interface).
 //!
 //! verify listens on every proxy port itself (TCP listeners reading
 //! SO_ORIGINAL_DST, UDP IP_TRANSPARENT sockets reading IP_RECVORIGDSTADDR)
@@ -28,19 +34,22 @@
 //! destination (bypassed). The expectation comes from the policies as
 //! `list` reads them, evaluated by an independent model of their meaning.
 //!
-//! When a proxy port is already taken (the real proxy is running), the
-//! probes that should reach it cannot be observed: those rows are reported
-//! as NOT VERIFIED and count as failures. Run verify before the proxy starts
-//! (as Istio's and Linkerd's validators do) or on a copy of the policy.
+//! A port verify cannot listen on (the real proxy is running, or a service
+//! listens on an excepted port) is observed another way: for TCP, the
+//! target's conntrack entry of the probe says where the kernel sent it
+//! (NATed to which port, from which original destination). A UDP probe to
+//! such a port cannot be observed: its row says NOT VERIFIED, which is
+//! reported but is not a mismatch. Only mismatches fail the run.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
+use ipnet::IpNet;
+use proxyctl_link::Rtnl;
 use proxyctl_policy::{Policy, Protocol, loopback_nets};
 use serde::Serialize;
 
@@ -66,7 +75,10 @@ pub struct VerifyRow {
     pub destination: String,
     pub expected: String,
     pub observed: String,
+    /// False only for a mismatch.
     pub ok: bool,
+    /// False when the probe could not be observed (reported, not a failure).
+    pub verified: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,9 +87,14 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// True when there was something to verify and every probe matched.
+    /// True when there was something to verify and no probe mismatched.
     pub fn ok(&self) -> bool {
         !self.rows.is_empty() && self.rows.iter().all(|r| r.ok)
+    }
+
+    /// Rows whose probe could not be observed.
+    pub fn unverified(&self) -> usize {
+        self.rows.iter().filter(|r| !r.verified).count()
     }
 
     /// A fixed-width table for terminals.
@@ -104,7 +121,12 @@ impl VerifyReport {
                     r.destination.clone(),
                     r.expected.clone(),
                     r.observed.clone(),
-                    if r.ok { "ok" } else { "MISMATCH" }.to_owned(),
+                    match (r.ok, r.verified) {
+                        (false, _) => "MISMATCH",
+                        (true, true) => "ok",
+                        (true, false) => "NOT VERIFIED",
+                    }
+                    .to_owned(),
                 ]
             })
             .collect();
@@ -147,6 +169,9 @@ struct Probe {
     proto: Protocol,
     v4: bool,
     dport: u16,
+    /// The remote side's address when not the peer's probe address: the
+    /// destination of an outbound probe, the source of an inbound one.
+    addr: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +184,24 @@ enum Outcome {
 fn expect(policies: &[ResolvedPolicy], p: &Probe, src: SocketAddr, dst: SocketAddr) -> Option<u16> {
     policies
         .iter()
-        .find_map(|rp| redirect_port(rp, p, src, dst))
+        .find_map(|rp| dns_port(rp, p, dst).or_else(|| redirect_port(rp, p, src, dst)))
+}
+
+fn excluded(rp: &ResolvedPolicy, p: &Probe) -> bool {
+    let ex = &rp.policy.exclude;
+    ex.uids.contains(&p.uid)
+        || ex.gids.contains(&p.gid)
+        || rp.users.iter().any(|(_, uid)| *uid == p.uid)
+}
+
+/// DNS capture: outbound UDP and TCP to port 53, whatever the protocols.
+fn dns_port(rp: &ResolvedPolicy, p: &Probe, dst: SocketAddr) -> Option<u16> {
+    let port = rp.policy.dns_port?;
+    (p.dir == Dir::Out
+        && dst.port() == ruleset::DNS_PORT
+        && rp.policy.covers(&dst.ip())
+        && !excluded(rp, p))
+    .then_some(port)
 }
 
 fn redirect_port(rp: &ResolvedPolicy, p: &Probe, src: SocketAddr, dst: SocketAddr) -> Option<u16> {
@@ -177,11 +219,7 @@ fn redirect_port(rp: &ResolvedPolicy, p: &Probe, src: SocketAddr, dst: SocketAdd
         Dir::In => (dst, src, pol.inbound_port?, &pol.inbound_exceptions),
     };
     if p.dir == Dir::Out {
-        let ex = &pol.exclude;
-        if ex.uids.contains(&p.uid)
-            || ex.gids.contains(&p.gid)
-            || rp.users.iter().any(|(_, uid)| *uid == p.uid)
-        {
+        if excluded(rp, p) {
             return None;
         }
         if in_nets(&loopback_nets(), dst.ip()) {
@@ -210,8 +248,9 @@ fn redirect_port(rp: &ResolvedPolicy, p: &Probe, src: SocketAddr, dst: SocketAdd
     Some(port)
 }
 
-/// Removes the probe veth pair from the target (the peer namespace goes
-/// away on its own when its file is closed).
+/// Removes the probe veth pair and the probes' source rules from the
+/// target (the peer namespace goes away on its own when its file is
+/// closed; the table's routes go with the veth).
 struct VethGuard {
     target: Target,
     name: String,
@@ -221,24 +260,34 @@ impl Drop for VethGuard {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = self.target.run_in(move || {
-            let _ = Command::new("ip").args(["link", "del", &name]).output();
+            let mut rt = rtnl()?;
+            let _ = rt.delete_link(&name);
+            for from in [LOCAL_V4, LOCAL_V6] {
+                let from = from.parse().expect("literal");
+                let _ = rt.delete_source_rule(from, PROBE_TABLE, PROBE_RULE_PREF);
+            }
             Ok(())
         });
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), NftError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| NftError::io("running ip", e))?;
-    if !out.status.success() {
-        return Err(NftError::io(
-            &format!("ip {}", args.join(" ")),
-            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-        ));
-    }
-    Ok(())
+/// The routing table (and rule preference) of the probes' source rules:
+/// after the UDP tproxy rule (1300), before the main table.
+const PROBE_TABLE: u32 = 2018;
+const PROBE_RULE_PREF: u32 = 1400;
+
+/// A route netlink socket of the calling thread's namespace (links,
+/// addresses, routes and rules without running iproute2).
+fn rtnl() -> Result<Rtnl, NftError> {
+    Rtnl::new().map_err(link_err)
+}
+
+fn link_err(e: proxyctl_link::LinkError) -> NftError {
+    NftError::io("probe network", std::io::Error::other(e.to_string()))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("literal")
 }
 
 /// Listeners verify holds on one side.
@@ -246,7 +295,31 @@ fn ip(args: &[&str]) -> Result<(), NftError> {
 struct Listeners {
     tcp: Vec<(u16, TcpListener)>,
     udp: Vec<(u16, UdpSocket)>,
-    busy: Vec<u16>,
+    busy: Vec<(Protocol, u16)>,
+}
+
+impl Listeners {
+    fn is_busy(&self, proto: Protocol, port: u16) -> bool {
+        self.busy.contains(&(proto, port))
+    }
+
+    /// Binds TCP and UDP independently: a TCP service on a port does not
+    /// make the UDP port busy, nor the other way round.
+    fn bind(
+        &mut self,
+        port: u16,
+        addr: SocketAddr,
+        udp: impl Fn(SocketAddr) -> std::io::Result<UdpSocket>,
+    ) {
+        match probe::tcp_listener(addr) {
+            Ok(t) => self.tcp.push((port, t)),
+            Err(_) => self.busy.push((Protocol::Tcp, port)),
+        }
+        match udp(addr) {
+            Ok(u) => self.udp.push((port, u)),
+            Err(_) => self.busy.push((Protocol::Udp, port)),
+        }
+    }
 }
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
@@ -280,6 +353,7 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
                 expected: "a complete policy".into(),
                 observed: format!("incomplete in the kernel: {err}"),
                 ok: false,
+                verified: true,
             })
         })
         .collect();
@@ -292,10 +366,14 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     let n = std::process::id() % 100_000;
     let (a, b) = (format!("pxv{n}a"), format!("pxv{n}b"));
     {
-        let (a, b, peer_path) = (a.clone(), b.clone(), peer_path.clone());
+        let (a, b) = (a.clone(), b.clone());
+        let peer_ns = peer_file
+            .try_clone()
+            .map_err(|e| NftError::io("probe namespace", e))?;
         target.run_in(move || {
-            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
-            ip(&["link", "set", &b, "netns", &peer_path])
+            rtnl()?
+                .add_veth(&a, &b, Some(peer_ns.as_fd()))
+                .map_err(link_err)
         })?;
     }
     let _veth = VethGuard {
@@ -305,35 +383,55 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     {
         let a = a.clone();
         target.run_in(move || {
-            ip(&["addr", "add", &format!("{LOCAL_V4}/30"), "dev", &a])?;
-            ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{LOCAL_V6}/64"),
-                "dev",
-                &a,
-                "nodad",
-            ])?;
-            ip(&["link", "set", &a, "up"])
+            let mut rt = rtnl()?;
+            rt.add_address(&a, net(&format!("{LOCAL_V4}/30")))
+                .map_err(link_err)?;
+            rt.add_address(&a, net(&format!("{LOCAL_V6}/64")))
+                .map_err(link_err)?;
+            rt.set_up(&a).map_err(link_err)
         })?;
         let b = b.clone();
         peer.run_in(move || {
-            ip(&["addr", "add", &format!("{PEER_V4}/30"), "dev", &b])?;
-            ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{PEER_V6}/64"),
-                "dev",
-                &b,
-                "nodad",
-            ])?;
-            ip(&["link", "set", &b, "up"])
+            let mut rt = rtnl()?;
+            rt.add_address(&b, net(&format!("{PEER_V4}/30")))
+                .map_err(link_err)?;
+            rt.add_address(&b, net(&format!("{PEER_V6}/64")))
+                .map_err(link_err)?;
+            rt.set_up(&b).map_err(link_err)
+        })?;
+    }
+
+    // Only the probes (sourced from the probe addresses) are routed into
+    // the peer, whatever their destination.
+    {
+        let a = a.clone();
+        target.run_in(move || {
+            let mut rt = rtnl()?;
+            for (default, from) in [("0.0.0.0/0", LOCAL_V4), ("::/0", LOCAL_V6)] {
+                rt.add_route_via_link_in(net(default), &a, PROBE_TABLE)
+                    .map_err(link_err)?;
+                rt.add_source_rule(from.parse().expect("literal"), PROBE_TABLE, PROBE_RULE_PREF)
+                    .map_err(link_err)?;
+            }
+            Ok(())
         })?;
     }
 
     let probes = plan(&policies);
+    // The sampled addresses exist on the peer's end only.
+    let mut samples: Vec<IpAddr> = probes.iter().filter_map(|p| p.addr).collect();
+    samples.sort();
+    samples.dedup();
+    {
+        let (b, samples) = (b.clone(), samples.clone());
+        peer.run_in(move || {
+            let mut rt = rtnl()?;
+            for addr in samples {
+                rt.add_address(&b, IpNet::from(addr)).map_err(link_err)?;
+            }
+            Ok(())
+        })?;
+    }
     let families: Vec<bool> = {
         let mut f: Vec<bool> = probes.iter().map(|p| p.v4).collect();
         f.sort();
@@ -347,11 +445,18 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
     // Proxy listeners in the target, on every proxy port.
     let mut proxy_ports: Vec<u16> = policies
         .iter()
-        .flat_map(|p| [p.policy.outbound_port, p.policy.inbound_port])
+        .flat_map(|p| {
+            [
+                p.policy.outbound_port,
+                p.policy.inbound_port,
+                p.policy.dns_port,
+            ]
+        })
         .flatten()
         .collect();
     proxy_ports.sort();
     proxy_ports.dedup();
+    let dns_ports: Vec<u16> = policies.iter().filter_map(|p| p.policy.dns_port).collect();
     let proxies = {
         let (ports, fams) = (proxy_ports.clone(), families.clone());
         target.run_in(move || {
@@ -359,21 +464,15 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
             for port in ports {
                 for &v4 in &fams {
                     let any = if v4 { "0.0.0.0" } else { "::" };
-                    let addr = sa(any, port);
-                    match (probe::tcp_listener(addr), probe::udp_tproxy_socket(addr)) {
-                        (Ok(t), Ok(u)) => {
-                            l.tcp.push((port, t));
-                            l.udp.push((port, u));
-                        }
-                        _ => l.busy.push(port),
-                    }
+                    l.bind(port, sa(any, port), probe::udp_tproxy_socket);
                 }
             }
             Ok(l)
         })?
     };
-    // Servers at the real destinations: outbound ones in the peer,
-    // inbound ones on the target's probe addresses.
+    // Servers at the real destinations: outbound ones in the peer (on every
+    // address, so sampled destinations reach them too), inbound ones on the
+    // target's probe addresses.
     let servers = |t: &Target, v4_ip: &'static str, v6_ip: &'static str| {
         let (ports, fams) = (dports.clone(), families.clone());
         t.run_in(move || {
@@ -381,19 +480,13 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
             for port in ports {
                 for &v4 in &fams {
                     let addr = sa(if v4 { v4_ip } else { v6_ip }, port);
-                    match (probe::tcp_listener(addr), probe::udp_server(addr)) {
-                        (Ok(t), Ok(u)) => {
-                            l.tcp.push((port, t));
-                            l.udp.push((port, u));
-                        }
-                        _ => l.busy.push(port),
-                    }
+                    l.bind(port, addr, probe::udp_server);
                 }
             }
             Ok(l)
         })
     };
-    let peer_servers = servers(&peer, PEER_V4, PEER_V6)?;
+    let peer_servers = servers(&peer, "0.0.0.0", "::")?;
     let local_servers = servers(target, LOCAL_V4, LOCAL_V6)?;
 
     for (i, p) in probes.iter().enumerate() {
@@ -404,13 +497,18 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
             (Dir::In, true) => (PEER_V4, LOCAL_V4, &peer, &local_servers),
             (Dir::In, false) => (PEER_V6, LOCAL_V6, &peer, &local_servers),
         };
-        let dst = sa(dst_ip, p.dport);
-        let sent = send_probe(from, p, sa(src_ip, 0), dst, &token);
-        let row = |expected: String, observed: String, ok: bool| VerifyRow {
+        let (mut src, mut dst) = (sa(src_ip, 0), sa(dst_ip, p.dport));
+        match (p.dir, p.addr) {
+            (Dir::Out, Some(addr)) => dst.set_ip(addr),
+            (Dir::In, Some(addr)) => src.set_ip(addr),
+            (_, None) => {}
+        }
+        let sent = send_probe(from, p, src, dst, &token);
+        let row = |expected: String, observed: String, ok: bool, verified: bool| VerifyRow {
             identity: p.label.clone(),
             direction: match p.dir {
                 Dir::Out => "out".into(),
-                Dir::In => "in".into(),
+                Dir::In => format!("in from {}", src.ip()),
             },
             protocol: p.proto.to_string(),
             family: if p.v4 { "ipv4" } else { "ipv6" }.into(),
@@ -418,38 +516,60 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
             expected,
             observed,
             ok,
+            verified,
         };
-        let src = match sent {
-            Ok(src) => src,
+        let sent = match sent {
+            Ok(sent) => sent,
             Err(e) => {
-                rows.push(row("-".into(), format!("probe failed: {e}"), false));
+                rows.push(row("-".into(), format!("probe failed: {e}"), false, true));
                 continue;
             }
         };
-        let want = expect(&policies, p, src.source, dst);
+        let want = expect(&policies, p, sent.source, dst);
         let expected = match want {
             Some(port) => format!("redirect :{port}"),
             None => "bypass".to_owned(),
         };
-        if let Some(port) = want
-            && proxies.busy.contains(&port)
+        // Someone else holds the port the probe should (or may) reach.
+        let busy = want.is_some_and(|port| proxies.is_busy(p.proto, port))
+            || (want.is_none() && bypass.is_busy(p.proto, p.dport));
+        let mut observed = if busy {
+            None
+        } else {
+            observe(p.proto, &proxies, bypass, &token, sent.stream)
+        };
+        let mut via = "";
+        // NATed UDP (DNS capture) arrives with its rewritten destination:
+        // the original one is in conntrack.
+        if let Some(Outcome::Redirected { port, original_dst }) = &mut observed
+            && p.proto == Protocol::Udp
+            && dns_ports.contains(port)
+            && let Ok(Some((orig, _))) = crate::conntrack::nat_of(&sock, 17, sent.source)
         {
+            *original_dst = orig;
+        }
+        if observed.is_none() && p.proto == Protocol::Tcp {
+            // The kernel's own record of where it sent the connection.
+            observed = match crate::conntrack::nat_of(&sock, 6, sent.source) {
+                Ok(Some((orig, Some(port)))) => Some(Outcome::Redirected {
+                    port,
+                    original_dst: orig,
+                }),
+                Ok(Some((_, None))) => Some(Outcome::Bypassed),
+                _ => None,
+            };
+            via = " (conntrack)";
+        }
+        if observed.is_none() && busy {
+            let port = want.unwrap_or(p.dport);
             rows.push(row(
                 expected,
-                format!("NOT VERIFIED: port {port} is in use (proxy running?)"),
+                format!("NOT VERIFIED: udp port {port} is in use (proxy or service running?)"),
+                true,
                 false,
             ));
             continue;
         }
-        if bypass.busy.contains(&p.dport) && want.is_none() {
-            rows.push(row(
-                expected,
-                format!("NOT VERIFIED: destination port {} is in use", p.dport),
-                false,
-            ));
-            continue;
-        }
-        let observed = observe(p.proto, &proxies, bypass, &token, src.stream);
         let ok = match (&observed, want) {
             (Some(Outcome::Redirected { port, original_dst }), Some(w)) => {
                 *port == w && *original_dst == dst
@@ -459,12 +579,12 @@ pub fn verify(target: &Target) -> Result<VerifyReport, NftError> {
         };
         let observed = match observed {
             Some(Outcome::Redirected { port, original_dst }) => {
-                format!("redirect :{port} (orig dst {original_dst})")
+                format!("redirect :{port} (orig dst {original_dst}){via}")
             }
-            Some(Outcome::Bypassed) => "bypass".into(),
+            Some(Outcome::Bypassed) => format!("bypass{via}"),
             None => "nothing arrived".into(),
         };
-        rows.push(row(expected, observed, ok));
+        rows.push(row(expected, observed, ok, true));
     }
     rows.extend(dnat_rows(target, &peer, &a, &b, &policies, &proxies)?);
     drop(peer_file);
@@ -537,8 +657,9 @@ fn dnat_rows(
             family: if v4 { "ipv4" } else { "ipv6" }.into(),
             destination: dest.to_string(),
             expected,
+            verified: !observed.starts_with("NOT VERIFIED"),
+            ok: ok || observed.starts_with("NOT VERIFIED"),
             observed,
-            ok,
         };
         let listener = target.run_in(move || Ok(probe::tcp_listener(dp.proxy)))?;
         let listener = match listener {
@@ -558,29 +679,18 @@ fn dnat_rows(
                 continue;
             }
         };
-        let (host, fam) = if v4 { ("/32", "-4") } else { ("/128", "-6") };
         let routed = {
-            let d = dest.ip().to_string();
-            target.run_in(move || {
-                let out = Command::new("ip")
-                    .args([fam, "route", "get", &d])
-                    .output()
-                    .map_err(|e| NftError::io("running ip", e))?;
-                Ok(out.status.success())
-            })?
+            let d = dest.ip();
+            target.run_in(move || rtnl()?.has_route(d).map_err(link_err))?
         };
         let server = if routed {
             None
         } else {
-            let (d, a) = (format!("{}{host}", dest.ip()), a.to_owned());
-            target.run_in(move || ip(&[fam, "route", "add", &d, "dev", &a]))?;
-            let (d, b) = (format!("{}{host}", dest.ip()), b.to_owned());
+            let (d, a) = (IpNet::from(dest.ip()), a.to_owned());
+            target.run_in(move || rtnl()?.add_route_via_link(d, &a).map_err(link_err))?;
+            let b = b.to_owned();
             peer.run_in(move || {
-                let mut args = vec![fam, "addr", "add", &d, "dev", &b];
-                if !v4 {
-                    args.push("nodad");
-                }
-                ip(&args)?;
+                rtnl()?.add_address(&b, d).map_err(link_err)?;
                 probe::tcp_listener(dest).map_err(|e| NftError::io("probe server", e))
             })
             .ok()
@@ -599,6 +709,7 @@ fn dnat_rows(
                 proto: Protocol::Tcp,
                 v4,
                 dport: dest.port(),
+                addr: None,
             };
             let src = SocketAddr::new(probe::unspecified_like(dest.ip()), 0);
             let token = format!("proxyctl-verify-dnat-{}-{i}", std::process::id()).into_bytes();
@@ -697,12 +808,46 @@ fn identities(policies: &[ResolvedPolicy]) -> Vec<(String, u32, u32)> {
     identities
 }
 
-/// The probes worth sending for these policies.
+/// An address inside `net` (its first host, or the address of a host
+/// prefix), unless it is loopback (never routed into the peer).
+fn sample(net: &ipnet::IpNet) -> Option<IpAddr> {
+    let addr = match net {
+        ipnet::IpNet::V4(n) if n.prefix_len() < 31 => {
+            IpAddr::from(std::net::Ipv4Addr::from(u32::from(n.network()) + 1))
+        }
+        ipnet::IpNet::V6(n) if n.prefix_len() < 127 => {
+            IpAddr::from(std::net::Ipv6Addr::from(u128::from(n.network()) + 1))
+        }
+        n => n.network(),
+    };
+    let reserved: [IpAddr; 4] = [
+        LOCAL_V4.parse().expect("literal"),
+        PEER_V4.parse().expect("literal"),
+        LOCAL_V6.parse().expect("literal"),
+        PEER_V6.parse().expect("literal"),
+    ];
+    (!addr.is_loopback()
+        && !addr.is_unspecified()
+        && !addr.is_multicast()
+        && !reserved.contains(&addr))
+    .then_some(addr)
+}
+
+/// How many addresses of one list are probed.
+const SAMPLES_PER_LIST: usize = 4;
+
+/// The probes worth sending for these policies: every identity, excepted
+/// port, exception CIDR, remote match address and DNS capture.
 fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
     let pols: Vec<&Policy> = policies.iter().map(|p| &p.policy).collect();
     let identities = identities(policies);
     let (app_uid, app_gid) = (identities[0].1, identities[0].2);
+    let app = format!("app {app_uid}:{app_gid}");
     let mut protos: Vec<Protocol> = pols.iter().flat_map(|p| p.protocols.clone()).collect();
+    let any_dns = pols.iter().any(|p| p.dns_port.is_some());
+    if any_dns {
+        protos.extend([Protocol::Tcp, Protocol::Udp]);
+    }
     protos.sort();
     protos.dedup();
     let fams: Vec<bool> = [true, false]
@@ -717,20 +862,75 @@ fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
             })
         })
         .collect();
-    let any_out = pols.iter().any(|p| p.outbound_port.is_some());
+    let any_out = pols
+        .iter()
+        .any(|p| p.outbound_port.is_some() || p.dns_port.is_some());
     let any_in = pols.iter().any(|p| p.inbound_port.is_some());
-    let mut out_ports = vec![PROBE_PORT];
-    let mut in_ports = vec![PROBE_PORT];
+    let mut out_ports = vec![];
+    let mut in_ports = vec![];
+    let mut out_addrs: Vec<IpAddr> = Vec::new();
+    let mut in_addrs: Vec<IpAddr> = Vec::new();
     for p in &pols {
-        out_ports.extend(p.outbound_exceptions.ports.iter().take(4).map(|r| r.start));
-        in_ports.extend(p.inbound_exceptions.ports.iter().take(4).map(|r| r.start));
+        let take = |nets: &[ipnet::IpNet]| -> Vec<IpAddr> {
+            nets.iter()
+                .filter_map(sample)
+                .take(SAMPLES_PER_LIST)
+                .collect()
+        };
+        if p.outbound_port.is_some() {
+            out_ports.extend(
+                p.outbound_exceptions
+                    .ports
+                    .iter()
+                    .take(SAMPLES_PER_LIST)
+                    .map(|r| r.start),
+            );
+            out_addrs.extend(take(&p.outbound_exceptions.cidrs));
+            out_addrs.extend(take(&p.matching.remote_addresses));
+        }
+        if p.inbound_port.is_some() {
+            in_ports.extend(
+                p.inbound_exceptions
+                    .ports
+                    .iter()
+                    .take(SAMPLES_PER_LIST)
+                    .map(|r| r.start),
+            );
+            in_addrs.extend(take(&p.inbound_exceptions.cidrs));
+            in_addrs.extend(take(&p.matching.remote_addresses));
+        }
     }
-    out_ports.dedup();
-    in_ports.dedup();
+    if any_dns {
+        out_ports.push(ruleset::DNS_PORT);
+    }
+    for v in [&mut out_ports, &mut in_ports] {
+        v.retain(|&p| p != PROBE_PORT);
+        v.sort();
+        v.dedup();
+    }
+    for v in [&mut out_addrs, &mut in_addrs] {
+        v.sort();
+        v.dedup();
+    }
 
     let mut probes = Vec::new();
     for &proto in &protos {
         for &v4 in &fams {
+            let app_probe = |dir, dport, addr| Probe {
+                label: if dir == Dir::Out {
+                    app.clone()
+                } else {
+                    "peer".into()
+                },
+                uid: if dir == Dir::Out { app_uid } else { 0 },
+                gid: if dir == Dir::Out { app_gid } else { 0 },
+                dir,
+                proto,
+                v4,
+                dport,
+                addr,
+            };
+            let family = |a: &&IpAddr| a.is_ipv4() == v4;
             if any_out {
                 for (label, uid, gid) in &identities {
                     probes.push(Probe {
@@ -741,31 +941,23 @@ fn plan(policies: &[ResolvedPolicy]) -> Vec<Probe> {
                         proto,
                         v4,
                         dport: PROBE_PORT,
+                        addr: None,
                     });
                 }
-                for &dport in out_ports.iter().skip(1) {
-                    probes.push(Probe {
-                        label: format!("app {app_uid}:{app_gid}"),
-                        uid: app_uid,
-                        gid: app_gid,
-                        dir: Dir::Out,
-                        proto,
-                        v4,
-                        dport,
-                    });
+                for &dport in &out_ports {
+                    probes.push(app_probe(Dir::Out, dport, None));
+                }
+                for addr in out_addrs.iter().filter(family) {
+                    probes.push(app_probe(Dir::Out, PROBE_PORT, Some(*addr)));
                 }
             }
             if any_in {
+                probes.push(app_probe(Dir::In, PROBE_PORT, None));
                 for &dport in &in_ports {
-                    probes.push(Probe {
-                        label: "peer".into(),
-                        uid: 0,
-                        gid: 0,
-                        dir: Dir::In,
-                        proto,
-                        v4,
-                        dport,
-                    });
+                    probes.push(app_probe(Dir::In, dport, None));
+                }
+                for addr in in_addrs.iter().filter(family) {
+                    probes.push(app_probe(Dir::In, PROBE_PORT, Some(*addr)));
                 }
             }
         }

@@ -12,9 +12,15 @@ use proxyctl_testkit::require_root;
 
 const APP: Option<(u32, u32)> = Some((1000, 1000));
 
+/// A policy excluding the proxies' uid (1337), as every real one must; the
+/// test apps run as uid 1000.
 fn policy(name: &str) -> Policy {
     Policy {
         name: name.into(),
+        exclude: Exclusions {
+            uids: vec![1337],
+            ..Default::default()
+        },
         ..Policy::default()
     }
 }
@@ -66,6 +72,7 @@ fn inbound_tcp_is_redirected_to_the_inbound_port() {
             ports: vec!["15020".parse().unwrap()],
             cidrs: vec![format!("{PEER3_V4}/32").parse().unwrap()],
         },
+        exclude: Exclusions::default(),
         ..policy("in")
     };
     nft::add(&pair.target, &p).unwrap();
@@ -425,4 +432,152 @@ fn udp_replies_are_not_tproxied() {
         .expect("the app got the peer's reply");
     assert_eq!(&buf[..n], b"r2");
     drop(peer);
+}
+
+/// Reads `token` from an accepted proxy-side stream, within WAIT.
+fn reads(s: &mut std::net::TcpStream, token: &str) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = vec![0u8; token.len()];
+    s.read_exact(&mut buf).is_ok() && buf == token.as_bytes()
+}
+
+#[test]
+fn replacing_a_policy_moves_kept_alive_connections_only_with_flush_conntrack() {
+    if !require_root("flush_conntrack") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let pair = Pair::new("ctf");
+    let at = |port| Policy {
+        outbound_port: Some(port),
+        ..policy("mesh")
+    };
+    // An untouched policy's redirected connection must survive the flush.
+    let other = Policy {
+        outbound_port: Some(15009),
+        matching: proxyctl_policy::Match {
+            remote_ports: vec!["81".parse().unwrap()],
+            ..Default::default()
+        },
+        priority: 9,
+        ..policy("other")
+    };
+    nft::apply(&pair.target, &[at(15001), other]).unwrap();
+    let proxies = tcp_listeners(
+        &pair.pod,
+        &[
+            sa("0.0.0.0", 15001),
+            sa("0.0.0.0", 15002),
+            sa("0.0.0.0", 15003),
+            sa("0.0.0.0", 15009),
+        ],
+    );
+    let _server = tcp_listeners(&pair.peer, &[sa(PEER_V4, 80), sa(PEER_V4, 81)]);
+    let accept = |i: usize| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Ok((s, _)) = proxies[i].accept() {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "nothing at proxy {i}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    let mut client = tcp_send(&pair.pod, APP, sa(POD_V4, 0), sa(PEER_V4, 80), "one");
+    let mut old_side = accept(0);
+    assert!(reads(&mut old_side, "one"));
+    let mut other_client = tcp_send(&pair.pod, APP, sa(POD_V4, 0), sa(PEER_V4, 81), "o1");
+    let mut other_side = accept(3);
+    assert!(reads(&mut other_side, "o1"));
+
+    // Without the flush, conntrack keeps the open connection on the old proxy.
+    let report = nft::add_with(&pair.target, &[at(15002)], nft::Options::default()).unwrap();
+    assert_eq!(report.replaced, ["mesh"]);
+    assert_eq!(report.flushed, 0);
+    client.write_all(b"two").unwrap();
+    assert!(
+        reads(&mut old_side, "two"),
+        "a kept-alive connection stays with the old proxy after a plain replace"
+    );
+
+    // With it, the connection is re-evaluated: the new proxy has no socket
+    // for it, so the client is reset and its reconnect follows the policy.
+    let flush = nft::Options {
+        flush_conntrack: true,
+    };
+    let report = nft::add_with(&pair.target, &[at(15003)], flush).unwrap();
+    assert!(report.flushed >= 1, "{report:?}");
+    let _ = client.write_all(b"three");
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 8];
+    let outcome = client.read(&mut buf);
+    assert!(
+        matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the old connection must be reset, got {outcome:?}"
+    );
+    assert!(!reads(&mut old_side, "three"), "the old proxy got new data");
+    let _again = tcp_send(&pair.pod, APP, sa(POD_V4, 0), sa(PEER_V4, 80), "four");
+    assert!(
+        reads(&mut accept(2), "four"),
+        "a new connection goes to the new proxy"
+    );
+    // The untouched policy's connection went on.
+    other_client.write_all(b"o2").unwrap();
+    assert!(
+        reads(&mut other_side, "o2"),
+        "an untouched policy's connection was cut"
+    );
+
+    // clear --flush-conntrack cuts what the removed policy redirected.
+    let (removed, flushed) = nft::clear_with(&pair.target, Some("other"), flush).unwrap();
+    assert_eq!((removed, flushed), (1, 1));
+    let _ = other_client.write_all(b"o3");
+    other_client.set_read_timeout(Some(WAIT)).unwrap();
+    assert!(other_client.read(&mut buf).is_err());
+}
+
+#[test]
+fn udp_destination_proxy_is_natted_and_replies_come_from_the_destination() {
+    if !require_root("udp_dnat") {
+        return;
+    }
+    let pair = Pair::new("udnat");
+    pair.pod
+        .run(&["ip", "route", "add", "169.254.169.254/32", "dev", "v0"]);
+    let p = Policy {
+        destination_proxy: Some(DestinationProxy {
+            destination: "169.254.169.254:53".parse().unwrap(),
+            proxy: "127.0.0.1:5353".parse().unwrap(),
+        }),
+        protocols: vec![Protocol::Udp],
+        ..policy("udnat")
+    };
+    nft::add(&pair.target, &p).unwrap();
+    assert_eq!(nft::list(&pair.target).unwrap(), vec![p.checked().unwrap()]);
+    // An ordinary UDP server (no tproxy): NAT delivers to it, conntrack
+    // rewrites its reply's source back to the destination the app asked.
+    let server = udp_servers(&pair.pod, &[sa("127.0.0.1", 5353)]).remove(0);
+    server.set_nonblocking(false).unwrap();
+    let echo = std::thread::spawn(move || {
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(&buf[..n], from).unwrap();
+    });
+    let reply = pair.pod.enter(|| {
+        probe::set_thread_fs_ids(1000, 1000).unwrap();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect("169.254.169.254:53").unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.send(b"query").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("a reply from 169.254.169.254:53");
+        buf[..n].to_vec()
+    });
+    echo.join().unwrap();
+    assert_eq!(reply, b"query");
 }

@@ -33,6 +33,8 @@ fn full_policy() -> Policy {
             users: vec!["nobody".into()],
             sids: vec![],
         },
+        allow_proxy_loop: false,
+        dns_port: Some(15053),
         matching: Match {
             local_addresses: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
             remote_addresses: vec!["0.0.0.0/1".parse().unwrap()],
@@ -90,6 +92,8 @@ fn list_round_trips_every_field() {
             priority: 65535,
             outbound_port: Some(1),
             family: Family::Ipv4,
+            // No identity excluded: read back with the loop permission.
+            allow_proxy_loop: true,
             matching: Match {
                 remote_addresses: vec!["0.0.0.0/0".parse().unwrap()],
                 ..Match::default()
@@ -155,6 +159,7 @@ fn a_batch_the_kernel_refuses_leaves_the_ruleset_byte_for_byte_intact() {
     let other = Policy {
         name: "other".into(),
         outbound_port: Some(2000),
+        allow_proxy_loop: true,
         ..Policy::default()
     };
     let err = nft::apply_with_kernel_fault(&t, std::slice::from_ref(&other)).unwrap_err();
@@ -179,6 +184,7 @@ fn bad_input_is_refused_before_the_kernel_and_changes_nothing() {
     let base = Policy {
         name: "x".into(),
         outbound_port: Some(100),
+        allow_proxy_loop: true,
         ..Policy::default()
     };
     let cases = [
@@ -267,6 +273,10 @@ fn clear_removes_our_table_only_and_counts() {
         name: name.into(),
         outbound_port: Some(port),
         protocols: vec![Protocol::Tcp, Protocol::Udp],
+        exclude: Exclusions {
+            uids: vec![1337],
+            ..Default::default()
+        },
         ..Policy::default()
     };
     nft::add(&t, &mk("a", 1000)).unwrap();
@@ -306,6 +316,10 @@ fn random_policy(rng: &mut StdRng, name: &str) -> Policy {
     if p.outbound_port.is_some() {
         for _ in 0..rng.gen_range(0..3) {
             p.exclude.uids.push(rng.gen_range(0..5000));
+        }
+        p.allow_proxy_loop = p.exclude.uids.is_empty();
+        if rng.gen_bool(0.3) {
+            p.dns_port = Some(port(rng));
         }
         for _ in 0..rng.gen_range(0..3) {
             p.outbound_exceptions
@@ -428,6 +442,7 @@ fn concurrent_writers_never_lose_each_others_policies() {
                     let p = Policy {
                         name: format!("w{w}-{i}"),
                         outbound_port: Some(1000 + i),
+                        allow_proxy_loop: true,
                         ..Policy::default()
                     };
                     nft::add(&t, &p).unwrap();

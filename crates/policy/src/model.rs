@@ -43,6 +43,17 @@ pub struct Policy {
     /// Identities whose traffic is never redirected (the proxy itself).
     #[serde(default, skip_serializing_if = "Exclusions::is_empty")]
     pub exclude: Exclusions,
+    /// Accept an outbound redirect that excludes no identity, so the proxy's
+    /// own upstream connections are redirected back into it (a loop, unless
+    /// the proxy bypasses the redirect by other means). Without it such a
+    /// policy is refused. After [`Policy::normalize`] it is true exactly
+    /// when the policy redirects outbound traffic and excludes no identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_proxy_loop: bool,
+    /// Redirect DNS (UDP and TCP to port 53) to this local port with NAT,
+    /// so any DNS server can serve it (conntrack rewrites the replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_port: Option<u16>,
     /// When non-empty, only matching traffic is redirected.
     #[serde(default, rename = "match", skip_serializing_if = "Match::is_empty")]
     pub matching: Match,
@@ -76,6 +87,8 @@ impl Default for Policy {
             protocols: default_protocols(),
             family: Family::Both,
             exclude: Exclusions::default(),
+            allow_proxy_loop: false,
+            dns_port: None,
             matching: Match::default(),
             outbound_exceptions: Exceptions::default(),
             inbound_exceptions: Exceptions::default(),
@@ -88,6 +101,15 @@ impl Policy {
     /// Sorts and de-duplicates every list so that two policies meaning the
     /// same thing compare equal (what `list` reads back is normalized).
     pub fn normalize(&mut self) {
+        // DNS capture always takes UDP and TCP; a policy doing nothing else
+        // has no other traffic for --protocol to choose.
+        if self.dns_port.is_some()
+            && self.outbound_port.is_none()
+            && self.inbound_port.is_none()
+            && self.destination_proxy.is_none()
+        {
+            self.protocols = vec![Protocol::Tcp, Protocol::Udp];
+        }
         sort_dedup(&mut self.protocols);
         sort_dedup(&mut self.exclude.uids);
         sort_dedup(&mut self.exclude.gids);
@@ -101,6 +123,15 @@ impl Policy {
             sort_dedup(&mut exceptions.ports);
             sort_dedup(&mut exceptions.cidrs);
         }
+        // The loop permission only means something where a loop can happen.
+        self.allow_proxy_loop &= self.redirects_outbound() && self.exclude.is_empty();
+    }
+
+    /// Whether local processes' outbound traffic goes to a proxy in this
+    /// namespace (the proxy's own traffic then needs an identity exclusion).
+    /// A destination proxy alone does not count: its proxy runs elsewhere.
+    pub fn redirects_outbound(&self) -> bool {
+        self.outbound_port.is_some() || self.dns_port.is_some()
     }
 
     /// Normalizes, then validates: the form every backend should accept.

@@ -21,15 +21,18 @@ impl Policy {
         if self.outbound_port.is_none()
             && self.inbound_port.is_none()
             && self.destination_proxy.is_none()
+            && self.dns_port.is_none()
         {
             return Err(PolicyError::conflict(
                 "outbound-port",
-                "a policy needs --outbound-port (--port), --inbound-port or --destination-proxy",
+                "a policy needs --outbound-port (--port), --inbound-port, --dns-port or \
+                 --destination-proxy",
             ));
         }
         for (field, port) in [
             ("outbound-port", self.outbound_port),
             ("inbound-port", self.inbound_port),
+            ("dns-port", self.dns_port),
         ] {
             if port == Some(0) {
                 return Err(PolicyError::invalid(field, "port 0 is outside 1-65535"));
@@ -98,6 +101,21 @@ impl Policy {
                     "the proxy cannot be the destination itself",
                 ));
             }
+        }
+        // Last, so a malformed field is reported before the missing one.
+        if self.redirects_outbound() && self.exclude.is_empty() && !self.allow_proxy_loop {
+            let field = if self.outbound_port.is_some() {
+                "outbound-port"
+            } else {
+                "dns-port"
+            };
+            return Err(PolicyError::conflict(
+                field,
+                "the proxy's own outbound connections would be redirected back into it (a \
+                 loop); exclude its identity with --exclude-uid, --exclude-gid or \
+                 --exclude-user (--usersid on Windows), or pass --allow-proxy-loop \
+                 (allowProxyLoop: true in a file) if the proxy bypasses the redirect itself",
+            ));
         }
         Ok(())
     }

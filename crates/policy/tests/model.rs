@@ -4,10 +4,12 @@
 use proxyctl_policy::*;
 
 fn base() -> Policy {
-    Policy {
+    let mut p = Policy {
         outbound_port: Some(15001),
         ..Policy::default()
-    }
+    };
+    p.exclude.uids = vec![1337];
+    p
 }
 
 fn field_of(result: Result<Policy, PolicyError>) -> &'static str {
@@ -252,13 +254,84 @@ fn files_refuse_typos_duplicates_and_bad_values() {
     );
     let err = policies_from_str(
         "f",
-        "- outboundPort: 1\n- outboundPort: 2\n",
+        "- {outboundPort: 1, exclude: {uids: [1]}}\n- {outboundPort: 2, exclude: {uids: [1]}}\n",
         FileFormat::Yaml,
     )
     .unwrap_err();
     assert_eq!(err.field(), Some("name"));
-    let text = "- {name: a, outboundPort: 1}\n- {name: b, inboundPort: 2, protocols: [tcp, udp], outboundExceptions: {ports: ['1000-2000']}}\n";
+    let text = "- {name: a, outboundPort: 1, exclude: {gids: [1]}}\n- {name: b, inboundPort: 2, protocols: [tcp, udp], outboundExceptions: {ports: ['1000-2000']}}\n";
     let err = policies_from_str("f", text, FileFormat::Yaml).unwrap_err();
     assert_eq!(err.field(), Some("exclude-outbound-port"));
     assert!(policies_from_str("f", "[]", FileFormat::Json).is_err());
+}
+
+#[test]
+fn an_outbound_redirect_without_an_identity_exclusion_is_a_loop_refused() {
+    let mut p = base();
+    p.exclude.uids.clear();
+    let err = p.clone().checked().unwrap_err();
+    assert_eq!(err.field(), Some("outbound-port"));
+    for flag in [
+        "--exclude-uid",
+        "--exclude-gid",
+        "--exclude-user",
+        "--allow-proxy-loop",
+    ] {
+        assert!(err.to_string().contains(flag), "{err}");
+    }
+    // DNS capture redirects outbound traffic too.
+    let dns = Policy {
+        dns_port: Some(15053),
+        ..Policy::default()
+    };
+    assert_eq!(field_of(dns.clone().checked()), "dns-port");
+    // Any identity kind is enough, as is saying so explicitly.
+    for exclude in [
+        Exclusions {
+            gids: vec![7],
+            ..Exclusions::default()
+        },
+        Exclusions {
+            users: vec!["squid".into()],
+            ..Exclusions::default()
+        },
+        Exclusions {
+            sids: vec!["S-1-5-18".into()],
+            ..Exclusions::default()
+        },
+    ] {
+        let q = Policy {
+            exclude,
+            ..p.clone()
+        };
+        assert!(q.checked().is_ok());
+    }
+    let allowed = Policy {
+        allow_proxy_loop: true,
+        ..p.clone()
+    }
+    .checked()
+    .unwrap();
+    assert!(allowed.allow_proxy_loop);
+    // Inbound-only and destination-proxy-only policies cannot loop: no
+    // exclusion needed, and the permission is dropped as meaningless.
+    let inbound = Policy {
+        inbound_port: Some(15006),
+        allow_proxy_loop: true,
+        ..Policy::default()
+    }
+    .checked()
+    .unwrap();
+    assert!(!inbound.allow_proxy_loop);
+    // Files obey the same rule, and take the permission by its key.
+    let err = policies_from_str("p.yaml", "outboundPort: 15001\n", FileFormat::Yaml).unwrap_err();
+    assert!(err.to_string().contains("--allow-proxy-loop"), "{err}");
+    let ok = policies_from_str(
+        "p.yaml",
+        "outboundPort: 15001\nallowProxyLoop: true\n",
+        FileFormat::Yaml,
+    )
+    .unwrap();
+    assert!(ok[0].allow_proxy_loop);
+    let _ = dns;
 }

@@ -30,6 +30,12 @@
 //! [`GATEWAY`] as an address every pod can reach (the node's bridge),
 //! [`Sandbox::add_default_route`] for pods that need one, and
 //! [`metadata_cloud`] for a 169.254.169.254 that only one pod can reach.
+//! To run our own images as the kubelet would: [`Containerd::import_archive`]
+//! (an OCI archive), [`PodSpec::host_network`], [`Containerd::run_container`]
+//! with a [`ContainerSpec`] (command, args, mounts with propagation,
+//! security context), [`Containerd::stop_container`],
+//! [`Containerd::container_log`]; [`ContainerdOptions::shared_state`] when a
+//! container must see pod namespaces created after it started.
 //! Several harnesses may run at once (each has its own node namespace).
 //!
 //! Dropping [`Containerd`] tears everything down, on success or panic:
@@ -53,9 +59,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use nix::sched::{CloneFlags, setns};
+use proxyctl_cri_api::runtime::v1 as cri;
+use proxyctl_cri_api::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -89,6 +95,42 @@ pub struct ContainerdOptions {
     /// `io.containerd.grpc.v1.events` to stand in for a runtime without
     /// containerd's event service).
     pub disabled_plugins: Vec<String>,
+    /// Make `$D/state` (where pod netns are bind-mounted) a shared mount
+    /// of its own, so a container may mount it with HostToContainer
+    /// propagation and see pods' namespaces created after it started (as
+    /// a node's /var/run/netns is). The test's `/` here is private, and
+    /// containerd refuses rslave mounts from a private mount.
+    pub shared_state: bool,
+}
+
+/// One container of a pod spec, as the kubelet passes it to CRI (the
+/// fields our DaemonSets use).
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    pub name: String,
+    /// A fully qualified image name already imported.
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<MountSpec>,
+    pub run_as_user: Option<i64>,
+    pub add_capabilities: Vec<String>,
+    pub drop_capabilities: Vec<String>,
+    pub privileged: bool,
+    pub readonly_rootfs: bool,
+    /// `allowPrivilegeEscalation: false`.
+    pub no_new_privs: bool,
+}
+
+/// A hostPath (or ConfigMap directory) mount.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub readonly: bool,
+    /// `mountPropagation: HostToContainer` (rslave).
+    pub host_to_container: bool,
 }
 
 /// A pod to create: one sandbox, one app container named `app`.
@@ -100,6 +142,8 @@ pub struct PodSpec {
     pub annotations: BTreeMap<String, String>,
     /// argv of the app container; `None` runs [`IDLE_COMMAND`].
     pub command: Option<Vec<String>>,
+    /// The node's network (`hostNetwork: true`): no CNI, no pod netns.
+    pub host_network: bool,
 }
 
 impl PodSpec {
@@ -110,6 +154,7 @@ impl PodSpec {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             command: None,
+            host_network: false,
         }
     }
     pub fn namespace(mut self, ns: &str) -> Self {
@@ -122,6 +167,11 @@ impl PodSpec {
     }
     pub fn annotation(mut self, k: &str, v: &str) -> Self {
         self.annotations.insert(k.to_owned(), v.to_owned());
+        self
+    }
+    /// `hostNetwork: true`: the sandbox shares the node's namespace.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
         self
     }
     /// Runs `script` with `/bin/sh -c` as the app.
@@ -273,6 +323,9 @@ impl Containerd {
         };
         // From here on a panic drops `cd`, which cleans up.
         cd.write_config(&options);
+        if options.shared_state {
+            cd.share_state_dir();
+        }
         cd.spawn_containerd();
         cd.import_image();
         cd
@@ -313,6 +366,43 @@ impl Containerd {
     /// containerd reloads it on change).
     pub fn cni_conflist(&self) -> PathBuf {
         self.dir().join("cni/net.d/10-pxt.conflist")
+    }
+
+    /// `$D/state`: where containerd keeps pod netns bind mounts.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    fn share_state_dir(&self) {
+        use nix::mount::{MsFlags, mount};
+        let state = self.state_dir();
+        mount(
+            Some(&state),
+            &state,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind-mounting $D/state");
+        // Removed with every other mount under $D at drop.
+        mount(
+            None::<&str>,
+            &state,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .expect("making $D/state shared");
+    }
+
+    /// The CNI bin dir containerd runs plugins from (the node's /opt/cni/bin).
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir().join("cni/bin")
+    }
+
+    /// The CNI conf dir containerd reads (the node's /etc/cni/net.d).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir().join("cni/net.d")
     }
 
     fn write_config(&self, options: &ContainerdOptions) {
@@ -515,19 +605,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     fn import_image(&self) {
         let tar = self.dir().join("busybox-oci.tar");
         build_busybox_image(&tar);
+        self.import_archive(&tar);
+        let _ = fs::remove_file(tar);
+    }
+
+    /// Imports an OCI image archive (`ctr images import`, into the CRI
+    /// namespace), under the name its index.json annotates.
+    pub fn import_archive(&self, tar: &Path) {
         let out = Command::new("ctr")
             .arg("--address")
             .arg(self.socket())
             .args(["-n", CRI_NAMESPACE, "images", "import"])
-            .arg(&tar)
+            .arg(tar)
             .output()
             .expect("spawning ctr");
         assert!(
             out.status.success(),
-            "ctr images import failed: {}",
+            "ctr images import {} failed: {}",
+            tar.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let _ = fs::remove_file(tar);
     }
 
     fn sandbox_config(&self, spec: &PodSpec) -> cri::PodSandboxConfig {
@@ -541,7 +638,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 namespace: spec.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: spec.name.chars().take(63).collect(),
+            // As the kubelet: a host-network pod keeps the node's hostname
+            // (runc cannot set one without a UTS namespace of its own).
+            hostname: if spec.host_network {
+                String::new()
+            } else {
+                spec.name.chars().take(63).collect()
+            },
             log_directory: log_dir.display().to_string(),
             labels: spec.labels.clone().into_iter().collect(),
             annotations: spec.annotations.clone().into_iter().collect(),
@@ -549,7 +652,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 cgroup_parent: self.cgroup_parent.clone(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Pod as i32,
+                        network: if spec.host_network {
+                            cri::NamespaceMode::Node as i32
+                        } else {
+                            cri::NamespaceMode::Pod as i32
+                        },
                         pid: cri::NamespaceMode::Container as i32,
                         ipc: cri::NamespaceMode::Pod as i32,
                         ..Default::default()
@@ -558,7 +665,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 }),
                 ..Default::default()
             }),
-            ..Default::default()
         }
     }
 
@@ -578,7 +684,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 .pod_sandbox_id)
         });
         self.sandboxes.lock().unwrap().push(id.clone());
-        let (netns, ip) = self.sandbox_network(&id);
+        let (netns, ip) = if spec.host_network {
+            (self.node().path().to_path_buf(), String::new())
+        } else {
+            self.sandbox_network(&id)
+        };
         (
             Sandbox {
                 id,
@@ -683,6 +793,121 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             stdout: String::from_utf8_lossy(&resp.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&resp.stderr).into_owned(),
         }
+    }
+
+    /// Creates and starts a container as the kubelet would from a pod
+    /// spec's container: its image, `command` and `args` (overriding the
+    /// image's entrypoint and cmd), env, hostPath mounts and security
+    /// context. Logs go to the sandbox's log directory as `NAME.log`.
+    pub fn run_container(
+        &self,
+        sandbox: &Sandbox,
+        sandbox_config: &cri::PodSandboxConfig,
+        c: &ContainerSpec,
+    ) -> String {
+        let security = cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: c.add_capabilities.clone(),
+                drop_capabilities: c.drop_capabilities.clone(),
+            }),
+            privileged: c.privileged,
+            namespace_options: sandbox_config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .and_then(|s| s.namespace_options.clone()),
+            run_as_user: c.run_as_user.map(|value| cri::Int64Value { value }),
+            readonly_rootfs: c.readonly_rootfs,
+            no_new_privs: c.no_new_privs,
+            run_as_group: None,
+        };
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.id.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: c.name.clone(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: c.image.clone(),
+                    ..Default::default()
+                }),
+                command: c.command.clone(),
+                args: c.args.clone(),
+                envs: c
+                    .env
+                    .iter()
+                    .map(|(key, value)| cri::KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                mounts: c
+                    .mounts
+                    .iter()
+                    .map(|m| cri::Mount {
+                        container_path: m.container_path.clone(),
+                        host_path: m.host_path.display().to_string(),
+                        readonly: m.readonly,
+                        selinux_relabel: false,
+                        propagation: if m.host_to_container {
+                            cri::MountPropagation::PropagationHostToContainer as i32
+                        } else {
+                            cri::MountPropagation::PropagationPrivate as i32
+                        },
+                    })
+                    .collect(),
+                log_path: format!("{}.log", c.name),
+                linux: Some(cri::LinuxContainerConfig {
+                    security_context: Some(security),
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox_config.clone()),
+        };
+        self.cri("CreateContainer+StartContainer", async move |mut cl| {
+            let id = cl.create_container(req).await?.into_inner().container_id;
+            cl.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+            Ok(id)
+        })
+    }
+
+    /// The log a container wrote (CRI log format: time, stream, tag, line).
+    pub fn container_log(&self, sandbox_config: &cri::PodSandboxConfig, name: &str) -> String {
+        fs::read_to_string(Path::new(&sandbox_config.log_directory).join(format!("{name}.log")))
+            .unwrap_or_default()
+    }
+
+    /// `(state, exit code)` of a container (state: [`cri::ContainerState`]).
+    pub fn container_state(&self, id: &str) -> (i32, i32) {
+        let id = id.to_owned();
+        let s = self.cri("ContainerStatus", async move |mut cl| {
+            Ok(cl
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id,
+                    verbose: false,
+                })
+                .await?
+                .into_inner())
+        });
+        s.status.map(|s| (s.state, s.exit_code)).unwrap_or((-1, -1))
+    }
+
+    /// Stops a container as the kubelet does when its pod is deleted: TERM,
+    /// then KILL after `timeout_secs`.
+    pub fn stop_container(&self, id: &str, timeout_secs: i64) {
+        let id = id.to_owned();
+        self.cri("StopContainer", async move |mut cl| {
+            cl.stop_container(cri::StopContainerRequest {
+                container_id: id,
+                timeout: timeout_secs,
+            })
+            .await?;
+            Ok(())
+        });
     }
 
     /// Stops and removes a pod sandbox (and its containers) through CRI.

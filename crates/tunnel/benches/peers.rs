@@ -1,24 +1,28 @@
 //! Side-by-side benchmark: our tunnel (HTTP-CONNECT and gRPC frontends)
 //! versus a direct connection, an OpenSSH reverse tunnel (`ssh -R` to a
-//! loopback sshd started here) and rathole, in one run, on one machine, to
-//! one backend process with the same payloads. Also a soak mode.
+//! loopback sshd started here), rathole and upstream apiserver-network-proxy
+//! (its Go proxy-server and proxy-agent), in one run, on one machine, to one
+//! backend process with the same payloads and the same client. Also a soak
+//! mode.
 //!
 //! Peers come from `scripts/install-bench-tools.sh` (rathole in
-//! target/tools/bin; /usr/sbin/sshd from Debian). A missing peer is skipped
-//! and said so.
+//! target/tools/bin; /usr/sbin/sshd from Debian); upstream's binaries from
+//! `scripts/install-deps.sh` (target/go-peers). A missing peer is skipped and
+//! said so.
 //!
 //! `cargo bench -p konnectivity --bench peers`. Env:
 //!   BENCH_QUICK=1      smoke sizes (32 MiB, 300 dials, 500 rounds, 500 idle)
 //!   BENCH_MIB          bytes per throughput row (default 1024)
 //!   BENCH_DIALS        dials per dials/s row (default 4000)
 //!   BENCH_IDLE         idle connections for the memory row (default 10000)
-//!   BENCH_PEERS        comma list to run (direct,http,grpc,ssh,ssh-gcm,rathole,
-//!                      rathole-noise)
+//!   BENCH_PEERS        comma list to run (direct,http,grpc,upstream-http,
+//!                      upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise)
 //!   BENCH_SOAK=N       soak instead: N dials (64 at a time) through the
 //!                      HTTP-CONNECT tunnel, sampling RSS and fds
 //!   BENCH_SOAK_SECS    soak time budget (default 600); stops early and
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
+//!   GO_PEERS           upstream's binaries (default <repo>/target/go-peers)
 
 #[path = "support/backend.rs"]
 mod backend;
@@ -42,6 +46,27 @@ fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// utime + stime of `pid` and of its reaped children (sshd's per-connection
+/// processes end before the row does), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: utime, stime, cutime and
+    // cstime are fields 14-17, so the 12th-15th after it.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds of `roots` and their live descendants.
+fn cpu_of(roots: &[u32]) -> f64 {
+    roots.iter().flat_map(|r| tree(*r)).map(cpu_secs).sum()
 }
 
 /// `pid` and all its descendants (sshd forks a process pair per connection).
@@ -278,6 +303,64 @@ async fn idle_rss(via: &Via, backend: SocketAddr, n: usize, roots: &[u32]) -> f6
 
 // ---- peers ----
 
+fn go_peers() -> Option<PathBuf> {
+    let p = std::env::var_os("GO_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/go-peers"));
+    (p.join("upstream-server").exists() && p.join("upstream-agent").exists()).then_some(p)
+}
+
+/// Upstream's proxy-server (frontend on a unix socket in `mode`) and one
+/// proxy-agent, with the same certificates as ours and GOMAXPROCS at the
+/// CPU count, which is what our runtime's worker threads follow. klog at
+/// -v=0: upstream's default -v=4 logs every dial. Returns the processes
+/// and the frontend's socket.
+fn start_upstream(go: &Path, dir: &Path, mode: &str) -> (Vec<ChildGuard>, PathBuf) {
+    let uds = dir.join(format!("upstream-{mode}.sock"));
+    let agent_port = free_port();
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cmd = |bin: &str, args: Vec<String>| {
+        let mut c = Command::new(go.join(bin));
+        c.args(args)
+            .arg("-v=0")
+            .env("GOMAXPROCS", cpus.to_string())
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        spawn_cmd(c)
+    };
+    let server = cmd(
+        "upstream-server",
+        vec![
+            format!("--mode={mode}"),
+            format!("--uds-name={}", uds.display()),
+            "--server-port=0".into(),
+            format!("--agent-port={agent_port}"),
+            format!("--health-port={}", free_port()),
+            format!("--admin-port={}", free_port()),
+            "--cluster-ca-cert=certs/agent/issued/ca.crt".into(),
+            "--cluster-cert=certs/agent/issued/proxy-master.crt".into(),
+            "--cluster-key=certs/agent/private/proxy-master.key".into(),
+        ],
+    );
+    wait_listen(agent_port);
+    let agent = cmd(
+        "upstream-agent",
+        vec![
+            "--proxy-server-host=127.0.0.1".into(),
+            format!("--proxy-server-port={agent_port}"),
+            "--ca-cert=certs/agent/issued/ca.crt".into(),
+            "--agent-cert=certs/agent/issued/proxy-agent.crt".into(),
+            "--agent-key=certs/agent/private/proxy-agent.key".into(),
+            format!("--health-server-port={}", free_port()),
+            format!("--admin-server-port={}", free_port()),
+            "--sync-interval=100ms".into(),
+        ],
+    );
+    (vec![server, agent], uds)
+}
+
 fn sh(cmd: &mut Command) {
     let st = cmd
         .stdout(Stdio::null())
@@ -506,6 +589,10 @@ struct Row {
     p99: f64,
     kib_per_conn: Option<f64>,
     idle_n: usize,
+    /// Tunnel processes' CPU per GiB over both throughput rows, and per
+    /// dial over the dials/s row (None for direct).
+    cpu_ms_gib: Option<f64>,
+    cpu_us_dial: Option<f64>,
 }
 
 fn main() {
@@ -525,7 +612,9 @@ fn main() {
     let idle_n: usize = env_or("BENCH_IDLE", if quick { 500 } else { 10_000 });
     let soak: u64 = env_or("BENCH_SOAK", 0);
     let peers: Vec<String> = std::env::var("BENCH_PEERS")
-        .unwrap_or_else(|_| "direct,http,grpc,ssh,ssh-gcm,rathole,rathole-noise".into())
+        .unwrap_or_else(|_| {
+            "direct,http,grpc,upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise".into()
+        })
         .split(',')
         .map(str::to_string)
         .collect();
@@ -571,9 +660,15 @@ fn main() {
         let row = rt.block_on(async {
             wait_ready(&via, backend).await;
             let bytes = mib << 20;
+            let c0 = cpu_of(&roots);
             let t1 = throughput(&via, backend, bytes, 1).await;
             let t16 = throughput(&via, backend, bytes, 16).await;
+            let c1 = cpu_of(&roots);
             let dps = dials_per_sec(&via, backend, dials, 16).await;
+            let c2 = cpu_of(&roots);
+            let tunnelled = !roots.is_empty();
+            let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
+            let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
             let (p50, p99) = latency(&via, backend, rounds).await;
             let kib_per_conn = if roots.is_empty() {
                 None
@@ -589,6 +684,8 @@ fn main() {
                 p99,
                 kib_per_conn,
                 idle_n: idle,
+                cpu_ms_gib,
+                cpu_us_dial,
             }
         });
         rows.push(row);
@@ -608,6 +705,35 @@ fn main() {
     if want("grpc") {
         let fresh = Ours::start(dir.path(), "b");
         measure("ours, gRPC (UDS)", fresh.grpc.clone(), fresh.pids(), idle_n);
+    }
+    // Upstream: one server per frontend mode (it serves one), each with its
+    // agent, both frontends on unix sockets; the same Rust client as ours.
+    for (key, mode, name) in [
+        (
+            "upstream-http",
+            "http-connect",
+            "upstream, HTTP-CONNECT (UDS)",
+        ),
+        ("upstream-grpc", "grpc", "upstream, gRPC (UDS)"),
+    ] {
+        if !want(key) {
+            continue;
+        }
+        let Some(go) = go_peers() else {
+            notes.push(format!(
+                "{name} skipped: target/go-peers missing (scripts/install-deps.sh)"
+            ));
+            continue;
+        };
+        let (procs, uds) = start_upstream(&go, dir.path(), mode);
+        let roots = procs.iter().map(|c| c.0.id()).collect();
+        let via = if mode == "grpc" {
+            Via::Grpc(ProxyAddr::Uds(uds))
+        } else {
+            Via::Connect(ProxyAddr::Uds(uds))
+        };
+        measure(name, via, roots, idle_n);
+        drop(procs);
     }
     if want("ssh") || want("ssh-gcm") {
         if Path::new("/usr/sbin/sshd").exists() {
@@ -673,8 +799,16 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14}",
-        "path", "1x MiB/s", "16x MiB/s", "dials/s", "+p50 us", "+p99 us", "KiB/idle conn"
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11}",
+        "path",
+        "1x MiB/s",
+        "16x MiB/s",
+        "dials/s",
+        "+p50 us",
+        "+p99 us",
+        "KiB/idle conn",
+        "cpu ms/GiB",
+        "cpu us/dial"
     );
     let direct = rows
         .iter()
@@ -686,15 +820,18 @@ fn main() {
             Some(k) => format!("{k:.1} @{}", r.idle_n),
             None => "-".into(),
         };
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14}",
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11}",
             r.name,
             r.t1,
             r.t16,
             r.dps,
             r.p50 - d50,
             r.p99 - d99,
-            mem
+            mem,
+            opt(r.cpu_ms_gib),
+            opt(r.cpu_us_dial)
         );
     }
     let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
@@ -702,6 +839,47 @@ fn main() {
     println!("ratios (higher is better for ours except memory, where lower is better):");
     for ours_name in ["ours, HTTP-CONNECT", "ours, gRPC"] {
         let Some(o) = find(ours_name) else { continue };
+        let upstream = if ours_name.contains("gRPC") {
+            "upstream, gRPC"
+        } else {
+            "upstream, HTTP-CONNECT"
+        };
+        if let Some(u) = find(upstream) {
+            let mem = match (o.kib_per_conn, u.kib_per_conn) {
+                (Some(a), Some(b)) if b > 0.0 => a / b,
+                _ => f64::NAN,
+            };
+            let ok = |x: f64, goal: f64| if x >= goal { "ok" } else { "MISS" };
+            let cpu = match (o.cpu_ms_gib, u.cpu_ms_gib) {
+                (Some(a), Some(b)) if b > 0.0 => a / b,
+                _ => f64::NAN,
+            };
+            let cpu_dial = match (o.cpu_us_dial, u.cpu_us_dial) {
+                (Some(a), Some(b)) if b > 0.0 => a / b,
+                _ => f64::NAN,
+            };
+            println!(
+                "  {:<24} / {:<22} cpu/GiB {:>5.2} {:<4} cpu/dial {:>5.2}",
+                o.name,
+                u.name,
+                cpu,
+                if cpu <= 0.5 { "ok" } else { "MISS" },
+                cpu_dial
+            );
+            println!(
+                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} dials {:>5.2} {:<4} mem {:>5.2} {:<4} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory, <= 0.5x cpu/GiB)",
+                o.name,
+                u.name,
+                o.t1 / u.t1,
+                ok(o.t1 / u.t1, 1.5),
+                o.t16 / u.t16,
+                ok(o.t16 / u.t16, 1.5),
+                o.dps / u.dps,
+                ok(o.dps / u.dps, 2.0),
+                mem,
+                if mem <= 0.25 { "ok" } else { "MISS" },
+            );
+        }
         for (peer, goal) in [
             ("ssh -R (default", 2.0),
             ("ssh -R (aes128", 2.0),

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsConnector;
@@ -33,7 +33,7 @@ use tonic::Request;
 use tonic::transport::{Endpoint, Uri};
 
 use crate::http::{self, Reply};
-use crate::metrics::AgentMetrics;
+use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError};
@@ -193,6 +193,10 @@ impl Agent {
     pub fn metrics_text(&self) -> String {
         self.sh.metrics.render()
     }
+    /// The lease counting series (the binary counts the Leases).
+    pub fn lease_metrics(&self) -> crate::metrics::AgentLeaseMetrics {
+        self.sh.metrics.lease.clone()
+    }
     pub fn open_endpoints(&self) -> usize {
         self.sh
             .servers
@@ -231,6 +235,8 @@ impl Agent {
             }
             let addrs = o.servers.len().max(1);
             let target = sh.target_count().max(if addrs > 1 { addrs } else { 1 });
+            // As upstream: the count the agent works toward, leases included.
+            sh.metrics.known_server_count.set(target as i64);
             let have = sh.servers.lock().unwrap().len();
             let mut pause = o.sync_interval;
             if !sh.draining.load(Ordering::Relaxed)
@@ -338,7 +344,15 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<Packet>(o.channel_packets.max(1));
     let gone = CancellationToken::new();
-    let outbound = ReceiverStream::new(rx).take_until(gone.clone().cancelled_owned());
+    // Every packet sent to the server is counted as it leaves, as
+    // upstream's Send does (segment from_agent).
+    let sent = sh.metrics.stream_packets_total.clone();
+    let outbound = ReceiverStream::new(rx)
+        .take_until(gone.clone().cancelled_owned())
+        .inspect(move |p| {
+            sent.with_label_values(&["from_agent", &p.kind_name()])
+                .inc();
+        });
     let mut req = Request::new(outbound);
     let md = req.metadata_mut();
     md.insert(headers::AGENT_ID, o.agent_id.parse()?);
@@ -380,8 +394,6 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     let count: usize = counts[0]
         .parse()
         .map_err(|_| anyhow::anyhow!("bad server count {:?}", counts[0]))?;
-    sh.server_count.store(count.max(1), Ordering::Relaxed);
-    sh.metrics.known_server_count.set(count as i64);
     let server_id = ids[0].to_string();
     let flow_window = md
         .get(headers::FLOW_WINDOW)
@@ -409,6 +421,10 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         }
         servers.insert(server_id.clone(), conn.clone());
         sh.metrics.open_server_connections.set(servers.len() as i64);
+        // Only a new, unique server's count is taken: during a rollout a
+        // second connection to an old server must not bring back its
+        // stale count (as upstream since its fix for this).
+        sh.server_count.store(count.max(1), Ordering::Relaxed);
     }
     tracing::info!(%server_id, server = %format!("{host}:{port}"), count, "connected to proxy server");
     if sh.draining.load(Ordering::Relaxed) {
@@ -438,7 +454,11 @@ async fn serve_server(
                 tracing::warn!(server_id = %conn.server_id, %status, "server stream ended");
                 sh.metrics
                     .stream_errors_total
-                    .with_label_values(&["from_server", &format!("{:?}", status.code()), ""])
+                    .with_label_values(&["to_agent", grpc_code_name(status.code()), NO_PACKET])
+                    .inc();
+                sh.metrics
+                    .server_connection_failure_count
+                    .with_label_values(&["from_server"])
                     .inc();
                 break;
             }
@@ -475,7 +495,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
             return;
         }
     };
-    sh.metrics.packet("from_server", checked.type_name());
+    sh.metrics.packet("to_agent", checked.type_name());
     match checked {
         Checked::DialReq(d) => {
             if d.protocol != "tcp" {
@@ -594,7 +614,7 @@ async fn dial(
         Ok(Err(e)) => {
             sh.metrics
                 .endpoint_dial_failure_total
-                .with_label_values(&["connection"])
+                .with_label_values(&["unknown"])
                 .inc();
             let msg = format!("dial tcp {address}: connect: {}", go_io_error(&e));
             tracing::info!(%address, error = %msg, "backend dial failed");
@@ -773,6 +793,81 @@ impl RunningAgent {
     }
 }
 
+/// Upstream agent's check of `--agent-identifiers`: a URL query (Go's
+/// `url.ParseQuery`: no `;`, valid `%` escapes) whose keys are all known
+/// identifier types.
+pub fn validate_agent_identifiers(s: &str) -> Result<(), String> {
+    fn decode(part: &str) -> Result<String, String> {
+        let b = part.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' => {
+                    let hex = b
+                        .get(i + 1..i + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| format!("invalid URL escape in {part:?}"))?;
+                    out.push(hex);
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                c => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+    for pair in s.split('&').filter(|p| !p.is_empty()) {
+        if pair.contains(';') {
+            return Err("invalid semicolon separator in query".into());
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = decode(k)?;
+        decode(v)?;
+        if !matches!(
+            key.as_str(),
+            "ipv4" | "ipv6" | "cidr" | "host" | "default-route"
+        ) {
+            return Err(format!(
+                "unknown address type: {key} (known: ipv4, ipv6, cidr, host, default-route)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where the admin port's /metrics sends the client: `host` (from the
+/// request, its port dropped) with the health port, scheme-relative as Go's
+/// `http.Redirect` of a server-side URL writes it.
+fn redirect_target(host: &str, port: u16, path: &str, query: Option<&str>) -> String {
+    let bare = match host.rsplit_once(':') {
+        // "[v6]:port" or "name:port"; a bare v6 literal has more colons.
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
+        {
+            h
+        }
+        _ => host,
+    };
+    let bare = bare.trim_start_matches('[').trim_end_matches(']');
+    let host = if bare.contains(':') {
+        format!("[{bare}]")
+    } else {
+        bare.to_string()
+    };
+    match query {
+        Some(q) => format!("//{host}:{port}{path}?{q}"),
+        None => format!("//{host}:{port}{path}"),
+    }
+}
+
 /// Starts the agent's sync loop and its health and admin ports.
 pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
     let agent = Agent::new(cfg.opts);
@@ -780,12 +875,13 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
     let mut tasks = JoinSet::new();
     let mut health_addr = None;
     if let Some(addr) = cfg.health_addr {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::net::listen(addr)?;
         health_addr = Some(listener.local_addr()?);
         let a = agent.clone();
         let handler: http::Handler = Arc::new(move |path, query| match path {
             "/healthz" => Reply::text(200, "ok"),
-            "/readyz" => {
+            // "/ready": upstream's deprecated spelling, still served.
+            "/readyz" | "/ready" => {
                 let verbose = query.is_some_and(|q| {
                     q.split('&')
                         .any(|k| k == "verbose" || k.starts_with("verbose="))
@@ -819,21 +915,25 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
     }
     let mut admin_addr = None;
     if let Some(addr) = cfg.admin_addr {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::net::listen(addr)?;
         admin_addr = Some(listener.local_addr()?);
-        let target = health_addr.map(|h| format!("http://{h}/metrics"));
+        let health_port = health_addr.map(|h| h.port());
         let a = agent.clone();
-        let handler: http::Handler = Arc::new(move |path, _| match (path, &target) {
-            ("/metrics", Some(t)) => Reply {
-                status: 301,
-                content_type: "text/plain; charset=utf-8",
-                body: String::new(),
-                location: Some(t.clone()),
-            },
-            ("/metrics", None) => Reply::metrics(a.metrics_text()),
-            _ => Reply::not_found(),
-        });
-        tasks.spawn(http::serve(
+        // As upstream: a 301 to the health port on the host the client
+        // used, so the redirect works behind any address the admin port
+        // is reached by (the health listener's own may be `[::]`).
+        let handler: http::HostHandler =
+            Arc::new(move |path, query, host| match (path, health_port) {
+                ("/metrics", Some(port)) => Reply {
+                    status: 301,
+                    content_type: "text/plain; charset=utf-8",
+                    body: String::new(),
+                    location: Some(redirect_target(host.unwrap_or(""), port, path, query)),
+                },
+                ("/metrics", None) => Reply::metrics(a.metrics_text()),
+                _ => Reply::not_found(),
+            });
+        tasks.spawn(http::serve_with_host(
             listener,
             handler,
             stop.clone(),
@@ -850,4 +950,39 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
         tasks,
         stop,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{redirect_target, validate_agent_identifiers};
+
+    #[test]
+    fn agent_identifiers_validated_as_upstream() {
+        for ok in [
+            "",
+            "host=node-a&ipv4=10.0.0.1",
+            "ipv6=fd00%3A%3A1&cidr=10.0.0.0%2F8&default-route=1",
+        ] {
+            assert_eq!(validate_agent_identifiers(ok), Ok(()), "{ok}");
+        }
+        for bad in ["uid=1", "hostname=a", "host=a;ipv4=b", "host=%zz", "%4=a"] {
+            assert!(validate_agent_identifiers(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn admin_redirect_keeps_the_request_host() {
+        assert_eq!(
+            redirect_target("10.0.0.5:8094", 8093, "/metrics", None),
+            "//10.0.0.5:8093/metrics"
+        );
+        assert_eq!(
+            redirect_target("[::1]:8094", 8093, "/metrics", Some("a=b")),
+            "//[::1]:8093/metrics?a=b"
+        );
+        assert_eq!(
+            redirect_target("node-a", 8093, "/metrics", None),
+            "//node-a:8093/metrics"
+        );
+    }
 }

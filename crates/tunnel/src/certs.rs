@@ -6,7 +6,9 @@
 //!
 //! Keys are ECDSA P-256 (upstream's easy-rsa makes RSA 2048; every client in
 //! question accepts both). SANs as upstream: DNS:kubernetes, DNS:localhost,
-//! IP:127.0.0.1 (the agent side's IP is `PROXY_SERVER_IP`, default 127.0.0.1).
+//! IP:127.0.0.1 (the agent side's IP is `PROXY_SERVER_IP`, default 127.0.0.1),
+//! plus IP:::1 so the servers, which listen on IPv6 and IPv4, can be reached
+//! over IPv6 loopback too.
 
 use std::path::Path;
 
@@ -87,7 +89,7 @@ pub fn write_make_certs(dir: &Path, proxy_server_ip: &str) -> anyhow::Result<Vec
     let front_ca = ca(&format!("127.0.0.1@{stamp}"))?;
     let front_server = leaf(
         "proxy-master",
-        &["kubernetes", "localhost", "127.0.0.1"],
+        &["kubernetes", "localhost", "127.0.0.1", "::1"],
         true,
         &front_ca,
     )?;
@@ -101,8 +103,10 @@ pub fn write_make_certs(dir: &Path, proxy_server_ip: &str) -> anyhow::Result<Vec
     let agent_ca = ca(&format!("{proxy_server_ip}@{stamp}"))?;
     let mut sans = vec!["kubernetes", "localhost", proxy_server_ip];
     sans.dedup();
-    if proxy_server_ip != "127.0.0.1" {
-        sans.push("127.0.0.1");
+    for ip in ["127.0.0.1", "::1"] {
+        if proxy_server_ip != ip {
+            sans.push(ip);
+        }
     }
     let agent_server = leaf("proxy-master", &sans, true, &agent_ca)?;
     let agent = leaf("proxy-agent", &[], false, &agent_ca)?;

@@ -63,11 +63,33 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest life of one connection (Prometheus reconnects on the next scrape).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// Routes `path`, query and the request's Host (header or authority) to a
+/// reply.
+pub type HostHandler = Arc<dyn Fn(&str, Option<&str>, Option<&str>) -> Reply + Send + Sync>;
+
 /// Serves `handler` on `listener` until `stop` fires; `listener_name`
 /// labels its refusals in `refused`.
 pub async fn serve(
     listener: TcpListener,
     handler: Handler,
+    stop: CancellationToken,
+    listener_name: &'static str,
+    refused: IntCounterVec,
+) {
+    serve_with_host(
+        listener,
+        Arc::new(move |path, query, _host| handler(path, query)),
+        stop,
+        listener_name,
+        refused,
+    )
+    .await
+}
+
+/// As [`serve`], for handlers that need the Host the client asked for.
+pub async fn serve_with_host(
+    listener: TcpListener,
+    handler: HostHandler,
     stop: CancellationToken,
     listener_name: &'static str,
     refused: IntCounterVec,
@@ -102,7 +124,12 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
-                let reply = handler(req.uri().path(), req.uri().query());
+                let host = req
+                    .headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()));
+                let reply = handler(req.uri().path(), req.uri().query(), host);
                 let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
                 *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
                 resp.headers_mut()

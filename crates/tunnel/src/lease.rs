@@ -3,274 +3,14 @@
 //! (renewed, garbage-collected when expired, deleted on stop); agents count
 //! the unexpired Leases matching a label selector.
 //!
-//! The Kubernetes API is reached with a small HTTP/1.1 client (JSON only)
-//! configured from a kubeconfig: server URL (http or https), CA, client
-//! certificate or bearer token.
+//! The Kubernetes API is reached with [`crate::kube::KubeClient`].
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow, bail};
-use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
+use anyhow::{anyhow, bail};
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-/// A minimal Kubernetes API client.
-#[derive(Clone)]
-pub struct KubeClient {
-    host: String,
-    port: u16,
-    base_path: String,
-    tls: Option<Arc<ClientConfig>>,
-    token: Option<String>,
-}
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-fn b64(s: &str) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => bail!("bad base64"),
-        } as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
-fn pem_certs(pem: &[u8]) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-    let certs = rustls_pemfile::certs(&mut &pem[..]).collect::<Result<Vec<_>, _>>()?;
-    if certs.is_empty() {
-        bail!("no certificate in PEM data");
-    }
-    Ok(certs)
-}
-
-impl KubeClient {
-    /// From a kubeconfig file (its current context).
-    pub fn from_kubeconfig(path: &Path) -> anyhow::Result<KubeClient> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read kubeconfig {}", path.display()))?;
-        let cfg: serde_yaml::Value = serde_yaml::from_str(&text).context("parse kubeconfig")?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let rel = |p: &str| -> PathBuf {
-            let p = PathBuf::from(p);
-            if p.is_absolute() { p } else { dir.join(p) }
-        };
-        let find = |list: &str, name: &str, key: &str| -> Option<serde_yaml::Value> {
-            cfg.get(list)?
-                .as_sequence()?
-                .iter()
-                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some(name))?
-                .get(key)
-                .cloned()
-        };
-        let current = cfg
-            .get("current-context")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| anyhow!("kubeconfig has no current-context"))?;
-        let ctx = find("contexts", current, "context")
-            .ok_or_else(|| anyhow!("context {current} not found"))?;
-        let s =
-            |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
-        let cluster_name = s(&ctx, "cluster").ok_or_else(|| anyhow!("context has no cluster"))?;
-        let cluster = find("clusters", &cluster_name, "cluster")
-            .ok_or_else(|| anyhow!("cluster {cluster_name} not found"))?;
-        let user = match s(&ctx, "user") {
-            Some(u) => find("users", &u, "user").unwrap_or(serde_yaml::Value::Null),
-            None => serde_yaml::Value::Null,
-        };
-        let server = s(&cluster, "server").ok_or_else(|| anyhow!("cluster has no server"))?;
-        let (https, rest) = if let Some(r) = server.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = server.strip_prefix("http://") {
-            (false, r)
-        } else {
-            bail!("server {server:?}: want http:// or https://");
-        };
-        let (authority, base_path) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/').to_string()),
-            None => (rest, String::new()),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h.trim_matches(['[', ']']).to_string(), p.parse()?)
-            }
-            _ => (authority.to_string(), if https { 443 } else { 80 }),
-        };
-        let token = match (s(&user, "token"), s(&user, "tokenFile")) {
-            (Some(t), _) => Some(t),
-            (None, Some(f)) => Some(std::fs::read_to_string(rel(&f))?.trim().to_string()),
-            _ => None,
-        };
-        let tls = if https {
-            let ca = match (
-                s(&cluster, "certificate-authority-data"),
-                s(&cluster, "certificate-authority"),
-            ) {
-                (Some(d), _) => Some(b64(&d)?),
-                (None, Some(f)) => Some(std::fs::read(rel(&f))?),
-                _ => None,
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            match ca {
-                Some(pem) => {
-                    for c in pem_certs(&pem)? {
-                        roots.add(c)?;
-                    }
-                }
-                None => bail!("https server without certificate-authority(-data)"),
-            }
-            let builder = ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots);
-            let cert = match (
-                s(&user, "client-certificate-data"),
-                s(&user, "client-certificate"),
-            ) {
-                (Some(d), _) => Some(b64(&d)?),
-                (None, Some(f)) => Some(std::fs::read(rel(&f))?),
-                _ => None,
-            };
-            let key = match (s(&user, "client-key-data"), s(&user, "client-key")) {
-                (Some(d), _) => Some(b64(&d)?),
-                (None, Some(f)) => Some(std::fs::read(rel(&f))?),
-                _ => None,
-            };
-            let config = match (cert, key) {
-                (Some(c), Some(k)) => {
-                    let key = rustls_pemfile::private_key(&mut &k[..])?
-                        .ok_or_else(|| anyhow!("no private key in client-key"))?;
-                    builder.with_client_auth_cert(pem_certs(&c)?, key)?
-                }
-                (None, None) => builder.with_no_client_auth(),
-                _ => bail!("client-certificate and client-key go together"),
-            };
-            Some(Arc::new(config))
-        } else {
-            None
-        };
-        Ok(KubeClient {
-            host,
-            port,
-            base_path,
-            tls,
-            token,
-        })
-    }
-
-    /// One request; returns the status and the JSON body (Null if empty).
-    pub async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(u16, Value)> {
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| anyhow!("connect timeout"))??;
-        let mut io: Box<dyn Io> = match &self.tls {
-            Some(cfg) => {
-                let name = ServerName::try_from(self.host.clone())?;
-                Box::new(
-                    tokio_rustls::TlsConnector::from(cfg.clone())
-                        .connect(name, tcp)
-                        .await?,
-                )
-            }
-            None => Box::new(tcp),
-        };
-        let payload = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: proxyctl-konnectivity\r\nConnection: close\r\n",
-            self.base_path, self.host
-        );
-        if let Some(t) = &self.token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        if body.is_some() {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                payload.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(&payload);
-        let fut = async {
-            io.write_all(req.as_bytes()).await?;
-            let mut raw = Vec::new();
-            io.read_to_end(&mut raw).await?;
-            Ok::<_, std::io::Error>(raw)
-        };
-        let raw = tokio::time::timeout(Duration::from_secs(30), fut)
-            .await
-            .map_err(|_| anyhow!("request timeout"))??;
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| anyhow!("bad HTTP response"))?;
-        let head = String::from_utf8_lossy(&raw[..split]).to_string();
-        let mut body = raw[split + 4..].to_vec();
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad status line"))?;
-        if head.lines().any(|l| {
-            l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked")
-        }) {
-            body = dechunk(&body)?;
-        }
-        let v = if body.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).context("JSON body")?
-        };
-        Ok((status, v))
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("bad chunk"))?;
-        let size_text = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            bail!("short chunk");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
+pub use crate::kube::KubeClient;
 
 /// Kubernetes MicroTime: `2006-01-02T15:04:05.000000Z`.
 pub fn micro_time(t: SystemTime) -> String {
@@ -360,6 +100,8 @@ pub fn parse_labels(s: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
 /// The server side: holds, renews, garbage-collects and finally deletes.
 pub struct LeaseController {
     pub client: KubeClient,
+    /// The garbage collector's series (upstream's server lease metrics).
+    pub metrics: Option<crate::metrics::ServerLeaseMetrics>,
     pub server_id: String,
     pub namespace: String,
     pub labels: serde_json::Map<String, Value>,
@@ -437,7 +179,11 @@ impl LeaseController {
             leases_path(&self.namespace),
             enc(&self.selector())
         );
+        let start = std::time::Instant::now();
         let (st, v) = self.client.request("GET", &list, None).await?;
+        if let Some(m) = &self.metrics {
+            m.list(st, &api_reason(st, &v), start.elapsed());
+        }
         if st != 200 {
             bail!("list leases: HTTP {st}: {v}");
         }
@@ -450,7 +196,8 @@ impl LeaseController {
             if name == self.lease_name() || lease_valid(&l, now) {
                 continue;
             }
-            let (st, _) = self
+            let start = std::time::Instant::now();
+            let (st, v) = self
                 .client
                 .request(
                     "DELETE",
@@ -458,6 +205,12 @@ impl LeaseController {
                     None,
                 )
                 .await?;
+            if let Some(m) = &self.metrics {
+                m.delete(st, &api_reason(st, &v), start.elapsed());
+                if st == 200 || st == 202 {
+                    m.culled_leases_count.inc();
+                }
+            }
             if st == 200 || st == 202 || st == 404 {
                 n += 1;
             }
@@ -502,14 +255,30 @@ impl LeaseController {
     }
 }
 
-/// The agent side: counts unexpired Leases matching a selector.
+/// Upstream's `reason` label of a lease call: "" on success, else the
+/// Kubernetes Status object's reason.
+fn api_reason(code: u16, body: &Value) -> String {
+    if (200..300).contains(&code) {
+        String::new()
+    } else {
+        body["reason"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// The agent side: counts unexpired Leases matching a selector; each list
+/// call is recorded in `metrics` when given (as upstream's informer's).
 pub async fn count_leases(
     client: &KubeClient,
     namespace: &str,
     selector: &str,
+    metrics: Option<&crate::metrics::AgentLeaseMetrics>,
 ) -> anyhow::Result<usize> {
     let list = format!("{}?labelSelector={}", leases_path(namespace), enc(selector));
+    let start = std::time::Instant::now();
     let (st, v) = client.request("GET", &list, None).await?;
+    if let Some(m) = metrics {
+        m.list(st, &api_reason(st, &v), start.elapsed());
+    }
     if st != 200 {
         bail!("list leases: HTTP {st}: {v}");
     }
@@ -538,9 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn base64_and_labels() {
-        assert_eq!(b64("aGVsbG8=").unwrap(), b"hello");
-        assert!(b64("a*b").is_err());
+    fn labels() {
         let l = parse_labels("k8s-app=konnectivity-server,a=b").unwrap();
         assert_eq!(l["a"], "b");
         assert!(parse_labels("novalue").is_err());

@@ -9,9 +9,10 @@
 //! - [`client`]: the client side (one Proxy stream per dial, or HTTP-CONNECT).
 //! - [`certs`]: the certificate tree upstream's `make certs` writes.
 //! - [`lease`], [`tokenreview`]: what the server and agent ask the Kubernetes
-//!   API (server-count Leases, agent TokenReviews).
+//!   API (server-count Leases, agent TokenReviews); [`kube`]: the client
+//!   they ask it with (kubeconfig, in-cluster, exec plugins).
 //! - [`h2`]: the HTTP/2 frame layer of the gRPC frontend's own server.
-//! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`]: shared plumbing.
+//! - [`tls`], [`queue`], [`metrics`], [`http`], [`duration`], [`net`]: shared plumbing.
 
 pub mod agent;
 pub mod certs;
@@ -19,8 +20,10 @@ pub mod client;
 pub mod duration;
 pub mod h2;
 pub mod http;
+pub mod kube;
 pub mod lease;
 pub mod metrics;
+pub mod net;
 pub mod proto;
 pub mod queue;
 pub mod server;

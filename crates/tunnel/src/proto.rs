@@ -92,6 +92,15 @@ impl Packet {
     }
 
     /// Bytes this packet holds in memory (for queue accounting).
+    /// The `packet_type` label: Go's `PacketType.String()` (the enum
+    /// name; the number for a value the enum lacks).
+    pub fn kind_name(&self) -> std::borrow::Cow<'static, str> {
+        match PacketType::try_from(self.r#type) {
+            Ok(t) => t.as_str_name().into(),
+            Err(_) => self.r#type.to_string().into(),
+        }
+    }
+
     pub fn weight(&self) -> usize {
         match &self.payload {
             Some(Payload::Data(d)) => d.data.len() + 64,

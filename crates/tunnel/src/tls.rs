@@ -79,6 +79,37 @@ fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(store)
 }
 
+/// Go's name of a suite (`tls.CipherSuiteName`): rustls's own for TLS 1.2,
+/// `TLS_…` for the TLS 1.3 ones rustls calls `TLS13_…`.
+fn go_name(s: &rustls::SupportedCipherSuite) -> String {
+    let n = format!("{:?}", s.suite());
+    match n.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => n,
+    }
+}
+
+/// Suites Go's crypto/tls knows (CipherSuites and InsecureCipherSuites)
+/// that rustls does not implement: CBC, RC4, 3DES and RSA key exchange.
+const GO_ONLY_SUITES: &[&str] = &[
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
 fn provider(opts: &TlsOptions) -> Result<Arc<CryptoProvider>, TlsError> {
     let mut provider = rustls::crypto::ring::default_provider();
     // AES-128-GCM first, as Go orders its suites on AES hardware: ring's
@@ -98,20 +129,23 @@ fn provider(opts: &TlsOptions) -> Result<Arc<CryptoProvider>, TlsError> {
             .map(|s| s.trim().to_string())
             .collect();
         for name in &wanted {
-            if !provider
-                .cipher_suites
-                .iter()
-                .any(|s| format!("{:?}", s.suite()) == *name)
-            {
+            if !provider.cipher_suites.iter().any(|s| go_name(s) == *name) {
+                let supported: Vec<String> = provider.cipher_suites.iter().map(go_name).collect();
+                let why = if GO_ONLY_SUITES.contains(&name.as_str()) {
+                    "is a Go cipher suite this TLS library (rustls) does not implement"
+                } else {
+                    "is not a known cipher suite"
+                };
                 return Err(TlsError::Option(format!(
-                    "cipher suite {name} is not supported"
+                    "cipher suite {name} {why}; supported: {}",
+                    supported.join(",")
                 )));
             }
         }
         // TLS 1.3 suites are not configurable in Go either: keep them.
         provider
             .cipher_suites
-            .retain(|s| s.tls13().is_some() || wanted.contains(&format!("{:?}", s.suite())));
+            .retain(|s| s.tls13().is_some() || wanted.contains(&go_name(s)));
     }
     Ok(Arc::new(provider))
 }

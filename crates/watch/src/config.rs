@@ -83,7 +83,7 @@ struct FileSpec {
 ///   - selector: app=web,tier=front
 ///     policy: mesh.yaml            # relative to this file
 ///   - selector: {app: db}
-///     policies: [{name: db, outboundPort: 15002}]
+///     policies: [{name: db, outboundPort: 15002, exclude: {uids: [1337]}}]
 /// ```
 pub fn load_config(path: &Path) -> Result<Vec<WatchRule>, ConfigError> {
     let file_err = |message: String| ConfigError::File {
@@ -186,21 +186,32 @@ mod tests {
     fn config_files_load_with_relative_policy_files() {
         let dir = std::env::temp_dir().join(format!("pxt-watch-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("mesh.yaml"), "name: mesh\noutboundPort: 15001\n").unwrap();
+        std::fs::write(
+            dir.join("mesh.yaml"),
+            "name: mesh\noutboundPort: 15001\nexclude: {uids: [1337]}\n",
+        )
+        .unwrap();
         std::fs::write(
             dir.join("watch.yaml"),
-            "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002}]\n",
+            "rules:\n  - selector: app=web\n    policy: mesh.yaml\n  - selector: {app: db}\n    policies: [{name: db, outboundPort: 15002, exclude: {uids: [1337]}}]\n",
         )
         .unwrap();
         let rules = load_config(&dir.join("watch.yaml")).unwrap();
         std::fs::write(
             dir.join("clash.yaml"),
-            "rules:\n  - selector: a=1\n    policies: [{name: x, outboundPort: 1}]\n  - selector: b=1\n    policies: [{name: x, outboundPort: 2}]\n",
+            "rules:\n  - selector: a=1\n    policies: [{name: x, outboundPort: 1, exclude: {uids: [1337]}}]\n  - selector: b=1\n    policies: [{name: x, outboundPort: 2, exclude: {uids: [1337]}}]\n",
         )
         .unwrap();
         let clash = load_config(&dir.join("clash.yaml"))
             .unwrap_err()
             .to_string();
+        std::fs::write(
+            dir.join("loop.yaml"),
+            "rules:\n  - selector: a=1\n    policies: [{name: x, outboundPort: 1}]\n",
+        )
+        .unwrap();
+        let looping = load_config(&dir.join("loop.yaml")).unwrap_err().to_string();
+        assert!(looping.contains("--allow-proxy-loop"), "{looping}");
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].policies[0].outbound_port, Some(15001));

@@ -57,8 +57,10 @@ struct Args {
     /// Bind address for admin connections.
     #[arg(long = "admin-bind-address", default_value = "127.0.0.1")]
     admin_bind_address: String,
+    /// Accepted for compatibility, no effect: there is no pprof (use perf).
     #[arg(long = "enable-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_profiling: bool,
+    /// Accepted for compatibility, no effect (needs --enable-profiling, as upstream).
     #[arg(long = "enable-contention-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_contention_profiling: bool,
     /// The unique ID of this agent (also $PROXY_AGENT_ID; default a uuid).
@@ -70,7 +72,8 @@ struct Args {
     /// The initial interval for checking connections to every server.
     #[arg(long = "sync-interval", default_value = "1s", value_parser = go_duration)]
     sync_interval: Duration,
-    /// The interval for checking that server connections are ready.
+    /// Accepted for compatibility, no effect: a broken server connection ends its stream at once (HTTP/2
+    /// keepalive finds silent ones) and the sync loop replaces it.
     #[arg(long = "probe-interval", default_value = "1s", value_parser = go_duration)]
     probe_interval: Duration,
     /// The maximum interval for the sync backoff.
@@ -82,6 +85,7 @@ struct Args {
     /// If non-empty the agent sends this token (Authorization: Bearer).
     #[arg(long = "service-account-token-path", default_value = "")]
     service_account_token_path: String,
+    /// Deprecated upstream. Accepted for compatibility, no effect.
     #[arg(long = "warn-on-channel-limit", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     warn_on_channel_limit: bool,
     /// If true, the agent continues syncing, in order to support server count changes.
@@ -107,8 +111,11 @@ struct Args {
     /// Extra: how often server Leases are counted.
     #[arg(long = "lease-poll-interval", default_value = "10s", value_parser = go_duration, hide = true)]
     lease_poll_interval: Duration,
+    /// absolute path to the kubeconfig file (lease counting); empty: the
+    /// pod's service account (in-cluster).
     #[arg(long, default_value = "")]
     kubeconfig: String,
+    /// Accepted for compatibility, no effect: the Kubernetes client speaks JSON.
     #[arg(
         long = "kube-api-content-type",
         default_value = "application/vnd.kubernetes.protobuf"
@@ -135,24 +142,42 @@ fn main() {
 }
 
 async fn run(a: Args) -> i32 {
+    if a.enable_contention_profiling && !a.enable_profiling {
+        bad_flag(
+            "--enable-contention-profiling",
+            "if --enable-contention-profiling is set, --enable-profiling must also be set",
+        );
+    }
     if a.ca_cert.is_empty() {
         bad_flag("--ca-cert", "required (the server is verified)");
     }
     if a.agent_cert.is_empty() != a.agent_key.is_empty() {
         bad_flag("--agent-cert", "--agent-cert and --agent-key go together");
     }
+    if a.sync_interval > a.sync_interval_cap {
+        bad_flag(
+            "--sync-interval",
+            format!(
+                "sync interval {:?} must be less than sync interval cap {:?} (--sync-interval-cap)",
+                a.sync_interval, a.sync_interval_cap
+            ),
+        );
+    }
+    if let Err(e) = agent::validate_agent_identifiers(&a.agent_identifiers) {
+        bad_flag(
+            "--agent-identifiers",
+            format!("agent address is invalid: {e}"),
+        );
+    }
     if !matches!(a.server_count_source.as_str(), "default" | "max") {
         bad_flag("--server-count-source", "must be default or max");
     }
     let lease_client = if a.count_server_leases {
-        if a.kubeconfig.is_empty() {
-            bad_flag("--count-server-leases", "needs --kubeconfig");
-        }
         if a.lease_poll_interval.is_zero() {
             bad_flag("--lease-poll-interval", "must be positive");
         }
         Some(
-            konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
+            konnectivity::kube::KubeClient::from_flags(&a.kubeconfig)
                 .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}"))),
         )
     } else {
@@ -242,9 +267,12 @@ async fn run(a: Args) -> i32 {
             a.lease_poll_interval,
         );
         let use_max = a.server_count_source == "max";
+        let lease_metrics = agent.lease_metrics();
         tokio::spawn(async move {
             loop {
-                match konnectivity::lease::count_leases(&client, &ns, &sel).await {
+                match konnectivity::lease::count_leases(&client, &ns, &sel, Some(&lease_metrics))
+                    .await
+                {
                     Ok(n) => {
                         tracing::debug!(leases = n, "server leases counted");
                         agent.set_lease_count(n, use_max);

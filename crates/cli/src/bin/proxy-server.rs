@@ -31,13 +31,15 @@ fn uuid_v4() -> String {
     about = "Konnectivity proxy server (apiserver-network-proxy compatible)."
 )]
 struct Args {
-    /// If non-empty secure communication with this cert.
+    /// Frontend certificate; required for the TCP frontend (with
+    /// --server-key and --server-ca-cert), refused with --uds-name.
     #[arg(long = "server-cert", default_value = "")]
     server_cert: String,
-    /// If non-empty secure communication with this key.
+    /// Frontend key; required for the TCP frontend, refused with --uds-name.
     #[arg(long = "server-key", default_value = "")]
     server_key: String,
-    /// If non-empty the CA we use to validate KAS clients.
+    /// The CA we use to validate KAS clients; required for the TCP frontend,
+    /// refused with --uds-name.
     #[arg(long = "server-ca-cert", default_value = "")]
     server_ca_cert: String,
     /// If non-empty secure communication with this cert.
@@ -73,7 +75,7 @@ struct Args {
     /// Port we listen for admin connections on.
     #[arg(long = "admin-port", default_value_t = 8095)]
     admin_port: u16,
-    /// Bind address for admin connections. If empty, we will bind to localhost.
+    /// Bind address for admin connections. If empty, we will bind to all interfaces.
     #[arg(long = "admin-bind-address", default_value = "127.0.0.1")]
     admin_bind_address: String,
     /// Port we listen for health connections on.
@@ -92,9 +94,10 @@ struct Args {
     /// dropped within twice this time. 0 leaves only --keepalive-time.
     #[arg(long = "agent-liveness-interval", default_value = "5s", value_parser = go_duration)]
     agent_liveness_interval: Duration,
-    /// enable pprof (accepted; there is no pprof in this implementation).
+    /// Accepted for compatibility, no effect: there is no pprof (use perf).
     #[arg(long = "enable-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_profiling: bool,
+    /// Accepted for compatibility, no effect (needs --enable-profiling, as upstream).
     #[arg(long = "enable-contention-profiling", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_contention_profiling: bool,
     /// The unique ID of this server. Can also be set by the 'PROXY_SERVER_ID' environment variable.
@@ -113,13 +116,16 @@ struct Args {
     #[arg(long = "agent-service-account", default_value = "")]
     agent_service_account: String,
     /// absolute path to the kubeconfig file (for agent authentication and the
-    /// lease controller; required by both: there is no in-cluster fallback).
+    /// lease controller); empty: the pod's service account (in-cluster).
     #[arg(long, default_value = "")]
     kubeconfig: String,
+    /// Maximum client QPS toward the Kubernetes API (0: 5, as client-go).
     #[arg(long = "kubeconfig-qps", default_value_t = 0.0)]
     kubeconfig_qps: f32,
+    /// Maximum client burst toward the Kubernetes API (0: 10, as client-go).
     #[arg(long = "kubeconfig-burst", default_value_t = 0)]
     kubeconfig_burst: i32,
+    /// Accepted for compatibility, no effect: the Kubernetes client speaks JSON.
     #[arg(
         long = "kube-api-content-type",
         default_value = "application/vnd.kubernetes.protobuf"
@@ -162,7 +168,7 @@ struct Args {
     /// Timeout for sending DIAL_REQ to an agent and waiting for DIAL_RSP (0: none).
     #[arg(long = "backend-dial-timeout", default_value = "0", value_parser = go_duration)]
     backend_dial_timeout: Duration,
-    /// Deprecated, no effect.
+    /// Deprecated upstream. Accepted for compatibility, no effect.
     #[arg(long = "warn-on-channel-limit", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     warn_on_channel_limit: bool,
     /// Extra: bytes queued toward one client before that connection is closed.
@@ -171,6 +177,11 @@ struct Args {
     /// Extra: pending dials over all clients; more are refused.
     #[arg(long = "max-pending-dials", default_value_t = 10_000)]
     max_pending_dials: usize,
+    /// Extra: concurrent streams (dials) on one gRPC frontend connection
+    /// (grpc-go sets no limit; konnectivity-client's reusable tunnel puts
+    /// every dial on one connection).
+    #[arg(long = "max-concurrent-streams", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
     /// Extra: per-connection flow-control window (bytes) used with peers that
     /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
@@ -197,6 +208,12 @@ fn port_ok(flag: &str, port: u16, allow_zero: bool) {
 }
 
 async fn run(a: Args) -> i32 {
+    if a.enable_contention_profiling && !a.enable_profiling {
+        bad_flag(
+            "--enable-contention-profiling",
+            "if --enable-contention-profiling is set, --enable-profiling must also be set",
+        );
+    }
     let mode = match a.mode.as_str() {
         "grpc" => FrontendMode::Grpc,
         "http-connect" => FrontendMode::HttpConnect,
@@ -221,17 +238,56 @@ async fn run(a: Args) -> i32 {
     port_ok("--agent-port", a.agent_port, false);
     port_ok("--admin-port", a.admin_port, false);
     port_ok("--health-port", a.health_port, false);
+    // Secure by default, as upstream: a TCP frontend is mTLS only (an
+    // unauthenticated proxy into the cluster network is never served), and
+    // a unix socket, protected by its file mode, takes no certificates.
+    if a.uds_name.is_empty() {
+        for (flag, value) in [
+            ("--server-cert", &a.server_cert),
+            ("--server-key", &a.server_key),
+            ("--server-ca-cert", &a.server_ca_cert),
+        ] {
+            if value.is_empty() {
+                bad_flag(
+                    flag,
+                    "required for the TCP frontend (--uds-name is empty): --server-cert, --server-key and --server-ca-cert (clients are verified); or serve a unix socket with --uds-name and --server-port=0",
+                );
+            }
+        }
+    } else {
+        for (flag, value) in [
+            ("--server-cert", &a.server_cert),
+            ("--server-key", &a.server_key),
+            ("--server-ca-cert", &a.server_ca_cert),
+        ] {
+            if !value.is_empty() {
+                bad_flag(
+                    flag,
+                    "should not be set with --uds-name (the unix socket is plain)",
+                );
+            }
+        }
+    }
     if a.cluster_cert.is_empty() || a.cluster_key.is_empty() {
         bad_flag(
             "--cluster-cert",
             "--cluster-cert and --cluster-key are required (agents connect over TLS)",
         );
     }
-    // Upstream's rules and order; --kubeconfig is needed here because
-    // there is no in-cluster configuration fallback.
+    // Upstream's rules and order. One Kubernetes client serves token
+    // reviews and leases: from --kubeconfig, else the pod's service account.
     let token_auth = !a.agent_namespace.is_empty()
         || !a.agent_service_account.is_empty()
         || !a.authentication_audience.is_empty();
+    let kube = if token_auth || a.enable_lease_controller {
+        Some(
+            konnectivity::kube::KubeClient::from_flags(&a.kubeconfig)
+                .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")))
+                .with_rate_limit(a.kubeconfig_qps, a.kubeconfig_burst.max(0) as u32),
+        )
+    } else {
+        None
+    };
     let agent_auth = if token_auth {
         if !a.cluster_ca_cert.is_empty() {
             bad_flag(
@@ -243,17 +299,14 @@ async fn run(a: Args) -> i32 {
             ("--agent-namespace", &a.agent_namespace),
             ("--agent-service-account", &a.agent_service_account),
             ("--authentication-audience", &a.authentication_audience),
-            ("--kubeconfig", &a.kubeconfig),
         ] {
             if value.is_empty() {
                 bad_flag(flag, "cannot be empty when agent authentication is enabled");
             }
         }
-        let client = konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
-            .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")));
         Some(std::sync::Arc::new(
             konnectivity::tokenreview::AgentTokenAuth {
-                client,
+                client: kube.clone().expect("client made above"),
                 namespace: a.agent_namespace.clone(),
                 service_account: a.agent_service_account.clone(),
                 audience: a.authentication_audience.clone(),
@@ -263,18 +316,14 @@ async fn run(a: Args) -> i32 {
         None
     };
     let lease_controller = if a.enable_lease_controller {
-        if a.kubeconfig.is_empty() {
-            bad_flag("--enable-lease-controller", "needs --kubeconfig");
-        }
         if a.lease_renewal_interval.is_zero() || a.lease_gc_interval.is_zero() {
             bad_flag("--lease-renewal-interval", "must be positive");
         }
-        let client = konnectivity::lease::KubeClient::from_kubeconfig(a.kubeconfig.as_ref())
-            .unwrap_or_else(|e| bad_flag("--kubeconfig", format!("{e:#}")));
         let labels = konnectivity::lease::parse_labels(&a.lease_label)
             .unwrap_or_else(|e| bad_flag("--lease-label", format!("{e:#}")));
         Some(konnectivity::lease::LeaseController {
-            client,
+            client: kube.clone().expect("client made above"),
+            metrics: None,
             server_id: a.server_id.clone(),
             namespace: a.lease_namespace.clone(),
             labels,
@@ -312,16 +361,7 @@ async fn run(a: Args) -> i32 {
     } else {
         let addr = bind(&a.server_bind_address, a.server_port)
             .unwrap_or_else(|e| bad_flag("--server-bind-address", e));
-        let tls = if a.server_cert.is_empty() && a.server_key.is_empty() {
-            tracing::warn!("no --server-cert/--server-key: the TCP frontend is plaintext");
-            None
-        } else {
-            if a.server_ca_cert.is_empty() {
-                bad_flag(
-                    "--server-ca-cert",
-                    "required in TCP mode with TLS (clients are verified)",
-                );
-            }
+        let tls = {
             let alpn: &[&[u8]] = if mode == FrontendMode::Grpc {
                 &[b"h2"]
             } else {
@@ -346,6 +386,7 @@ async fn run(a: Args) -> i32 {
         strategies,
         backend_dial_timeout: a.backend_dial_timeout,
         max_pending_dials: a.max_pending_dials,
+        max_concurrent_streams: a.max_concurrent_streams as usize,
         flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         agent_channel_packets: a.xfr_channel_size.max(256),
@@ -363,16 +404,10 @@ async fn run(a: Args) -> i32 {
             bind(&a.health_bind_address, a.health_port)
                 .unwrap_or_else(|e| bad_flag("--health-bind-address", e)),
         ),
+        // Empty: every interface, as upstream (its flag text says localhost).
         admin_addr: Some(
-            bind(
-                if a.admin_bind_address.is_empty() {
-                    "127.0.0.1"
-                } else {
-                    &a.admin_bind_address
-                },
-                a.admin_port,
-            )
-            .unwrap_or_else(|e| bad_flag("--admin-bind-address", e)),
+            bind(&a.admin_bind_address, a.admin_port)
+                .unwrap_or_else(|e| bad_flag("--admin-bind-address", e)),
         ),
         agent_keepalive: a.keepalive_time,
         agent_liveness: a.agent_liveness_interval,
@@ -386,28 +421,62 @@ async fn run(a: Args) -> i32 {
         }
     };
     let (lease_stop, lease_stopped) = tokio::sync::oneshot::channel::<()>();
-    let lease_task = lease_controller.map(|c| {
+    let lease_task = lease_controller.map(|mut c| {
+        c.metrics = Some(running.server.lease_metrics());
         tokio::spawn(c.run(async move {
             let _ = lease_stopped.await;
         }))
     });
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let mut signals = Signals::new();
+    signals.next().await;
+    tracing::info!("shutting down");
+    let stop = async {
+        let _ = lease_stop.send(());
+        if let Some(t) = lease_task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        running.shutdown(a.graceful_shutdown_timeout).await;
+    };
+    // As upstream: a second SIGTERM or SIGINT during the graceful shutdown
+    // exits at once, with status 1.
+    tokio::select! {
+        _ = stop => 0,
+        _ = signals.next() => {
+            eprintln!("proxy-server: second signal during shutdown: exiting");
+            1
         }
     }
-    // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) only.
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.expect("signal");
-    tracing::info!("shutting down");
-    let _ = lease_stop.send(());
-    if let Some(t) = lease_task {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+}
+
+/// SIGTERM and SIGINT (Ctrl-C elsewhere), one at a time.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                term: signal(SignalKind::terminate()).expect("signal"),
+                int: signal(SignalKind::interrupt()).expect("signal"),
+            }
+        }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    running.shutdown(a.graceful_shutdown_timeout).await;
-    0
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        // No SIGTERM elsewhere: Ctrl-C (CTRL_C_EVENT) only.
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await.expect("signal");
+    }
 }

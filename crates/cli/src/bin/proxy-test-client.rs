@@ -65,10 +65,10 @@ struct Args {
     /// The delay in seconds after sending requests.
     #[arg(long = "after-delay", default_value_t = 0)]
     after_delay: u64,
-    /// Controls if the client calls closeIdleConnections (every request uses its own tunnel here).
+    /// Accepted for compatibility, no effect: every request uses its own tunnel here.
     #[arg(long = "close-idle-conn", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     close_idle_conn: bool,
-    /// Enables health checks on http2 connections (accepted).
+    /// Accepted for compatibility, no effect.
     #[arg(long = "enable-http2-healthchecks", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     enable_http2_healthchecks: bool,
     #[command(flatten)]

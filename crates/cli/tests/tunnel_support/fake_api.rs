@@ -100,6 +100,38 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub fn start(handle: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> FakeServer {
+        Self::serve(None, handle)
+    }
+
+    /// The same over TLS with `cert`/`key` (PEM files): what the pod's
+    /// service account reaches at `https://$KUBERNETES_SERVICE_HOST`. A client
+    /// that does not trust the certificate's CA never gets a request through.
+    pub fn start_tls(
+        cert: &Path,
+        key: &Path,
+        handle: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> FakeServer {
+        let certs = rustls_pemfile::certs(&mut &std::fs::read(cert).unwrap()[..])
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut &std::fs::read(key).unwrap()[..])
+            .unwrap()
+            .unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::serve(Some(Arc::new(cfg)), handle)
+    }
+
+    fn serve(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handle: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> FakeServer {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -109,11 +141,27 @@ impl FakeServer {
                 if sp.load(Ordering::SeqCst) {
                     break;
                 }
-                let Ok(mut c) = c else { continue };
+                let Ok(c) = c else { continue };
+                c.set_read_timeout(Some(Duration::from_secs(5))).ok();
                 let handle = handle.clone();
-                std::thread::spawn(move || {
-                    if let Some(req) = read_request(&mut c) {
-                        write_reply(&mut c, &handle(&req));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    Some(cfg) => {
+                        let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                            return;
+                        };
+                        let mut s = rustls::StreamOwned::new(conn, c);
+                        if let Some(req) = read_request(&mut s) {
+                            write_reply(&mut s, &handle(&req));
+                            s.conn.send_close_notify();
+                            let _ = s.flush();
+                        }
+                    }
+                    None => {
+                        let mut c = c;
+                        if let Some(req) = read_request(&mut c) {
+                            write_reply(&mut c, &handle(&req));
+                        }
                     }
                 });
             }
@@ -131,8 +179,7 @@ impl Drop for FakeServer {
 
 /// Reads one request (head byte by byte, then Content-Length bytes); None
 /// on a malformed or cut-off request.
-fn read_request(c: &mut TcpStream) -> Option<Request> {
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+fn read_request(c: &mut impl Read) -> Option<Request> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -168,7 +215,7 @@ fn read_request(c: &mut TcpStream) -> Option<Request> {
 }
 
 /// Writes the reply; the connection closes when the caller drops it.
-fn write_reply(c: &mut TcpStream, reply: &Reply) {
+fn write_reply(c: &mut impl Write, reply: &Reply) {
     let _ = match reply {
         Reply::Json(code, body) => {
             let payload = body.to_string();

@@ -25,30 +25,51 @@ pub struct Proc {
     pub name: String,
     child: Option<Child>,
     pub log: PathBuf,
+    // Its log is printed when a wait of this test's thread fails; none
+    // once the test has stopped it or seen it exit.
+    watch: std::sync::Mutex<Option<proxyctl_testkit::process::WatchGuard>>,
 }
 
 impl Proc {
     pub fn spawn(bin: &str, args: &[String], dir: &Path, name: &str) -> Proc {
+        Self::spawn_env(bin, args, &[], dir, name)
+    }
+    /// As [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        bin: &str,
+        args: &[String],
+        env: &[(&str, String)],
+        dir: &Path,
+        name: &str,
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let watch = proxyctl_testkit::watch_log(name, &log, Some(child.id()));
         Proc {
             name: name.into(),
             child: Some(child),
             log,
+            watch: std::sync::Mutex::new(Some(watch)),
         }
     }
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
+    /// Sends `sig`; after SIGINT, SIGKILL or SIGTERM the test expects the
+    /// exit, so waits no longer fail on it.
     pub fn signal(&self, sig: i32) {
+        if matches!(sig, 2 | 9 | SIGTERM) {
+            self.unwatch();
+        }
         unsafe {
             libc_kill(self.pid(), sig);
         }
@@ -81,6 +102,7 @@ impl Proc {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.unwatch();
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -90,7 +112,11 @@ impl Proc {
     pub fn alive(&mut self) -> bool {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
     }
+    fn unwatch(&self) {
+        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
     pub fn kill(&mut self) {
+        self.unwatch();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -253,15 +279,16 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
+/// Polls `f` until it holds; fails with the logs of the processes this
+/// test started, at once if one of them has exited.
+pub fn wait_for(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    proxyctl_testkit::wait_until(what, limit, f)
+}
+
+/// True when a process failed because a port it was given was taken
+/// between the test choosing it and the process binding it.
+pub fn lost_port_race(p: &mut Proc) -> bool {
+    !p.alive() && p.log_text().contains("in use")
 }
 
 /// Sum of a metric's samples (any labels) from a /metrics page.
@@ -381,23 +408,41 @@ impl Stack {
         Self::start_with(mode, &[], &[])
     }
     pub fn start_with(mode: &str, extra_server: &[&str], extra_agent: &[&str]) -> Stack {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
         make_certs(dir.path());
-        let ports = Ports::new();
-        let mut sa = server_args(&ports, mode);
-        sa.extend(s(extra_server));
-        let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
-        let mut aa = agent_args(&ports);
-        aa.extend(s(extra_agent));
-        let agent = Proc::spawn(&bin("proxy-agent"), &aa, dir.path(), "agent");
-        let st = Stack {
-            dir,
-            ports,
-            server,
-            agent,
-        };
-        st.wait_ready();
-        st
+        // Ports are chosen before the processes bind them; a process outside
+        // this suite may take one in between. Then both start again on
+        // fresh ports (a few times at most).
+        for attempt in 1.. {
+            let ports = Ports::new();
+            let mut sa = server_args(&ports, mode);
+            sa.extend(s(extra_server));
+            let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
+            let mut aa = agent_args(&ports);
+            aa.extend(s(extra_agent));
+            let agent = Proc::spawn(&bin("proxy-agent"), &aa, dir.path(), "agent");
+            let mut st = Stack {
+                dir,
+                ports,
+                server,
+                agent,
+            };
+            let started =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.wait_ready()));
+            match started {
+                Ok(()) => return st,
+                Err(_)
+                    if attempt < 4
+                        && (lost_port_race(&mut st.server) || lost_port_race(&mut st.agent)) =>
+                {
+                    eprintln!("a port was taken before the server or agent bound it; new ports");
+                    let Stack { dir: d, .. } = st;
+                    dir = d;
+                }
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+        unreachable!()
     }
     pub fn wait_ready(&self) {
         let p = self.ports;

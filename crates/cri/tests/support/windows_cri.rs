@@ -29,8 +29,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+use proxyctl_cri_api::runtime::v1 as cri;
+use proxyctl_cri_api::runtime::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 use tonic::codegen::tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -222,22 +222,7 @@ runtime_service! {{
         start_container: StartContainerRequest => StartContainerResponse,
         stop_container: StopContainerRequest => StopContainerResponse,
         remove_container: RemoveContainerRequest => RemoveContainerResponse,
-        update_container_resources: UpdateContainerResourcesRequest => UpdateContainerResourcesResponse,
-        reopen_container_log: ReopenContainerLogRequest => ReopenContainerLogResponse,
         exec_sync: ExecSyncRequest => ExecSyncResponse,
-        exec: ExecRequest => ExecResponse,
-        attach: AttachRequest => AttachResponse,
-        port_forward: PortForwardRequest => PortForwardResponse,
-        container_stats: ContainerStatsRequest => ContainerStatsResponse,
-        list_container_stats: ListContainerStatsRequest => ListContainerStatsResponse,
-        pod_sandbox_stats: PodSandboxStatsRequest => PodSandboxStatsResponse,
-        list_pod_sandbox_stats: ListPodSandboxStatsRequest => ListPodSandboxStatsResponse,
-        update_runtime_config: UpdateRuntimeConfigRequest => UpdateRuntimeConfigResponse,
-        status: StatusRequest => StatusResponse,
-        checkpoint_container: CheckpointContainerRequest => CheckpointContainerResponse,
-        list_metric_descriptors: ListMetricDescriptorsRequest => ListMetricDescriptorsResponse,
-        list_pod_sandbox_metrics: ListPodSandboxMetricsRequest => ListPodSandboxMetricsResponse,
-    runtime_config: RuntimeConfigRequest => RuntimeConfigResponse,
 }
 
 /// Accepted connections of a unix listener, as tonic's `serve_with_incoming` wants them.

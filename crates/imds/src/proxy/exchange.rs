@@ -17,6 +17,8 @@ use tokio::time::Sleep;
 
 use super::*;
 use crate::h1::{self, Chunk, ChunkedDecoder, HeadError, RequestHead, ResponseHead, View};
+use crate::identity;
+use crate::metrics::{FetchLabels, IssuedLabels};
 
 /// Initial read buffer of a connection (either side); grows to the head
 /// limit when a head needs it.
@@ -173,6 +175,7 @@ fn connection_refused(shared: &Shared, conn: &Conn, e: &ConnError) {
         latency_ms: 0.0,
         rule: None,
         error: Some(message.clone()),
+        identity: None,
     });
     tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {message}");
 }
@@ -221,6 +224,8 @@ struct Local {
     /// a request body was left unread).
     close: bool,
     retry_after: bool,
+    /// `X-aws-ec2-metadata-token-ttl-seconds` of a session token answer.
+    ttl_header: Option<String>,
 }
 
 impl Local {
@@ -240,6 +245,7 @@ impl Local {
             decision,
             close: false,
             retry_after: false,
+            ttl_header: None,
         }
     }
 
@@ -262,7 +268,150 @@ const JSON: &str = "application/json; charset=utf-8";
 /// What to do with a request (the rule that allowed it comes beside).
 enum Decided {
     Answer(Local),
-    Forward { body_len: u64 },
+    Forward {
+        body_len: u64,
+    },
+    /// A credential request answered by the identity layer for this
+    /// identity (its label).
+    AzureToken {
+        ask: identity::AzureTokenAsk,
+        identity: String,
+    },
+    /// An IMDSv2 session token for an AWS-bound pod, obtained upstream and
+    /// remembered as this pod's.
+    AwsSessionToken {
+        ttl: String,
+    },
+    /// Credentials of the pod's IAM role.
+    AwsCredentials {
+        role: identity::AwsRole,
+    },
+}
+
+const AWS_TOKEN_PATH: &str = "/latest/api/token";
+const AWS_CREDENTIALS_DIR: &str = "/latest/meta-data/iam/security-credentials";
+
+/// IMDS's refusals on the AWS side are bare statuses.
+fn aws_refusal(status: StatusCode, decision: &'static str) -> Decided {
+    let reason = status.canonical_reason().unwrap_or("");
+    Decided::Answer(Local::text(status, &format!("{reason}\n"), decision))
+}
+
+/// The AWS part of `decide_credential`.
+fn decide_aws(
+    shared: &Shared,
+    pod: &Pod,
+    rule: &crate::rules::Rule,
+    view: &View<'_>,
+    method: &str,
+    path: &str,
+) -> Option<Decided> {
+    let bound = shared.rules.identity_for(pod).and_then(|b| b.aws.as_ref());
+    if path == AWS_TOKEN_PATH {
+        // Only bound pods' tokens are needed here (to check their
+        // credential reads); the others' pass through to the service.
+        if method != "PUT" || bound.is_none() {
+            return None;
+        }
+        let ttl = view.values(crate::mock::AWS_TOKEN_TTL_HEADER).next();
+        let ttl = ttl.and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("");
+        return Some(Decided::AwsSessionToken {
+            ttl: ttl.to_owned(),
+        });
+    }
+    if !path.starts_with("/latest/") {
+        return None;
+    }
+    let token = view
+        .values(crate::mock::AWS_TOKEN_HEADER)
+        .next()
+        .and_then(|t| std::str::from_utf8(t).ok());
+    if token.is_none() && !rule.imdsv1 {
+        return Some(aws_refusal(StatusCode::UNAUTHORIZED, "imdsv1_refused"));
+    }
+    let rest = path.strip_prefix(AWS_CREDENTIALS_DIR)?;
+    if !rest.is_empty() && !rest.starts_with('/') {
+        return None;
+    }
+    if method != "GET" && method != "HEAD" {
+        return Some(aws_refusal(StatusCode::METHOD_NOT_ALLOWED, "denied"));
+    }
+    let Some(role) = bound else {
+        // A node with no role for this pod: IMDS's answer on an instance
+        // without a profile.
+        return Some(aws_refusal(StatusCode::NOT_FOUND, "no_identity"));
+    };
+    // A token must be one this proxy obtained for this very pod.
+    if let Some(token) = token
+        && !shared.session_tokens.valid_for(token, &pod.key())
+    {
+        return Some(aws_refusal(StatusCode::UNAUTHORIZED, "bad_token"));
+    }
+    let name = rest.trim_matches('/');
+    Some(if name.is_empty() {
+        Decided::Answer(Local::text(StatusCode::OK, role.name(), ALLOWED))
+    } else if name == role.name() {
+        Decided::AwsCredentials { role: role.clone() }
+    } else {
+        aws_refusal(StatusCode::NOT_FOUND, "wrong_identity")
+    })
+}
+
+impl From<identity::Answer> for Local {
+    fn from(a: identity::Answer) -> Self {
+        Local {
+            status: StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            content_type: a.content_type,
+            body: a.body,
+            decision: a.decision,
+            close: false,
+            retry_after: a.retry_after,
+            ttl_header: None,
+        }
+    }
+}
+
+/// The identity layer's part of `decide` for an allowed request: `None`
+/// when the request is not one it answers.
+fn decide_credential(
+    shared: &Shared,
+    pod: &Pod,
+    rule: &crate::rules::Rule,
+    view: &View<'_>,
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Option<Decided> {
+    if path.starts_with("/latest/") {
+        return decide_aws(shared, pod, rule, view, method, path);
+    }
+    if !path.eq_ignore_ascii_case(identity::AZURE_TOKEN_PATH) || method != "GET" {
+        return None;
+    }
+    let Some(bound) = shared
+        .rules
+        .identity_for(pod)
+        .and_then(|b| b.azure.as_ref())
+    else {
+        // What IMDS answers on a VM without that identity: no token, and
+        // nothing about the node's identities.
+        return Some(Decided::Answer(Local {
+            content_type: JSON,
+            body: serde_json::to_vec(&json!({
+                "error": "invalid_request",
+                "error_description": "Identity not found",
+            }))
+            .unwrap_or_default(),
+            ..Local::new(path, StatusCode::BAD_REQUEST, "", "no_identity")
+        }));
+    };
+    Some(match identity::azure_token_ask(bound, query) {
+        Ok(ask) => Decided::AzureToken {
+            ask,
+            identity: bound.label(),
+        },
+        Err(refusal) => Decided::Answer(refusal.into()),
+    })
 }
 
 /// Order of checks: see the module doc of `proxy`.
@@ -371,7 +520,11 @@ fn decide<'r>(
         }
     }
     let method = view.method(head);
-    let rule = match shared.rules.check(pod, method, path) {
+    let allowing = shared.rules.allowing_rule(pod, method, path);
+    let rule = match allowing
+        .map(|r| r.name.as_str())
+        .map_or(Verdict::Deny, Verdict::Allow)
+    {
         Verdict::Allow(rule) => rule,
         Verdict::Deny => {
             let message = format!("Forbidden. Pod {} may not {method} {path}", pod.key());
@@ -389,6 +542,15 @@ fn decide<'r>(
         local.retry_after = true;
         let (verdict, _) = unread(local);
         return (verdict, Some(rule));
+    }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let allowing = allowing.expect("allowed by a rule");
+    if let Some(decided) = decide_credential(shared, pod, allowing, view, method, path, query) {
+        let decided = match decided {
+            Decided::Answer(local) => unread(local).0,
+            other => other,
+        };
+        return (decided, Some(rule));
     }
     (Decided::Forward { body_len }, Some(rule))
 }
@@ -430,7 +592,32 @@ async fn serve_request(
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let method = view.method(&head);
 
+    let mut issued_for: Option<String> = None;
     let (status, decision, consumed, keep) = match verdict {
+        Decided::AzureToken { ask, identity } => {
+            let local = azure_token(shared, conn, &ask, &identity).await;
+            issued_for = Some(identity);
+            let keep = keep_alive && !local.close;
+            write_local(out, &local, head.minor, keep, false);
+            let ok = stream.write_all(out).await.is_ok();
+            (local.status.as_u16(), local.decision, head.len, keep && ok)
+        }
+        Decided::AwsSessionToken { ttl } => {
+            let local = aws_session_token(shared, conn, &ttl).await;
+            let keep = keep_alive && !local.close;
+            write_local(out, &local, head.minor, keep, false);
+            let ok = stream.write_all(out).await.is_ok();
+            (local.status.as_u16(), local.decision, head.len, keep && ok)
+        }
+        Decided::AwsCredentials { role } => {
+            let label = role.label();
+            let local = aws_credentials(shared, conn, &role, &label).await;
+            issued_for = Some(label);
+            let keep = keep_alive && !local.close;
+            write_local(out, &local, head.minor, keep, method == "HEAD");
+            let ok = stream.write_all(out).await.is_ok();
+            (local.status.as_u16(), local.decision, head.len, keep && ok)
+        }
         Decided::Answer(local) => {
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, method == "HEAD");
@@ -492,7 +679,17 @@ async fn serve_request(
         }
     };
     let latency = start.elapsed();
-    record(shared, conn, method, path, decision, status, latency, rule);
+    record(
+        shared,
+        conn,
+        method,
+        path,
+        decision,
+        status,
+        latency,
+        rule,
+        issued_for.as_deref(),
+    );
     buf.advance(consumed);
     keep
 }
@@ -507,6 +704,7 @@ fn record(
     status: u16,
     latency: Duration,
     rule: Option<&str>,
+    identity: Option<&str>,
 ) {
     match &conn.caller {
         Some(caller) if decision == ALLOWED && status == 200 => {
@@ -545,7 +743,186 @@ fn record(
         latency_ms: latency.as_secs_f64() * 1000.0,
         rule,
         error: None,
+        identity,
     });
+}
+
+/// An IMDSv2 session token from the service for an AWS-bound pod, kept as
+/// that pod's for its TTL.
+async fn aws_session_token(shared: &Shared, conn: &Conn, ttl: &str) -> Local {
+    let (host, port) = &shared.upstream_addr;
+    let got = identity::upstream_request(
+        (host.as_str(), *port),
+        shared.upstream.as_str(),
+        "PUT",
+        AWS_TOKEN_PATH,
+        &[(crate::mock::AWS_TOKEN_TTL_HEADER, ttl)],
+        Vec::new(),
+        shared.limits.upstream_timeout,
+    )
+    .await;
+    match got {
+        Ok((200, answered_ttl, body)) => {
+            let token = String::from_utf8_lossy(&body).trim().to_owned();
+            let secs = answered_ttl
+                .as_deref()
+                .unwrap_or(ttl)
+                .parse::<u64>()
+                .unwrap_or(0);
+            if token.is_empty()
+                || !shared.session_tokens.insert(
+                    &token,
+                    caller_key(conn),
+                    Duration::from_secs(secs),
+                )
+            {
+                return identity::failure_answer(identity::FetchError::Failed(
+                    "no session token to hand out".into(),
+                ))
+                .into();
+            }
+            Local {
+                ttl_header: Some(secs.to_string()),
+                ..Local::text(StatusCode::OK, &token, ALLOWED)
+            }
+        }
+        // The service's refusal (bad TTL ...) as it was.
+        Ok((status, _, body)) => Local {
+            content_type: "text/html",
+            body,
+            ..Local::text(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                "",
+                "upstream_refused",
+            )
+        },
+        Err(e) => identity::failure_answer(identity::FetchError::Failed(e)).into(),
+    }
+}
+
+/// The pod's role credentials from the cache, or assumed at STS with the
+/// node's credentials (both cached, one fetch per identity at a time).
+async fn aws_credentials(
+    shared: &Shared,
+    conn: &Conn,
+    role: &identity::AwsRole,
+    label: &str,
+) -> Local {
+    let Some(sts) = shared.sts.as_ref() else {
+        return identity::failure_answer(identity::FetchError::Failed(
+            "no STS endpoint configured".into(),
+        ))
+        .into();
+    };
+    let (host, port) = &shared.upstream_addr;
+    let upstream = (host.as_str(), *port);
+    let timeout = shared.limits.upstream_timeout;
+    let pod = caller_key(conn);
+    let fetch = || async {
+        let node = shared
+            .credentials
+            .get("aws:node", || {
+                crate::sts::node_credentials(upstream, shared.upstream.as_str(), timeout)
+            })
+            .await
+            .map(|(c, _)| c);
+        let got = match node {
+            Ok(node) => match crate::sts::AwsKeys::from_imds(&node.document) {
+                Some(keys) => {
+                    crate::sts::assume_role(
+                        sts,
+                        &keys,
+                        &role.role_arn,
+                        &crate::sts::session_name(&pod),
+                        role.duration_seconds,
+                        timeout,
+                    )
+                    .await
+                }
+                None => Err(identity::FetchError::Failed("node keys unreadable".into())),
+            },
+            Err(e) => Err(e),
+        };
+        count_fetch(shared, label, &got);
+        // AWS SDKs retry 5xx on the credentials path, not 4xx.
+        got.map_err(|e| match e {
+            identity::FetchError::Refused { status, .. } => {
+                identity::FetchError::Failed(format!("refused with {status}"))
+            }
+            failed => failed,
+        })
+    };
+    match shared.credentials.get(label, fetch).await {
+        Ok((credential, _)) => {
+            issued(shared, conn, label);
+            Local {
+                content_type: "text/plain",
+                body: credential.document.to_string().into_bytes(),
+                ..Local::text(StatusCode::OK, "", ALLOWED)
+            }
+        }
+        Err(e) => identity::failure_answer(e).into(),
+    }
+}
+
+fn count_fetch<T>(shared: &Shared, label: &str, got: &Result<T, identity::FetchError>) {
+    let outcome = match got {
+        Ok(_) => "ok",
+        Err(identity::FetchError::Refused { .. }) => "refused",
+        Err(identity::FetchError::Failed(_)) => "failed",
+    };
+    shared
+        .metrics
+        .credential_fetches
+        .get_or_create(&FetchLabels {
+            identity: label.to_owned(),
+            outcome,
+        })
+        .inc();
+}
+
+fn issued(shared: &Shared, conn: &Conn, label: &str) {
+    shared
+        .metrics
+        .credentials_issued
+        .get_or_create(&IssuedLabels {
+            pod: PodLabel(caller_key(conn)),
+            identity: label.to_owned(),
+        })
+        .inc();
+}
+
+/// A token for `identity` from the cache, fetched upstream when it is
+/// missing or due for refresh (one fetch per identity at a time).
+async fn azure_token(
+    shared: &Shared,
+    conn: &Conn,
+    ask: &identity::AzureTokenAsk,
+    label: &str,
+) -> Local {
+    let (host, port) = &shared.upstream_addr;
+    let fetch = || async {
+        let got = identity::fetch_azure(
+            (host.as_str(), *port),
+            shared.upstream.as_str(),
+            ask,
+            shared.limits.upstream_timeout,
+        )
+        .await;
+        count_fetch(shared, label, &got);
+        got
+    };
+    match shared.credentials.get(&ask.key, fetch).await {
+        Ok((credential, _)) => {
+            issued(shared, conn, label);
+            Local {
+                content_type: JSON,
+                body: credential.azure_answer(identity::unix_now()),
+                ..Local::text(StatusCode::OK, "", ALLOWED)
+            }
+        }
+        Err(e) => identity::failure_answer(e).into(),
+    }
 }
 
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &[u8]) {
@@ -576,6 +953,9 @@ fn write_local(out: &mut Vec<u8>, local: &Local, minor: u8, keep: bool, head_onl
     out.extend_from_slice(b"\r\n");
     if local.retry_after {
         out.extend_from_slice(b"retry-after: 1\r\n");
+    }
+    if let Some(ttl) = &local.ttl_header {
+        h1::put_field(out, crate::mock::AWS_TOKEN_TTL_HEADER, ttl.as_bytes());
     }
     connection_field(out, minor, keep);
     out.extend_from_slice(b"\r\n");

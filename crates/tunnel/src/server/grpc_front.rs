@@ -38,8 +38,6 @@ use crate::proto::Packet;
 
 /// The one method this server has.
 const PROXY_PATH: &str = "/ProxyService/Proxy";
-/// Streams one connection may have open (clients open one per dial).
-const MAX_STREAMS: usize = 100;
 /// Receive windows we offer: a stream, and the connection as a whole.
 const STREAM_WINDOW: i64 = 4 << 20;
 const CONN_WINDOW: i64 = 8 << 20;
@@ -374,6 +372,70 @@ enum Timer {
     Closing,
 }
 
+/// What RFC 9113 8.2-8.3 asks of a request's field block, gathered while
+/// it is decoded: the first rule broken, if any.
+#[derive(Default)]
+struct FieldCheck {
+    broken: Option<&'static str>,
+    regular_seen: bool,
+    method: bool,
+    scheme: bool,
+    path: bool,
+    authority: bool,
+}
+
+impl FieldCheck {
+    fn see(&mut self, name: &[u8], value: &[u8]) {
+        if self.broken.is_some() {
+            return;
+        }
+        self.broken = self.rule(name, value);
+    }
+
+    fn rule(&mut self, name: &[u8], value: &[u8]) -> Option<&'static str> {
+        if name.iter().any(u8::is_ascii_uppercase) {
+            return Some("uppercase field name");
+        }
+        if name.first() == Some(&b':') {
+            if self.regular_seen {
+                return Some("pseudo-header after a regular field");
+            }
+            let seen = match name {
+                b":method" => &mut self.method,
+                b":scheme" => &mut self.scheme,
+                b":authority" => &mut self.authority,
+                b":path" if value.is_empty() => return Some("empty :path"),
+                b":path" => &mut self.path,
+                _ => return Some("unknown or response pseudo-header"),
+            };
+            if std::mem::replace(seen, true) {
+                return Some("duplicated pseudo-header");
+            }
+            return None;
+        }
+        self.regular_seen = true;
+        match name {
+            b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding"
+            | b"upgrade" => Some("connection-specific field"),
+            b"te" if value != b"trailers" => Some("TE other than trailers"),
+            _ => None,
+        }
+    }
+
+    /// The rule broken; a request (not a trailer block) must also carry
+    /// :method, :scheme and :path.
+    fn malformed(&self, request: bool) -> Option<&'static str> {
+        if self.broken.is_some() {
+            return self.broken;
+        }
+        if !request {
+            return (self.method || self.scheme || self.path || self.authority)
+                .then_some("pseudo-header in trailers");
+        }
+        (!(self.method && self.scheme && self.path)).then_some("missing pseudo-header")
+    }
+}
+
 struct Connection<S> {
     sh: Arc<Shared>,
     io: S,
@@ -415,7 +477,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         h2::settings(
             out.buf(),
             &[
-                (setting::MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
+                (
+                    setting::MAX_CONCURRENT_STREAMS,
+                    sh.opts.max_concurrent_streams.min(u32::MAX as usize) as u32,
+                ),
                 (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW as u32),
                 (setting::MAX_FRAME_SIZE, crate::H2_MAX_FRAME),
                 (setting::MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK as u32),
@@ -880,6 +945,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             ));
         }
         self.conn_recv_window -= len;
+        // Bad padding is a connection error whatever the stream's state
+        // (RFC 9113 6.1), so it is checked before the stream is looked up.
+        let data = h2::unpad(head.flags, payload)?;
         let Some(i) = self.stream_index(head.stream) else {
             if head.stream > self.last_stream {
                 return Err(conn_error(code::PROTOCOL_ERROR, "DATA on an idle stream"));
@@ -889,7 +957,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             self.conn_recv_unacked += len;
             return Ok(());
         };
-        let data = h2::unpad(head.flags, payload)?;
         let s = &mut self.streams[i];
         if s.recv_closed {
             self.conn_recv_unacked += len;
@@ -962,21 +1029,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         let mut path = String::new();
         let mut grpc_content = false;
         let mut user_agent = String::new();
-        self.hpack.decode(block, |name, value| match name {
-            b":method" => method_post = value == b"POST",
-            b":path" => {
-                path_ok = value == PROXY_PATH.as_bytes();
-                path = String::from_utf8_lossy(value).into_owned();
+        let mut fields = FieldCheck::default();
+        self.hpack.decode(block, |name, value| {
+            fields.see(name, value);
+            match name {
+                b":method" => method_post = value == b"POST",
+                b":path" => {
+                    path_ok = value == PROXY_PATH.as_bytes();
+                    path = String::from_utf8_lossy(value).into_owned();
+                }
+                b"content-type" => {
+                    grpc_content = value == b"application/grpc"
+                        || (value.starts_with(b"application/grpc")
+                            && matches!(value[16], b'+' | b';'));
+                }
+                b"user-agent" => user_agent = String::from_utf8_lossy(value).into_owned(),
+                _ => {}
             }
-            b"content-type" => {
-                grpc_content = value == b"application/grpc"
-                    || (value.starts_with(b"application/grpc") && matches!(value[16], b'+' | b';'));
-            }
-            b"user-agent" => user_agent = String::from_utf8_lossy(value).into_owned(),
-            _ => {}
         })?;
+        // A malformed request or trailer block is a stream error
+        // (RFC 9113 8.1.1), answered before anything else is read from it.
+        let malformed = fields.malformed(self.stream_index(id).is_none());
 
         if let Some(i) = self.stream_index(id) {
+            if malformed.is_some() {
+                self.sh.metrics.bad("h2_malformed");
+                self.reset_stream(i, code::PROTOCOL_ERROR);
+                return Ok(());
+            }
             // Trailers from the client: gRPC has none, but they end its side.
             if !end_stream {
                 return Err(conn_error(
@@ -994,7 +1074,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             ));
         }
         self.last_stream = id;
-        if self.goaway_sent || self.streams.len() >= MAX_STREAMS {
+        if let Some(why) = malformed {
+            tracing::debug!(stream = id, why, "malformed request headers");
+            self.sh.metrics.bad("h2_malformed");
+            h2::rst_stream(self.out.buf(), id, code::PROTOCOL_ERROR);
+            return Ok(());
+        }
+        if self.goaway_sent || self.streams.len() >= self.sh.opts.max_concurrent_streams {
             h2::rst_stream(self.out.buf(), id, code::REFUSED_STREAM);
             return Ok(());
         }

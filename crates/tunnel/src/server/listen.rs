@@ -241,7 +241,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     let mut tasks = JoinSet::new();
 
     // Agent listener.
-    let agent_listener = TcpListener::bind(cfg.agent_addr).await?;
+    let agent_listener = crate::net::listen(cfg.agent_addr)?;
     let agent_addr = agent_listener.local_addr()?;
     let (tx, rx) = mpsc::channel::<TlsConn>(64);
     tasks.spawn(tls_accept_loop(
@@ -293,7 +293,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     };
     match cfg.frontend {
         FrontendListen::Tcp { addr, tls } => {
-            let listener = TcpListener::bind(addr).await?;
+            let listener = crate::net::listen(addr)?;
             frontend_addr = Some(listener.local_addr()?);
             match tls {
                 Some(tls) => {
@@ -376,7 +376,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     // Health: /healthz, /readyz (/ready), /metrics. Admin: /metrics.
     let mut health_addr = None;
     if let Some(addr) = cfg.health_addr {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::net::listen(addr)?;
         health_addr = Some(listener.local_addr()?);
         let srv = server.clone();
         let handler: http::Handler = Arc::new(move |path, _q| match path {
@@ -401,7 +401,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     }
     let mut admin_addr = None;
     if let Some(addr) = cfg.admin_addr {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::net::listen(addr)?;
         admin_addr = Some(listener.local_addr()?);
         let srv = server.clone();
         let handler: http::Handler = Arc::new(move |path, _q| match path {

@@ -31,6 +31,17 @@ pub enum Strategy {
     DefaultRoute,
 }
 
+impl Strategy {
+    /// Upstream's name (the `proxy_strategy` label).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Default => "default",
+            Strategy::DestHost => "destHost",
+            Strategy::DefaultRoute => "defaultRoute",
+        }
+    }
+}
+
 impl FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -61,6 +72,12 @@ pub struct ServerOptions {
     pub agent_channel_packets: usize,
     /// Dials one frontend stream may have open at once.
     pub max_dials_per_stream: usize,
+    /// Streams (one per dial) one gRPC frontend connection may have open
+    /// at once. konnectivity-client's reusable tunnel carries every dial of
+    /// kube-apiserver on one connection, and grpc-go sets no limit; memory
+    /// stays bounded per stream (`connection_queue_bytes`), by the
+    /// connection's receive window and by `max_pending_dials`.
+    pub max_concurrent_streams: usize,
     /// Per-connection window offered to agents that speak the flow-control
     /// extension (0: off). Kept at most `connection_queue_bytes`.
     pub flow_window: usize,
@@ -80,6 +97,7 @@ impl Default for ServerOptions {
             connection_queue_bytes: 4 << 20,
             agent_channel_packets: 256,
             max_dials_per_stream: 64,
+            max_concurrent_streams: 10_000,
             flow_window: 1 << 20,
             agent_auth: None,
         }
@@ -122,11 +140,22 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Go's `strconv.ParseBool`.
+fn go_parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 impl Identifiers {
     /// Parses `host=a&ipv4=1.2.3.4&ipv6=..&default-route=true`; unknown keys
-    /// are ignored, as upstream's server does.
+    /// are ignored, as upstream's server does. `default-route` takes its
+    /// first value, read as Go's `strconv.ParseBool`.
     pub(crate) fn parse(s: &str) -> Self {
         let mut ids = Identifiers::default();
+        let mut default_route_seen = false;
         for pair in s.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v);
@@ -134,7 +163,10 @@ impl Identifiers {
                 "host" => ids.hosts.push(v),
                 "ipv4" => ids.ipv4.push(v),
                 "ipv6" => ids.ipv6.push(v),
-                "default-route" => ids.default_route = v == "true",
+                "default-route" if !default_route_seen => {
+                    default_route_seen = true;
+                    ids.default_route = go_parse_bool(&v) == Some(true);
+                }
                 _ => {}
             }
         }
@@ -201,6 +233,8 @@ pub(crate) struct Conn {
     /// DATA toward the agent; `from_agent` counts what we delivered.
     pub(crate) to_agent: Option<Arc<Credit>>,
     pub(crate) from_agent: Option<Arc<Credit>>,
+    /// When DIAL_RSP established it (connection_duration_seconds).
+    established: Instant,
 }
 
 #[derive(Default)]
@@ -216,16 +250,42 @@ pub(crate) struct Frontend {
     pub(crate) uid: u64,
     pub(crate) queue: PacketQueue,
     state: Mutex<FrontState>,
+    /// Clones of the server's series, counted as packets are handed over.
+    packets: prometheus::IntCounterVec,
+    write_latency: prometheus::Histogram,
+    conn_duration: prometheus::Histogram,
 }
 
 impl Frontend {
+    /// Hands a control packet to the client's writer; counted
+    /// (`to_client`) and timed (`frontend_write_duration_seconds`) as
+    /// upstream counts its frontend sends.
+    pub(crate) fn push_control(&self, packet: Packet) -> bool {
+        let start = Instant::now();
+        let kind = packet.kind_name();
+        let ok = self.queue.push_control(packet).is_ok();
+        self.observe_write(ok, &kind, start);
+        ok
+    }
+    pub(crate) fn push_data(&self, packet: Packet) -> Result<(), PushError> {
+        let start = Instant::now();
+        let r = self.queue.push_data(packet);
+        self.observe_write(r.is_ok(), "DATA", start);
+        r
+    }
+    fn observe_write(&self, ok: bool, kind: &str, start: Instant) {
+        if ok {
+            self.packets.with_label_values(&["to_client", kind]).inc();
+            self.write_latency.observe(start.elapsed().as_secs_f64());
+        }
+    }
     fn live(st: &FrontState) -> usize {
         st.dials.len() + st.conns.len()
     }
     fn dial_failed(&self, random: i64, packet: Packet) {
         let mut st = self.state.lock().unwrap();
         st.dials.retain(|r| *r != random);
-        let _ = self.queue.push_control(packet);
+        self.push_control(packet);
         if Self::live(&st) == 0 {
             self.queue.close();
         }
@@ -242,6 +302,7 @@ impl Frontend {
             backend: backend.clone(),
             to_agent: credit(backend.flow_window),
             from_agent: credit(backend.flow_window),
+            established: Instant::now(),
         }));
         st.first_conn.get_or_insert(connect_id);
         true
@@ -250,12 +311,16 @@ impl Frontend {
         let mut st = self.state.lock().unwrap();
         st.conns.retain(|c| {
             let done = c.connect_id == connect_id && c.backend.uid == backend_uid;
-            if done && let Some(cr) = &c.to_agent {
-                cr.close();
+            if done {
+                self.conn_duration
+                    .observe(c.established.elapsed().as_secs_f64());
+                if let Some(cr) = &c.to_agent {
+                    cr.close();
+                }
             }
             !done
         });
-        let _ = self.queue.push_control(packet);
+        self.push_control(packet);
         if Self::live(&st) == 0 {
             self.queue.close();
         }
@@ -313,7 +378,7 @@ type PacketStream =
 
 impl ProxyServer {
     pub fn new(opts: ServerOptions) -> Self {
-        ProxyServer {
+        let server = ProxyServer {
             shared: Arc::new(Shared {
                 opts,
                 metrics: ServerMetrics::default(),
@@ -322,7 +387,9 @@ impl ProxyServer {
                 next_uid: AtomicU64::new(1),
                 stop: CancellationToken::new(),
             }),
-        }
+        };
+        server.shared.set_ready_backends(&[]);
+        server
     }
     /// Ready when at least one agent is connected (upstream's /readyz).
     pub fn ready(&self) -> bool {
@@ -345,6 +412,10 @@ impl ProxyServer {
     }
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.render()
+    }
+    /// The lease garbage collector's series.
+    pub fn lease_metrics(&self) -> crate::metrics::ServerLeaseMetrics {
+        self.shared.metrics.lease.clone()
     }
     pub fn server_id(&self) -> &str {
         &self.shared.opts.server_id
@@ -372,6 +443,9 @@ impl Shared {
             uid: self.uid(),
             queue: PacketQueue::new(self.opts.connection_queue_bytes),
             state: Mutex::new(FrontState::default()),
+            packets: self.metrics.stream_packets_total.clone(),
+            write_latency: self.metrics.frontend_write_duration_seconds.clone(),
+            conn_duration: self.metrics.connection_duration_seconds.clone(),
         })
     }
 
@@ -516,6 +590,12 @@ impl Shared {
                     .retain(|r| *r != random);
             }
             let reason = if matches!(e, DialError::Timeout) {
+                // As upstream's retireBackend: an agent whose stream does
+                // not take a DIAL_REQ within the timeout is stuck; it gets
+                // no more dials and its stream ends (the agent reconnects).
+                tracing::warn!(agent_id = %backend.agent_id, "retiring the agent: sending a dial request timed out");
+                backend.draining.store(true, Ordering::Release);
+                self.remove_backend(&backend);
                 "backend_dial_timeout"
             } else {
                 "backend_close"
@@ -526,7 +606,6 @@ impl Shared {
                 .inc();
             return Err(e);
         }
-        self.metrics.packet("to_agent", "DIAL_REQ");
         if !timeout.is_zero() {
             let me = self.clone();
             let task = tokio::spawn(async move {
@@ -625,6 +704,9 @@ impl Shared {
                 .is_some()
             {
                 self.metrics.established_connections.dec();
+                self.metrics
+                    .connection_duration_seconds
+                    .observe(c.established.elapsed().as_secs_f64());
                 self.send_control(&c.backend, Packet::close_req(c.connect_id));
             }
         }
@@ -635,6 +717,42 @@ impl Shared {
         let mut b = self.backends.write().unwrap();
         b.push(backend);
         self.metrics.ready_backend_connections.set(b.len() as i64);
+        self.set_ready_backends(&b);
+    }
+
+    /// `ready_backends{proxy_strategy}`: the agents each configured
+    /// strategy can pick, as upstream's per-strategy backend managers hold
+    /// them.
+    fn set_ready_backends(&self, backends: &[Arc<Backend>]) {
+        for strategy in &self.opts.strategies {
+            // Upstream's managers key their backends: by agent ID (default,
+            // defaultRoute) or by identifier value (destHost); the gauge is
+            // the number of keys.
+            let keys: std::collections::HashSet<&str> = match strategy {
+                Strategy::Default => backends.iter().map(|b| b.agent_id.as_str()).collect(),
+                Strategy::DefaultRoute => backends
+                    .iter()
+                    .filter(|b| b.idents.default_route)
+                    .map(|b| b.agent_id.as_str())
+                    .collect(),
+                Strategy::DestHost => backends
+                    .iter()
+                    .flat_map(|b| {
+                        b.idents
+                            .hosts
+                            .iter()
+                            .chain(&b.idents.ipv4)
+                            .chain(&b.idents.ipv6)
+                            .map(String::as_str)
+                    })
+                    .collect(),
+            };
+            let n = keys.len();
+            self.metrics
+                .ready_backends
+                .with_label_values(&[strategy.name()])
+                .set(n as i64);
+        }
     }
 
     fn remove_backend(&self, backend: &Arc<Backend>) {
@@ -642,6 +760,7 @@ impl Shared {
             let mut b = self.backends.write().unwrap();
             b.retain(|x| x.uid != backend.uid);
             self.metrics.ready_backend_connections.set(b.len() as i64);
+            self.set_ready_backends(&b);
         }
         backend.gone.cancel();
         let conns: Vec<_> = backend.conns.lock().unwrap().drain().collect();
@@ -696,9 +815,6 @@ impl Shared {
                     }
                     return;
                 };
-                self.metrics
-                    .dial_duration_seconds
-                    .observe(p.start.elapsed().as_secs_f64());
                 let random = rsp.random;
                 if !rsp.error.is_empty() {
                     self.metrics
@@ -740,11 +856,12 @@ impl Shared {
                         .unwrap()
                         .insert(rsp.connect_id, p.frontend.clone());
                     self.metrics.established_connections.inc();
-                    let _ =
-                        p.frontend
-                            .queue
-                            .push_control(Packet::dial_rsp(random, rsp.connect_id, ""));
-                    self.metrics.packet("to_client", "DIAL_RSP");
+                    // As upstream: only successful dials are timed.
+                    self.metrics
+                        .dial_duration_seconds
+                        .observe(p.start.elapsed().as_secs_f64());
+                    p.frontend
+                        .push_control(Packet::dial_rsp(random, rsp.connect_id, ""));
                 } else {
                     self.metrics
                         .dial_failure_count
@@ -784,7 +901,7 @@ impl Shared {
                     return;
                 };
                 backend.bytes_from_agent.inc_by(d.data.len() as u64);
-                match fe.queue.push_data(Packet::data(d.connect_id, d.data)) {
+                match fe.push_data(Packet::data(d.connect_id, d.data)) {
                     Ok(()) => {}
                     Err(e) => {
                         if e == PushError::Overflow {
@@ -883,28 +1000,19 @@ impl Shared {
                 match first {
                     None => {
                         self.metrics.bad("data_before_dial_response");
-                        let _ = fe.queue.push_control(Packet::close_rsp(
-                            d.connect_id,
-                            "backend not initialized",
-                        ));
+                        fe.push_control(Packet::close_rsp(d.connect_id, "backend not initialized"));
                         false
                     }
                     Some(id) if id != d.connect_id => {
                         self.metrics.bad("data_foreign_connection");
-                        let _ = fe.queue.push_control(Packet::close_rsp(
+                        fe.push_control(Packet::close_rsp(
                             d.connect_id,
                             "mismatched connection IDs",
                         ));
                         false
                     }
                     Some(id) => match fe.conn(id) {
-                        Some(c) => {
-                            let ok = self.send_data_to_agent(&c, d.data).await;
-                            if ok {
-                                self.metrics.packet("to_agent", "DATA");
-                            }
-                            ok
-                        }
+                        Some(c) => self.send_data_to_agent(&c, d.data).await,
                         // Already closed by the agent: late data is dropped.
                         None => true,
                     },
@@ -915,12 +1023,9 @@ impl Shared {
                     Some(conn) => {
                         fe.state.lock().unwrap().closing = true;
                         let _ = conn.backend.tx.send(Packet::close_req(c.connect_id)).await;
-                        self.metrics.packet("to_agent", "CLOSE_REQ");
                     }
                     None => {
-                        let _ = fe
-                            .queue
-                            .push_control(Packet::close_rsp(c.connect_id, "backend uninitialized"));
+                        fe.push_control(Packet::close_rsp(c.connect_id, "backend uninitialized"));
                     }
                 }
                 true
@@ -1044,7 +1149,11 @@ impl AgentService for AgentSvc {
                         tracing::info!(agent_id = %b2.agent_id, %status, "agent stream ended");
                         sh2.metrics
                             .stream_errors_total
-                            .with_label_values(&["from_agent", &format!("{:?}", status.code()), ""])
+                            .with_label_values(&[
+                                "from_agent",
+                                crate::metrics::grpc_code_name(status.code()),
+                                crate::metrics::NO_PACKET,
+                            ])
                             .inc();
                         break;
                     }
@@ -1056,7 +1165,12 @@ impl AgentService for AgentSvc {
                 .with_label_values(&["/AgentService/Connect"])
                 .dec();
         });
+        // Every packet sent to the agent is counted as it leaves.
+        let sent = sh.metrics.stream_packets_total.clone();
         let out = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .inspect(move |p: &Packet| {
+                sent.with_label_values(&["to_agent", &p.kind_name()]).inc();
+            })
             .map(Ok)
             .take_until(backend.gone.clone().cancelled_owned());
         let mut response = Response::new(Box::pin(out) as PacketStream);
@@ -1162,6 +1276,39 @@ mod tests {
         assert!(backend.conns.lock().unwrap().is_empty());
     }
 
+    /// With --backend-dial-timeout, an agent whose stream does not take a
+    /// DIAL_REQ in time is retired: out of the backend list, its stream
+    /// ended, later dials go elsewhere or fail with no_agent.
+    #[tokio::test(start_paused = true)]
+    async fn dial_request_send_timeout_retires_the_agent() {
+        let sh = ProxyServer::new(ServerOptions {
+            backend_dial_timeout: Duration::from_secs(1),
+            ..ServerOptions::default()
+        })
+        .shared;
+        let (tx, _never_read) = mpsc::channel(1);
+        let stuck = Arc::new(Backend::new(
+            &sh,
+            "stuck".into(),
+            Identifiers::default(),
+            tx,
+            0,
+        ));
+        sh.add_backend(stuck.clone());
+        let fe = sh.new_frontend();
+        // The first DIAL_REQ fills the stream; the second cannot be sent.
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 1).await.unwrap();
+        let r = sh.start_dial(&fe, "tcp", "127.0.0.1:80", 2).await;
+        assert!(matches!(r, Err(DialError::Timeout)), "{r:?}");
+        assert!(stuck.gone.is_cancelled());
+        assert!(sh.backends.read().unwrap().is_empty());
+        assert_eq!(sh.metrics.ready_backend_connections.get(), 0);
+        assert!(matches!(
+            sh.start_dial(&fe, "tcp", "127.0.0.1:80", 3).await,
+            Err(DialError::NoAgent)
+        ));
+    }
+
     #[test]
     fn identifiers_and_hosts() {
         let ids =
@@ -1170,6 +1317,21 @@ mod tests {
         assert_eq!(ids.ipv4, vec!["1.2.3.4"]);
         assert_eq!(ids.ipv6, vec!["::1"]);
         assert!(ids.default_route);
+        // strconv.ParseBool spellings; the first value counts.
+        for (v, want) in [
+            ("1", true),
+            ("T", true),
+            ("True", true),
+            ("0", false),
+            ("yes", false),
+        ] {
+            assert_eq!(
+                Identifiers::parse(&format!("default-route={v}")).default_route,
+                want,
+                "{v}"
+            );
+        }
+        assert!(!Identifiers::parse("default-route=false&default-route=true").default_route);
         assert_eq!(dial_host("[::1]:80"), "::1");
         assert_eq!(dial_host("1.2.3.4:80"), "1.2.3.4");
         assert_eq!(dial_host("node1"), "node1");

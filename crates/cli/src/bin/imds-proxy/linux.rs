@@ -38,6 +38,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:16990")]
         listen: SocketAddr,
+        /// Lifetime of issued Azure tokens in seconds (IMDS: about a day);
+        /// shorter makes SDKs refresh sooner.
+        #[arg(long, default_value_t = 86_399, value_parser = clap::value_parser!(u64).range(60..=86_399))]
+        token_lifetime_secs: u64,
     },
     /// Proxy pods' metadata requests to the real service under access rules.
     Serve {
@@ -142,7 +146,10 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Mock { listen } => {
+        Command::Mock {
+            listen,
+            token_lifetime_secs,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding --listen {listen}"))?;
@@ -150,7 +157,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "metadata-service fake listening on {}",
                 listener.local_addr()?
             );
-            mock::serve(listener, MockState::new()).await;
+            let state = MockState::with_identities(
+                (1..=3).map(mock::MockIdentity::user_assigned).collect(),
+                std::time::Duration::from_secs(token_lifetime_secs),
+            );
+            for id in state.identities() {
+                tracing::info!(
+                    client_id = %id.client_id,
+                    object_id = %id.object_id,
+                    msi_res_id = id.msi_res_id.as_deref().unwrap_or("(system-assigned)"),
+                    "managed identity"
+                );
+            }
+            mock::serve(listener, std::sync::Arc::new(state)).await;
             Ok(())
         }
         Command::Serve {

@@ -108,8 +108,12 @@ fn endpoints(
     hcn.endpoint_from_container(target, &cri).map_err(lift)
 }
 
-pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
-    let mut policy_args = args.policy.clone();
+/// The policies the flags describe, validated as `add` validates them for
+/// HNS (`check --backend hns` shares it); changes nothing.
+pub fn checked_policies(
+    args: &crate::policy_args::PolicyArgs,
+) -> anyhow::Result<Vec<proxyctl_policy::Policy>> {
+    let mut policy_args = args.clone();
     // HNS redirects IPv4 only, and hcnproxyctl has no --family: when neither
     // --family nor --file is given, the HNS backend means ipv4. An explicit
     // `--family both` is still refused, naming --family.
@@ -117,6 +121,19 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         policy_args.family = Some("ipv4".into());
     }
     let policies = policy_args.policies()?;
+    dry_run(&policies)?;
+    Ok(policies)
+}
+
+pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
+    if args.flush_conntrack {
+        return Err(PolicyError::conflict(
+            "flush-conntrack",
+            "HNS keeps no conntrack entries; this flag is for the nft backend",
+        )
+        .into());
+    }
+    let policies = checked_policies(&args.policy)?;
     let request = dry_run(&policies)?;
     if args.dry_run {
         println!("{request}");
@@ -158,6 +175,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn clear(args: ClearArgs) -> anyhow::Result<ExitCode> {
+    if args.flush_conntrack {
+        return Err(PolicyError::conflict(
+            "flush-conntrack",
+            "HNS keeps no conntrack entries; this flag is for the nft backend",
+        )
+        .into());
+    }
     if let Some(name) = args.name.as_deref().filter(|n| *n != DEFAULT_POLICY_NAME) {
         return Err(PolicyError::invalid(
             "name",

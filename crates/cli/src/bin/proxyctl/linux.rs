@@ -34,23 +34,46 @@ fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
     }
 }
 
+/// The policies the flags describe, validated as `add` validates them for
+/// this backend (`check` and `add --dry-run` share it); changes nothing.
+pub fn checked_policies(args: &crate::policy_args::PolicyArgs) -> anyhow::Result<Vec<Policy>> {
+    let policies = args.policies()?;
+    for p in &policies {
+        proxyctl_nft::validate(p)?;
+    }
+    Ok(policies)
+}
+
 pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
-    let policies = args.policy.policies()?;
+    let policies = checked_policies(&args.policy)?;
     let target = resolve(&args.target)?;
     if args.dry_run {
-        // Validate against this backend without touching the kernel.
-        for p in &policies {
-            proxyctl_nft::validate(p)?;
-        }
         println!("would add to {target}:");
         print_structured(OutputFormat::Yaml, &policies)?;
         return Ok(ExitCode::SUCCESS);
     }
-    proxyctl_nft::add_all(&target, &policies)?;
+    let options = proxyctl_nft::Options {
+        flush_conntrack: args.flush_conntrack,
+    };
+    let report = proxyctl_nft::add_with(&target, &policies, options)?;
     for p in &policies {
-        println!("added policy {} to {target}", p.name);
+        if report.replaced.contains(&p.name) {
+            println!("replaced policy {} in {target}", p.name);
+        } else {
+            println!("added policy {} to {target}", p.name);
+        }
+    }
+    if args.flush_conntrack {
+        println!("flushed {}", entries(report.flushed));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn entries(n: usize) -> String {
+    format!(
+        "{n} conntrack entr{} of redirected connections",
+        if n == 1 { "y" } else { "ies" }
+    )
 }
 
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
@@ -65,11 +88,17 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 
 pub fn clear(args: ClearArgs) -> anyhow::Result<ExitCode> {
     let target = resolve(&args.target)?;
-    let removed = proxyctl_nft::clear(&target, args.name.as_deref())?;
+    let options = proxyctl_nft::Options {
+        flush_conntrack: args.flush_conntrack,
+    };
+    let (removed, flushed) = proxyctl_nft::clear_with(&target, args.name.as_deref(), options)?;
     println!(
         "removed {removed} polic{} from {target}",
         if removed == 1 { "y" } else { "ies" }
     );
+    if args.flush_conntrack {
+        println!("flushed {}", entries(flushed));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -81,10 +110,16 @@ pub fn verify(args: TargetArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     print!("{}", report.table());
+    let unverified = report.unverified();
+    if unverified > 0 {
+        println!(
+            "verify: {unverified} probe(s) could not be observed (NOT VERIFIED: a UDP port in use)"
+        );
+    }
     if report.ok() {
         println!(
-            "verify: all {} probes behaved as the policies say",
-            report.rows.len()
+            "verify: all {} observed probes behaved as the policies say",
+            report.rows.len() - unverified
         );
         Ok(ExitCode::SUCCESS)
     } else {

@@ -2,6 +2,8 @@
 //! A thin shell: flags are parsed here, all behaviour lives in the library crates.
 
 mod certs;
+#[cfg(target_os = "linux")]
+mod cni_install;
 mod cri;
 // Linux-only: throw-away namespaces, nftables, setns.
 #[cfg(target_os = "linux")]
@@ -46,6 +48,9 @@ enum Command {
     Check {
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Validate for this backend, exactly as `add` would.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
         #[arg(short, long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
@@ -59,15 +64,24 @@ enum Command {
     /// Prove the policies with real probe traffic; exits non-zero on any mismatch.
     #[cfg(target_os = "linux")]
     Verify(TargetArgs),
-    /// Run a self-contained demonstration in throw-away namespaces (needs root).
+    /// Show the three systems at work in throw-away network namespaces
+    /// (needs root; nothing is left behind, Ctrl-C included): the redirect
+    /// policy, imds-proxy and the Konnectivity tunnel; or only the one named.
     #[cfg(target_os = "linux")]
-    Demo,
+    Demo {
+        #[arg(value_enum)]
+        part: Option<demo::Part>,
+    },
     /// Apply policies to every pod whose labels match, now and as pods start (CRI).
     #[cfg(target_os = "linux")]
     Watch(cri::WatchArgs),
     /// Print a container's endpoint: its pod's network namespace (CRI) with
     /// nftables, its HNS endpoint id(s) with --backend hns.
     Lookup(cri::LookupArgs),
+    /// Copy proxyctl-cni onto the node and keep it chained into the node's
+    /// CNI config until stopped, then un-chain it (the CNI DaemonSet's job).
+    #[cfg(target_os = "linux")]
+    CniInstall(cni_install::CniInstallArgs),
     /// Write the Konnectivity test certificates (upstream's `make certs` layout).
     Certs(certs::CertsArgs),
     /// Print the version.
@@ -75,8 +89,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging("info");
     let cli = Cli::parse();
+    // The demo's own lines say what happens; the components' INFO logs
+    // would bury them (RUST_LOG still wins).
+    #[cfg(target_os = "linux")]
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    #[cfg(not(target_os = "linux"))]
+    let quiet = false;
+    init_logging(if quiet { "warn" } else { "info" });
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -123,8 +143,18 @@ fn nft_clear(_: ClearArgs) -> anyhow::Result<ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { policy, output } => {
-            let policies = policy.policies()?;
+        Command::Check {
+            policy,
+            backend,
+            output,
+        } => {
+            let policies = match backend.resolve() {
+                Backend::Hns => hns::checked_policies(&policy)?,
+                #[cfg(target_os = "linux")]
+                _ => linux::checked_policies(&policy)?,
+                #[cfg(not(target_os = "linux"))]
+                _ => return nft_unavailable(),
+            };
             match output {
                 OutputFormat::Table => {
                     for p in &policies {
@@ -152,7 +182,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => return cri::watch(args),
         Command::Lookup(args) => return cri::lookup(args),
         #[cfg(target_os = "linux")]
-        Command::Demo => return demo::run(),
+        Command::CniInstall(args) => return cni_install::run(args),
+        #[cfg(target_os = "linux")]
+        Command::Demo { part } => return demo::run(part),
         Command::Certs(args) => certs::run(&args)?,
         Command::Version => println!("proxyctl {}", env!("CARGO_PKG_VERSION")),
     }

@@ -39,6 +39,15 @@ pub struct PolicyArgs {
     /// Order among policies: the higher value is evaluated first.
     #[arg(long)]
     pub priority: Option<String>,
+    /// Redirect DNS (UDP and TCP to port 53, IPv4 and IPv6) to this local
+    /// port with NAT, so any DNS server or forwarder can serve it.
+    #[arg(long, value_name = "PORT")]
+    pub dns_port: Option<String>,
+    /// Accept an outbound (or DNS) redirect that excludes no identity: the
+    /// proxy's own connections then loop back into it unless it bypasses
+    /// the redirect itself. Without this flag such a policy is refused.
+    #[arg(long)]
+    pub allow_proxy_loop: bool,
     /// Never redirect traffic of these uids (the proxy's own user).
     #[arg(long, value_name = "UID[,UID..]")]
     pub exclude_uid: Vec<String>,
@@ -85,6 +94,8 @@ impl PolicyArgs {
             outbound_port,
             inbound_port,
             destination_proxy,
+            dns_port,
+            allow_proxy_loop,
             protocol,
             family,
             priority,
@@ -106,6 +117,7 @@ impl PolicyArgs {
             outbound_port,
             inbound_port,
             destination_proxy,
+            dns_port,
             protocol,
             family,
             priority,
@@ -113,6 +125,7 @@ impl PolicyArgs {
         ]
         .iter()
         .any(|o| o.is_some())
+            || *allow_proxy_loop
             || [
                 exclude_uid,
                 exclude_gid,
@@ -155,6 +168,10 @@ impl PolicyArgs {
         if let Some(v) = &self.inbound_port {
             p.inbound_port = Some(parse_port("inbound-port", v)?);
         }
+        if let Some(v) = &self.dns_port {
+            p.dns_port = Some(parse_port("dns-port", v)?);
+        }
+        p.allow_proxy_loop = self.allow_proxy_loop;
         if let Some(v) = &self.destination_proxy {
             let (dest, proxy) = v.split_once('=').ok_or_else(|| {
                 PolicyError::invalid("destination-proxy", format!("`{v}` is not DEST=PROXY"))

@@ -51,6 +51,11 @@ pub struct AddArgs {
     /// Print what would be programmed (HNS: the exact request JSON) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// nft: after the change, delete the conntrack entries of connections
+    /// the replaced policy redirected, so they stop reaching its old proxy
+    /// (TCP ones are reset and reconnect under the new policy).
+    #[arg(long)]
+    pub flush_conntrack: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -70,4 +75,8 @@ pub struct ClearArgs {
     /// Remove only this policy (default: all of ours).
     #[arg(long)]
     pub name: Option<String>,
+    /// nft: also delete the conntrack entries of connections the removed
+    /// policies redirected, so they stop reaching the proxy.
+    #[arg(long)]
+    pub flush_conntrack: bool,
 }

@@ -1,0 +1,761 @@
+//! Per-pod cloud identities through imds-proxy.
+//!
+//! - Stand-in pods (network namespaces the test makes, DNAT of
+//!   169.254.169.254:80 to the proxy's listener inside each) run unmodified
+//!   azure-identity `ManagedIdentityCredential` against the strict fake on
+//!   169.254.169.254 in a "cloud" namespace with no route out.
+//! - The single-flight test serves 100 pods on loopback listeners (the
+//!   proxy cannot tell them from listeners in pod namespaces; no root
+//!   needed) in front of the same fake, and counts what the fake issued.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{IMDS, POD_PORT, Topology, on, runtime_in};
+use imds_proxy::audit::Audit;
+use imds_proxy::mock::{self, MockIdentity, MockState};
+use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+use imds_proxy::{FilePodSource, Pod, Rules};
+use proxyctl_testkit::{NetNs, require_root, require_tool};
+
+fn pod(name: &str, netns: Option<PathBuf>, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        name: name.into(),
+        namespace: "default".into(),
+        uid: Some(format!("uid-{name}")),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        netns,
+        ip: None,
+    }
+}
+
+/// The Azure rules of both tests: every pod may ask the token endpoint;
+/// which identity it gets is the bindings' business.
+fn azure_rules(web: &MockIdentity, batch: &MockIdentity) -> String {
+    format!(
+        r#"
+rules:
+  - name: tokens
+    pods: {{}}
+    paths: [ {{ exact: /metadata/identity/oauth2/token }} ]
+identities:
+  - name: web
+    pods: {{ labels: {{ app: web }} }}
+    azure: {{ client_id: "{}" }}
+  - name: batch
+    pods: {{ labels: {{ app: batch }} }}
+    azure: {{ msi_res_id: "{}" }}
+"#,
+        web.client_id,
+        batch.msi_res_id.as_deref().unwrap()
+    )
+}
+
+/// azure-identity inside a pod: prints one JSON line, the token's identity
+/// (from the fake's claims) or the exception. Endpoint variables are
+/// removed so the SDK picks IMDS as it does on a VM.
+const AZURE_APP: &str = r#"
+import base64, json, sys
+from azure.identity import ManagedIdentityCredential
+client_id = sys.argv[1] or None
+cred = ManagedIdentityCredential(client_id=client_id) if client_id else ManagedIdentityCredential()
+try:
+    t = cred.get_token("https://vault.azure.net/.default")
+    part = t.token.split(".")[1]
+    claims = json.loads(base64.b64decode(part + "=" * (-len(part) % 4)))
+    print(json.dumps({"ok": True, "appid": claims["appid"], "expires_on": t.expires_on}))
+except Exception as e:
+    print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+"#;
+
+/// Variables that would send the SDKs somewhere other than the metadata
+/// service (App Service, Arc, workload identity, explicit credentials).
+const SDK_ENDPOINT_VARS: &[&str] = &[
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+];
+
+fn python_in(ns: &NetNs, script: &str, args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), "python3", "-c", script])
+        .args(args);
+    for var in SDK_ENDPOINT_VARS {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| {
+        panic!(
+            "app printed no JSON: stdout {stdout:?} stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
+    let test = "azure_identity_sdk_gets_its_pods_identity_and_no_other";
+    if !(require_root(test) && require_tool(test, "python3")) {
+        return;
+    }
+    let have_sdk = Command::new("python3")
+        .args(["-c", "import azure.identity"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_sdk {
+        assert!(
+            std::env::var("CI").is_err(),
+            "azure-identity missing (scripts/install-deps.sh installs it)"
+        );
+        eprintln!("skipping {test}: azure-identity not installed");
+        return;
+    }
+    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
+    let mut topo = Topology::new("imid");
+    let ids = topo.mock.identities().to_vec();
+    let (system, web_id, batch_id) = (&ids[0], &ids[1], &ids[2]);
+    for ip in ["10.98.0.21", "10.98.0.22", "10.98.0.23"] {
+        topo.add_pod(ip, Some(pod_listen));
+    }
+    let pods = vec![
+        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
+        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
+        pod("unbound", Some(topo.pod(2).path()), &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pods_file = dir.path().join("pods.yaml");
+    let audit_file = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &pods_file,
+        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
+    )
+    .unwrap();
+    let rt = runtime_in(&topo.node.path());
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
+        rules: Rules::from_yaml(&azure_rules(web_id, batch_id), "test").unwrap(),
+        pod_listen: Some(pod_listen),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::to_file(&audit_file).unwrap(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+        workers: 1,
+    };
+    let source = Arc::new(FilePodSource::new(&pods_file));
+    let proxy = Arc::new(on(&rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    }));
+
+    // The web pod's app, asking for its own client id or for none, gets a
+    // token for the web identity; the second ask is served from the cache.
+    for asked in [web_id.client_id.as_str(), ""] {
+        let r = python_in(topo.pod(0), AZURE_APP, &[asked]);
+        assert_eq!(r["ok"], true, "web asking {asked:?}: {r}");
+        assert_eq!(
+            r["appid"],
+            web_id.client_id.as_str(),
+            "web asking {asked:?}"
+        );
+    }
+    assert_eq!(topo.mock.tokens_issued(&web_id.client_id), 1);
+    // Asking for another identity: refused as IMDS refuses, nothing issued.
+    for other in [&batch_id.client_id, &system.client_id] {
+        let r = python_in(topo.pod(0), AZURE_APP, &[other]);
+        assert_eq!(r["ok"], false, "web asking for {other}: {r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains("Identity not found")
+                || r["message"].as_str().unwrap().contains("not been assigned"),
+            "{r}"
+        );
+        assert_eq!(topo.mock.tokens_issued(other), 0);
+    }
+    // The batch pod, bound by resource id, gets the batch identity.
+    let r = python_in(topo.pod(1), AZURE_APP, &[""]);
+    assert_eq!(r["ok"], true, "batch: {r}");
+    assert_eq!(r["appid"], batch_id.client_id.as_str());
+    // A pod without a binding gets no token at all, not the node's.
+    let r = python_in(topo.pod(2), AZURE_APP, &[""]);
+    assert_eq!(r["ok"], false, "unbound: {r}");
+    assert_eq!(topo.mock.tokens_issued(&system.client_id), 0);
+
+    proxy.flush_audit();
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let web_label = format!("azure:client_id={}", web_id.client_id);
+    let issued: Vec<_> = audit
+        .iter()
+        .filter(|l| l["decision"] == "allowed" && l["status"] == 200)
+        .collect();
+    assert!(
+        issued
+            .iter()
+            .any(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str()),
+        "{audit:#?}"
+    );
+    assert!(
+        issued.iter().all(|l| l["identity"].is_string()),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
+        "{audit:#?}"
+    );
+    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    assert!(!raw.contains("mock."), "a token reached the audit log");
+    let metrics = proxy.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("imds_proxy_credentials_issued_total")
+                && l.contains("pod=\"default/web\"")
+                && l.contains(&web_label)),
+        "{metrics}"
+    );
+    drop(proxy);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
+
+/// GETs `target` on `addr` with `Metadata: true`; (status, body).
+async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: {IMDS}\r\nMetadata: true\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head[9..12].parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Tokens that live 4 s: the proxy refreshes them after 2 s.
+        let state = Arc::new(MockState::with_identities(
+            (1..=2).map(MockIdentity::user_assigned).collect(),
+            Duration::from_secs(4),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let ids = state.identities().to_vec();
+        let pods: Vec<Pod> = (0..100)
+            .map(|i| {
+                let app = if i % 2 == 0 { "web" } else { "batch" };
+                pod(&format!("p{i}"), None, &[("app", app)])
+            })
+            .collect();
+        let config = ProxyConfig {
+            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
+            pod_listen: None,
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::discard(),
+            limits: Limits {
+                rate_per_sec: 0.0,
+                ..Limits::default()
+            },
+            reconcile_every: Duration::ZERO,
+            workers: 2,
+        };
+        let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
+        let target = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+        let round = || {
+            let addrs = addrs.clone();
+            async move {
+                let asks = addrs.iter().enumerate().map(|(i, addr)| {
+                    let addr = *addr;
+                    tokio::spawn(async move { (i, get(addr, target).await) })
+                });
+                let mut tokens = Vec::new();
+                for ask in asks.collect::<Vec<_>>() {
+                    let (i, (status, body)) = ask.await.unwrap();
+                    assert_eq!(status, 200, "pod p{i}: {body}");
+                    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    tokens.push((i, doc));
+                }
+                tokens
+            }
+        };
+        for refresh in [1, 2] {
+            if refresh == 2 {
+                // Past the refresh point (half the 4 s life, in whole seconds).
+                tokio::time::sleep(Duration::from_millis(3100)).await;
+            }
+            let tokens = round().await;
+            for (i, doc) in &tokens {
+                let want = if i % 2 == 0 { &ids[1] } else { &ids[2] };
+                assert_eq!(doc["client_id"], want.client_id.as_str(), "pod p{i}");
+            }
+            // Every pod of one identity got the same token, and the fake
+            // issued one per identity for this refresh.
+            for (parity, id) in [(0, &ids[1]), (1, &ids[2])] {
+                let mut seen: Vec<&str> = tokens
+                    .iter()
+                    .filter(|(i, _)| i % 2 == parity)
+                    .map(|(_, d)| d["access_token"].as_str().unwrap())
+                    .collect();
+                seen.dedup();
+                assert_eq!(seen.len(), 1, "one token per identity, refresh {refresh}");
+                assert_eq!(state.tokens_issued(&id.client_id), refresh);
+            }
+            assert_ne!(
+                tokens[0].1["access_token"], tokens[1].1["access_token"],
+                "identities never share a token"
+            );
+        }
+        let metrics = proxy.metrics_text();
+        assert!(
+            metrics.contains("imds_proxy_credential_fetches_total{identity=\"azure:client_id=11111111-0000-0000-0000-000000000001\",outcome=\"ok\"} 2"),
+            "{metrics}"
+        );
+        drop(proxy);
+        fake.abort();
+    });
+}
+
+#[test]
+fn an_unreachable_upstream_gets_a_status_sdks_retry_not_a_hang() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Nothing listens on the discard port of loopback.
+        let ids: Vec<MockIdentity> = (0..=2)
+            .map(|n| {
+                if n == 0 {
+                    MockIdentity::system_assigned()
+                } else {
+                    MockIdentity::user_assigned(n)
+                }
+            })
+            .collect();
+        let config = ProxyConfig {
+            upstream: parse_upstream("http://127.0.0.1:9").unwrap(),
+            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
+            pod_listen: None,
+            source_ip_listen: None,
+            admin_listen: None,
+            audit: Audit::discard(),
+            limits: Limits::default(),
+            reconcile_every: Duration::ZERO,
+            workers: 0,
+        };
+        let (_proxy, addrs) =
+            imds_proxy::fuzzing::loopback_pods(config, vec![pod("w", None, &[("app", "web")])])
+                .await;
+        let (status, body) = get(
+            addrs[0],
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=r",
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["error"], "service_unavailable");
+    });
+}
+
+/// moto's server (a real STS implementation, PyPI moto[server]) inside the
+/// node namespace on all of its addresses: the proxy reaches it on
+/// loopback, the pods' apps on the node's bridge address. Killed on drop.
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const MOTO_SERVER: &str = r#"
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="0.0.0.0", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+server.stop()
+"#;
+
+impl Moto {
+    fn start(node: &NetNs) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", node.name(), "python3", "-c", MOTO_SERVER])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting moto");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "moto did not report its port: {line:?}; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Moto {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Variables that would make botocore take credentials from anywhere but
+/// the instance metadata service.
+const AWS_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+];
+
+/// boto3 in a pod: credentials from the instance metadata service (IMDSv2
+/// only), then STS GetCallerIdentity at moto with them, twice, reading the
+/// credentials again in between (botocore refreshes credentials that
+/// expire within 15 minutes on every use).
+const BOTO_APP: &str = r#"
+import json, sys
+import boto3
+session = boto3.Session(region_name="us-east-1")
+creds = session.get_credentials()
+if creds is None:
+    print(json.dumps({"ok": False, "error": "no credentials"}))
+    sys.exit(0)
+sts = session.client("sts", endpoint_url=sys.argv[1])
+first = creds.get_frozen_credentials()
+who = sts.get_caller_identity()["Arn"]
+again = creds.get_frozen_credentials()
+who_again = sts.get_caller_identity()["Arn"]
+print(json.dumps({"ok": True, "method": creds.method, "access_key": first.access_key,
+                  "access_key_again": again.access_key, "arn": who, "arn_again": who_again}))
+"#;
+
+/// boto3 using its credentials for 30 minutes of its own time, run under
+/// libfaketime at 200x (9 s of real time): botocore refreshes instance
+/// credentials whenever they come within 15 minutes of expiry (after its
+/// jittered static-stability extension), so it goes back to the metadata
+/// service several times. Prints the access keys it saw.
+const BOTO_REFRESH_APP: &str = r#"
+import json, time
+import boto3
+creds = boto3.Session(region_name="us-east-1").get_credentials()
+keys = set()
+end = time.time() + 1800
+while time.time() < end:
+    keys.add(creds.get_frozen_credentials().access_key)
+    time.sleep(20)
+print(json.dumps({"ok": True, "keys": sorted(keys)}))
+"#;
+
+fn boto_in(ns: &NetNs, sts_url: &str) -> serde_json::Value {
+    boto_run(ns, &["python3", "-c", BOTO_APP, sts_url])
+}
+
+fn boto_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).args(argv);
+    for var in AWS_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_V1_DISABLED", "true");
+    let out = cmd.output().expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+        panic!(
+            "boto app printed no JSON: stdout {stdout:?} stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn boto3_pods_get_their_own_roles_from_sts_through_the_proxy() {
+    let test = "boto3_pods_get_their_own_roles_from_sts_through_the_proxy";
+    if !(require_root(test) && require_tool(test, "python3") && require_tool(test, "curl")) {
+        return;
+    }
+    let have = Command::new("python3")
+        .args(["-c", "import boto3, moto.server, flask"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var("CI").is_err(),
+            "boto3/moto[server] missing (scripts/install-deps.sh installs them)"
+        );
+        eprintln!("skipping {test}: boto3 or moto[server] not installed");
+        return;
+    }
+    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
+    let mut topo = Topology::new("imaw");
+    for ip in ["10.98.0.31", "10.98.0.32", "10.98.0.33"] {
+        topo.add_pod(ip, Some(pod_listen));
+    }
+    let moto = Moto::start(&topo.node);
+    let web_role = "arn:aws:iam::123456789012:role/web-role";
+    let batch_role = "arn:aws:iam::123456789012:role/batch-role";
+    let rules = format!(
+        r#"
+rules:
+  - name: aws-token
+    pods: {{}}
+    paths: [ {{ exact: /latest/api/token }} ]
+    methods: [PUT]
+  - name: aws-read
+    pods: {{}}
+    paths: [ {{ prefix: /latest/meta-data/ }}, {{ prefix: /latest/meta-data/iam/security-credentials }} ]
+identities:
+  - name: web
+    pods: {{ labels: {{ app: web }} }}
+    aws: {{ role_arn: "{web_role}", duration_seconds: 900 }}
+  - name: batch
+    pods: {{ labels: {{ app: batch }} }}
+    aws: {{ role_arn: "{batch_role}" }}
+sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
+"#,
+        moto.port
+    );
+    let pods = vec![
+        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
+        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
+        pod("unbound", Some(topo.pod(2).path()), &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pods_file = dir.path().join("pods.yaml");
+    let audit_file = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &pods_file,
+        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
+    )
+    .unwrap();
+    let rt = runtime_in(&topo.node.path());
+    let config = ProxyConfig {
+        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
+        rules: Rules::from_yaml(&rules, "test").unwrap(),
+        pod_listen: Some(pod_listen),
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::to_file(&audit_file).unwrap(),
+        limits: Limits::default(),
+        reconcile_every: Duration::ZERO,
+        workers: 1,
+    };
+    let source = Arc::new(FilePodSource::new(&pods_file));
+    let proxy = Arc::new(on(&rt, async move {
+        ProxyHandle::start(config, source).await.unwrap()
+    }));
+    let sts_url = format!("http://10.98.0.1:{}", moto.port);
+
+    let web = boto_in(topo.pod(0), &sts_url);
+    assert_eq!(web["ok"], true, "web: {web}; moto: {}", moto.log());
+    assert_eq!(web["method"], "iam-role");
+    // STS says who these credentials are: the web role, in a session
+    // named after the pod.
+    assert_eq!(
+        web["arn"], "arn:aws:sts::123456789012:assumed-role/web-role/default@web",
+        "{web}"
+    );
+    assert_eq!(web["arn_again"], web["arn"]);
+    let batch = boto_in(topo.pod(1), &sts_url);
+    assert_eq!(batch["ok"], true, "batch: {batch}");
+    assert_eq!(
+        batch["arn"],
+        "arn:aws:sts::123456789012:assumed-role/batch-role/default@batch"
+    );
+    assert_ne!(web["access_key"], batch["access_key"]);
+    // The unbound pod: no role listed, so botocore finds no credentials.
+    let unbound = boto_in(topo.pod(2), &sts_url);
+    assert_eq!(unbound["ok"], false, "unbound: {unbound}");
+    // IMDSv1 is off: no token, no answer.
+    let v1 = common::curl(
+        topo.pod(0),
+        &[],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
+    );
+    assert_eq!(v1.status, 401, "{v1:?}");
+    // A token obtained by another pod is not this pod's.
+    let batch_token = common::curl(
+        topo.pod(1),
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ],
+        &format!("http://{IMDS}/latest/api/token"),
+    );
+    assert_eq!(batch_token.status, 200);
+    let stolen = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {}", batch_token.body),
+        ],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/web-role"),
+    );
+    assert_eq!(stolen.status, 401, "{stolen:?}");
+    // Another role's name is not there for this pod.
+    let web_token = common::curl(
+        topo.pod(0),
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ],
+        &format!("http://{IMDS}/latest/api/token"),
+    );
+    let other = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
+        ],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/batch-role"),
+    );
+    assert_eq!(other.status, 404, "{other:?}");
+    let listed = common::curl(
+        topo.pod(0),
+        &[
+            "-H",
+            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
+        ],
+        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
+    );
+    assert_eq!((listed.status, listed.body.as_str()), (200, "web-role"));
+
+    proxy.flush_audit();
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let web_label = format!("aws:{web_role}");
+    let web_reads = |audit: &[serde_json::Value]| {
+        audit
+            .iter()
+            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
+            .count()
+    };
+    let reads_before = web_reads(&audit);
+    assert!(reads_before >= 1, "{audit:#?}");
+    // botocore refreshes through the proxy; the proxy answers from its
+    // cache (STS is asked once per role, checked below).
+    if require_tool(test, "faketime") {
+        let r = boto_run(
+            topo.pod(0),
+            &[
+                // botocore's 1 s metadata timeout would be 5 ms at 200x.
+                "env",
+                "AWS_METADATA_SERVICE_TIMEOUT=400",
+                "faketime",
+                "-f",
+                "+0 x200",
+                "python3",
+                "-c",
+                BOTO_REFRESH_APP,
+            ],
+        );
+        assert_eq!(r["keys"].as_array().map(Vec::len), Some(1), "{r}");
+        assert_eq!(r["keys"][0], web["access_key"]);
+        proxy.flush_audit();
+        let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let refreshes = web_reads(&audit) - reads_before;
+        assert!(
+            refreshes >= 3,
+            "botocore read its credentials {refreshes} more times"
+        );
+    }
+    let metrics = proxy.metrics_text();
+    for role in [web_role, batch_role] {
+        assert!(
+            metrics.contains(&format!(
+                "imds_proxy_credential_fetches_total{{identity=\"aws:{role}\",outcome=\"ok\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    assert!(
+        !raw.contains(web["access_key"].as_str().unwrap()),
+        "a key reached the audit log"
+    );
+    drop(proxy);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
