@@ -14,6 +14,19 @@ pub fn init_logging(default_level: &str) {
         .try_init();
 }
 
+/// Raises the soft open-file limit to the hard one (servers hold a
+/// descriptor per connection; a 1024 soft limit is soon reached). Logged,
+/// never fatal.
+pub fn raise_fd_limit() {
+    match proxyctl_listen::raise_nofile_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(old, new, "raised the soft open-file limit (RLIMIT_NOFILE)")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
 /// How list-like commands print their results (`-o`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {

@@ -905,7 +905,13 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
             "/metrics" => Reply::metrics(a.metrics_text()),
             _ => Reply::not_found(),
         });
-        tasks.spawn(http::serve(listener, handler, stop.clone()));
+        tasks.spawn(http::serve(
+            listener,
+            handler,
+            stop.clone(),
+            "health",
+            agent.sh.metrics.connections_refused_total.clone(),
+        ));
     }
     let mut admin_addr = None;
     if let Some(addr) = cfg.admin_addr {
@@ -927,7 +933,13 @@ pub async fn launch(cfg: AgentLaunch) -> anyhow::Result<RunningAgent> {
                 ("/metrics", None) => Reply::metrics(a.metrics_text()),
                 _ => Reply::not_found(),
             });
-        tasks.spawn(http::serve_with_host(listener, handler, stop.clone()));
+        tasks.spawn(http::serve_with_host(
+            listener,
+            handler,
+            stop.clone(),
+            "admin",
+            agent.sh.metrics.connections_refused_total.clone(),
+        ));
     }
     let a = agent.clone();
     tasks.spawn(async move { a.run().await });

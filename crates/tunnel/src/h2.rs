@@ -91,8 +91,12 @@ fn protocol(reason: &'static str) -> ConnError {
 /// loona-hpack builds a Huffman HashMap per string (~40% of the server's CPU
 /// per dial) and httlib-hpack panics on truncated input (found by the
 /// `grpc_frontend` fuzz target). Huffman strings are httlib-huffman's job.
-#[derive(Default)]
 pub struct HeaderDecoder {
+    /// SETTINGS_MAX_HEADER_LIST_SIZE we advertise: a block whose decoded
+    /// fields (name + value + 32 octets each, RFC 9113 section 6.5.2) pass
+    /// it is refused as soon as they do, so a small block that names one
+    /// large table entry many times never expands into its full size.
+    max_list: usize,
     table: std::collections::VecDeque<TableEntry>,
     /// Sum of entry sizes (name + value + 32 each, RFC 7541 section 4.1).
     size: usize,
@@ -215,7 +219,26 @@ fn hpack_read_string(b: &[u8]) -> Result<(std::borrow::Cow<'_, [u8]>, usize), Co
     Ok((std::borrow::Cow::Owned(out), end))
 }
 
+impl Default for HeaderDecoder {
+    fn default() -> Self {
+        HeaderDecoder::new(MAX_HEADER_LIST)
+    }
+}
+
+/// The decoded header-list size we accept by default (64 KiB).
+pub const MAX_HEADER_LIST: usize = 64 << 10;
+
 impl HeaderDecoder {
+    /// A decoder refusing header lists over `max_list` decoded octets.
+    pub fn new(max_list: usize) -> Self {
+        HeaderDecoder {
+            max_list,
+            table: Default::default(),
+            size: 0,
+            limit: None,
+        }
+    }
+
     fn limit(&self) -> usize {
         self.limit.unwrap_or(HPACK_TABLE_MAX)
     }
@@ -262,11 +285,25 @@ impl HeaderDecoder {
     ) -> Result<(), ConnError> {
         let mut rest = block;
         let mut fields = 0;
+        let mut list_size = 0usize;
+        let max_list = self.max_list;
+        let mut charge = |name: &[u8], value: &[u8]| {
+            list_size += name.len() + value.len() + 32;
+            if list_size > max_list {
+                Err(conn_error(
+                    code::ENHANCE_YOUR_CALM,
+                    "decoded header list over SETTINGS_MAX_HEADER_LIST_SIZE",
+                ))
+            } else {
+                Ok(())
+            }
+        };
         while let Some(&first) = rest.first() {
             if first & 0x80 != 0 {
                 let (index, n) = hpack_read_int(rest, 7)?;
                 rest = &rest[n..];
                 let (name, value) = self.entry(index)?;
+                charge(name, value)?;
                 field(name, value);
             } else if first & 0xe0 == 0x20 {
                 // Size updates come before the block's first field.
@@ -294,6 +331,7 @@ impl HeaderDecoder {
                 };
                 let (value, n) = hpack_read_string(rest)?;
                 rest = &rest[n..];
+                charge(&name, &value)?;
                 field(&name, &value);
                 if indexing {
                     self.insert(&name, &value);

@@ -261,6 +261,9 @@ pub struct ServerMetrics {
     pub stream_errors_total: IntCounterVec,
     pub queue_overflow_total: IntCounterVec,
     pub bad_input_total: IntCounterVec,
+    /// Connections a listener closed at once (at its cap) or cut off (a
+    /// deadline), by listener and reason.
+    pub connections_refused_total: IntCounterVec,
     /// Payload bytes per agent and direction (ours, not upstream's).
     pub agent_bytes_total: IntCounterVec,
     /// DATA sends that had to wait for flow-control credit or a full
@@ -473,6 +476,13 @@ impl Default for ServerMetrics {
                 "Refused bad input, by kind.",
                 &["kind"],
             ),
+            connections_refused_total: counter_vec(
+                &r,
+                s,
+                "connections_refused_total",
+                "Connections closed at accept (reason=connection_cap) or cut off by a deadline (reason=timeout), by listener.",
+                &["listener", "reason"],
+            ),
             agent_bytes_total: counter_vec(
                 &r,
                 s,
@@ -515,6 +525,9 @@ pub struct AgentMetrics {
     pub stream_errors_total: IntCounterVec,
     pub queue_overflow_total: IntCounterVec,
     pub bad_input_total: IntCounterVec,
+    /// Connections a listener closed at once (at its cap) or cut off (a
+    /// deadline), by listener and reason.
+    pub connections_refused_total: IntCounterVec,
     pub flow_control_stalls_total: IntCounterVec,
     /// `flow_control_stalls_total{segment="to_server"}`, looked up once.
     pub stalls_to_server: prometheus::IntCounter,
@@ -610,6 +623,13 @@ impl Default for AgentMetrics {
                 "bad_input_total",
                 "Refused bad input, by kind.",
                 &["kind"],
+            ),
+            connections_refused_total: counter_vec(
+                &r,
+                s,
+                "connections_refused_total",
+                "Connections closed at accept (reason=connection_cap) or cut off by a deadline (reason=timeout), by listener.",
+                &["listener", "reason"],
             ),
             // Shown from the start (0), not only after the first stall.
             stalls_to_server: stalls.with_label_values(&["to_server"]),

@@ -136,6 +136,7 @@ fn main() {
     konnectivity::tune_allocator();
     let args = Args::parse();
     args.klog.init("proxy-agent", 4);
+    proxyctl_cli::raise_fd_limit();
     let runtime = konnectivity::runtime().expect("tokio runtime");
     std::process::exit(runtime.block_on(run(args)));
 }

@@ -194,6 +194,7 @@ fn main() {
     konnectivity::tune_allocator();
     let args = Args::parse();
     args.klog.init("proxy-server", 4);
+    proxyctl_cli::raise_fd_limit();
     let runtime = konnectivity::runtime().expect("tokio runtime");
     let code = runtime.block_on(run(args));
     std::process::exit(code);

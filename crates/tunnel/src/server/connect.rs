@@ -15,8 +15,9 @@ use crate::read_chunk;
 const MAX_HEAD: usize = 16 * 1024;
 /// Client bytes held while the dial is pending.
 const MAX_EARLY: usize = 64 * 1024;
-/// A request head must arrive within this time.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The whole request head must arrive within this time (one deadline, not
+/// one per read: a client trickling a byte at a time is cut off too).
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn go_error(status: u16, reason: &str, body: &str) -> Vec<u8> {
     format!(
@@ -92,14 +93,30 @@ where
 
     // Read the request head.
     let mut head = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let head_end = loop {
-        let chunk = match tokio::time::timeout(HEAD_TIMEOUT, read_chunk(&mut rd)).await {
+        let chunk = match tokio::time::timeout_at(deadline, read_chunk(&mut rd)).await {
             Ok(Ok(c)) if !c.is_empty() => c,
-            _ => return,
+            Ok(_) => return,
+            Err(_) => {
+                sh.metrics.bad("http_head_timeout");
+                let _ = wr
+                    .write_all(&go_error(408, "Request Timeout", "408 Request Timeout"))
+                    .await;
+                return;
+            }
         };
+        // Only the new bytes (and the three before them) can hold the end.
+        let from = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk);
-        if let Some(pos) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
+        let end = head[from..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|pos| from + pos + 4);
+        if let Some(end) = end
+            && end <= MAX_HEAD
+        {
+            break end;
         }
         if head.len() > MAX_HEAD {
             sh.metrics.bad("http_head_too_large");
@@ -264,5 +281,74 @@ mod tests {
             parse_head(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n"),
             Err(HeadError::Malformed)
         ));
+    }
+
+    /// The server's answer to `head` sent in one write, read to EOF.
+    async fn answer(sh: Arc<Shared>, head: Vec<u8>) -> String {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(serve(sh, server));
+        client.write_all(&head).await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        task.await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn shared() -> Arc<Shared> {
+        crate::server::ProxyServer::new(crate::server::fuzzing::small_options(0, 0)).shared
+    }
+
+    #[tokio::test]
+    async fn a_head_over_16_kib_in_one_read_is_refused() {
+        let sh = shared();
+        let mut head = b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nX-Pad: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', MAX_HEAD));
+        head.extend_from_slice(b"\r\n\r\n");
+        let got = answer(sh.clone(), head).await;
+        assert!(got.starts_with("HTTP/1.1 431 "), "{got}");
+        assert_eq!(
+            sh.metrics
+                .bad_input_total
+                .with_label_values(&["http_head_too_large"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_trickled_a_byte_at_a_time_meets_one_deadline() {
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(serve(sh.clone(), server));
+        let start = tokio::time::Instant::now();
+        // One byte every 5 s: each read comes well within 30 s of the last.
+        for b in b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n".iter() {
+            if client.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if task.is_finished() {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        task.await.unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+        let took = start.elapsed();
+        assert!(
+            took >= HEAD_TIMEOUT && took <= HEAD_TIMEOUT + Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert_eq!(
+            sh.metrics
+                .bad_input_total
+                .with_label_values(&["http_head_timeout"])
+                .get(),
+            1
+        );
     }
 }

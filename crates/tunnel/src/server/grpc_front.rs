@@ -52,6 +52,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time the last frames get to leave before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a header block (HEADERS and its CONTINUATIONs) has to be
+/// finished: an unfinished one holds up to 64 KiB and blocks every other
+/// frame of the connection.
+const HEADER_BLOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames that move nothing forward (empty DATA or CONTINUATION, PRIORITY,
+/// PINGs, SETTINGS after the first, unknown types) a client may send per
+/// `NO_PROGRESS_PERIOD`; past that the connection ends with GOAWAY
+/// ENHANCE_YOUR_CALM, as grpc-go and nghttp2 answer such floods. A client
+/// pinging every second uses 1% of it.
+const NO_PROGRESS_BUDGET: u32 = 1000;
+const NO_PROGRESS_PERIOD: Duration = Duration::from_secs(10);
+/// DATA payloads shorter than this are copied into the stream's own buffer
+/// instead of kept as slices of the 64 KiB read buffer they arrived in, so
+/// what a stream holds is what the client sent (and the connection window
+/// bounds), not one read buffer per tiny frame.
+const COPY_BELOW: usize = 16 << 10;
 /// Sent with our keepalive pings, so their ACKs can be told apart.
 const KEEPALIVE_OPAQUE: [u8; 8] = *b"pxctl-ka";
 
@@ -102,10 +118,12 @@ struct Stream {
     send_done: bool,
 }
 
-/// DATA payloads of one stream, as received.
+/// DATA payloads of one stream, as received: large ones as they came,
+/// small ones copied together into `small` (which follows `chunks`).
 #[derive(Default)]
 struct Inbox {
     chunks: VecDeque<Bytes>,
+    small: BytesMut,
     len: usize,
 }
 
@@ -117,9 +135,25 @@ struct CallError {
 
 impl Inbox {
     fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
+        if b.is_empty() {
+            return;
+        }
+        self.len += b.len();
+        if b.len() < COPY_BELOW {
+            self.small.extend_from_slice(&b);
+        } else {
+            self.seal();
             self.chunks.push_back(b);
+        }
+    }
+
+    /// Moves the copied small payloads behind the chunks.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.chunks.push_back(self.small.split().freeze());
+        }
+        if self.small.capacity() == 0 {
+            self.small = BytesMut::new();
         }
     }
 
@@ -173,6 +207,7 @@ impl Inbox {
     /// the 64 KiB read buffers its pieces are slices of (a client that
     /// sends a few bytes and stops must not pin a read buffer).
     fn compact(&mut self) {
+        self.seal();
         if self.len == 0 || self.len > 4096 {
             return;
         }
@@ -186,6 +221,7 @@ impl Inbox {
 
     /// The next complete gRPC message as a packet, with the bytes it took.
     fn next_packet(&mut self) -> Result<Option<(Packet, usize)>, CallError> {
+        self.seal();
         let Some(prefix) = self.peek_prefix() else {
             return Ok(None);
         };
@@ -428,6 +464,11 @@ struct Connection<S> {
     peer_goaway: bool,
     /// Set when the connection must end (error, EOF): flush, then close.
     ending: bool,
+    /// When the unfinished header block in `partial` must be finished.
+    header_deadline: Option<Pin<Box<Sleep>>>,
+    /// Frames without progress in the current period, and when it began.
+    no_progress: u32,
+    no_progress_since: tokio::time::Instant,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
@@ -473,6 +514,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             goaway_sent: false,
             peer_goaway: false,
             ending: false,
+            header_deadline: None,
+            no_progress: 0,
+            no_progress_since: tokio::time::Instant::now(),
         }
     }
 
@@ -490,12 +534,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if self.poll_timer(cx).is_err() {
                 return Poll::Ready(());
             }
+            if let Some(deadline) = &mut self.header_deadline
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                self.header_deadline = None;
+                self.sh.metrics.bad("h2_header_block_timeout");
+                tracing::info!(
+                    "gRPC frontend connection closed: header block not finished in time"
+                );
+                self.send_goaway(code::ENHANCE_YOUR_CALM);
+                self.ending = true;
+            }
             let mut progress = false;
             if !self.closing() && self.out.len() < OUT_HIGH_WATER {
                 match self.poll_read_frames(cx) {
                     Poll::Ready(Ok(())) => progress = true,
                     Poll::Ready(Err(e)) => {
-                        self.sh.metrics.bad(h2_metric(e.code));
+                        self.sh.metrics.bad(conn_error_metric(&e));
                         tracing::info!(error = %e, "gRPC frontend connection closed for a protocol error");
                         self.send_goaway(e.code);
                         self.ending = true;
@@ -667,6 +722,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         if self.partial.is_some() && head.kind != kind::CONTINUATION {
             return Err(conn_error(code::PROTOCOL_ERROR, "header block interrupted"));
         }
+        let no_progress = match head.kind {
+            kind::DATA => head.len == 0 && head.flags & flag::END_STREAM == 0,
+            kind::HEADERS | kind::CONTINUATION => {
+                head.len == 0 && head.flags & flag::END_HEADERS == 0
+            }
+            kind::PRIORITY => true,
+            kind::PING | kind::SETTINGS => head.flags & flag::ACK == 0 && self.settings_seen,
+            kind::RST_STREAM | kind::GOAWAY | kind::WINDOW_UPDATE | kind::PUSH_PROMISE => false,
+            _ => true,
+        };
+        if no_progress {
+            self.charge_no_progress()?;
+        }
         let connection_only = matches!(head.kind, kind::SETTINGS | kind::PING | kind::GOAWAY);
         if connection_only && head.stream != 0 {
             return Err(conn_error(
@@ -815,6 +883,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         }
     }
 
+    /// Counts one frame that moved nothing forward against the budget.
+    fn charge_no_progress(&mut self) -> Result<(), ConnError> {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.no_progress_since) >= NO_PROGRESS_PERIOD {
+            self.no_progress_since = now;
+            self.no_progress = 0;
+        }
+        self.no_progress += 1;
+        if self.no_progress > NO_PROGRESS_BUDGET {
+            return Err(conn_error(
+                code::ENHANCE_YOUR_CALM,
+                "too many frames without progress",
+            ));
+        }
+        Ok(())
+    }
+
     fn on_settings(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
         if head.flags & flag::ACK != 0 {
             if head.len != 0 {
@@ -886,6 +971,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             return Ok(());
         }
         s.recv_window -= len;
+        if s.inbound_done {
+            // Nobody reads this call's messages any more: the bytes are
+            // dropped and both windows credited at once.
+            s.recv_unacked += len;
+            self.conn_recv_unacked += len;
+            if head.flags & flag::END_STREAM != 0 {
+                s.recv_closed = true;
+            }
+            return Ok(());
+        }
+        let padding_only = data.is_empty() && head.flags & flag::END_STREAM == 0 && len > 0;
         // Padding is consumed at once.
         let padding = len - data.len() as i64;
         s.recv_unacked += padding;
@@ -893,6 +989,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         s.inbox.push(data);
         if head.flags & flag::END_STREAM != 0 {
             s.recv_closed = true;
+        }
+        if padding_only {
+            // Padding alone carries nothing.
+            self.charge_no_progress()?;
         }
         Ok(())
     }
@@ -906,8 +1006,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         }
         if flags & flag::END_HEADERS == 0 {
             self.partial = Some(partial);
+            if self.header_deadline.is_none() {
+                self.header_deadline = Some(Box::pin(tokio::time::sleep(HEADER_BLOCK_TIMEOUT)));
+            }
             return Ok(());
         }
+        self.header_deadline = None;
         let block = std::mem::take(&mut partial.block);
         self.on_header_block(partial.stream, partial.end_stream, &block)
     }
@@ -1059,7 +1163,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             return;
         }
         s.inbound_done = true;
-        s.inbox = Inbox::default();
+        // Bytes received but never to be read still count against both
+        // windows: credit them, or a client cancelling calls with data in
+        // flight would see its connection window shrink for good.
+        let dropped = std::mem::take(&mut s.inbox).len as i64;
+        s.recv_unacked += dropped;
+        self.conn_recv_unacked += dropped;
         let (sh, fe) = (self.sh.clone(), s.fe.clone());
         match s.processing.take() {
             Some(p) => {
@@ -1314,6 +1423,17 @@ fn encode_message(p: &Packet) -> OutMessage {
     OutMessage { parts, len }
 }
 
+/// The `bad_input_total` kind of a connection error: ENHANCE_YOUR_CALM
+/// covers several limits, told apart by their reason.
+fn conn_error_metric(e: &ConnError) -> &'static str {
+    match e.reason {
+        "header block too large" => "h2_header_block_too_large",
+        "decoded header list over SETTINGS_MAX_HEADER_LIST_SIZE" => "h2_header_list_too_large",
+        "too many frames without progress" => "h2_no_progress_flood",
+        _ => h2_metric(e.code),
+    }
+}
+
 fn h2_metric(error: u32) -> &'static str {
     match error {
         code::PROTOCOL_ERROR => "h2_protocol_error",
@@ -1321,7 +1441,7 @@ fn h2_metric(error: u32) -> &'static str {
         code::FRAME_SIZE_ERROR => "h2_frame_size_error",
         code::COMPRESSION_ERROR => "h2_compression_error",
         code::STREAM_CLOSED => "h2_stream_closed",
-        code::ENHANCE_YOUR_CALM => "h2_header_block_too_large",
+        code::ENHANCE_YOUR_CALM => "h2_enhance_your_calm",
         _ => "h2_error",
     }
 }
@@ -1472,6 +1592,85 @@ mod tests {
         }
     }
 
+    impl Client {
+        /// A second client connection to the same server.
+        fn another(&self) -> Client {
+            let (io, server) = tokio::io::duplex(64 << 10);
+            tokio::spawn(serve(self.sh.clone(), server, Duration::ZERO));
+            Client {
+                io,
+                buf: Vec::new(),
+                sh: self.sh.clone(),
+                agent: self.agent.clone(),
+                patience: self.patience,
+            }
+        }
+
+        fn bad(&self, kind: &str) -> u64 {
+            self.sh
+                .metrics
+                .bad_input_total
+                .with_label_values(&[kind])
+                .get()
+        }
+
+        /// The GOAWAY's error code; the connection must close after it.
+        async fn goaway_code(&mut self) -> u32 {
+            let (_, p) = self.until(kind::GOAWAY).await;
+            assert!(
+                self.frame().await.is_none(),
+                "connection closed after GOAWAY"
+            );
+            u32::from_be_bytes(p[4..8].try_into().unwrap())
+        }
+    }
+
+    /// A legitimate call on a fresh connection: dial, answer, close.
+    async fn a_call_still_works(c: &Client) {
+        let mut ok = c.another();
+        ok.send(&grpc_call_start(1)).await;
+        ok.send_frame(
+            kind::DATA,
+            0,
+            1,
+            &grpc_message(&Packet::dial_req("tcp", "x:1", 5)),
+        )
+        .await;
+        match &ok.packets(1, 1).await[..] {
+            [Checked::DialRsp(r)] => assert_eq!((r.random, r.connect_id), (5, 7)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn headers_frame(stream: u32, flags: u8, block: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        Head {
+            len: block.len(),
+            kind: kind::HEADERS,
+            flags,
+            stream,
+        }
+        .write(&mut out);
+        out.put_slice(block);
+        out.to_vec()
+    }
+
+    /// An HPACK integer (RFC 7541 section 5.1) after `first`'s flag bits.
+    fn hpack_int(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut v: usize) {
+        let max = (1usize << prefix_bits) - 1;
+        if v < max {
+            out.push(first | v as u8);
+            return;
+        }
+        out.push(first | max as u8);
+        v -= max;
+        while v >= 128 {
+            out.push((v % 128) as u8 | 0x80);
+            v /= 128;
+        }
+        out.push(v as u8);
+    }
+
     fn status_of(trailers: &[(String, String)]) -> &str {
         &trailers
             .iter()
@@ -1499,7 +1698,7 @@ mod tests {
         assert_eq!(inbox.len, 3);
         // Large partial messages are left as they are.
         let mut inbox = Inbox::default();
-        inbox.push(read_buffer.slice(..5000));
+        inbox.push(read_buffer.slice(..COPY_BELOW));
         inbox.compact();
         assert!(big.contains(&inbox.chunks[0].as_ptr()));
     }
@@ -1820,5 +2019,220 @@ mod tests {
             );
             assert!(c.frame().await.is_none(), "case {i}: connection closed");
         }
+    }
+
+    #[test]
+    fn tiny_data_frames_are_copied_not_kept_as_slices_of_read_buffers() {
+        let mut inbox = Inbox::default();
+        let mut buffers = Vec::new();
+        for i in 0..1000 {
+            let read_buffer = Bytes::from(vec![i as u8; 64 << 10]);
+            inbox.push(read_buffer.slice(7..8));
+            buffers.push(read_buffer);
+        }
+        assert_eq!(inbox.len, 1000);
+        assert!(
+            inbox.chunks.is_empty(),
+            "small payloads gathered in one buffer"
+        );
+        assert!(
+            inbox.small.capacity() < 4096,
+            "holds what came, not 1000 read buffers"
+        );
+        for b in &buffers {
+            assert!(!b.as_ptr_range().contains(&inbox.small.as_ptr()));
+        }
+        // Order is kept across small and large payloads.
+        let mut inbox = Inbox::default();
+        let m = grpc_message(&Packet::data(7, Bytes::from(vec![9u8; 2 * COPY_BELOW])));
+        inbox.push(Bytes::copy_from_slice(&m[..3]));
+        inbox.push(Bytes::copy_from_slice(&m[3..3 + COPY_BELOW]));
+        inbox.push(Bytes::copy_from_slice(&m[3 + COPY_BELOW..])); // small again
+        let (p, used) = inbox.next_packet().ok().flatten().expect("one packet");
+        assert_eq!(used, m.len());
+        assert_eq!(p, Packet::data(7, Bytes::from(vec![9u8; 2 * COPY_BELOW])));
+    }
+
+    #[test]
+    fn a_block_naming_a_large_entry_many_times_is_refused_without_expanding() {
+        // One 4000-byte entry inserted, then named 60,000 times: 64 KB on
+        // the wire, 240 MB decoded.
+        let mut block = vec![0x40, 5];
+        block.extend_from_slice(b"x-big");
+        hpack_int(&mut block, 0, 7, 4000);
+        block.extend(std::iter::repeat_n(b'v', 4000));
+        block.extend(std::iter::repeat_n(0x80 | 62, 60_000));
+        let mut dec = h2::HeaderDecoder::default();
+        let mut calls = 0;
+        let mut decoded = 0;
+        let r = dec.decode(&block, |n, v| {
+            calls += 1;
+            decoded += n.len() + v.len();
+        });
+        assert_eq!(
+            r.unwrap_err().code,
+            code::ENHANCE_YOUR_CALM,
+            "refused as over SETTINGS_MAX_HEADER_LIST_SIZE"
+        );
+        assert!(
+            decoded <= h2::MAX_HEADER_LIST,
+            "expanded {decoded} bytes first"
+        );
+        assert!(calls <= 16, "{calls} fields handed out before the refusal");
+    }
+
+    #[tokio::test]
+    async fn hpack_amplification_ends_the_connection_and_others_are_served() {
+        let mut c = connect();
+        let mut block = vec![0x40, 5];
+        block.extend_from_slice(b"x-big");
+        hpack_int(&mut block, 0, 7, 4000);
+        block.extend(std::iter::repeat_n(b'v', 4000));
+        block.extend(std::iter::repeat_n(0x80 | 62, 60_000));
+        let start = grpc_call_start(1);
+        c.send(&start[..h2::PREFACE.len() + HEAD_LEN]).await;
+        c.send(&headers_frame(1, flag::END_HEADERS, &block)).await;
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+        assert_eq!(c.bad("h2_header_list_too_large"), 1);
+        a_call_still_works(&c).await;
+    }
+
+    #[tokio::test]
+    async fn cancelled_calls_with_data_in_flight_give_the_connection_window_back() {
+        let mut c = connect();
+        let start = grpc_call_start(1);
+        c.send(&start[..h2::PREFACE.len() + HEAD_LEN]).await;
+        // What the server lets this client send on the connection: the
+        // default, plus its opening WINDOW_UPDATE.
+        let mut window: i64 = 0;
+        let frame = vec![0u8; 64 << 10];
+        let block = h2::request_block(PROXY_PATH.as_bytes());
+        // 12 calls of 1 MiB each, all cancelled mid-message: 12 MiB through
+        // an 8 MiB connection window.
+        for call in 0..12u32 {
+            let id = 1 + 2 * call;
+            c.send(&headers_frame(id, flag::END_HEADERS, &block)).await;
+            // A message announcing 4 MiB - 1 bytes, of which 1 MiB comes.
+            c.send_frame(kind::DATA, 0, id, &[0, 0, 0x3f, 0xff, 0xff])
+                .await;
+            window -= 5;
+            for _ in 0..16 {
+                while window < frame.len() as i64 {
+                    // A well-behaved client waits for credit.
+                    let (h, p) = c.frame().await.expect("connection open");
+                    if h.kind == kind::WINDOW_UPDATE && h.stream == 0 {
+                        window += i64::from(u32::from_be_bytes(p[..4].try_into().unwrap()));
+                    }
+                    if h.kind == kind::SETTINGS && h.flags & flag::ACK == 0 {
+                        window += h2::DEFAULT_WINDOW;
+                    }
+                    assert!(h.kind != kind::GOAWAY, "GOAWAY {p:?}");
+                    assert!(window <= CONN_WINDOW, "credited more than was sent");
+                }
+                c.send_frame(kind::DATA, 0, id, &frame).await;
+                window -= frame.len() as i64;
+            }
+            let mut rst = BytesMut::new();
+            h2::rst_stream(&mut rst, id, code::CANCEL);
+            c.send(&rst).await;
+        }
+        // The same connection still carries a call.
+        c.send(&headers_frame(25, flag::END_HEADERS, &block)).await;
+        c.send_frame(
+            kind::DATA,
+            0,
+            25,
+            &grpc_message(&Packet::dial_req("tcp", "x:1", 3)),
+        )
+        .await;
+        match &c.packets(25, 1).await[..] {
+            [Checked::DialRsp(r)] => assert_eq!((r.random, r.connect_id), (3, 7)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_frames_without_progress_gets_enhance_your_calm() {
+        // Empty CONTINUATIONs that never finish the block.
+        let mut c = connect();
+        let start = grpc_call_start(1);
+        c.send(&start[..h2::PREFACE.len() + HEAD_LEN]).await;
+        c.send(&headers_frame(1, 0, &h2::request_block(b"/x")[..2]))
+            .await;
+        let mut flood = BytesMut::new();
+        for _ in 0..=NO_PROGRESS_BUDGET {
+            Head {
+                len: 0,
+                kind: kind::CONTINUATION,
+                flags: 0,
+                stream: 1,
+            }
+            .write(&mut flood);
+        }
+        c.send(&flood).await;
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+        assert_eq!(c.bad("h2_no_progress_flood"), 1);
+
+        // PINGs, empty DATA and unknown frames count alike.
+        let mut c = c.another();
+        c.send(&grpc_call_start(1)).await;
+        let mut flood = BytesMut::new();
+        for i in 0..=NO_PROGRESS_BUDGET {
+            match i % 3 {
+                0 => h2::ping(&mut flood, false, [1; 8]),
+                1 => Head {
+                    len: 0,
+                    kind: kind::DATA,
+                    flags: 0,
+                    stream: 1,
+                }
+                .write(&mut flood),
+                _ => Head {
+                    len: 0,
+                    kind: 0x42,
+                    flags: 0,
+                    stream: 0,
+                }
+                .write(&mut flood),
+            }
+        }
+        c.send(&flood).await;
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+        assert_eq!(c.bad("h2_no_progress_flood"), 2);
+        a_call_still_works(&c).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_at_a_steady_rate_are_no_flood() {
+        let mut c = connect();
+        c.send(&grpc_call_start(1)).await;
+        // 50 pings a second for a minute: 3000 in all, 500 per period.
+        for _ in 0..60 {
+            let mut pings = BytesMut::new();
+            for _ in 0..50 {
+                h2::ping(&mut pings, false, [2; 8]);
+            }
+            c.send(&pings).await;
+            for _ in 0..50 {
+                let (h, _) = c.until(kind::PING).await;
+                assert_eq!(h.flags, flag::ACK);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(c.bad("h2_no_progress_flood"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_header_block_times_out() {
+        let mut c = connect();
+        c.patience = 2 * HEADER_BLOCK_TIMEOUT;
+        let start = grpc_call_start(1);
+        c.send(&start[..h2::PREFACE.len() + HEAD_LEN]).await;
+        c.send(&headers_frame(1, 0, &h2::request_block(b"/x")[..2]))
+            .await;
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+        assert!(t0.elapsed() >= HEADER_BLOCK_TIMEOUT);
+        assert_eq!(c.bad("h2_header_block_timeout"), 1);
     }
 }

@@ -1,6 +1,7 @@
 //! Listeners and lifecycle: the frontend (TCP+mTLS or UDS; gRPC or
 //! HTTP-CONNECT), the agent listener (mTLS), the health and admin ports.
 
+use proxyctl_listen::AcceptBackoff;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -180,17 +181,21 @@ async fn tls_accept_loop(
     out: mpsc::Sender<TlsConn>,
     stop: CancellationToken,
 ) {
+    let mut backoff = AcceptBackoff::new(which);
     loop {
-        let (tcp, peer) = tokio::select! {
+        let r = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, which, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match r {
+            Ok(x) => {
+                backoff.succeeded();
+                x
+            }
+            Err(e) => {
+                backoff.pause_after(&e).await;
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -313,11 +318,16 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                 None => {
                     let stop2 = stop.clone();
                     tasks.spawn(async move {
+                        let mut backoff = AcceptBackoff::new("frontend");
                         loop {
                             let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
-                            if let Ok((s, _)) = r {
-                                let _ = s.set_nodelay(true);
-                                front.serve(s);
+                            match r {
+                                Ok((s, _)) => {
+                                    backoff.succeeded();
+                                    let _ = s.set_nodelay(true);
+                                    front.serve(s);
+                                }
+                                Err(e) => backoff.pause_after(&e).await,
                             }
                         }
                     });
@@ -348,10 +358,15 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
             uds_path = Some(path);
             let stop2 = stop.clone();
             tasks.spawn(async move {
+                let mut backoff = AcceptBackoff::new("frontend_uds");
                 loop {
                     let r = tokio::select! { _ = stop2.cancelled() => return, r = listener.accept() => r };
-                    if let Ok((s, _)) = r {
-                        front.serve(s);
+                    match r {
+                        Ok((s, _)) => {
+                            backoff.succeeded();
+                            front.serve(s);
+                        }
+                        Err(e) => backoff.pause_after(&e).await,
                     }
                 }
             });
@@ -376,7 +391,13 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
             "/metrics" => Reply::metrics(srv.metrics_text()),
             _ => Reply::not_found(),
         });
-        tasks.spawn(http::serve(listener, handler, stop.clone()));
+        tasks.spawn(http::serve(
+            listener,
+            handler,
+            stop.clone(),
+            "health",
+            server.shared.metrics.connections_refused_total.clone(),
+        ));
     }
     let mut admin_addr = None;
     if let Some(addr) = cfg.admin_addr {
@@ -387,7 +408,13 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
             "/metrics" => Reply::metrics(srv.metrics_text()),
             _ => Reply::not_found(),
         });
-        tasks.spawn(http::serve(listener, handler, stop.clone()));
+        tasks.spawn(http::serve(
+            listener,
+            handler,
+            stop.clone(),
+            "admin",
+            server.shared.metrics.connections_refused_total.clone(),
+        ));
     }
     tracing::info!(server_id = %server.server_id(), ?frontend_addr, %agent_addr, "proxy server started");
     Ok(RunningServer {

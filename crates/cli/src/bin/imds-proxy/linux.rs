@@ -128,6 +128,7 @@ fn bad_input(msg: String) -> anyhow::Error {
 
 pub fn main() -> ExitCode {
     init_logging("info");
+    proxyctl_cli::raise_fd_limit();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
