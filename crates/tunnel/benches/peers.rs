@@ -2,7 +2,10 @@
 //! versus a direct connection, an OpenSSH reverse tunnel (`ssh -R` to a
 //! loopback sshd started here), rathole and upstream apiserver-network-proxy
 //! (its Go proxy-server and proxy-agent), in one run, on one machine, to one
-//! backend process with the same payloads and the same client. Also a soak
+//! backend process with the same payloads and the same client. The gRPC
+//! (UDS) servers, ours and upstream's, are also dialled with upstream's
+//! konnectivity-client (target/go-peers/konn-client), as kube-apiserver
+//! dials: dials/s and dial p50/p99 in a table of their own. Also a soak
 //! mode.
 //!
 //! Peers come from `scripts/install-bench-tools.sh` (rathole in
@@ -141,9 +144,67 @@ fn run_role(role: &str, args: &[String]) {
                 roles::run_agent(&PathBuf::from(&args[0]), args[1].parse().unwrap(), 2).await
             }
             "backend" => roles::run_backend(args[0].parse().unwrap()).await,
+            "http-echo" => run_http_echo(args[0].parse().unwrap()).await,
             _ => panic!("unknown role"),
         }
     });
+}
+
+/// The backend konn-client expects: `POST /echo` answered with a 200 head
+/// and then every byte it sends, echoed, until it closes.
+async fn run_http_echo(port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if !matches!(s.read(&mut b).await, Ok(1)) {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                .await;
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Dials through a gRPC frontend on `uds` with upstream's
+/// konnectivity-client (target/go-peers/konn-client): one tunnel per dial,
+/// as kube-apiserver does, 16 at a time, 1 KiB echoed and hashed per dial.
+/// Returns dials/s and the dial's p50/p99 in ms, or why not.
+type KonnDials = Result<(f64, f64, f64), String>;
+
+fn konn_dials(go: &Path, uds: &Path, target: u16, dials: u64) -> KonnDials {
+    let bin = go.join("konn-client");
+    if !bin.exists() {
+        return Err(format!("{} missing", bin.display()));
+    }
+    let out = Command::new(bin)
+        .arg(format!("--uds={}", uds.display()))
+        .arg(format!("--target=127.0.0.1:{target}"))
+        .arg(format!("--dials={dials}"))
+        .args(["--concurrency=16", "--payload=1024"])
+        .env("GOMAXPROCS", "2")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("konn-client output: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("konn-client failed: {v}"));
+    }
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok((f("ok") / f("elapsed_s"), f("dial_p50_ms"), f("dial_p99_ms")))
 }
 
 /// Kills the process group it leads (sshd's per-connection children too).
@@ -625,6 +686,12 @@ fn main() {
     let backend_proc = spawn_role("backend", &[backend_port.to_string()]);
     let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
     wait_listen(backend_port);
+    let echo_port = free_port();
+    let echo_proc = spawn_role("http-echo", &[echo_port.to_string()]);
+    wait_listen(echo_port);
+    // konnectivity-client's dials/s and dial p50/p99 per gRPC-over-UDS
+    // server, measured right after that server's row.
+    let mut konn: Vec<(String, KonnDials)> = Vec::new();
 
     // Our tunnel: server and agent processes (a fresh pair per row, so no
     // row reuses memory another row freed).
@@ -705,6 +772,12 @@ fn main() {
     if want("grpc") {
         let fresh = Ours::start(dir.path(), "b");
         measure("ours, gRPC (UDS)", fresh.grpc.clone(), fresh.pids(), idle_n);
+        if let (Some(go), Via::Grpc(ProxyAddr::Uds(uds))) = (go_peers(), &fresh.grpc) {
+            konn.push((
+                "ours, gRPC (UDS)".into(),
+                konn_dials(&go, uds, echo_port, dials),
+            ));
+        }
     }
     // Upstream: one server per frontend mode (it serves one), each with its
     // agent, both frontends on unix sockets; the same Rust client as ours.
@@ -728,11 +801,14 @@ fn main() {
         let (procs, uds) = start_upstream(&go, dir.path(), mode);
         let roots = procs.iter().map(|c| c.0.id()).collect();
         let via = if mode == "grpc" {
-            Via::Grpc(ProxyAddr::Uds(uds))
+            Via::Grpc(ProxyAddr::Uds(uds.clone()))
         } else {
-            Via::Connect(ProxyAddr::Uds(uds))
+            Via::Connect(ProxyAddr::Uds(uds.clone()))
         };
         measure(name, via, roots, idle_n);
+        if mode == "grpc" {
+            konn.push((name.into(), konn_dials(&go, &uds, echo_port, dials)));
+        }
         drop(procs);
     }
     if want("ssh") || want("ssh-gcm") {
@@ -789,6 +865,7 @@ fn main() {
         drop(procs);
     }
     drop(backend_proc);
+    drop(echo_proc);
 
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -903,6 +980,33 @@ fn main() {
                 o.dps / p.dps,
                 ok(o.dps / p.dps),
                 mem
+            );
+        }
+    }
+    if !konn.is_empty() {
+        println!();
+        println!(
+            "konnectivity-client (kube-apiserver's dialler: one tunnel per dial over UDS, 16 at a time, 1 KiB echoed): {dials} dials"
+        );
+        println!(
+            "{:<28} {:>9} {:>12} {:>12}",
+            "path", "dials/s", "dial p50 ms", "dial p99 ms"
+        );
+        for (name, r) in &konn {
+            match r {
+                Ok((dps, p50, p99)) => {
+                    println!("{name:<28} {dps:>9.0} {p50:>12.2} {p99:>12.2}")
+                }
+                Err(e) => println!("{name:<28} failed: {e}"),
+            }
+        }
+        if let [(_, Ok(o)), (_, Ok(u))] = &konn[..] {
+            println!(
+                "  ours / upstream: dials/s {:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}",
+                o.0 / u.0,
+                if o.0 / u.0 >= 2.0 { "ok" } else { "MISS" },
+                o.1 / u.1,
+                o.2 / u.2
             );
         }
     }
