@@ -18,8 +18,10 @@
 //!   BENCH_MIB          bytes per throughput row (default 1024)
 //!   BENCH_DIALS        dials per dials/s row (default 4000)
 //!   BENCH_IDLE         idle connections for the memory row (default 10000)
-//!   BENCH_PEERS        comma list to run (direct,http,grpc,upstream-http,
-//!                      upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise)
+//!   BENCH_PEERS        comma list to run (direct,floor,http,grpc,
+//!                      upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,
+//!                      rathole-noise); floor: two bare relays with TLS
+//!                      between them, the limit of the machine
 //!   BENCH_SOAK=N       soak instead: N dials (64 at a time) through the
 //!                      HTTP-CONNECT tunnel, sampling RSS and fds
 //!   BENCH_SOAK_SECS    soak time budget (default 600); stops early and
@@ -145,6 +147,8 @@ fn run_role(role: &str, args: &[String]) {
             }
             "backend" => roles::run_backend(args[0].parse().unwrap()).await,
             "http-echo" => run_http_echo(args[0].parse().unwrap()).await,
+            "relay-back" => roles::relay_back(&PathBuf::from(&args[0]), args).await,
+            "relay-front" => roles::relay_front(&PathBuf::from(&args[0]), args).await,
             _ => panic!("unknown role"),
         }
     });
@@ -179,12 +183,44 @@ async fn run_http_echo(port: u16) {
     }
 }
 
+/// The TLS floor: two bare relay processes, a unix socket in front (as our
+/// gRPC frontend), TLS with the agent link's certificates between them,
+/// plain TCP to the backend: what any tunnel of this shape can reach here.
+/// Returns the processes and the front's TLS socket.
+fn start_floor(dir: &Path, backend_port: u16) -> (Vec<ChildGuard>, PathBuf) {
+    let ports = proxyctl_testkit::free_consecutive_ports(2);
+    let d = dir.display().to_string();
+    let back = spawn_role(
+        "relay-back",
+        &[
+            d.clone(),
+            ports.to_string(),
+            (ports + 1).to_string(),
+            backend_port.to_string(),
+        ],
+    );
+    wait_listen(ports + 1);
+    let (plain, tls) = (dir.join("floor-plain.sock"), dir.join("floor-tls.sock"));
+    let front = spawn_role(
+        "relay-front",
+        &[
+            d,
+            plain.display().to_string(),
+            tls.display().to_string(),
+            ports.to_string(),
+            (ports + 1).to_string(),
+        ],
+    );
+    (vec![front, back], tls)
+}
+
+/// konnectivity-client's dials/s and dial p50/p99 (ms), or why not.
+type KonnDials = Result<(f64, f64, f64), String>;
+
 /// Dials through a gRPC frontend on `uds` with upstream's
 /// konnectivity-client (target/go-peers/konn-client): one tunnel per dial,
 /// as kube-apiserver does, 16 at a time, 1 KiB echoed and hashed per dial.
 /// Returns dials/s and the dial's p50/p99 in ms, or why not.
-type KonnDials = Result<(f64, f64, f64), String>;
-
 fn konn_dials(go: &Path, uds: &Path, target: u16, dials: u64) -> KonnDials {
     let bin = go.join("konn-client");
     if !bin.exists() {
@@ -251,6 +287,8 @@ enum Via {
     /// One HTTP/2 connection and Proxy stream per dial, as kube-apiserver's
     /// konnectivity client does.
     Grpc(ProxyAddr),
+    /// A unix socket whose listener relays the bytes (the floor).
+    Uds(PathBuf),
 }
 
 async fn try_open(via: &Via, backend: SocketAddr) -> anyhow::Result<Box<dyn Io>> {
@@ -261,6 +299,7 @@ async fn try_open(via: &Via, backend: SocketAddr) -> anyhow::Result<Box<dyn Io>>
             Box::new(s)
         }
         Via::Connect(addr) => client::http_connect(addr, &backend.to_string(), "bench").await?,
+        Via::Uds(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
         Via::Grpc(addr) => {
             let channel = client::grpc_channel(addr).await?;
             Box::new(client::grpc_dial(channel, &backend.to_string()).await?)
@@ -674,7 +713,8 @@ fn main() {
     let soak: u64 = env_or("BENCH_SOAK", 0);
     let peers: Vec<String> = std::env::var("BENCH_PEERS")
         .unwrap_or_else(|_| {
-            "direct,http,grpc,upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise".into()
+            "direct,floor,http,grpc,upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise"
+                .into()
         })
         .split(',')
         .map(str::to_string)
@@ -759,6 +799,12 @@ fn main() {
     };
     if want("direct") {
         measure("direct TCP", Via::Tcp(backend), vec![], 0);
+    }
+    if want("floor") {
+        let (procs, tls) = start_floor(dir.path(), backend_port);
+        let roots = procs.iter().map(|c| c.0.id()).collect();
+        measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, idle_n);
+        drop(procs);
     }
     if want("http") {
         measure(
@@ -955,6 +1001,18 @@ fn main() {
                 ok(o.dps / u.dps, 2.0),
                 mem,
                 if mem <= 0.25 { "ok" } else { "MISS" },
+            );
+        }
+        if let Some(f) = find("TLS floor") {
+            let ok = |x: f64| if x >= 0.9 { "ok" } else { "MISS" };
+            println!(
+                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} (goal >= 0.9x the floor)",
+                o.name,
+                f.name,
+                o.t1 / f.t1,
+                ok(o.t1 / f.t1),
+                o.t16 / f.t16,
+                ok(o.t16 / f.t16)
             );
         }
         for (peer, goal) in [
