@@ -2,7 +2,10 @@
 //! versus a direct connection, an OpenSSH reverse tunnel (`ssh -R` to a
 //! loopback sshd started here), rathole and upstream apiserver-network-proxy
 //! (its Go proxy-server and proxy-agent), in one run, on one machine, to one
-//! backend process with the same payloads and the same client. Also a soak
+//! backend process with the same payloads and the same client. The gRPC
+//! (UDS) servers, ours and upstream's, are also dialled with upstream's
+//! konnectivity-client (target/go-peers/konn-client), as kube-apiserver
+//! dials: dials/s and dial p50/p99 in a table of their own. Also a soak
 //! mode.
 //!
 //! Peers come from `scripts/install-bench-tools.sh` (rathole in
@@ -15,8 +18,10 @@
 //!   BENCH_MIB          bytes per throughput row (default 1024)
 //!   BENCH_DIALS        dials per dials/s row (default 4000)
 //!   BENCH_IDLE         idle connections for the memory row (default 10000)
-//!   BENCH_PEERS        comma list to run (direct,http,grpc,upstream-http,
-//!                      upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise)
+//!   BENCH_PEERS        comma list to run (direct,floor,http,grpc,
+//!                      upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,
+//!                      rathole-noise); floor: two bare relays with TLS
+//!                      between them, the limit of the machine
 //!   BENCH_SOAK=N       soak instead: N dials (64 at a time) through the
 //!                      HTTP-CONNECT tunnel, sampling RSS and fds
 //!   BENCH_SOAK_SECS    soak time budget (default 600); stops early and
@@ -141,9 +146,101 @@ fn run_role(role: &str, args: &[String]) {
                 roles::run_agent(&PathBuf::from(&args[0]), args[1].parse().unwrap(), 2).await
             }
             "backend" => roles::run_backend(args[0].parse().unwrap()).await,
+            "http-echo" => run_http_echo(args[0].parse().unwrap()).await,
+            "relay-back" => roles::relay_back(&PathBuf::from(&args[0]), args).await,
+            "relay-front" => roles::relay_front(&PathBuf::from(&args[0]), args).await,
             _ => panic!("unknown role"),
         }
     });
+}
+
+/// The backend konn-client expects: `POST /echo` answered with a 200 head
+/// and then every byte it sends, echoed, until it closes.
+async fn run_http_echo(port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if !matches!(s.read(&mut b).await, Ok(1)) {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                .await;
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// The TLS floor: two bare relay processes, a unix socket in front (as our
+/// gRPC frontend), TLS with the agent link's certificates between them,
+/// plain TCP to the backend: what any tunnel of this shape can reach here.
+/// Returns the processes and the front's TLS socket.
+fn start_floor(dir: &Path, backend_port: u16) -> (Vec<ChildGuard>, PathBuf) {
+    let ports = proxyctl_testkit::free_consecutive_ports(2);
+    let d = dir.display().to_string();
+    let back = spawn_role(
+        "relay-back",
+        &[
+            d.clone(),
+            ports.to_string(),
+            (ports + 1).to_string(),
+            backend_port.to_string(),
+        ],
+    );
+    wait_listen(ports + 1);
+    let (plain, tls) = (dir.join("floor-plain.sock"), dir.join("floor-tls.sock"));
+    let front = spawn_role(
+        "relay-front",
+        &[
+            d,
+            plain.display().to_string(),
+            tls.display().to_string(),
+            ports.to_string(),
+            (ports + 1).to_string(),
+        ],
+    );
+    (vec![front, back], tls)
+}
+
+/// konnectivity-client's dials/s and dial p50/p99 (ms), or why not.
+type KonnDials = Result<(f64, f64, f64), String>;
+
+/// Dials through a gRPC frontend on `uds` with upstream's
+/// konnectivity-client (target/go-peers/konn-client): one tunnel per dial,
+/// as kube-apiserver does, 16 at a time, 1 KiB echoed and hashed per dial.
+/// Returns dials/s and the dial's p50/p99 in ms, or why not.
+fn konn_dials(go: &Path, uds: &Path, target: u16, dials: u64) -> KonnDials {
+    let bin = go.join("konn-client");
+    if !bin.exists() {
+        return Err(format!("{} missing", bin.display()));
+    }
+    let out = Command::new(bin)
+        .arg(format!("--uds={}", uds.display()))
+        .arg(format!("--target=127.0.0.1:{target}"))
+        .arg(format!("--dials={dials}"))
+        .args(["--concurrency=16", "--payload=1024"])
+        .env("GOMAXPROCS", "2")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("konn-client output: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("konn-client failed: {v}"));
+    }
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok((f("ok") / f("elapsed_s"), f("dial_p50_ms"), f("dial_p99_ms")))
 }
 
 /// Kills the process group it leads (sshd's per-connection children too).
@@ -190,6 +287,8 @@ enum Via {
     /// One HTTP/2 connection and Proxy stream per dial, as kube-apiserver's
     /// konnectivity client does.
     Grpc(ProxyAddr),
+    /// A unix socket whose listener relays the bytes (the floor).
+    Uds(PathBuf),
 }
 
 async fn try_open(via: &Via, backend: SocketAddr) -> anyhow::Result<Box<dyn Io>> {
@@ -200,6 +299,7 @@ async fn try_open(via: &Via, backend: SocketAddr) -> anyhow::Result<Box<dyn Io>>
             Box::new(s)
         }
         Via::Connect(addr) => client::http_connect(addr, &backend.to_string(), "bench").await?,
+        Via::Uds(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
         Via::Grpc(addr) => {
             let channel = client::grpc_channel(addr).await?;
             Box::new(client::grpc_dial(channel, &backend.to_string()).await?)
@@ -613,7 +713,8 @@ fn main() {
     let soak: u64 = env_or("BENCH_SOAK", 0);
     let peers: Vec<String> = std::env::var("BENCH_PEERS")
         .unwrap_or_else(|_| {
-            "direct,http,grpc,upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise".into()
+            "direct,floor,http,grpc,upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise"
+                .into()
         })
         .split(',')
         .map(str::to_string)
@@ -625,6 +726,12 @@ fn main() {
     let backend_proc = spawn_role("backend", &[backend_port.to_string()]);
     let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
     wait_listen(backend_port);
+    let echo_port = free_port();
+    let echo_proc = spawn_role("http-echo", &[echo_port.to_string()]);
+    wait_listen(echo_port);
+    // konnectivity-client's dials/s and dial p50/p99 per gRPC-over-UDS
+    // server, measured right after that server's row.
+    let mut konn: Vec<(String, KonnDials)> = Vec::new();
 
     // Our tunnel: server and agent processes (a fresh pair per row, so no
     // row reuses memory another row freed).
@@ -693,6 +800,12 @@ fn main() {
     if want("direct") {
         measure("direct TCP", Via::Tcp(backend), vec![], 0);
     }
+    if want("floor") {
+        let (procs, tls) = start_floor(dir.path(), backend_port);
+        let roots = procs.iter().map(|c| c.0.id()).collect();
+        measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, idle_n);
+        drop(procs);
+    }
     if want("http") {
         measure(
             "ours, HTTP-CONNECT (TCP)",
@@ -705,6 +818,12 @@ fn main() {
     if want("grpc") {
         let fresh = Ours::start(dir.path(), "b");
         measure("ours, gRPC (UDS)", fresh.grpc.clone(), fresh.pids(), idle_n);
+        if let (Some(go), Via::Grpc(ProxyAddr::Uds(uds))) = (go_peers(), &fresh.grpc) {
+            konn.push((
+                "ours, gRPC (UDS)".into(),
+                konn_dials(&go, uds, echo_port, dials),
+            ));
+        }
     }
     // Upstream: one server per frontend mode (it serves one), each with its
     // agent, both frontends on unix sockets; the same Rust client as ours.
@@ -728,11 +847,14 @@ fn main() {
         let (procs, uds) = start_upstream(&go, dir.path(), mode);
         let roots = procs.iter().map(|c| c.0.id()).collect();
         let via = if mode == "grpc" {
-            Via::Grpc(ProxyAddr::Uds(uds))
+            Via::Grpc(ProxyAddr::Uds(uds.clone()))
         } else {
-            Via::Connect(ProxyAddr::Uds(uds))
+            Via::Connect(ProxyAddr::Uds(uds.clone()))
         };
         measure(name, via, roots, idle_n);
+        if mode == "grpc" {
+            konn.push((name.into(), konn_dials(&go, &uds, echo_port, dials)));
+        }
         drop(procs);
     }
     if want("ssh") || want("ssh-gcm") {
@@ -789,6 +911,7 @@ fn main() {
         drop(procs);
     }
     drop(backend_proc);
+    drop(echo_proc);
 
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -880,6 +1003,18 @@ fn main() {
                 if mem <= 0.25 { "ok" } else { "MISS" },
             );
         }
+        if let Some(f) = find("TLS floor") {
+            let ok = |x: f64| if x >= 0.9 { "ok" } else { "MISS" };
+            println!(
+                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} (goal >= 0.9x the floor)",
+                o.name,
+                f.name,
+                o.t1 / f.t1,
+                ok(o.t1 / f.t1),
+                o.t16 / f.t16,
+                ok(o.t16 / f.t16)
+            );
+        }
         for (peer, goal) in [
             ("ssh -R (default", 2.0),
             ("ssh -R (aes128", 2.0),
@@ -903,6 +1038,33 @@ fn main() {
                 o.dps / p.dps,
                 ok(o.dps / p.dps),
                 mem
+            );
+        }
+    }
+    if !konn.is_empty() {
+        println!();
+        println!(
+            "konnectivity-client (kube-apiserver's dialler: one tunnel per dial over UDS, 16 at a time, 1 KiB echoed): {dials} dials"
+        );
+        println!(
+            "{:<28} {:>9} {:>12} {:>12}",
+            "path", "dials/s", "dial p50 ms", "dial p99 ms"
+        );
+        for (name, r) in &konn {
+            match r {
+                Ok((dps, p50, p99)) => {
+                    println!("{name:<28} {dps:>9.0} {p50:>12.2} {p99:>12.2}")
+                }
+                Err(e) => println!("{name:<28} failed: {e}"),
+            }
+        }
+        if let [(_, Ok(o)), (_, Ok(u))] = &konn[..] {
+            println!(
+                "  ours / upstream: dials/s {:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}",
+                o.0 / u.0,
+                if o.0 / u.0 >= 2.0 { "ok" } else { "MISS" },
+                o.1 / u.1,
+                o.2 / u.2
             );
         }
     }

@@ -219,3 +219,89 @@ where
     }
     conns
 }
+
+// ---- the floor: two bare relays, plain and TLS (the agent link's certificates) ----
+
+/// Bytes both ways between two streams through 256 KiB buffers (the size
+/// our own copy loops read with).
+async fn relay<A, B>(mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 256 << 10, 256 << 10).await;
+}
+
+/// The floor's agent side: accepts on a plain and on a TLS port (the agent
+/// link's server certificate, client certificates checked) and relays each
+/// connection to the backend.
+pub async fn relay_back(certs: &Path, args: &[String]) {
+    let ports: Vec<u16> = args[1..4].iter().map(|a| a.parse().unwrap()).collect();
+    let backend = SocketAddr::from(([127, 0, 0, 1], ports[2]));
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(certs, "agent", &[]));
+    for (port, tls) in [(ports[0], None), (ports[1], Some(acceptor))] {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _ = inbound.set_nodelay(true);
+                    let Ok(out) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = out.set_nodelay(true);
+                    match tls {
+                        Some(acc) => {
+                            if let Ok(inbound) = acc.accept(inbound).await {
+                                relay(inbound, out).await
+                            }
+                        }
+                        None => relay(inbound, out).await,
+                    }
+                });
+            }
+        });
+    }
+    wait_parent().await;
+}
+
+/// The floor's server side: accepts on two unix sockets and relays each
+/// connection to `relay_back`, in plain TCP or in TLS (the agent's client
+/// certificate).
+pub async fn relay_front(certs: &Path, args: &[String]) {
+    let plain_sock = std::path::PathBuf::from(&args[1]);
+    let tls_sock = std::path::PathBuf::from(&args[2]);
+    let ports: Vec<u16> = args[3..5].iter().map(|a| a.parse().unwrap()).collect();
+    let connector =
+        tokio_rustls::TlsConnector::from(client_tls(certs, "agent", "proxy-agent", &[]));
+    for (sock, port, tls) in [
+        (plain_sock, ports[0], None),
+        (tls_sock, ports[1], Some(connector)),
+    ] {
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                        return;
+                    };
+                    let _ = out.set_nodelay(true);
+                    match tls {
+                        Some(conn) => {
+                            let name = konnectivity::tls::server_name("127.0.0.1").unwrap();
+                            if let Ok(out) = conn.connect(name, out).await {
+                                relay(inbound, out).await
+                            }
+                        }
+                        None => relay(inbound, out).await,
+                    }
+                });
+            }
+        });
+    }
+    wait_parent().await;
+}
