@@ -858,15 +858,15 @@ fn record(
 /// An IMDSv2 session token from the service for an AWS-bound pod, kept as
 /// that pod's for its TTL.
 async fn aws_session_token(shared: &Shared, conn: &Conn, ttl: &str) -> Local {
-    let (host, port) = &shared.upstream_addr;
+    let (upstream, timeout) = upstream_of(shared);
     let got = identity::upstream_request(
-        (host.as_str(), *port),
+        upstream,
         shared.upstream.as_str(),
         "PUT",
         AWS_TOKEN_PATH,
         &[(crate::mock::AWS_TOKEN_TTL_HEADER, ttl)],
         Vec::new(),
-        shared.limits.upstream_timeout,
+        timeout,
     )
     .await;
     match got {
@@ -908,6 +908,64 @@ async fn aws_session_token(shared: &Shared, conn: &Conn, ttl: &str) -> Local {
     }
 }
 
+/// How a refusal from a credential's source reaches the pod.
+#[derive(Clone, Copy)]
+enum Refusals {
+    /// As the source gave it: IMDS's own errors are the Azure SDK's to read.
+    PassedOn,
+    /// As a failure the SDKs retry (503): AWS SDKs retry 5xx on the
+    /// credentials path, not 4xx, and IAM's refusals are the node's
+    /// configuration, logged, not the pod's to read.
+    AsFailures,
+}
+
+/// What every credential path shares: the cache (one fetch per key at a
+/// time), each fetch counted for its identity, the issued counter, and the
+/// failure answer the SDKs retry on.
+async fn cached_credential<Fut>(
+    shared: &Shared,
+    conn: &Conn,
+    (key, label): (&str, &str),
+    refusals: Refusals,
+    fetch: impl FnOnce() -> Fut,
+    answer: impl FnOnce(&identity::Credential) -> Local,
+) -> Local
+where
+    Fut: Future<Output = Result<identity::Credential, identity::FetchError>>,
+{
+    let counted = || async {
+        let got = fetch().await;
+        count_fetch(shared, label, &got);
+        match (refusals, got) {
+            (Refusals::AsFailures, Err(identity::FetchError::Refused { status, .. })) => Err(
+                identity::FetchError::Failed(format!("refused with {status}")),
+            ),
+            (_, got) => got,
+        }
+    };
+    match shared.credentials.get(key, counted).await {
+        Ok((credential, _)) => {
+            issued(shared, conn, label);
+            answer(&credential)
+        }
+        Err(e) => identity::failure_answer(e).into(),
+    }
+}
+
+/// The answer when the rules bind an identity whose endpoint is not set.
+fn not_configured(what: &str) -> Local {
+    identity::failure_answer(identity::FetchError::Failed(format!(
+        "no {what} endpoint configured"
+    )))
+    .into()
+}
+
+/// The upstream metadata service's address and the time a fetch may take.
+fn upstream_of(shared: &Shared) -> ((&str, u16), Duration) {
+    let (host, port) = &shared.upstream_addr;
+    ((host.as_str(), *port), shared.limits.upstream_timeout)
+}
+
 /// The pod's role credentials from the cache, or assumed at STS with the
 /// node's credentials (both cached, one fetch per identity at a time).
 async fn aws_credentials(
@@ -917,14 +975,9 @@ async fn aws_credentials(
     label: &str,
 ) -> Local {
     let Some(sts) = shared.sts.as_ref() else {
-        return identity::failure_answer(identity::FetchError::Failed(
-            "no STS endpoint configured".into(),
-        ))
-        .into();
+        return not_configured("STS");
     };
-    let (host, port) = &shared.upstream_addr;
-    let upstream = (host.as_str(), *port);
-    let timeout = shared.limits.upstream_timeout;
+    let (upstream, timeout) = upstream_of(shared);
     let pod = caller_key(conn);
     let fetch = || async {
         let node = shared
@@ -932,45 +985,34 @@ async fn aws_credentials(
             .get("aws:node", || {
                 crate::sts::node_credentials(upstream, shared.upstream.as_str(), timeout)
             })
-            .await
-            .map(|(c, _)| c);
-        let got = match node {
-            Ok(node) => match crate::sts::AwsKeys::from_imds(&node.document) {
-                Some(keys) => {
-                    crate::sts::assume_role(
-                        sts,
-                        &keys,
-                        &role.role_arn,
-                        &crate::sts::session_name(&pod),
-                        role.duration_seconds,
-                        timeout,
-                    )
-                    .await
-                }
-                None => Err(identity::FetchError::Failed("node keys unreadable".into())),
-            },
-            Err(e) => Err(e),
+            .await?
+            .0;
+        let Some(keys) = crate::sts::AwsKeys::from_imds(&node.document) else {
+            return Err(identity::FetchError::Failed("node keys unreadable".into()));
         };
-        count_fetch(shared, label, &got);
-        // AWS SDKs retry 5xx on the credentials path, not 4xx.
-        got.map_err(|e| match e {
-            identity::FetchError::Refused { status, .. } => {
-                identity::FetchError::Failed(format!("refused with {status}"))
-            }
-            failed => failed,
-        })
+        crate::sts::assume_role(
+            sts,
+            &keys,
+            &role.role_arn,
+            &crate::sts::session_name(&pod),
+            role.duration_seconds,
+            timeout,
+        )
+        .await
     };
-    match shared.credentials.get(label, fetch).await {
-        Ok((credential, _)) => {
-            issued(shared, conn, label);
-            Local {
-                content_type: "text/plain",
-                body: credential.document.to_string().into_bytes(),
-                ..Local::text(StatusCode::OK, "", ALLOWED)
-            }
-        }
-        Err(e) => identity::failure_answer(e).into(),
-    }
+    cached_credential(
+        shared,
+        conn,
+        (label, label),
+        Refusals::AsFailures,
+        fetch,
+        |credential| Local {
+            content_type: "text/plain",
+            body: credential.document.to_string().into_bytes(),
+            ..Local::text(StatusCode::OK, "", ALLOWED)
+        },
+    )
+    .await
 }
 
 fn count_fetch<T>(shared: &Shared, label: &str, got: &Result<T, identity::FetchError>) {
@@ -1011,14 +1053,9 @@ async fn gcp_credential(
 ) -> Local {
     use crate::gcp::GcpAsk;
     let Some(iam) = shared.iam.as_ref() else {
-        return identity::failure_answer(identity::FetchError::Failed(
-            "no IAM Credentials endpoint configured".into(),
-        ))
-        .into();
+        return not_configured("IAM Credentials");
     };
-    let (host, port) = &shared.upstream_addr;
-    let upstream = (host.as_str(), *port);
-    let timeout = shared.limits.upstream_timeout;
+    let (upstream, timeout) = upstream_of(shared);
     let key = match ask {
         GcpAsk::Token { key, .. } | GcpAsk::Identity { key, .. } => key.as_str(),
         GcpAsk::Answer(_) => unreachable!("answered in decide"),
@@ -1029,69 +1066,55 @@ async fn gcp_credential(
             .get("gcp:node", || {
                 crate::gcp::node_token(upstream, shared.upstream.as_str(), timeout)
             })
-            .await
-            .map(|(c, _)| c);
-        let got = match node {
-            Ok(node) => {
-                let node_token = node.document["access_token"].as_str().unwrap_or_default();
-                match ask {
-                    GcpAsk::Token { scopes, .. } => {
-                        crate::gcp::generate_access_token(iam, node_token, account, scopes, timeout)
-                            .await
-                    }
-                    GcpAsk::Identity {
-                        audience,
-                        include_email,
-                        ..
-                    } => {
-                        crate::gcp::generate_id_token(
-                            iam,
-                            node_token,
-                            account,
-                            audience,
-                            *include_email,
-                            timeout,
-                        )
-                        .await
-                    }
-                    GcpAsk::Answer(_) => unreachable!("answered in decide"),
-                }
+            .await?
+            .0;
+        let node_token = node.document["access_token"].as_str().unwrap_or_default();
+        match ask {
+            GcpAsk::Token { scopes, .. } => {
+                crate::gcp::generate_access_token(iam, node_token, account, scopes, timeout).await
             }
-            Err(e) => Err(e),
-        };
-        count_fetch(shared, label, &got);
-        got
-    };
-    match shared.credentials.get(key, fetch).await {
-        Ok((credential, _)) => {
-            issued(shared, conn, label);
-            match ask {
-                GcpAsk::Identity { .. } => Local {
-                    content_type: crate::gcp::TEXT,
-                    body: credential.document["token"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .as_bytes()
-                        .to_vec(),
-                    ..Local::text(StatusCode::OK, "", ALLOWED)
-                },
-                _ => Local {
-                    content_type: crate::gcp::JSON,
-                    body: crate::gcp::token_answer(&credential, identity::unix_now()),
-                    ..Local::text(StatusCode::OK, "", ALLOWED)
-                },
+            GcpAsk::Identity {
+                audience,
+                include_email,
+                ..
+            } => {
+                crate::gcp::generate_id_token(
+                    iam,
+                    node_token,
+                    account,
+                    audience,
+                    *include_email,
+                    timeout,
+                )
+                .await
             }
+            GcpAsk::Answer(_) => unreachable!("answered in decide"),
         }
-        // Every failure is a 503 google-auth retries; IAM's refusals are
-        // the node's configuration, logged, not the pod's to read.
-        Err(e) => identity::failure_answer(match e {
-            identity::FetchError::Refused { status, .. } => {
-                identity::FetchError::Failed(format!("refused with {status}"))
-            }
-            failed => failed,
-        })
-        .into(),
-    }
+    };
+    cached_credential(
+        shared,
+        conn,
+        (key, label),
+        Refusals::AsFailures,
+        fetch,
+        |credential| match ask {
+            GcpAsk::Identity { .. } => Local {
+                content_type: crate::gcp::TEXT,
+                body: credential.document["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .as_bytes()
+                    .to_vec(),
+                ..Local::text(StatusCode::OK, "", ALLOWED)
+            },
+            _ => Local {
+                content_type: crate::gcp::JSON,
+                body: crate::gcp::token_answer(credential, identity::unix_now()),
+                ..Local::text(StatusCode::OK, "", ALLOWED)
+            },
+        },
+    )
+    .await
 }
 
 /// A token for `identity` from the cache, fetched upstream when it is
@@ -1102,29 +1125,20 @@ async fn azure_token(
     ask: &identity::AzureTokenAsk,
     label: &str,
 ) -> Local {
-    let (host, port) = &shared.upstream_addr;
-    let fetch = || async {
-        let got = identity::fetch_azure(
-            (host.as_str(), *port),
-            shared.upstream.as_str(),
-            ask,
-            shared.limits.upstream_timeout,
-        )
-        .await;
-        count_fetch(shared, label, &got);
-        got
-    };
-    match shared.credentials.get(&ask.key, fetch).await {
-        Ok((credential, _)) => {
-            issued(shared, conn, label);
-            Local {
-                content_type: JSON,
-                body: credential.azure_answer(identity::unix_now()),
-                ..Local::text(StatusCode::OK, "", ALLOWED)
-            }
-        }
-        Err(e) => identity::failure_answer(e).into(),
-    }
+    let (upstream, timeout) = upstream_of(shared);
+    cached_credential(
+        shared,
+        conn,
+        (&ask.key, label),
+        Refusals::PassedOn,
+        || identity::fetch_azure(upstream, shared.upstream.as_str(), ask, timeout),
+        |credential| Local {
+            content_type: JSON,
+            body: credential.azure_answer(identity::unix_now()),
+            ..Local::text(StatusCode::OK, "", ALLOWED)
+        },
+    )
+    .await
 }
 
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &[u8]) {
