@@ -6,11 +6,11 @@
 //! namespace linked only to the proxy pod.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use proxyctl_testkit::containerd::{Containerd, ContainerdOptions, PodSpec, metadata_cloud};
-use proxyctl_testkit::process::{LoggedChild, wait_until as wait_printing_logs};
+use proxyctl_testkit::process::{LoggedChild, wait_until, wait_until_explained};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 use serde_json::json;
 
@@ -18,15 +18,6 @@ const TEST: &str = "imds_cri";
 const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
 const PLUGIN: &str = env!("CARGO_BIN_EXE_proxyctl-cni");
 const INSTANCE: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn cni_redirect_and_serve_from_cri() {
@@ -121,7 +112,7 @@ fn cni_redirect_and_serve_from_cri() {
     // until then, the rules' answer after.
     let once_listened = |pod: &proxyctl_testkit::containerd::Pod| {
         let mut last = None;
-        wait_printing_logs("a pod's metadata listener", Duration::from_secs(20), || {
+        wait_until("a pod's metadata listener", Duration::from_secs(20), || {
             let out = wget(pod);
             let listened = !out.stderr.contains("refused");
             last = Some(out);
@@ -172,23 +163,6 @@ fn curl_in(ns: &NetNs, url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
-fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut ok: impl FnMut() -> bool,
-    why: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            why()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `serve` started before the runtime is up stays up, fail-closed (no pod
 /// served, unknown callers refused, /readyz not ready), and becomes ready
 /// once the runtime answers. A pod started after that is served on
@@ -214,24 +188,19 @@ fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
         "rules: [{name: clients, pods: {labels: {role: ClientContainer}}, paths: [{prefix: /metadata/instance}]}]\n",
     )
     .unwrap();
-    let log = dir.path().join("serve.log");
-    let spawn = |args: &[&str], stderr: Stdio| {
-        Proc(
-            // nsenter, not `ip netns exec`: that one runs the command in a
-            // mount namespace of its own, where pod netns files bind-mounted
-            // later are not visible.
-            Command::new("nsenter")
-                .arg(format!("--net={}", ns.path().display()))
-                .arg(BIN)
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .expect("spawning imds-proxy"),
-        )
+    let spawn = |name: &str, args: &[&str]| {
+        // nsenter, not `ip netns exec`: that one runs the command in a mount
+        // namespace of its own, where pod netns files bind-mounted later are
+        // not visible.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path().display()))
+            .arg(BIN)
+            .args(args);
+        LoggedChild::spawn(cmd, name, None).expect("spawning imds-proxy")
     };
-    let _mock = spawn(&["mock", "--listen", "127.0.0.1:18080"], Stdio::null());
+    let _mock = spawn("imds-proxy mock", &["mock", "--listen", "127.0.0.1:18080"]);
     let mut proxy = spawn(
+        "imds-proxy serve",
         &[
             "serve",
             "--upstream",
@@ -249,20 +218,15 @@ fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
             "--audit-log",
             dir.path().join("audit.jsonl").to_str().unwrap(),
         ],
-        std::fs::File::create(&log).unwrap().into(),
     );
-    let serve_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // No runtime behind the endpoint: up, not ready, serving no one.
-    wait_until(
-        "healthz",
-        Duration::from_secs(10),
-        || curl_in(&ns, "http://127.0.0.1:18082/healthz").0 == 200,
-        serve_log,
-    );
+    wait_until("healthz", Duration::from_secs(10), || {
+        curl_in(&ns, "http://127.0.0.1:18082/healthz").0 == 200
+    });
     std::thread::sleep(Duration::from_millis(1500)); // a retry or two
     assert!(
-        proxy.0.try_wait().unwrap().is_none(),
+        proxy.try_wait().unwrap().is_none(),
         "serve exited without a runtime"
     );
     assert_eq!(curl_in(&ns, "http://127.0.0.1:18082/readyz").0, 503);
@@ -276,7 +240,6 @@ fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
         "readyz after the runtime came up",
         Duration::from_secs(20),
         || curl_in(&ns, "http://127.0.0.1:18082/readyz").0 == 200,
-        serve_log,
     );
 
     // A new pod is served on its start event, long before the periodic
@@ -284,7 +247,7 @@ fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
     let client = cd.run_pod(&PodSpec::new("client").label("role", "ClientContainer"));
     let local = INSTANCE.replace("169.254.169.254", "127.0.0.1:15990");
     let last = std::cell::RefCell::new(None);
-    wait_until(
+    wait_until_explained(
         "the new pod served",
         Duration::from_secs(20),
         || {
@@ -304,10 +267,10 @@ fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
             *last.borrow_mut() = Some(out);
             ok
         },
-        || format!("last try: {:?}\n{}", last.borrow(), serve_log()),
+        || format!("last try: {:?}", last.borrow()),
     );
     let out = last.into_inner().unwrap();
     let body: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(body["compute"]["vmId"].is_string(), "{body}");
-    assert!(proxy.0.try_wait().unwrap().is_none(), "serve exited");
+    assert!(proxy.try_wait().unwrap().is_none(), "serve exited");
 }

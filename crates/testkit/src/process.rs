@@ -108,7 +108,18 @@ fn exited_process() -> Option<String> {
 /// Polls `ok` every 50 ms for up to `limit`. Panics with the logs of this
 /// thread's watched processes when the time runs out, or at once when one
 /// of them has exited (a server that failed to start is not waited for).
-pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, limit: Duration, ok: impl FnMut() -> bool) {
+    wait_until_explained(what, limit, ok, String::new)
+}
+
+/// [`wait_until`], with `context()` (say, the last answer seen) added to the
+/// failure message above the logs.
+pub fn wait_until_explained(
+    what: &str,
+    limit: Duration,
+    mut ok: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
     let deadline = Instant::now() + limit;
     loop {
         if ok() {
@@ -119,11 +130,16 @@ pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
             if ok() {
                 return;
             }
-            panic!("waiting for {what}: {name} exited\n{}", watched_logs());
+            panic!(
+                "waiting for {what}: {name} exited\n{}\n{}",
+                context(),
+                watched_logs()
+            );
         }
         if Instant::now() >= deadline {
             panic!(
-                "timed out after {limit:?} waiting for {what}\n{}",
+                "timed out after {limit:?} waiting for {what}\n{}\n{}",
+                context(),
                 watched_logs()
             );
         }
