@@ -216,7 +216,24 @@ fn hpack_read_string(b: &[u8]) -> Result<(std::borrow::Cow<'_, [u8]>, usize), Co
     let mut out = Vec::with_capacity(raw.len() * 8 / 5 + 1);
     httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
         .map_err(|_| compression("invalid Huffman string"))?;
+    if !huffman_padding_is_eos_prefix(raw, &out) {
+        return Err(compression("Huffman string not padded with the EOS prefix"));
+    }
     Ok((std::borrow::Cow::Owned(out), end))
+}
+
+/// RFC 7541 §5.2: the bits after the last symbol must be fewer than 8 and
+/// all ones (the most significant bits of EOS); anything else is a decoding
+/// error. httlib-huffman's decoder accepts any padding, so the padding's
+/// length is worked out from the decoded symbols' code lengths.
+fn huffman_padding_is_eos_prefix(raw: &[u8], decoded: &[u8]) -> bool {
+    let table = &httlib_huffman::encoder::table::ENCODE_TABLE;
+    let symbol_bits: usize = decoded.iter().map(|&c| table[c as usize].0 as usize).sum();
+    let Some(padding) = (raw.len() * 8).checked_sub(symbol_bits) else {
+        return false;
+    };
+    let ones = (1u16 << padding.min(8)) - 1;
+    padding < 8 && raw.last().map_or(0, |&b| u16::from(b)) & ones == ones
 }
 
 impl Default for HeaderDecoder {
@@ -738,6 +755,37 @@ pub(crate) mod tests {
         // An invalid Huffman string (EOS padding of more than 7 bits).
         let r = HeaderDecoder::default().decode(&[0x04, 0x82, 0xff, 0xff], |_, _| {});
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn huffman_padding_must_be_the_eos_prefix() {
+        // "a" is the 5-bit code 00011: padded with three ones it is 0x1f,
+        // with three zeros 0x18 (RFC 7541 §5.2: a decoding error).
+        let literal = |huffman: &[u8]| {
+            let mut b = vec![0x00, 0x01, b'x', 0x80 | huffman.len() as u8];
+            b.extend_from_slice(huffman);
+            b
+        };
+        let mut seen = Vec::new();
+        HeaderDecoder::default()
+            .decode(&literal(&[0x1f]), |n, v| {
+                seen.push((n.to_vec(), v.to_vec()))
+            })
+            .unwrap();
+        assert_eq!(seen, [(b"x".to_vec(), b"a".to_vec())]);
+        for bad in [&[0x18][..], &[0x1e], &[0x1f, 0xff]] {
+            let r = HeaderDecoder::default().decode(&literal(bad), |_, _| {});
+            assert_eq!(r.unwrap_err().code, code::COMPRESSION_ERROR, "{bad:?}");
+        }
+        // No padding at all: eight 'a'-length codes fill five octets exactly.
+        let mut exact = Vec::new();
+        httlib_huffman::encode(b"aaaaaaaa", &mut exact).unwrap();
+        assert_eq!(exact.len(), 5);
+        let mut seen = Vec::new();
+        HeaderDecoder::default()
+            .decode(&literal(&exact), |_, v| seen.push(v.to_vec()))
+            .unwrap();
+        assert_eq!(seen, [b"aaaaaaaa".to_vec()]);
     }
 
     #[test]
