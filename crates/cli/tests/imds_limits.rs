@@ -4,7 +4,8 @@
 //! Each test asserts that the attack is cut off where the limits say, that
 //! the other pod is served throughout, that a metric counts the attack,
 //! and that the process stays under a stated memory and descriptor bound
-//! (sampled from /proc while the attack runs).
+//! (sampled from /proc while the attack runs). The last test runs the
+//! process out of descriptors.
 //!
 //! Flags are set short so each test runs in seconds; waits are "eventually,
 //! within a generous time", never a measured duration.
@@ -661,4 +662,105 @@ fn the_admin_listener_has_a_connection_cap() {
         let _ = s.shutdown(Shutdown::Both);
     }
     mark.finish(test, cap + 8);
+}
+
+/// User + system CPU time of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after_comm` starts at field 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+/// (f) Out of descriptors: accept fails at once, forever, until one is
+/// freed. The accept loops pause (doubling up to a second) instead of
+/// spinning, the pod listeners log one line among them all, and once the
+/// flood's connections close the proxy serves again, the request made
+/// meanwhile included.
+#[test]
+fn out_of_descriptors_the_accept_loops_back_off_and_log_once() {
+    let test = "out_of_descriptors_the_accept_loops_back_off_and_log_once";
+    if !ready(test) {
+        return;
+    }
+    let f = Fixture::start(
+        "imle",
+        &[
+            // The flood's connections send nothing: keep them.
+            "--header-timeout-ms",
+            "60000",
+            "--max-connections-per-pod",
+            "1000",
+        ],
+    );
+    let pid = f.pid();
+    let limit = fd_count(pid) + 8;
+    let out = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .expect("running prlimit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mark = Watermark::start(pid);
+    let flood: Vec<TcpStream> = (0..40)
+        .map(|_| f.connect(&f.a).expect("the kernel accepts the connect"))
+        .collect();
+    const LINE: &str = "accept failed (further failures";
+    wait_until("an accept failure logged", Duration::from_secs(30), || {
+        f.proxy.log_text().contains(LINE)
+    });
+    let since = Instant::now();
+    // Pod b asks meanwhile: its listener fails the same way.
+    let b = f.connect(&f.b).expect("the kernel accepts pod b's connect");
+    let b_asks = std::thread::spawn(move || {
+        let mut b = b;
+        b.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        b.write_all(request(GOOD, true).as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = b.read_to_string(&mut out);
+        out
+    });
+    let cpu_before = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = cpu_secs(pid) - cpu_before;
+    let window = since.elapsed().as_secs_f64();
+    let lines = f.proxy.log_text().matches(LINE).count();
+    println!("out of descriptors: {cpu:.2} s of CPU in {window:.1} s, {lines} log line(s)");
+    // Spinning would take a core; pausing takes next to nothing.
+    assert!(cpu < window / 4.0, "{cpu:.2} s of CPU in {window:.1} s");
+    let allowed = 1 + (window / 10.0).ceil() as usize;
+    assert!(
+        lines <= allowed,
+        "{lines} accept-failure lines in {window:.1} s:\n{}",
+        f.proxy.log_text()
+    );
+    // Descriptors come free: everyone is served again.
+    drop(flood);
+    let answer = b_asks.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "pod b: {answer:?}");
+    f.b_is_served();
+    wait_until("pod a served again", Duration::from_secs(30), || {
+        f.ask(&f.a, GOOD).is_ok_and(|(status, _)| status == 200)
+    });
+    f.wait_metric("imds_proxy_accept_errors_total", &["listener=\"pod\""], 1);
+    // The limit is the bound: RLIMIT_NOFILE caps the numbers of new
+    // descriptors (the process may have inherited some numbered above).
+    let inherited_above = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|n| *n >= limit)
+        .count();
+    let extra = (limit + inherited_above).saturating_sub(mark.idle.1);
+    mark.finish(test, extra);
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use proxyctl_listen::{AcceptBackoff, ConnLimit};
 
 use crate::body::{ProxyBody, text};
-use crate::metrics::{Metrics, PodLabel, RefusedLabels};
+use crate::metrics::{ListenerLabels, Metrics, PodLabel, RefusedLabels};
 
 /// The admin listener's bounds (from the proxy's `Limits`).
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +62,10 @@ pub async fn serve(
             })
             .clone()
     };
+    let failed = metrics
+        .accept_errors
+        .get_or_create(&ListenerLabels { listener: "admin" })
+        .clone();
     let at_cap = refused("connection_cap");
     let timed_out = refused("timeout");
     loop {
@@ -71,6 +75,7 @@ pub async fn serve(
                 s
             }
             Err(e) => {
+                failed.inc();
                 backoff.pause_after(&e).await;
                 continue;
             }

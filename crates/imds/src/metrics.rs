@@ -47,6 +47,11 @@ pub struct RefusedLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabels {
     pub pod: PodLabel,
 }
@@ -78,6 +83,7 @@ pub struct Metrics {
     pub credential_fetches: Family<FetchLabels, Counter>,
     pub connections_refused: Family<RefusedLabels, Counter>,
     pub audit_lines_dropped: Family<PodLabels, Counter>,
+    pub accept_errors: Family<ListenerLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -145,7 +151,15 @@ impl Default for Metrics {
              now and then)",
             audit_lines_dropped.clone(),
         );
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts, by listener (out of descriptors: EMFILE/ENFILE; \
+             the accept loop pauses, doubling up to a second)",
+            accept_errors.clone(),
+        );
         Self {
+            accept_errors,
             connections_refused,
             audit_lines_dropped,
             credentials_issued,

@@ -29,7 +29,8 @@ use tokio::task::JoinHandle;
 use crate::Error;
 use crate::audit::{Audit, AuditRecord, Sampler, now_ts};
 use crate::metrics::{
-    DecisionLabels, KindLabels, Metrics, PodLabel, PodLabels, RefusedLabels, RequestLabels,
+    DecisionLabels, KindLabels, ListenerLabels, Metrics, PodLabel, PodLabels, RefusedLabels,
+    RequestLabels,
 };
 use crate::netns::{self, NetnsId};
 use crate::pods::{Pod, PodSource};
@@ -765,9 +766,19 @@ fn audit_sampled(shared: &Shared, budget: &AuditBudget, rec: &AuditRecord<'_>) {
 
 /// Closes a connection refused at a cap, with a 503 if the socket takes it
 /// without waiting.
-fn turn_away(stream: TcpStream) {
-    let _ = stream.try_write(AT_CAP_ANSWER);
+fn turn_away(stream: std::net::TcpStream) {
+    // The socket is non-blocking: one write(2), taken or not. (tokio's
+    // try_write would not even try before the reactor saw it writable.)
+    let _ = std::io::Write::write(&mut &stream, AT_CAP_ANSWER);
     drop(stream);
+}
+
+fn accept_errors(shared: &Shared, listener: &'static str) -> Counter {
+    shared
+        .metrics
+        .accept_errors
+        .get_or_create(&ListenerLabels { listener })
+        .clone()
 }
 
 async fn pod_accept(
@@ -777,6 +788,7 @@ async fn pod_accept(
     closed: watch::Receiver<()>,
 ) {
     let mut backoff = AcceptBackoff::with_gate("pod", shared.accept_log.clone());
+    let failed = accept_errors(&shared, "pod");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => {
@@ -784,7 +796,15 @@ async fn pod_accept(
                 s
             }
             Err(e) => {
+                failed.inc();
                 backoff.pause_after(&e).await;
+                continue;
+            }
+        };
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
                 continue;
             }
         };
@@ -803,13 +823,6 @@ async fn pod_accept(
             _all: all_permit,
             _caller: caller_permit,
         };
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
-                continue;
-            }
-        };
         let conn = Arc::new(Conn {
             caller: Some(identity.clone()),
             listener: "pod",
@@ -827,6 +840,7 @@ async fn pod_accept(
 
 async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
     let mut backoff = AcceptBackoff::new("source-ip");
+    let failed = accept_errors(&shared, "source-ip");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => {
@@ -834,23 +848,24 @@ async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
                 s
             }
             Err(e) => {
+                failed.inc();
                 backoff.pause_after(&e).await;
                 continue;
             }
         };
         // The total first: who the caller is costs a look into its
         // namespace and the pod source, which a flood must not buy.
-        let Some(all_permit) = shared.conns.try_acquire() else {
-            refuse_connection(&shared, "source-ip", None, peer, "connection_cap");
-            turn_away(stream);
-            continue;
-        };
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
                 continue;
             }
+        };
+        let Some(all_permit) = shared.conns.try_acquire() else {
+            refuse_connection(&shared, "source-ip", None, peer, "connection_cap");
+            turn_away(stream);
+            continue;
         };
         let task_shared = shared.clone();
         shared.spawner.spawn(async move {
@@ -865,9 +880,7 @@ async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
                     peer,
                     "pod_connection_cap",
                 );
-                if let Ok(stream) = TcpStream::from_std(stream) {
-                    turn_away(stream);
-                }
+                turn_away(stream);
                 return;
             };
             let permits = Permits {

@@ -605,6 +605,83 @@ fn source_ip_fallback_serves_only_the_live_owner_of_an_address() {
     assert_eq!(topo.mock.requests(), before);
 }
 
+/// Callers of the source-IP listener that no pod owns share one pod's
+/// allowance of connections: they cannot take the listener from the pods.
+#[test]
+fn unknown_callers_of_the_source_ip_listener_share_one_connection_cap() {
+    if !ready("unknown_callers_of_the_source_ip_listener_share_one_connection_cap") {
+        return;
+    }
+    let mut topo = Topology::new("imdk");
+    let node_listener: SocketAddr = "10.98.0.1:15992".parse().unwrap();
+    let a = topo.add_pod("10.98.0.71", Some(node_listener));
+    let x = topo.add_pod("10.98.0.72", Some(node_listener));
+    let pod_a = pod(
+        "a",
+        topo.pod(a),
+        "10.98.0.71",
+        &[("role", "ClientContainer")],
+    );
+    let limits = Limits {
+        max_connections_per_pod: 2,
+        header_read_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let proxy = Proxy::start_with(&topo, &[pod_a], RULES, limits, None, Some(node_listener));
+    let imds: SocketAddr = format!("{IMDS}:80").parse().unwrap();
+    // Two connections of the unknown caller, each seen served (403, kept
+    // alive), so they hold the places.
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            proxyctl_testkit::in_netns(&topo.pod(x).path(), move || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(imds).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(
+                    b"GET /metadata/instance HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n",
+                )
+                .unwrap();
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).unwrap();
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(text.starts_with("HTTP/1.1 403"), "{text:?}");
+                s
+            })
+        })
+        .collect();
+    // The third is turned away ...
+    let third = proxyctl_testkit::in_netns(&topo.pod(x).path(), move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(imds).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(third.starts_with("HTTP/1.1 503"), "{third:?}");
+    // ... while the pod that owns its address has its own allowance.
+    let r = curl(topo.pod(a), &MD, &instance_url());
+    assert_eq!(r.status, 200, "{r:?}");
+    let metrics = proxy.metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "imds_proxy_connections_refused_total",
+            "listener=\"source-ip\",pod=\"-\",reason=\"pod_connection_cap\""
+        ),
+        1,
+        "{metrics}"
+    );
+    assert!(
+        proxy
+            .audit()
+            .iter()
+            .any(|l| l["decision"] == "pod_connection_cap" && l["pod"] == "-")
+    );
+    drop(held);
+}
+
 #[test]
 fn fail_closed_when_the_proxy_is_down() {
     if !ready("fail_closed_when_the_proxy_is_down") {
