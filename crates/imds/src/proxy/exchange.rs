@@ -1820,6 +1820,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed_quietly_at_the_idle_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = Limits {
+            idle_timeout: std::time::Duration::from_millis(200),
+            header_read_timeout: std::time::Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let (proxy, addr) = crate::fuzzing::loopback_proxy(
+            "127.0.0.1:9".parse().unwrap(),
+            "t",
+            "rules: [{name: t, pods: {name: t}, paths: [{prefix: /allowed/}]}]",
+            limits,
+            0,
+        )
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /denied HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 403"));
+        // Nothing more is sent: the proxy hangs up (well before the head
+        // timeout, which would otherwise apply) ...
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("closed at the idle timeout, not the head timeout");
+        assert_eq!(closed.unwrap(), 0);
+        // ... without calling it an error.
+        let metrics = proxy.metrics_text();
+        assert!(!metrics.contains("kind=\"header_timeout\""), "{metrics}");
+    }
+
+    #[tokio::test]
     async fn upstream_answers_without_a_reason_phrase_are_forwarded() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
