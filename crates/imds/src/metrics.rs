@@ -36,6 +36,26 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// A connection refused at accept (a cap) or ended by a deadline, by
+/// listener (`pod`, `source-ip`, `admin`), pod (`-`: unknown or none) and
+/// reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: &'static str,
+    pub pod: PodLabel,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub pod: PodLabel,
+}
+
 /// A credential issued to a pod, by the identity it was issued for.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IssuedLabels {
@@ -61,6 +81,9 @@ pub struct Metrics {
     pub listener_errors: Counter,
     pub credentials_issued: Family<IssuedLabels, Counter>,
     pub credential_fetches: Family<FetchLabels, Counter>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    pub audit_lines_dropped: Family<PodLabels, Counter>,
+    pub accept_errors: Family<ListenerLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -112,7 +135,33 @@ impl Default for Metrics {
             "Upstream credential requests, by identity and outcome (ok, refused, failed)",
             credential_fetches.clone(),
         );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed by a bound: at accept past a connection cap \
+             (connection_cap, pod_connection_cap), or by a deadline \
+             (write_timeout; timeout on the admin listener)",
+            connections_refused.clone(),
+        );
+        let audit_lines_dropped = Family::<PodLabels, Counter>::default();
+        registry.register(
+            "audit_lines_dropped",
+            "Audit lines of refusals not written because the pod passed \
+             --audit-refused-per-sec (each drop is summed in a summary line \
+             now and then)",
+            audit_lines_dropped.clone(),
+        );
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts, by listener (out of descriptors: EMFILE/ENFILE; \
+             the accept loop pauses, doubling up to a second)",
+            accept_errors.clone(),
+        );
         Self {
+            accept_errors,
+            connections_refused,
+            audit_lines_dropped,
             credentials_issued,
             credential_fetches,
             registry,

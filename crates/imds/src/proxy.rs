@@ -2,11 +2,16 @@
 //! edge checks the real metadata services make, access rules, per-pod rate
 //! limits, forwarding over pooled upstream connections, audit and metrics.
 //!
-//! Order of checks for one request: caller known (403) -> framing (400/413,
-//! connection closed) -> path shape (400) -> X-Forwarded-For (400 Azure /
-//! 403 AWS and GCP) -> `Metadata: true` on Azure paths (400 JSON),
-//! `Metadata-Flavor: Google` on GCP paths (403) -> rules (403) ->
-//! rate limit (429) -> forward, keeping the upstream's status.
+//! Order of checks for one request: caller known (403) -> the pod's rate
+//! limit (429; every request spends a token, refused ones too) -> framing
+//! (400/413, connection closed) -> path shape (400) -> X-Forwarded-For (400
+//! Azure / 403 AWS and GCP) -> `Metadata: true` on Azure paths (400 JSON),
+//! `Metadata-Flavor: Google` on GCP paths (403) -> rules (403) -> forward,
+//! keeping the upstream's status.
+//!
+//! Every listener is bounded (see `Limits`): connections per pod and in
+//! all, a deadline for each request head, an idle and a write timeout;
+//! audit lines of refusals are sampled per pod past a rate.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,13 +27,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Error;
-use crate::audit::{Audit, AuditRecord, now_ts};
-use crate::metrics::{DecisionLabels, KindLabels, Metrics, PodLabel, RequestLabels};
+use crate::audit::{Audit, AuditRecord, Sampler, now_ts};
+use crate::metrics::{
+    DecisionLabels, KindLabels, ListenerLabels, Metrics, PodLabel, PodLabels, RefusedLabels,
+    RequestLabels,
+};
 use crate::netns::{self, NetnsId};
 use crate::pods::{Pod, PodSource};
 use crate::ratelimit::TokenBucket;
 use crate::rules::{Rules, Verdict};
 use crate::workers::{Spawner, Workers};
+use proxyctl_listen::{AcceptBackoff, ConnLimit, ConnPermit, LogGate};
 
 mod exchange;
 use prometheus_client::metrics::counter::Counter;
@@ -38,10 +47,21 @@ use prometheus_client::metrics::histogram::Histogram;
 /// default; the pod's DNAT rule sends 169.254.169.254:80 there.
 pub const DEFAULT_POD_LISTEN: &str = "127.0.0.1:15990";
 
+/// Every bound of the proxy's listeners (docs/imds-proxy.md, "Limits",
+/// says what a client sees at each).
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// A client must send its whole request head within this time.
+    /// A client must send its whole request head within this time: from
+    /// the connection's start for its first request, from the first byte
+    /// for later ones. One deadline per head, never extended by a read.
     pub header_read_timeout: Duration,
+    /// A kept-alive connection may wait this long for the first byte of
+    /// its next request.
+    pub idle_timeout: Duration,
+    /// Each answer (or each piece of a streamed one) must be taken by the
+    /// client within this time; a client that sends requests and does not
+    /// read the answers is disconnected.
+    pub write_timeout: Duration,
     pub connect_timeout: Duration,
     /// Time allowed for the upstream's response head.
     pub upstream_timeout: Duration,
@@ -51,15 +71,32 @@ pub struct Limits {
     pub max_headers: usize,
     /// Largest request body (Content-Length); bigger gets 413.
     pub max_body_bytes: u64,
-    /// Requests per second each pod may send upstream (0 = unlimited).
+    /// Requests per second each pod may send, whatever their outcome
+    /// (0 = unlimited).
     pub rate_per_sec: f64,
     pub burst: u32,
+    /// Connections open at once from one pod (unknown callers of the
+    /// source-IP listener share one such allowance).
+    pub max_connections_per_pod: usize,
+    /// Connections open at once on the pod-facing listeners together.
+    pub max_connections: usize,
+    /// Connections open at once on the admin listener.
+    pub admin_max_connections: usize,
+    /// Longest life of one admin connection (also ends a client that never
+    /// reads its answer).
+    pub admin_connection_lifetime: Duration,
+    /// Audit lines of refusals each pod may cause per second (0: all are
+    /// written); past it they are dropped and counted.
+    pub audit_refused_per_sec: f64,
+    pub audit_refused_burst: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
@@ -67,6 +104,12 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             rate_per_sec: 20.0,
             burst: 40,
+            max_connections_per_pod: 64,
+            max_connections: 4096,
+            admin_max_connections: 128,
+            admin_connection_lifetime: Duration::from_secs(60),
+            audit_refused_per_sec: 20.0,
+            audit_refused_burst: 100,
         }
     }
 }
@@ -112,10 +155,35 @@ struct Identity {
     /// `namespace/name`: fixed for the entry (entries are keyed by it).
     key: Arc<str>,
     bucket: TokenBucket,
+    /// This pod's connections: one pod cannot take the descriptors all
+    /// pods share.
+    conns: ConnLimit,
+    audit: AuditBudget,
     /// This pod's `requests{decision="allowed",code="200"}` counter, looked
     /// up once: `Family::get_or_create` hashes the labels and takes a lock
     /// on every call, and this is the label set of nearly every request.
     allowed_ok: Counter,
+}
+
+/// Audit lines of one caller's refusals past a rate are dropped; counted
+/// in `audit_lines_dropped_total{pod}`.
+struct AuditBudget {
+    sampler: Sampler,
+    dropped: Counter,
+}
+
+impl AuditBudget {
+    fn new(limits: &Limits, metrics: &Metrics, key: &Arc<str>) -> Self {
+        AuditBudget {
+            sampler: Sampler::new(limits.audit_refused_per_sec, limits.audit_refused_burst),
+            dropped: metrics
+                .audit_lines_dropped
+                .get_or_create(&PodLabels {
+                    pod: PodLabel(key.clone()),
+                })
+                .clone(),
+        }
+    }
 }
 
 struct PodEntry {
@@ -139,6 +207,12 @@ struct Conn {
     caller: Option<Arc<Identity>>,
     listener: &'static str,
     peer: SocketAddr,
+}
+
+/// A served connection's places under the caps, released when it ends.
+struct Permits {
+    _all: ConnPermit,
+    _caller: ConnPermit,
 }
 
 struct Shared {
@@ -166,6 +240,15 @@ struct Shared {
     /// IAM Credentials (the same HTTP(S) client as STS), when some pod is
     /// bound to a Google service account.
     iam: Option<crate::sts::StsConfig>,
+    /// Connections of the pod-facing listeners together.
+    conns: ConnLimit,
+    /// Callers of the source-IP listener no pod owns: one allowance of
+    /// connections and audit lines for them all.
+    unknown_conns: ConnLimit,
+    unknown_audit: AuditBudget,
+    /// The pod listeners' accept loops fail together at the descriptor
+    /// limit: one log line among them.
+    accept_log: LogGate,
 }
 
 /// A running proxy. Dropping it stops every listener it owns.
@@ -243,7 +326,13 @@ impl ProxyHandle {
             .duration
             .get_or_create(&DecisionLabels { decision: ALLOWED })
             .clone();
+        let unknown_key: Arc<str> = Arc::from("-");
+        let unknown_audit = AuditBudget::new(&config.limits, &metrics, &unknown_key);
         let shared = Arc::new(Shared {
+            conns: ConnLimit::new(config.limits.max_connections),
+            unknown_conns: ConnLimit::new(config.limits.max_connections_per_pod),
+            unknown_audit,
+            accept_log: LogGate::new(),
             spawner,
             allowed_duration,
             upstream,
@@ -272,6 +361,7 @@ impl ProxyHandle {
                 listener,
                 shared.metrics.clone(),
                 shared.ready.clone(),
+                crate::admin::AdminLimits::from(&shared.limits),
             )));
         }
         let mut source_ip_addr = None;
@@ -520,8 +610,10 @@ async fn reconcile_inner(shared: &Arc<Shared>) -> Result<ReconcileReport, Error>
             .clone();
         let identity = Arc::new(Identity {
             pod: RwLock::new(pod.clone()),
+            audit: AuditBudget::new(&shared.limits, &shared.metrics, &key_label),
             key: key_label,
             bucket: TokenBucket::new(shared.limits.rate_per_sec, shared.limits.burst),
+            conns: ConnLimit::new(shared.limits.max_connections_per_pod),
             allowed_ok,
         });
         let mut entry = PodEntry {
@@ -593,24 +685,143 @@ async fn reconcile_inner(shared: &Arc<Shared>) -> Result<ReconcileReport, Error>
     Ok(report)
 }
 
+/// After refusing a connection past a pod's cap, its listener rests this
+/// long: a pod that reconnects in a loop costs a bounded amount of CPU (its
+/// further connects wait in the kernel's backlog meanwhile).
+const CAP_PAUSE: Duration = Duration::from_millis(10);
+
+/// The answer to a connection past a cap, written only if the socket takes
+/// it at once (a fresh socket's buffer is empty) and never waited for.
+const AT_CAP_ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 21\r\nretry-after: 1\r\nconnection: close\r\n\r\nToo many connections\n";
+
+/// Counts a connection refused at a cap (or ended by a deadline) and says
+/// so in the audit log (sampled).
+fn refuse_connection(
+    shared: &Shared,
+    listener: &'static str,
+    caller: Option<&Identity>,
+    peer: SocketAddr,
+    reason: &'static str,
+) {
+    let (key, budget) = match caller {
+        Some(c) => (c.key.clone(), &c.audit),
+        None => (Arc::from("-"), &shared.unknown_audit),
+    };
+    shared
+        .metrics
+        .connections_refused
+        .get_or_create(&RefusedLabels {
+            listener,
+            pod: PodLabel(key.clone()),
+            reason,
+        })
+        .inc();
+    let rec = AuditRecord {
+        ts: now_ts(),
+        pod: &key,
+        listener,
+        peer,
+        method: "-",
+        path: "-",
+        decision: reason,
+        status: 0,
+        latency_ms: 0.0,
+        rule: None,
+        error: None,
+        identity: None,
+        dropped: None,
+    };
+    audit_sampled(shared, budget, &rec);
+}
+
+/// Writes `rec` unless `budget` is spent (then counts the drop), after a
+/// summary line when one is due.
+fn audit_sampled(shared: &Shared, budget: &AuditBudget, rec: &AuditRecord<'_>) {
+    let sampled = budget.sampler.admit();
+    if let Some(n) = sampled.summary {
+        tracing::warn!(
+            pod = rec.pod,
+            dropped = n,
+            "audit lines of refused requests dropped (past --audit-refused-per-sec)"
+        );
+        shared.audit.record(&AuditRecord {
+            decision: "audit_lines_dropped",
+            method: "-",
+            path: "-",
+            status: 0,
+            latency_ms: 0.0,
+            rule: None,
+            error: None,
+            identity: None,
+            dropped: Some(n),
+            ..*rec
+        });
+    }
+    if sampled.write {
+        shared.audit.record(rec);
+    } else {
+        budget.dropped.inc();
+    }
+}
+
+/// Closes a connection refused at a cap, with a 503 if the socket takes it
+/// without waiting.
+fn turn_away(stream: std::net::TcpStream) {
+    // The socket is non-blocking: one write(2), taken or not. (tokio's
+    // try_write would not even try before the reactor saw it writable.)
+    let _ = std::io::Write::write(&mut &stream, AT_CAP_ANSWER);
+    drop(stream);
+}
+
+fn accept_errors(shared: &Shared, listener: &'static str) -> Counter {
+    shared
+        .metrics
+        .accept_errors
+        .get_or_create(&ListenerLabels { listener })
+        .clone()
+}
+
 async fn pod_accept(
     shared: Arc<Shared>,
     listener: TcpListener,
     identity: Arc<Identity>,
     closed: watch::Receiver<()>,
 ) {
+    let mut backoff = AcceptBackoff::with_gate("pod", shared.accept_log.clone());
+    let failed = accept_errors(&shared, "pod");
     loop {
-        let (stream, peer) = match listener
-            .accept()
-            .await
-            .and_then(|(s, p)| Ok((s.into_std()?, p)))
-        {
-            Ok(s) => s,
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => {
+                backoff.succeeded();
+                s
+            }
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                failed.inc();
+                backoff.pause_after(&e).await;
                 continue;
             }
+        };
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
+                continue;
+            }
+        };
+        let Some(caller_permit) = identity.conns.try_acquire() else {
+            refuse_connection(&shared, "pod", Some(&identity), peer, "pod_connection_cap");
+            turn_away(stream);
+            tokio::time::sleep(CAP_PAUSE).await;
+            continue;
+        };
+        let Some(all_permit) = shared.conns.try_acquire() else {
+            refuse_connection(&shared, "pod", Some(&identity), peer, "connection_cap");
+            turn_away(stream);
+            continue;
+        };
+        let permits = Permits {
+            _all: all_permit,
+            _caller: caller_permit,
         };
         let conn = Arc::new(Conn {
             caller: Some(identity.clone()),
@@ -622,34 +833,66 @@ async fn pod_accept(
             stream,
             conn,
             Some(closed.clone()),
+            permits,
         ));
     }
 }
 
 async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
+    let mut backoff = AcceptBackoff::new("source-ip");
+    let failed = accept_errors(&shared, "source-ip");
     loop {
-        let (stream, peer) = match listener
-            .accept()
-            .await
-            .and_then(|(s, p)| Ok((s.into_std()?, p)))
-        {
-            Ok(s) => s,
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => {
+                backoff.succeeded();
+                s
+            }
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                failed.inc();
+                backoff.pause_after(&e).await;
                 continue;
             }
+        };
+        // The total first: who the caller is costs a look into its
+        // namespace and the pod source, which a flood must not buy.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
+                continue;
+            }
+        };
+        let Some(all_permit) = shared.conns.try_acquire() else {
+            refuse_connection(&shared, "source-ip", None, peer, "connection_cap");
+            turn_away(stream);
+            continue;
         };
         let task_shared = shared.clone();
         shared.spawner.spawn(async move {
             let shared = task_shared;
             let caller = live_owner(&shared, peer.ip()).await;
+            let limit = caller.as_ref().map_or(&shared.unknown_conns, |c| &c.conns);
+            let Some(caller_permit) = limit.try_acquire() else {
+                refuse_connection(
+                    &shared,
+                    "source-ip",
+                    caller.as_deref(),
+                    peer,
+                    "pod_connection_cap",
+                );
+                turn_away(stream);
+                return;
+            };
+            let permits = Permits {
+                _all: all_permit,
+                _caller: caller_permit,
+            };
             let conn = Arc::new(Conn {
                 caller,
                 listener: "source-ip",
                 peer,
             });
-            serve_conn(shared, stream, conn, None).await;
+            serve_conn(shared, stream, conn, None, permits).await;
         });
     }
 }
@@ -707,7 +950,10 @@ async fn serve_conn(
     stream: std::net::TcpStream,
     conn: Arc<Conn>,
     closed: Option<watch::Receiver<()>>,
+    permits: Permits,
 ) {
+    // Held until the connection ends, however it ends.
+    let _permits = permits;
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {

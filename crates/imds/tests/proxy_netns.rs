@@ -128,13 +128,35 @@ impl Proxy {
         })
     }
 
+    /// The audit lines, once no more arrive for 20 ms: a request's line is
+    /// recorded just after its answer is written, so the client may have
+    /// the answer a moment before its line.
     fn audit(&self) -> Vec<serde_json::Value> {
-        self.handle.as_ref().unwrap().flush_audit();
-        std::fs::read_to_string(&self.audit_file)
-            .unwrap()
-            .lines()
+        let read = || {
+            self.handle.as_ref().unwrap().flush_audit();
+            std::fs::read_to_string(&self.audit_file).unwrap()
+        };
+        let mut text = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let again = read();
+            if again.len() == text.len() {
+                break;
+            }
+            text = again;
+        }
+        text.lines()
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
+    }
+
+    /// Waits until an audit line matches `pred`: a request's line is
+    /// recorded just after its answer is written, so the client may have
+    /// the answer a moment before the line exists.
+    fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        proxyctl_testkit::wait_until(what, Duration::from_secs(10), || {
+            self.audit().iter().any(&pred)
+        });
     }
 
     fn metrics(&self) -> String {
@@ -559,12 +581,9 @@ fn source_ip_fallback_serves_only_the_live_owner_of_an_address() {
     );
     let r = curl(topo.pod(a), &MD, &instance_url());
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(
-        proxy
-            .audit()
-            .iter()
-            .any(|l| l["listener"] == "source-ip" && l["pod"] == "default/a")
-    );
+    proxy.wait_audit("a source-ip line of pod a", |l| {
+        l["listener"] == "source-ip" && l["pod"] == "default/a"
+    });
 
     // A dies; C comes up with A's IP before the pod source notices
     // (kube2iam #178, kiam #499): C must not be served as A.
@@ -577,24 +596,17 @@ fn source_ip_fallback_serves_only_the_live_owner_of_an_address() {
     topo.node.run(&["ip", "neigh", "flush", "to", "10.98.0.31"]);
     let r = curl(topo.pod(c), &MD, &instance_url());
     assert_eq!(r.status, 403, "{r:?}");
-    assert!(
-        proxy
-            .audit()
-            .iter()
-            .any(|l| l["decision"] == "unknown_caller"
-                && l["peer"].as_str().unwrap().starts_with("10.98.0.31:"))
-    );
+    proxy.wait_audit("c's request as an unknown caller", |l| {
+        l["decision"] == "unknown_caller" && l["peer"].as_str().unwrap().starts_with("10.98.0.31:")
+    });
     // Once listed, C is C (no labels: denied by rules, not unknown).
     let pod_c = pod("c", topo.pod(c), "10.98.0.31", &[]);
     proxy.set_pods(&[pod_a, pod_c]);
     let r = curl(topo.pod(c), &MD, &instance_url());
     assert_eq!(r.status, 403);
-    assert!(
-        proxy
-            .audit()
-            .iter()
-            .any(|l| l["decision"] == "denied" && l["pod"] == "default/c")
-    );
+    proxy.wait_audit("c's request denied as c", |l| {
+        l["decision"] == "denied" && l["pod"] == "default/c"
+    });
 
     // Proxy down: the pod's DNAT leads to a refused connection, never to
     // the real service.
@@ -603,6 +615,80 @@ fn source_ip_fallback_serves_only_the_live_owner_of_an_address() {
     let r: Curl = curl(topo.pod(c), &MD, &instance_url());
     assert_eq!(r.exit, 7, "{r:?}");
     assert_eq!(topo.mock.requests(), before);
+}
+
+/// Callers of the source-IP listener that no pod owns share one pod's
+/// allowance of connections: they cannot take the listener from the pods.
+#[test]
+fn unknown_callers_of_the_source_ip_listener_share_one_connection_cap() {
+    if !ready("unknown_callers_of_the_source_ip_listener_share_one_connection_cap") {
+        return;
+    }
+    let mut topo = Topology::new("imdk");
+    let node_listener: SocketAddr = "10.98.0.1:15992".parse().unwrap();
+    let a = topo.add_pod("10.98.0.71", Some(node_listener));
+    let x = topo.add_pod("10.98.0.72", Some(node_listener));
+    let pod_a = pod(
+        "a",
+        topo.pod(a),
+        "10.98.0.71",
+        &[("role", "ClientContainer")],
+    );
+    let limits = Limits {
+        max_connections_per_pod: 2,
+        header_read_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let proxy = Proxy::start_with(&topo, &[pod_a], RULES, limits, None, Some(node_listener));
+    let imds: SocketAddr = format!("{IMDS}:80").parse().unwrap();
+    // Two connections of the unknown caller, each seen served (403, kept
+    // alive), so they hold the places.
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            proxyctl_testkit::in_netns(&topo.pod(x).path(), move || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(imds).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(
+                    b"GET /metadata/instance HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n",
+                )
+                .unwrap();
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).unwrap();
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(text.starts_with("HTTP/1.1 403"), "{text:?}");
+                s
+            })
+        })
+        .collect();
+    // The third is turned away ...
+    let third = proxyctl_testkit::in_netns(&topo.pod(x).path(), move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(imds).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(third.starts_with("HTTP/1.1 503"), "{third:?}");
+    // ... while the pod that owns its address has its own allowance.
+    let r = curl(topo.pod(a), &MD, &instance_url());
+    assert_eq!(r.status, 200, "{r:?}");
+    let metrics = proxy.metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "imds_proxy_connections_refused_total",
+            "listener=\"source-ip\",pod=\"-\",reason=\"pod_connection_cap\""
+        ),
+        1,
+        "{metrics}"
+    );
+    proxy.wait_audit("the refusal at the cap", |l| {
+        l["decision"] == "pod_connection_cap" && l["pod"] == "-"
+    });
+    drop(held);
 }
 
 #[test]

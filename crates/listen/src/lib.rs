@@ -8,13 +8,15 @@
 //!   until a descriptor is freed: retrying without a pause burns a core and
 //!   logs a line per try. The loop sleeps, doubling up to a second, and logs
 //!   one line per ten seconds with the count of failures in between.
+//!   Loops that fail together (one listener per pod: at the descriptor limit
+//!   they all fail at once) can share that one line through a [`LogGate`].
 //! - [`raise_nofile_limit`]: the soft RLIMIT_NOFILE raised to the hard
 //!   limit at start-up, as Go's runtime does for upstream's binaries (a 1024
 //!   soft limit is a thousand idle connections away from refusing every
 //!   tunnel).
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -64,8 +66,41 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 pub struct AcceptBackoff {
     what: &'static str,
     pause: Duration,
+    log: LogGate,
+}
+
+/// The rate limit of accept-failure log lines, shared by the accept loops
+/// that hold clones of it: one line per ten seconds among them all.
+#[derive(Debug, Clone, Default)]
+pub struct LogGate(Arc<Mutex<GateState>>);
+
+#[derive(Debug, Default)]
+struct GateState {
     last_log: Option<Instant>,
     unlogged: u64,
+}
+
+impl LogGate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one failure; Some(failures since the last line) when a line
+    /// is due now.
+    fn due(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        state.unlogged += 1;
+        let now = Instant::now();
+        if state
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+        {
+            state.last_log = Some(now);
+            Some(std::mem::take(&mut state.unlogged))
+        } else {
+            None
+        }
+    }
 }
 
 /// Accept errors that come from running out of descriptors or memory:
@@ -80,11 +115,16 @@ pub fn is_exhaustion(e: &io::Error) -> bool {
 impl AcceptBackoff {
     /// `what` names the listener in the log line.
     pub fn new(what: &'static str) -> Self {
+        Self::with_gate(what, LogGate::new())
+    }
+
+    /// As [`new`](Self::new), logging through `gate`, which other loops
+    /// share.
+    pub fn with_gate(what: &'static str, gate: LogGate) -> Self {
         AcceptBackoff {
             what,
             pause: Duration::ZERO,
-            last_log: None,
-            unlogged: 0,
+            log: gate,
         }
     }
 
@@ -97,20 +137,13 @@ impl AcceptBackoff {
     /// before the next accept (zero for a failure of one connection, such
     /// as ECONNABORTED).
     pub fn failed(&mut self, e: &io::Error) -> Duration {
-        self.unlogged += 1;
-        let now = Instant::now();
-        if self
-            .last_log
-            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
-        {
+        if let Some(failures) = self.log.due() {
             tracing::warn!(
                 listener = self.what,
                 error = %e,
-                failures = self.unlogged,
+                failures,
                 "accept failed (further failures are logged at most every 10 s)"
             );
-            self.last_log = Some(now);
-            self.unlogged = 0;
         }
         if !is_exhaustion(e) {
             return Duration::ZERO;
@@ -186,6 +219,24 @@ mod tests {
         assert_eq!(b.failed(&aborted), Duration::ZERO);
         b.succeeded();
         assert_eq!(b.failed(&emfile), FIRST_PAUSE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loops_sharing_a_gate_log_one_line_per_ten_seconds_among_them() {
+        let gate = LogGate::new();
+        let mut a = AcceptBackoff::with_gate("pod", gate.clone());
+        let mut b = AcceptBackoff::with_gate("pod", gate.clone());
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        // The first failure logs; the next ones, of either loop, wait.
+        assert_eq!(gate.due(), Some(1));
+        a.failed(&emfile);
+        b.failed(&emfile);
+        a.failed(&emfile);
+        tokio::time::advance(LOG_EVERY).await;
+        // Both loops' three failures and this one come in one line.
+        assert_eq!(gate.due(), Some(4));
+        // Each loop still paces its own retries.
+        assert_eq!(b.failed(&emfile), FIRST_PAUSE * 2);
     }
 
     #[test]

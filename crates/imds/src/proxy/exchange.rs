@@ -56,6 +56,54 @@ async fn until<F: Future>(
     .await
 }
 
+/// Runs `work` for at most `limit`, computing the deadline (a clock read)
+/// only if `work` has to wait: most writes complete at once.
+async fn within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    limit: Duration,
+    work: F,
+) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut armed = false;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if !armed {
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            armed = true;
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
+/// Writes all of `bytes` to the caller within the write timeout. False if
+/// the caller is gone or did not take them in time (the connection must
+/// close; a timeout is counted here).
+async fn write_caller(
+    shared: &Shared,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    timer: Pin<&mut Sleep>,
+) -> bool {
+    match within(timer, shared.limits.write_timeout, stream.write_all(bytes)).await {
+        Some(Ok(())) => true,
+        Some(Err(_)) => false,
+        None => {
+            super::refuse_connection(
+                shared,
+                conn.listener,
+                conn.caller.as_deref(),
+                conn.peer,
+                "write_timeout",
+            );
+            false
+        }
+    }
+}
+
 /// Why a connection ended before a request could be read.
 enum ConnError {
     Timeout,
@@ -127,13 +175,16 @@ pub(super) async fn serve(shared: &Shared, conn: &Conn, stream: TcpStream) {
     let mut upstream: Option<Upstream> = None;
     let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let mut timer: Pin<&mut Sleep> = timer;
+    let mut first = true;
     loop {
-        let head = match read_head(&shared.limits, &mut caller, timer.as_mut()).await {
+        let read = read_head(&shared.limits, &mut caller, timer.as_mut(), first).await;
+        first = false;
+        let head = match read {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
                 if let Some(answer) = e.answer() {
-                    let _ = caller.stream.write_all(answer).await;
+                    write_caller(shared, conn, &mut caller.stream, answer, timer.as_mut()).await;
                 }
                 connection_refused(shared, conn, &e);
                 return;
@@ -161,33 +212,53 @@ fn connection_refused(shared: &Shared, conn: &Conn, e: &ConnError) {
         .connection_errors
         .get_or_create(&KindLabels { kind })
         .inc();
+    // Bad input costs the pod a request's worth of its rate, as any
+    // refused request does.
+    if let Some(caller) = &conn.caller {
+        caller.bucket.try_take();
+    }
     let pod = caller_key(conn);
     let message = e.message();
-    shared.audit.record(&AuditRecord {
-        ts: now_ts(),
-        pod: &pod,
-        listener: conn.listener,
-        peer: conn.peer,
-        method: "-",
-        path: "-",
-        decision: kind,
-        status: 0,
-        latency_ms: 0.0,
-        rule: None,
-        error: Some(message.clone()),
-        identity: None,
-    });
-    tracing::info!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {message}");
+    audit_refusal(
+        shared,
+        conn,
+        &AuditRecord {
+            ts: now_ts(),
+            pod: &pod,
+            listener: conn.listener,
+            peer: conn.peer,
+            method: "-",
+            path: "-",
+            decision: kind,
+            status: 0,
+            latency_ms: 0.0,
+            rule: None,
+            error: Some(message.clone()),
+            identity: None,
+            dropped: None,
+        },
+    );
+    tracing::debug!(pod = &*pod, peer = %conn.peer, "connection refused: {kind}: {message}");
 }
 
-/// The next request head; `None` when the caller closed between requests.
+/// The next request head; `None` when the caller closed between requests
+/// or stayed silent past the idle timeout. The head has one deadline: from
+/// the connection's start for its first request, else from its first byte
+/// (or now, when part of it already came with the previous request).
 async fn read_head(
     limits: &Limits,
     caller: &mut Caller,
     timer: Pin<&mut Sleep>,
+    first: bool,
 ) -> Result<Option<RequestHead>, ConnError> {
     let max_len = limits.max_header_bytes;
-    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let mut idle = !first && caller.buf.is_empty();
+    let mut deadline = tokio::time::Instant::now()
+        + if idle {
+            limits.idle_timeout
+        } else {
+            limits.header_read_timeout
+        };
     let mut timer = timer;
     loop {
         if !caller.buf.is_empty() {
@@ -205,9 +276,15 @@ async fn read_head(
             caller.stream.read_buf(&mut caller.buf),
         );
         match read.await {
+            // A kept-alive connection nobody uses: closed quietly.
+            None if idle => return Ok(None),
             None => return Err(ConnError::Timeout),
             Some(Ok(0)) if caller.buf.is_empty() => return Ok(None),
             Some(Ok(0)) => return Err(ConnError::Incomplete),
+            Some(Ok(_)) if idle => {
+                idle = false;
+                deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+            }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(ConnError::Io(e)),
         }
@@ -491,6 +568,22 @@ fn decide<'r>(
             "unknown_caller",
         ));
     };
+    // Every request of a pod costs it a token, whatever its outcome: a pod
+    // that floods refused requests is slowed down like any other.
+    let bucket_ok = conn.caller.as_ref().is_some_and(|c| c.bucket.try_take());
+    if !bucket_ok {
+        let mut local = Local::new(
+            path,
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests",
+            "rate_limited",
+        );
+        local.retry_after = true;
+        // Its body (if any) is not read: the connection cannot go on.
+        let bodyless = !view.has("transfer-encoding")
+            && matches!(h1::content_length(view), Ok(None | Some(0)));
+        return answer(if bodyless { local } else { local.closing() });
+    }
     // Framing: one unambiguous Content-Length or nothing. Transfer-Encoding
     // on a request is refused outright: metadata requests are tiny, and
     // CL/TE disagreements are how requests are smuggled.
@@ -602,18 +695,6 @@ fn decide<'r>(
             return unread(Local::new(path, StatusCode::FORBIDDEN, &message, "denied"));
         }
     };
-    let bucket_ok = conn.caller.as_ref().is_some_and(|c| c.bucket.try_take());
-    if !bucket_ok {
-        let mut local = Local::new(
-            path,
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many requests",
-            "rate_limited",
-        );
-        local.retry_after = true;
-        let (verdict, _) = unread(local);
-        return (verdict, Some(rule));
-    }
     let query = target.split_once('?').map_or("", |(_, q)| q);
     let allowing = allowing.expect("allowed by a rule");
     if let Some(decided) = decide_credential(shared, pod, allowing, view, method, path, query) {
@@ -693,7 +774,7 @@ async fn serve_request(
             issued_for = Some(identity);
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, gcp, false);
-            let ok = stream.write_all(out).await.is_ok();
+            let ok = write_caller(shared, conn, stream, out, timer.as_mut()).await;
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::Gcp { account, ask } => {
@@ -702,14 +783,14 @@ async fn serve_request(
             issued_for = Some(label);
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
-            let ok = stream.write_all(out).await.is_ok();
+            let ok = write_caller(shared, conn, stream, out, timer.as_mut()).await;
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::AwsSessionToken { ttl } => {
             let local = aws_session_token(shared, conn, &ttl).await;
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, gcp, false);
-            let ok = stream.write_all(out).await.is_ok();
+            let ok = write_caller(shared, conn, stream, out, timer.as_mut()).await;
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::AwsCredentials { role } => {
@@ -718,13 +799,13 @@ async fn serve_request(
             issued_for = Some(label);
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
-            let ok = stream.write_all(out).await.is_ok();
+            let ok = write_caller(shared, conn, stream, out, timer.as_mut()).await;
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::Answer(local) => {
             let keep = keep_alive && !local.close;
             write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
-            let ok = stream.write_all(out).await.is_ok();
+            let ok = write_caller(shared, conn, stream, out, timer.as_mut()).await;
             (local.status.as_u16(), local.decision, head.len, keep && ok)
         }
         Decided::Forward { body_len, .. } => {
@@ -736,8 +817,17 @@ async fn serve_request(
             out.extend_from_slice(&buf[head.len..head.len + in_buf]);
             let missing = body_len - in_buf as u64;
             if missing > 0 {
-                if view.lists("expect", "100-continue") {
-                    let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                if view.lists("expect", "100-continue")
+                    && !write_caller(
+                        shared,
+                        conn,
+                        stream,
+                        b"HTTP/1.1 100 Continue\r\n\r\n",
+                        timer.as_mut(),
+                    )
+                    .await
+                {
+                    return false;
                 }
                 let deadline = tokio::time::Instant::now() + shared.limits.header_read_timeout;
                 let mut body = (&mut *stream).take(missing);
@@ -759,6 +849,7 @@ async fn serve_request(
                 });
             let outcome = forward(
                 shared,
+                conn,
                 upstream,
                 out,
                 idempotent,
@@ -775,7 +866,7 @@ async fn serve_request(
                 Forwarded::Failed(local) => {
                     let keep = keep_alive && !local.close;
                     write_local(out, &local, head.minor, keep, gcp, method == "HEAD");
-                    let ok = stream.write_all(out).await.is_ok();
+                    let ok = write_caller(shared, conn, stream, out, timer.as_mut()).await;
                     (
                         local.status.as_u16(),
                         local.decision,
@@ -839,7 +930,7 @@ fn record(
             .get_or_create(&DecisionLabels { decision })
             .observe(latency.as_secs_f64());
     }
-    shared.audit.record(&AuditRecord {
+    let rec = AuditRecord {
         ts: now_ts(),
         pod: conn.caller.as_ref().map_or("-", |c| &*c.key),
         listener: conn.listener,
@@ -852,7 +943,23 @@ fn record(
         rule,
         error: None,
         identity,
-    });
+        dropped: None,
+    };
+    if decision == ALLOWED {
+        // Bounded by the pod's request rate: never dropped.
+        shared.audit.record(&rec);
+    } else {
+        audit_refusal(shared, conn, &rec);
+    }
+}
+
+/// The audit line of a refusal, through the caller's sampler.
+fn audit_refusal(shared: &Shared, conn: &Conn, rec: &AuditRecord<'_>) {
+    let budget = conn
+        .caller
+        .as_ref()
+        .map_or(&shared.unknown_audit, |c| &c.audit);
+    super::audit_sampled(shared, budget, rec);
 }
 
 /// An IMDSv2 session token from the service for an AWS-bound pod, kept as
@@ -1287,6 +1394,7 @@ enum Framing {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
+    conn: &Conn,
     slot: &mut Option<Upstream>,
     out: &mut Vec<u8>,
     idempotent: bool,
@@ -1392,9 +1500,18 @@ async fn forward(
             up.buf.advance(n);
             true
         }
-        Framing::Length(n) => stream_length(&mut up, out, caller, n).await,
-        Framing::Chunked => stream_chunked(&mut up, out, caller, rechunk).await,
-        Framing::UntilClose => stream_until_close(&mut up, out, caller, rechunk).await,
+        Framing::Length(n) => {
+            let to = To::new(shared, conn, caller, timer.as_mut());
+            stream_length(&mut up, out, to, n).await
+        }
+        Framing::Chunked => {
+            let to = To::new(shared, conn, caller, timer.as_mut());
+            stream_chunked(&mut up, out, to, rechunk).await
+        }
+        Framing::UntilClose => {
+            let to = To::new(shared, conn, caller, timer.as_mut());
+            stream_until_close(&mut up, out, to, rechunk).await
+        }
     };
     if !body_done {
         return Forwarded::Answered {
@@ -1402,7 +1519,7 @@ async fn forward(
             keep: false,
         };
     }
-    if !out.is_empty() && caller.write_all(out).await.is_err() {
+    if !out.is_empty() && !write_caller(shared, conn, caller, out, timer.as_mut()).await {
         return Forwarded::Answered {
             status,
             keep: false,
@@ -1414,9 +1531,34 @@ async fn forward(
     Forwarded::Answered { status, keep }
 }
 
-/// Writes `out` and empties it; false if the caller is gone.
-async fn flush(caller: &mut TcpStream, out: &mut Vec<u8>) -> bool {
-    let ok = caller.write_all(out).await.is_ok();
+/// The caller a streamed body goes to.
+struct To<'a> {
+    shared: &'a Shared,
+    conn: &'a Conn,
+    stream: &'a mut TcpStream,
+    timer: Pin<&'a mut Sleep>,
+}
+
+impl<'a> To<'a> {
+    fn new(
+        shared: &'a Shared,
+        conn: &'a Conn,
+        stream: &'a mut TcpStream,
+        timer: Pin<&'a mut Sleep>,
+    ) -> Self {
+        To {
+            shared,
+            conn,
+            stream,
+            timer,
+        }
+    }
+}
+
+/// Writes `out` (within the write timeout) and empties it; false if the
+/// caller is gone or too slow.
+async fn flush(to: &mut To<'_>, out: &mut Vec<u8>) -> bool {
+    let ok = write_caller(to.shared, to.conn, to.stream, out, to.timer.as_mut()).await;
     out.clear();
     ok
 }
@@ -1432,7 +1574,7 @@ async fn fill(up: &mut Upstream) -> bool {
 async fn stream_length(
     up: &mut Upstream,
     out: &mut Vec<u8>,
-    caller: &mut TcpStream,
+    mut to: To<'_>,
     mut left: u64,
 ) -> bool {
     loop {
@@ -1443,7 +1585,7 @@ async fn stream_length(
         if left == 0 {
             return true;
         }
-        if !flush(caller, out).await || !fill(up).await {
+        if !flush(&mut to, out).await || !fill(up).await {
             return false;
         }
     }
@@ -1458,7 +1600,7 @@ fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
 async fn stream_chunked(
     up: &mut Upstream,
     out: &mut Vec<u8>,
-    caller: &mut TcpStream,
+    mut to: To<'_>,
     rechunk: bool,
 ) -> bool {
     let mut decoder = ChunkedDecoder::default();
@@ -1475,7 +1617,7 @@ async fn stream_chunked(
             Ok(Chunk::NeedMore) => {
                 // The caller gets what arrived before the upstream is
                 // waited on again (a body may trickle).
-                if !flush(caller, out).await || !fill(up).await {
+                if !flush(&mut to, out).await || !fill(up).await {
                     return false;
                 }
             }
@@ -1490,7 +1632,7 @@ async fn stream_chunked(
 async fn stream_until_close(
     up: &mut Upstream,
     out: &mut Vec<u8>,
-    caller: &mut TcpStream,
+    mut to: To<'_>,
     rechunk: bool,
 ) -> bool {
     loop {
@@ -1502,7 +1644,7 @@ async fn stream_until_close(
                 out.extend_from_slice(&data);
             }
         }
-        if !flush(caller, out).await {
+        if !flush(&mut to, out).await {
             return false;
         }
         up.buf.reserve(READ_BUF * 16);
@@ -1689,6 +1831,40 @@ mod tests {
             "{out:?}"
         );
         assert!(out.ends_with("may not GET /denied\n"), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed_quietly_at_the_idle_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = Limits {
+            idle_timeout: std::time::Duration::from_millis(200),
+            header_read_timeout: std::time::Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let (proxy, addr) = crate::fuzzing::loopback_proxy(
+            "127.0.0.1:9".parse().unwrap(),
+            "t",
+            "rules: [{name: t, pods: {name: t}, paths: [{prefix: /allowed/}]}]",
+            limits,
+            0,
+        )
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /denied HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 403"));
+        // Nothing more is sent: the proxy hangs up (well before the head
+        // timeout, which would otherwise apply) ...
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("closed at the idle timeout, not the head timeout");
+        assert_eq!(closed.unwrap(), 0);
+        // ... without calling it an error.
+        let metrics = proxy.metrics_text();
+        assert!(!metrics.contains("kind=\"header_timeout\""), "{metrics}");
     }
 
     #[tokio::test]

@@ -82,15 +82,54 @@ enum Command {
         /// Audit log (JSON lines); `-` for stdout.
         #[arg(long, default_value = "-")]
         audit_log: String,
-        /// Requests per second each pod may send upstream (0: unlimited).
+        /// Requests per second each pod may send, refused ones included
+        /// (0: unlimited). Past it: 429 with Retry-After.
         #[arg(long, default_value_t = 20.0)]
         rate_limit: f64,
         /// Burst allowed above --rate-limit.
         #[arg(long, default_value_t = 40)]
         burst: u32,
-        /// Time a client has to send its request head.
-        #[arg(long, default_value_t = 5000)]
+        /// Time a client has to send its whole request head (from the
+        /// connection's start, or from the first byte of a later request;
+        /// one deadline, never extended by a read). Also the admin
+        /// listener's head timeout. Past it: the connection closes.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
         header_timeout_ms: u64,
+        /// Time a kept-alive connection may wait for its next request
+        /// before it is closed.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+        idle_timeout_ms: u64,
+        /// Time a client has to take each answer (or each piece of a
+        /// streamed one); a client that sends requests and does not read
+        /// is disconnected.
+        #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+        write_timeout_ms: u64,
+        /// Connections open at once from one pod (unknown callers of
+        /// --listen share one such allowance). One more gets 503 and is
+        /// closed.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections_per_pod: u64,
+        /// Connections open at once on the pod listeners and --listen
+        /// together. One more gets 503 and is closed.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
+        /// Connections open at once on --admin-listen. One more is closed.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+        admin_max_connections: u64,
+        /// Longest life of one connection to --admin-listen (a scraper
+        /// reconnects on its next scrape).
+        #[arg(long, default_value_t = 60000, value_parser = clap::value_parser!(u64).range(1..))]
+        admin_connection_lifetime_ms: u64,
+        /// Audit lines of refused requests and connections each pod may
+        /// cause per second (0: every line is written). Past it lines are
+        /// dropped, counted in imds_proxy_audit_lines_dropped_total{pod},
+        /// and summed up in one line (decision audit_lines_dropped) at most
+        /// every 10 s. Lines of allowed requests are never dropped.
+        #[arg(long, default_value_t = 20.0)]
+        audit_refused_per_sec: f64,
+        /// Burst allowed above --audit-refused-per-sec.
+        #[arg(long, default_value_t = 100)]
+        audit_refused_burst: u32,
         /// Time the upstream has to answer.
         #[arg(long, default_value_t = 10000)]
         upstream_timeout_ms: u64,
@@ -203,6 +242,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate_limit,
             burst,
             header_timeout_ms,
+            idle_timeout_ms,
+            write_timeout_ms,
+            max_connections_per_pod,
+            max_connections,
+            admin_max_connections,
+            admin_connection_lifetime_ms,
+            audit_refused_per_sec,
+            audit_refused_burst,
             upstream_timeout_ms,
             reconcile_secs,
             workers,
@@ -210,6 +257,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rules = Rules::load(&rules).map_err(|e| bad_input(format!("--rules: {e}")))?;
             if !(rate_limit.is_finite() && rate_limit >= 0.0) {
                 return Err(bad_input(format!("--rate-limit: {rate_limit} is not >= 0")));
+            }
+            if !(audit_refused_per_sec.is_finite() && audit_refused_per_sec >= 0.0) {
+                return Err(bad_input(format!(
+                    "--audit-refused-per-sec: {audit_refused_per_sec} is not >= 0"
+                )));
             }
             let source = match &pods {
                 Some(path) => {
@@ -240,9 +292,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 audit,
                 limits: Limits {
                     header_read_timeout: Duration::from_millis(header_timeout_ms),
+                    idle_timeout: Duration::from_millis(idle_timeout_ms),
+                    write_timeout: Duration::from_millis(write_timeout_ms),
                     upstream_timeout: Duration::from_millis(upstream_timeout_ms),
                     rate_per_sec: rate_limit,
                     burst,
+                    max_connections_per_pod: max_connections_per_pod as usize,
+                    max_connections: max_connections as usize,
+                    admin_max_connections: admin_max_connections as usize,
+                    admin_connection_lifetime: Duration::from_millis(admin_connection_lifetime_ms),
+                    audit_refused_per_sec,
+                    audit_refused_burst,
                     ..Limits::default()
                 },
                 reconcile_every: Duration::from_secs(reconcile_secs),
