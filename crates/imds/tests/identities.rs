@@ -16,11 +16,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{IMDS, POD_PORT, Topology, on, runtime_in};
+use common::{IMDS, Proxy, Topology, on, pod_addr};
 use imds_proxy::audit::Audit;
 use imds_proxy::mock::{self, MockIdentity, MockState};
-use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
-use imds_proxy::{FilePodSource, Pod, Rules};
+use imds_proxy::proxy::{Limits, ProxyConfig, parse_upstream};
+use imds_proxy::{Pod, Rules};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 
 fn pod(name: &str, netns: Option<PathBuf>, labels: &[(&str, &str)]) -> Pod {
@@ -127,42 +127,24 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
         eprintln!("skipping {test}: azure-identity not installed");
         return;
     }
-    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
     let mut topo = Topology::new("imid");
     let ids = topo.mock.identities().to_vec();
     let (system, web_id, batch_id) = (&ids[0], &ids[1], &ids[2]);
     for ip in ["10.98.0.21", "10.98.0.22", "10.98.0.23"] {
-        topo.add_pod(ip, Some(pod_listen));
+        topo.add_pod(ip, Some(pod_addr()));
     }
     let pods = vec![
         pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
         pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
         pod("unbound", Some(topo.pod(2).path()), &[]),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let pods_file = dir.path().join("pods.yaml");
-    let audit_file = dir.path().join("audit.jsonl");
-    std::fs::write(
-        &pods_file,
-        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
-    )
-    .unwrap();
-    let rt = runtime_in(&topo.node.path());
-    let config = ProxyConfig {
-        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
-        rules: Rules::from_yaml(&azure_rules(web_id, batch_id), "test").unwrap(),
-        pod_listen: Some(pod_listen),
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::to_file(&audit_file).unwrap(),
-        limits: Limits::default(),
-        reconcile_every: Duration::ZERO,
-        workers: 1,
-    };
-    let source = Arc::new(FilePodSource::new(&pods_file));
-    let proxy = Arc::new(on(&rt, async move {
-        ProxyHandle::start(config, source).await.unwrap()
-    }));
+    let proxy = Proxy::start(
+        &topo,
+        &pods,
+        &azure_rules(web_id, batch_id),
+        Limits::default(),
+        None,
+    );
 
     // The web pod's app, asking for its own client id or for none, gets a
     // token for the web identity; the second ask is served from the cache.
@@ -199,12 +181,7 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
     assert_eq!(r["ok"], false, "unbound: {r}");
     assert_eq!(topo.mock.tokens_issued(&system.client_id), 0);
 
-    proxy.flush_audit();
-    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let audit = proxy.audit();
     let web_label = format!("azure:client_id={}", web_id.client_id);
     let issued: Vec<_> = audit
         .iter()
@@ -232,9 +209,9 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
             .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
         "{audit:#?}"
     );
-    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    let raw = proxy.audit_text();
     assert!(!raw.contains("mock."), "a token reached the audit log");
-    let metrics = proxy.metrics_text();
+    let metrics = proxy.metrics();
     assert!(
         metrics
             .lines()
@@ -243,19 +220,24 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
                 && l.contains(&web_label)),
         "{metrics}"
     );
-    drop(proxy);
-    rt.shutdown_timeout(Duration::from_secs(2));
 }
 
 /// GETs `target` on `addr` with `Metadata: true`; (status, body).
 async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
+    get_with(addr, target, "Metadata: true").await
+}
+
+/// GETs `target` on `addr` with `Metadata-Flavor: Google`.
+async fn get_gcp(addr: SocketAddr, target: &str) -> (u16, String) {
+    get_with(addr, target, "Metadata-Flavor: Google").await
+}
+
+async fn get_with(addr: SocketAddr, target: &str, header: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!(
-            "GET {target} HTTP/1.1\r\nHost: {IMDS}\r\nMetadata: true\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
+        format!("GET {target} HTTP/1.1\r\nHost: {IMDS}\r\n{header}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
@@ -564,10 +546,9 @@ fn boto3_pods_get_their_own_roles_from_sts_through_the_proxy() {
         eprintln!("skipping {test}: boto3 or moto[server] not installed");
         return;
     }
-    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
     let mut topo = Topology::new("imaw");
     for ip in ["10.98.0.31", "10.98.0.32", "10.98.0.33"] {
-        topo.add_pod(ip, Some(pod_listen));
+        topo.add_pod(ip, Some(pod_addr()));
     }
     let moto = Moto::start(&topo.node);
     let web_role = "arn:aws:iam::123456789012:role/web-role";
@@ -598,30 +579,7 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
         pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
         pod("unbound", Some(topo.pod(2).path()), &[]),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let pods_file = dir.path().join("pods.yaml");
-    let audit_file = dir.path().join("audit.jsonl");
-    std::fs::write(
-        &pods_file,
-        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
-    )
-    .unwrap();
-    let rt = runtime_in(&topo.node.path());
-    let config = ProxyConfig {
-        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
-        rules: Rules::from_yaml(&rules, "test").unwrap(),
-        pod_listen: Some(pod_listen),
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::to_file(&audit_file).unwrap(),
-        limits: Limits::default(),
-        reconcile_every: Duration::ZERO,
-        workers: 1,
-    };
-    let source = Arc::new(FilePodSource::new(&pods_file));
-    let proxy = Arc::new(on(&rt, async move {
-        ProxyHandle::start(config, source).await.unwrap()
-    }));
+    let proxy = Proxy::start(&topo, &pods, &rules, Limits::default(), None);
     let sts_url = format!("http://10.98.0.1:{}", moto.port);
 
     let web = boto_in(topo.pod(0), &sts_url);
@@ -702,12 +660,7 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
     );
     assert_eq!((listed.status, listed.body.as_str()), (200, "web-role"));
 
-    proxy.flush_audit();
-    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let audit = proxy.audit();
     let web_label = format!("aws:{web_role}");
     let web_reads = |audit: &[serde_json::Value]| {
         audit
@@ -736,19 +689,14 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
         );
         assert_eq!(r["keys"].as_array().map(Vec::len), Some(1), "{r}");
         assert_eq!(r["keys"][0], web["access_key"]);
-        proxy.flush_audit();
-        let audit: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let audit = proxy.audit();
         let refreshes = web_reads(&audit) - reads_before;
         assert!(
             refreshes >= 3,
             "botocore read its credentials {refreshes} more times"
         );
     }
-    let metrics = proxy.metrics_text();
+    let metrics = proxy.metrics();
     for role in [web_role, batch_role] {
         assert!(
             metrics.contains(&format!(
@@ -757,13 +705,11 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
             "{metrics}"
         );
     }
-    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    let raw = proxy.audit_text();
     assert!(
         !raw.contains(web["access_key"].as_str().unwrap()),
         "a key reached the audit log"
     );
-    drop(proxy);
-    rt.shutdown_timeout(Duration::from_secs(2));
 }
 
 // ------------------------------------------------------------------ GCP --
@@ -864,14 +810,6 @@ fn google_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
     })
 }
 
-fn read_audit(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn google_auth_pods_get_their_own_service_accounts() {
     let test = "google_auth_pods_get_their_own_service_accounts";
@@ -890,10 +828,9 @@ fn google_auth_pods_get_their_own_service_accounts() {
         eprintln!("skipping {test}: google-auth not installed");
         return;
     }
-    let pod_listen = SocketAddr::from(([127, 0, 0, 1], POD_PORT));
     let mut topo = Topology::new("imgc");
     for ip in ["10.98.0.41", "10.98.0.42", "10.98.0.43"] {
-        topo.add_pod(ip, Some(pod_listen));
+        topo.add_pod(ip, Some(pod_addr()));
     }
     // IAM Credentials: the same fake (same accounts and tokens) on the
     // cloud namespace's other address.
@@ -911,34 +848,8 @@ fn google_auth_pods_get_their_own_service_accounts() {
         pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
         pod("unbound", Some(topo.pod(2).path()), &[]),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let pods_file = dir.path().join("pods.yaml");
-    let audit_file = dir.path().join("audit.jsonl");
-    std::fs::write(
-        &pods_file,
-        serde_yaml::to_string(&serde_json::json!({ "pods": pods })).unwrap(),
-    )
-    .unwrap();
-    let rt = runtime_in(&topo.node.path());
-    let config = ProxyConfig {
-        upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
-        rules: Rules::from_yaml(
-            &gcp_rules(&web_sa, &batch_sa, 600, "http://10.99.0.2:8080"),
-            "test",
-        )
-        .unwrap(),
-        pod_listen: Some(pod_listen),
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::to_file(&audit_file).unwrap(),
-        limits: Limits::default(),
-        reconcile_every: Duration::ZERO,
-        workers: 1,
-    };
-    let source = Arc::new(FilePodSource::new(&pods_file));
-    let proxy = Arc::new(on(&rt, async move {
-        ProxyHandle::start(config, source).await.unwrap()
-    }));
+    let rules = gcp_rules(&web_sa, &batch_sa, 600, "http://10.99.0.2:8080");
+    let proxy = Proxy::start(&topo, &pods, &rules, Limits::default(), None);
 
     let web = google_run(topo.pod(0), &["python3", "-c", GOOGLE_APP]);
     assert_eq!(web["ok"], true, "web: {web}");
@@ -1004,8 +915,7 @@ fn google_auth_pods_get_their_own_service_accounts() {
     assert_eq!(gcp.id_tokens_issued(&web_sa), 1);
     assert_eq!(gcp.access_tokens_issued(&node_sa), 0);
 
-    proxy.flush_audit();
-    let audit = read_audit(&audit_file);
+    let audit = proxy.audit();
     let web_label = format!("gcp:{web_sa}");
     let web_reads = |audit: &[serde_json::Value]| {
         audit
@@ -1047,15 +957,14 @@ fn google_auth_pods_get_their_own_service_accounts() {
         assert_eq!(r["tokens"].as_array().map(Vec::len), Some(1), "{r}");
         assert_eq!(r["tokens"][0], web["token"]);
         assert!(r["refreshes"].as_u64().unwrap() >= 3, "{r}");
-        proxy.flush_audit();
-        let refreshes = web_reads(&read_audit(&audit_file)) - reads_before;
+        let refreshes = web_reads(&proxy.audit()) - reads_before;
         assert!(
             refreshes >= 3,
             "google-auth read its token {refreshes} more times"
         );
         assert_eq!(gcp.access_tokens_issued(&web_sa), 1);
     }
-    let metrics = proxy.metrics_text();
+    let metrics = proxy.metrics();
     for sa in [&web_sa, &batch_sa] {
         assert!(
             metrics.contains(&format!(
@@ -1064,29 +973,8 @@ fn google_auth_pods_get_their_own_service_accounts() {
             "one access and one ID token fetch for {sa}: {metrics}"
         );
     }
-    let raw = std::fs::read_to_string(&audit_file).unwrap();
+    let raw = proxy.audit_text();
     assert!(!raw.contains("ya29."), "a token reached the audit log");
-    drop(proxy);
-    rt.shutdown_timeout(Duration::from_secs(2));
-}
-
-/// GETs `target` on `addr` with `Metadata-Flavor: Google`.
-async fn get_gcp(addr: SocketAddr, target: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "GET {target} HTTP/1.1\r\nHost: {IMDS}\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head[9..12].parse().unwrap(), body.to_owned())
 }
 
 #[test]

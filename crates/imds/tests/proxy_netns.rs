@@ -8,13 +8,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Curl, IMDS, POD_PORT, Topology, curl, instance_url, on, runtime_in};
-use imds_proxy::audit::Audit;
-use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
-use imds_proxy::{FilePodSource, Pod, Rules};
+use common::{Curl, IMDS, Proxy, Topology, curl, instance_url, pod_addr};
+use imds_proxy::Pod;
+use imds_proxy::proxy::Limits;
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 
 fn ready(test: &str) -> bool {
@@ -46,10 +44,6 @@ identities:
     azure: { system_assigned: true }
 "#;
 
-fn pod_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], POD_PORT))
-}
-
 fn pod(name: &str, ns: &NetNs, ip: &str, labels: &[(&str, &str)]) -> Pod {
     Pod {
         name: name.into(),
@@ -62,124 +56,6 @@ fn pod(name: &str, ns: &NetNs, ip: &str, labels: &[(&str, &str)]) -> Pod {
         netns: Some(ns.path()),
         ip: Some(ip.parse().unwrap()),
     }
-}
-
-struct Proxy {
-    handle: Option<Arc<ProxyHandle>>,
-    rt: Option<tokio::runtime::Runtime>,
-    pods_file: PathBuf,
-    audit_file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Proxy {
-    fn start(
-        topo: &Topology,
-        pods: &[Pod],
-        rules: &str,
-        limits: Limits,
-        source_ip: Option<SocketAddr>,
-    ) -> Self {
-        Self::start_with(topo, pods, rules, limits, Some(pod_addr()), source_ip)
-    }
-
-    fn start_with(
-        topo: &Topology,
-        pods: &[Pod],
-        rules: &str,
-        limits: Limits,
-        pod_listen: Option<SocketAddr>,
-        source_ip: Option<SocketAddr>,
-    ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pods_file = dir.path().join("pods.yaml");
-        let audit_file = dir.path().join("audit.jsonl");
-        write_pods(&pods_file, pods);
-        let rt = runtime_in(&topo.node.path());
-        let config = ProxyConfig {
-            upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
-            rules: Rules::from_yaml(rules, "test").unwrap(),
-            pod_listen,
-            source_ip_listen: source_ip,
-            admin_listen: Some("127.0.0.1:0".parse().unwrap()),
-            audit: Audit::to_file(&audit_file).unwrap(),
-            limits,
-            reconcile_every: Duration::ZERO,
-            workers: 2,
-        };
-        let source = Arc::new(FilePodSource::new(&pods_file));
-        let handle = on(&rt, async move {
-            ProxyHandle::start(config, source).await.unwrap()
-        });
-        Self {
-            handle: Some(Arc::new(handle)),
-            rt: Some(rt),
-            pods_file,
-            audit_file,
-            _dir: dir,
-        }
-    }
-
-    fn set_pods(&self, pods: &[Pod]) -> imds_proxy::proxy::ReconcileReport {
-        write_pods(&self.pods_file, pods);
-        let handle = self.handle.clone().unwrap();
-        on(self.rt.as_ref().unwrap(), async move {
-            handle.reconcile().await.unwrap()
-        })
-    }
-
-    /// The audit lines, once no more arrive for 20 ms: a request's line is
-    /// recorded just after its answer is written, so the client may have
-    /// the answer a moment before its line.
-    fn audit(&self) -> Vec<serde_json::Value> {
-        let read = || {
-            self.handle.as_ref().unwrap().flush_audit();
-            std::fs::read_to_string(&self.audit_file).unwrap()
-        };
-        let mut text = read();
-        loop {
-            std::thread::sleep(Duration::from_millis(20));
-            let again = read();
-            if again.len() == text.len() {
-                break;
-            }
-            text = again;
-        }
-        text.lines()
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .collect()
-    }
-
-    /// Waits until an audit line matches `pred`: a request's line is
-    /// recorded just after its answer is written, so the client may have
-    /// the answer a moment before the line exists.
-    fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        proxyctl_testkit::wait_until(what, Duration::from_secs(10), || {
-            self.audit().iter().any(&pred)
-        });
-    }
-
-    fn metrics(&self) -> String {
-        self.handle.as_ref().unwrap().metrics_text()
-    }
-
-    fn stop(&mut self) {
-        self.handle.take();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn write_pods(path: &std::path::Path, pods: &[Pod]) {
-    let doc = serde_json::json!({ "pods": pods });
-    std::fs::write(path, serde_yaml::to_string(&doc).unwrap()).unwrap();
 }
 
 /// Sum of `imds_proxy_requests_total` samples whose labels contain `needle`.

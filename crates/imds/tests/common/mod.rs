@@ -5,11 +5,14 @@
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use imds_proxy::audit::Audit;
 use imds_proxy::mock::{self, MockState};
+use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+use imds_proxy::{FilePodSource, Pod, Rules};
 use proxyctl_testkit::NetNs;
 
 /// A parsed HTTP/1.1 response.
@@ -268,4 +271,136 @@ pub fn curl(pod: &NetNs, args: &[&str], url: &str) -> Curl {
 
 pub fn instance_url() -> String {
     format!("http://{IMDS}/metadata/instance?api-version=2021-02-01")
+}
+
+/// Where the pods' DNAT sends 169.254.169.254:80: the proxy's per-pod
+/// listener inside each pod's namespace.
+pub fn pod_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], POD_PORT))
+}
+
+/// imds-proxy started in the topology's node namespace: pods from a file
+/// (changed with [`Proxy::set_pods`]), audit lines to a file, admin
+/// endpoints on an ephemeral port. Stopped on drop.
+pub struct Proxy {
+    handle: Option<Arc<ProxyHandle>>,
+    rt: Option<tokio::runtime::Runtime>,
+    pods_file: PathBuf,
+    audit_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn start(
+        topo: &Topology,
+        pods: &[Pod],
+        rules: &str,
+        limits: Limits,
+        source_ip: Option<SocketAddr>,
+    ) -> Self {
+        Self::start_with(topo, pods, rules, limits, Some(pod_addr()), source_ip)
+    }
+
+    pub fn start_with(
+        topo: &Topology,
+        pods: &[Pod],
+        rules: &str,
+        limits: Limits,
+        pod_listen: Option<SocketAddr>,
+        source_ip: Option<SocketAddr>,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pods_file = dir.path().join("pods.yaml");
+        let audit_file = dir.path().join("audit.jsonl");
+        write_pods(&pods_file, pods);
+        let rt = runtime_in(&topo.node.path());
+        let config = ProxyConfig {
+            upstream: parse_upstream(&format!("http://{IMDS}")).unwrap(),
+            rules: Rules::from_yaml(rules, "test").unwrap(),
+            pod_listen,
+            source_ip_listen: source_ip,
+            admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+            audit: Audit::to_file(&audit_file).unwrap(),
+            limits,
+            reconcile_every: Duration::ZERO,
+            workers: 2,
+        };
+        let source = Arc::new(FilePodSource::new(&pods_file));
+        let handle = on(&rt, async move {
+            ProxyHandle::start(config, source).await.unwrap()
+        });
+        Self {
+            handle: Some(Arc::new(handle)),
+            rt: Some(rt),
+            pods_file,
+            audit_file,
+            _dir: dir,
+        }
+    }
+
+    pub fn set_pods(&self, pods: &[Pod]) -> imds_proxy::proxy::ReconcileReport {
+        write_pods(&self.pods_file, pods);
+        let handle = self.handle.clone().unwrap();
+        on(self.rt.as_ref().unwrap(), async move {
+            handle.reconcile().await.unwrap()
+        })
+    }
+
+    /// The audit log's text, once no more lines arrive for 20 ms: a
+    /// request's line is recorded just after its answer is written, so the
+    /// client may have the answer a moment before its line.
+    pub fn audit_text(&self) -> String {
+        let read = || {
+            self.handle.as_ref().unwrap().flush_audit();
+            std::fs::read_to_string(&self.audit_file).unwrap()
+        };
+        let mut text = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let again = read();
+            if again.len() == text.len() {
+                return text;
+            }
+            text = again;
+        }
+    }
+
+    /// The audit lines (see [`Proxy::audit_text`]).
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.audit_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// Waits until an audit line matches `pred`: a request's line is
+    /// recorded just after its answer is written, so the client may have
+    /// the answer a moment before the line exists.
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        proxyctl_testkit::wait_until(what, Duration::from_secs(10), || {
+            self.audit().iter().any(&pred)
+        });
+    }
+
+    pub fn metrics(&self) -> String {
+        self.handle.as_ref().unwrap().metrics_text()
+    }
+
+    pub fn stop(&mut self) {
+        self.handle.take();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn write_pods(path: &std::path::Path, pods: &[Pod]) {
+    let doc = serde_json::json!({ "pods": pods });
+    std::fs::write(path, serde_yaml::to_string(&doc).unwrap()).unwrap();
 }
