@@ -1669,13 +1669,21 @@ async fn connect(
 ) -> Result<Upstream, UpstreamError> {
     let (host, port) = &shared.upstream_addr;
     let connect_by = deadline.min(tokio::time::Instant::now() + shared.limits.connect_timeout);
-    let stream = match until(
-        timer,
-        connect_by,
-        TcpStream::connect((host.as_str(), *port)),
-    )
-    .await
-    {
+    let connect = async {
+        loop {
+            match TcpStream::connect((host.as_str(), *port)).await {
+                // Out of descriptors is this process's state, not the
+                // service's, and passes (say, as a flood's connections are
+                // closed): wait for one to come free within the connect
+                // time rather than tell the pod the service is unreachable.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                done => return done,
+            }
+        }
+    };
+    let stream = match until(timer, connect_by, connect).await {
         None if connect_by < deadline => {
             return Err(UpstreamError::Unreachable("connect timed out".into()));
         }
