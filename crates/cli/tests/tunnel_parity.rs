@@ -3,7 +3,8 @@
 //! default (a TCP frontend needs its certificates, a unix socket takes
 //! none), dual-stack listeners for empty bind addresses, host names as bind
 //! addresses, the agent's /ready and its admin redirect, flag validation
-//! upstream also does, and signals.
+//! upstream also does, signals, the agent's --probe-interval and the
+//! retirement of an agent whose DIAL_REQ send times out.
 
 mod tunnel_support;
 
