@@ -3,7 +3,8 @@
 //! default (a TCP frontend needs its certificates, a unix socket takes
 //! none), dual-stack listeners for empty bind addresses, host names as bind
 //! addresses, the agent's /ready and its admin redirect, flag validation
-//! upstream also does, and signals.
+//! upstream also does, signals, the agent's --probe-interval and the
+//! retirement of an agent whose DIAL_REQ send times out.
 
 mod tunnel_support;
 
@@ -299,12 +300,18 @@ fn agent_flags_validated_as_upstream() {
 
 /// A second SIGTERM or SIGINT during a graceful shutdown exits at once with
 /// status 1, as upstream; until then the server waits for its connection.
+/// Meanwhile the agent's connection has had no GOAWAY (its probe keeps
+/// finding it ready), so the tunnel the server waits for is not cut.
 #[test]
 fn second_signal_during_graceful_shutdown_exits_1() {
     use tokio::io::AsyncWriteExt;
     let backend = HttpServer::start();
     for second in [SIGTERM, 2] {
-        let mut st = Stack::start_with("grpc", &["--graceful-shutdown-timeout=120s"], &[]);
+        let mut st = Stack::start_with(
+            "grpc",
+            &["--graceful-shutdown-timeout=120s"],
+            &["--probe-interval=100ms"],
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -331,7 +338,18 @@ fn second_signal_during_graceful_shutdown_exits_1() {
             },
         );
         st.server.signal(SIGTERM);
-        std::thread::sleep(Duration::from_millis(500));
+        let ready = probes(st.ports.agent_health, "ready");
+        wait_for(
+            "five probes during the shutdown",
+            Duration::from_secs(30),
+            || probes(st.ports.agent_health, "ready") >= ready + 5.0,
+        );
+        assert_eq!(
+            probes(st.ports.agent_health, "not_ready"),
+            0.0,
+            "{}",
+            st.logs()
+        );
         assert!(
             st.server.alive(),
             "graceful shutdown must wait:\n{}",
@@ -480,4 +498,412 @@ fn stderr_threshold_applies_without_legacy_behavior() {
     assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
     let text = server.log_text();
     assert!(!text.contains("proxy server started"), "{text}");
+}
+
+/// One sample of a metric: the line that starts with `series` (name and
+/// labels exactly as rendered, e.g. `x_total{result="ready"}`); 0 if absent.
+fn sample(port: u16, series: &str) -> f64 {
+    let Some((_, body)) = http_get(port, "/metrics") else {
+        return -1.0;
+    };
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .filter(|r| r.starts_with(' '))
+                .and_then(|r| r.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+const PROBES: &str = "konnectivity_network_proxy_agent_server_probes_total";
+
+fn probes(port: u16, result: &str) -> f64 {
+    sample(port, &format!("{PROBES}{{result=\"{result}\"}}"))
+}
+
+/// A stand-in proxy server on an agent port (mTLS with the server's
+/// certificate, HTTP/2 from the h2 crate): it answers each Connect with a
+/// server ID and count 1 and keeps the stream open; with `goaway` it then
+/// sends GOAWAY on the connection (what grpc-go's GracefulStop or a
+/// connection-age limit does) and still serves the open stream. Counts the
+/// connections it accepted. Its runtime (and every connection) ends on drop.
+struct GoawayServer {
+    port: u16,
+    conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    streams: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl GoawayServer {
+    fn start(dir: &Path, goaway: bool) -> GoawayServer {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let c = dir.join("certs/agent");
+        let tls = konnectivity::tls::server_config(
+            &c.join("issued/proxy-master.crt"),
+            &c.join("private/proxy-master.key"),
+            Some(&c.join("issued/ca.crt")),
+            &Default::default(),
+            &[],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Bound here, by the test: no port race.
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let streams_seen = streams.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let streams_seen = streams_seen.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    // Open streams stay open as long as the connection.
+                    let mut held = Vec::new();
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        streams_seen.fetch_add(1, Ordering::SeqCst);
+                        let resp = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .header("serverid", "fake-server")
+                            .header("servercount", "1")
+                            .body(())
+                            .unwrap();
+                        let Ok(send) = respond.send_response(resp, false) else {
+                            continue;
+                        };
+                        held.push((req, send));
+                        if goaway {
+                            conn.graceful_shutdown();
+                        }
+                    }
+                });
+            }
+        });
+        GoawayServer {
+            port,
+            conns,
+            streams,
+            _rt: rt,
+        }
+    }
+    fn connections(&self) -> usize {
+        self.conns.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn streams(&self) -> usize {
+        self.streams.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn probing_agent(dir: &Path, server_port: u16, extra: &[&str]) -> (Proc, Ports) {
+    let p = Ports::new();
+    let mut a = agent_args(&p);
+    a.retain(|x| !x.starts_with("--proxy-server-port"));
+    a.push(format!("--proxy-server-port={server_port}"));
+    a.extend(s(extra));
+    (Proc::spawn(&bin("proxy-agent"), &a, dir, "agent"), p)
+}
+
+/// `--probe-interval` as upstream's: a server connection that has had
+/// GOAWAY no longer takes new streams (grpc-go: not READY), so the probe
+/// drops it although its stream is still open, and the sync loop dials
+/// again. The control: the same server without GOAWAY is probed as ready
+/// and kept, one connection all along.
+#[test]
+fn probe_drops_a_server_connection_after_goaway() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+
+    let fake = GoawayServer::start(dir.path(), true);
+    let (agent, p) = probing_agent(dir.path(), fake.port, &["--probe-interval=100ms"]);
+    wait_for(
+        "three connections, each dropped by the probe",
+        Duration::from_secs(60),
+        || probes(p.agent_health, "not_ready") >= 3.0 && fake.connections() >= 3,
+    );
+    let log = agent.log_text();
+    assert!(
+        log.matches("no longer ready").count() >= 3,
+        "each drop is logged: {log}"
+    );
+    // Each drop came from the probe, not from the stream ending: the
+    // server never ended one.
+    assert!(!log.contains("server stream ended"), "{log}");
+    drop(agent);
+
+    let steady = GoawayServer::start(dir.path(), false);
+    let (agent, p) = probing_agent(dir.path(), steady.port, &["--probe-interval=100ms"]);
+    wait_for("ten ready probes", Duration::from_secs(60), || {
+        probes(p.agent_health, "ready") >= 10.0
+    });
+    assert_eq!(
+        probes(p.agent_health, "not_ready"),
+        0.0,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(steady.connections(), 1, "{}", agent.log_text());
+    // The probe puts nothing on the wire: the Connect stream is the only
+    // one the server ever saw.
+    assert_eq!(steady.streams(), 1, "{}", agent.log_text());
+    assert_eq!(
+        metric(
+            p.agent_health,
+            "konnectivity_network_proxy_agent_open_server_connections"
+        ),
+        1.0
+    );
+}
+
+/// A frozen server (SIGSTOP: TCP open, nothing answers) is still READY by
+/// upstream's definition (no GOAWAY, no closed transport), so the probe
+/// keeps it; keepalive is what finds a silent server. Once it runs again
+/// the same connection carries a request. With --probe-interval=0 no probe
+/// runs at all.
+#[test]
+fn probe_keeps_a_frozen_server_connection_as_upstream() {
+    const SIGSTOP: i32 = 19;
+    const SIGCONT: i32 = 18;
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            unsafe { libc_kill(self.0, SIGCONT) };
+        }
+    }
+    unsafe extern "C" {
+        #[link_name = "kill"]
+        fn libc_kill(pid: i32, sig: i32) -> i32;
+    }
+    let backend = HttpServer::start();
+    let st = Stack::start_with("grpc", &[], &["--probe-interval=100ms"]);
+    let p = st.ports;
+    wait_for("a ready probe", Duration::from_secs(30), || {
+        probes(p.agent_health, "ready") >= 1.0
+    });
+    let connects = |st: &Stack| {
+        st.agent
+            .log_text()
+            .matches("connected to proxy server")
+            .count()
+    };
+    let before = connects(&st);
+    st.server.signal(SIGSTOP);
+    let _resume = Resume(st.server.pid());
+    let ready = probes(p.agent_health, "ready");
+    wait_for(
+        "ten probes of the frozen server",
+        Duration::from_secs(60),
+        || probes(p.agent_health, "ready") >= ready + 10.0,
+    );
+    assert_eq!(probes(p.agent_health, "not_ready"), 0.0, "{}", st.logs());
+    st.server.signal(SIGCONT);
+    let (ok, out) = test_client_request(st.dir.path(), p.server, backend.port);
+    assert!(ok, "{out}\n{}", st.logs());
+    assert_eq!(connects(&st), before, "the same connection: {}", st.logs());
+
+    let st = Stack::start_with("grpc", &[], &["--probe-interval=0"]);
+    let (ok, out) = test_client_request(st.dir.path(), st.ports.server, backend.port);
+    assert!(ok, "{out}\n{}", st.logs());
+    assert_eq!(probes(st.ports.agent_health, "ready"), 0.0);
+}
+
+/// An agent that connects to the server's agent port over mTLS, opens its
+/// Connect stream with the metadata upstream's agent sends (agentid,
+/// agentidentifiers) and then never reads: it offers an initial stream
+/// window of 0 and never sends WINDOW_UPDATE, so HTTP/2 flow control
+/// holds back everything the server sends it. Returns what must live for
+/// the stream to stay open, and the response headers.
+async fn stuck_agent(dir: &Path, port: u16, identifiers: &str) -> (impl Sized, http::HeaderMap) {
+    let tls = client_tls(dir, "agent", "proxy-agent");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let io = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    // Driven so SETTINGS and PINGs are still answered: the connection is
+    // alive, only the stream's window stays shut.
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://127.0.0.1:{port}/AgentService/Connect"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("agentid", "stuck-agent")
+        .header("agentidentifiers", identifiers)
+        .body(())
+        .unwrap();
+    let (resp, send) = client.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+        .await
+        .expect("response headers")
+        .unwrap();
+    let headers = resp.headers().clone();
+    ((client, send, resp, DriverGuard(driver)), headers)
+}
+
+struct DriverGuard(tokio::task::JoinHandle<()>);
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// --backend-dial-timeout as upstream's: an agent whose stream does not
+/// take a DIAL_REQ within the timeout is retired (out of the backends, its
+/// stream ended). Here the stuck agent is a raw HTTP/2 peer whose window
+/// never opens: the first DIAL_REQs fill its stream's bounded channel, the
+/// next send times out, the client gets the timeout error, and a real agent
+/// connected alongside serves the dials that follow.
+#[test]
+fn dial_request_send_timeout_retires_a_stuck_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = HttpServer::start();
+    // destHost sends dials for 127.0.0.2 to the stuck agent (it claims that
+    // address); the healthy agent claims none and gets the rest.
+    let st = Stack::start_with(
+        "grpc",
+        &[
+            "--backend-dial-timeout=3s",
+            "--proxy-strategies=destHost,default",
+        ],
+        &[],
+    );
+    let p = st.ports;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ready = || {
+        metric(
+            p.health,
+            "konnectivity_network_proxy_server_ready_backend_connections",
+        )
+    };
+    let (_stuck, headers) = rt.block_on(stuck_agent(st.dir.path(), p.agent, "ipv4=127.0.0.2"));
+    assert!(headers.contains_key("serverid"), "{headers:?}");
+    wait_for("two agents", Duration::from_secs(30), || ready() == 2.0);
+
+    // More dials than the stuck stream's channel holds (256 packets), on a
+    // few connections; nothing listens on the address, and the stuck agent
+    // never answers.
+    let target = format!("127.0.0.2:{}", free_port());
+    let frontend = st.frontend();
+    let results: Vec<Result<(), String>> = rt.block_on(async {
+        let mut chans = Vec::new();
+        for _ in 0..4 {
+            chans.push(konnectivity::client::grpc_channel(&frontend).await.unwrap());
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..400 {
+            let ch = chans[i % chans.len()].clone();
+            let target = target.clone();
+            set.spawn(async move {
+                konnectivity::client::grpc_dial(ch, &target)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    });
+    let timeouts = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.contains("timed out waiting for backend dial")))
+        .count();
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    for r in &results {
+        let e = r.as_ref().err().cloned().unwrap_or_else(|| "ok".into());
+        *tally.entry(e).or_default() += 1;
+    }
+    eprintln!("dial results: {tally:?}");
+    assert!(
+        results.iter().all(|r| r.is_err()),
+        "no dial can succeed: {results:?}"
+    );
+    assert!(timeouts >= 1, "{results:?}\n{}", st.logs());
+    let server_log = st.server.log_text();
+    assert!(
+        server_log.contains("retiring the agent") && server_log.contains("stuck-agent"),
+        "{server_log}"
+    );
+    assert!(
+        sample(
+            p.health,
+            "konnectivity_network_proxy_server_dial_failure_count{reason=\"backend_dial_timeout\"}"
+        ) >= 1.0
+    );
+    // Retired by the send timeout, not as a stream that does not read
+    // its control packets.
+    assert_eq!(
+        sample(
+            p.health,
+            "konnectivity_network_proxy_server_bad_input_total{kind=\"agent_not_reading\"}"
+        ),
+        0.0
+    );
+    wait_for("the stuck agent retired", Duration::from_secs(30), || {
+        ready() == 1.0
+    });
+    assert_eq!(
+        sample(
+            p.health,
+            "konnectivity_network_proxy_server_ready_backends{proxy_strategy=\"destHost\"}"
+        ),
+        0.0,
+        "no agent claims 127.0.0.2 any more"
+    );
+
+    // The healthy agent serves what follows.
+    let backend_addr = format!("127.0.0.1:{}", backend.port);
+    rt.block_on(async {
+        let ch = konnectivity::client::grpc_channel(&frontend).await.unwrap();
+        for _ in 0..5 {
+            let mut io = konnectivity::client::grpc_dial(ch.clone(), &backend_addr)
+                .await
+                .unwrap();
+            io.write_all(b"GET /success HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut body = Vec::new();
+            io.read_to_end(&mut body).await.unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.contains("hello from the backend"), "{text}");
+        }
+    });
+    assert_eq!(ready(), 1.0);
 }

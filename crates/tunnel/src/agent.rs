@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -30,8 +30,8 @@ use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
-use tonic::transport::{Endpoint, Uri};
 
+use crate::client::GrpcConn;
 use crate::http::{self, Reply};
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::agent_service_client::AgentServiceClient;
@@ -52,6 +52,9 @@ pub struct AgentOptions {
     /// HTTP/2 pings to the server; upstream servers refuse pings more often
     /// than every 30 s, so shorter values are raised to 30 s.
     pub keepalive_time: Duration,
+    /// How often each server connection's HTTP/2 state is checked
+    /// (`--probe-interval`); zero: never.
+    pub probe_interval: Duration,
     pub dial_timeout: Duration,
     pub connection_queue_bytes: usize,
     pub channel_packets: usize,
@@ -73,6 +76,7 @@ impl AgentOptions {
             sync_interval_cap: Duration::from_secs(10),
             sync_forever: false,
             keepalive_time: Duration::from_secs(3600),
+            probe_interval: Duration::from_secs(1),
             dial_timeout: Duration::from_secs(5),
             connection_queue_bytes: 4 << 20,
             channel_packets: 256,
@@ -97,6 +101,8 @@ struct EndpointConn {
 
 struct ServerConn {
     server_id: String,
+    /// The HTTP/2 connection the stream runs on, for the probe.
+    h2: GrpcConn,
     tx: mpsc::Sender<Packet>,
     conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
@@ -183,9 +189,15 @@ impl Agent {
         self.sh.target_count()
     }
 
-    /// Connected to at least one server.
+    /// Connected to at least one server whose connection still takes new
+    /// streams (upstream counts only READY connections here too).
     pub fn ready(&self) -> bool {
-        !self.sh.servers.lock().unwrap().is_empty()
+        self.sh
+            .servers
+            .lock()
+            .unwrap()
+            .values()
+            .any(|s| !s.h2.is_closed())
     }
     pub fn connected_servers(&self) -> Vec<String> {
         self.sh.servers.lock().unwrap().keys().cloned().collect()
@@ -300,50 +312,112 @@ fn send_control(conn: &ServerConn, packet: Packet) {
     }
 }
 
-async fn open_channel(
+/// One HTTP/2 connection to a server. Held directly rather than through
+/// tonic's `Channel` (which reconnects behind our back and hides the
+/// connection's state) so the probe can see when it stops taking streams.
+/// The connection task ends with the connection, or a few seconds after
+/// `gone` (time for the stream's last packets to leave).
+async fn open_conn(
     opts: &AgentOptions,
     host: &str,
     port: u16,
-) -> anyhow::Result<tonic::transport::Channel> {
+    gone: CancellationToken,
+) -> anyhow::Result<GrpcConn> {
     let tls = TlsConnector::from(opts.tls.clone());
     let name = crate::tls::server_name(host)?;
-    let target = format!("{host}:{port}");
-    let connector = tower::service_fn(move |_: Uri| {
-        let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
-        async move {
-            let tcp = TcpStream::connect(target).await?;
-            tcp.set_nodelay(true)?;
-            let conn = tls.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(conn))
-        }
-    });
-    let keepalive = opts.keepalive_time.max(Duration::from_secs(30));
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    Ok(Endpoint::from_shared(format!("http://{authority}"))?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(keepalive)
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
-        .max_frame_size(Some(crate::H2_MAX_FRAME))
-        .tcp_nodelay(true)
-        .connect_with_connector(connector)
-        .await?)
+    let origin = authority.parse()?;
+    let keepalive = opts.keepalive_time.max(Duration::from_secs(30));
+    let (send, conn) = tokio::time::timeout(Duration::from_secs(10), async {
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        let io = tls.connect(name, tcp).await?;
+        let r = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(keepalive)
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(crate::H2_MAX_FRAME)
+            .handshake(TokioIo::new(io))
+            .await?;
+        anyhow::Ok(r)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("connecting to {authority}: timed out"))??;
+    tokio::spawn(async move {
+        tokio::pin!(conn);
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "server connection ended");
+                }
+                return;
+            }
+            _ = gone.cancelled() => {}
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    });
+    Ok(GrpcConn::from_parts(send, origin))
+}
+
+/// Upstream's probe: every `probe_interval` the connection's state is
+/// checked (see [`GrpcConn::nudge`] for how hyper is made to look), and one that is no longer ready is dropped so the sync loop
+/// dials again. "Not ready" is what grpc-go's connectivity state means by
+/// it: the connection has ended, or the server sent GOAWAY (a server
+/// shutting down or ending the connection's life) while our stream may
+/// still run. The check is passive on purpose, as upstream's: an active
+/// HTTP/2 PING per interval would trip grpc-go servers' ping policy
+/// (upstream's agent port allows one per 30 s; faster ones earn GOAWAY
+/// ENHANCE_YOUR_CALM), and a server that is alive on TCP but silent is
+/// found by keepalive (`--keepalive-time`), as upstream.
+fn spawn_probe(sh: &Arc<Shared>, conn: &Arc<ServerConn>) {
+    let every = sh.opts.probe_interval;
+    if every.is_zero() {
+        return;
+    }
+    let (sh, conn) = (sh.clone(), conn.clone());
+    let mut h2 = conn.h2.clone();
+    tokio::spawn(async move {
+        loop {
+            // What the previous round's nudge brought to light is seen
+            // now: a GOAWAY is found within two intervals.
+            h2.nudge();
+            tokio::select! {
+                _ = conn.gone.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if !h2.is_closed() {
+                sh.metrics
+                    .server_probes_total
+                    .with_label_values(&["ready"])
+                    .inc();
+                continue;
+            }
+            sh.metrics
+                .server_probes_total
+                .with_label_values(&["not_ready"])
+                .inc();
+            tracing::info!(server_id = %conn.server_id, "server connection no longer ready (closed or GOAWAY): removing it");
+            conn.gone.cancel();
+            return;
+        }
+    });
 }
 
 async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result<Outcome> {
     let o = &sh.opts;
-    let channel = open_channel(o, host, port).await?;
-    let mut client = AgentServiceClient::new(channel)
+    let gone = CancellationToken::new();
+    let h2 = open_conn(o, host, port, gone.clone()).await?;
+    let mut client = AgentServiceClient::new(h2.clone())
         .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<Packet>(o.channel_packets.max(1));
-    let gone = CancellationToken::new();
     // Every packet sent to the server is counted as it leaves, as
     // upstream's Send does (segment from_agent).
     let sent = sh.metrics.stream_packets_total.clone();
@@ -367,6 +441,8 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
             format!("Bearer {}", token.trim()).parse()?,
         );
     }
+    // Every early return below drops the connection (its task waits on `gone`).
+    let guard = gone.clone().drop_guard();
     let resp = tokio::time::timeout(Duration::from_secs(30), client.connect(req)).await??;
     let md = resp.metadata();
     let ids: Vec<_> = md
@@ -404,6 +480,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .unwrap_or(0);
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
+        h2,
         tx,
         conns: Mutex::new(HashMap::new()),
         dials: Mutex::new(HashMap::new()),
@@ -430,7 +507,9 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     if sh.draining.load(Ordering::Relaxed) {
         send_control(&conn, Packet::drain());
     }
+    guard.disarm();
     let inbound = resp.into_inner();
+    spawn_probe(sh, &conn);
     let sh2 = sh.clone();
     tokio::spawn(serve_server(sh2, conn, inbound));
     Ok(Outcome::New)

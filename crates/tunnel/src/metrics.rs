@@ -531,6 +531,8 @@ pub struct AgentMetrics {
     pub flow_control_stalls_total: IntCounterVec,
     /// `flow_control_stalls_total{segment="to_server"}`, looked up once.
     pub stalls_to_server: prometheus::IntCounter,
+    /// `--probe-interval` checks of server connections, by result.
+    pub server_probes_total: IntCounterVec,
 }
 
 impl Default for AgentMetrics {
@@ -630,6 +632,13 @@ impl Default for AgentMetrics {
                 "connections_refused_total",
                 "Connections closed at accept (reason=connection_cap) or cut off by a deadline (reason=timeout), by listener.",
                 &["listener", "reason"],
+            ),
+            server_probes_total: counter_vec(
+                &r,
+                s,
+                "server_probes_total",
+                "Checks of server connections every --probe-interval, by result (not_ready: closed or GOAWAY received; the connection is dropped and dialled again).",
+                &["result"],
             ),
             // Shown from the start (0), not only after the first stall.
             stalls_to_server: stalls.with_label_values(&["to_server"]),

@@ -72,8 +72,8 @@ struct Args {
     /// The initial interval for checking connections to every server.
     #[arg(long = "sync-interval", default_value = "1s", value_parser = go_duration)]
     sync_interval: Duration,
-    /// Accepted for compatibility, no effect: a broken server connection ends its stream at once (HTTP/2
-    /// keepalive finds silent ones) and the sync loop replaces it.
+    /// Interval between checks of each server connection: one that no longer takes new streams (closed,
+    /// or GOAWAY from the server) is dropped and dialled again by the sync loop; 0 disables the checks.
     #[arg(long = "probe-interval", default_value = "1s", value_parser = go_duration)]
     probe_interval: Duration,
     /// The maximum interval for the sync backoff.
@@ -236,6 +236,7 @@ async fn run(a: Args) -> i32 {
     opts.sync_interval_cap = a.sync_interval_cap.max(opts.sync_interval);
     opts.sync_forever = a.sync_forever;
     opts.keepalive_time = a.keepalive_time;
+    opts.probe_interval = a.probe_interval;
     opts.channel_packets = a.xfr_channel_size.max(1);
     opts.connection_queue_bytes = a.max_connection_queue_bytes;
     opts.flow_window = a.flow_window_bytes;

@@ -244,6 +244,15 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     let agent_listener = crate::net::listen(cfg.agent_addr)?;
     let agent_addr = agent_listener.local_addr()?;
     let (tx, rx) = mpsc::channel::<TlsConn>(64);
+    // tonic starts its graceful shutdown (GOAWAY) when the incoming stream
+    // ends; the accept loop ends with `stop`, so this keeps the stream open
+    // until the real stop (see below).
+    let incoming_open = tx.clone();
+    let real_stop = sh.stop.clone();
+    tasks.spawn(async move {
+        real_stop.cancelled().await;
+        drop(incoming_open);
+    });
     tasks.spawn(tls_accept_loop(
         sh.clone(),
         agent_listener,
@@ -266,7 +275,13 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     let agent_svc = AgentServiceServer::new(AgentSvc(sh.clone()))
         .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
-    let stop2 = stop.clone();
+    // Agent connections get their GOAWAY only when the server really stops
+    // (after the graceful wait), not at its start as upstream's
+    // GracefulStop does: agents drop a connection that has had GOAWAY
+    // (`--probe-interval`, ours and upstream's), and with it every tunnel
+    // the graceful wait is there to let finish. New agents are refused from
+    // the start (the accept loop ends with `stop`).
+    let stop2 = sh.stop.clone();
     tasks.spawn(async move {
         let r = h2_server(ping, ping_timeout)
             .add_service(agent_svc)
