@@ -157,14 +157,7 @@ async fn attacker(
 }
 
 fn bad_input(st: &Stack, kind: &str) -> f64 {
-    let body = http_get(st.ports.health, "/metrics").map_or_else(String::new, |(_, b)| b);
-    body.lines()
-        .filter(|l| {
-            l.starts_with("konnectivity_network_proxy_server_bad_input_total{")
-                && l.contains(&format!("kind=\"{kind}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    bad_input_count(st.ports.health, kind)
 }
 
 /// The server's memory and descriptors before an attack.

@@ -25,16 +25,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn bad_count(st: &Stack, kind: &str) -> f64 {
-    let Some((_, body)) = http_get(st.ports.health, "/metrics") else {
-        return -1.0;
-    };
-    body.lines()
-        .filter(|l| {
-            l.starts_with("konnectivity_network_proxy_server_bad_input_total{")
-                && l.contains(&format!("kind=\"{kind}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    bad_input_count(st.ports.health, kind)
 }
 
 async fn raw_http(addr: &ProxyAddr, bytes: &[u8]) -> String {

@@ -781,14 +781,14 @@ fn accept_errors(shared: &Shared, listener: &'static str) -> Counter {
         .clone()
 }
 
-async fn pod_accept(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    identity: Arc<Identity>,
-    closed: watch::Receiver<()>,
-) {
-    let mut backoff = AcceptBackoff::with_gate("pod", shared.accept_log.clone());
-    let failed = accept_errors(&shared, "pod");
+/// The next connection `listener` accepts, out of the reactor (it is
+/// registered again on the worker that serves it); accept errors are
+/// counted in `failed` and paused after (out of descriptors).
+async fn next_connection(
+    listener: &TcpListener,
+    backoff: &mut AcceptBackoff,
+    failed: &Counter,
+) -> (std::net::TcpStream, SocketAddr) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => {
@@ -801,13 +801,23 @@ async fn pod_accept(
                 continue;
             }
         };
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
-                continue;
-            }
-        };
+        match stream.into_std() {
+            Ok(s) => return (s, peer),
+            Err(e) => tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}"),
+        }
+    }
+}
+
+async fn pod_accept(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    identity: Arc<Identity>,
+    closed: watch::Receiver<()>,
+) {
+    let mut backoff = AcceptBackoff::with_gate("pod", shared.accept_log.clone());
+    let failed = accept_errors(&shared, "pod");
+    loop {
+        let (stream, peer) = next_connection(&listener, &mut backoff, &failed).await;
         let Some(caller_permit) = identity.conns.try_acquire() else {
             refuse_connection(&shared, "pod", Some(&identity), peer, "pod_connection_cap");
             turn_away(stream);
@@ -842,26 +852,9 @@ async fn source_ip_accept(shared: Arc<Shared>, listener: TcpListener) {
     let mut backoff = AcceptBackoff::new("source-ip");
     let failed = accept_errors(&shared, "source-ip");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => {
-                backoff.succeeded();
-                s
-            }
-            Err(e) => {
-                failed.inc();
-                backoff.pause_after(&e).await;
-                continue;
-            }
-        };
+        let (stream, peer) = next_connection(&listener, &mut backoff, &failed).await;
         // The total first: who the caller is costs a look into its
         // namespace and the pod source, which a flood must not buy.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(peer = %peer, "deregistering an accepted connection: {e}");
-                continue;
-            }
-        };
         let Some(all_permit) = shared.conns.try_acquire() else {
             refuse_connection(&shared, "source-ip", None, peer, "connection_cap");
             turn_away(stream);

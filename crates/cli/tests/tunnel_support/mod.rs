@@ -564,3 +564,18 @@ pub fn test_client_request(dir: &Path, proxy_port: u16, backend_port: u16) -> (b
         ),
     )
 }
+
+/// `konnectivity_network_proxy_server_bad_input_total{kind}` of the server
+/// whose health port is `health` (-1 when /metrics does not answer).
+pub fn bad_input_count(health: u16, kind: &str) -> f64 {
+    let Some((_, body)) = http_get(health, "/metrics") else {
+        return -1.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with("konnectivity_network_proxy_server_bad_input_total{")
+                && l.contains(&format!("kind=\"{kind}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
