@@ -36,16 +36,26 @@ fn spawn_low_limit(bin_name: &str, args: &[String], dir: &std::path::Path, name:
     Proc::spawn("prlimit", &a, dir, name)
 }
 
-fn refused(port: u16, listener: &str) -> f64 {
+/// `connections_refused_total` of one listener, for one reason.
+fn refused_for(port: u16, listener: &str, reason: &str) -> f64 {
     let Some((_, body)) = http_get(port, "/metrics") else {
         return -1.0;
     };
     body.lines()
         .filter(|l| l.contains("_connections_refused_total{"))
         .filter(|l| l.contains(&format!("listener=\"{listener}\"")))
-        .filter(|l| l.contains("reason=\"connection_cap\""))
+        .filter(|l| l.contains(&format!("reason=\"{reason}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Every connection of the flood beyond the 128 held is refused at the
+/// cap, unless a held one timed out (10 s without a request head) first
+/// and made room for it: on a loaded machine the flood can last that long.
+fn flood_counted(port: u16, flood: usize) -> bool {
+    let cap = refused_for(port, "health", "connection_cap");
+    let timed_out = refused_for(port, "health", "timeout");
+    cap >= 0.0 && cap + timed_out >= (flood - 128) as f64
 }
 
 #[test]
@@ -89,10 +99,13 @@ fn a_connection_flood_on_the_health_ports_is_capped_and_tunnels_keep_working() {
     // alone. The agent's admin port has no /metrics of its own: it
     // redirects to the health port (as upstream's does), which the flood
     // fills, so the agent's count is read once the flood has let go.
+    // The listen backlog (1024) is shorter than the flood: on a loaded
+    // machine some handshakes finish only on a retransmitted SYN-ACK,
+    // seconds later, so the count may take a while.
     wait_for(
         "the server's refusals to be counted",
-        Duration::from_secs(30),
-        || refused(st.ports.admin, "health") >= 1500.0 - 128.0,
+        Duration::from_secs(90),
+        || flood_counted(st.ports.admin, 1500),
     );
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
     assert!(
@@ -132,8 +145,8 @@ fn a_connection_flood_on_the_health_ports_is_capped_and_tunnels_keep_working() {
         );
     });
     drop(flood);
-    wait_for("the agent's refusals", Duration::from_secs(30), || {
-        refused(st.ports.agent_health, "health") >= 1500.0 - 128.0
+    wait_for("the agent's refusals", Duration::from_secs(90), || {
+        flood_counted(st.ports.agent_health, 1500)
     });
 }
 
@@ -284,7 +297,9 @@ fn tunnels_whose_clients_do_not_read_are_capped_in_total() {
     });
 }
 
-/// A backend that accepts connections and never reads from them.
+/// A backend that accepts connections and never reads from them. Its
+/// receive buffers are the kernel's smallest, so what is sent to it piles
+/// up in the agent rather than in loopback socket buffers.
 struct DeafBackend {
     port: u16,
     held: Arc<Mutex<Vec<std::net::TcpStream>>>,
@@ -294,8 +309,27 @@ struct DeafBackend {
 
 impl DeafBackend {
     fn start() -> Self {
+        Self::start_chatty(false)
+    }
+
+    /// `chatty`: each connection is also sent a byte every 100 ms (until
+    /// that fails), so the server notices when the client has gone.
+    fn start_chatty(chatty: bool) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        // Accepted sockets take the listener's buffer size.
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt reads `small` (an int of the size given) only.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
         let held = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (h, s) = (held.clone(), stop.clone());
@@ -305,6 +339,14 @@ impl DeafBackend {
                     break;
                 }
                 if let Ok(c) = c {
+                    if chatty && let Ok(mut w) = c.try_clone() {
+                        std::thread::spawn(move || {
+                            use std::io::Write;
+                            while w.write_all(b".").is_ok() {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        });
+                    }
                     h.lock().unwrap().push(c);
                 }
             }
@@ -325,7 +367,10 @@ impl Drop for DeafBackend {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.held.lock().unwrap().clear();
+        // Shut down, not only dropped: a chatty writer holds a clone.
+        for c in self.held.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -414,4 +459,67 @@ fn connections_to_backends_that_do_not_read_are_capped_in_total_on_the_agent() {
             .await
             .unwrap_or_else(|e| panic!("after the stalled connections: {e}\n{}", st.logs()));
     });
+}
+
+/// Clients that fill their connections to backends that never read, then
+/// leave. The server notices (its writes toward them fail: the backends
+/// send a byte now and then) and sends CLOSE_REQ; the agent gives what it
+/// still queues, a write under way included, 10 s to be taken, then drops
+/// the connection and gives its bytes back, which would otherwise hold part
+/// of `--max-queued-bytes` for good.
+#[test]
+fn bytes_left_for_a_backend_that_does_not_read_are_freed_after_the_client_leaves() {
+    let deaf = DeafBackend::start_chatty(true);
+    let st = Stack::start("http-connect");
+    let addr = st.frontend();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let target = format!("127.0.0.1:{}", deaf.port);
+        let mut writers = Vec::new();
+        for _ in 0..4 {
+            let mut io = konnectivity::client::http_connect(&addr, &target, "leaves")
+                .await
+                .unwrap_or_else(|e| panic!("dial: {e:?}\n{}", st.logs()));
+            writers.push(tokio::spawn(async move {
+                let chunk = vec![7u8; 64 << 10];
+                for _ in 0..256 {
+                    if io.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        wait_for(
+            "the agent to queue bytes for the deaf backends",
+            Duration::from_secs(60),
+            || queued(st.ports.agent_health, "agent") >= (2 << 20) as f64,
+        );
+        // The clients leave (their sockets close with unread bytes).
+        for w in writers {
+            w.abort();
+        }
+    });
+    drop(rt);
+    wait_for(
+        "the clients' connections to close",
+        Duration::from_secs(30),
+        || {
+            metric(
+                st.ports.health,
+                "konnectivity_network_proxy_server_established_connections",
+            ) == 0.0
+        },
+    );
+    wait_for(
+        "the agent to give the bytes back (10 s after CLOSE_REQ)",
+        Duration::from_secs(30),
+        || queued(st.ports.agent_health, "agent") == 0.0,
+    );
+    // The backends never read and are still there: the agent let go.
+    assert_eq!(deaf.held.lock().unwrap().len(), 4);
 }

@@ -721,9 +721,18 @@ async fn dial(
                     wr.write_all(&d.data).await.is_ok()
                 }
             };
+            // A write already under way when CLOSE_REQ (which stops the
+            // reading side) arrives gets the same 10 s from then: else a
+            // backend that never reads keeps the connection, and its queued
+            // bytes, for good after the client has gone.
+            let closed_then_10s = async {
+                ep_w.stop_read.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            };
             let ok = tokio::select! {
                 _ = ep_w.kill.cancelled() => return,
                 ok = write => ok,
+                _ = closed_then_10s, if !draining => false,
             };
             if ok
                 && let Some(bytes) = ep_w
