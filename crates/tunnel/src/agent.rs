@@ -36,7 +36,7 @@ use crate::http::{self, Reply};
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{Checked, Packet, headers};
-use crate::queue::{Credit, PacketQueue, PushError};
+use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
 use crate::read_chunk;
 
 #[derive(Clone, Debug)]
@@ -63,6 +63,9 @@ pub struct AgentOptions {
     /// Per-connection window offered to the server for the flow-control
     /// extension (0: off). Upstream servers ignore the offer.
     pub flow_window: usize,
+    /// Bytes queued toward backends, summed over every connection; at this
+    /// many, dial requests are answered with a dial error. 0: no cap.
+    pub max_queued_bytes: usize,
 }
 
 impl AgentOptions {
@@ -83,6 +86,7 @@ impl AgentOptions {
             max_pending_dials: 10_000,
             service_account_token_path: None,
             flow_window: 1 << 20,
+            max_queued_bytes: crate::server::DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -122,6 +126,8 @@ struct Shared {
     /// --server-count-source=max: the larger of the lease and header counts.
     count_max: AtomicBool,
     draining: AtomicBool,
+    /// Bytes queued toward backends over all connections, and their cap.
+    queued: Arc<QueuedBytes>,
     stop: CancellationToken,
 }
 
@@ -162,10 +168,16 @@ fn go_io_error(e: &std::io::Error) -> String {
 
 impl Agent {
     pub fn new(opts: AgentOptions) -> Self {
+        let metrics = AgentMetrics::default();
+        // Shown from the start (0), not only after the first refusal.
+        metrics
+            .dials_refused_total
+            .with_label_values(&["queued_bytes_cap"]);
         Agent {
             sh: Arc::new(Shared {
+                queued: QueuedBytes::new(metrics.queued_bytes.clone(), opts.max_queued_bytes),
                 opts,
-                metrics: AgentMetrics::default(),
+                metrics,
                 servers: Mutex::new(HashMap::new()),
                 server_count: AtomicUsize::new(1),
                 lease_count: AtomicUsize::new(0),
@@ -589,6 +601,27 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                 );
                 return;
             }
+            // Backends that do not read already hold what the operator
+            // allowed: a new connection could only add to it. Answered as
+            // a failed dial, which upstream servers pass on to the client.
+            if sh.queued.over_cap() {
+                sh.metrics
+                    .dials_refused_total
+                    .with_label_values(&["queued_bytes_cap"])
+                    .inc();
+                send_control(
+                    conn,
+                    Packet::dial_rsp(
+                        d.random,
+                        0,
+                        format!(
+                            "dial tcp {}: too many bytes queued for backends that do not read",
+                            d.address
+                        ),
+                    ),
+                );
+                return;
+            }
             let mut dials = conn.dials.lock().unwrap();
             if dials.len() >= sh.opts.max_pending_dials || dials.contains_key(&d.random) {
                 sh.metrics.bad("pending_dials_limit");
@@ -722,7 +755,7 @@ async fn dial(
     let _ = stream.set_nodelay(true);
     let kill = conn.gone.child_token();
     let ep = Arc::new(EndpointConn {
-        queue: PacketQueue::new(sh.opts.connection_queue_bytes),
+        queue: PacketQueue::with_shared(sh.opts.connection_queue_bytes, sh.queued.clone()),
         stop_read: kill.child_token(),
         kill,
         send_credit: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
@@ -767,9 +800,18 @@ async fn dial(
                     wr.write_all(&d.data).await.is_ok()
                 }
             };
+            // A write already under way when CLOSE_REQ (which stops the
+            // reading side) arrives gets the same 10 s from then: else a
+            // backend that never reads keeps the connection, and its queued
+            // bytes, for good after the client has gone.
+            let closed_then_10s = async {
+                ep_w.stop_read.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            };
             let ok = tokio::select! {
                 _ = ep_w.kill.cancelled() => return,
                 ok = write => ok,
+                _ = closed_then_10s, if !draining => false,
             };
             if ok
                 && let Some(bytes) = ep_w

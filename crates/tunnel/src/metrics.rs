@@ -264,6 +264,12 @@ pub struct ServerMetrics {
     /// Connections a listener closed at once (at its cap) or cut off (a
     /// deadline), by listener and reason.
     pub connections_refused_total: IntCounterVec,
+    /// Bytes held in every connection's queue (toward clients) and gRPC
+    /// receive buffer (toward agents), summed.
+    pub queued_bytes: IntGauge,
+    /// Dials refused before reaching an agent, by reason
+    /// (`queued_bytes_cap`: `queued_bytes` at `--max-queued-bytes`).
+    pub dials_refused_total: IntCounterVec,
     /// Payload bytes per agent and direction (ours, not upstream's).
     pub agent_bytes_total: IntCounterVec,
     /// DATA sends that had to wait for flow-control credit or a full
@@ -483,6 +489,19 @@ impl Default for ServerMetrics {
                 "Connections closed at accept (reason=connection_cap) or cut off by a deadline (reason=timeout), by listener.",
                 &["listener", "reason"],
             ),
+            queued_bytes: gauge(
+                &r,
+                s,
+                "queued_bytes",
+                "Bytes held for connections whose reader has not taken them yet (queues toward clients, gRPC receive buffers toward agents), summed over all connections.",
+            ),
+            dials_refused_total: counter_vec(
+                &r,
+                s,
+                "dials_refused_total",
+                "Dials refused by this server before reaching an agent, by reason (queued_bytes_cap: queued_bytes at its cap).",
+                &["reason"],
+            ),
             agent_bytes_total: counter_vec(
                 &r,
                 s,
@@ -528,6 +547,10 @@ pub struct AgentMetrics {
     /// Connections a listener closed at once (at its cap) or cut off (a
     /// deadline), by listener and reason.
     pub connections_refused_total: IntCounterVec,
+    /// Bytes queued toward backends, summed over all connections.
+    pub queued_bytes: IntGauge,
+    /// Dials refused without dialling, by reason (`queued_bytes_cap`).
+    pub dials_refused_total: IntCounterVec,
     pub flow_control_stalls_total: IntCounterVec,
     /// `flow_control_stalls_total{segment="to_server"}`, looked up once.
     pub stalls_to_server: prometheus::IntCounter,
@@ -639,6 +662,19 @@ impl Default for AgentMetrics {
                 "server_probes_total",
                 "Checks of server connections every --probe-interval, by result (not_ready: closed or GOAWAY received; the connection is dropped and dialled again).",
                 &["result"],
+            ),
+            queued_bytes: gauge(
+                &r,
+                s,
+                "queued_bytes",
+                "Bytes queued toward backends that have not taken them yet, summed over all connections.",
+            ),
+            dials_refused_total: counter_vec(
+                &r,
+                s,
+                "dials_refused_total",
+                "Dials refused without dialling, by reason (queued_bytes_cap: queued_bytes at its cap).",
+                &["reason"],
             ),
             // Shown from the start (0), not only after the first stall.
             stalls_to_server: stalls.with_label_values(&["to_server"]),

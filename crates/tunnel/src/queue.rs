@@ -8,9 +8,16 @@
 //! CLOSE_REQ / CLOSE_RSP with an error); every other connection carries on.
 //! Control packets (dial response, close) are always accepted: each
 //! connection gets at most a handful.
+//!
+//! Every queue of a process also charges its bytes to one shared
+//! [`QueuedBytes`]: per-connection limits bound one stalled connection, the
+//! shared count bounds how many more a process takes on. Past its cap new
+//! dials are refused (existing connections keep their own limits), so a
+//! crowd of connections whose readers never read cannot grow the process
+//! without bound.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -29,10 +36,44 @@ struct State {
     closed: bool,
 }
 
+/// Bytes held in the queues of every connection of one process (a
+/// gauge, so /metrics shows it), and the cap past which new dials are
+/// refused. Queues of readers that keep up are near empty, so what this
+/// counts is, in practice, memory held for readers that do not read.
+#[derive(Debug)]
+pub struct QueuedBytes {
+    held: prometheus::IntGauge,
+    cap: usize,
+}
+
+impl QueuedBytes {
+    /// `cap` 0: no cap. `held` is the gauge that carries the count.
+    pub fn new(held: prometheus::IntGauge, cap: usize) -> Arc<Self> {
+        Arc::new(QueuedBytes { held, cap })
+    }
+    pub fn held(&self) -> usize {
+        self.held.get().max(0) as usize
+    }
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+    /// True when no new connection should be taken on.
+    pub fn over_cap(&self) -> bool {
+        self.cap > 0 && self.held() >= self.cap
+    }
+    pub fn charge(&self, n: usize) {
+        self.held.add(n as i64);
+    }
+    pub fn release(&self, n: usize) {
+        self.held.sub(n as i64);
+    }
+}
+
 pub struct PacketQueue {
     state: Mutex<State>,
     notify: Notify,
     limit: usize,
+    shared: Option<Arc<QueuedBytes>>,
 }
 
 impl PacketQueue {
@@ -41,6 +82,20 @@ impl PacketQueue {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             limit,
+            shared: None,
+        }
+    }
+
+    /// A queue whose bytes are also charged to `shared`.
+    pub fn with_shared(limit: usize, shared: Arc<QueuedBytes>) -> Self {
+        let mut q = Self::new(limit);
+        q.shared = Some(shared);
+        q
+    }
+
+    fn charge(&self, n: usize) {
+        if let Some(s) = &self.shared {
+            s.charge(n);
         }
     }
 
@@ -57,6 +112,7 @@ impl PacketQueue {
         st.bytes += weight;
         st.packets.push_back(packet);
         drop(st);
+        self.charge(weight);
         self.notify.notify_one();
         Ok(())
     }
@@ -67,9 +123,11 @@ impl PacketQueue {
         if st.closed {
             return Err(PushError::Closed);
         }
-        st.bytes += packet.weight();
+        let weight = packet.weight();
+        st.bytes += weight;
         st.packets.push_back(packet);
         drop(st);
+        self.charge(weight);
         self.notify.notify_one();
         Ok(())
     }
@@ -95,6 +153,9 @@ impl PacketQueue {
                 let mut st = self.state.lock().unwrap();
                 if let Some(p) = st.packets.pop_front() {
                     st.bytes -= p.weight();
+                    if let Some(s) = &self.shared {
+                        s.release(p.weight());
+                    }
                     if st.packets.is_empty() {
                         // Give back a queue that grew under a burst.
                         st.packets.shrink_to(4);
@@ -106,6 +167,14 @@ impl PacketQueue {
                 }
             }
             self.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for PacketQueue {
+    fn drop(&mut self) {
+        if let Some(s) = &self.shared {
+            s.release(self.state.get_mut().map(|st| st.bytes).unwrap_or(0));
         }
     }
 }
@@ -188,5 +257,33 @@ mod tests {
         assert!(q.pop().await.is_some());
         assert!(q.pop().await.is_none());
         assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn queues_charge_the_shared_count_and_give_it_back() {
+        let gauge = prometheus::IntGauge::new("queued", "test").unwrap();
+        let shared = QueuedBytes::new(gauge.clone(), 1500);
+        let a = PacketQueue::with_shared(1 << 20, shared.clone());
+        let b = PacketQueue::with_shared(1 << 20, shared.clone());
+        a.push_data(Packet::data(1, Bytes::from(vec![0; 800])))
+            .unwrap();
+        assert!(!shared.over_cap());
+        b.push_data(Packet::data(2, Bytes::from(vec![0; 800])))
+            .unwrap();
+        b.push_data(Packet::data(2, Bytes::from(vec![0; 100])))
+            .unwrap();
+        assert!(shared.over_cap(), "{} bytes held", shared.held());
+        assert_eq!(gauge.get() as usize, shared.held());
+        // Popped bytes are given back; a dropped queue gives back the rest.
+        a.pop().await.unwrap();
+        assert!(!shared.over_cap());
+        let held = shared.held();
+        assert!(held >= 900, "{held}");
+        drop(b);
+        assert_eq!(shared.held(), 0);
+        // No cap: never over it.
+        let uncapped = QueuedBytes::new(prometheus::IntGauge::new("q2", "t").unwrap(), 0);
+        uncapped.charge(1 << 40);
+        assert!(!uncapped.over_cap());
     }
 }

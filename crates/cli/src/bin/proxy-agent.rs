@@ -124,6 +124,12 @@ struct Args {
     /// Extra: bytes queued toward one backend before that connection is closed.
     #[arg(long = "max-connection-queue-bytes", default_value_t = 4 << 20)]
     max_connection_queue_bytes: usize,
+    /// Extra: bytes queued toward backends that have not taken them, summed
+    /// over every connection; at this many, dial requests are answered with
+    /// a dial error and counted in dials_refused_total{reason="queued_bytes_cap"}.
+    /// 0: no cap.
+    #[arg(long = "max-queued-bytes", default_value_t = konnectivity::server::DEFAULT_MAX_QUEUED_BYTES)]
+    max_queued_bytes: usize,
     /// Extra: per-connection flow-control window (bytes) used with peers that
     /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
@@ -240,6 +246,7 @@ async fn run(a: Args) -> i32 {
     opts.channel_packets = a.xfr_channel_size.max(1);
     opts.connection_queue_bytes = a.max_connection_queue_bytes;
     opts.flow_window = a.flow_window_bytes;
+    opts.max_queued_bytes = a.max_queued_bytes;
     if !a.service_account_token_path.is_empty() {
         opts.service_account_token_path = Some(a.service_account_token_path.clone().into());
     }

@@ -174,6 +174,13 @@ struct Args {
     /// Extra: bytes queued toward one client before that connection is closed.
     #[arg(long = "max-connection-queue-bytes", default_value_t = 4 << 20)]
     max_connection_queue_bytes: usize,
+    /// Extra: bytes held for readers that have not taken them, summed over
+    /// every connection (queues toward clients that do not read, gRPC
+    /// receive buffers toward agents or backends that do not); at this many
+    /// new dials are refused (DIAL_RSP error, HTTP-CONNECT 503) and counted
+    /// in dials_refused_total{reason="queued_bytes_cap"}. 0: no cap.
+    #[arg(long = "max-queued-bytes", default_value_t = konnectivity::server::DEFAULT_MAX_QUEUED_BYTES)]
+    max_queued_bytes: usize,
     /// Extra: pending dials over all clients; more are refused.
     #[arg(long = "max-pending-dials", default_value_t = 10_000)]
     max_pending_dials: usize,
@@ -389,6 +396,7 @@ async fn run(a: Args) -> i32 {
         max_concurrent_streams: a.max_concurrent_streams as usize,
         flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
+        max_queued_bytes: a.max_queued_bytes,
         agent_channel_packets: a.xfr_channel_size.max(256),
         agent_auth,
         ..ServerOptions::default()

@@ -169,7 +169,7 @@ where
             )
             .into_bytes(),
             DialError::Timeout => go_error(504, "Gateway Timeout", &format!("Failed to tunnel dial request: {e}\r\n")),
-            DialError::Overloaded => go_error(503, "Service Unavailable", &format!("Failed to tunnel dial request: {e}\r\n")),
+            DialError::Overloaded | DialError::QueuedBytesCap => go_error(503, "Service Unavailable", &format!("Failed to tunnel dial request: {e}\r\n")),
             _ => go_error(502, "Bad Gateway", &format!("Failed to tunnel dial request: {e}\r\n")),
         };
         let _ = wr.write_all(&reply).await;

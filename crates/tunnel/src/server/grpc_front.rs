@@ -35,6 +35,7 @@ use tokio::time::Sleep;
 use super::state::{Frontend, Shared};
 use crate::h2::{self, ConnError, Head, code, conn_error, flag, kind, setting};
 use crate::proto::Packet;
+use crate::queue::QueuedBytes;
 
 /// The one method this server has.
 const PROXY_PATH: &str = "/ProxyService/Proxy";
@@ -120,11 +121,23 @@ struct Stream {
 
 /// DATA payloads of one stream, as received: large ones as they came,
 /// small ones copied together into `small` (which follows `chunks`).
+/// `len` is charged to the server's [`QueuedBytes`] (when `held` is set)
+/// while the bytes wait here: a stream whose agent or backend does not take
+/// its data holds them.
 #[derive(Default)]
 struct Inbox {
     chunks: VecDeque<Bytes>,
     small: BytesMut,
     len: usize,
+    held: Option<Arc<QueuedBytes>>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        if let Some(h) = &self.held {
+            h.release(self.len);
+        }
+    }
 }
 
 /// Why a call ends before its queue does.
@@ -134,11 +147,20 @@ struct CallError {
 }
 
 impl Inbox {
+    fn charged_to(held: Arc<QueuedBytes>) -> Self {
+        let mut inbox = Inbox::default();
+        inbox.held = Some(held);
+        inbox
+    }
+
     fn push(&mut self, b: Bytes) {
         if b.is_empty() {
             return;
         }
         self.len += b.len();
+        if let Some(h) = &self.held {
+            h.charge(b.len());
+        }
         if b.len() < COPY_BELOW {
             self.small.extend_from_slice(&b);
         } else {
@@ -179,6 +201,9 @@ impl Inbox {
     fn take(&mut self, n: usize) -> Bytes {
         debug_assert!(n <= self.len);
         self.len -= n;
+        if let Some(h) = &self.held {
+            h.release(n);
+        }
         if n == 0 {
             return Bytes::new();
         }
@@ -1116,7 +1141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         self.streams.push(Stream {
             id,
             fe,
-            inbox: Inbox::default(),
+            inbox: Inbox::charged_to(self.sh.queued.clone()),
             processing: None,
             inbound_done: false,
             recv_closed: end_stream,
@@ -1166,6 +1191,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         // Bytes received but never to be read still count against both
         // windows: credit them, or a client cancelling calls with data in
         // flight would see its connection window shrink for good.
+        // (The inbox dropped here gives its bytes back to the server's count.)
         let dropped = std::mem::take(&mut s.inbox).len as i64;
         s.recv_unacked += dropped;
         self.conn_recv_unacked += dropped;
@@ -2149,6 +2175,78 @@ mod tests {
             [Checked::DialRsp(r)] => assert_eq!((r.random, r.connect_id), (3, 7)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Waits (in the test's own runtime) until `f` holds.
+    async fn until_true(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never true: {what}");
+    }
+
+    #[tokio::test]
+    async fn bytes_a_call_holds_count_toward_the_cap_and_dials_past_it_are_refused() {
+        let mut c = connect_with(crate::server::ServerOptions {
+            max_queued_bytes: 32 << 10,
+            ..small_options(0, 0)
+        });
+        c.send(&grpc_call_start(1)).await;
+        // 60 KiB of a message announced as 1 MiB: it waits in the call.
+        let mut partial = vec![0u8, 0, 0x10, 0, 0];
+        partial.resize(60 << 10, 0);
+        c.send_frame(kind::DATA, 0, 1, &partial).await;
+        let sh = c.sh.clone();
+        until_true("the partial message is counted", || {
+            sh.queued.held() == 60 << 10
+        })
+        .await;
+        let block = h2::request_block(PROXY_PATH.as_bytes());
+        c.send(&headers_frame(3, flag::END_HEADERS, &block)).await;
+        c.send_frame(
+            kind::DATA,
+            0,
+            3,
+            &grpc_message(&Packet::dial_req("tcp", "x:1", 3)),
+        )
+        .await;
+        match &c.packets(3, 1).await[..] {
+            [Checked::DialRsp(r)] => {
+                assert_eq!((r.random, r.connect_id), (3, 0));
+                assert!(r.error.contains("too many bytes queued"), "{}", r.error);
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = sh
+            .metrics
+            .dials_refused_total
+            .with_label_values(&["queued_bytes_cap"]);
+        assert_eq!(refused.get(), 1);
+        // The call that held them ends: they are given back, and dials
+        // are served again.
+        let mut rst = BytesMut::new();
+        h2::rst_stream(&mut rst, 1, code::CANCEL);
+        c.send(&rst).await;
+        until_true("the partial message is given back", || {
+            sh.queued.held() == 0
+        })
+        .await;
+        c.send(&headers_frame(5, flag::END_HEADERS, &block)).await;
+        c.send_frame(
+            kind::DATA,
+            0,
+            5,
+            &grpc_message(&Packet::dial_req("tcp", "x:1", 5)),
+        )
+        .await;
+        match &c.packets(5, 1).await[..] {
+            [Checked::DialRsp(r)] => assert_eq!((r.random, r.connect_id), (5, 7)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(refused.get(), 1);
     }
 
     #[tokio::test]

@@ -20,4 +20,4 @@ pub use listen::{FrontendListen, FrontendMode, RunningServer, ServerLaunch, laun
 pub(crate) use state::MAX_DEFERRED_CONTROL;
 #[doc(hidden)]
 pub use state::fuzzing;
-pub use state::{ProxyServer, ServerOptions, Strategy, random_dial_id};
+pub use state::{DEFAULT_MAX_QUEUED_BYTES, ProxyServer, ServerOptions, Strategy, random_dial_id};

@@ -17,7 +17,7 @@ use crate::metrics::ServerMetrics;
 use crate::proto::agent_service_server::AgentService;
 use crate::proto::headers;
 use crate::proto::{Checked, Packet};
-use crate::queue::{Credit, PacketQueue, PushError};
+use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
 
 #[doc(hidden)]
 #[path = "fuzzing.rs"]
@@ -81,6 +81,10 @@ pub struct ServerOptions {
     /// Per-connection window offered to agents that speak the flow-control
     /// extension (0: off). Kept at most `connection_queue_bytes`.
     pub flow_window: usize,
+    /// Bytes held for readers that have not taken them, summed over every
+    /// connection (queues toward clients, gRPC receive buffers toward
+    /// agents); at this many, new dials are refused. 0: no cap.
+    pub max_queued_bytes: usize,
     /// Token authentication of agents (TokenReview); None: agents are
     /// trusted on their TLS connection alone.
     pub agent_auth: Option<Arc<crate::tokenreview::AgentTokenAuth>>,
@@ -99,10 +103,16 @@ impl Default for ServerOptions {
             max_dials_per_stream: 64,
             max_concurrent_streams: 10_000,
             flow_window: 1 << 20,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             agent_auth: None,
         }
     }
 }
+
+/// Default of [`ServerOptions::max_queued_bytes`]: room for 512 tunnels
+/// each holding a full 1 MiB flow-control window for a client that does
+/// not read (or for several times as many partly stalled ones).
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 512 << 20;
 
 /// What an agent said about itself in `agentIdentifiers`.
 #[derive(Debug, Default)]
@@ -356,6 +366,8 @@ pub(crate) enum DialError {
     Timeout,
     #[error("backend connection closed")]
     BackendClosed,
+    #[error("too many bytes queued for connections that do not read")]
+    QueuedBytesCap,
 }
 
 pub(crate) struct Shared {
@@ -364,6 +376,8 @@ pub(crate) struct Shared {
     backends: RwLock<Vec<Arc<Backend>>>,
     pending: Mutex<HashMap<i64, Pending>>,
     next_uid: AtomicU64,
+    /// Bytes held for readers over all connections, and their cap.
+    pub(crate) queued: Arc<QueuedBytes>,
     pub(crate) stop: CancellationToken,
 }
 
@@ -378,10 +392,16 @@ type PacketStream =
 
 impl ProxyServer {
     pub fn new(opts: ServerOptions) -> Self {
+        let metrics = ServerMetrics::default();
+        // Shown from the start (0), not only after the first refusal.
+        metrics
+            .dials_refused_total
+            .with_label_values(&["queued_bytes_cap"]);
         let server = ProxyServer {
             shared: Arc::new(Shared {
+                queued: QueuedBytes::new(metrics.queued_bytes.clone(), opts.max_queued_bytes),
                 opts,
-                metrics: ServerMetrics::default(),
+                metrics,
                 backends: RwLock::new(Vec::new()),
                 pending: Mutex::new(HashMap::new()),
                 next_uid: AtomicU64::new(1),
@@ -441,7 +461,7 @@ impl Shared {
     pub(crate) fn new_frontend(&self) -> Arc<Frontend> {
         Arc::new(Frontend {
             uid: self.uid(),
-            queue: PacketQueue::new(self.opts.connection_queue_bytes),
+            queue: PacketQueue::with_shared(self.opts.connection_queue_bytes, self.queued.clone()),
             state: Mutex::new(FrontState::default()),
             packets: self.metrics.stream_packets_total.clone(),
             write_latency: self.metrics.frontend_write_duration_seconds.clone(),
@@ -532,6 +552,15 @@ impl Shared {
         address: &str,
         random: i64,
     ) -> Result<(), DialError> {
+        // Connections that do not read already hold what the operator
+        // allowed: a new one could only add to it.
+        if self.queued.over_cap() {
+            self.metrics
+                .dials_refused_total
+                .with_label_values(&["queued_bytes_cap"])
+                .inc();
+            return Err(DialError::QueuedBytesCap);
+        }
         let Some(backend) = self.select_backend(address) else {
             self.metrics
                 .dial_failure_count
