@@ -878,6 +878,7 @@ fn h2spec_results(xml: &str) -> (Vec<String>, Vec<String>) {
 /// on `port`: h2spec cannot present a client certificate. The relay only
 /// moves bytes, so h2spec's frames reach the frontend as it sent them.
 fn tcp_to_mtls(dir: &Path, port: u16) -> u16 {
+    use tokio::io::AsyncWriteExt;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -889,12 +890,27 @@ fn tcp_to_mtls(dir: &Path, port: u16) -> u16 {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((mut tcp, _)) = listener.accept().await {
+            while let Ok((tcp, _)) = listener.accept().await {
                 let frontend = frontend.clone();
                 tokio::spawn(async move {
-                    if let Ok(mut tls) = konnectivity::client::raw_connect(&frontend, true).await {
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut tls).await;
-                    }
+                    let Ok(tls) = konnectivity::client::raw_connect(&frontend, true).await else {
+                        return;
+                    };
+                    let (mut from_h2spec, mut to_h2spec) = tcp.into_split();
+                    let (mut from_server, mut to_server) = tokio::io::split(tls);
+                    // Each direction on its own: when the server closes
+                    // (say, after its GOAWAY) while h2spec is still writing,
+                    // what h2spec sends is read and dropped, so its socket
+                    // is never closed with unread bytes (a reset that could
+                    // overtake the GOAWAY).
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_h2spec, &mut to_server).await;
+                        let _ = to_server.shutdown().await;
+                        let _ = tokio::io::copy(&mut from_h2spec, &mut tokio::io::sink()).await;
+                    });
+                    let _ = tokio::io::copy(&mut from_server, &mut to_h2spec).await;
+                    let _ = to_h2spec.shutdown().await;
+                    let _ = up.await;
                 });
             }
         });
