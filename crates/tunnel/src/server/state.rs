@@ -638,15 +638,32 @@ impl Shared {
     }
 
     /// Sends client DATA toward the agent, first taking credit when the
-    /// agent speaks the flow-control extension. False: the connection is gone.
-    pub(crate) async fn send_data_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
+    /// agent speaks the flow-control extension. Data larger than one piece
+    /// ([`crate::MAX_DATA_PIECE`], and [`Credit::piece`] under credit) goes
+    /// as several packets. False: the connection is gone.
+    pub(crate) async fn send_data_to_agent(&self, c: &Conn, mut data: bytes::Bytes) -> bool {
+        let piece = c
+            .to_agent
+            .as_ref()
+            .map_or(crate::MAX_DATA_PIECE, |cr| cr.piece())
+            .min(crate::MAX_DATA_PIECE);
+        while !data.is_empty() {
+            let chunk = data.split_to(piece.min(data.len()));
+            if !self.send_piece_to_agent(c, chunk).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn send_piece_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
         let n = data.len();
         if c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n)) || c.backend.tx.capacity() == 0 {
             self.metrics.stalls_to_agent.inc();
         }
         if let Some(cr) = &c.to_agent {
             let ok = tokio::select! {
-                ok = cr.take(data.len()) => ok,
+                ok = cr.take(n) => ok,
                 _ = c.backend.gone.cancelled() => false,
             };
             if !ok {
@@ -1307,6 +1324,66 @@ mod tests {
             sh.start_dial(&fe, "tcp", "127.0.0.1:80", 3).await,
             Err(DialError::NoAgent)
         ));
+    }
+
+    /// A client write as large as the flow window, after a small one: the
+    /// agent acknowledges in quarter-window batches, so the 71 bytes of the
+    /// first write stay unacknowledged while the connection waits. Taken
+    /// whole, the 1 MiB write needed the full window and waited forever;
+    /// in pieces of at most a quarter window it goes through. Time is
+    /// paused: a stall makes the runtime idle and the timeout fire at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_as_large_as_the_flow_window_is_sent_in_pieces() {
+        const WINDOW: usize = 1 << 20;
+        const CONNECT_ID: i64 = 9;
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let (tx, mut to_agent) = mpsc::channel(64);
+        let backend = Arc::new(Backend::new(
+            &sh,
+            "agent".into(),
+            Identifiers::default(),
+            tx,
+            WINDOW,
+        ));
+        sh.add_backend(backend.clone());
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 5).await.unwrap();
+        assert!(matches!(
+            to_agent.recv().await.unwrap().checked(),
+            Ok(Checked::DialReq(_))
+        ));
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(5, CONNECT_ID, ""));
+        let writes = [71, WINDOW, WINDOW, 3 * WINDOW + 5];
+        let total: usize = writes.iter().sum();
+        // The agent's side: every DATA is delivered at once and counted
+        // toward acknowledgements as the agent's writer counts them.
+        let agent = {
+            let (sh, backend) = (sh.clone(), backend.clone());
+            tokio::spawn(async move {
+                let acks = Credit::new(WINDOW);
+                let mut pieces = Vec::new();
+                while pieces.iter().sum::<usize>() < total {
+                    let Some(p) = to_agent.recv().await else {
+                        break;
+                    };
+                    if let Ok(Checked::Data(d)) = p.checked() {
+                        pieces.push(d.data.len());
+                        if let Some(n) = acks.delivered(d.data.len()) {
+                            sh.handle_agent_packet(&backend, Packet::data_ack(CONNECT_ID, n));
+                        }
+                    }
+                }
+                pieces
+            })
+        };
+        for n in writes {
+            let write = sh.handle_frontend_packet(&fe, Packet::data(CONNECT_ID, vec![7; n].into()));
+            let done = tokio::time::timeout(Duration::from_secs(60), write).await;
+            assert_eq!(done, Ok(true), "a {n}-byte write never reached the agent");
+        }
+        let pieces = agent.await.unwrap();
+        assert_eq!(pieces.iter().sum::<usize>(), total);
+        assert!(pieces.iter().all(|n| *n <= WINDOW / 4), "{pieces:?}");
     }
 
     #[test]
