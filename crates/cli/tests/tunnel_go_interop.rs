@@ -1047,3 +1047,41 @@ fn slow_reader_upstream_control() {
         );
     }
 }
+
+// ---- large single writes ----
+
+/// Each dial writes its whole payload in one write while it reads the echo
+/// (konn-client), hash-checked. konnectivity-client sends one write as one
+/// DATA packet, so over gRPC a write is bounded by the 4 MiB message limit
+/// (upstream's server refuses more, too); the largest that fits is used
+/// beside 1 MiB. HTTP-CONNECT is a byte stream: 1 and 8 MiB.
+fn large_single_writes(server: Side, agent: Side) {
+    const GRPC_MAX_WRITE: usize = (4 << 20) - 64;
+    for (front, sizes) in [
+        (Front::GrpcUds, [1 << 20, GRPC_MAX_WRITE]),
+        (Front::ConnectUds, [1 << 20, 8 << 20]),
+    ] {
+        let cell = Cell::start(server, agent, front, &[]);
+        let egress = matches!(front, Front::ConnectUds);
+        for payload in sizes {
+            eprintln!(
+                "{server:?} server, {agent:?} agent, {front:?}: single writes of {payload} bytes"
+            );
+            echo_dials(&cell, egress, 3, 1, payload);
+        }
+    }
+}
+
+#[test]
+fn large_single_writes_echo_ours() {
+    if have_peers("large_single_writes_echo_ours") {
+        large_single_writes(Side::Ours, Side::Ours);
+    }
+}
+
+#[test]
+fn large_single_writes_echo_upstream_control() {
+    if have_peers("large_single_writes_echo_upstream_control") {
+        large_single_writes(Side::Upstream, Side::Upstream);
+    }
+}

@@ -450,7 +450,19 @@ impl Shared {
     }
 
     fn select_backend(&self, address: &str) -> Option<Arc<Backend>> {
-        let backends = self.backends.read().unwrap();
+        let all = self.backends.read().unwrap();
+        // One stream per agent: its first. An agent that finds it has
+        // reached a server it already holds (through a load balancer, it
+        // cannot tell before the response headers) closes the new stream
+        // at once; a dial sent there fails with "backend connection
+        // closed". Upstream's server never picks a later stream of an
+        // agent for that reason. `backends` is in connection order.
+        let mut seen = std::collections::HashSet::new();
+        let backends: Vec<Arc<Backend>> = all
+            .iter()
+            .filter(|b| seen.insert(b.agent_id.as_str()))
+            .cloned()
+            .collect();
         let host = dial_host(address);
         for strategy in &self.opts.strategies {
             let fits = |b: &&Arc<Backend>| match strategy {
@@ -1324,6 +1336,47 @@ mod tests {
             sh.start_dial(&fe, "tcp", "127.0.0.1:80", 3).await,
             Err(DialError::NoAgent)
         ));
+    }
+
+    /// An agent that reaches a server it already holds (a second stream
+    /// through a load balancer) closes the new stream as soon as it reads
+    /// the server's ID. Dials go to each agent's first stream only, so none
+    /// is lost with the duplicate; a second agent still gets its share.
+    #[tokio::test]
+    async fn dials_go_to_an_agents_first_stream_not_to_a_duplicate() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let stream = |id: &str| {
+            let (tx, rx) = mpsc::channel(256);
+            let b = Arc::new(Backend::new(&sh, id.into(), Identifiers::default(), tx, 0));
+            sh.add_backend(b.clone());
+            (b, rx)
+        };
+        let (_first, mut first_rx) = stream("agent-a");
+        let (duplicate, mut duplicate_rx) = stream("agent-a");
+        let (_other, mut other_rx) = stream("agent-b");
+        let fe = sh.new_frontend();
+        let dials = 60;
+        for random in 1..=dials {
+            sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
+                .await
+                .unwrap();
+            // Each answered at once, so the stream's dial limit is no bound.
+            fe.state.lock().unwrap().dials.clear();
+        }
+        let count =
+            |rx: &mut mpsc::Receiver<Packet>| std::iter::from_fn(|| rx.try_recv().ok()).count();
+        let (a, dup, b) = (
+            count(&mut first_rx),
+            count(&mut duplicate_rx),
+            count(&mut other_rx),
+        );
+        assert_eq!(dup, 0, "dials sent to the duplicate stream");
+        assert_eq!(a + b, dials as usize);
+        assert!(a > 0 && b > 0, "one agent got every dial: {a} and {b}");
+        // The agent closes the duplicate: no pending dial fails with it.
+        sh.remove_backend(&duplicate);
+        assert_eq!(sh.pending.lock().unwrap().len(), dials as usize);
+        assert!(queued(&fe).is_empty());
     }
 
     /// A client write as large as the flow window, after a small one: the
