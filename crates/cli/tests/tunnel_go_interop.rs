@@ -663,9 +663,11 @@ fn strategies_upstream_control() {
 /// socket) with --server-count set to their number, HAProxy round-robin
 /// over their agent ports, agents given only HAProxy's address. Every
 /// agent must find every server: hashed dials through each server's
-/// frontend pass; then the first server is killed (SIGKILL) and dials
-/// through the others still pass.
-fn ha(servers: &[Side], agents: &[Side]) {
+/// frontend pass. Then each server in `kill` dies by SIGKILL while a
+/// transfer runs through it: that transfer must fail (the client is not
+/// left hanging), and a new dial through each surviving server must pass
+/// within 2 s of the kill (the time is printed).
+fn ha(servers: &[Side], agents: &[Side], kill: &[usize]) {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
     let ports: Vec<Ports> = servers.iter().map(|_| Ports::new()).collect();
@@ -743,10 +745,144 @@ fn ha(servers: &[Side], agents: &[Side]) {
     for i in 0..servers.len() {
         many(i);
     }
-    // One server dies without a goodbye; the others keep serving.
-    procs[0].kill();
-    for i in 1..servers.len() {
+    let slow = SlowEcho::start();
+    let mut dead = Vec::new();
+    for &k in kill {
+        // A transfer through server k, paced by the backend so that it is
+        // still running when k dies.
+        let before = slow.echoed();
+        let mut a = dial_args(k);
+        a[1] = format!("--target=127.0.0.1:{}", slow.port);
+        a.extend(s(&["--payload=65536", "--timeout=120s"]));
+        let mut transfer = Proc::spawn(
+            &go_peer("konn-client", "konn-client").unwrap(),
+            &a,
+            dir.path(),
+            &format!("transfer-{k}"),
+        );
+        wait_for(
+            &format!("a transfer under way through server-{k}"),
+            Duration::from_secs(30),
+            || slow.echoed() > before + 4 * 1024,
+        );
+        procs[k].kill();
+        let killed = std::time::Instant::now();
+        dead.push(k);
+        for i in (0..servers.len()).filter(|i| !dead.contains(i)) {
+            let mut a = dial_args(i);
+            a.push("--timeout=5s".into());
+            let mut tries = 0;
+            let first_ok = loop {
+                tries += 1;
+                let run = konn_client(&a);
+                if run.ok {
+                    break killed.elapsed();
+                }
+                assert!(
+                    killed.elapsed() < Duration::from_secs(2),
+                    "server-{i}: no dial passed within 2 s of killing server-{k} ({:?}): {}\n{}",
+                    servers[k],
+                    run.json,
+                    run.stderr
+                );
+            };
+            eprintln!(
+                "server-{k} ({:?}) killed mid-transfer: first dial through server-{i} ({:?}) passed {:.0} ms after the kill ({tries} tries)",
+                servers[k],
+                servers[i],
+                first_ok.as_secs_f64() * 1000.0
+            );
+            assert!(
+                first_ok < Duration::from_secs(2),
+                "server-{i}: first passing dial {first_ok:?} after killing server-{k}"
+            );
+        }
+        let code = transfer.wait_exit(Duration::from_secs(60));
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "the transfer through killed server-{k} ({:?}) ended with {code:?}\n{}",
+            servers[k],
+            transfer.log_text()
+        );
+    }
+    for i in (0..servers.len()).filter(|i| !dead.contains(i)) {
         many(i);
+    }
+}
+
+/// An HTTP backend whose `/echo` paces itself (1 KiB per 100 ms, about
+/// 10 KiB/s), so a transfer of 64 KiB is still running seconds later.
+/// Counts the bytes it has echoed. Connection threads end with their
+/// connections, the accept thread on drop.
+struct SlowEcho {
+    port: u16,
+    echoed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowEcho {
+    fn start() -> SlowEcho {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let echoed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (e2, s2) = (echoed.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let e3 = e2.clone();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if !matches!(conn.read(&mut b), Ok(1)) {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    if conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        e3.fetch_add(n as u64, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+        });
+        SlowEcho {
+            port,
+            echoed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn echoed(&self) -> u64 {
+        self.echoed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SlowEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -761,14 +897,14 @@ fn wait_listen(port: u16) {
 #[test]
 fn three_upstream_servers_our_agent() {
     if have_peers("three_upstream_servers_our_agent") {
-        ha(&[Side::Upstream; 3], &[Side::Ours]);
+        ha(&[Side::Upstream; 3], &[Side::Ours], &[0]);
     }
 }
 
 #[test]
 fn three_our_servers_upstream_agent() {
     if have_peers("three_our_servers_upstream_agent") {
-        ha(&[Side::Ours; 3], &[Side::Upstream]);
+        ha(&[Side::Ours; 3], &[Side::Upstream], &[0]);
     }
 }
 
@@ -779,15 +915,15 @@ fn three_our_servers_upstream_agent() {
 fn mixed_servers_and_agents_behind_haproxy() {
     if have_peers("mixed_servers_and_agents_behind_haproxy") {
         use Side::*;
-        ha(&[Ours, Upstream, Ours], &[Ours, Upstream]);
-        ha(&[Upstream, Ours, Upstream], &[Upstream, Ours]);
+        ha(&[Ours, Upstream, Ours], &[Ours, Upstream], &[0, 1]);
+        ha(&[Upstream, Ours, Upstream], &[Upstream, Ours], &[0, 1]);
     }
 }
 
 #[test]
 fn three_servers_upstream_control() {
     if have_peers("three_servers_upstream_control") {
-        ha(&[Side::Upstream; 3], &[Side::Upstream]);
+        ha(&[Side::Upstream; 3], &[Side::Upstream], &[0]);
     }
 }
 
@@ -1107,5 +1243,43 @@ fn slow_reader_upstream_control() {
             slow_got >= SLOW_BODY,
             "upstream's slow reader got {slow_got} bytes\n{logs}"
         );
+    }
+}
+
+// ---- large single writes ----
+
+/// Each dial writes its whole payload in one write while it reads the echo
+/// (konn-client), hash-checked. konnectivity-client sends one write as one
+/// DATA packet, so over gRPC a write is bounded by the 4 MiB message limit
+/// (upstream's server refuses more, too); the largest that fits is used
+/// beside 1 MiB. HTTP-CONNECT is a byte stream: 1 and 8 MiB.
+fn large_single_writes(server: Side, agent: Side) {
+    const GRPC_MAX_WRITE: usize = (4 << 20) - 64;
+    for (front, sizes) in [
+        (Front::GrpcUds, [1 << 20, GRPC_MAX_WRITE]),
+        (Front::ConnectUds, [1 << 20, 8 << 20]),
+    ] {
+        let cell = Cell::start(server, agent, front, &[]);
+        let egress = matches!(front, Front::ConnectUds);
+        for payload in sizes {
+            eprintln!(
+                "{server:?} server, {agent:?} agent, {front:?}: single writes of {payload} bytes"
+            );
+            echo_dials(&cell, egress, 3, 1, payload);
+        }
+    }
+}
+
+#[test]
+fn large_single_writes_echo_ours() {
+    if have_peers("large_single_writes_echo_ours") {
+        large_single_writes(Side::Ours, Side::Ours);
+    }
+}
+
+#[test]
+fn large_single_writes_echo_upstream_control() {
+    if have_peers("large_single_writes_echo_upstream_control") {
+        large_single_writes(Side::Upstream, Side::Upstream);
     }
 }

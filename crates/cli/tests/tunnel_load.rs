@@ -129,6 +129,94 @@ fn two_hundred_concurrent_grpc_connections_keep_their_data() {
     st.wait_settled(sfd, afd);
 }
 
+/// A server that says there are three servers (--server-count=3) while
+/// it is the only one: the agent keeps dialling it for the other two,
+/// every 20 ms, and each time closes the duplicate stream once it reads
+/// the server's ID. Dials meanwhile must all reach the agent's first
+/// stream; one sent down a duplicate failed with "backend connection
+/// closed".
+#[test]
+fn dials_are_not_lost_to_an_agents_duplicate_streams() {
+    let backend = HttpServer::start();
+    let backend_port = backend.port;
+    let st = Stack::start_with(
+        "grpc",
+        &["--server-count=3"],
+        &["--sync-interval=20ms", "--sync-interval-cap=20ms"],
+    );
+    let addr = st.frontend();
+    let connects = || st.server.log_text().matches("agent connected").count();
+    let before = connects();
+    for round in 0..4u64 {
+        all_succeed(&st, 50, |i| {
+            let addr = addr.clone();
+            async move {
+                let channel = client::grpc_channel(&addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut io = client::grpc_dial(channel, &format!("127.0.0.1:{backend_port}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                echo_check(&mut io, round * 100 + i + 1, 4096).await
+            }
+        });
+    }
+    // The duplicates did come while the dials ran.
+    let duplicates = connects() - before;
+    assert!(
+        duplicates >= 5,
+        "only {duplicates} agent streams opened during the dials\n{}",
+        st.logs()
+    );
+}
+
+/// Flow-control windows smaller than one socket read (64 KiB): every
+/// DATA goes in pieces of a quarter window, so what sits delivered but not
+/// yet acknowledged (under a quarter window) never leaves a read waiting
+/// for credit that cannot come. 1 MiB echoes both ways, both frontends.
+#[test]
+fn a_flow_window_smaller_than_a_read_moves_data_both_ways() {
+    let backend = HttpServer::start();
+    let backend_port = backend.port;
+    for mode in ["http-connect", "grpc"] {
+        let window = ["--flow-window-bytes=65536"];
+        let st = Stack::start_with(mode, &window, &window);
+        let addr = st.frontend();
+        all_succeed(&st, 4, |i| {
+            let addr = addr.clone();
+            let grpc = mode == "grpc";
+            async move {
+                let target = format!("127.0.0.1:{backend_port}");
+                if grpc {
+                    let channel = client::grpc_channel(&addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut io = client::grpc_dial(channel, &target)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    echo_check(&mut io, i + 1, 1 << 20).await
+                } else {
+                    let mut io = client::http_connect(&addr, &target, "small-window")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    echo_check(&mut *io, i + 1, 1 << 20).await
+                }
+            }
+        });
+        assert!(
+            metric(
+                st.ports.agent_health,
+                "konnectivity_network_proxy_agent_flow_control_stalls_total"
+            ) + metric(
+                st.ports.health,
+                "konnectivity_network_proxy_server_flow_control_stalls_total"
+            ) >= 1.0,
+            "{mode}: a 64 KiB window never made a side wait: the extension was off\n{}",
+            st.logs()
+        );
+    }
+}
+
 #[test]
 fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
     let backend = HttpServer::start();

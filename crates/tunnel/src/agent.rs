@@ -853,26 +853,32 @@ async fn endpoint_reader(
             c = read_chunk(&mut rd) => c,
         };
         match chunk {
-            Ok(c) if !c.is_empty() => {
-                if let Some(cr) = &ep.send_credit {
-                    if cr.would_wait(c.len()) {
-                        sh.metrics.stalls_to_server.inc();
+            Ok(mut c) if !c.is_empty() => {
+                // Under credit, a read larger than one piece goes as
+                // several packets (see `Credit::piece`).
+                let piece = ep.send_credit.as_ref().map_or(c.len(), |cr| cr.piece());
+                while !c.is_empty() {
+                    let chunk = c.split_to(piece.min(c.len()));
+                    if let Some(cr) = &ep.send_credit {
+                        if cr.would_wait(chunk.len()) {
+                            sh.metrics.stalls_to_server.inc();
+                        }
+                        let ok = tokio::select! {
+                            _ = ep.stop_read.cancelled() => return,
+                            ok = cr.take(chunk.len()) => ok,
+                        };
+                        if !ok {
+                            return;
+                        }
                     }
-                    let ok = tokio::select! {
+                    let sent = tokio::select! {
                         _ = ep.stop_read.cancelled() => return,
-                        ok = cr.take(c.len()) => ok,
+                        r = conn.tx.send(Packet::data(connect_id, chunk)) => r.is_ok(),
                     };
-                    if !ok {
+                    if !sent {
+                        ep.kill.cancel();
                         return;
                     }
-                }
-                let sent = tokio::select! {
-                    _ = ep.stop_read.cancelled() => return,
-                    r = conn.tx.send(Packet::data(connect_id, c)) => r.is_ok(),
-                };
-                if !sent {
-                    ep.kill.cancel();
-                    return;
                 }
             }
             _ => {

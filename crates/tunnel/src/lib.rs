@@ -86,6 +86,13 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// of a full frame and a tiny one.
 pub const H2_MAX_FRAME: u32 = 2 * READ_CHUNK as u32;
 
+/// The most client data the server puts in one DATA packet toward an
+/// agent. konnectivity-client sends each write as one packet (up to the
+/// 4 MiB message limit); forwarded whole, it would hold the agent stream,
+/// which every connection of that agent shares, for the length of one
+/// message. Pieces let other connections' packets in between.
+pub const MAX_DATA_PIECE: usize = 4 * READ_CHUNK;
+
 /// gRPC's default maximum message size, which upstream keeps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 

@@ -198,6 +198,17 @@ impl Credit {
             delivered: std::sync::atomic::AtomicUsize::new(0),
         }
     }
+    /// The most one DATA packet may carry under this credit. The receiver
+    /// acknowledges in batches of a quarter window, so up to a quarter
+    /// window less one byte can be delivered and never acknowledged while
+    /// the connection is quiet; a packet needing more than the rest would
+    /// wait for credit that never comes (a single large client write
+    /// stalled forever that way). Senders split larger data into pieces of
+    /// this size, each of which the window is sure to cover once what is
+    /// in flight has been delivered.
+    pub fn piece(&self) -> usize {
+        (self.window / 4).max(1)
+    }
     /// True when `take(n)` would have to wait for credit now.
     pub fn would_wait(&self, n: usize) -> bool {
         self.sem.available_permits() < n.clamp(1, self.window)

@@ -42,6 +42,10 @@ const PROXY_PATH: &str = "/ProxyService/Proxy";
 /// Receive windows we offer: a stream, and the connection as a whole.
 const STREAM_WINDOW: i64 = 4 << 20;
 const CONN_WINDOW: i64 = 8 << 20;
+/// Window granted ahead of consumption so that a message larger than what
+/// the windows leave can arrive whole (see `open_for_message`), over all
+/// streams of a connection at once.
+const MAX_ADVANCE: i64 = CONN_WINDOW;
 /// A header block (HEADERS + CONTINUATION) larger than this ends the
 /// connection: the Proxy call's headers are a few hundred bytes.
 const MAX_HEADER_BLOCK: usize = 64 << 10;
@@ -110,6 +114,10 @@ struct Stream {
     /// not yet given back with WINDOW_UPDATE.
     recv_window: i64,
     recv_unacked: i64,
+    /// Window granted (to the stream and the connection) for message
+    /// bytes not yet consumed; consumption pays it off before it counts
+    /// toward `recv_unacked`.
+    recv_advance: i64,
     /// How much more we may send (the client's window for this stream).
     send_window: i64,
     /// The encoded message being sent, when the windows held it up.
@@ -242,6 +250,18 @@ impl Inbox {
         }
         self.chunks.clear();
         self.chunks.push_back(Bytes::from(own));
+    }
+
+    /// Bytes still to come before the next message is whole (its prefix
+    /// first, when that has not all come).
+    fn missing(&self) -> usize {
+        match self.peek_prefix() {
+            None => 5 - self.len,
+            Some(p) => {
+                let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize;
+                (5 + len).saturating_sub(self.len)
+            }
+        }
     }
 
     /// The next complete gRPC message as a packet, with the bytes it took.
@@ -480,6 +500,11 @@ struct Connection<S> {
     conn_send_window: i64,
     conn_recv_window: i64,
     conn_recv_unacked: i64,
+    /// Window granted ahead over all streams, and the part of it left by
+    /// streams that ended before their bytes came (paid off by whatever
+    /// still arrives for ended streams).
+    conn_advance: i64,
+    orphan_advance: i64,
     keepalive: Duration,
     timer: Option<(Timer, Pin<Box<Sleep>>)>,
     stopped: BoxFuture<()>,
@@ -530,6 +555,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             conn_send_window: h2::DEFAULT_WINDOW,
             conn_recv_window: CONN_WINDOW,
             conn_recv_unacked: 0,
+            conn_advance: 0,
+            orphan_advance: 0,
             keepalive,
             timer: Some((
                 Timer::Handshake,
@@ -979,19 +1006,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             }
             // A stream that ended: frames in flight still count against the
             // connection window, which we give back.
-            self.conn_recv_unacked += len;
+            self.credit_dropped(len);
             return Ok(());
         };
         let s = &mut self.streams[i];
         if s.recv_closed {
-            self.conn_recv_unacked += len;
-            if !s.send_done {
+            let send_done = s.send_done;
+            self.credit_dropped(len);
+            if !send_done {
                 self.reset_stream(i, code::STREAM_CLOSED);
             }
             return Ok(());
         }
         if len > s.recv_window {
-            self.conn_recv_unacked += len;
+            self.credit_dropped(len);
             self.reset_stream(i, code::FLOW_CONTROL_ERROR);
             return Ok(());
         }
@@ -1000,10 +1028,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             // Nobody reads this call's messages any more: the bytes are
             // dropped and both windows credited at once.
             s.recv_unacked += len;
-            self.conn_recv_unacked += len;
             if head.flags & flag::END_STREAM != 0 {
                 s.recv_closed = true;
             }
+            self.credit_dropped(len);
             return Ok(());
         }
         let padding_only = data.is_empty() && head.flags & flag::END_STREAM == 0 && len > 0;
@@ -1147,6 +1175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             recv_closed: end_stream,
             recv_window: STREAM_WINDOW,
             recv_unacked: 0,
+            recv_advance: 0,
             send_window: self.peer_initial_window,
             pending: None,
             pop: None,
@@ -1193,8 +1222,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         // flight would see its connection window shrink for good.
         // (The inbox dropped here gives its bytes back to the server's count.)
         let dropped = std::mem::take(&mut s.inbox).len as i64;
-        s.recv_unacked += dropped;
-        self.conn_recv_unacked += dropped;
+        self.consumed(i, dropped);
+        // Window granted ahead for bytes that have not come: whatever
+        // still arrives for this stream pays it off.
+        let s = &mut self.streams[i];
+        self.orphan_advance += std::mem::take(&mut s.recv_advance);
         let (sh, fe) = (self.sh.clone(), s.fe.clone());
         match s.processing.take() {
             Some(p) => {
@@ -1247,8 +1279,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             }
             match s.inbox.next_packet() {
                 Ok(Some((packet, consumed))) => {
-                    s.recv_unacked += consumed as i64;
-                    self.conn_recv_unacked += consumed as i64;
+                    self.consumed(i, consumed as i64);
+                    let s = &mut self.streams[i];
                     let (sh, fe) = (self.sh.clone(), s.fe.clone());
                     s.processing = Some(Box::pin(async move {
                         sh.handle_frontend_packet(&fe, packet).await
@@ -1264,7 +1296,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                         self.end_inbound(i);
                         return true;
                     }
-                    return progress;
+                    return self.open_for_message(i) | progress;
                 }
                 Err(e) => {
                     self.sh.metrics.bad("grpc_bad_message");
@@ -1342,6 +1374,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 }
             }
         }
+    }
+
+    /// `n` bytes of stream `i` were consumed (decoded, or dropped with its
+    /// inbox): what was granted ahead for them is paid off, the rest is
+    /// given back with the next WINDOW_UPDATEs.
+    fn consumed(&mut self, i: usize, n: i64) {
+        let s = &mut self.streams[i];
+        let paid = n.min(s.recv_advance);
+        s.recv_advance -= paid;
+        self.conn_advance -= paid;
+        s.recv_unacked += n - paid;
+        self.conn_recv_unacked += n - paid;
+    }
+
+    /// `n` bytes arrived for a stream that reads nothing more: they count
+    /// against the connection window only, which is given back (after
+    /// paying off what ended streams were granted ahead).
+    fn credit_dropped(&mut self, n: i64) {
+        let paid = n.min(self.orphan_advance);
+        self.orphan_advance -= paid;
+        self.conn_advance -= paid;
+        self.conn_recv_unacked += n - paid;
+    }
+
+    /// Stream `i` waits for the rest of a message. Window is given back
+    /// in quarter-window batches, so up to a quarter of each window can be
+    /// consumed and not yet returned, and the message bytes already here
+    /// are not consumed until it is whole: a message larger than what the
+    /// windows still allow would never arrive (a 4 MiB write stalled that
+    /// way). As grpc-go's receive window does for a large message, this
+    /// returns what was consumed and, if that is not enough, grants the
+    /// shortfall ahead (bounded per connection by `MAX_ADVANCE`).
+    fn open_for_message(&mut self, i: usize) -> bool {
+        let s = &mut self.streams[i];
+        let need = s.inbox.missing() as i64;
+        if need <= s.recv_window.min(self.conn_recv_window) {
+            return false;
+        }
+        let stream_open = s.recv_window + s.recv_unacked;
+        let conn_open = self.conn_recv_window + self.conn_recv_unacked;
+        let mut ahead = (need - stream_open.min(conn_open)).max(0);
+        if self.conn_advance + ahead > MAX_ADVANCE {
+            ahead = 0;
+        }
+        let stream_inc = s.recv_unacked + ahead;
+        let conn_inc = self.conn_recv_unacked + ahead;
+        if stream_inc > 0 {
+            h2::window_update(self.out.buf(), s.id, stream_inc as u32);
+            s.recv_window += stream_inc;
+            s.recv_unacked = 0;
+            s.recv_advance += ahead;
+        }
+        if conn_inc > 0 {
+            h2::window_update(self.out.buf(), 0, conn_inc as u32);
+            self.conn_recv_window += conn_inc;
+            self.conn_recv_unacked = 0;
+            self.conn_advance += ahead;
+        }
+        stream_inc > 0 || conn_inc > 0
     }
 
     /// WINDOW_UPDATEs for what was consumed, once a quarter window gathered.
@@ -1820,6 +1911,80 @@ mod tests {
         assert_eq!(streams.get(), 0);
         assert_eq!(c.sh.metrics.pending_backend_dials.get(), 0);
         drop(c.agent);
+    }
+
+    /// A client that sends only inside the windows we give (as grpc-go
+    /// and hyper do) and writes a message of nearly the 4 MiB limit after
+    /// a small one. The small one's bytes are consumed but, under a
+    /// quarter window, not given back, and the large one is consumed only
+    /// once whole: without the window opened for it, the client waits for
+    /// a WINDOW_UPDATE that never comes. Time is paused, so a stall ends
+    /// the read's patience at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_larger_than_the_window_left_arrives_whole() {
+        let mut c = connect();
+        c.send(&grpc_call_start(1)).await;
+        // The client's send windows: our SETTINGS give each stream
+        // STREAM_WINDOW; the connection gets our opening WINDOW_UPDATE.
+        let (mut stream_win, mut conn_win) = (STREAM_WINDOW, h2::DEFAULT_WINDOW);
+        let credit = |h: &Head, p: &[u8], stream_win: &mut i64, conn_win: &mut i64| {
+            if h.kind == kind::WINDOW_UPDATE {
+                let inc = i64::from(u32::from_be_bytes(p[..4].try_into().unwrap()));
+                match h.stream {
+                    0 => *conn_win += inc,
+                    _ => *stream_win += inc,
+                }
+            }
+        };
+        let small = [
+            grpc_message(&Packet::dial_req("tcp", "x:1", 42)),
+            grpc_message(&Packet::data(7, vec![1; 71].into())),
+        ];
+        // Each answered (DIAL_RSP, then the echo) before the next goes.
+        for m in &small {
+            stream_win -= m.len() as i64;
+            conn_win -= m.len() as i64;
+            c.send_frame(kind::DATA, 0, 1, m).await;
+            loop {
+                let (h, p) = c.frame().await.expect("connection open");
+                credit(&h, &p, &mut stream_win, &mut conn_win);
+                if h.kind == kind::DATA {
+                    break;
+                }
+            }
+        }
+        let big = grpc_message(&Packet::data(
+            7,
+            vec![7; crate::MAX_MESSAGE_BYTES - 64].into(),
+        ));
+        assert!(big.len() > (STREAM_WINDOW - STREAM_WINDOW / 4) as usize);
+        let mut sent = 0;
+        while sent < big.len() {
+            let n = (big.len() - sent)
+                .min(16 << 10)
+                .min(stream_win.min(conn_win).max(0) as usize);
+            if n == 0 {
+                let (h, p) = c
+                    .frame()
+                    .await
+                    .expect("a WINDOW_UPDATE for the rest of the message");
+                credit(&h, &p, &mut stream_win, &mut conn_win);
+                continue;
+            }
+            c.send_frame(kind::DATA, 0, 1, &big[sent..sent + n]).await;
+            stream_win -= n as i64;
+            conn_win -= n as i64;
+            sent += n;
+        }
+        // The server took it whole and passed it on in pieces, which the
+        // agent echoes: the first piece's message starts coming back.
+        let (h, p) = c.until(kind::DATA).await;
+        assert_eq!(h.stream, 1);
+        let piece = grpc_message(&Packet::data(7, vec![7; crate::MAX_DATA_PIECE].into()));
+        assert_eq!(
+            u32::from_be_bytes(p[1..5].try_into().unwrap()) as usize,
+            piece.len() - 5
+        );
     }
 
     #[tokio::test]

@@ -470,7 +470,19 @@ impl Shared {
     }
 
     fn select_backend(&self, address: &str) -> Option<Arc<Backend>> {
-        let backends = self.backends.read().unwrap();
+        let all = self.backends.read().unwrap();
+        // One stream per agent: its first. An agent that finds it has
+        // reached a server it already holds (through a load balancer, it
+        // cannot tell before the response headers) closes the new stream
+        // at once; a dial sent there fails with "backend connection
+        // closed". Upstream's server never picks a later stream of an
+        // agent for that reason. `backends` is in connection order.
+        let mut seen = std::collections::HashSet::new();
+        let backends: Vec<Arc<Backend>> = all
+            .iter()
+            .filter(|b| seen.insert(b.agent_id.as_str()))
+            .cloned()
+            .collect();
         let host = dial_host(address);
         for strategy in &self.opts.strategies {
             let fits = |b: &&Arc<Backend>| match strategy {
@@ -667,15 +679,32 @@ impl Shared {
     }
 
     /// Sends client DATA toward the agent, first taking credit when the
-    /// agent speaks the flow-control extension. False: the connection is gone.
-    pub(crate) async fn send_data_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
+    /// agent speaks the flow-control extension. Data larger than one piece
+    /// ([`crate::MAX_DATA_PIECE`], and [`Credit::piece`] under credit) goes
+    /// as several packets. False: the connection is gone.
+    pub(crate) async fn send_data_to_agent(&self, c: &Conn, mut data: bytes::Bytes) -> bool {
+        let piece = c
+            .to_agent
+            .as_ref()
+            .map_or(crate::MAX_DATA_PIECE, |cr| cr.piece())
+            .min(crate::MAX_DATA_PIECE);
+        while !data.is_empty() {
+            let chunk = data.split_to(piece.min(data.len()));
+            if !self.send_piece_to_agent(c, chunk).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn send_piece_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
         let n = data.len();
         if c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n)) || c.backend.tx.capacity() == 0 {
             self.metrics.stalls_to_agent.inc();
         }
         if let Some(cr) = &c.to_agent {
             let ok = tokio::select! {
-                ok = cr.take(data.len()) => ok,
+                ok = cr.take(n) => ok,
                 _ = c.backend.gone.cancelled() => false,
             };
             if !ok {
@@ -1336,6 +1365,107 @@ mod tests {
             sh.start_dial(&fe, "tcp", "127.0.0.1:80", 3).await,
             Err(DialError::NoAgent)
         ));
+    }
+
+    /// An agent that reaches a server it already holds (a second stream
+    /// through a load balancer) closes the new stream as soon as it reads
+    /// the server's ID. Dials go to each agent's first stream only, so none
+    /// is lost with the duplicate; a second agent still gets its share.
+    #[tokio::test]
+    async fn dials_go_to_an_agents_first_stream_not_to_a_duplicate() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let stream = |id: &str| {
+            let (tx, rx) = mpsc::channel(256);
+            let b = Arc::new(Backend::new(&sh, id.into(), Identifiers::default(), tx, 0));
+            sh.add_backend(b.clone());
+            (b, rx)
+        };
+        let (_first, mut first_rx) = stream("agent-a");
+        let (duplicate, mut duplicate_rx) = stream("agent-a");
+        let (_other, mut other_rx) = stream("agent-b");
+        let fe = sh.new_frontend();
+        let dials = 60;
+        for random in 1..=dials {
+            sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
+                .await
+                .unwrap();
+            // Each answered at once, so the stream's dial limit is no bound.
+            fe.state.lock().unwrap().dials.clear();
+        }
+        let count =
+            |rx: &mut mpsc::Receiver<Packet>| std::iter::from_fn(|| rx.try_recv().ok()).count();
+        let (a, dup, b) = (
+            count(&mut first_rx),
+            count(&mut duplicate_rx),
+            count(&mut other_rx),
+        );
+        assert_eq!(dup, 0, "dials sent to the duplicate stream");
+        assert_eq!(a + b, dials as usize);
+        assert!(a > 0 && b > 0, "one agent got every dial: {a} and {b}");
+        // The agent closes the duplicate: no pending dial fails with it.
+        sh.remove_backend(&duplicate);
+        assert_eq!(sh.pending.lock().unwrap().len(), dials as usize);
+        assert!(queued(&fe).is_empty());
+    }
+
+    /// A client write as large as the flow window, after a small one: the
+    /// agent acknowledges in quarter-window batches, so the 71 bytes of the
+    /// first write stay unacknowledged while the connection waits. Taken
+    /// whole, the 1 MiB write needed the full window and waited forever;
+    /// in pieces of at most a quarter window it goes through. Time is
+    /// paused: a stall makes the runtime idle and the timeout fire at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_as_large_as_the_flow_window_is_sent_in_pieces() {
+        const WINDOW: usize = 1 << 20;
+        const CONNECT_ID: i64 = 9;
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let (tx, mut to_agent) = mpsc::channel(64);
+        let backend = Arc::new(Backend::new(
+            &sh,
+            "agent".into(),
+            Identifiers::default(),
+            tx,
+            WINDOW,
+        ));
+        sh.add_backend(backend.clone());
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 5).await.unwrap();
+        assert!(matches!(
+            to_agent.recv().await.unwrap().checked(),
+            Ok(Checked::DialReq(_))
+        ));
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(5, CONNECT_ID, ""));
+        let writes = [71, WINDOW, WINDOW, 3 * WINDOW + 5];
+        let total: usize = writes.iter().sum();
+        // The agent's side: every DATA is delivered at once and counted
+        // toward acknowledgements as the agent's writer counts them.
+        let agent = {
+            let (sh, backend) = (sh.clone(), backend.clone());
+            tokio::spawn(async move {
+                let acks = Credit::new(WINDOW);
+                let mut pieces = Vec::new();
+                while pieces.iter().sum::<usize>() < total {
+                    let Some(p) = to_agent.recv().await else {
+                        break;
+                    };
+                    if let Ok(Checked::Data(d)) = p.checked() {
+                        pieces.push(d.data.len());
+                        if let Some(n) = acks.delivered(d.data.len()) {
+                            sh.handle_agent_packet(&backend, Packet::data_ack(CONNECT_ID, n));
+                        }
+                    }
+                }
+                pieces
+            })
+        };
+        for n in writes {
+            let write = sh.handle_frontend_packet(&fe, Packet::data(CONNECT_ID, vec![7; n].into()));
+            let done = tokio::time::timeout(Duration::from_secs(60), write).await;
+            assert_eq!(done, Ok(true), "a {n}-byte write never reached the agent");
+        }
+        let pieces = agent.await.unwrap();
+        assert_eq!(pieces.iter().sum::<usize>(), total);
+        assert!(pieces.iter().all(|n| *n <= WINDOW / 4), "{pieces:?}");
     }
 
     #[test]
