@@ -208,14 +208,6 @@ fn legitimate_client_served(st: &Stack, backend: &HttpServer, when: &str) {
     assert!(out.contains("hello from the backend"), "{when}: {out}");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// 2 MB of 1-byte DATA frames (the gRPC message they belong to never
 /// completes) on eight connections: once each frame pinned a 64 KiB read
 /// buffer (2 MB raised RSS by ~760 MB); now the bytes held are what came.

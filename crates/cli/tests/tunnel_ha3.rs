@@ -18,14 +18,6 @@ const OPEN_SERVERS: &str = "konnectivity_network_proxy_agent_open_server_connect
 const READY_BACKENDS: &str = "konnectivity_network_proxy_server_ready_backend_connections";
 const AGENT_DIALS: &str = "konnectivity_network_proxy_agent_dial_duration_seconds_count";
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn start_server(dir: &Path, p: &Ports, id: &str, extra: &[&str]) -> Proc {
     let mut sa = server_args(p, "grpc");
     sa.push(format!("--server-id={id}"));

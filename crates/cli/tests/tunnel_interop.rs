@@ -272,11 +272,7 @@ fn upstream_style_agent_slow_reader_is_cut_alone() {
         http_get(p.health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     let addr = frontend_addr(dir.path(), p.server);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let target = format!("127.0.0.1:{}", backend.port);

@@ -205,11 +205,7 @@ fn tunnels_whose_clients_do_not_read_are_capped_in_total() {
     let st = Stack::start_with("http-connect", &[&cap], &[]);
     let rss_before = st.server.rss_kib();
     let addr = st.frontend();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         use tokio::io::AsyncWriteExt;
         let target = format!("127.0.0.1:{}", backend.port);
@@ -389,11 +385,7 @@ fn connections_to_backends_that_do_not_read_are_capped_in_total_on_the_agent() {
     let st = Stack::start_with("http-connect", &[], &[&cap]);
     let rss_before = st.agent.rss_kib();
     let addr = st.frontend();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         use tokio::io::AsyncWriteExt;
         let target = format!("127.0.0.1:{}", deaf.port);
@@ -472,11 +464,7 @@ fn bytes_left_for_a_backend_that_does_not_read_are_freed_after_the_client_leaves
     let deaf = DeafBackend::start_chatty(true);
     let st = Stack::start("http-connect");
     let addr = st.frontend();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         use tokio::io::AsyncWriteExt;
         let target = format!("127.0.0.1:{}", deaf.port);

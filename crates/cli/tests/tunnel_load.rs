@@ -13,14 +13,6 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel_support::*;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Echo `size` bytes of a per-connection pattern through an open tunnel
 /// and compare hashes.
 async fn echo_check<S: client::Io + ?Sized>(

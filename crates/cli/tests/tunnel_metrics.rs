@@ -50,11 +50,7 @@ fn metrics_count_what_happened() {
     let addr = st.frontend();
     assert_eq!(srv(&st, "ready_backend_connections", &[]), 1.0);
     assert_eq!(agt(&st, "open_server_connections", &[]), 1.0);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     const N: usize = 12;
     const HELD: usize = 5;
     let head_out = b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n";

@@ -799,11 +799,7 @@ fn dial_request_send_timeout_retires_a_stuck_agent() {
         &[],
     );
     let p = st.ports;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let ready = || {
         metric(
             p.health,

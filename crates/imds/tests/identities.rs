@@ -91,53 +91,77 @@ const SDK_ENDPOINT_VARS: &[&str] = &[
     "AZURE_POD_IDENTITY_AUTHORITY_HOST",
 ];
 
-fn python_in(ns: &NetNs, script: &str, args: &[&str]) -> serde_json::Value {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name(), "python3", "-c", script])
-        .args(args);
-    for var in SDK_ENDPOINT_VARS {
-        cmd.env_remove(var);
+/// Whether an SDK test can run: root, python3 (and curl), and `import`
+/// importable. A missing SDK skips the test with a message, or fails it
+/// under CI (scripts/install-deps.sh installs every SDK).
+fn sdk_ready(test: &str, import: &str, sdk: &str) -> bool {
+    if !(require_root(test) && require_tool(test, "python3") && require_tool(test, "curl")) {
+        return false;
     }
-    let out = cmd.output().expect("running python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|_| {
-        panic!(
-            "app printed no JSON: stdout {stdout:?} stderr {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-#[test]
-fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
-    let test = "azure_identity_sdk_gets_its_pods_identity_and_no_other";
-    if !(require_root(test) && require_tool(test, "python3")) {
-        return;
-    }
-    let have_sdk = Command::new("python3")
-        .args(["-c", "import azure.identity"])
+    let have = Command::new("python3")
+        .args(["-c", &format!("import {import}")])
         .status()
         .is_ok_and(|s| s.success());
-    if !have_sdk {
+    if !have {
         assert!(
             std::env::var("CI").is_err(),
-            "azure-identity missing (scripts/install-deps.sh installs it)"
+            "{sdk} missing (scripts/install-deps.sh installs it)"
         );
-        eprintln!("skipping {test}: azure-identity not installed");
-        return;
+        eprintln!("skipping {test}: {sdk} not installed");
     }
-    let mut topo = Topology::new("imid");
-    let ids = topo.mock.identities().to_vec();
-    let (system, web_id, batch_id) = (&ids[0], &ids[1], &ids[2]);
-    for ip in ["10.98.0.21", "10.98.0.22", "10.98.0.23"] {
-        topo.add_pod(ip, Some(pod_addr()));
+    have
+}
+
+/// The three stand-in pods of the SDK tests, redirected to the proxy: web
+/// (app=web), batch (app=batch) and unbound (no labels), at 10.98.0.`first`
+/// and the two addresses after it.
+fn three_pods(tag: &str, first: u8) -> (Topology, Vec<Pod>) {
+    let mut topo = Topology::new(tag);
+    for i in 0..3 {
+        topo.add_pod(&format!("10.98.0.{}", first + i), Some(pod_addr()));
     }
     let pods = vec![
         pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
         pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
         pod("unbound", Some(topo.pod(2).path()), &[]),
     ];
+    (topo, pods)
+}
+
+/// Runs `argv` in `ns` without the variables in `unset` and with `set`;
+/// the JSON object the app printed last.
+fn app_in(ns: &NetNs, argv: &[&str], unset: &[&str], set: &[(&str, &str)]) -> serde_json::Value {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).args(argv);
+    for var in unset {
+        cmd.env_remove(var);
+    }
+    cmd.envs(set.iter().copied());
+    let out = cmd.output().expect("running the app");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+        panic!(
+            "{argv:?} printed no JSON: stdout {stdout:?} stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn python_in(ns: &NetNs, script: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec!["python3", "-c", script];
+    argv.extend_from_slice(args);
+    app_in(ns, &argv, SDK_ENDPOINT_VARS, &[])
+}
+
+#[test]
+fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
+    let test = "azure_identity_sdk_gets_its_pods_identity_and_no_other";
+    if !sdk_ready(test, "azure.identity", "azure-identity") {
+        return;
+    }
+    let (topo, pods) = three_pods("imid", 21);
+    let ids = topo.mock.identities().to_vec();
+    let (system, web_id, batch_id) = (&ids[0], &ids[1], &ids[2]);
     let proxy = Proxy::start(
         &topo,
         &pods,
@@ -504,52 +528,32 @@ fn boto_in(ns: &NetNs, sts_url: &str) -> serde_json::Value {
 }
 
 fn boto_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name()]).args(argv);
-    for var in AWS_VARS {
-        cmd.env_remove(var);
-    }
-    cmd.env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_V1_DISABLED", "true")
-        // botocore gives the metadata service 1 s and one attempt by default;
-        // a first credentials request here waits for moto's first AssumeRole
-        // (a cold Python import), which on a loaded 2-CPU machine can take
-        // longer. These are botocore's own settings for slow metadata.
-        .env("AWS_METADATA_SERVICE_TIMEOUT", "10")
-        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "3");
-    let out = cmd.output().expect("running python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
-        panic!(
-            "boto app printed no JSON: stdout {stdout:?} stderr {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    app_in(
+        ns,
+        argv,
+        AWS_VARS,
+        &[
+            ("AWS_CONFIG_FILE", "/nonexistent"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+            ("AWS_EC2_METADATA_V1_DISABLED", "true"),
+            // botocore gives the metadata service 1 s and one attempt by
+            // default; a first credentials request here waits for moto's
+            // first AssumeRole (a cold Python import), which on a loaded
+            // 2-CPU machine can take longer. These are botocore's own
+            // settings for slow metadata.
+            ("AWS_METADATA_SERVICE_TIMEOUT", "10"),
+            ("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "3"),
+        ],
+    )
 }
 
 #[test]
 fn boto3_pods_get_their_own_roles_from_sts_through_the_proxy() {
     let test = "boto3_pods_get_their_own_roles_from_sts_through_the_proxy";
-    if !(require_root(test) && require_tool(test, "python3") && require_tool(test, "curl")) {
+    if !sdk_ready(test, "boto3, moto.server, flask", "boto3/moto[server]") {
         return;
     }
-    let have = Command::new("python3")
-        .args(["-c", "import boto3, moto.server, flask"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var("CI").is_err(),
-            "boto3/moto[server] missing (scripts/install-deps.sh installs them)"
-        );
-        eprintln!("skipping {test}: boto3 or moto[server] not installed");
-        return;
-    }
-    let mut topo = Topology::new("imaw");
-    for ip in ["10.98.0.31", "10.98.0.32", "10.98.0.33"] {
-        topo.add_pod(ip, Some(pod_addr()));
-    }
+    let (topo, pods) = three_pods("imaw", 31);
     let moto = Moto::start(&topo.node);
     let web_role = "arn:aws:iam::123456789012:role/web-role";
     let batch_role = "arn:aws:iam::123456789012:role/batch-role";
@@ -574,11 +578,6 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
 "#,
         moto.port
     );
-    let pods = vec![
-        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
-        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
-        pod("unbound", Some(topo.pod(2).path()), &[]),
-    ];
     let proxy = Proxy::start(&topo, &pods, &rules, Limits::default(), None);
     let sts_url = format!("http://10.98.0.1:{}", moto.port);
 
@@ -792,46 +791,18 @@ const GOOGLE_VARS: &[&str] = &[
 ];
 
 fn google_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name()]).args(argv);
-    for var in GOOGLE_VARS {
-        cmd.env_remove(var);
-    }
     // metadata.google.internal is not resolvable in a stand-in pod; the
     // SDK's documented override names the same address.
-    cmd.env("GCE_METADATA_HOST", IMDS);
-    let out = cmd.output().expect("running python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
-        panic!(
-            "google app printed no JSON: stdout {stdout:?} stderr {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    app_in(ns, argv, GOOGLE_VARS, &[("GCE_METADATA_HOST", IMDS)])
 }
 
 #[test]
 fn google_auth_pods_get_their_own_service_accounts() {
     let test = "google_auth_pods_get_their_own_service_accounts";
-    if !(require_root(test) && require_tool(test, "python3") && require_tool(test, "curl")) {
+    if !sdk_ready(test, "google.auth.compute_engine, requests", "google-auth") {
         return;
     }
-    let have_sdk = Command::new("python3")
-        .args(["-c", "import google.auth.compute_engine, requests"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have_sdk {
-        assert!(
-            std::env::var("CI").is_err(),
-            "google-auth missing (scripts/install-deps.sh installs it)"
-        );
-        eprintln!("skipping {test}: google-auth not installed");
-        return;
-    }
-    let mut topo = Topology::new("imgc");
-    for ip in ["10.98.0.41", "10.98.0.42", "10.98.0.43"] {
-        topo.add_pod(ip, Some(pod_addr()));
-    }
+    let (topo, pods) = three_pods("imgc", 41);
     // IAM Credentials: the same fake (same accounts and tokens) on the
     // cloud namespace's other address.
     let state = topo.mock.clone();
@@ -843,11 +814,6 @@ fn google_auth_pods_get_their_own_service_accounts() {
     });
     let gcp = topo.mock.gcp();
     let (web_sa, batch_sa) = (gcp.accounts()[1].clone(), gcp.accounts()[2].clone());
-    let pods = vec![
-        pod("web", Some(topo.pod(0).path()), &[("app", "web")]),
-        pod("batch", Some(topo.pod(1).path()), &[("app", "batch")]),
-        pod("unbound", Some(topo.pod(2).path()), &[]),
-    ];
     let rules = gcp_rules(&web_sa, &batch_sa, 600, "http://10.99.0.2:8080");
     let proxy = Proxy::start(&topo, &pods, &rules, Limits::default(), None);
 

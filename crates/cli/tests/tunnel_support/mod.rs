@@ -579,3 +579,13 @@ pub fn bad_input_count(health: u16, kind: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The tokio runtime the tests drive clients from: two workers, as the CI
+/// machine has two CPUs.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
