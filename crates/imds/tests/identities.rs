@@ -246,6 +246,26 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
     );
 }
 
+/// The proxy of the 100-pod tests: the fake at `upstream`, loopback pods
+/// (no listeners of its own), no audit and no rate limit (every pod asks at
+/// once).
+fn many_pods_config(upstream: SocketAddr, rules: &str) -> ProxyConfig {
+    ProxyConfig {
+        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+        rules: Rules::from_yaml(rules, "test").unwrap(),
+        pod_listen: None,
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::discard(),
+        limits: Limits {
+            rate_per_sec: 0.0,
+            ..Limits::default()
+        },
+        reconcile_every: Duration::ZERO,
+        workers: 2,
+    }
+}
+
 /// GETs `target` on `addr` with `Metadata: true`; (status, body).
 async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
     get_with(addr, target, "Metadata: true").await
@@ -295,20 +315,7 @@ fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
                 pod(&format!("p{i}"), None, &[("app", app)])
             })
             .collect();
-        let config = ProxyConfig {
-            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
-            pod_listen: None,
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::discard(),
-            limits: Limits {
-                rate_per_sec: 0.0,
-                ..Limits::default()
-            },
-            reconcile_every: Duration::ZERO,
-            workers: 2,
-        };
+        let config = many_pods_config(upstream, &azure_rules(&ids[1], &ids[2]));
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
         let target = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
         let round = || {
@@ -965,24 +972,10 @@ fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
             })
             .collect();
         // Tokens that live 4 s: the proxy refreshes them after 2 s.
-        let config = ProxyConfig {
-            upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-            rules: Rules::from_yaml(
-                &gcp_rules(web_sa, batch_sa, 4, &format!("http://{upstream}")),
-                "test",
-            )
-            .unwrap(),
-            pod_listen: None,
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::discard(),
-            limits: Limits {
-                rate_per_sec: 0.0,
-                ..Limits::default()
-            },
-            reconcile_every: Duration::ZERO,
-            workers: 2,
-        };
+        let config = many_pods_config(
+            upstream,
+            &gcp_rules(web_sa, batch_sa, 4, &format!("http://{upstream}")),
+        );
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
         let target = "/computeMetadata/v1/instance/service-accounts/default/token";
         for refresh in [1, 2] {
