@@ -470,25 +470,63 @@ fn connections_to_backends_that_do_not_read_are_capped_in_total_on_the_agent() {
 }
 
 /// Clients that fill their connections to backends that never read, then
-/// leave. The server notices (its writes toward them fail: the backends
-/// send a byte now and then) and sends CLOSE_REQ; the agent gives what it
-/// still queues, a write under way included, 10 s to be taken, then drops
-/// the connection and gives its bytes back, which would otherwise hold part
-/// of `--max-queued-bytes` for good.
-#[test]
-fn bytes_left_for_a_backend_that_does_not_read_are_freed_after_the_client_leaves() {
-    let deaf = DeafBackend::start_chatty(true);
-    let st = Stack::start("http-connect");
-    let addr = st.frontend();
+/// leave (their sockets closed with bytes still unsent). The server sees
+/// them go: on gRPC by the connection's end; on HTTP-CONNECT over a unix
+/// socket by the kernel's hang-up flag, checked while a send waits for
+/// credit (or, with a backend that sends a byte now and then, because
+/// writing to the client fails). What was still on its way gets 10 s, then
+/// the tunnel ends and the server sends CLOSE_REQ; the agent gives what it
+/// still queues, a write under way included, 10 s more, then drops the
+/// connection and gives its bytes back, which would otherwise hold part of
+/// `--max-queued-bytes` for good. Both count `drain_timeouts_total`.
+/// (HTTP-CONNECT over TCP with a silent backend is not among them: the
+/// client's FIN waits behind the bytes our zero window holds back, so from
+/// here it looks like a client still sending; see docs, Limits.)
+fn freed_after_the_clients_leave(mode: &str, uds: bool, chatty: bool) {
+    let deaf = DeafBackend::start_chatty(chatty);
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("frontend.sock");
+    let uds_flag = format!("--uds-name={}", sock.display());
+    let flags: &[&str] = if uds {
+        // A plain unix socket: no port, no serving certificate.
+        &[
+            &uds_flag,
+            "--server-port=0",
+            "--server-cert=",
+            "--server-key=",
+            "--server-ca-cert=",
+        ]
+    } else {
+        &[]
+    };
+    let st = Stack::start_with(mode, flags, &[]);
+    let addr = if uds {
+        konnectivity::client::ProxyAddr::Uds(sock.clone())
+    } else {
+        st.frontend()
+    };
     let rt = runtime();
     rt.block_on(async {
         use tokio::io::AsyncWriteExt;
         let target = format!("127.0.0.1:{}", deaf.port);
         let mut writers = Vec::new();
         for _ in 0..4 {
-            let mut io = konnectivity::client::http_connect(&addr, &target, "leaves")
-                .await
-                .unwrap_or_else(|e| panic!("dial: {e:?}\n{}", st.logs()));
+            let mut io: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if mode == "grpc" {
+                let channel = konnectivity::client::grpc_channel(&addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("channel: {e:?}\n{}", st.logs()));
+                Box::new(
+                    konnectivity::client::grpc_dial(channel, &target)
+                        .await
+                        .unwrap_or_else(|e| panic!("dial: {e:?}\n{}", st.logs())),
+                )
+            } else {
+                Box::new(
+                    konnectivity::client::http_connect(&addr, &target, "leaves")
+                        .await
+                        .unwrap_or_else(|e| panic!("dial: {e:?}\n{}", st.logs())),
+                )
+            };
             writers.push(tokio::spawn(async move {
                 let chunk = vec![7u8; 64 << 10];
                 for _ in 0..256 {
@@ -503,15 +541,15 @@ fn bytes_left_for_a_backend_that_does_not_read_are_freed_after_the_client_leaves
             Duration::from_secs(60),
             || queued(st.ports.agent_health, "agent") >= (2 << 20) as f64,
         );
-        // The clients leave (their sockets close with unread bytes).
         for w in writers {
             w.abort();
         }
     });
+    // The clients leave: every socket of theirs is closed.
     drop(rt);
     wait_for(
-        "the clients' connections to close",
-        Duration::from_secs(30),
+        "the clients' tunnels to end on the server",
+        Duration::from_secs(60),
         || {
             metric(
                 st.ports.health,
@@ -521,9 +559,106 @@ fn bytes_left_for_a_backend_that_does_not_read_are_freed_after_the_client_leaves
     );
     wait_for(
         "the agent to give the bytes back (10 s after CLOSE_REQ)",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || queued(st.ports.agent_health, "agent") == 0.0,
     );
     // The backends never read and are still there: the agent let go.
     assert_eq!(deaf.held.lock().unwrap().len(), 4);
+    let drained = |port: u16, who: &str| {
+        metric(
+            port,
+            &format!("konnectivity_network_proxy_{who}_drain_timeouts_total"),
+        )
+    };
+    assert!(
+        drained(st.ports.agent_health, "agent") >= 1.0,
+        "{}",
+        st.logs()
+    );
+    if !chatty {
+        // Nothing to write to the client: only the server's own wait ended it.
+        assert!(drained(st.ports.health, "server") >= 1.0, "{}", st.logs());
+    }
+}
+
+#[test]
+fn bytes_left_for_a_backend_that_does_not_read_are_freed_after_the_client_leaves() {
+    freed_after_the_clients_leave("http-connect", false, true);
+}
+
+#[test]
+fn a_silent_backend_that_does_not_read_is_let_go_after_http_connect_uds_clients_leave() {
+    freed_after_the_clients_leave("http-connect", true, false);
+}
+
+#[test]
+fn a_silent_backend_that_does_not_read_is_let_go_after_grpc_clients_leave() {
+    freed_after_the_clients_leave("grpc", false, false);
+}
+
+/// `--max-frontend-connections` and `--max-agent-connections`: a
+/// connection past the cap is closed as soon as it is accepted and counted
+/// in `connections_refused_total{listener, reason="connection_cap"}`; the
+/// connections inside the cap carry on, and a slot freed is taken again.
+#[test]
+fn frontend_and_agent_connections_past_their_caps_are_closed_and_counted() {
+    let backend = HttpServer::start();
+    let st = Stack::start_with(
+        "http-connect",
+        &["--max-frontend-connections=8", "--max-agent-connections=1"],
+        &[],
+    );
+    let addr = st.frontend();
+    let admin = st.ports.admin;
+    let rt = runtime();
+    rt.block_on(async {
+        let target = format!("127.0.0.1:{}", backend.port);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(
+                konnectivity::client::http_connect(&addr, &target, "held")
+                    .await
+                    .unwrap_or_else(|e| panic!("dial inside the cap: {e:?}\n{}", st.logs())),
+            );
+        }
+        // The ninth is closed before its TLS handshake.
+        let before = refused_for(admin, "frontend", "connection_cap");
+        let ninth = konnectivity::client::http_connect(&addr, &target, "ninth").await;
+        assert!(ninth.is_err(), "a ninth connection was served");
+        assert_eq!(
+            refused_for(admin, "frontend", "connection_cap"),
+            before + 1.0
+        );
+        // One tunnel ends: once the server has seen it close, its slot
+        // serves a new client (tries before that are refused at the cap).
+        drop(held.pop());
+        let mut tries = 0;
+        while let Err(e) = legit_get(&addr, backend.port).await {
+            tries += 1;
+            assert!(
+                tries < 100
+                    && refused_for(admin, "frontend", "connection_cap")
+                        >= before + 1.0 + tries as f64,
+                "after a tunnel ended: {e} ({tries} tries)\n{}",
+                st.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The agent's one connection fills the agent listener's cap: another
+        // is closed at once, and the agent keeps serving.
+        let before = refused_for(admin, "agent", "connection_cap");
+        let mut extra = TcpStream::connect(("127.0.0.1", st.ports.agent)).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let read = std::io::Read::read(&mut extra, &mut buf);
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(refused_for(admin, "agent", "connection_cap"), before + 1.0);
+        legit_get(&addr, backend.port)
+            .await
+            .unwrap_or_else(|e| panic!("beside a refused agent connection: {e}\n{}", st.logs()));
+        drop(held);
+    });
 }

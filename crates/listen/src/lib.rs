@@ -13,7 +13,8 @@
 //! - [`raise_nofile_limit`]: the soft RLIMIT_NOFILE raised to the hard
 //!   limit at start-up, as Go's runtime does for upstream's binaries (a 1024
 //!   soft limit is a thousand idle connections away from refusing every
-//!   tunnel).
+//!   tunnel); [`cap_within_nofile_limit`] keeps a default connection cap
+//!   below it.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -186,6 +187,28 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     Ok((old, lim.rlim_cur as u64))
 }
 
+/// `want`, lowered to three quarters of the soft open-file limit: a
+/// connection cap above what the process can open protects nothing, and the
+/// last quarter stays for the other listeners and the outgoing sockets.
+#[cfg(unix)]
+pub fn cap_within_nofile_limit(want: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return want;
+    }
+    let soft = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    want.min(soft / 4 * 3).max(1)
+}
+
+#[cfg(not(unix))]
+pub fn cap_within_nofile_limit(want: usize) -> usize {
+    want
+}
+
 #[cfg(not(unix))]
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     Ok((0, 0))
@@ -237,6 +260,18 @@ mod tests {
         assert_eq!(gate.due(), Some(4));
         // Each loop still paces its own retries.
         assert_eq!(b.failed(&emfile), FIRST_PAUSE * 2);
+    }
+
+    #[test]
+    fn caps_stay_within_three_quarters_of_the_fd_limit() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        let soft = lim.rlim_cur as usize;
+        assert_eq!(cap_within_nofile_limit(10), 10.min(soft / 4 * 3));
+        assert_eq!(cap_within_nofile_limit(usize::MAX), soft / 4 * 3);
     }
 
     #[test]

@@ -788,30 +788,36 @@ async fn dial(
                 continue;
             };
             // After CLOSE_REQ the rest is delivered, but a backend that
-            // stopped reading gets 10 s, not forever.
+            // stopped reading gets DRAIN_AFTER_CLOSE per write, not forever.
             let draining = ep_w.queue.is_closed();
             let write = async {
                 if draining {
-                    matches!(
-                        tokio::time::timeout(Duration::from_secs(10), wr.write_all(&d.data)).await,
-                        Ok(Ok(()))
-                    )
+                    match tokio::time::timeout(crate::DRAIN_AFTER_CLOSE, wr.write_all(&d.data))
+                        .await
+                    {
+                        Ok(r) => r.is_ok(),
+                        Err(_) => {
+                            sh_w.metrics.drain_timeouts_total.inc();
+                            false
+                        }
+                    }
                 } else {
                     wr.write_all(&d.data).await.is_ok()
                 }
             };
             // A write already under way when CLOSE_REQ (which stops the
-            // reading side) arrives gets the same 10 s from then: else a
+            // reading side) arrives gets the same time from then: else a
             // backend that never reads keeps the connection, and its queued
             // bytes, for good after the client has gone.
-            let closed_then_10s = async {
+            let closed_then_drain = async {
                 ep_w.stop_read.cancelled().await;
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(crate::DRAIN_AFTER_CLOSE).await;
+                sh_w.metrics.drain_timeouts_total.inc();
             };
             let ok = tokio::select! {
                 _ = ep_w.kill.cancelled() => return,
                 ok = write => ok,
-                _ = closed_then_10s, if !draining => false,
+                _ = closed_then_drain, if !draining => false,
             };
             if ok
                 && let Some(bytes) = ep_w

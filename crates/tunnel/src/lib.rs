@@ -93,6 +93,12 @@ pub const H2_MAX_FRAME: u32 = 2 * READ_CHUNK as u32;
 /// message. Pieces let other connections' packets in between.
 pub const MAX_DATA_PIECE: usize = 4 * READ_CHUNK;
 
+/// How long data still on its way to a reader gets once the other end of
+/// its tunnel has gone (the client left, or CLOSE_REQ came): long enough
+/// for a reader that is slow but reading, while a reader that never reads
+/// cannot keep the tunnel, and the bytes it holds, for good.
+pub const DRAIN_AFTER_CLOSE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// gRPC's default maximum message size, which upstream keeps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 

@@ -68,6 +68,12 @@ fn gauge(reg: &Registry, sub: &str, name: &str, help: &str) -> IntGauge {
     reg.register(Box::new(g.clone())).unwrap();
     g
 }
+fn counter(reg: &Registry, sub: &str, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::with_opts(Opts::new(name, help).namespace(NS).subsystem(sub)).unwrap();
+    reg.register(Box::new(c.clone())).unwrap();
+    c
+}
+
 fn gauge_vec(reg: &Registry, sub: &str, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help).namespace(NS).subsystem(sub), labels).unwrap();
     reg.register(Box::new(g.clone())).unwrap();
@@ -278,6 +284,9 @@ pub struct ServerMetrics {
     /// `flow_control_stalls_total{segment="to_agent"}`, looked up once: it
     /// is counted on the data path.
     pub stalls_to_agent: prometheus::IntCounter,
+    /// Tunnels ended with data still on its way because its reader took
+    /// none of it for [`crate::DRAIN_AFTER_CLOSE`] after the other end left.
+    pub drain_timeouts_total: IntCounter,
 }
 
 /// The lease garbage collector's series (server side).
@@ -510,6 +519,12 @@ impl Default for ServerMetrics {
                 &["agent_id", "direction"],
             ),
             // Shown from the start (0), not only after the first stall.
+            drain_timeouts_total: counter(
+                &r,
+                s,
+                "drain_timeouts_total",
+                "Tunnels whose client left while client bytes were still on their way to the agent, which took none of them for 10 s; the bytes were dropped.",
+            ),
             stalls_to_agent: stalls.with_label_values(&["to_agent"]),
             flow_control_stalls_total: stalls,
             registry: r,
@@ -556,6 +571,9 @@ pub struct AgentMetrics {
     pub stalls_to_server: prometheus::IntCounter,
     /// `--probe-interval` checks of server connections, by result.
     pub server_probes_total: IntCounterVec,
+    /// Tunnels ended with data still on its way because its reader took
+    /// none of it for [`crate::DRAIN_AFTER_CLOSE`] after the other end left.
+    pub drain_timeouts_total: IntCounter,
 }
 
 impl Default for AgentMetrics {
@@ -662,6 +680,12 @@ impl Default for AgentMetrics {
                 "server_probes_total",
                 "Checks of server connections every --probe-interval, by result (not_ready: closed or GOAWAY received; the connection is dropped and dialled again).",
                 &["result"],
+            ),
+            drain_timeouts_total: counter(
+                &r,
+                s,
+                "drain_timeouts_total",
+                "Connections closed (CLOSE_REQ) while bytes were still on their way to the backend, which took none of them for 10 s; the bytes were dropped.",
             ),
             queued_bytes: gauge(
                 &r,

@@ -181,6 +181,20 @@ struct Args {
     /// in dials_refused_total{reason="queued_bytes_cap"}. 0: no cap.
     #[arg(long = "max-queued-bytes", default_value_t = konnectivity::server::DEFAULT_MAX_QUEUED_BYTES)]
     max_queued_bytes: usize,
+    /// Extra: frontend connections open at once; one more is closed as soon
+    /// as it is accepted and counted in
+    /// connections_refused_total{listener="frontend",reason="connection_cap"}.
+    /// Default: 50000, or three quarters of the open-file limit if lower.
+    /// 0: no cap.
+    #[arg(long = "max-frontend-connections")]
+    max_frontend_connections: Option<usize>,
+    /// Extra: agent connections open at once (TLS handshakes under way
+    /// included); more are closed at once and counted in
+    /// connections_refused_total{listener="agent",reason="connection_cap"}.
+    /// Default: 10000, or three quarters of the open-file limit if lower.
+    /// 0: no cap.
+    #[arg(long = "max-agent-connections")]
+    max_agent_connections: Option<usize>,
     /// Extra: pending dials over all clients; more are refused.
     #[arg(long = "max-pending-dials", default_value_t = 10_000)]
     max_pending_dials: usize,
@@ -420,6 +434,12 @@ async fn run(a: Args) -> i32 {
         agent_keepalive: a.keepalive_time,
         agent_liveness: a.agent_liveness_interval,
         frontend_keepalive: a.frontend_keepalive_time,
+        max_frontend_connections: a
+            .max_frontend_connections
+            .unwrap_or_else(|| proxyctl_listen::cap_within_nofile_limit(50_000)),
+        max_agent_connections: a
+            .max_agent_connections
+            .unwrap_or_else(|| proxyctl_listen::cap_within_nofile_limit(10_000)),
     };
     let running = match server::launch(launch).await {
         Ok(r) => r,

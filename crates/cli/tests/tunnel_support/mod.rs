@@ -416,6 +416,13 @@ impl Stack {
         for attempt in 1.. {
             let ports = Ports::new();
             let mut sa = server_args(&ports, mode);
+            // An extra flag given again replaces the default one.
+            sa.retain(|a| {
+                let name = a.split('=').next().unwrap_or(a);
+                !extra_server
+                    .iter()
+                    .any(|e| e.split('=').next() == Some(name))
+            });
             sa.extend(s(extra_server));
             let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
             let mut aa = agent_args(&ports);

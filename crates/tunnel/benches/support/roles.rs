@@ -112,6 +112,9 @@ pub fn server_launch(
         agent_keepalive: Duration::from_secs(3600),
         agent_liveness: Duration::from_secs(5),
         frontend_keepalive: Duration::from_secs(3600),
+        // The benches open tens of thousands of idle connections.
+        max_frontend_connections: 0,
+        max_agent_connections: 0,
     }
 }
 

@@ -75,6 +75,99 @@ fn parse_head(head: &[u8]) -> Result<String, HeadError> {
     Ok(address.to_string())
 }
 
+/// Tells whether the client has hung up (FIN or reset) without reading
+/// from its socket: a relay learns of a FIN only once it has read every
+/// byte sent before it, and a tunnel waiting for a backend that never reads
+/// never gets that far. The kernel knows at once (POLLRDHUP), for TCP and
+/// unix sockets alike.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HangupProbe(#[cfg(unix)] Option<std::os::fd::RawFd>);
+
+impl HangupProbe {
+    /// A probe that never reports a hang-up (streams with no socket).
+    pub(crate) fn none() -> Self {
+        HangupProbe(
+            #[cfg(unix)]
+            None,
+        )
+    }
+
+    /// A probe of `socket`, valid while the socket is open (the caller
+    /// keeps it open for as long as it asks).
+    #[cfg(unix)]
+    pub(crate) fn of(socket: &impl std::os::fd::AsRawFd) -> Self {
+        HangupProbe(Some(socket.as_raw_fd()))
+    }
+
+    /// Elsewhere the client's hang-up is seen only by reading its EOF.
+    #[cfg(not(unix))]
+    pub(crate) fn of<T>(_socket: &T) -> Self {
+        Self::none()
+    }
+
+    fn hung_up(&self) -> bool {
+        #[cfg(unix)]
+        if let Some(fd) = self.0 {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, read and written by poll only; timeout 0.
+            let n = unsafe { libc::poll(&mut p, 1, 0) };
+            return n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+        }
+        false
+    }
+}
+
+/// How often a send that waits for credit checks whether its client left.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
+
+/// Sends client bytes toward the agent, watching the client while a send
+/// waits (for credit, when the backend reads slowly or not at all). Once
+/// the client has hung up, each send gets [`crate::DRAIN_AFTER_CLOSE`]: what
+/// the client sent before leaving is still delivered to a backend that
+/// reads, but one that never reads cannot keep the tunnel, and the bytes it
+/// holds, for good.
+struct ClientWatch {
+    probe: HangupProbe,
+    gone: bool,
+}
+
+impl ClientWatch {
+    /// False: the send failed or was given up (the tunnel ends).
+    async fn send(&mut self, sh: &Shared, send: impl std::future::Future<Output = bool>) -> bool {
+        use futures_util::FutureExt;
+        tokio::pin!(send);
+        // Most sends finish at once: no timer for them.
+        if let Some(sent) = (&mut send).now_or_never() {
+            return sent;
+        }
+        if !self.gone {
+            let start = tokio::time::Instant::now() + HANGUP_CHECK;
+            let mut check = tokio::time::interval_at(start, HANGUP_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    sent = &mut send => return sent,
+                    _ = check.tick() => if self.probe.hung_up() {
+                        self.gone = true;
+                        break;
+                    },
+                }
+            }
+        }
+        match tokio::time::timeout(crate::DRAIN_AFTER_CLOSE, send).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                sh.metrics.drain_timeouts_total.inc();
+                false
+            }
+        }
+    }
+}
+
 struct Guard<'a>(&'a Shared);
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
@@ -82,8 +175,9 @@ impl Drop for Guard<'_> {
     }
 }
 
-/// Serves one HTTP-CONNECT client socket to the end.
-pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S)
+/// Serves one HTTP-CONNECT client socket to the end; `client` watches it
+/// for a hang-up while its bytes wait for a backend.
+pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, client: HangupProbe)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -226,13 +320,21 @@ where
     };
 
     let up = async {
-        if !early.is_empty() && !sh.send_data_to_agent(&conn, early.freeze()).await {
+        let mut watch = ClientWatch {
+            probe: client,
+            gone: false,
+        };
+        if !early.is_empty()
+            && !watch
+                .send(&sh, sh.send_data_to_agent(&conn, early.freeze()))
+                .await
+        {
             return;
         }
         loop {
             match read_chunk(&mut rd).await {
                 Ok(c) if !c.is_empty() => {
-                    if !sh.send_data_to_agent(&conn, c).await {
+                    if !watch.send(&sh, sh.send_data_to_agent(&conn, c)).await {
                         return;
                     }
                 }
@@ -287,7 +389,7 @@ mod tests {
     async fn answer(sh: Arc<Shared>, head: Vec<u8>) -> String {
         use tokio::io::AsyncReadExt;
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(serve(sh, server));
+        let task = tokio::spawn(serve(sh, server, HangupProbe::none()));
         client.write_all(&head).await.unwrap();
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
@@ -321,7 +423,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let sh = shared();
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(serve(sh.clone(), server));
+        let task = tokio::spawn(serve(sh.clone(), server, HangupProbe::none()));
         let start = tokio::time::Instant::now();
         // One byte every 5 s: each read comes well within 30 s of the last.
         for b in b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n".iter() {

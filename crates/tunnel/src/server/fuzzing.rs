@@ -335,7 +335,11 @@ fn pick<T>(v: &mut [T], i: usize) -> Option<&mut T> {
 /// then a few bytes of DATA and CLOSE_RSP). Returns the response bytes.
 pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u8> {
     exchange(request, with_agent, dial_error, |sh, server| {
-        tokio::spawn(super::super::connect::serve(sh, server))
+        tokio::spawn(super::super::connect::serve(
+            sh,
+            server,
+            super::super::connect::HangupProbe::none(),
+        ))
     })
 }
 

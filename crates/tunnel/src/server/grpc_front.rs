@@ -1229,9 +1229,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         self.orphan_advance += std::mem::take(&mut s.recv_advance);
         let (sh, fe) = (self.sh.clone(), s.fe.clone());
         match s.processing.take() {
+            // The packet in flight is delivered before the agent hears of
+            // the end, unless it waits longer than DRAIN_AFTER_CLOSE (for
+            // flow-control credit from a backend that never reads): the
+            // client is gone, and a wait for ever would keep the tunnel
+            // and its bytes for good.
             Some(p) => {
                 tokio::spawn(async move {
-                    p.await;
+                    if tokio::time::timeout(crate::DRAIN_AFTER_CLOSE, p)
+                        .await
+                        .is_err()
+                    {
+                        sh.metrics.drain_timeouts_total.inc();
+                    }
                     release(&sh, &fe);
                 });
             }

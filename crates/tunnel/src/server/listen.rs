@@ -1,7 +1,7 @@
 //! Listeners and lifecycle: the frontend (TCP+mTLS or UDS; gRPC or
 //! HTTP-CONNECT), the agent listener (mTLS), the health and admin ports.
 
-use proxyctl_listen::AcceptBackoff;
+use proxyctl_listen::{AcceptBackoff, ConnLimit, ConnPermit};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
+use super::connect::HangupProbe;
 use super::state::{AgentSvc, ProxyServer, ServerOptions, Shared};
 use crate::http::{self, Reply};
 use crate::proto::agent_service_server::AgentServiceServer;
@@ -57,6 +58,47 @@ pub struct ServerLaunch {
     /// seconds; zero leaves only `agent_keepalive`.
     pub agent_liveness: Duration,
     pub frontend_keepalive: Duration,
+    /// Frontend connections open at once (`--max-frontend-connections`);
+    /// one more is closed as soon as it is accepted. 0: no cap.
+    pub max_frontend_connections: usize,
+    /// Agent connections open at once (`--max-agent-connections`), TLS
+    /// handshakes under way included. 0: no cap.
+    pub max_agent_connections: usize,
+}
+
+/// A listener's connection cap and the count of connections refused at it
+/// (`connections_refused_total{listener, reason="connection_cap"}`).
+#[derive(Clone)]
+struct Cap {
+    limit: ConnLimit,
+    refused: prometheus::IntCounter,
+}
+
+impl Cap {
+    fn new(sh: &Shared, listener: &str, max: usize) -> Self {
+        let max = if max == 0 {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            max
+        };
+        Cap {
+            limit: ConnLimit::new(max),
+            refused: sh
+                .metrics
+                .connections_refused_total
+                .with_label_values(&[listener, "connection_cap"]),
+        }
+    }
+
+    /// A permit for one more connection, held for its life; None at the
+    /// cap (counted: the caller closes the connection at once).
+    fn admit(&self) -> Option<ConnPermit> {
+        let permit = self.limit.try_acquire();
+        if permit.is_none() {
+            self.refused.inc();
+        }
+        permit
+    }
 }
 
 pub struct RunningServer {
@@ -101,13 +143,17 @@ impl RunningServer {
 }
 
 /// A TLS stream tonic can serve (tonic's own impl needs its TLS feature);
-/// the frontends serve it too.
-pub(crate) struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
+/// the frontends serve it too. It carries its listener's cap permit, so the
+/// permit goes when the connection does, whoever ends it.
+pub(crate) struct TlsConn {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    _permit: ConnPermit,
+}
 
 impl Connected for TlsConn {
     type ConnectInfo = Option<SocketAddr>;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.peer_addr().ok()
+        self.tls.get_ref().0.peer_addr().ok()
     }
 }
 impl AsyncRead for TlsConn {
@@ -116,7 +162,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
 impl AsyncWrite for TlsConn {
@@ -125,23 +171,23 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.tls).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tls).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.tls.is_write_vectored()
     }
 }
 
@@ -156,15 +202,29 @@ struct Front {
 }
 
 impl Front {
-    fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, io: S) {
+    /// Serves one client connection; `permit` (of the frontend's cap, when
+    /// the stream does not carry it) is released when it ends.
+    fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        &self,
+        io: S,
+        client: HangupProbe,
+        permit: Option<ConnPermit>,
+    ) {
         let sh = self.sh.clone();
         match self.mode {
             FrontendMode::Grpc => {
-                tokio::spawn(super::grpc_front::serve(sh, io, self.keepalive));
+                let keepalive = self.keepalive;
+                tokio::spawn(async move {
+                    super::grpc_front::serve(sh, io, keepalive).await;
+                    drop(permit);
+                });
             }
             // HTTP/1.1 only, also over TLS, as upstream.
             FrontendMode::HttpConnect => {
-                tokio::spawn(super::connect::serve(sh, io));
+                tokio::spawn(async move {
+                    super::connect::serve(sh, io, client).await;
+                    drop(permit);
+                });
             }
         }
     }
@@ -172,10 +232,12 @@ impl Front {
 
 /// Accepts TCP, completes TLS handshakes off the accept loop, and hands
 /// finished streams to `out`. Failed handshakes (no or wrong client
-/// certificate, garbage) are logged and counted, then dropped.
+/// certificate, garbage) are logged and counted, then dropped. A connection
+/// past `cap` is closed at once; handshakes under way count toward it.
 async fn tls_accept_loop(
     sh: Arc<Shared>,
     listener: TcpListener,
+    cap: Cap,
     acceptor: TlsAcceptor,
     which: &'static str,
     out: mpsc::Sender<TlsConn>,
@@ -197,6 +259,10 @@ async fn tls_accept_loop(
                 continue;
             }
         };
+        let Some(permit) = cap.admit() else {
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let out = out.clone();
@@ -204,7 +270,12 @@ async fn tls_accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    let _ = out.send(TlsConn(tls)).await;
+                    let _ = out
+                        .send(TlsConn {
+                            tls,
+                            _permit: permit,
+                        })
+                        .await;
                 }
                 Ok(Err(e)) => {
                     sh.metrics.bad(&format!("tls_handshake_{which}"));
@@ -256,6 +327,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     tasks.spawn(tls_accept_loop(
         sh.clone(),
         agent_listener,
+        Cap::new(&sh, "agent", cfg.max_agent_connections),
         TlsAcceptor::from(cfg.agent_tls),
         "agent",
         tx,
@@ -306,6 +378,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
         mode: cfg.mode,
         keepalive: cfg.frontend_keepalive,
     };
+    let front_cap = Cap::new(&sh, "frontend", cfg.max_frontend_connections);
     match cfg.frontend {
         FrontendListen::Tcp { addr, tls } => {
             let listener = crate::net::listen(addr)?;
@@ -316,6 +389,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                     tasks.spawn(tls_accept_loop(
                         sh.clone(),
                         listener,
+                        front_cap,
                         TlsAcceptor::from(tls),
                         "frontend",
                         tx,
@@ -326,7 +400,8 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                         loop {
                             let conn = tokio::select! { _ = stop2.cancelled() => return, c = rx.recv() => c };
                             let Some(conn) = conn else { return };
-                            front.serve(conn);
+                            let client = HangupProbe::of(conn.tls.get_ref().0);
+                            front.serve(conn, client, None);
                         }
                     });
                 }
@@ -339,8 +414,10 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                             match r {
                                 Ok((s, _)) => {
                                     backoff.succeeded();
+                                    let Some(permit) = front_cap.admit() else { continue };
                                     let _ = s.set_nodelay(true);
-                                    front.serve(s);
+                                    let client = HangupProbe::of(&s);
+                                    front.serve(s, client, Some(permit));
                                 }
                                 Err(e) => backoff.pause_after(&e).await,
                             }
@@ -379,7 +456,9 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                     match r {
                         Ok((s, _)) => {
                             backoff.succeeded();
-                            front.serve(s);
+                            let Some(permit) = front_cap.admit() else { continue };
+                            let client = HangupProbe::of(&s);
+                            front.serve(s, client, Some(permit));
                         }
                         Err(e) => backoff.pause_after(&e).await,
                     }

@@ -254,6 +254,8 @@ fn launch_server(
         agent_keepalive: Duration::from_secs(3600),
         agent_liveness: Duration::ZERO,
         frontend_keepalive: Duration::from_secs(3600),
+        max_frontend_connections: 1024,
+        max_agent_connections: 64,
     };
     on(rt, server::launch(launch))?
 }
