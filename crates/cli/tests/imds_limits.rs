@@ -38,10 +38,12 @@ struct Fixture {
 }
 
 impl Fixture {
-    /// The fixture of `test`, the proxy started with `flags` (namespaces
-    /// named after `tag`); None where the test cannot run (not root).
-    fn for_test(test: &str, tag: &str, flags: &[&str]) -> Option<Fixture> {
-        require_root(test).then(|| Fixture::start(tag, flags))
+    /// The fixture of `test`, the proxy started with `flags` (separated by
+    /// spaces; namespaces named after `tag`); None where the test cannot
+    /// run (not root).
+    fn for_test(test: &str, tag: &str, flags: &str) -> Option<Fixture> {
+        let flags: Vec<&str> = flags.split_whitespace().collect();
+        require_root(test).then(|| Fixture::start(tag, &flags))
     }
 
     fn start(tag: &str, flags: &[&str]) -> Fixture {
@@ -265,11 +267,8 @@ fn a_pod_that_never_reads_is_disconnected_after_the_write_timeout() {
     let test = "a_pod_that_never_reads_is_disconnected_after_the_write_timeout";
     // No rate limit: every answer is a 403 as long as its path, so the
     // buffers fill quickly.
-    let Some(f) = Fixture::for_test(
-        test,
-        "imlw",
-        &["--write-timeout-ms", "500", "--rate-limit", "0"],
-    ) else {
+    let flags = "--write-timeout-ms 500 --rate-limit 0";
+    let Some(f) = Fixture::for_test(test, "imlw", flags) else {
         return;
     };
     let mark = Watermark::start(f.pid());
@@ -331,17 +330,9 @@ fn a_pod_that_never_reads_is_disconnected_after_the_write_timeout() {
 fn one_pod_cannot_take_more_than_its_connections() {
     let test = "one_pod_cannot_take_more_than_its_connections";
     let cap = 8;
-    let Some(f) = Fixture::for_test(
-        test,
-        "imlc",
-        &[
-            "--max-connections-per-pod",
-            "8",
-            // Held connections send nothing: keep them for the test's life.
-            "--header-timeout-ms",
-            "60000",
-        ],
-    ) else {
+    // Held connections send nothing: keep them for the test's life.
+    let flags = format!("--max-connections-per-pod {cap} --header-timeout-ms 60000");
+    let Some(f) = Fixture::for_test(test, "imlc", &flags) else {
         return;
     };
     let mark = Watermark::start(f.pid());
@@ -389,20 +380,11 @@ fn one_pod_cannot_take_more_than_its_connections() {
 fn denied_requests_are_rate_limited_and_their_audit_lines_sampled() {
     let test = "denied_requests_are_rate_limited_and_their_audit_lines_sampled";
     let (rate, burst, audit_rate, audit_burst) = (5.0, 5u64, 5.0, 10u64);
-    let Some(f) = Fixture::for_test(
-        test,
-        "imlr",
-        &[
-            "--rate-limit",
-            "5",
-            "--burst",
-            "5",
-            "--audit-refused-per-sec",
-            "5",
-            "--audit-refused-burst",
-            "10",
-        ],
-    ) else {
+    let flags = format!(
+        "--rate-limit {rate} --burst {burst} \
+         --audit-refused-per-sec {audit_rate} --audit-refused-burst {audit_burst}"
+    );
+    let Some(f) = Fixture::for_test(test, "imlr", &flags) else {
         return;
     };
     // The bucket the fixture's checks drew on refills first.
@@ -511,7 +493,7 @@ fn denied_requests_are_rate_limited_and_their_audit_lines_sampled() {
 #[test]
 fn a_head_sent_a_byte_at_a_time_is_cut_at_the_head_deadline() {
     let test = "a_head_sent_a_byte_at_a_time_is_cut_at_the_head_deadline";
-    let Some(f) = Fixture::for_test(test, "imls", &["--header-timeout-ms", "1000"]) else {
+    let Some(f) = Fixture::for_test(test, "imls", "--header-timeout-ms 1000") else {
         return;
     };
     let mark = Watermark::start(f.pid());
@@ -561,16 +543,8 @@ fn a_head_sent_a_byte_at_a_time_is_cut_at_the_head_deadline() {
 fn the_admin_listener_has_a_connection_cap() {
     let test = "the_admin_listener_has_a_connection_cap";
     let cap = 4;
-    let Some(f) = Fixture::for_test(
-        test,
-        "imla",
-        &[
-            "--admin-max-connections",
-            "4",
-            "--header-timeout-ms",
-            "3000",
-        ],
-    ) else {
+    let flags = format!("--admin-max-connections {cap} --header-timeout-ms 3000");
+    let Some(f) = Fixture::for_test(test, "imla", &flags) else {
         return;
     };
     let mark = Watermark::start(f.pid());
@@ -642,17 +616,9 @@ fn cpu_secs(pid: u32) -> f64 {
 #[test]
 fn out_of_descriptors_the_accept_loops_back_off_and_log_once() {
     let test = "out_of_descriptors_the_accept_loops_back_off_and_log_once";
-    let Some(f) = Fixture::for_test(
-        test,
-        "imle",
-        &[
-            // The flood's connections send nothing: keep them.
-            "--header-timeout-ms",
-            "60000",
-            "--max-connections-per-pod",
-            "1000",
-        ],
-    ) else {
+    // The flood's connections send nothing: keep them.
+    let flags = "--header-timeout-ms 60000 --max-connections-per-pod 1000";
+    let Some(f) = Fixture::for_test(test, "imle", flags) else {
         return;
     };
     let pid = f.pid();

@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{IMDS, Proxy, Topology, on, pod_addr};
-use imds_proxy::audit::Audit;
+use imds_proxy::Pod;
 use imds_proxy::mock::{self, MockIdentity, MockState};
-use imds_proxy::proxy::{Limits, ProxyConfig, parse_upstream};
-use imds_proxy::{Pod, Rules};
+use imds_proxy::proxy::{Limits, ProxyConfig};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 
 fn pod(name: &str, netns: Option<PathBuf>, labels: &[(&str, &str)]) -> Pod {
@@ -246,26 +245,6 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
     );
 }
 
-/// The proxy of the 100-pod tests: the fake at `upstream`, loopback pods
-/// (no listeners of its own), no audit and no rate limit (every pod asks at
-/// once).
-fn many_pods_config(upstream: SocketAddr, rules: &str) -> ProxyConfig {
-    ProxyConfig {
-        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-        rules: Rules::from_yaml(rules, "test").unwrap(),
-        pod_listen: None,
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::discard(),
-        limits: Limits {
-            rate_per_sec: 0.0,
-            ..Limits::default()
-        },
-        reconcile_every: Duration::ZERO,
-        workers: 2,
-    }
-}
-
 /// GETs `target` on `addr` with `Metadata: true`; (status, body).
 async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
     get_with(addr, target, "Metadata: true").await
@@ -315,7 +294,8 @@ fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
                 pod(&format!("p{i}"), None, &[("app", app)])
             })
             .collect();
-        let config = many_pods_config(upstream, &azure_rules(&ids[1], &ids[2]));
+        // Loopback pods, all asking at once: no rate limit.
+        let config = common::quiet_config(&upstream.to_string(), &azure_rules(&ids[1], &ids[2]));
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
         let target = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
         let round = || {
@@ -390,15 +370,9 @@ fn an_unreachable_upstream_gets_a_status_sdks_retry_not_a_hang() {
             })
             .collect();
         let config = ProxyConfig {
-            upstream: parse_upstream("http://127.0.0.1:9").unwrap(),
-            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
-            pod_listen: None,
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::discard(),
             limits: Limits::default(),
-            reconcile_every: Duration::ZERO,
             workers: 0,
+            ..common::quiet_config("127.0.0.1:9", &azure_rules(&ids[1], &ids[2]))
         };
         let (_proxy, addrs) =
             imds_proxy::fuzzing::loopback_pods(config, vec![pod("w", None, &[("app", "web")])])
@@ -972,8 +946,8 @@ fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
             })
             .collect();
         // Tokens that live 4 s: the proxy refreshes them after 2 s.
-        let config = many_pods_config(
-            upstream,
+        let config = common::quiet_config(
+            &upstream.to_string(),
             &gcp_rules(web_sa, batch_sa, 4, &format!("http://{upstream}")),
         );
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;

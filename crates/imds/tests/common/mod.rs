@@ -400,6 +400,26 @@ impl Drop for Proxy {
     }
 }
 
+/// A proxy of `rules` forwarding to `upstream` (host or host:port) with
+/// no listeners of its own (set some, or serve loopback pods), no audit,
+/// no rate limit (many pods ask at once) and no reconcile loop.
+pub fn quiet_config(upstream: &str, rules: &str) -> ProxyConfig {
+    ProxyConfig {
+        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+        rules: Rules::from_yaml(rules, "test").unwrap(),
+        pod_listen: None,
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::discard(),
+        limits: Limits {
+            rate_per_sec: 0.0,
+            ..Limits::default()
+        },
+        reconcile_every: Duration::ZERO,
+        workers: 2,
+    }
+}
+
 pub fn write_pods(path: &std::path::Path, pods: &[Pod]) {
     let doc = serde_json::json!({ "pods": pods });
     std::fs::write(path, serde_yaml::to_string(&doc).unwrap()).unwrap();
