@@ -1055,6 +1055,21 @@ fn upstream_of(shared: &Shared) -> ((&str, u16), Duration) {
     ((host.as_str(), *port), shared.limits.upstream_timeout)
 }
 
+/// The node's own credential (its AWS keys, its GCP token) from the cache,
+/// or fetched from the metadata service with `fetch`, under `key`.
+async fn node_credential<'s, Fut>(
+    shared: &'s Shared,
+    key: &str,
+    fetch: impl FnOnce((&'s str, u16), &'s str, Duration) -> Fut,
+) -> Result<Arc<identity::Credential>, identity::FetchError>
+where
+    Fut: Future<Output = Result<identity::Credential, identity::FetchError>>,
+{
+    let (upstream, timeout) = upstream_of(shared);
+    let fetch = || fetch(upstream, shared.upstream.as_str(), timeout);
+    Ok(shared.credentials.get(key, fetch).await?.0)
+}
+
 /// The pod's role credentials from the cache, or assumed at STS with the
 /// node's credentials (both cached, one fetch per identity at a time).
 async fn aws_credentials(
@@ -1066,16 +1081,10 @@ async fn aws_credentials(
     let Some(sts) = shared.sts.as_ref() else {
         return not_configured("STS");
     };
-    let (upstream, timeout) = upstream_of(shared);
+    let timeout = shared.limits.upstream_timeout;
     let pod = caller_key(conn);
     let fetch = || async {
-        let node = shared
-            .credentials
-            .get("aws:node", || {
-                crate::sts::node_credentials(upstream, shared.upstream.as_str(), timeout)
-            })
-            .await?
-            .0;
+        let node = node_credential(shared, "aws:node", crate::sts::node_credentials).await?;
         let Some(keys) = crate::sts::AwsKeys::from_imds(&node.document) else {
             return Err(identity::FetchError::Failed("node keys unreadable".into()));
         };
@@ -1144,19 +1153,13 @@ async fn gcp_credential(
     let Some(iam) = shared.iam.as_ref() else {
         return not_configured("IAM Credentials");
     };
-    let (upstream, timeout) = upstream_of(shared);
+    let timeout = shared.limits.upstream_timeout;
     let key = match ask {
         GcpAsk::Token { key, .. } | GcpAsk::Identity { key, .. } => key.as_str(),
         GcpAsk::Answer(_) => unreachable!("answered in decide"),
     };
     let fetch = || async {
-        let node = shared
-            .credentials
-            .get("gcp:node", || {
-                crate::gcp::node_token(upstream, shared.upstream.as_str(), timeout)
-            })
-            .await?
-            .0;
+        let node = node_credential(shared, "gcp:node", crate::gcp::node_token).await?;
         let node_token = node.document["access_token"].as_str().unwrap_or_default();
         match ask {
             GcpAsk::Token { scopes, .. } => {
