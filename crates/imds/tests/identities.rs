@@ -528,6 +528,29 @@ fn boto_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
     )
 }
 
+/// An IMDSv2 session token (60 s), asked for by `pod`.
+fn aws_token(pod: &NetNs) -> common::Curl {
+    common::curl(
+        pod,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ],
+        &format!("http://{IMDS}/latest/api/token"),
+    )
+}
+
+/// A GET of the AWS metadata `path` by `pod` with the session `token`.
+fn aws_get(pod: &NetNs, token: &str, path: &str) -> common::Curl {
+    common::curl(
+        pod,
+        &["-H", &format!("X-aws-ec2-metadata-token: {token}")],
+        &format!("http://{IMDS}{path}"),
+    )
+}
+
 #[test]
 fn boto3_pods_get_their_own_roles_from_sts_through_the_proxy() {
     let test = "boto3_pods_get_their_own_roles_from_sts_through_the_proxy";
@@ -583,61 +606,27 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
     let unbound = boto_in(topo.pod(2), &sts_url);
     assert_eq!(unbound["ok"], false, "unbound: {unbound}");
     // IMDSv1 is off: no token, no answer.
-    let v1 = common::curl(
-        topo.pod(0),
-        &[],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
-    );
+    let credentials = "/latest/meta-data/iam/security-credentials/";
+    let v1 = common::curl(topo.pod(0), &[], &format!("http://{IMDS}{credentials}"));
     assert_eq!(v1.status, 401, "{v1:?}");
     // A token obtained by another pod is not this pod's.
-    let batch_token = common::curl(
-        topo.pod(1),
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "X-aws-ec2-metadata-token-ttl-seconds: 60",
-        ],
-        &format!("http://{IMDS}/latest/api/token"),
-    );
+    let batch_token = aws_token(topo.pod(1));
     assert_eq!(batch_token.status, 200);
-    let stolen = common::curl(
+    let stolen = aws_get(
         topo.pod(0),
-        &[
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {}", batch_token.body),
-        ],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/web-role"),
+        &batch_token.body,
+        &format!("{credentials}web-role"),
     );
     assert_eq!(stolen.status, 401, "{stolen:?}");
     // Another role's name is not there for this pod.
-    let web_token = common::curl(
+    let web_token = aws_token(topo.pod(0));
+    let other = aws_get(
         topo.pod(0),
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "X-aws-ec2-metadata-token-ttl-seconds: 60",
-        ],
-        &format!("http://{IMDS}/latest/api/token"),
-    );
-    let other = common::curl(
-        topo.pod(0),
-        &[
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
-        ],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/batch-role"),
+        &web_token.body,
+        &format!("{credentials}batch-role"),
     );
     assert_eq!(other.status, 404, "{other:?}");
-    let listed = common::curl(
-        topo.pod(0),
-        &[
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
-        ],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
-    );
+    let listed = aws_get(topo.pod(0), &web_token.body, credentials);
     assert_eq!((listed.status, listed.body.as_str()), (200, "web-role"));
 
     let audit = proxy.audit();
