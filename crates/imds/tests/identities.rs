@@ -152,6 +152,38 @@ fn python_in(ns: &NetNs, script: &str, args: &[&str]) -> serde_json::Value {
     app_in(ns, &argv, SDK_ENDPOINT_VARS, &[])
 }
 
+/// The SDK tests' refusals are in the audit log: pod web asking for
+/// another pod's identity, pod unbound asking with none bound.
+fn assert_refusals_audited(audit: &[serde_json::Value]) {
+    for (pod, decision) in [
+        ("default/web", "wrong_identity"),
+        ("default/unbound", "no_identity"),
+    ] {
+        assert!(
+            audit
+                .iter()
+                .any(|l| l["pod"] == pod && l["decision"] == decision),
+            "no {decision} line of {pod}: {audit:#?}"
+        );
+    }
+}
+
+/// How many audit lines show pod web reading `identity` (its label).
+fn web_reads(audit: &[serde_json::Value], identity: &str) -> usize {
+    audit
+        .iter()
+        .filter(|l| l["pod"] == "default/web" && l["identity"] == identity)
+        .count()
+}
+
+/// `python3 -c app` with the clock running 200 times as fast, and `env`
+/// (the SDK's metadata timeout, raised so it does not shrink with it).
+fn at_200x<'a>(env: &'a str, app: &'a str) -> [&'a str; 8] {
+    [
+        "env", env, "faketime", "-f", "+0 x200", "python3", "-c", app,
+    ]
+}
+
 #[test]
 fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
     let test = "azure_identity_sdk_gets_its_pods_identity_and_no_other";
@@ -220,18 +252,7 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
         issued.iter().all(|l| l["identity"].is_string()),
         "{audit:#?}"
     );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
-        "{audit:#?}"
-    );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
-        "{audit:#?}"
-    );
+    assert_refusals_audited(&audit);
     let raw = proxy.audit_text();
     assert!(!raw.contains("mock."), "a token reached the audit log");
     let metrics = proxy.metrics();
@@ -631,35 +652,18 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
 
     let audit = proxy.audit();
     let web_label = format!("aws:{web_role}");
-    let web_reads = |audit: &[serde_json::Value]| {
-        audit
-            .iter()
-            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
-            .count()
-    };
-    let reads_before = web_reads(&audit);
+    let reads_before = web_reads(&audit, &web_label);
     assert!(reads_before >= 1, "{audit:#?}");
     // botocore refreshes through the proxy; the proxy answers from its
     // cache (STS is asked once per role, checked below).
     if require_tool(test, "faketime") {
-        let r = boto_run(
-            topo.pod(0),
-            &[
-                // botocore's 1 s metadata timeout would be 5 ms at 200x.
-                "env",
-                "AWS_METADATA_SERVICE_TIMEOUT=400",
-                "faketime",
-                "-f",
-                "+0 x200",
-                "python3",
-                "-c",
-                BOTO_REFRESH_APP,
-            ],
-        );
+        // botocore's 1 s metadata timeout would be 5 ms at 200x.
+        let argv = at_200x("AWS_METADATA_SERVICE_TIMEOUT=400", BOTO_REFRESH_APP);
+        let r = boto_run(topo.pod(0), &argv);
         assert_eq!(r["keys"].as_array().map(Vec::len), Some(1), "{r}");
         assert_eq!(r["keys"][0], web["access_key"]);
         let audit = proxy.audit();
-        let refreshes = web_reads(&audit) - reads_before;
+        let refreshes = web_reads(&audit, &web_label) - reads_before;
         assert!(
             refreshes >= 3,
             "botocore read its credentials {refreshes} more times"
@@ -853,47 +857,19 @@ fn google_auth_pods_get_their_own_service_accounts() {
 
     let audit = proxy.audit();
     let web_label = format!("gcp:{web_sa}");
-    let web_reads = |audit: &[serde_json::Value]| {
-        audit
-            .iter()
-            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
-            .count()
-    };
-    let reads_before = web_reads(&audit);
+    let reads_before = web_reads(&audit, &web_label);
     assert!(reads_before >= 2, "{audit:#?}");
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
-        "{audit:#?}"
-    );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
-        "{audit:#?}"
-    );
+    assert_refusals_audited(&audit);
     // google-auth refreshes through the proxy, which answers from its
     // cache: still one token and one IAM call for the account.
     if require_tool(test, "faketime") {
-        let r = google_run(
-            topo.pod(0),
-            &[
-                // google-auth's 3 s metadata timeout would be 15 ms at 200x.
-                "env",
-                "GCE_METADATA_TIMEOUT=400",
-                "faketime",
-                "-f",
-                "+0 x200",
-                "python3",
-                "-c",
-                GOOGLE_REFRESH_APP,
-            ],
-        );
+        // google-auth's 3 s metadata timeout would be 15 ms at 200x.
+        let argv = at_200x("GCE_METADATA_TIMEOUT=400", GOOGLE_REFRESH_APP);
+        let r = google_run(topo.pod(0), &argv);
         assert_eq!(r["tokens"].as_array().map(Vec::len), Some(1), "{r}");
         assert_eq!(r["tokens"][0], web["token"]);
         assert!(r["refreshes"].as_u64().unwrap() >= 3, "{r}");
-        let refreshes = web_reads(&proxy.audit()) - reads_before;
+        let refreshes = web_reads(&proxy.audit(), &web_label) - reads_before;
         assert!(
             refreshes >= 3,
             "google-auth read its token {refreshes} more times"
