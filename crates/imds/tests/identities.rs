@@ -292,50 +292,76 @@ async fn get_with(addr: SocketAddr, target: &str, header: &str) -> (u16, String)
     (head[9..12].parse().unwrap(), body.to_owned())
 }
 
-#[test]
-fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The runtime of the 100-pod tests: two workers, as the CI machine has
+/// two CPUs.
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// The fake serving `state` on a loopback port of its own: its address,
+/// and its task (aborted at the test's end).
+async fn serve_fake(state: Arc<MockState>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    (upstream, tokio::spawn(mock::serve(listener, state)))
+}
+
+/// `n` loopback pods (no namespace): even ones labelled app=web, odd ones
+/// app=batch.
+fn web_and_batch_pods(n: usize) -> Vec<Pod> {
+    (0..n)
+        .map(|i| {
+            let app = if i % 2 == 0 { "web" } else { "batch" };
+            pod(&format!("p{i}"), None, &[("app", app)])
+        })
+        .collect()
+}
+
+/// GETs `target` with `header` from every pod at once; each answer must be
+/// a 200: (pod index, its JSON document), in pod order.
+async fn ask_all(
+    addrs: &[SocketAddr],
+    target: &'static str,
+    header: &'static str,
+) -> Vec<(usize, serde_json::Value)> {
+    let asks: Vec<_> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let addr = *addr;
+            tokio::spawn(async move { (i, get_with(addr, target, header).await) })
+        })
+        .collect();
+    let mut docs = Vec::new();
+    for ask in asks {
+        let (i, (status, body)) = ask.await.unwrap();
+        assert_eq!(status, 200, "pod p{i}: {body}");
+        docs.push((i, serde_json::from_str(&body).unwrap()));
+    }
+    docs
+}
+
+#[test]
+fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
+    let rt = two_workers();
     rt.block_on(async {
         // Tokens that live 4 s: the proxy refreshes them after 2 s.
         let state = Arc::new(MockState::with_identities(
             (1..=2).map(MockIdentity::user_assigned).collect(),
             Duration::from_secs(4),
         ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap();
-        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let (upstream, fake) = serve_fake(state.clone()).await;
         let ids = state.identities().to_vec();
-        let pods: Vec<Pod> = (0..100)
-            .map(|i| {
-                let app = if i % 2 == 0 { "web" } else { "batch" };
-                pod(&format!("p{i}"), None, &[("app", app)])
-            })
-            .collect();
+        let pods = web_and_batch_pods(100);
         // Loopback pods, all asking at once: no rate limit.
         let config = common::quiet_config(&upstream.to_string(), &azure_rules(&ids[1], &ids[2]));
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
         let target = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
-        let round = || {
-            let addrs = addrs.clone();
-            async move {
-                let asks = addrs.iter().enumerate().map(|(i, addr)| {
-                    let addr = *addr;
-                    tokio::spawn(async move { (i, get(addr, target).await) })
-                });
-                let mut tokens = Vec::new();
-                for ask in asks.collect::<Vec<_>>() {
-                    let (i, (status, body)) = ask.await.unwrap();
-                    assert_eq!(status, 200, "pod p{i}: {body}");
-                    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-                    tokens.push((i, doc));
-                }
-                tokens
-            }
-        };
+        let round = || ask_all(&addrs, target, "Metadata: true");
         for refresh in [1, 2] {
             if refresh == 2 {
                 // Past the refresh point (half the 4 s life, in whole seconds).
@@ -891,25 +917,14 @@ fn google_auth_pods_get_their_own_service_accounts() {
 
 #[test]
 fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     rt.block_on(async {
         // The fake serves the metadata server and IAM Credentials alike.
         let state = MockState::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap();
-        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let (upstream, fake) = serve_fake(state.clone()).await;
         let accounts = state.gcp().accounts().to_vec();
         let (web_sa, batch_sa) = (&accounts[1], &accounts[2]);
-        let pods: Vec<Pod> = (0..100)
-            .map(|i| {
-                let app = if i % 2 == 0 { "web" } else { "batch" };
-                pod(&format!("p{i}"), None, &[("app", app)])
-            })
-            .collect();
+        let pods = web_and_batch_pods(100);
         // Tokens that live 4 s: the proxy refreshes them after 2 s.
         let config = common::quiet_config(
             &upstream.to_string(),
@@ -921,19 +936,8 @@ fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
             if refresh == 2 {
                 tokio::time::sleep(Duration::from_millis(3100)).await;
             }
-            let asks: Vec<_> = addrs
-                .iter()
-                .enumerate()
-                .map(|(i, addr)| {
-                    let addr = *addr;
-                    tokio::spawn(async move { (i, get_gcp(addr, target).await) })
-                })
-                .collect();
             let mut tokens: [Vec<String>; 2] = Default::default();
-            for ask in asks {
-                let (i, (status, body)) = ask.await.unwrap();
-                assert_eq!(status, 200, "pod p{i}: {body}");
-                let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+            for (i, doc) in ask_all(&addrs, target, "Metadata-Flavor: Google").await {
                 assert!(doc["expires_in"].as_u64().unwrap() <= 4, "{doc}");
                 let token = doc["access_token"].as_str().unwrap().to_owned();
                 let want = if i % 2 == 0 { web_sa } else { batch_sa };
@@ -963,9 +967,7 @@ fn gcp_wait_for_change_is_held_past_the_upstream_timeout() {
         .unwrap();
     rt.block_on(async {
         let state = MockState::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap();
-        let fake = tokio::spawn(mock::serve(listener, state));
+        let (upstream, fake) = serve_fake(state).await;
         let (_proxy, addr) = imds_proxy::fuzzing::loopback_proxy(
             upstream,
             "w",
