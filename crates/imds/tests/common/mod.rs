@@ -25,9 +25,13 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+        json_body(&self.body)
     }
+}
+
+/// `body` as JSON; a body that is not fails the test, showing it.
+fn json_body(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {body:?}"))
 }
 
 /// Writes `request` to `addr` and reads until the server closes (requests
@@ -249,8 +253,7 @@ pub struct Curl {
 
 impl Curl {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+        json_body(&self.body)
     }
 }
 
