@@ -134,19 +134,7 @@ impl Topology {
     pub fn new(tag: &str) -> Self {
         let cloud = NetNs::new(&format!("{tag}c"));
         let node = NetNs::new(&format!("{tag}n"));
-        node.run(&[
-            "ip",
-            "link",
-            "add",
-            "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            cloud.name(),
-        ]);
+        veth(&node, "up0", &cloud);
         cloud.run(&["ip", "addr", "add", "10.99.0.2/30", "dev", "eth0"]);
         cloud.run(&["ip", "addr", "add", "169.254.169.254/32", "dev", "eth0"]);
         cloud.run(&["ip", "link", "set", "eth0", "up"]);
@@ -184,19 +172,7 @@ impl Topology {
         self.counter += 1;
         let pod = NetNs::new("imdp");
         let host_if = format!("vp{}", self.counter);
-        self.node.run(&[
-            "ip",
-            "link",
-            "add",
-            &host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ]);
+        veth(&self.node, &host_if, &pod);
         self.node
             .run(&["ip", "link", "set", &host_if, "master", "br0"]);
         self.node.run(&["ip", "link", "set", &host_if, "up"]);
@@ -213,6 +189,23 @@ impl Topology {
     pub fn pod(&self, i: usize) -> &NetNs {
         &self.pods[i]
     }
+}
+
+/// A veth pair from `ns` (named `name` there) to `peer`, where it is eth0.
+fn veth(ns: &NetNs, name: &str, peer: &NetNs) {
+    ns.run(&[
+        "ip",
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer.name(),
+    ]);
 }
 
 /// The destination-proxy policy imds-proxy relies on: TCP to
