@@ -18,6 +18,16 @@ const TEST: &str = "imds_cri";
 const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
 const PLUGIN: &str = env!("CARGO_BIN_EXE_proxyctl-cni");
 const INSTANCE: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
+/// The app's request for the instance document, from inside its container.
+const WGET: [&str; 7] = [
+    "wget",
+    "-q",
+    "-O",
+    "-",
+    "--header",
+    "Metadata: true",
+    INSTANCE,
+];
 
 #[test]
 fn cni_redirect_and_serve_from_cri() {
@@ -92,20 +102,7 @@ fn cni_redirect_and_serve_from_cri() {
     let client = app("client", "ClientContainer", true);
     let other = app("other", "Other", true);
     let unredirected = app("plain", "ClientContainer", false);
-    let wget = |pod: &proxyctl_testkit::containerd::Pod| {
-        cd.exec(
-            &pod.container_id,
-            &[
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                "--header",
-                "Metadata: true",
-                INSTANCE,
-            ],
-        )
-    };
+    let wget = |pod: &proxyctl_testkit::containerd::Pod| cd.exec(&pod.container_id, &WGET);
 
     // The DNAT was there from the start; each pod's listener comes with a
     // reconcile (one pod's may come a round after the other's): refused
@@ -129,17 +126,7 @@ fn cni_redirect_and_serve_from_cri() {
     // Not redirected: no way to 169.254.169.254 at all (the node drops it).
     let out = cd.exec(
         &unredirected.container_id,
-        &[
-            "timeout",
-            "3",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "--header",
-            "Metadata: true",
-            INSTANCE,
-        ],
+        &[&["timeout", "3"][..], &WGET].concat(),
     );
     assert_ne!(out.exit_code, 0, "{out:?}");
     assert!(!out.stderr.contains("403"), "{out:?}");

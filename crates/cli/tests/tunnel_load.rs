@@ -145,15 +145,24 @@ fn assert_no_queue_overflow(st: &Stack) {
     );
 }
 
+/// 200 tunnels at once in `mode`, each echoing its own data (see
+/// [`echo_all`]); then both processes are back to their descriptors.
+/// Returns the stack, still running, and the backend.
+fn two_hundred_keep_their_data(
+    mode: &str,
+    load: impl Fn(u64) -> (u64, usize),
+) -> (Stack, HttpServer) {
+    let backend = HttpServer::start();
+    let st = Stack::start(mode);
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    echo_all(&st, mode, &backend.target(), "load", 200, load);
+    st.wait_settled(sfd, afd);
+    (st, backend)
+}
+
 #[test]
 fn two_hundred_concurrent_grpc_connections_keep_their_data() {
-    let backend = HttpServer::start();
-    let st = Stack::start("grpc");
-    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    echo_all(&st, "grpc", &backend.target(), "load", 200, |i| {
-        (i + 1, 64 * 1024 + i as usize * 331)
-    });
-    st.wait_settled(sfd, afd);
+    two_hundred_keep_their_data("grpc", |i| (i + 1, 64 * 1024 + i as usize * 331));
 }
 
 /// A server that says there are three servers (--server-count=3) while
@@ -215,13 +224,9 @@ fn a_flow_window_smaller_than_a_read_moves_data_both_ways() {
 
 #[test]
 fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
-    let backend = HttpServer::start();
-    let st = Stack::start("http-connect");
-    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    echo_all(&st, "http-connect", &backend.target(), "load", 200, |i| {
-        (i + 7, 48 * 1024 + i as usize * 97)
-    });
-    st.wait_settled(sfd, afd);
+    // The stack stays up: the backend's sockets must close while it runs.
+    let (_st, backend) =
+        two_hundred_keep_their_data("http-connect", |i| (i + 7, 48 * 1024 + i as usize * 97));
     wait_for("backend sockets closed", Duration::from_secs(10), || {
         backend.open.load(std::sync::atomic::Ordering::SeqCst) == 0
     });
