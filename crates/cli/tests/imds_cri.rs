@@ -19,6 +19,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
 const PLUGIN: &str = env!("CARGO_BIN_EXE_proxyctl-cni");
 const INSTANCE: &str = "http://169.254.169.254/metadata/instance?api-version=2021-02-01";
 
+/// An app's metadata request for `url`, from inside its container.
+fn wget_argv(url: &str) -> [&str; 7] {
+    ["wget", "-q", "-O", "-", "--header", "Metadata: true", url]
+}
+
 #[test]
 fn cni_redirect_and_serve_from_cri() {
     if !require_root(TEST) {
@@ -92,20 +97,8 @@ fn cni_redirect_and_serve_from_cri() {
     let client = app("client", "ClientContainer", true);
     let other = app("other", "Other", true);
     let unredirected = app("plain", "ClientContainer", false);
-    let wget = |pod: &proxyctl_testkit::containerd::Pod| {
-        cd.exec(
-            &pod.container_id,
-            &[
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                "--header",
-                "Metadata: true",
-                INSTANCE,
-            ],
-        )
-    };
+    let wget =
+        |pod: &proxyctl_testkit::containerd::Pod| cd.exec(&pod.container_id, &wget_argv(INSTANCE));
 
     // The DNAT was there from the start; each pod's listener comes with a
     // reconcile (one pod's may come a round after the other's): refused
@@ -129,17 +122,7 @@ fn cni_redirect_and_serve_from_cri() {
     // Not redirected: no way to 169.254.169.254 at all (the node drops it).
     let out = cd.exec(
         &unredirected.container_id,
-        &[
-            "timeout",
-            "3",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "--header",
-            "Metadata: true",
-            INSTANCE,
-        ],
+        &[&["timeout", "3"][..], &wget_argv(INSTANCE)].concat(),
     );
     assert_ne!(out.exit_code, 0, "{out:?}");
     assert!(!out.stderr.contains("403"), "{out:?}");
@@ -251,18 +234,7 @@ fn serve_waits_for_the_runtime_and_takes_new_pods_on_events() {
         "the new pod served",
         Duration::from_secs(20),
         || {
-            let out = cd.exec(
-                &client.container_id,
-                &[
-                    "wget",
-                    "-q",
-                    "-O",
-                    "-",
-                    "--header",
-                    "Metadata: true",
-                    &local,
-                ],
-            );
+            let out = cd.exec(&client.container_id, &wget_argv(&local));
             let ok = out.exit_code == 0;
             *last.borrow_mut() = Some(out);
             ok

@@ -12,7 +12,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +19,8 @@ use std::time::{Duration, Instant};
 
 use proxyctl_testkit::{LoggedChild, NetNs, require_root, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
-const POD_LISTEN: &str = "127.0.0.1:15990";
-const ADMIN: &str = "127.0.0.1:15991";
-const MOCK: &str = "127.0.0.1:16990";
-const GOOD: &str = "/metadata/instance?api-version=2021-02-01";
+mod imds_support;
+use imds_support::{ADMIN, INSTANCE as GOOD, POD_LISTEN, ServeFiles, spawn_mock};
 
 /// How much the proxy's resident memory may grow over its idle size while
 /// attacked.
@@ -37,73 +33,47 @@ struct Fixture {
     a: NetNs,
     b: NetNs,
     proxy: LoggedChild,
-    audit: PathBuf,
+    files: ServeFiles,
     _mock: LoggedChild,
-    _dir: tempfile::TempDir,
 }
 
 impl Fixture {
+    /// The fixture of `test`, the proxy started with `flags` (separated by
+    /// spaces; namespaces named after `tag`); None where the test cannot
+    /// run (not root).
+    fn for_test(test: &str, tag: &str, flags: &str) -> Option<Fixture> {
+        let flags: Vec<&str> = flags.split_whitespace().collect();
+        require_root(test).then(|| Fixture::start(tag, &flags))
+    }
+
     fn start(tag: &str, flags: &[&str]) -> Fixture {
         let node = NetNs::new(&format!("{tag}n"));
         let a = NetNs::new(&format!("{tag}a"));
         let b = NetNs::new(&format!("{tag}b"));
-        let dir = tempfile::tempdir().unwrap();
-        let rules = dir.path().join("rules.yaml");
-        std::fs::write(
-            &rules,
-            "rules:\n  - name: clients\n    pods: { labels: { role: ClientContainer } }\n    paths: [ { prefix: /metadata/instance } ]\n",
-        )
-        .unwrap();
-        let pods = dir.path().join("pods.yaml");
-        std::fs::write(
-            &pods,
-            format!(
-                "pods:\n  - name: a\n    labels: {{ role: ClientContainer }}\n    netns: {}\n  - name: b\n    labels: {{ role: ClientContainer }}\n    netns: {}\n",
-                a.path().display(),
-                b.path().display()
-            ),
-        )
-        .unwrap();
-        let audit = dir.path().join("audit.jsonl");
-        let mock = spawn_in(&node, "mock", &["mock", "--listen", MOCK]);
-        let mut args = vec![
-            "serve",
-            "--upstream",
-            "http://127.0.0.1:16990",
-            "--rules",
-            rules.to_str().unwrap(),
-            "--pods",
-            pods.to_str().unwrap(),
-            "--pod-listen",
-            POD_LISTEN,
-            "--admin-listen",
-            ADMIN,
-            "--audit-log",
-            audit.to_str().unwrap(),
-            "--workers",
-            "2",
-        ];
-        args.extend_from_slice(flags);
-        let proxy = spawn_in(&node, "imds-proxy serve", &args);
+        let files = ServeFiles::new(&[("a", &a), ("b", &b)]);
+        let mock = spawn_mock(&node);
+        let proxy = files.spawn_serve(&node, &[&["--workers", "2"][..], flags].concat());
         let f = Fixture {
             node,
             a,
             b,
             proxy,
-            audit,
+            files,
             _mock: mock,
-            _dir: dir,
         };
-        wait_until("the proxy serving pod b", Duration::from_secs(30), || {
-            f.ask(&f.b, GOOD).is_ok_and(|(status, _)| status == 200)
-        });
-        wait_until("pod a served", Duration::from_secs(30), || {
-            f.ask(&f.a, GOOD).is_ok_and(|(status, _)| status == 200)
-        });
+        f.wait_served(&f.b, "the proxy serving pod b");
+        f.wait_served(&f.a, "pod a served");
         // `ip netns exec` execs the binary: the child's pid is the proxy's.
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", f.pid())).unwrap();
         assert_eq!(comm.trim(), "imds-proxy");
         f
+    }
+
+    /// Waits until `pod`'s request is answered 200.
+    fn wait_served(&self, pod: &NetNs, what: &str) {
+        wait_until(what, Duration::from_secs(30), || {
+            self.ask(pod, GOOD).is_ok_and(|(status, _)| status == 200)
+        });
     }
 
     fn pid(&self) -> u32 {
@@ -184,18 +154,12 @@ impl Fixture {
     }
 
     fn audit_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
+        std::fs::read_to_string(&self.files.audit)
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
     }
-}
-
-fn spawn_in(ns: &NetNs, name: &str, args: &[&str]) -> LoggedChild {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name(), BIN]).args(args);
-    LoggedChild::spawn(cmd, name, None).expect("spawning imds-proxy")
 }
 
 fn request(target: &str, close: bool) -> String {
@@ -295,22 +259,18 @@ fn closed_by_peer(s: &TcpStream) -> bool {
     closed
 }
 
-fn ready(test: &str) -> bool {
-    require_root(test)
-}
-
 /// (a) A pod pipelines requests and never reads an answer: once the
 /// answers fill the socket buffers the proxy's write waits, and after the
 /// write timeout the connection is closed and counted.
 #[test]
 fn a_pod_that_never_reads_is_disconnected_after_the_write_timeout() {
     let test = "a_pod_that_never_reads_is_disconnected_after_the_write_timeout";
-    if !ready(test) {
-        return;
-    }
     // No rate limit: every answer is a 403 as long as its path, so the
     // buffers fill quickly.
-    let f = Fixture::start("imlw", &["--write-timeout-ms", "500", "--rate-limit", "0"]);
+    let flags = "--write-timeout-ms 500 --rate-limit 0";
+    let Some(f) = Fixture::for_test(test, "imlw", flags) else {
+        return;
+    };
     let mark = Watermark::start(f.pid());
     let long_path = format!("/denied/{}", "x".repeat(8000));
     let one = request(&long_path, false).into_bytes();
@@ -369,20 +329,12 @@ fn a_pod_that_never_reads_is_disconnected_after_the_write_timeout() {
 #[test]
 fn one_pod_cannot_take_more_than_its_connections() {
     let test = "one_pod_cannot_take_more_than_its_connections";
-    if !ready(test) {
-        return;
-    }
     let cap = 8;
-    let f = Fixture::start(
-        "imlc",
-        &[
-            "--max-connections-per-pod",
-            "8",
-            // Held connections send nothing: keep them for the test's life.
-            "--header-timeout-ms",
-            "60000",
-        ],
-    );
+    // Held connections send nothing: keep them for the test's life.
+    let flags = format!("--max-connections-per-pod {cap} --header-timeout-ms 60000");
+    let Some(f) = Fixture::for_test(test, "imlc", &flags) else {
+        return;
+    };
     let mark = Watermark::start(f.pid());
     let flood = 100;
     let held: Vec<TcpStream> = (0..flood)
@@ -417,9 +369,7 @@ fn one_pod_cannot_take_more_than_its_connections() {
     mark.finish(test, cap * 2 + 8);
     // ... and served once its connections are gone.
     drop(held);
-    wait_until("pod a served again", Duration::from_secs(30), || {
-        f.ask(&f.a, GOOD).is_ok_and(|(status, _)| status == 200)
-    });
+    f.wait_served(&f.a, "pod a served again");
 }
 
 /// (c) A pod hammers paths it may not read: past its request rate it gets
@@ -429,23 +379,14 @@ fn one_pod_cannot_take_more_than_its_connections() {
 #[test]
 fn denied_requests_are_rate_limited_and_their_audit_lines_sampled() {
     let test = "denied_requests_are_rate_limited_and_their_audit_lines_sampled";
-    if !ready(test) {
-        return;
-    }
     let (rate, burst, audit_rate, audit_burst) = (5.0, 5u64, 5.0, 10u64);
-    let f = Fixture::start(
-        "imlr",
-        &[
-            "--rate-limit",
-            "5",
-            "--burst",
-            "5",
-            "--audit-refused-per-sec",
-            "5",
-            "--audit-refused-burst",
-            "10",
-        ],
+    let flags = format!(
+        "--rate-limit {rate} --burst {burst} \
+         --audit-refused-per-sec {audit_rate} --audit-refused-burst {audit_burst}"
     );
+    let Some(f) = Fixture::for_test(test, "imlr", &flags) else {
+        return;
+    };
     // The bucket the fixture's checks drew on refills first.
     std::thread::sleep(Duration::from_secs(2));
     let mark = Watermark::start(f.pid());
@@ -529,7 +470,7 @@ fn denied_requests_are_rate_limited_and_their_audit_lines_sampled() {
             .count()
             >= 5
     );
-    let size = std::fs::metadata(&f.audit).unwrap().len();
+    let size = std::fs::metadata(&f.files.audit).unwrap().len();
     assert!(
         size <= (bound + 64) * 400,
         "audit log of {size} bytes for a bounded number of lines"
@@ -552,10 +493,9 @@ fn denied_requests_are_rate_limited_and_their_audit_lines_sampled() {
 #[test]
 fn a_head_sent_a_byte_at_a_time_is_cut_at_the_head_deadline() {
     let test = "a_head_sent_a_byte_at_a_time_is_cut_at_the_head_deadline";
-    if !ready(test) {
+    let Some(f) = Fixture::for_test(test, "imls", "--header-timeout-ms 1000") else {
         return;
-    }
-    let f = Fixture::start("imls", &["--header-timeout-ms", "1000"]);
+    };
     let mark = Watermark::start(f.pid());
     // 300 bytes at one per 200 ms would take a minute.
     let head = format!(
@@ -602,19 +542,11 @@ fn a_head_sent_a_byte_at_a_time_is_cut_at_the_head_deadline() {
 #[test]
 fn the_admin_listener_has_a_connection_cap() {
     let test = "the_admin_listener_has_a_connection_cap";
-    if !ready(test) {
-        return;
-    }
     let cap = 4;
-    let f = Fixture::start(
-        "imla",
-        &[
-            "--admin-max-connections",
-            "4",
-            "--header-timeout-ms",
-            "3000",
-        ],
-    );
+    let flags = format!("--admin-max-connections {cap} --header-timeout-ms 3000");
+    let Some(f) = Fixture::for_test(test, "imla", &flags) else {
+        return;
+    };
     let mark = Watermark::start(f.pid());
     let addr: SocketAddr = ADMIN.parse().unwrap();
     let extra = 100;
@@ -684,19 +616,11 @@ fn cpu_secs(pid: u32) -> f64 {
 #[test]
 fn out_of_descriptors_the_accept_loops_back_off_and_log_once() {
     let test = "out_of_descriptors_the_accept_loops_back_off_and_log_once";
-    if !ready(test) {
+    // The flood's connections send nothing: keep them.
+    let flags = "--header-timeout-ms 60000 --max-connections-per-pod 1000";
+    let Some(f) = Fixture::for_test(test, "imle", flags) else {
         return;
-    }
-    let f = Fixture::start(
-        "imle",
-        &[
-            // The flood's connections send nothing: keep them.
-            "--header-timeout-ms",
-            "60000",
-            "--max-connections-per-pod",
-            "1000",
-        ],
-    );
+    };
     let pid = f.pid();
     let limit = fd_count(pid) + 8;
     let out = Command::new("prlimit")
@@ -750,9 +674,7 @@ fn out_of_descriptors_the_accept_loops_back_off_and_log_once() {
     let answer = b_asks.join().unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "pod b: {answer:?}");
     f.b_is_served();
-    wait_until("pod a served again", Duration::from_secs(30), || {
-        f.ask(&f.a, GOOD).is_ok_and(|(status, _)| status == 200)
-    });
+    f.wait_served(&f.a, "pod a served again");
     f.wait_metric("imds_proxy_accept_errors_total", &["listener=\"pod\""], 1);
     // The limit is the bound: RLIMIT_NOFILE caps the numbers of new
     // descriptors (the process may have inherited some numbered above).

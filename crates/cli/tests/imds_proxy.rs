@@ -5,15 +5,25 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use proxyctl_testkit::{LoggedChild, NetNs, require_root, require_tool, wait_until};
+use proxyctl_testkit::{NetNs, require_root, require_tool, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_imds-proxy");
+mod imds_support;
+use imds_support::{ADMIN, BIN, INSTANCE, MOCK, POD_LISTEN, ServeFiles, spawn_mock};
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .output()
         .expect("running imds-proxy")
+}
+
+/// `serve --upstream UPSTREAM --rules RULES REST...`
+fn serve<'a>(upstream: &'a str, rules: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    [
+        &["serve", "--upstream", upstream, "--rules", rules][..],
+        rest,
+    ]
+    .concat()
 }
 
 #[test]
@@ -32,91 +42,32 @@ fn bad_input_exits_2_and_names_the_flag() {
     let g = good_rules.to_str().unwrap();
     let b = bad_rules.to_str().unwrap();
     let p = pods.to_str().unwrap();
+    let listen = ["--listen", "127.0.0.1:0"];
+    let nowhere = "http://127.0.0.1:1";
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (serve("https://169.254.169.254", g, &listen), "--upstream"),
+        (serve("http://x/path", g, &listen), "--upstream"),
+        (serve(nowhere, b, &listen), "--rules"),
         (
-            vec![
-                "serve",
-                "--upstream",
-                "https://169.254.169.254",
-                "--rules",
-                g,
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            "--upstream",
-        ),
-        (
-            vec![
-                "serve",
-                "--upstream",
-                "http://x/path",
-                "--rules",
-                g,
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            "--upstream",
-        ),
-        (
-            vec![
-                "serve",
-                "--upstream",
-                "http://127.0.0.1:1",
-                "--rules",
-                b,
-                "--listen",
-                "127.0.0.1:0",
-            ],
+            serve(nowhere, "/nonexistent/rules.yaml", &listen),
             "--rules",
         ),
+        (serve(nowhere, g, &["--pods", p]), "--pods"),
         (
-            vec![
-                "serve",
-                "--upstream",
-                "http://127.0.0.1:1",
-                "--rules",
-                "/nonexistent/rules.yaml",
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            "--rules",
-        ),
-        (
-            vec![
-                "serve",
-                "--upstream",
-                "http://127.0.0.1:1",
-                "--rules",
-                g,
-                "--pods",
-                p,
-            ],
-            "--pods",
-        ),
-        (
-            vec![
-                "serve",
-                "--upstream",
-                "http://127.0.0.1:1",
-                "--rules",
-                g,
-                "--runtime-endpoint",
-                "tcp://127.0.0.1:1",
-            ],
+            serve(nowhere, g, &["--runtime-endpoint", "tcp://127.0.0.1:1"]),
             "--runtime-endpoint",
         ),
         (
-            vec![
-                "serve",
-                "--upstream",
-                "http://127.0.0.1:1",
-                "--rules",
+            serve(
+                nowhere,
                 g,
-                "--pods",
-                p,
-                "--runtime-endpoint",
-                "unix:///run/containerd/containerd.sock",
-            ],
+                &[
+                    "--pods",
+                    p,
+                    "--runtime-endpoint",
+                    "unix:///run/containerd/containerd.sock",
+                ],
+            ),
             "--runtime-endpoint",
         ),
         (vec!["mock", "--listen", "not-an-address"], "--listen"),
@@ -130,13 +81,6 @@ fn bad_input_exits_2_and_names_the_flag() {
             "{args:?} should name {flag}: {stderr}"
         );
     }
-}
-
-/// `imds-proxy ARGS` inside `ns`; its log is printed when a wait fails.
-fn spawn_in(ns: &NetNs, args: &[&str]) -> LoggedChild {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name(), BIN]).args(args);
-    LoggedChild::spawn(cmd, &format!("imds-proxy {}", args[0]), None).expect("spawning imds-proxy")
 }
 
 fn curl(ns: &NetNs, args: &[&str]) -> (i32, String) {
@@ -166,58 +110,16 @@ fn mock_and_serve_work_as_processes() {
         return;
     }
     let ns = NetNs::new("imdcli");
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.yaml");
-    std::fs::write(
-        &rules,
-        "rules:\n  - name: clients\n    pods: { labels: { role: ClientContainer } }\n    paths: [ { prefix: /metadata/instance } ]\n",
-    )
-    .unwrap();
-    let pods = dir.path().join("pods.yaml");
-    std::fs::write(
-        &pods,
-        format!(
-            "pods:\n  - name: app\n    labels: {{ role: ClientContainer }}\n    netns: {}\n",
-            ns.path().display()
-        ),
-    )
-    .unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let _mock = spawn_in(&ns, &["mock", "--listen", "127.0.0.1:16990"]);
-    wait_for(&ns, "http://127.0.0.1:16990/metadata/versions");
-    let _proxy = spawn_in(
-        &ns,
-        &[
-            "serve",
-            "--upstream",
-            "http://127.0.0.1:16990",
-            "--rules",
-            rules.to_str().unwrap(),
-            "--pods",
-            pods.to_str().unwrap(),
-            "--pod-listen",
-            "127.0.0.1:15990",
-            "--admin-listen",
-            "127.0.0.1:15991",
-            "--audit-log",
-            audit.to_str().unwrap(),
-        ],
-    );
-    wait_for(&ns, "http://127.0.0.1:15991/readyz");
-    let (exit, out) = curl(
-        &ns,
-        &[
-            "-H",
-            "Metadata: true",
-            "http://127.0.0.1:15990/metadata/instance?api-version=2021-02-01",
-        ],
-    );
+    let files = ServeFiles::new(&[("app", &ns)]);
+    let _mock = spawn_mock(&ns);
+    wait_for(&ns, &format!("http://{MOCK}/metadata/versions"));
+    let _proxy = files.spawn_serve(&ns, &[]);
+    wait_for(&ns, &format!("http://{ADMIN}/readyz"));
+    let instance = format!("http://{POD_LISTEN}{INSTANCE}");
+    let (exit, out) = curl(&ns, &["-H", "Metadata: true", &instance]);
     assert_eq!(exit, 0);
     assert!(out.ends_with("\n200") && out.contains("\"vmId\""), "{out}");
-    let (_, out) = curl(
-        &ns,
-        &["http://127.0.0.1:15990/metadata/instance?api-version=2021-02-01"],
-    );
+    let (_, out) = curl(&ns, &[&instance]);
     assert!(
         out.ends_with("\n400") && out.contains("Required metadata header"),
         "{out}"
@@ -227,13 +129,13 @@ fn mock_and_serve_work_as_processes() {
         &[
             "-H",
             "Metadata: true",
-            "http://127.0.0.1:15990/metadata/versions",
+            &format!("http://{POD_LISTEN}/metadata/versions"),
         ],
     );
     assert!(out.ends_with("\n403"), "{out}");
-    let (_, health) = curl(&ns, &["http://127.0.0.1:15991/healthz"]);
+    let (_, health) = curl(&ns, &[&format!("http://{ADMIN}/healthz")]);
     assert!(health.ends_with("\n200"), "{health}");
-    let (_, metrics) = curl(&ns, &["http://127.0.0.1:15991/metrics"]);
+    let (_, metrics) = curl(&ns, &[&format!("http://{ADMIN}/metrics")]);
     assert!(
         metrics.contains(
             "imds_proxy_requests_total{pod=\"default/app\",decision=\"allowed\",code=\"200\"} 1"
@@ -244,7 +146,7 @@ fn mock_and_serve_work_as_processes() {
     // The audit writer runs beside the requests: give it a moment.
     let mut lines = String::new();
     for _ in 0..40 {
-        lines = std::fs::read_to_string(&audit).unwrap_or_default();
+        lines = std::fs::read_to_string(&files.audit).unwrap_or_default();
         if lines.lines().count() >= 3 {
             break;
         }

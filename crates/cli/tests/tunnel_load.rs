@@ -5,7 +5,6 @@
 
 mod tunnel_support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use konnectivity::client;
@@ -81,6 +80,53 @@ where
     );
 }
 
+/// A tunnel to `target` through the server's frontend at `addr`: a stream
+/// of a gRPC connection of its own in mode "grpc", else an HTTP CONNECT
+/// tunnel with `user_agent`.
+async fn open(
+    mode: &str,
+    addr: &client::ProxyAddr,
+    target: &str,
+    user_agent: &str,
+) -> Result<Box<dyn client::Io>, String> {
+    if mode == "grpc" {
+        let channel = client::grpc_channel(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let io = client::grpc_dial(channel, target)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(io))
+    } else {
+        client::http_connect(addr, target, user_agent)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `n` tunnels to `target` at once through `st` in `mode` (see [`open`]);
+/// tunnel `i` echoes the bytes of `load(i)` = (seed, size) and compares
+/// hashes. Panics as [`all_succeed`] does.
+fn echo_all(
+    st: &Stack,
+    mode: &str,
+    target: &str,
+    user_agent: &str,
+    n: u64,
+    load: impl Fn(u64) -> (u64, usize),
+) {
+    let addr = st.frontend();
+    all_succeed(st, n, |i| {
+        let (addr, mode) = (addr.clone(), mode.to_owned());
+        let (target, user_agent) = (target.to_owned(), user_agent.to_owned());
+        let (seed, size) = load(i);
+        async move {
+            let mut io = open(&mode, &addr, &target, &user_agent).await?;
+            echo_check(&mut *io, seed, size).await
+        }
+    });
+}
+
 /// Neither the server nor the agent dropped data for a full queue.
 fn assert_no_queue_overflow(st: &Stack) {
     assert_eq!(
@@ -99,26 +145,24 @@ fn assert_no_queue_overflow(st: &Stack) {
     );
 }
 
+/// 200 tunnels at once in `mode`, each echoing its own data (see
+/// [`echo_all`]); then both processes are back to their descriptors.
+/// Returns the stack, still running, and the backend.
+fn two_hundred_keep_their_data(
+    mode: &str,
+    load: impl Fn(u64) -> (u64, usize),
+) -> (Stack, HttpServer) {
+    let backend = HttpServer::start();
+    let st = Stack::start(mode);
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    echo_all(&st, mode, &backend.target(), "load", 200, load);
+    st.wait_settled(sfd, afd);
+    (st, backend)
+}
+
 #[test]
 fn two_hundred_concurrent_grpc_connections_keep_their_data() {
-    let _backend = HttpServer::start();
-    let backend_port = _backend.port;
-    let st = Stack::start("grpc");
-    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = st.frontend();
-    all_succeed(&st, 200, |i| {
-        let addr = addr.clone();
-        async move {
-            let channel = client::grpc_channel(&addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut io = client::grpc_dial(channel, &format!("127.0.0.1:{backend_port}"))
-                .await
-                .map_err(|e| e.to_string())?;
-            echo_check(&mut io, i + 1, 64 * 1024 + i as usize * 331).await
-        }
-    });
-    st.wait_settled(sfd, afd);
+    two_hundred_keep_their_data("grpc", |i| (i + 1, 64 * 1024 + i as usize * 331));
 }
 
 /// A server that says there are three servers (--server-count=3) while
@@ -130,27 +174,16 @@ fn two_hundred_concurrent_grpc_connections_keep_their_data() {
 #[test]
 fn dials_are_not_lost_to_an_agents_duplicate_streams() {
     let backend = HttpServer::start();
-    let backend_port = backend.port;
     let st = Stack::start_with(
         "grpc",
         &["--server-count=3"],
         &["--sync-interval=20ms", "--sync-interval-cap=20ms"],
     );
-    let addr = st.frontend();
     let connects = || st.server.log_text().matches("agent connected").count();
     let before = connects();
     for round in 0..4u64 {
-        all_succeed(&st, 50, |i| {
-            let addr = addr.clone();
-            async move {
-                let channel = client::grpc_channel(&addr)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut io = client::grpc_dial(channel, &format!("127.0.0.1:{backend_port}"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                echo_check(&mut io, round * 100 + i + 1, 4096).await
-            }
+        echo_all(&st, "grpc", &backend.target(), "load", 50, |i| {
+            (round * 100 + i + 1, 4096)
         });
     }
     // The duplicates did come while the dials ran.
@@ -169,31 +202,11 @@ fn dials_are_not_lost_to_an_agents_duplicate_streams() {
 #[test]
 fn a_flow_window_smaller_than_a_read_moves_data_both_ways() {
     let backend = HttpServer::start();
-    let backend_port = backend.port;
     for mode in ["http-connect", "grpc"] {
         let window = ["--flow-window-bytes=65536"];
         let st = Stack::start_with(mode, &window, &window);
-        let addr = st.frontend();
-        all_succeed(&st, 4, |i| {
-            let addr = addr.clone();
-            let grpc = mode == "grpc";
-            async move {
-                let target = format!("127.0.0.1:{backend_port}");
-                if grpc {
-                    let channel = client::grpc_channel(&addr)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let mut io = client::grpc_dial(channel, &target)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    echo_check(&mut io, i + 1, 1 << 20).await
-                } else {
-                    let mut io = client::http_connect(&addr, &target, "small-window")
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    echo_check(&mut *io, i + 1, 1 << 20).await
-                }
-            }
+        echo_all(&st, mode, &backend.target(), "small-window", 4, |i| {
+            (i + 1, 1 << 20)
         });
         assert!(
             metric(
@@ -211,21 +224,9 @@ fn a_flow_window_smaller_than_a_read_moves_data_both_ways() {
 
 #[test]
 fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
-    let backend = HttpServer::start();
-    let backend_port = backend.port;
-    let st = Stack::start("http-connect");
-    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
-    let addr = st.frontend();
-    all_succeed(&st, 200, |i| {
-        let addr = addr.clone();
-        async move {
-            let mut io = client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "load")
-                .await
-                .map_err(|e| e.to_string())?;
-            echo_check(&mut *io, i + 7, 48 * 1024 + i as usize * 97).await
-        }
-    });
-    st.wait_settled(sfd, afd);
+    // The stack stays up: the backend's sockets must close while it runs.
+    let (_st, backend) =
+        two_hundred_keep_their_data("http-connect", |i| (i + 7, 48 * 1024 + i as usize * 97));
     wait_for("backend sockets closed", Duration::from_secs(10), || {
         backend.open.load(std::sync::atomic::Ordering::SeqCst) == 0
     });
@@ -238,7 +239,7 @@ fn two_hundred_concurrent_http_connect_connections_keep_their_data() {
 #[test]
 fn a_stalled_reader_does_not_stall_the_others() {
     let backend = HttpServer::start();
-    let backend_port = backend.port;
+    let target = backend.target();
     let st = Stack::start_with(
         "http-connect",
         &["--max-connection-queue-bytes=2097152"],
@@ -250,10 +251,9 @@ fn a_stalled_reader_does_not_stall_the_others() {
     rt.block_on(async {
         const BIG: usize = 64 << 20;
         // The stalled connection: asks for a lot, reads nothing for now.
-        let mut stalled =
-            client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "stalled")
-                .await
-                .unwrap();
+        let mut stalled = client::http_connect(&addr, &target, "stalled")
+            .await
+            .unwrap();
         stalled
             .write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
             .await
@@ -262,12 +262,9 @@ fn a_stalled_reader_does_not_stall_the_others() {
         // Meanwhile 20 others move 1 MiB each, both ways.
         let mut tasks = Vec::new();
         for i in 0..20u64 {
-            let addr = addr.clone();
+            let (addr, target) = (addr.clone(), target.clone());
             tasks.push(tokio::spawn(async move {
-                let mut io =
-                    client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "busy")
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let mut io = open("http-connect", &addr, &target, "busy").await?;
                 echo_check(&mut *io, 1000 + i, 1 << 20).await
             }));
         }
@@ -321,7 +318,6 @@ fn a_stalled_reader_does_not_stall_the_others() {
 #[test]
 fn a_backend_that_stops_reading_throttles_only_its_uploader() {
     let backend = HttpServer::start();
-    let backend_port = backend.port;
     // Accepts connections and never reads them.
     let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let sink_port = sink.local_addr().unwrap().port();
@@ -354,7 +350,7 @@ fn a_backend_that_stops_reading_throttles_only_its_uploader() {
             "the server never waited for credit toward the agent ({sent} bytes sent)"
         );
         // The uploader is stuck; a neighbour on the same agent stream is not.
-        let mut io = client::http_connect(&addr, &format!("127.0.0.1:{backend_port}"), "busy")
+        let mut io = client::http_connect(&addr, &backend.target(), "busy")
             .await
             .unwrap();
         echo_check(&mut *io, 7, 1 << 20).await.unwrap();
@@ -371,6 +367,13 @@ fn one_request(st: &Stack, backend_port: u16) -> Result<(), String> {
     }
 }
 
+/// Waits until [`one_request`] succeeds.
+fn wait_request(st: &Stack, backend_port: u16, what: &str) {
+    wait_for(what, Duration::from_secs(20), || {
+        one_request(st, backend_port).is_ok()
+    });
+}
+
 #[test]
 fn agent_restart_and_server_restart_are_survived() {
     let backend = HttpServer::start();
@@ -379,21 +382,13 @@ fn agent_restart_and_server_restart_are_survived() {
 
     st.restart_agent();
     st.wait_ready();
-    wait_for(
-        "a request after the agent restart",
-        Duration::from_secs(20),
-        || one_request(&st, backend.port).is_ok(),
-    );
+    wait_request(&st, backend.port, "a request after the agent restart");
 
     let agent_fds = st.agent.fd_count();
     st.restart_server("grpc");
     // The same agent process reconnects by itself (sync loop with backoff).
     st.wait_ready();
-    wait_for(
-        "a request after the server restart",
-        Duration::from_secs(20),
-        || one_request(&st, backend.port).is_ok(),
-    );
+    wait_request(&st, backend.port, "a request after the server restart");
     // The agent did not keep descriptors of the dead server connection.
     let sfd = st.server.fd_count();
     st.wait_settled(sfd, agent_fds);
@@ -444,7 +439,6 @@ fn a_frozen_agent_is_detected_in_seconds() {
     wait_for("agent back", Duration::from_secs(40), || {
         http_get(st.ports.health, "/readyz").is_some_and(|(s, _)| s == 200)
     });
-    let _ = Arc::new(());
 }
 
 /// konnectivity-client's reusable tunnel: every dial of kube-apiserver as a

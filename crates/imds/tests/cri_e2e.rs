@@ -10,10 +10,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{IMDS, on, runtime_in, start_mock};
-use imds_proxy::audit::Audit;
-use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
-use imds_proxy::{CriPodSource, PodSource, Rules};
+use common::{IMDS, on, quiet_config, runtime_in, start_mock};
+use imds_proxy::proxy::{ProxyConfig, ProxyHandle};
+use imds_proxy::{CriPodSource, PodSource};
 use proxyctl_cri::RuntimeEndpoint;
 use proxyctl_testkit::containerd::{
     Containerd, ContainerdOptions, ExecOutput, Pod, PodSpec, metadata_cloud,
@@ -105,18 +104,10 @@ fn seed_roles_on_containerd_through_cri_and_watch() {
     let source = Arc::new(CriPodSource::new(endpoint.clone()));
     let proxy_rt = runtime_in(&proxy_pod.netns);
     let config = ProxyConfig {
-        upstream: parse_upstream("http://169.254.169.254").unwrap(),
-        rules: Rules::from_yaml(RULES, "rules").unwrap(),
         pod_listen: Some("127.0.0.1:15990".parse().unwrap()),
         source_ip_listen: Some(format!("{}:{FALLBACK_PORT}", proxy_pod.ip).parse().unwrap()),
-        admin_listen: None,
-        audit: Audit::discard(),
-        limits: Limits {
-            rate_per_sec: 0.0,
-            ..Limits::default()
-        },
-        reconcile_every: Duration::ZERO,
         workers: 0,
+        ..quiet_config(IMDS, RULES)
     };
     let src: Arc<dyn PodSource> = source.clone();
     let proxy = on(

@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{IMDS, Proxy, Topology, on, pod_addr};
-use imds_proxy::audit::Audit;
+use imds_proxy::Pod;
 use imds_proxy::mock::{self, MockIdentity, MockState};
-use imds_proxy::proxy::{Limits, ProxyConfig, parse_upstream};
-use imds_proxy::{Pod, Rules};
+use imds_proxy::proxy::{Limits, ProxyConfig};
 use proxyctl_testkit::{NetNs, require_root, require_tool};
 
 fn pod(name: &str, netns: Option<PathBuf>, labels: &[(&str, &str)]) -> Pod {
@@ -153,6 +152,38 @@ fn python_in(ns: &NetNs, script: &str, args: &[&str]) -> serde_json::Value {
     app_in(ns, &argv, SDK_ENDPOINT_VARS, &[])
 }
 
+/// The SDK tests' refusals are in the audit log: pod web asking for
+/// another pod's identity, pod unbound asking with none bound.
+fn assert_refusals_audited(audit: &[serde_json::Value]) {
+    for (pod, decision) in [
+        ("default/web", "wrong_identity"),
+        ("default/unbound", "no_identity"),
+    ] {
+        assert!(
+            audit
+                .iter()
+                .any(|l| l["pod"] == pod && l["decision"] == decision),
+            "no {decision} line of {pod}: {audit:#?}"
+        );
+    }
+}
+
+/// How many audit lines show pod web reading `identity` (its label).
+fn web_reads(audit: &[serde_json::Value], identity: &str) -> usize {
+    audit
+        .iter()
+        .filter(|l| l["pod"] == "default/web" && l["identity"] == identity)
+        .count()
+}
+
+/// `python3 -c app` with the clock running 200 times as fast, and `env`
+/// (the SDK's metadata timeout, raised so it does not shrink with it).
+fn at_200x<'a>(env: &'a str, app: &'a str) -> [&'a str; 8] {
+    [
+        "env", env, "faketime", "-f", "+0 x200", "python3", "-c", app,
+    ]
+}
+
 #[test]
 fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
     let test = "azure_identity_sdk_gets_its_pods_identity_and_no_other";
@@ -221,18 +252,7 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
         issued.iter().all(|l| l["identity"].is_string()),
         "{audit:#?}"
     );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
-        "{audit:#?}"
-    );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
-        "{audit:#?}"
-    );
+    assert_refusals_audited(&audit);
     let raw = proxy.audit_text();
     assert!(!raw.contains("mock."), "a token reached the audit log");
     let metrics = proxy.metrics();
@@ -244,26 +264,6 @@ fn azure_identity_sdk_gets_its_pods_identity_and_no_other() {
                 && l.contains(&web_label)),
         "{metrics}"
     );
-}
-
-/// The proxy of the 100-pod tests: the fake at `upstream`, loopback pods
-/// (no listeners of its own), no audit and no rate limit (every pod asks at
-/// once).
-fn many_pods_config(upstream: SocketAddr, rules: &str) -> ProxyConfig {
-    ProxyConfig {
-        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-        rules: Rules::from_yaml(rules, "test").unwrap(),
-        pod_listen: None,
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::discard(),
-        limits: Limits {
-            rate_per_sec: 0.0,
-            ..Limits::default()
-        },
-        reconcile_every: Duration::ZERO,
-        workers: 2,
-    }
 }
 
 /// GETs `target` on `addr` with `Metadata: true`; (status, body).
@@ -292,49 +292,76 @@ async fn get_with(addr: SocketAddr, target: &str, header: &str) -> (u16, String)
     (head[9..12].parse().unwrap(), body.to_owned())
 }
 
-#[test]
-fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The runtime of the 100-pod tests: two workers, as the CI machine has
+/// two CPUs.
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// The fake serving `state` on a loopback port of its own: its address,
+/// and its task (aborted at the test's end).
+async fn serve_fake(state: Arc<MockState>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    (upstream, tokio::spawn(mock::serve(listener, state)))
+}
+
+/// `n` loopback pods (no namespace): even ones labelled app=web, odd ones
+/// app=batch.
+fn web_and_batch_pods(n: usize) -> Vec<Pod> {
+    (0..n)
+        .map(|i| {
+            let app = if i % 2 == 0 { "web" } else { "batch" };
+            pod(&format!("p{i}"), None, &[("app", app)])
+        })
+        .collect()
+}
+
+/// GETs `target` with `header` from every pod at once; each answer must be
+/// a 200: (pod index, its JSON document), in pod order.
+async fn ask_all(
+    addrs: &[SocketAddr],
+    target: &'static str,
+    header: &'static str,
+) -> Vec<(usize, serde_json::Value)> {
+    let asks: Vec<_> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let addr = *addr;
+            tokio::spawn(async move { (i, get_with(addr, target, header).await) })
+        })
+        .collect();
+    let mut docs = Vec::new();
+    for ask in asks {
+        let (i, (status, body)) = ask.await.unwrap();
+        assert_eq!(status, 200, "pod p{i}: {body}");
+        docs.push((i, serde_json::from_str(&body).unwrap()));
+    }
+    docs
+}
+
+#[test]
+fn one_upstream_request_per_identity_per_refresh_for_100_pods() {
+    let rt = two_workers();
     rt.block_on(async {
         // Tokens that live 4 s: the proxy refreshes them after 2 s.
         let state = Arc::new(MockState::with_identities(
             (1..=2).map(MockIdentity::user_assigned).collect(),
             Duration::from_secs(4),
         ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap();
-        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let (upstream, fake) = serve_fake(state.clone()).await;
         let ids = state.identities().to_vec();
-        let pods: Vec<Pod> = (0..100)
-            .map(|i| {
-                let app = if i % 2 == 0 { "web" } else { "batch" };
-                pod(&format!("p{i}"), None, &[("app", app)])
-            })
-            .collect();
-        let config = many_pods_config(upstream, &azure_rules(&ids[1], &ids[2]));
+        let pods = web_and_batch_pods(100);
+        // Loopback pods, all asking at once: no rate limit.
+        let config = common::quiet_config(&upstream.to_string(), &azure_rules(&ids[1], &ids[2]));
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
         let target = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
-        let round = || {
-            let addrs = addrs.clone();
-            async move {
-                let asks = addrs.iter().enumerate().map(|(i, addr)| {
-                    let addr = *addr;
-                    tokio::spawn(async move { (i, get(addr, target).await) })
-                });
-                let mut tokens = Vec::new();
-                for ask in asks.collect::<Vec<_>>() {
-                    let (i, (status, body)) = ask.await.unwrap();
-                    assert_eq!(status, 200, "pod p{i}: {body}");
-                    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-                    tokens.push((i, doc));
-                }
-                tokens
-            }
-        };
+        let round = || ask_all(&addrs, target, "Metadata: true");
         for refresh in [1, 2] {
             if refresh == 2 {
                 // Past the refresh point (half the 4 s life, in whole seconds).
@@ -390,15 +417,9 @@ fn an_unreachable_upstream_gets_a_status_sdks_retry_not_a_hang() {
             })
             .collect();
         let config = ProxyConfig {
-            upstream: parse_upstream("http://127.0.0.1:9").unwrap(),
-            rules: Rules::from_yaml(&azure_rules(&ids[1], &ids[2]), "test").unwrap(),
-            pod_listen: None,
-            source_ip_listen: None,
-            admin_listen: None,
-            audit: Audit::discard(),
             limits: Limits::default(),
-            reconcile_every: Duration::ZERO,
             workers: 0,
+            ..common::quiet_config("127.0.0.1:9", &azure_rules(&ids[1], &ids[2]))
         };
         let (_proxy, addrs) =
             imds_proxy::fuzzing::loopback_pods(config, vec![pod("w", None, &[("app", "web")])])
@@ -554,6 +575,29 @@ fn boto_run(ns: &NetNs, argv: &[&str]) -> serde_json::Value {
     )
 }
 
+/// An IMDSv2 session token (60 s), asked for by `pod`.
+fn aws_token(pod: &NetNs) -> common::Curl {
+    common::curl(
+        pod,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        ],
+        &format!("http://{IMDS}/latest/api/token"),
+    )
+}
+
+/// A GET of the AWS metadata `path` by `pod` with the session `token`.
+fn aws_get(pod: &NetNs, token: &str, path: &str) -> common::Curl {
+    common::curl(
+        pod,
+        &["-H", &format!("X-aws-ec2-metadata-token: {token}")],
+        &format!("http://{IMDS}{path}"),
+    )
+}
+
 #[test]
 fn boto3_pods_get_their_own_roles_from_sts_through_the_proxy() {
     let test = "boto3_pods_get_their_own_roles_from_sts_through_the_proxy";
@@ -609,94 +653,43 @@ sts: {{ endpoint: "http://127.0.0.1:{}", region: us-east-1 }}
     let unbound = boto_in(topo.pod(2), &sts_url);
     assert_eq!(unbound["ok"], false, "unbound: {unbound}");
     // IMDSv1 is off: no token, no answer.
-    let v1 = common::curl(
-        topo.pod(0),
-        &[],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
-    );
+    let credentials = "/latest/meta-data/iam/security-credentials/";
+    let v1 = common::curl(topo.pod(0), &[], &format!("http://{IMDS}{credentials}"));
     assert_eq!(v1.status, 401, "{v1:?}");
     // A token obtained by another pod is not this pod's.
-    let batch_token = common::curl(
-        topo.pod(1),
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "X-aws-ec2-metadata-token-ttl-seconds: 60",
-        ],
-        &format!("http://{IMDS}/latest/api/token"),
-    );
+    let batch_token = aws_token(topo.pod(1));
     assert_eq!(batch_token.status, 200);
-    let stolen = common::curl(
+    let stolen = aws_get(
         topo.pod(0),
-        &[
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {}", batch_token.body),
-        ],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/web-role"),
+        &batch_token.body,
+        &format!("{credentials}web-role"),
     );
     assert_eq!(stolen.status, 401, "{stolen:?}");
     // Another role's name is not there for this pod.
-    let web_token = common::curl(
+    let web_token = aws_token(topo.pod(0));
+    let other = aws_get(
         topo.pod(0),
-        &[
-            "-X",
-            "PUT",
-            "-H",
-            "X-aws-ec2-metadata-token-ttl-seconds: 60",
-        ],
-        &format!("http://{IMDS}/latest/api/token"),
-    );
-    let other = common::curl(
-        topo.pod(0),
-        &[
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
-        ],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/batch-role"),
+        &web_token.body,
+        &format!("{credentials}batch-role"),
     );
     assert_eq!(other.status, 404, "{other:?}");
-    let listed = common::curl(
-        topo.pod(0),
-        &[
-            "-H",
-            &format!("X-aws-ec2-metadata-token: {}", web_token.body),
-        ],
-        &format!("http://{IMDS}/latest/meta-data/iam/security-credentials/"),
-    );
+    let listed = aws_get(topo.pod(0), &web_token.body, credentials);
     assert_eq!((listed.status, listed.body.as_str()), (200, "web-role"));
 
     let audit = proxy.audit();
     let web_label = format!("aws:{web_role}");
-    let web_reads = |audit: &[serde_json::Value]| {
-        audit
-            .iter()
-            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
-            .count()
-    };
-    let reads_before = web_reads(&audit);
+    let reads_before = web_reads(&audit, &web_label);
     assert!(reads_before >= 1, "{audit:#?}");
     // botocore refreshes through the proxy; the proxy answers from its
     // cache (STS is asked once per role, checked below).
     if require_tool(test, "faketime") {
-        let r = boto_run(
-            topo.pod(0),
-            &[
-                // botocore's 1 s metadata timeout would be 5 ms at 200x.
-                "env",
-                "AWS_METADATA_SERVICE_TIMEOUT=400",
-                "faketime",
-                "-f",
-                "+0 x200",
-                "python3",
-                "-c",
-                BOTO_REFRESH_APP,
-            ],
-        );
+        // botocore's 1 s metadata timeout would be 5 ms at 200x.
+        let argv = at_200x("AWS_METADATA_SERVICE_TIMEOUT=400", BOTO_REFRESH_APP);
+        let r = boto_run(topo.pod(0), &argv);
         assert_eq!(r["keys"].as_array().map(Vec::len), Some(1), "{r}");
         assert_eq!(r["keys"][0], web["access_key"]);
         let audit = proxy.audit();
-        let refreshes = web_reads(&audit) - reads_before;
+        let refreshes = web_reads(&audit, &web_label) - reads_before;
         assert!(
             refreshes >= 3,
             "botocore read its credentials {refreshes} more times"
@@ -890,47 +883,19 @@ fn google_auth_pods_get_their_own_service_accounts() {
 
     let audit = proxy.audit();
     let web_label = format!("gcp:{web_sa}");
-    let web_reads = |audit: &[serde_json::Value]| {
-        audit
-            .iter()
-            .filter(|l| l["pod"] == "default/web" && l["identity"] == web_label.as_str())
-            .count()
-    };
-    let reads_before = web_reads(&audit);
+    let reads_before = web_reads(&audit, &web_label);
     assert!(reads_before >= 2, "{audit:#?}");
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/web" && l["decision"] == "wrong_identity"),
-        "{audit:#?}"
-    );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l["pod"] == "default/unbound" && l["decision"] == "no_identity"),
-        "{audit:#?}"
-    );
+    assert_refusals_audited(&audit);
     // google-auth refreshes through the proxy, which answers from its
     // cache: still one token and one IAM call for the account.
     if require_tool(test, "faketime") {
-        let r = google_run(
-            topo.pod(0),
-            &[
-                // google-auth's 3 s metadata timeout would be 15 ms at 200x.
-                "env",
-                "GCE_METADATA_TIMEOUT=400",
-                "faketime",
-                "-f",
-                "+0 x200",
-                "python3",
-                "-c",
-                GOOGLE_REFRESH_APP,
-            ],
-        );
+        // google-auth's 3 s metadata timeout would be 15 ms at 200x.
+        let argv = at_200x("GCE_METADATA_TIMEOUT=400", GOOGLE_REFRESH_APP);
+        let r = google_run(topo.pod(0), &argv);
         assert_eq!(r["tokens"].as_array().map(Vec::len), Some(1), "{r}");
         assert_eq!(r["tokens"][0], web["token"]);
         assert!(r["refreshes"].as_u64().unwrap() >= 3, "{r}");
-        let refreshes = web_reads(&proxy.audit()) - reads_before;
+        let refreshes = web_reads(&proxy.audit(), &web_label) - reads_before;
         assert!(
             refreshes >= 3,
             "google-auth read its token {refreshes} more times"
@@ -952,28 +917,17 @@ fn google_auth_pods_get_their_own_service_accounts() {
 
 #[test]
 fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     rt.block_on(async {
         // The fake serves the metadata server and IAM Credentials alike.
         let state = MockState::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap();
-        let fake = tokio::spawn(mock::serve(listener, state.clone()));
+        let (upstream, fake) = serve_fake(state.clone()).await;
         let accounts = state.gcp().accounts().to_vec();
         let (web_sa, batch_sa) = (&accounts[1], &accounts[2]);
-        let pods: Vec<Pod> = (0..100)
-            .map(|i| {
-                let app = if i % 2 == 0 { "web" } else { "batch" };
-                pod(&format!("p{i}"), None, &[("app", app)])
-            })
-            .collect();
+        let pods = web_and_batch_pods(100);
         // Tokens that live 4 s: the proxy refreshes them after 2 s.
-        let config = many_pods_config(
-            upstream,
+        let config = common::quiet_config(
+            &upstream.to_string(),
             &gcp_rules(web_sa, batch_sa, 4, &format!("http://{upstream}")),
         );
         let (proxy, addrs) = imds_proxy::fuzzing::loopback_pods(config, pods).await;
@@ -982,19 +936,8 @@ fn one_iam_call_per_service_account_per_refresh_for_100_pods() {
             if refresh == 2 {
                 tokio::time::sleep(Duration::from_millis(3100)).await;
             }
-            let asks: Vec<_> = addrs
-                .iter()
-                .enumerate()
-                .map(|(i, addr)| {
-                    let addr = *addr;
-                    tokio::spawn(async move { (i, get_gcp(addr, target).await) })
-                })
-                .collect();
             let mut tokens: [Vec<String>; 2] = Default::default();
-            for ask in asks {
-                let (i, (status, body)) = ask.await.unwrap();
-                assert_eq!(status, 200, "pod p{i}: {body}");
-                let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+            for (i, doc) in ask_all(&addrs, target, "Metadata-Flavor: Google").await {
                 assert!(doc["expires_in"].as_u64().unwrap() <= 4, "{doc}");
                 let token = doc["access_token"].as_str().unwrap().to_owned();
                 let want = if i % 2 == 0 { web_sa } else { batch_sa };
@@ -1024,9 +967,7 @@ fn gcp_wait_for_change_is_held_past_the_upstream_timeout() {
         .unwrap();
     rt.block_on(async {
         let state = MockState::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap();
-        let fake = tokio::spawn(mock::serve(listener, state));
+        let (upstream, fake) = serve_fake(state).await;
         let (_proxy, addr) = imds_proxy::fuzzing::loopback_proxy(
             upstream,
             "w",

@@ -16,16 +16,17 @@ fn mock() -> (
 }
 
 const MD: &str = "Metadata: true";
+const INSTANCE: &str = "/metadata/instance?api-version=2021-02-01";
+
+/// `send` of a GET.
+fn get(addr: std::net::SocketAddr, target: &str, headers: &[&str]) -> common::RawResponse {
+    send(addr, "GET", target, headers)
+}
 
 #[test]
 fn azure_refusals_match_the_real_service() {
     let (_rt, state, addr) = mock();
-    let ok = send(
-        addr,
-        "GET",
-        "/metadata/instance?api-version=2021-02-01",
-        &[MD],
-    );
+    let ok = get(addr, INSTANCE, &[MD]);
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json(), *state.instance());
     assert!(
@@ -36,12 +37,7 @@ fn azure_refusals_match_the_real_service() {
 
     // Metadata header: missing, wrong value, given twice.
     for headers in [&[][..], &["Metadata: false"][..], &[MD, MD][..]] {
-        let r = send(
-            addr,
-            "GET",
-            "/metadata/instance?api-version=2021-02-01",
-            headers,
-        );
+        let r = get(addr, INSTANCE, headers);
         assert_eq!(r.status, 400, "{headers:?}");
         assert_eq!(
             r.json()["error"],
@@ -49,20 +45,10 @@ fn azure_refusals_match_the_real_service() {
         );
     }
     // PowerShell sends "True" (the seed's client): accepted.
-    assert_eq!(
-        send(
-            addr,
-            "GET",
-            "/metadata/instance?api-version=2021-02-01",
-            &["Metadata: True"]
-        )
-        .status,
-        200
-    );
+    assert_eq!(get(addr, INSTANCE, &["Metadata: True"]).status, 200);
     // The identity endpoint answers in OAuth shape.
-    let r = send(
+    let r = get(
         addr,
-        "GET",
         "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x",
         &[],
     );
@@ -74,12 +60,7 @@ fn azure_refusals_match_the_real_service() {
     );
 
     // X-Forwarded-For is refused even with the header right.
-    let r = send(
-        addr,
-        "GET",
-        "/metadata/instance?api-version=2021-02-01",
-        &[MD, "X-Forwarded-For: 10.0.0.9"],
-    );
+    let r = get(addr, INSTANCE, &[MD, "X-Forwarded-For: 10.0.0.9"]);
     assert_eq!(r.status, 400);
     assert!(
         r.json()["error"]
@@ -94,16 +75,15 @@ fn azure_refusals_match_the_real_service() {
         "/metadata/instance?api-version=1999-01-01",
         "/metadata/attested/document",
     ] {
-        let r = send(addr, "GET", target, &[MD]);
+        let r = get(addr, target, &[MD]);
         assert_eq!(r.status, 400, "{target}");
         let newest = r.json()["newest-versions"].as_array().unwrap().clone();
         assert_eq!(newest.len(), 3, "{target}");
         assert_eq!(newest[0], "2023-07-01");
     }
     // Duplicate query parameters.
-    let r = send(
+    let r = get(
         addr,
-        "GET",
         "/metadata/instance?api-version=2021-02-01&api-version=2021-02-01",
         &[MD],
     );
@@ -117,7 +97,7 @@ fn azure_refusals_match_the_real_service() {
 
     // GET-only endpoints: 405 for anything else; scheduledevents takes POST.
     for (method, target) in [
-        ("POST", "/metadata/instance?api-version=2021-02-01"),
+        ("POST", INSTANCE),
         (
             "PUT",
             "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x",
@@ -134,9 +114,8 @@ fn azure_refusals_match_the_real_service() {
         let r = parse(&raw(addr, req.as_bytes()).unwrap());
         assert_eq!(r.status, 405, "{method} {target}");
     }
-    let events = send(
+    let events = get(
         addr,
-        "GET",
         "/metadata/scheduledevents?api-version=2020-07-01",
         &[MD],
     );
@@ -159,12 +138,11 @@ fn azure_refusals_match_the_real_service() {
         "/metadata/instance/compute/nope?api-version=2021-02-01",
         "/other",
     ] {
-        assert_eq!(send(addr, "GET", target, &[MD]).status, 404, "{target}");
+        assert_eq!(get(addr, target, &[MD]).status, 404, "{target}");
     }
     // Leaves in text, subtrees in JSON; text of a subtree is refused.
-    let leaf = send(
+    let leaf = get(
         addr,
-        "GET",
         "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text",
         &[MD],
     );
@@ -173,27 +151,24 @@ fn azure_refusals_match_the_real_service() {
         (200, "a7c7a8a7-7cdb-4c49-a3a5-d67dc6aa2050")
     );
     assert_eq!(
-        send(
+        get(
             addr,
-            "GET",
             "/metadata/instance/compute?api-version=2021-02-01&format=text",
             &[MD]
         )
         .status,
         400
     );
-    let ip = send(
+    let ip = get(
         addr,
-        "GET",
         "/metadata/instance/network/interface/0/ipv4/ipAddress/0/privateIpAddress?api-version=2021-02-01&format=text",
         &[MD],
     );
     assert_eq!(ip.body, "10.0.0.5");
 
     // Identity token: resource is required; one identity selector at most.
-    let t = send(
+    let t = get(
         addr,
-        "GET",
         "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net",
         &[MD],
     );
@@ -201,21 +176,19 @@ fn azure_refusals_match_the_real_service() {
     assert_eq!(t.json()["resource"], "https://vault.azure.net");
     assert_eq!(t.json()["token_type"], "Bearer");
     assert_eq!(
-        send(
+        get(
             addr,
-            "GET",
             "/metadata/identity/oauth2/token?api-version=2018-02-01",
             &[MD]
         )
         .status,
         400
     );
-    assert_eq!(send(addr, "GET", "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x&client_id=a&object_id=b", &[MD]).status, 400);
+    assert_eq!(get(addr, "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x&client_id=a&object_id=b", &[MD]).status, 400);
     // Attested: nonce at most 10 digits.
     assert_eq!(
-        send(
+        get(
             addr,
-            "GET",
             "/metadata/attested/document?api-version=2021-02-01&nonce=1234567890",
             &[MD]
         )
@@ -223,9 +196,8 @@ fn azure_refusals_match_the_real_service() {
         200
     );
     assert_eq!(
-        send(
+        get(
             addr,
-            "GET",
             "/metadata/attested/document?api-version=2021-02-01&nonce=12345678901",
             &[MD]
         )
@@ -233,7 +205,7 @@ fn azure_refusals_match_the_real_service() {
         400
     );
     // Versions needs no api-version.
-    let v = send(addr, "GET", "/metadata/versions", &[MD]);
+    let v = get(addr, "/metadata/versions", &[MD]);
     assert_eq!(v.status, 200);
     assert!(v.json()["apiVersions"].as_array().unwrap().len() > 10);
 }
@@ -265,7 +237,7 @@ fn aws_imdsv2_token_rules_are_enforced() {
         parse(&raw(addr, req.as_bytes()).unwrap())
     };
     assert_eq!(put("X-Forwarded-For: 1.2.3.4\r\n", "60").status, 403);
-    assert_eq!(send(addr, "GET", "/latest/api/token", &[]).status, 405);
+    assert_eq!(get(addr, "/latest/api/token", &[]).status, 405);
 
     for ttl in ["1", "21600"] {
         assert_eq!(put("", ttl).status, 200, "ttl {ttl}");
@@ -281,34 +253,26 @@ fn aws_imdsv2_token_rules_are_enforced() {
     let with = format!("X-aws-ec2-metadata-token: {token}");
 
     // Reads need a live token.
+    assert_eq!(get(addr, "/latest/meta-data/instance-id", &[]).status, 401);
     assert_eq!(
-        send(addr, "GET", "/latest/meta-data/instance-id", &[]).status,
-        401
-    );
-    assert_eq!(
-        send(
+        get(
             addr,
-            "GET",
             "/latest/meta-data/instance-id",
             &["X-aws-ec2-metadata-token: forged"]
         )
         .status,
         401
     );
-    let r = send(addr, "GET", "/latest/meta-data/instance-id", &[&with]);
+    let r = get(addr, "/latest/meta-data/instance-id", &[&with]);
     assert_eq!((r.status, r.body.as_str()), (200, "i-0123456789abcdef0"));
-    let creds = send(
+    let creds = get(
         addr,
-        "GET",
         "/latest/meta-data/iam/security-credentials/mock-role",
         &[&with],
     );
     assert_eq!(creds.status, 200);
     assert_eq!(creds.json()["Code"], "Success");
-    assert_eq!(
-        send(addr, "GET", "/latest/meta-data/nope", &[&with]).status,
-        404
-    );
+    assert_eq!(get(addr, "/latest/meta-data/nope", &[&with]).status, 404);
     let post = format!(
         "POST /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n{with}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
@@ -316,7 +280,7 @@ fn aws_imdsv2_token_rules_are_enforced() {
     // The TTL is honoured: after 1 s the token is refused.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(
-        send(addr, "GET", "/latest/meta-data/instance-id", &[&with]).status,
+        get(addr, "/latest/meta-data/instance-id", &[&with]).status,
         401
     );
 }
@@ -335,7 +299,7 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
         &[FLAVOR, FLAVOR][..],
         &[FLAVOR, "X-Forwarded-For: 10.0.0.1"][..],
     ] {
-        let r = send(addr, "GET", &format!("{sa}/default/email"), headers);
+        let r = get(addr, &format!("{sa}/default/email"), headers);
         assert_eq!(r.status, 403, "{headers:?}");
         assert!(
             r.head
@@ -344,7 +308,7 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
         );
     }
     let node = state.gcp().node_account().to_owned();
-    let email = send(addr, "GET", &format!("{sa}/default/email"), &[FLAVOR]);
+    let email = get(addr, &format!("{sa}/default/email"), &[FLAVOR]);
     assert_eq!((email.status, email.body.as_str()), (200, node.as_str()));
     assert!(
         email
@@ -352,27 +316,15 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
             .to_ascii_lowercase()
             .contains("metadata-flavor: google")
     );
-    let json = send(
-        addr,
-        "GET",
-        &format!("{sa}/default/email?alt=json"),
-        &[FLAVOR],
-    );
+    let json = get(addr, &format!("{sa}/default/email?alt=json"), &[FLAVOR]);
     assert_eq!(json.json(), serde_json::json!(node));
     assert_eq!(
-        send(
-            addr,
-            "GET",
-            &format!("{sa}/default/email?alt=xml"),
-            &[FLAVOR]
-        )
-        .status,
+        get(addr, &format!("{sa}/default/email?alt=xml"), &[FLAVOR]).status,
         400
     );
     // Recursive directories are JSON with camelCase keys.
-    let inst = send(
+    let inst = get(
         addr,
-        "GET",
         "/computeMetadata/v1/instance/?recursive=true",
         &[FLAVOR],
     );
@@ -382,19 +334,18 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
     );
     assert!(inst.json().get("machineType").is_some());
     // Tokens: realistic lifetime, the same cached token counting down.
-    let t1 = send(addr, "GET", &format!("{sa}/default/token"), &[FLAVOR]).json();
-    let t2 = send(addr, "GET", &format!("{sa}/{node}/token"), &[FLAVOR]).json();
+    let t1 = get(addr, &format!("{sa}/default/token"), &[FLAVOR]).json();
+    let t2 = get(addr, &format!("{sa}/{node}/token"), &[FLAVOR]).json();
     assert_eq!(t1["access_token"], t2["access_token"]);
     let left = t1["expires_in"].as_u64().unwrap();
     assert!((3500..=3599).contains(&left), "{t1}");
     assert_eq!(
-        send(addr, "GET", &format!("{sa}/default/identity"), &[FLAVOR]).status,
+        get(addr, &format!("{sa}/default/identity"), &[FLAVOR]).status,
         400
     );
     assert_eq!(
-        send(
+        get(
             addr,
-            "GET",
             &format!("{sa}/other@x.iam.gserviceaccount.com/token"),
             &[FLAVOR]
         )
@@ -402,12 +353,7 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
         404
     );
     // wait_for_change: held for timeout_sec; a stale last_etag answers at once.
-    let first = send(
-        addr,
-        "GET",
-        "/computeMetadata/v1/project/project-id",
-        &[FLAVOR],
-    );
+    let first = get(addr, "/computeMetadata/v1/project/project-id", &[FLAVOR]);
     let etag = first
         .head
         .lines()
@@ -418,9 +364,8 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
         })
         .expect("an ETag");
     let start = std::time::Instant::now();
-    let held = send(
+    let held = get(
         addr,
-        "GET",
         &format!(
             "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=1&last_etag={etag}"
         ),
@@ -431,9 +376,8 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
         start.elapsed() >= std::time::Duration::from_secs(1),
         "not held"
     );
-    let stale = send(
+    let stale = get(
         addr,
-        "GET",
         "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=60&last_etag=0",
         &[FLAVOR],
     );
@@ -444,9 +388,8 @@ fn gcp_metadata_server_edge_matches_the_real_one() {
 fn gcp_iam_credentials_fake_enforces_the_contract() {
     let (_rt, state, addr) = mock();
     let gcp = state.gcp();
-    let node_token = send(
+    let node_token = get(
         addr,
-        "GET",
         "/computeMetadata/v1/instance/service-accounts/default/token",
         &[FLAVOR],
     )

@@ -58,6 +58,16 @@ fn pod(name: &str, ns: &NetNs, ip: &str, labels: &[(&str, &str)]) -> Pod {
     }
 }
 
+/// A pod the rules serve (labelled role=ClientContainer).
+fn client_pod(name: &str, ns: &NetNs, ip: &str) -> Pod {
+    pod(name, ns, ip, &[("role", "ClientContainer")])
+}
+
+/// The source-IP listener: on the node's bridge, the pods' gateway.
+fn node_listener() -> SocketAddr {
+    "10.98.0.1:15992".parse().unwrap()
+}
+
 /// Sum of `imds_proxy_requests_total` samples whose labels contain `needle`.
 fn metric_sum(text: &str, name: &str, needle: &str) -> u64 {
     text.lines()
@@ -85,18 +95,8 @@ fn pods_get_what_rules_allow_and_nothing_else() {
         topo.add_pod(ip, Some(pod_addr()));
     }
     let pods = vec![
-        pod(
-            "client-1",
-            topo.pod(0),
-            ips[0],
-            &[("role", "ClientContainer")],
-        ),
-        pod(
-            "client-2",
-            topo.pod(1),
-            ips[1],
-            &[("role", "ClientContainer")],
-        ),
+        client_pod("client-1", topo.pod(0), ips[0]),
+        client_pod("client-2", topo.pod(1), ips[1]),
         pod(
             "msi-proxy",
             topo.pod(2),
@@ -303,12 +303,7 @@ fn identity_comes_from_the_pods_namespace_not_its_address() {
     let mut topo = Topology::new("imdb");
     let a = topo.add_pod("10.98.0.21", Some(pod_addr()));
     let b = topo.add_pod("10.98.0.22", Some(pod_addr()));
-    let pod_a = pod(
-        "a",
-        topo.pod(a),
-        "10.98.0.21",
-        &[("role", "ClientContainer")],
-    );
+    let pod_a = client_pod("a", topo.pod(a), "10.98.0.21");
     let pod_b = pod("b", topo.pod(b), "10.98.0.22", &[]);
     let proxy = Proxy::start(
         &topo,
@@ -439,14 +434,9 @@ fn source_ip_fallback_serves_only_the_live_owner_of_an_address() {
         return;
     }
     let mut topo = Topology::new("imdc");
-    let node_listener: SocketAddr = "10.98.0.1:15992".parse().unwrap();
+    let node_listener = node_listener();
     let a = topo.add_pod("10.98.0.31", Some(node_listener));
-    let pod_a = pod(
-        "a",
-        topo.pod(a),
-        "10.98.0.31",
-        &[("role", "ClientContainer")],
-    );
+    let pod_a = client_pod("a", topo.pod(a), "10.98.0.31");
     let mut proxy = Proxy::start_with(
         &topo,
         std::slice::from_ref(&pod_a),
@@ -501,15 +491,10 @@ fn unknown_callers_of_the_source_ip_listener_share_one_connection_cap() {
         return;
     }
     let mut topo = Topology::new("imdk");
-    let node_listener: SocketAddr = "10.98.0.1:15992".parse().unwrap();
+    let node_listener = node_listener();
     let a = topo.add_pod("10.98.0.71", Some(node_listener));
     let x = topo.add_pod("10.98.0.72", Some(node_listener));
-    let pod_a = pod(
-        "a",
-        topo.pod(a),
-        "10.98.0.71",
-        &[("role", "ClientContainer")],
-    );
+    let pod_a = client_pod("a", topo.pod(a), "10.98.0.71");
     let limits = Limits {
         max_connections_per_pod: 2,
         header_read_timeout: Duration::from_secs(60),
@@ -594,18 +579,8 @@ fn rate_limit_answers_429_per_pod() {
     let a = topo.add_pod("10.98.0.51", Some(pod_addr()));
     let b = topo.add_pod("10.98.0.52", Some(pod_addr()));
     let pods = [
-        pod(
-            "a",
-            topo.pod(a),
-            "10.98.0.51",
-            &[("role", "ClientContainer")],
-        ),
-        pod(
-            "b",
-            topo.pod(b),
-            "10.98.0.52",
-            &[("role", "ClientContainer")],
-        ),
+        client_pod("a", topo.pod(a), "10.98.0.51"),
+        client_pod("b", topo.pod(b), "10.98.0.52"),
     ];
     let limits = Limits {
         rate_per_sec: 0.01,

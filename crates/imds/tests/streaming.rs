@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{on, runtime_in};
+use common::{on, quiet_config, runtime_in};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -22,7 +22,7 @@ use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use imds_proxy::audit::Audit;
 use imds_proxy::pods::MemoryPodSource;
-use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle, parse_upstream};
+use imds_proxy::proxy::{Limits, ProxyConfig, ProxyHandle};
 use imds_proxy::{Pod, Rules};
 use proxyctl_testkit::{NetNs, require_root};
 
@@ -49,22 +49,13 @@ fn start_proxy(
         netns: Some(ns.path()),
         ip: None,
     };
+    let rules = format!(
+        "rules: [{{name: {name}, pods: {{name: {name}}}, paths: [{{prefix: {prefix}}}], imdsv1: true}}]"
+    );
     let mut config = ProxyConfig {
-        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
-        rules: Rules::from_yaml(
-            &format!(
-                "rules: [{{name: {name}, pods: {{name: {name}}}, paths: [{{prefix: {prefix}}}], imdsv1: true}}]"
-            ),
-            "test",
-        )
-        .unwrap(),
         pod_listen: Some(SocketAddr::from(([127, 0, 0, 1], port))),
-        source_ip_listen: None,
-        admin_listen: None,
-        audit: Audit::discard(),
         limits: Limits::default(),
-        reconcile_every: Duration::ZERO,
-        workers: 2,
+        ..quiet_config(&upstream.to_string(), &rules)
     };
     tweak(&mut config);
     let source = Arc::new(MemoryPodSource::new(vec![pod]));

@@ -205,6 +205,10 @@ impl HttpServer {
             thread: Some(thread),
         }
     }
+    /// Its address, as a tunnel dials it.
+    pub fn target(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
 }
 
 fn serve_http(conn: &mut TcpStream) -> std::io::Result<()> {

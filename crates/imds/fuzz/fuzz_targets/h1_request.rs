@@ -6,7 +6,10 @@
 #![no_main]
 
 use imds_proxy::fuzzing::{self as h1, HeadError, MAX_HEADERS, RequestHead, View};
-use imds_proxy_fuzz::{check_view, expected_content_length, inside, raw_fields};
+use imds_proxy_fuzz::{
+    Summarised, check_head, check_split, check_view, check_written_back, expected_content_length,
+    inside, length_limit, parsed_within, raw_fields,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn parse(
@@ -18,12 +21,10 @@ fn parse(
     h1::parse_request(buf, &mut fields, max_fields, max_len).map(|h| h.map(|h| (h, fields)))
 }
 
+type Summary = (Vec<u8>, Vec<u8>, u8, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// The parts that matter of a parsed head, as bytes.
-fn summary(
-    buf: &[u8],
-    head: &RequestHead,
-    fields: &[h1::Field],
-) -> (Vec<u8>, Vec<u8>, u8, Vec<(Vec<u8>, Vec<u8>)>) {
+fn summary(buf: &[u8], head: &RequestHead, fields: &[h1::Field]) -> Summary {
     (
         buf[head.method_range()].to_vec(),
         buf[head.target_range()].to_vec(),
@@ -42,34 +43,16 @@ fuzz_target!(|data: &[u8]| {
     // Limits below, at and above what the buffer needs (0 included, and
     // field counts past MAX_HEADERS, which the parser clamps).
     let max_fields = usize::from(*fields_byte) % (MAX_HEADERS + 8);
-    let max_len = if *len_byte == 255 {
-        16 * 1024
-    } else {
-        usize::from(*len_byte) * 8
+    let max_len = length_limit(*len_byte, 16 * 1024);
+    let Some((head, fields)) = parsed_within(parse(buf, max_fields, max_len), buf.len(), max_len)
+    else {
+        return;
     };
-    let (head, fields) = match parse(buf, max_fields, max_len) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => {
-            assert!(buf.len() < max_len, "incomplete at the limit, not TooLarge");
-            return;
-        }
-        Err(HeadError::TooLarge) => {
-            assert!(buf.len() >= max_len, "TooLarge below the limit");
-            return;
-        }
-        Err(_) => return,
-    };
-    assert!(
-        head.len > 0 && head.len <= buf.len() && head.len <= max_len,
-        "head length {} (buffer {}, limit {max_len})",
-        head.len,
-        buf.len()
-    );
+    check_head(head.len, head.minor, buf.len(), max_len);
     assert!(
         fields.len() <= max_fields.min(MAX_HEADERS),
         "more fields than allowed"
     );
-    assert!(head.minor <= 1, "HTTP/1.{}", head.minor);
     let (method, target) = (head.method_range(), head.target_range());
     inside(&method, head.len, "method");
     inside(&target, head.len, "target");
@@ -89,22 +72,12 @@ fuzz_target!(|data: &[u8]| {
         "content_length of {raw:?}"
     );
 
-    // The bytes after the head play no part, and a head arriving in pieces
-    // is never refused before its end came (the proxy parses after every
-    // read).
+    let summarised = |b: &[u8], limit: usize| -> Summarised<Summary> {
+        let parsed = parse(b, max_fields, limit)?;
+        Ok(parsed.map(|(h, f)| (h.len, summary(b, &h, &f))))
+    };
     let whole = summary(buf, &head, &fields);
-    let (alone, alone_fields) = parse(&buf[..head.len], max_fields, max_len)
-        .expect("the head alone parses")
-        .expect("the head alone is complete");
-    assert_eq!(alone.len, head.len);
-    assert_eq!(summary(buf, &alone, &alone_fields), whole);
-    for cut in [head.len - 1, head.len / 2] {
-        assert!(
-            matches!(parse(&buf[..cut], max_fields, max_len), Ok(None)),
-            "the first {cut} bytes of a {}-byte head are not just incomplete",
-            head.len
-        );
-    }
+    check_split(buf, head.len, max_len, &whole, summarised);
 
     // Written back as the proxy writes heads upstream, the head reads the
     // same.
@@ -119,18 +92,5 @@ fuzz_target!(|data: &[u8]| {
         h1::put_field(&mut out, name, value);
     }
     out.extend_from_slice(b"\r\n");
-    let (again, again_fields) = match parse(&out, max_fields, usize::MAX) {
-        Ok(Some(parsed)) => parsed,
-        other => panic!(
-            "the written-back head {:?} does not parse: {:?}",
-            String::from_utf8_lossy(&out),
-            other.map(|o| o.map(|(h, _)| h))
-        ),
-    };
-    assert_eq!(again.len, out.len(), "written-back head length");
-    assert_eq!(
-        summary(&out, &again, &again_fields),
-        whole,
-        "written-back head"
-    );
+    check_written_back(&out, &whole, summarised);
 });

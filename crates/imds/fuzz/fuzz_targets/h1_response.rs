@@ -7,7 +7,10 @@
 #![no_main]
 
 use imds_proxy::fuzzing::{self as h1, HeadError, MAX_HEADERS, ResponseHead, View};
-use imds_proxy_fuzz::{check_view, expected_content_length, inside, raw_fields};
+use imds_proxy_fuzz::{
+    Summarised, check_head, check_split, check_view, check_written_back, expected_content_length,
+    inside, length_limit, parsed_within, raw_fields,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn parse(buf: &[u8], max_len: usize) -> Result<Option<(ResponseHead, Vec<h1::Field>)>, HeadError> {
@@ -33,31 +36,12 @@ fuzz_target!(|data: &[u8]| {
     let [len_byte, buf @ ..] = data else {
         return;
     };
-    let max_len = if *len_byte == 255 {
-        64 * 1024
-    } else {
-        usize::from(*len_byte) * 8
+    let max_len = length_limit(*len_byte, 64 * 1024);
+    let Some((head, fields)) = parsed_within(parse(buf, max_len), buf.len(), max_len) else {
+        return;
     };
-    let (head, fields) = match parse(buf, max_len) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => {
-            assert!(buf.len() < max_len, "incomplete at the limit, not TooLarge");
-            return;
-        }
-        Err(HeadError::TooLarge) => {
-            assert!(buf.len() >= max_len, "TooLarge below the limit");
-            return;
-        }
-        Err(_) => return,
-    };
-    assert!(
-        head.len > 0 && head.len <= buf.len() && head.len <= max_len,
-        "head length {} (buffer {}, limit {max_len})",
-        head.len,
-        buf.len()
-    );
+    check_head(head.len, head.minor, buf.len(), max_len);
     assert!(fields.len() <= MAX_HEADERS, "more fields than allowed");
-    assert!(head.minor <= 1, "HTTP/1.{}", head.minor);
     let reason = head.reason_range();
     inside(&reason, head.len, "reason");
 
@@ -72,19 +56,12 @@ fuzz_target!(|data: &[u8]| {
         "content_length of {raw:?}"
     );
 
+    let summarised = |b: &[u8], limit: usize| -> Summarised<Summary> {
+        let parsed = parse(b, limit)?;
+        Ok(parsed.map(|(h, f)| (h.len, summary(b, &h, &f))))
+    };
     let whole = summary(buf, &head, &fields);
-    let (alone, alone_fields) = parse(&buf[..head.len], max_len)
-        .expect("the head alone parses")
-        .expect("the head alone is complete");
-    assert_eq!(alone.len, head.len);
-    assert_eq!(summary(buf, &alone, &alone_fields), whole);
-    for cut in [head.len - 1, head.len / 2] {
-        assert!(
-            matches!(parse(&buf[..cut], max_len), Ok(None)),
-            "the first {cut} bytes of a {}-byte head are not just incomplete",
-            head.len
-        );
-    }
+    check_split(buf, head.len, max_len, &whole, summarised);
 
     let mut out = Vec::new();
     out.extend_from_slice(b"HTTP/1.");
@@ -98,18 +75,5 @@ fuzz_target!(|data: &[u8]| {
         h1::put_field(&mut out, name, value);
     }
     out.extend_from_slice(b"\r\n");
-    let (again, again_fields) = match parse(&out, usize::MAX) {
-        Ok(Some(parsed)) => parsed,
-        other => panic!(
-            "the written-back head {:?} does not parse: {:?}",
-            String::from_utf8_lossy(&out),
-            other.map(|o| o.map(|(h, _)| h))
-        ),
-    };
-    assert_eq!(again.len, out.len(), "written-back head length");
-    assert_eq!(
-        summary(&out, &again, &again_fields),
-        whole,
-        "written-back head"
-    );
+    check_written_back(&out, &whole, summarised);
 });

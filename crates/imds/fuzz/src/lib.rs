@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use imds_proxy::fuzzing::{self as h1, Field, View};
+use imds_proxy::fuzzing::{self as h1, Field, HeadError, View};
 
 /// Fields that never leave the hop they arrived on (RFC 9110 7.6.1, plus
 /// the pre-standard Keep-Alive and Proxy-Connection).
@@ -25,6 +25,95 @@ pub const HOP_BY_HOP: [&str; 9] = [
 /// head goes out (the proxy's `BUFFER_BODY_BELOW`); longer ones stream and
 /// may legitimately end short when the upstream does.
 pub const WHOLE_BODY_MAX: u64 = 64 * 1024;
+
+/// The head-length limit a fuzz byte picks: 0 to 2032 bytes in steps of
+/// 8, or `top` for 255.
+pub fn length_limit(byte: u8, top: usize) -> usize {
+    if byte == 255 {
+        top
+    } else {
+        usize::from(byte) * 8
+    }
+}
+
+/// A head parser's outcome on `buf_len` bytes under the length limit
+/// `max_len`, checked against that limit (an incomplete head is shorter
+/// than it, a TooLarge one is not); the parsed head, if any.
+pub fn parsed_within<T>(
+    got: Result<Option<T>, HeadError>,
+    buf_len: usize,
+    max_len: usize,
+) -> Option<T> {
+    match got {
+        Ok(Some(parsed)) => Some(parsed),
+        Ok(None) => {
+            assert!(buf_len < max_len, "incomplete at the limit, not TooLarge");
+            None
+        }
+        Err(HeadError::TooLarge) => {
+            assert!(buf_len >= max_len, "TooLarge below the limit");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Checks a parsed head's length (not empty, within the buffer and the
+/// limit) and version (HTTP/1.0 or 1.1).
+pub fn check_head(len: usize, minor: u8, buf_len: usize, max_len: usize) {
+    assert!(
+        len > 0 && len <= buf_len && len <= max_len,
+        "head length {len} (buffer {buf_len}, limit {max_len})"
+    );
+    assert!(minor <= 1, "HTTP/1.{minor}");
+}
+
+/// What a target's parser gives for checking heads against each other:
+/// `parse(bytes, max_len)` is the head's length and a summary of its parts.
+pub type Summarised<S> = Result<Option<(usize, S)>, HeadError>;
+
+/// Checks that the head at the start of `buf` (`head_len` bytes, summarised
+/// as `whole`) parses the same alone, so the bytes after it play no part,
+/// and that its prefixes are only incomplete, so a head arriving in pieces
+/// is never refused before its end came (the proxy parses after every
+/// read).
+pub fn check_split<S: PartialEq + std::fmt::Debug>(
+    buf: &[u8],
+    head_len: usize,
+    max_len: usize,
+    whole: &S,
+    parse: impl Fn(&[u8], usize) -> Summarised<S>,
+) {
+    let (alone_len, alone) = parse(&buf[..head_len], max_len)
+        .expect("the head alone parses")
+        .expect("the head alone is complete");
+    assert_eq!(alone_len, head_len);
+    assert_eq!(&alone, whole);
+    for cut in [head_len - 1, head_len / 2] {
+        assert!(
+            matches!(parse(&buf[..cut], max_len), Ok(None)),
+            "the first {cut} bytes of a {head_len}-byte head are not just incomplete"
+        );
+    }
+}
+
+/// Checks that `out`, the head written back as the proxy writes heads,
+/// parses whole (with no length limit) to the same parts as `whole`.
+pub fn check_written_back<S: PartialEq + std::fmt::Debug>(
+    out: &[u8],
+    whole: &S,
+    parse: impl Fn(&[u8], usize) -> Summarised<S>,
+) {
+    let (again_len, again) = match parse(out, usize::MAX) {
+        Ok(Some(parsed)) => parsed,
+        other => panic!(
+            "the written-back head {:?} does not parse: {other:?}",
+            String::from_utf8_lossy(out)
+        ),
+    };
+    assert_eq!(again_len, out.len(), "written-back head length");
+    assert_eq!(&again, whole, "written-back head");
+}
 
 /// Checks that every field lies inside the head, after `after` (the end of
 /// the start line's parts), in order and without overlap; returns the

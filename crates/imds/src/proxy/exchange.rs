@@ -31,47 +31,27 @@ const BUFFER_BODY_BELOW: u64 = 64 * 1024;
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-/// Runs `work` until `deadline`: `None` if the deadline came first. The
-/// connection's one timer is reset only when `work` has to wait, and only
-/// if it is not already set to `deadline`.
+/// Runs `work` until a deadline: `None` if the deadline came first.
+/// `deadline` is called (for most callers a fixed instant; for writes a
+/// clock read, which most writes never need because they complete at
+/// once) only if `work` has to wait. The connection's one timer is reset
+/// then, and only if it is not already set to that deadline.
 async fn until<F: Future>(
     mut timer: Pin<&mut Sleep>,
-    deadline: tokio::time::Instant,
+    deadline: impl FnOnce() -> tokio::time::Instant,
     work: F,
 ) -> Option<F::Output> {
     let mut work = std::pin::pin!(work);
-    let mut armed = false;
+    let mut deadline = Some(deadline);
     std::future::poll_fn(move |cx| {
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if !armed {
+        if let Some(deadline) = deadline.take() {
+            let deadline = deadline();
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
-            armed = true;
-        }
-        timer.as_mut().poll(cx).map(|()| None)
-    })
-    .await
-}
-
-/// Runs `work` for at most `limit`, computing the deadline (a clock read)
-/// only if `work` has to wait: most writes complete at once.
-async fn within<F: Future>(
-    mut timer: Pin<&mut Sleep>,
-    limit: Duration,
-    work: F,
-) -> Option<F::Output> {
-    let mut work = std::pin::pin!(work);
-    let mut armed = false;
-    std::future::poll_fn(move |cx| {
-        if let Poll::Ready(out) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        if !armed {
-            timer.as_mut().reset(tokio::time::Instant::now() + limit);
-            armed = true;
         }
         timer.as_mut().poll(cx).map(|()| None)
     })
@@ -88,7 +68,9 @@ async fn write_caller(
     bytes: &[u8],
     timer: Pin<&mut Sleep>,
 ) -> bool {
-    match within(timer, shared.limits.write_timeout, stream.write_all(bytes)).await {
+    let limit = shared.limits.write_timeout;
+    let by = || tokio::time::Instant::now() + limit;
+    match until(timer, by, stream.write_all(bytes)).await {
         Some(Ok(())) => true,
         Some(Err(_)) => false,
         None => {
@@ -272,7 +254,7 @@ async fn read_head(
         caller.buf.reserve(READ_BUF);
         let read = until(
             timer.as_mut(),
-            deadline,
+            || deadline,
             caller.stream.read_buf(&mut caller.buf),
         );
         match read.await {
@@ -832,7 +814,7 @@ async fn serve_request(
                 let deadline = tokio::time::Instant::now() + shared.limits.header_read_timeout;
                 let mut body = (&mut *stream).take(missing);
                 let reading = body.read_to_end(out);
-                match until(timer.as_mut(), deadline, reading).await {
+                match until(timer.as_mut(), || deadline, reading).await {
                     Some(Ok(n)) if n as u64 == missing => {}
                     _ => {
                         connection_refused(shared, conn, &ConnError::Incomplete);
@@ -1073,6 +1055,21 @@ fn upstream_of(shared: &Shared) -> ((&str, u16), Duration) {
     ((host.as_str(), *port), shared.limits.upstream_timeout)
 }
 
+/// The node's own credential (its AWS keys, its GCP token) from the cache,
+/// or fetched from the metadata service with `fetch`, under `key`.
+async fn node_credential<'s, Fut>(
+    shared: &'s Shared,
+    key: &str,
+    fetch: impl FnOnce((&'s str, u16), &'s str, Duration) -> Fut,
+) -> Result<Arc<identity::Credential>, identity::FetchError>
+where
+    Fut: Future<Output = Result<identity::Credential, identity::FetchError>>,
+{
+    let (upstream, timeout) = upstream_of(shared);
+    let fetch = || fetch(upstream, shared.upstream.as_str(), timeout);
+    Ok(shared.credentials.get(key, fetch).await?.0)
+}
+
 /// The pod's role credentials from the cache, or assumed at STS with the
 /// node's credentials (both cached, one fetch per identity at a time).
 async fn aws_credentials(
@@ -1084,16 +1081,10 @@ async fn aws_credentials(
     let Some(sts) = shared.sts.as_ref() else {
         return not_configured("STS");
     };
-    let (upstream, timeout) = upstream_of(shared);
+    let timeout = shared.limits.upstream_timeout;
     let pod = caller_key(conn);
     let fetch = || async {
-        let node = shared
-            .credentials
-            .get("aws:node", || {
-                crate::sts::node_credentials(upstream, shared.upstream.as_str(), timeout)
-            })
-            .await?
-            .0;
+        let node = node_credential(shared, "aws:node", crate::sts::node_credentials).await?;
         let Some(keys) = crate::sts::AwsKeys::from_imds(&node.document) else {
             return Err(identity::FetchError::Failed("node keys unreadable".into()));
         };
@@ -1162,19 +1153,13 @@ async fn gcp_credential(
     let Some(iam) = shared.iam.as_ref() else {
         return not_configured("IAM Credentials");
     };
-    let (upstream, timeout) = upstream_of(shared);
+    let timeout = shared.limits.upstream_timeout;
     let key = match ask {
         GcpAsk::Token { key, .. } | GcpAsk::Identity { key, .. } => key.as_str(),
         GcpAsk::Answer(_) => unreachable!("answered in decide"),
     };
     let fetch = || async {
-        let node = shared
-            .credentials
-            .get("gcp:node", || {
-                crate::gcp::node_token(upstream, shared.upstream.as_str(), timeout)
-            })
-            .await?
-            .0;
+        let node = node_credential(shared, "gcp:node", crate::gcp::node_token).await?;
         let node_token = node.document["access_token"].as_str().unwrap_or_default();
         match ask {
             GcpAsk::Token { scopes, .. } => {
@@ -1486,7 +1471,7 @@ async fn forward(
             let n = n as usize;
             while up.buf.len() < n {
                 up.buf.reserve(n - up.buf.len());
-                match until(timer.as_mut(), deadline, up.stream.read_buf(&mut up.buf)).await {
+                match until(timer.as_mut(), || deadline, up.stream.read_buf(&mut up.buf)).await {
                     Some(Ok(0)) | Some(Err(_)) => {
                         return Forwarded::Failed(
                             UpstreamError::Broken("body ended early").local(),
@@ -1683,7 +1668,7 @@ async fn connect(
             }
         }
     };
-    let stream = match until(timer, connect_by, connect).await {
+    let stream = match until(timer, || connect_by, connect).await {
         None if connect_by < deadline => {
             return Err(UpstreamError::Unreachable("connect timed out".into()));
         }
@@ -1751,7 +1736,7 @@ async fn attempt(
     mut timer: Pin<&mut Sleep>,
 ) -> Result<ResponseHead, Attempt> {
     up.buf.clear();
-    match until(timer.as_mut(), deadline, up.stream.write_all(request)).await {
+    match until(timer.as_mut(), || deadline, up.stream.write_all(request)).await {
         None => return Err(Attempt::Fatal(UpstreamError::Timeout)),
         Some(Err(e)) => return Err(Attempt::NothingBack(e.to_string())),
         Some(Ok(())) => {}
@@ -1779,7 +1764,7 @@ async fn attempt(
             }
         }
         up.buf.reserve(READ_BUF);
-        match until(timer.as_mut(), deadline, up.stream.read_buf(&mut up.buf)).await {
+        match until(timer.as_mut(), || deadline, up.stream.read_buf(&mut up.buf)).await {
             None => return Err(Attempt::Fatal(UpstreamError::Timeout)),
             Some(Ok(0)) if !answered => {
                 return Err(Attempt::NothingBack("closed before answering".into()));

@@ -25,9 +25,13 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+        json_body(&self.body)
     }
+}
+
+/// `body` as JSON; a body that is not fails the test, showing it.
+fn json_body(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {body:?}"))
 }
 
 /// Writes `request` to `addr` and reads until the server closes (requests
@@ -130,19 +134,7 @@ impl Topology {
     pub fn new(tag: &str) -> Self {
         let cloud = NetNs::new(&format!("{tag}c"));
         let node = NetNs::new(&format!("{tag}n"));
-        node.run(&[
-            "ip",
-            "link",
-            "add",
-            "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            cloud.name(),
-        ]);
+        veth(&node, "up0", &cloud);
         cloud.run(&["ip", "addr", "add", "10.99.0.2/30", "dev", "eth0"]);
         cloud.run(&["ip", "addr", "add", "169.254.169.254/32", "dev", "eth0"]);
         cloud.run(&["ip", "link", "set", "eth0", "up"]);
@@ -180,19 +172,7 @@ impl Topology {
         self.counter += 1;
         let pod = NetNs::new("imdp");
         let host_if = format!("vp{}", self.counter);
-        self.node.run(&[
-            "ip",
-            "link",
-            "add",
-            &host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ]);
+        veth(&self.node, &host_if, &pod);
         self.node
             .run(&["ip", "link", "set", &host_if, "master", "br0"]);
         self.node.run(&["ip", "link", "set", &host_if, "up"]);
@@ -209,6 +189,23 @@ impl Topology {
     pub fn pod(&self, i: usize) -> &NetNs {
         &self.pods[i]
     }
+}
+
+/// A veth pair from `ns` (named `name` there) to `peer`, where it is eth0.
+fn veth(ns: &NetNs, name: &str, peer: &NetNs) {
+    ns.run(&[
+        "ip",
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer.name(),
+    ]);
 }
 
 /// The destination-proxy policy imds-proxy relies on: TCP to
@@ -249,8 +246,7 @@ pub struct Curl {
 
 impl Curl {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+        json_body(&self.body)
     }
 }
 
@@ -397,6 +393,26 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A proxy of `rules` forwarding to `upstream` (host or host:port) with
+/// no listeners of its own (set some, or serve loopback pods), no audit,
+/// no rate limit (many pods ask at once) and no reconcile loop.
+pub fn quiet_config(upstream: &str, rules: &str) -> ProxyConfig {
+    ProxyConfig {
+        upstream: parse_upstream(&format!("http://{upstream}")).unwrap(),
+        rules: Rules::from_yaml(rules, "test").unwrap(),
+        pod_listen: None,
+        source_ip_listen: None,
+        admin_listen: None,
+        audit: Audit::discard(),
+        limits: Limits {
+            rate_per_sec: 0.0,
+            ..Limits::default()
+        },
+        reconcile_every: Duration::ZERO,
+        workers: 2,
     }
 }
 
