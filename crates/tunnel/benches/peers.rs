@@ -5,7 +5,9 @@
 //! backend process with the same payloads and the same client. The gRPC
 //! (UDS) servers, ours and upstream's, are also dialled with upstream's
 //! konnectivity-client (target/go-peers/konn-client), as kube-apiserver
-//! dials: dials/s and dial p50/p99 in a table of their own. Also a soak
+//! dials: dials/s and dial p50/p99 in a table of their own, with the CPU
+//! per dial of the client, the echo backend and the tunnel, and the bound
+//! that puts on ours / upstream when the machine is CPU-bound. Also a soak
 //! mode.
 //!
 //! Peers come from `scripts/install-bench-tools.sh` (rathole in
@@ -214,33 +216,109 @@ fn start_floor(dir: &Path, backend_port: u16) -> (Vec<ChildGuard>, PathBuf) {
     (vec![front, back], tls)
 }
 
-/// konnectivity-client's dials/s and dial p50/p99 (ms), or why not.
-type KonnDials = Result<(f64, f64, f64), String>;
+/// One konnectivity-client dials row: rate, latency and where the CPU went.
+struct Konn {
+    dps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// CPU microseconds per dial: the konn-client process, the echo
+    /// backend it reaches, the tunnel's processes (server + agent).
+    client_us: f64,
+    backend_us: f64,
+    tunnel_us: f64,
+    /// The three processes' CPU over the run's wall time and the CPUs.
+    util: f64,
+    /// Every process on the machine (/proc/stat), the other tenants too.
+    machine_util: f64,
+}
+
+/// konnectivity-client's row, or why not.
+type KonnDials = Result<Konn, String>;
+
+/// Busy and total jiffies of all CPUs, from /proc/stat.
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let total: u64 = v.iter().take(8).sum();
+    (total - idle, total)
+}
 
 /// Dials through a gRPC frontend on `uds` with upstream's
 /// konnectivity-client (target/go-peers/konn-client): one tunnel per dial,
 /// as kube-apiserver does, 16 at a time, 1 KiB echoed and hashed per dial.
-/// Returns dials/s and the dial's p50/p99 in ms, or why not.
-fn konn_dials(go: &Path, uds: &Path, target: u16, dials: u64) -> KonnDials {
+/// `tunnel` are the tunnel's processes and `backend` the echo process, for
+/// their CPU; the client's own comes from wait4 when it is reaped.
+fn konn_dials(
+    go: &Path,
+    uds: &Path,
+    target: u16,
+    dials: u64,
+    tunnel: &[u32],
+    backend: u32,
+) -> KonnDials {
+    use std::io::Read;
     let bin = go.join("konn-client");
     if !bin.exists() {
         return Err(format!("{} missing", bin.display()));
     }
-    let out = Command::new(bin)
+    let (t0, b0, m0) = (cpu_of(tunnel), cpu_secs(backend), cpu_jiffies());
+    let start = Instant::now();
+    let mut child = Command::new(bin)
         .arg(format!("--uds={}", uds.display()))
         .arg(format!("--target=127.0.0.1:{target}"))
         .arg(format!("--dials={dials}"))
         .args(["--concurrency=16", "--payload=1024"])
         .env("GOMAXPROCS", "2")
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .map_err(|e| e.to_string())?;
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .map_err(|e| e.to_string())?;
+    // Reaped here rather than by `Child::wait`, for its rusage (the whole
+    // process: every Go thread).
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    if r < 0 {
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (t1, b1, m1) = (cpu_of(tunnel), cpu_secs(backend), cpu_jiffies());
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let client = tv(ru.ru_utime) + tv(ru.ru_stime);
     let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("konn-client output: {e}"))?;
-    if !out.status.success() {
+        serde_json::from_slice(&stdout).map_err(|e| format!("konn-client output: {e}"))?;
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         return Err(format!("konn-client failed: {v}"));
     }
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    Ok((f("ok") / f("elapsed_s"), f("dial_p50_ms"), f("dial_p99_ms")))
+    let ok = f("ok");
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+    let (tunnel_s, backend_s) = (t1 - t0, b1 - b0);
+    Ok(Konn {
+        dps: ok / f("elapsed_s"),
+        p50_ms: f("dial_p50_ms"),
+        p99_ms: f("dial_p99_ms"),
+        client_us: client * 1e6 / ok,
+        backend_us: backend_s * 1e6 / ok,
+        tunnel_us: tunnel_s * 1e6 / ok,
+        util: (client + backend_s + tunnel_s) / (wall * cpus),
+        machine_util: (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64,
+    })
 }
 
 /// Kills the process group it leads (sshd's per-connection children too).
@@ -253,6 +331,10 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+fn roots_of(procs: &[ChildGuard]) -> Vec<u32> {
+    procs.iter().map(|c| c.0.id()).collect()
 }
 
 fn spawn_cmd(mut cmd: Command) -> ChildGuard {
@@ -729,6 +811,7 @@ fn main() {
     let echo_port = free_port();
     let echo_proc = spawn_role("http-echo", &[echo_port.to_string()]);
     wait_listen(echo_port);
+    let echo_pid = echo_proc.0.id();
     // konnectivity-client's dials/s and dial p50/p99 per gRPC-over-UDS
     // server, measured right after that server's row.
     let mut konn: Vec<(String, KonnDials)> = Vec::new();
@@ -821,7 +904,7 @@ fn main() {
         if let (Some(go), Via::Grpc(ProxyAddr::Uds(uds))) = (go_peers(), &fresh.grpc) {
             konn.push((
                 "ours, gRPC (UDS)".into(),
-                konn_dials(&go, uds, echo_port, dials),
+                konn_dials(&go, uds, echo_port, dials, &fresh.pids(), echo_pid),
             ));
         }
     }
@@ -853,7 +936,10 @@ fn main() {
         };
         measure(name, via, roots, idle_n);
         if mode == "grpc" {
-            konn.push((name.into(), konn_dials(&go, &uds, echo_port, dials)));
+            konn.push((
+                name.into(),
+                konn_dials(&go, &uds, echo_port, dials, &roots_of(&procs), echo_pid),
+            ));
         }
         drop(procs);
     }
@@ -1047,25 +1133,84 @@ fn main() {
             "konnectivity-client (kube-apiserver's dialler: one tunnel per dial over UDS, 16 at a time, 1 KiB echoed): {dials} dials"
         );
         println!(
-            "{:<28} {:>9} {:>12} {:>12}",
-            "path", "dials/s", "dial p50 ms", "dial p99 ms"
+            "{:<28} {:>9} {:>12} {:>12} {:>10} {:>11} {:>10} {:>6} {:>8}",
+            "path",
+            "dials/s",
+            "dial p50 ms",
+            "dial p99 ms",
+            "client us",
+            "backend us",
+            "tunnel us",
+            "util",
+            "machine"
         );
         for (name, r) in &konn {
             match r {
-                Ok((dps, p50, p99)) => {
-                    println!("{name:<28} {dps:>9.0} {p50:>12.2} {p99:>12.2}")
-                }
+                Ok(k) => println!(
+                    "{name:<28} {:>9.0} {:>12.2} {:>12.2} {:>10.0} {:>11.0} {:>10.0} {:>5.0}% {:>7.0}%",
+                    k.dps,
+                    k.p50_ms,
+                    k.p99_ms,
+                    k.client_us,
+                    k.backend_us,
+                    k.tunnel_us,
+                    k.util * 100.0,
+                    k.machine_util * 100.0
+                ),
                 Err(e) => println!("{name:<28} failed: {e}"),
             }
         }
+        println!(
+            "  (CPU per dial: client = konn-client itself, backend = the echo server, tunnel = server + agent; util = their CPU / (wall x {cpus} CPUs); machine = every process, other tenants too)"
+        );
         if let [(_, Ok(o)), (_, Ok(u))] = &konn[..] {
+            let ratio = o.dps / u.dps;
             println!(
-                "  ours / upstream: dials/s {:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}",
-                o.0 / u.0,
-                if o.0 / u.0 >= 2.0 { "ok" } else { "MISS" },
-                o.1 / u.1,
-                o.2 / u.2
+                "  ours / upstream: dials/s {ratio:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}, tunnel CPU per dial {:.2}",
+                if ratio >= 2.0 { "ok" } else { "MISS" },
+                o.p50_ms / u.p50_ms,
+                o.p99_ms / u.p99_ms,
+                o.tunnel_us / u.tunnel_us
             );
+            // If the machine is CPU-bound, dials/s = CPUs x util / (CPU per
+            // dial of client + backend + tunnel). A tunnel costing nothing
+            // leaves client + backend: that bounds ours / upstream.
+            let fixed = u.client_us + u.backend_us;
+            let ceiling = (fixed + u.tunnel_us) / fixed;
+            println!(
+                "  ceiling for ours/upstream with this client on {cpus} CPUs: {ceiling:.2}x (zero-CPU tunnel; upstream's row: client {:.0} + backend {:.0} + tunnel {:.0} us/dial) vs measured {ratio:.2}x",
+                u.client_us, u.backend_us, u.tunnel_us
+            );
+            // The same model with both rows' own costs and utilisation.
+            let model = (u.client_us + u.backend_us + u.tunnel_us)
+                / (o.client_us + o.backend_us + o.tunnel_us)
+                * (o.util / u.util);
+            println!(
+                "  CPU model for this pair (sum of CPU per dial, scaled by util): {model:.2}x; measured {ratio:.2}x"
+            );
+            let busy = o.machine_util.min(u.machine_util);
+            let low = o.util.min(u.util);
+            if busy < 0.85 {
+                println!(
+                    "  caution: the machine was not CPU-bound in one row ({:.0}% / {:.0}% busy, ours / upstream): the dialler's waits set the rate there, so the ceiling does not bound it",
+                    o.machine_util * 100.0,
+                    u.machine_util * 100.0
+                );
+            } else if low < 0.85 {
+                println!(
+                    "  caution: the machine was CPU-bound ({:.0}% / {:.0}% busy) but these processes had {:.0}% / {:.0}% of it: other tenants took the rest, unevenly between the rows, so the measured ratio is off by that share; the CPU model above accounts for it",
+                    o.machine_util * 100.0,
+                    u.machine_util * 100.0,
+                    o.util * 100.0,
+                    u.util * 100.0
+                );
+            } else {
+                println!(
+                    "  the processes kept {:.0}% / {:.0}% of the CPUs busy (ours / upstream): CPU-bound, so the ceiling holds",
+                    o.util * 100.0,
+                    u.util * 100.0
+                );
+            }
         }
     }
     for n in notes {
