@@ -30,6 +30,9 @@
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
 //!   GO_PEERS           upstream's binaries (default <repo>/target/go-peers)
+//!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
+//!                      its throughput rows into <dir>/<row>.data
+//!                      (BENCH_PERF_CG: --call-graph, default dwarf)
 
 #[path = "support/backend.rs"]
 mod backend;
@@ -319,6 +322,52 @@ fn konn_dials(
         util: (client + backend_s + tunnel_s) / (wall * cpus),
         machine_util: (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64,
     })
+}
+
+/// With BENCH_PERF=<dir>: `perf record` on `roots` and their descendants
+/// (every thread), and on this process (the client), while the guard lives, into <dir>/<row>.data; stopped with
+/// SIGINT so it writes its file. BENCH_PERF_CG picks the call graph
+/// (default dwarf: release builds keep no frame pointers).
+fn perf_record(row: &str, roots: &[u32]) -> Option<PerfGuard> {
+    let dir = PathBuf::from(std::env::var_os("BENCH_PERF")?);
+    if roots.is_empty() {
+        return None;
+    }
+    std::fs::create_dir_all(&dir).ok()?;
+    let file: String = row
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let pids: Vec<String> = roots
+        .iter()
+        .flat_map(|r| tree(*r))
+        .chain([std::process::id()])
+        .map(|p| p.to_string())
+        .collect();
+    let cg = std::env::var("BENCH_PERF_CG").unwrap_or_else(|_| "dwarf,16384".into());
+    let child = Command::new("perf")
+        .args(["record", "-q", "-F", "499", "--call-graph", &cg, "-p"])
+        .arg(pids.join(","))
+        .arg("-o")
+        .arg(dir.join(format!("{file}.data")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("bench: perf record: {e}"))
+        .ok()?;
+    // perf needs a moment to attach before the row starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Some(PerfGuard(child))
+}
+
+struct PerfGuard(Child);
+impl Drop for PerfGuard {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGINT);
+        }
+        let _ = self.0.wait();
+    }
 }
 
 /// Kills the process group it leads (sshd's per-connection children too).
@@ -775,6 +824,17 @@ struct Row {
     /// dial over the dials/s row (None for direct).
     cpu_ms_gib: Option<f64>,
     cpu_us_dial: Option<f64>,
+    /// This process's CPU per GiB over the throughput rows: the client
+    /// (a gRPC decoder for the gRPC rows, a bare socket for the others).
+    client_ms_gib: f64,
+}
+
+/// CPU seconds this process has used (every thread).
+fn self_cpu() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn main() {
@@ -851,14 +911,19 @@ fn main() {
             wait_ready(&via, backend).await;
             let bytes = mib << 20;
             let c0 = cpu_of(&roots);
+            let perf = perf_record(name, &roots);
+            let s0 = self_cpu();
             let t1 = throughput(&via, backend, bytes, 1).await;
             let t16 = throughput(&via, backend, bytes, 16).await;
+            let s1 = self_cpu();
+            drop(perf);
             let c1 = cpu_of(&roots);
             let dps = dials_per_sec(&via, backend, dials, 16).await;
             let c2 = cpu_of(&roots);
             let tunnelled = !roots.is_empty();
             let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
             let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
+            let client_ms_gib = (s1 - s0) * 1000.0 / (2.0 * mib as f64 / 1024.0);
             let (p50, p99) = latency(&via, backend, rounds).await;
             let kib_per_conn = if roots.is_empty() {
                 None
@@ -876,6 +941,7 @@ fn main() {
                 idle_n: idle,
                 cpu_ms_gib,
                 cpu_us_dial,
+                client_ms_gib,
             }
         });
         rows.push(row);
@@ -1008,7 +1074,7 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11}",
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11} {:>13}",
         "path",
         "1x MiB/s",
         "16x MiB/s",
@@ -1017,7 +1083,8 @@ fn main() {
         "+p99 us",
         "KiB/idle conn",
         "cpu ms/GiB",
-        "cpu us/dial"
+        "cpu us/dial",
+        "client ms/GiB"
     );
     let direct = rows
         .iter()
@@ -1031,7 +1098,7 @@ fn main() {
         };
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11}",
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11} {:>13.0}",
             r.name,
             r.t1,
             r.t16,
@@ -1040,10 +1107,14 @@ fn main() {
             r.p99 - d99,
             mem,
             opt(r.cpu_ms_gib),
-            opt(r.cpu_us_dial)
+            opt(r.cpu_us_dial),
+            r.client_ms_gib
         );
     }
     let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
+    println!(
+        "  (cpu: the tunnel's processes; client ms/GiB: this process, the client both throughput rows read with)"
+    );
     println!();
     println!("ratios (higher is better for ours except memory, where lower is better):");
     for ours_name in ["ours, HTTP-CONNECT", "ours, gRPC"] {
