@@ -1252,12 +1252,13 @@ fn main() {
                 "  ceiling for ours/upstream with this client on {cpus} CPUs: {ceiling:.2}x (zero-CPU tunnel; upstream's row: client {:.0} + backend {:.0} + tunnel {:.0} us/dial) vs measured {ratio:.2}x",
                 u.client_us, u.backend_us, u.tunnel_us
             );
-            // The same model with both rows' own costs and utilisation.
-            let model = (u.client_us + u.backend_us + u.tunnel_us)
-                / (o.client_us + o.backend_us + o.tunnel_us)
-                * (o.util / u.util);
+            // The same model with both rows' own costs: at an equal share
+            // of the CPUs, and scaled by the share each row had.
+            let equal = (u.client_us + u.backend_us + u.tunnel_us)
+                / (o.client_us + o.backend_us + o.tunnel_us);
+            let model = equal * (o.util / u.util);
             println!(
-                "  CPU model for this pair (sum of CPU per dial, scaled by util): {model:.2}x; measured {ratio:.2}x"
+                "  CPU model for this pair (sum of CPU per dial): {equal:.2}x at an equal share of the CPUs; {model:.2}x scaled by each row's util; measured {ratio:.2}x"
             );
             let busy = o.machine_util.min(u.machine_util);
             let low = o.util.min(u.util);
