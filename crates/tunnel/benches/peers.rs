@@ -31,7 +31,8 @@
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
 //!   GO_PEERS           upstream's binaries (default <repo>/target/go-peers)
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
-//!                      its throughput rows into <dir>/<row>.data
+//!                      its throughput rows into <dir>/<row>.data, and
+//!                      during its konn-client dials (<socket>-konn.data)
 //!                      (BENCH_PERF_CG: --call-graph, default dwarf)
 
 #[path = "support/backend.rs"]
@@ -273,6 +274,7 @@ fn konn_dials(
     if !bin.exists() {
         return Err(format!("{} missing", bin.display()));
     }
+    let perf = perf_record(&format!("{}-konn", uds.display()), tunnel);
     let (t0, b0, m0) = (cpu_of(tunnel), cpu_secs(backend), cpu_jiffies());
     let start = Instant::now();
     let mut child = Command::new(bin)
@@ -301,6 +303,7 @@ fn konn_dials(
     }
     let wall = start.elapsed().as_secs_f64();
     let (t1, b1, m1) = (cpu_of(tunnel), cpu_secs(backend), cpu_jiffies());
+    drop(perf);
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let client = tv(ru.ru_utime) + tv(ru.ru_stime);
     let v: serde_json::Value =
@@ -325,9 +328,10 @@ fn konn_dials(
 }
 
 /// With BENCH_PERF=<dir>: `perf record` on `roots` and their descendants
-/// (every thread), and on this process (the client), while the guard lives, into <dir>/<row>.data; stopped with
-/// SIGINT so it writes its file. BENCH_PERF_CG picks the call graph
-/// (default dwarf: release builds keep no frame pointers).
+/// (every thread), and on this process (the client), while the guard
+/// lives, into <dir>/<row>.data; stopped with SIGINT so it writes its file.
+/// BENCH_PERF_CG picks the call graph (default dwarf: release builds keep
+/// no frame pointers).
 fn perf_record(row: &str, roots: &[u32]) -> Option<PerfGuard> {
     let dir = PathBuf::from(std::env::var_os("BENCH_PERF")?);
     if roots.is_empty() {
