@@ -374,6 +374,9 @@ impl Drop for PerfGuard {
     }
 }
 
+/// Idle connections for the floor row at most.
+const FLOOR_IDLE: usize = 2000;
+
 /// Kills the process group it leads (sshd's per-connection children too).
 struct ChildGuard(Child);
 impl Drop for ChildGuard {
@@ -956,7 +959,16 @@ fn main() {
     if want("floor") {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let roots = procs.iter().map(|c| c.0.id()).collect();
-        measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, idle_n);
+        // Each idle floor connection is a TLS handshake between the relays;
+        // 10,000 of them at once got connections reset here. The floor
+        // bounds throughput only, so its idle row is smaller.
+        let cap = idle_n.min(FLOOR_IDLE);
+        if cap < idle_n {
+            notes.push(format!(
+                "TLS floor idle row at {cap} connections: the relays reset connections when 10,000 handshake at once"
+            ));
+        }
+        measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, cap);
         drop(procs);
     }
     if want("http") {
