@@ -5,7 +5,9 @@
 //! backend process with the same payloads and the same client. The gRPC
 //! (UDS) servers, ours and upstream's, are also dialled with upstream's
 //! konnectivity-client (target/go-peers/konn-client), as kube-apiserver
-//! dials: dials/s and dial p50/p99 in a table of their own. Also a soak
+//! dials: dials/s and dial p50/p99 in a table of their own, with the CPU
+//! per dial of the client, the echo backend and the tunnel, and the bound
+//! that puts on ours / upstream when the machine is CPU-bound. Also a soak
 //! mode.
 //!
 //! Peers come from `scripts/install-bench-tools.sh` (rathole in
@@ -28,6 +30,10 @@
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
 //!   GO_PEERS           upstream's binaries (default <repo>/target/go-peers)
+//!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
+//!                      its throughput rows into <dir>/<row>.data, and
+//!                      during its konn-client dials (<socket>-konn.data)
+//!                      (BENCH_PERF_CG: --call-graph, default dwarf)
 
 #[path = "support/backend.rs"]
 mod backend;
@@ -214,34 +220,162 @@ fn start_floor(dir: &Path, backend_port: u16) -> (Vec<ChildGuard>, PathBuf) {
     (vec![front, back], tls)
 }
 
-/// konnectivity-client's dials/s and dial p50/p99 (ms), or why not.
-type KonnDials = Result<(f64, f64, f64), String>;
+/// One konnectivity-client dials row: rate, latency and where the CPU went.
+struct Konn {
+    dps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// CPU microseconds per dial: the konn-client process, the echo
+    /// backend it reaches, the tunnel's processes (server + agent).
+    client_us: f64,
+    backend_us: f64,
+    tunnel_us: f64,
+    /// The three processes' CPU over the run's wall time and the CPUs.
+    util: f64,
+    /// Every process on the machine (/proc/stat), the other tenants too.
+    machine_util: f64,
+}
+
+/// konnectivity-client's row, or why not.
+type KonnDials = Result<Konn, String>;
+
+/// Busy and total jiffies of all CPUs, from /proc/stat.
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let total: u64 = v.iter().take(8).sum();
+    (total - idle, total)
+}
 
 /// Dials through a gRPC frontend on `uds` with upstream's
 /// konnectivity-client (target/go-peers/konn-client): one tunnel per dial,
 /// as kube-apiserver does, 16 at a time, 1 KiB echoed and hashed per dial.
-/// Returns dials/s and the dial's p50/p99 in ms, or why not.
-fn konn_dials(go: &Path, uds: &Path, target: u16, dials: u64) -> KonnDials {
+/// `tunnel` are the tunnel's processes and `backend` the echo process, for
+/// their CPU; the client's own comes from wait4 when it is reaped.
+fn konn_dials(
+    go: &Path,
+    uds: &Path,
+    target: u16,
+    dials: u64,
+    tunnel: &[u32],
+    backend: u32,
+) -> KonnDials {
+    use std::io::Read;
     let bin = go.join("konn-client");
     if !bin.exists() {
         return Err(format!("{} missing", bin.display()));
     }
-    let out = Command::new(bin)
+    let perf = perf_record(&format!("{}-konn", uds.display()), tunnel);
+    let (t0, b0, m0) = (cpu_of(tunnel), cpu_secs(backend), cpu_jiffies());
+    let start = Instant::now();
+    let mut child = Command::new(bin)
         .arg(format!("--uds={}", uds.display()))
         .arg(format!("--target=127.0.0.1:{target}"))
         .arg(format!("--dials={dials}"))
         .args(["--concurrency=16", "--payload=1024"])
         .env("GOMAXPROCS", "2")
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .map_err(|e| e.to_string())?;
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .map_err(|e| e.to_string())?;
+    // Reaped here rather than by `Child::wait`, for its rusage (the whole
+    // process: every Go thread).
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    if r < 0 {
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (t1, b1, m1) = (cpu_of(tunnel), cpu_secs(backend), cpu_jiffies());
+    drop(perf);
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let client = tv(ru.ru_utime) + tv(ru.ru_stime);
     let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("konn-client output: {e}"))?;
-    if !out.status.success() {
+        serde_json::from_slice(&stdout).map_err(|e| format!("konn-client output: {e}"))?;
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         return Err(format!("konn-client failed: {v}"));
     }
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    Ok((f("ok") / f("elapsed_s"), f("dial_p50_ms"), f("dial_p99_ms")))
+    let ok = f("ok");
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+    let (tunnel_s, backend_s) = (t1 - t0, b1 - b0);
+    Ok(Konn {
+        dps: ok / f("elapsed_s"),
+        p50_ms: f("dial_p50_ms"),
+        p99_ms: f("dial_p99_ms"),
+        client_us: client * 1e6 / ok,
+        backend_us: backend_s * 1e6 / ok,
+        tunnel_us: tunnel_s * 1e6 / ok,
+        util: (client + backend_s + tunnel_s) / (wall * cpus),
+        machine_util: (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64,
+    })
 }
+
+/// With BENCH_PERF=<dir>: `perf record` on `roots` and their descendants
+/// (every thread), and on this process (the client), while the guard
+/// lives, into <dir>/<row>.data; stopped with SIGINT so it writes its file.
+/// BENCH_PERF_CG picks the call graph (default dwarf: release builds keep
+/// no frame pointers).
+fn perf_record(row: &str, roots: &[u32]) -> Option<PerfGuard> {
+    let dir = PathBuf::from(std::env::var_os("BENCH_PERF")?);
+    if roots.is_empty() {
+        return None;
+    }
+    std::fs::create_dir_all(&dir).ok()?;
+    let file: String = row
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let pids: Vec<String> = roots
+        .iter()
+        .flat_map(|r| tree(*r))
+        .chain([std::process::id()])
+        .map(|p| p.to_string())
+        .collect();
+    let cg = std::env::var("BENCH_PERF_CG").unwrap_or_else(|_| "dwarf,16384".into());
+    let child = Command::new("perf")
+        .args(["record", "-q", "-F", "499", "--call-graph", &cg, "-p"])
+        .arg(pids.join(","))
+        .arg("-o")
+        .arg(dir.join(format!("{file}.data")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("bench: perf record: {e}"))
+        .ok()?;
+    // perf needs a moment to attach before the row starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Some(PerfGuard(child))
+}
+
+struct PerfGuard(Child);
+impl Drop for PerfGuard {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGINT);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Idle connections for the floor row at most.
+const FLOOR_IDLE: usize = 2000;
 
 /// Kills the process group it leads (sshd's per-connection children too).
 struct ChildGuard(Child);
@@ -253,6 +387,10 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+fn roots_of(procs: &[ChildGuard]) -> Vec<u32> {
+    procs.iter().map(|c| c.0.id()).collect()
 }
 
 fn spawn_cmd(mut cmd: Command) -> ChildGuard {
@@ -693,6 +831,17 @@ struct Row {
     /// dial over the dials/s row (None for direct).
     cpu_ms_gib: Option<f64>,
     cpu_us_dial: Option<f64>,
+    /// This process's CPU per GiB over the throughput rows: the client
+    /// (a gRPC decoder for the gRPC rows, a bare socket for the others).
+    client_ms_gib: f64,
+}
+
+/// CPU seconds this process has used (every thread).
+fn self_cpu() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn main() {
@@ -729,6 +878,7 @@ fn main() {
     let echo_port = free_port();
     let echo_proc = spawn_role("http-echo", &[echo_port.to_string()]);
     wait_listen(echo_port);
+    let echo_pid = echo_proc.0.id();
     // konnectivity-client's dials/s and dial p50/p99 per gRPC-over-UDS
     // server, measured right after that server's row.
     let mut konn: Vec<(String, KonnDials)> = Vec::new();
@@ -768,14 +918,19 @@ fn main() {
             wait_ready(&via, backend).await;
             let bytes = mib << 20;
             let c0 = cpu_of(&roots);
+            let perf = perf_record(name, &roots);
+            let s0 = self_cpu();
             let t1 = throughput(&via, backend, bytes, 1).await;
             let t16 = throughput(&via, backend, bytes, 16).await;
+            let s1 = self_cpu();
+            drop(perf);
             let c1 = cpu_of(&roots);
             let dps = dials_per_sec(&via, backend, dials, 16).await;
             let c2 = cpu_of(&roots);
             let tunnelled = !roots.is_empty();
             let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
             let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
+            let client_ms_gib = (s1 - s0) * 1000.0 / (2.0 * mib as f64 / 1024.0);
             let (p50, p99) = latency(&via, backend, rounds).await;
             let kib_per_conn = if roots.is_empty() {
                 None
@@ -793,6 +948,7 @@ fn main() {
                 idle_n: idle,
                 cpu_ms_gib,
                 cpu_us_dial,
+                client_ms_gib,
             }
         });
         rows.push(row);
@@ -803,7 +959,16 @@ fn main() {
     if want("floor") {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let roots = procs.iter().map(|c| c.0.id()).collect();
-        measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, idle_n);
+        // Each idle floor connection is a TLS handshake between the relays;
+        // 10,000 of them at once got connections reset here. The floor
+        // bounds throughput only, so its idle row is smaller.
+        let cap = idle_n.min(FLOOR_IDLE);
+        if cap < idle_n {
+            notes.push(format!(
+                "TLS floor idle row at {cap} connections: the relays reset connections when 10,000 handshake at once"
+            ));
+        }
+        measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, cap);
         drop(procs);
     }
     if want("http") {
@@ -821,7 +986,7 @@ fn main() {
         if let (Some(go), Via::Grpc(ProxyAddr::Uds(uds))) = (go_peers(), &fresh.grpc) {
             konn.push((
                 "ours, gRPC (UDS)".into(),
-                konn_dials(&go, uds, echo_port, dials),
+                konn_dials(&go, uds, echo_port, dials, &fresh.pids(), echo_pid),
             ));
         }
     }
@@ -853,7 +1018,10 @@ fn main() {
         };
         measure(name, via, roots, idle_n);
         if mode == "grpc" {
-            konn.push((name.into(), konn_dials(&go, &uds, echo_port, dials)));
+            konn.push((
+                name.into(),
+                konn_dials(&go, &uds, echo_port, dials, &roots_of(&procs), echo_pid),
+            ));
         }
         drop(procs);
     }
@@ -922,7 +1090,7 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11}",
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11} {:>13}",
         "path",
         "1x MiB/s",
         "16x MiB/s",
@@ -931,7 +1099,8 @@ fn main() {
         "+p99 us",
         "KiB/idle conn",
         "cpu ms/GiB",
-        "cpu us/dial"
+        "cpu us/dial",
+        "client ms/GiB"
     );
     let direct = rows
         .iter()
@@ -945,7 +1114,7 @@ fn main() {
         };
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11}",
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11} {:>13.0}",
             r.name,
             r.t1,
             r.t16,
@@ -954,10 +1123,14 @@ fn main() {
             r.p99 - d99,
             mem,
             opt(r.cpu_ms_gib),
-            opt(r.cpu_us_dial)
+            opt(r.cpu_us_dial),
+            r.client_ms_gib
         );
     }
     let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
+    println!(
+        "  (cpu: the tunnel's processes; client ms/GiB: this process, the client both throughput rows read with)"
+    );
     println!();
     println!("ratios (higher is better for ours except memory, where lower is better):");
     for ours_name in ["ours, HTTP-CONNECT", "ours, gRPC"] {
@@ -1047,25 +1220,85 @@ fn main() {
             "konnectivity-client (kube-apiserver's dialler: one tunnel per dial over UDS, 16 at a time, 1 KiB echoed): {dials} dials"
         );
         println!(
-            "{:<28} {:>9} {:>12} {:>12}",
-            "path", "dials/s", "dial p50 ms", "dial p99 ms"
+            "{:<28} {:>9} {:>12} {:>12} {:>10} {:>11} {:>10} {:>6} {:>8}",
+            "path",
+            "dials/s",
+            "dial p50 ms",
+            "dial p99 ms",
+            "client us",
+            "backend us",
+            "tunnel us",
+            "util",
+            "machine"
         );
         for (name, r) in &konn {
             match r {
-                Ok((dps, p50, p99)) => {
-                    println!("{name:<28} {dps:>9.0} {p50:>12.2} {p99:>12.2}")
-                }
+                Ok(k) => println!(
+                    "{name:<28} {:>9.0} {:>12.2} {:>12.2} {:>10.0} {:>11.0} {:>10.0} {:>5.0}% {:>7.0}%",
+                    k.dps,
+                    k.p50_ms,
+                    k.p99_ms,
+                    k.client_us,
+                    k.backend_us,
+                    k.tunnel_us,
+                    k.util * 100.0,
+                    k.machine_util * 100.0
+                ),
                 Err(e) => println!("{name:<28} failed: {e}"),
             }
         }
+        println!(
+            "  (CPU per dial: client = konn-client itself, backend = the echo server, tunnel = server + agent; util = their CPU / (wall x {cpus} CPUs); machine = every process, other tenants too)"
+        );
         if let [(_, Ok(o)), (_, Ok(u))] = &konn[..] {
+            let ratio = o.dps / u.dps;
             println!(
-                "  ours / upstream: dials/s {:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}",
-                o.0 / u.0,
-                if o.0 / u.0 >= 2.0 { "ok" } else { "MISS" },
-                o.1 / u.1,
-                o.2 / u.2
+                "  ours / upstream: dials/s {ratio:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}, tunnel CPU per dial {:.2}",
+                if ratio >= 2.0 { "ok" } else { "MISS" },
+                o.p50_ms / u.p50_ms,
+                o.p99_ms / u.p99_ms,
+                o.tunnel_us / u.tunnel_us
             );
+            // If the machine is CPU-bound, dials/s = CPUs x util / (CPU per
+            // dial of client + backend + tunnel). A tunnel costing nothing
+            // leaves client + backend: that bounds ours / upstream.
+            let fixed = u.client_us + u.backend_us;
+            let ceiling = (fixed + u.tunnel_us) / fixed;
+            println!(
+                "  ceiling for ours/upstream with this client on {cpus} CPUs: {ceiling:.2}x (zero-CPU tunnel; upstream's row: client {:.0} + backend {:.0} + tunnel {:.0} us/dial) vs measured {ratio:.2}x",
+                u.client_us, u.backend_us, u.tunnel_us
+            );
+            // The same model with both rows' own costs: at an equal share
+            // of the CPUs, and scaled by the share each row had.
+            let equal = (u.client_us + u.backend_us + u.tunnel_us)
+                / (o.client_us + o.backend_us + o.tunnel_us);
+            let model = equal * (o.util / u.util);
+            println!(
+                "  CPU model for this pair (sum of CPU per dial): {equal:.2}x at an equal share of the CPUs; {model:.2}x scaled by each row's util; measured {ratio:.2}x"
+            );
+            let busy = o.machine_util.min(u.machine_util);
+            let low = o.util.min(u.util);
+            if busy < 0.85 {
+                println!(
+                    "  caution: the machine was not CPU-bound in one row ({:.0}% / {:.0}% busy, ours / upstream): the dialler's waits set the rate there, so the ceiling does not bound it",
+                    o.machine_util * 100.0,
+                    u.machine_util * 100.0
+                );
+            } else if low < 0.85 {
+                println!(
+                    "  caution: the machine was CPU-bound ({:.0}% / {:.0}% busy) but these processes had {:.0}% / {:.0}% of it: other tenants took the rest, unevenly between the rows, so the measured ratio is off by that share; the CPU model above accounts for it",
+                    o.machine_util * 100.0,
+                    u.machine_util * 100.0,
+                    o.util * 100.0,
+                    u.util * 100.0
+                );
+            } else {
+                println!(
+                    "  the processes kept {:.0}% / {:.0}% of the CPUs busy (ours / upstream): CPU-bound, so the ceiling holds",
+                    o.util * 100.0,
+                    u.util * 100.0
+                );
+            }
         }
     }
     for n in notes {

@@ -190,6 +190,9 @@ pub(crate) struct Backend {
     pub(crate) agent_id: String,
     idents: Identifiers,
     draining: AtomicBool,
+    /// The agent's first stream among those open, the only one dials go
+    /// to; set and moved under the `backends` write lock.
+    first: AtomicBool,
     tx: mpsc::Sender<Packet>,
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
@@ -223,6 +226,7 @@ impl Backend {
             agent_id,
             idents,
             draining: AtomicBool::new(false),
+            first: AtomicBool::new(false),
             tx,
             conns: Mutex::new(HashMap::new()),
             gone: CancellationToken::new(),
@@ -476,16 +480,12 @@ impl Shared {
         // cannot tell before the response headers) closes the new stream
         // at once; a dial sent there fails with "backend connection
         // closed". Upstream's server never picks a later stream of an
-        // agent for that reason. `backends` is in connection order.
-        let mut seen = std::collections::HashSet::new();
-        let backends: Vec<Arc<Backend>> = all
-            .iter()
-            .filter(|b| seen.insert(b.agent_id.as_str()))
-            .cloned()
-            .collect();
+        // agent for that reason. `Backend::first` marks them (kept under
+        // the write lock); this runs per dial, so it allocates nothing.
         let host = dial_host(address);
+        let mut rng = rand::thread_rng();
         for strategy in &self.opts.strategies {
-            let fits = |b: &&Arc<Backend>| match strategy {
+            let fits = |b: &Backend| match strategy {
                 Strategy::Default => true,
                 Strategy::DestHost => b
                     .idents
@@ -496,19 +496,28 @@ impl Shared {
                     .any(|h| h == host),
                 Strategy::DefaultRoute => b.idents.default_route,
             };
-            let ready: Vec<_> = backends
+            // A uniform pick among the agents not draining, or among all
+            // that fit when every one is draining: one reservoir of size
+            // one for each, filled in a single pass.
+            let (mut ready, mut ready_n) = (None, 0u32);
+            let (mut any, mut any_n) = (None, 0u32);
+            for b in all
                 .iter()
-                .filter(fits)
-                .filter(|b| !b.draining.load(Ordering::Relaxed))
-                .collect();
-            let pool = if ready.is_empty() {
-                backends.iter().filter(fits).collect()
-            } else {
-                ready
-            };
-            if !pool.is_empty() {
-                let i = rand::thread_rng().gen_range(0..pool.len());
-                return Some(pool[i].clone());
+                .filter(|b| b.first.load(Ordering::Relaxed) && fits(b))
+            {
+                any_n += 1;
+                if rng.gen_range(0..any_n) == 0 {
+                    any = Some(b);
+                }
+                if !b.draining.load(Ordering::Relaxed) {
+                    ready_n += 1;
+                    if rng.gen_range(0..ready_n) == 0 {
+                        ready = Some(b);
+                    }
+                }
+            }
+            if let Some(b) = ready.or(any) {
+                return Some(b.clone());
             }
         }
         None
@@ -773,6 +782,8 @@ impl Shared {
 
     pub(crate) fn add_backend(&self, backend: Arc<Backend>) {
         let mut b = self.backends.write().unwrap();
+        let first = !b.iter().any(|x| x.agent_id == backend.agent_id);
+        backend.first.store(first, Ordering::Relaxed);
         b.push(backend);
         self.metrics.ready_backend_connections.set(b.len() as i64);
         self.set_ready_backends(&b);
@@ -817,6 +828,13 @@ impl Shared {
         {
             let mut b = self.backends.write().unwrap();
             b.retain(|x| x.uid != backend.uid);
+            // The next stream of the agent, in connection order, takes
+            // over from its first.
+            if backend.first.swap(false, Ordering::Relaxed)
+                && let Some(next) = b.iter().find(|x| x.agent_id == backend.agent_id)
+            {
+                next.first.store(true, Ordering::Relaxed);
+            }
             self.metrics.ready_backend_connections.set(b.len() as i64);
             self.set_ready_backends(&b);
         }
@@ -1380,7 +1398,7 @@ mod tests {
             sh.add_backend(b.clone());
             (b, rx)
         };
-        let (_first, mut first_rx) = stream("agent-a");
+        let (first, mut first_rx) = stream("agent-a");
         let (duplicate, mut duplicate_rx) = stream("agent-a");
         let (_other, mut other_rx) = stream("agent-b");
         let fe = sh.new_frontend();
@@ -1406,6 +1424,22 @@ mod tests {
         sh.remove_backend(&duplicate);
         assert_eq!(sh.pending.lock().unwrap().len(), dials as usize);
         assert!(queued(&fe).is_empty());
+        // With its first stream gone, the agent's next stream takes the
+        // dials.
+        let (_late, mut late_rx) = stream("agent-a");
+        sh.remove_backend(&first);
+        for random in dials + 1..=2 * dials {
+            sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
+                .await
+                .unwrap();
+            fe.state.lock().unwrap().dials.clear();
+        }
+        let (late, b) = (count(&mut late_rx), count(&mut other_rx));
+        assert_eq!(late + b, dials as usize);
+        assert!(
+            late > 0 && b > 0,
+            "one agent got every dial: {late} and {b}"
+        );
     }
 
     /// A client write as large as the flow window, after a small one: the
