@@ -117,35 +117,29 @@ fn run_role(role: &str, args: &[String]) {
         match role {
             "server" => {
                 let certs = PathBuf::from(&args[0]);
-                let front: u16 = args[1].parse().unwrap();
+                let http_uds = PathBuf::from(&args[1]);
                 let agent_port: u16 = args[2].parse().unwrap();
                 let grpc_uds = PathBuf::from(&args[3]);
                 let agent_tls = roles::agent_listener_tls(&certs);
-                // HTTP-CONNECT on plain loopback TCP (like the ssh -R and
-                // rathole listeners), gRPC on a unix socket (kube-apiserver's
-                // setup). Agent <-> server is gRPC over mTLS in both.
-                let _s1 = server::launch(roles::server_launch(
-                    &agent_tls,
-                    FrontendMode::HttpConnect,
-                    FrontendListen::Tcp {
-                        addr: SocketAddr::from(([127, 0, 0, 1], front)),
-                        tls: None,
-                    },
-                    agent_port,
-                ))
-                .await
-                .unwrap();
-                let _s2 = server::launch(roles::server_launch(
-                    &agent_tls,
-                    FrontendMode::Grpc,
-                    FrontendListen::Uds {
-                        path: grpc_uds,
+                // Both frontends on unix sockets: kube-apiserver's usual
+                // set-up, upstream's rows' and the TLS floor's (so the floor
+                // and the HTTP-CONNECT row have the same sockets and the same
+                // bare-socket client). Agent <-> server is gRPC over mTLS.
+                let mut servers = Vec::new();
+                for (mode, path, port) in [
+                    (FrontendMode::HttpConnect, http_uds, agent_port),
+                    (FrontendMode::Grpc, grpc_uds, agent_port + 1),
+                ] {
+                    let listen = FrontendListen::Uds {
+                        path,
                         delete_existing: true,
-                    },
-                    agent_port + 1,
-                ))
-                .await
-                .unwrap();
+                    };
+                    servers.push(
+                        server::launch(roles::server_launch(&agent_tls, mode, listen, port))
+                            .await
+                            .unwrap(),
+                    );
+                }
                 roles::wait_parent().await;
             }
             "agent" => {
@@ -764,14 +758,15 @@ struct Ours {
 
 impl Ours {
     fn start(dir: &Path, tag: &str) -> Ours {
-        let (front, agent_port) = (free_port(), free_port());
+        let agent_port = free_port();
+        let http_uds = dir.join(format!("http-{tag}.sock"));
         let grpc_uds = dir.join(format!("grpc-{tag}.sock"));
         let d = dir.display().to_string();
         let server = spawn_role(
             "server",
             &[
                 d.clone(),
-                front.to_string(),
+                http_uds.display().to_string(),
                 agent_port.to_string(),
                 grpc_uds.display().to_string(),
             ],
@@ -781,11 +776,7 @@ impl Ours {
         Ours {
             server,
             agent,
-            http: Via::Connect(ProxyAddr::Tcp {
-                host: "127.0.0.1".into(),
-                port: front,
-                tls: None,
-            }),
+            http: Via::Connect(ProxyAddr::Uds(http_uds)),
             grpc: Via::Grpc(ProxyAddr::Uds(grpc_uds)),
         }
     }
@@ -973,7 +964,7 @@ fn main() {
     }
     if want("http") {
         measure(
-            "ours, HTTP-CONNECT (TCP)",
+            "ours, HTTP-CONNECT (UDS)",
             ours.http.clone(),
             ours.pids(),
             idle_n,
