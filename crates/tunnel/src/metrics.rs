@@ -523,7 +523,10 @@ impl Default for ServerMetrics {
                 &r,
                 s,
                 "drain_timeouts_total",
-                "Tunnels whose client left while client bytes were still on their way to the agent, which took none of them for 10 s; the bytes were dropped.",
+                &format!(
+                    "Tunnels whose client left while client bytes were still on their way to the agent, which took none of them for {} s; the bytes were dropped.",
+                    crate::DRAIN_AFTER_CLOSE.as_secs()
+                ),
             ),
             stalls_to_agent: stalls.with_label_values(&["to_agent"]),
             flow_control_stalls_total: stalls,
@@ -685,7 +688,10 @@ impl Default for AgentMetrics {
                 &r,
                 s,
                 "drain_timeouts_total",
-                "Connections closed (CLOSE_REQ) while bytes were still on their way to the backend, which took none of them for 10 s; the bytes were dropped.",
+                &format!(
+                    "Connections closed (CLOSE_REQ) while bytes were still on their way to the backend, which took none of them for {} s; the bytes were dropped.",
+                    crate::DRAIN_AFTER_CLOSE.as_secs()
+                ),
             ),
             queued_bytes: gauge(
                 &r,

@@ -133,9 +133,20 @@ const HANGUP_CHECK: Duration = Duration::from_secs(1);
 struct ClientWatch {
     probe: HangupProbe,
     gone: bool,
+    /// Made at the tunnel's first send that has to wait and re-armed at
+    /// each later one: one timer per stalled tunnel, not one per send.
+    check: Option<tokio::time::Interval>,
 }
 
 impl ClientWatch {
+    fn new(probe: HangupProbe) -> Self {
+        ClientWatch {
+            probe,
+            gone: false,
+            check: None,
+        }
+    }
+
     /// False: the send failed or was given up (the tunnel ends).
     async fn send(&mut self, sh: &Shared, send: impl std::future::Future<Output = bool>) -> bool {
         use futures_util::FutureExt;
@@ -145,9 +156,18 @@ impl ClientWatch {
             return sent;
         }
         if !self.gone {
-            let start = tokio::time::Instant::now() + HANGUP_CHECK;
-            let mut check = tokio::time::interval_at(start, HANGUP_CHECK);
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let check = match &mut self.check {
+                Some(check) => {
+                    check.reset();
+                    check
+                }
+                None => {
+                    let start = tokio::time::Instant::now() + HANGUP_CHECK;
+                    let mut check = tokio::time::interval_at(start, HANGUP_CHECK);
+                    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    self.check.insert(check)
+                }
+            };
             loop {
                 tokio::select! {
                     sent = &mut send => return sent,
@@ -320,10 +340,7 @@ where
     };
 
     let up = async {
-        let mut watch = ClientWatch {
-            probe: client,
-            gone: false,
-        };
+        let mut watch = ClientWatch::new(client);
         if !early.is_empty()
             && !watch
                 .send(&sh, sh.send_data_to_agent(&conn, early.freeze()))

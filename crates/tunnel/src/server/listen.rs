@@ -142,52 +142,78 @@ impl RunningServer {
     }
 }
 
-/// A TLS stream tonic can serve (tonic's own impl needs its TLS feature);
-/// the frontends serve it too. It carries its listener's cap permit, so the
-/// permit goes when the connection does, whoever ends it.
-pub(crate) struct TlsConn {
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
+/// An accepted connection with its listener's cap permit: the permit goes
+/// when the connection does, whoever ends it (tonic, a frontend task, a
+/// failed handshake).
+pub(crate) struct Admitted<S> {
+    io: S,
     _permit: ConnPermit,
 }
+
+/// A TLS connection on the agent or frontend port (tonic serves it through
+/// `Connected`, which its own impl has only with its TLS feature).
+pub(crate) type TlsConn = Admitted<tokio_rustls::server::TlsStream<TcpStream>>;
 
 impl Connected for TlsConn {
     type ConnectInfo = Option<SocketAddr>;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tls.get_ref().0.peer_addr().ok()
+        self.io.get_ref().0.peer_addr().ok()
     }
 }
-impl AsyncRead for TlsConn {
+
+/// The socket under a frontend connection, for [`HangupProbe`].
+trait ClientSocket {
+    fn probe(&self) -> HangupProbe;
+}
+impl ClientSocket for TcpStream {
+    fn probe(&self) -> HangupProbe {
+        HangupProbe::of(self)
+    }
+}
+#[cfg(unix)]
+impl ClientSocket for tokio::net::UnixStream {
+    fn probe(&self) -> HangupProbe {
+        HangupProbe::of(self)
+    }
+}
+impl ClientSocket for tokio_rustls::server::TlsStream<TcpStream> {
+    fn probe(&self) -> HangupProbe {
+        HangupProbe::of(self.get_ref().0)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
-impl AsyncWrite for TlsConn {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }
 
@@ -202,29 +228,21 @@ struct Front {
 }
 
 impl Front {
-    /// Serves one client connection; `permit` (of the frontend's cap, when
-    /// the stream does not carry it) is released when it ends.
-    fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        &self,
-        io: S,
-        client: HangupProbe,
-        permit: Option<ConnPermit>,
-    ) {
+    /// Serves one client connection to its end (its permit goes with it).
+    fn serve<S>(&self, conn: Admitted<S>)
+    where
+        S: ClientSocket + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let sh = self.sh.clone();
         match self.mode {
+            // gRPC sees its client leave at the connection's end itself.
             FrontendMode::Grpc => {
-                let keepalive = self.keepalive;
-                tokio::spawn(async move {
-                    super::grpc_front::serve(sh, io, keepalive).await;
-                    drop(permit);
-                });
+                tokio::spawn(super::grpc_front::serve(sh, conn, self.keepalive));
             }
             // HTTP/1.1 only, also over TLS, as upstream.
             FrontendMode::HttpConnect => {
-                tokio::spawn(async move {
-                    super::connect::serve(sh, io, client).await;
-                    drop(permit);
-                });
+                let client = conn.io.probe();
+                tokio::spawn(super::connect::serve(sh, conn, client));
             }
         }
     }
@@ -271,8 +289,8 @@ async fn tls_accept_loop(
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let _ = out
-                        .send(TlsConn {
-                            tls,
+                        .send(Admitted {
+                            io: tls,
                             _permit: permit,
                         })
                         .await;
@@ -400,8 +418,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                         loop {
                             let conn = tokio::select! { _ = stop2.cancelled() => return, c = rx.recv() => c };
                             let Some(conn) = conn else { return };
-                            let client = HangupProbe::of(conn.tls.get_ref().0);
-                            front.serve(conn, client, None);
+                            front.serve(conn);
                         }
                     });
                 }
@@ -416,8 +433,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                                     backoff.succeeded();
                                     let Some(permit) = front_cap.admit() else { continue };
                                     let _ = s.set_nodelay(true);
-                                    let client = HangupProbe::of(&s);
-                                    front.serve(s, client, Some(permit));
+                                    front.serve(Admitted { io: s, _permit: permit });
                                 }
                                 Err(e) => backoff.pause_after(&e).await,
                             }
@@ -457,8 +473,7 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
                         Ok((s, _)) => {
                             backoff.succeeded();
                             let Some(permit) = front_cap.admit() else { continue };
-                            let client = HangupProbe::of(&s);
-                            front.serve(s, client, Some(permit));
+                            front.serve(Admitted { io: s, _permit: permit });
                         }
                         Err(e) => backoff.pause_after(&e).await,
                     }
