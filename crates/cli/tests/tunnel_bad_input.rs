@@ -124,15 +124,29 @@ fn http_connect_port_refuses_other_methods_garbage_and_bad_certificates() {
     st.wait_settled(sfd, afd);
 }
 
-/// Opens a raw Proxy stream: (sender, receiver of checked packets).
-async fn proxy_stream(addr: &ProxyAddr) -> (mpsc::Sender<Packet>, tonic::Streaming<Packet>) {
+/// Opens a raw Proxy stream whose first packet is `first`: (sender,
+/// receiver of checked packets), or the status a Trailers-Only response
+/// gave. The first packet goes before the response is awaited: the server
+/// sends its response head with its first message, as grpc-go's server
+/// (and so upstream's) does.
+async fn open_call(
+    addr: &ProxyAddr,
+    first: Packet,
+) -> Result<(mpsc::Sender<Packet>, tonic::Streaming<Packet>), tonic::Status> {
     let channel = client::grpc_channel(addr).await.unwrap();
     let (tx, rx) = mpsc::channel(16);
+    tx.send(first).await.unwrap();
     let resp = ProxyServiceClient::new(channel)
         .proxy(ReceiverStream::new(rx))
-        .await
-        .unwrap();
-    (tx, resp.into_inner())
+        .await?;
+    Ok((tx, resp.into_inner()))
+}
+
+async fn proxy_stream(
+    addr: &ProxyAddr,
+    first: Packet,
+) -> (mpsc::Sender<Packet>, tonic::Streaming<Packet>) {
+    open_call(addr, first).await.unwrap()
 }
 
 async fn next(rx: &mut tonic::Streaming<Packet>) -> Option<Checked> {
@@ -143,12 +157,14 @@ async fn next(rx: &mut tonic::Streaming<Packet>) -> Option<Checked> {
     }
 }
 
-async fn dial(tx: &mpsc::Sender<Packet>, rx: &mut tonic::Streaming<Packet>, address: &str) -> i64 {
-    tx.send(Packet::dial_req("tcp", address, 4242))
-        .await
-        .unwrap();
-    match next(rx).await {
-        Some(Checked::DialRsp(r)) if r.error.is_empty() => r.connect_id,
+/// A Proxy stream dialled to `address`: (sender, receiver, connectID).
+async fn dial(
+    addr: &ProxyAddr,
+    address: &str,
+) -> (mpsc::Sender<Packet>, tonic::Streaming<Packet>, i64) {
+    let (tx, mut rx) = proxy_stream(addr, Packet::dial_req("tcp", address, 4242)).await;
+    match next(&mut rx).await {
+        Some(Checked::DialRsp(r)) if r.error.is_empty() => (tx, rx, r.connect_id),
         other => panic!("dial: {other:?}"),
     }
 }
@@ -163,10 +179,8 @@ fn grpc_frontend_bad_packets_close_only_their_own_stream() {
     let rt = runtime();
     rt.block_on(async {
         // DATA before any dial: CLOSE_RSP with upstream's error, stream ends.
-        let (tx, mut rx) = proxy_stream(&addr).await;
-        tx.send(Packet::data(7, bytes::Bytes::from_static(b"early")))
-            .await
-            .unwrap();
+        let (_tx, mut rx) =
+            proxy_stream(&addr, Packet::data(7, bytes::Bytes::from_static(b"early"))).await;
         match next(&mut rx).await {
             Some(Checked::CloseRsp(c)) => assert_eq!(c.error, "backend not initialized"),
             other => panic!("{other:?}"),
@@ -174,10 +188,8 @@ fn grpc_frontend_bad_packets_close_only_their_own_stream() {
         assert!(next(&mut rx).await.is_none(), "stream must end");
 
         // A good connection A, and B trying to write into A's connectID.
-        let (txa, mut rxa) = proxy_stream(&addr).await;
-        let ida = dial(&txa, &mut rxa, &target).await;
-        let (txb, mut rxb) = proxy_stream(&addr).await;
-        let idb = dial(&txb, &mut rxb, &target).await;
+        let (txa, mut rxa, ida) = dial(&addr, &target).await;
+        let (txb, mut rxb, idb) = dial(&addr, &target).await;
         assert_ne!(ida, idb);
         txb.send(Packet::data(
             ida,
@@ -219,8 +231,7 @@ fn grpc_frontend_bad_packets_close_only_their_own_stream() {
                 payload: Some(konnectivity::proto::Payload::DialRequest(Default::default())),
             },
         ] {
-            let (tx, mut rx) = proxy_stream(&addr).await;
-            tx.send(bad).await.unwrap();
+            let (_tx, mut rx) = proxy_stream(&addr, bad).await;
             assert!(
                 next(&mut rx).await.is_none(),
                 "a malformed packet must end the stream"
@@ -228,21 +239,25 @@ fn grpc_frontend_bad_packets_close_only_their_own_stream() {
         }
 
         // An oversized message (over gRPC's 4 MiB) is refused by the codec.
-        let (tx, mut rx) = proxy_stream(&addr).await;
-        let _ = tx
-            .send(Packet::data(1, bytes::Bytes::from(vec![0u8; 5 << 20])))
-            .await;
-        let r = tokio::time::timeout(Duration::from_secs(10), rx.message())
-            .await
-            .unwrap();
-        assert!(
-            !matches!(r, Ok(Some(_))),
-            "oversized message accepted: {r:?}"
-        );
+        // Refused before any message of the server's: a Trailers-Only
+        // response, so the status comes with the response itself.
+        let big = Packet::data(1, bytes::Bytes::from(vec![0u8; 5 << 20]));
+        let status = match open_call(&addr, big).await {
+            Err(status) => status,
+            Ok((_tx, mut rx)) => {
+                match tokio::time::timeout(Duration::from_secs(10), rx.message())
+                    .await
+                    .unwrap()
+                {
+                    Err(status) => status,
+                    Ok(m) => panic!("oversized message accepted: {m:?}"),
+                }
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
 
         // A protocol the agent does not dial.
-        let (tx, mut rx) = proxy_stream(&addr).await;
-        tx.send(Packet::dial_req("udp", &target, 99)).await.unwrap();
+        let (tx, mut rx) = proxy_stream(&addr, Packet::dial_req("udp", &target, 99)).await;
         match next(&mut rx).await {
             Some(Checked::DialRsp(r)) => {
                 assert!(r.error.contains("unsupported protocol"), "{}", r.error)

@@ -125,6 +125,11 @@ struct Stream {
     pop: Option<BoxFuture<Option<Packet>>>,
     /// Trailers sent (or the stream was reset): nothing more goes out.
     send_done: bool,
+    /// The response head went out. It is sent with the first message, as
+    /// grpc-go's server does, not when the call opens: the client then
+    /// reads it together with DIAL_RSP (one wake-up fewer per dial), and a
+    /// call ended before any message gets a Trailers-Only response.
+    head_sent: bool,
 }
 
 /// DATA payloads of one stream, as received: large ones as they came,
@@ -1165,7 +1170,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             .grpc_connections
             .with_label_values(&[PROXY_PATH])
             .inc();
-        h2::grpc_response_headers(self.out.buf(), id);
         self.streams.push(Stream {
             id,
             fe,
@@ -1180,6 +1184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             pending: None,
             pop: None,
             send_done: false,
+            head_sent: false,
         });
         Ok(())
     }
@@ -1313,7 +1318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                     tracing::info!(status = e.status, message = %e.message, "gRPC call refused");
                     let s = &mut self.streams[i];
                     if !s.send_done {
-                        h2::grpc_trailers(self.out.buf(), s.id, false, e.status, &e.message);
+                        h2::grpc_trailers(self.out.buf(), s.id, !s.head_sent, e.status, &e.message);
                         s.send_done = true;
                         s.pending = None;
                         s.pop = None;
@@ -1367,13 +1372,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                     if let Some(crate::proto::Payload::Data(d)) = &packet.payload {
                         self.sh.delivered(&s.fe, d.connect_id, d.data.len());
                     }
+                    if !s.head_sent {
+                        h2::grpc_response_headers(self.out.buf(), s.id);
+                        s.head_sent = true;
+                    }
                     s.pending = Some(encode_message(&packet));
                     progress = true;
                 }
                 Poll::Ready(None) => {
                     s.pop = None;
                     s.send_done = true;
-                    h2::grpc_trailers(self.out.buf(), s.id, false, status::OK, "");
+                    h2::grpc_trailers(self.out.buf(), s.id, !s.head_sent, status::OK, "");
                     if !s.recv_closed {
                         // The call is over; the client need not finish sending.
                         h2::rst_stream(self.out.buf(), s.id, code::NO_ERROR);
@@ -1861,18 +1870,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_ended_before_any_message_gets_a_trailers_only_response() {
+        let mut c = connect();
+        c.send(&crate::h2::PREFACE[..]).await;
+        let mut settings = BytesMut::new();
+        crate::h2::settings(&mut settings, &[]);
+        c.send(&settings).await;
+        let block = crate::h2::request_block(b"/ProxyService/Proxy");
+        c.send(&headers_frame(
+            1,
+            flag::END_HEADERS | flag::END_STREAM,
+            &block,
+        ))
+        .await;
+        let (h, block) = c.until(kind::HEADERS).await;
+        assert_eq!(h.stream, 1);
+        assert_eq!(
+            h.flags & flag::END_STREAM,
+            flag::END_STREAM,
+            "the only HEADERS of the call ends it"
+        );
+        let fields = crate::h2::tests::decode(&block);
+        assert_eq!(fields[0], (":status".into(), "200".into()));
+        assert!(
+            fields.contains(&("content-type".into(), "application/grpc".into())),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&("grpc-status".into(), "0".into())),
+            "{fields:?}"
+        );
+        let streams =
+            c.sh.metrics
+                .grpc_connections
+                .with_label_values(&[PROXY_PATH]);
+        until_true("the call's count is released", || streams.get() == 0).await;
+    }
+
+    #[tokio::test]
     async fn a_call_dials_echoes_closes_and_releases_everything() {
         let mut c = connect();
         c.send(&grpc_call_start(1)).await;
         let (h, _) = c.frame().await.unwrap();
         assert_eq!(h.kind, kind::SETTINGS);
-        let (h, block) = c.until(kind::HEADERS).await;
-        assert_eq!((h.stream, h.flags & flag::END_STREAM), (1, 0));
-        assert_eq!(
-            crate::h2::tests::decode(&block)[0],
-            (":status".into(), "200".into())
-        );
-
         c.send_frame(
             kind::DATA,
             0,
@@ -1880,6 +1920,13 @@ mod tests {
             &grpc_message(&Packet::dial_req("tcp", "x:1", 42)),
         )
         .await;
+        // The response head comes with the first message, as grpc-go's.
+        let (h, block) = c.until(kind::HEADERS).await;
+        assert_eq!((h.stream, h.flags & flag::END_STREAM), (1, 0));
+        assert_eq!(
+            crate::h2::tests::decode(&block)[0],
+            (":status".into(), "200".into())
+        );
         match &c.packets(1, 1).await[..] {
             [Checked::DialRsp(r)] => assert_eq!((r.random, r.connect_id), (42, 7)),
             other => panic!("{other:?}"),
