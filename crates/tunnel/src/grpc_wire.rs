@@ -36,6 +36,7 @@ const COPY_BELOW: usize = 1024;
 /// gRPC status codes used here.
 pub(crate) mod status {
     pub const OK: u32 = 0;
+    pub const UNKNOWN: u32 = 2;
     pub const RESOURCE_EXHAUSTED: u32 = 8;
     pub const UNIMPLEMENTED: u32 = 12;
     pub const INTERNAL: u32 = 13;
@@ -646,7 +647,7 @@ mod tests {
     #[test]
     fn grpc_messages_are_percent_encoded_both_ways() {
         let msg = "bad token: 100% wrong\nnext – line";
-        let h = grpc_status_trailers(2, msg);
+        let h = grpc_status_trailers(status::UNKNOWN, msg);
         assert_eq!(h["grpc-status"], "2");
         assert!(h["grpc-message"].to_str().unwrap().is_ascii());
         assert_eq!(grpc_message(&h), msg);
