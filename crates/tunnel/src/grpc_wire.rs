@@ -28,9 +28,9 @@ use crate::proto::{Packet, Payload};
 /// ones are cheaper to copy into the head than to send as a second part.
 const SPLIT_FROM: usize = 1024;
 
-/// Messages shorter than this are copied out of the frame they arrived in,
-/// so a small payload waiting in a queue holds its own bytes, not the
-/// HTTP/2 read buffer it is a slice of.
+/// Messages shorter than this are decoded from the frame's bytes rather
+/// than from a slice of it, so a small payload waiting in a queue holds its
+/// own bytes, not the HTTP/2 read buffer it would be a slice of.
 const COPY_BELOW: usize = 1024;
 
 /// gRPC status codes used here.
@@ -220,21 +220,29 @@ impl Decoder {
         }
     }
 
-    /// Takes `n` buffered bytes: a slice when they lie in one chunk and
-    /// are worth sharing it, else a copy.
-    fn take(&mut self, n: usize) -> Bytes {
+    /// Decodes the next `n` buffered bytes as a packet. When they lie in
+    /// one chunk, a large message is decoded from a slice of it (its DATA
+    /// payload is that chunk's memory), a small one straight from the
+    /// chunk's bytes (the payload is copied out, so it does not pin the
+    /// frame); a message spread over chunks is gathered first.
+    fn decode(&mut self, n: usize) -> Result<Packet, prost::DecodeError> {
         debug_assert!(n <= self.len);
         if n == 0 {
-            return Bytes::new();
+            return Packet::decode(&[][..]);
         }
+        self.len -= n;
         let front = self.chunks.front_mut().expect("len counts the chunks");
-        if front.len() >= n && n >= COPY_BELOW {
-            self.len -= n;
-            let out = front.split_to(n);
+        if front.len() >= n {
+            let p = if n < COPY_BELOW {
+                Packet::decode(&front[..n])
+            } else {
+                Packet::decode(front.slice(..n))
+            };
+            front.advance(n);
             if front.is_empty() {
                 self.chunks.pop_front();
             }
-            return out;
+            return p;
         }
         let mut out = BytesMut::with_capacity(n);
         while out.len() < n {
@@ -242,12 +250,11 @@ impl Decoder {
             let k = (n - out.len()).min(front.len());
             out.put_slice(&front[..k]);
             front.advance(k);
-            self.len -= k;
             if front.is_empty() {
                 self.chunks.pop_front();
             }
         }
-        out.freeze()
+        Packet::decode(out.freeze())
     }
 
     /// The next complete message as a packet, None until one is whole. An
@@ -261,8 +268,7 @@ impl Decoder {
             return Ok(None);
         }
         self.skip(5);
-        let body = self.take(len);
-        Ok(Some(Packet::decode(body)?))
+        Ok(Some(self.decode(len)?))
     }
 
     /// The stream ended: what is left must not be part of a message.
