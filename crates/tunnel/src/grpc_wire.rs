@@ -28,6 +28,11 @@ use crate::proto::{Packet, Payload};
 /// ones are cheaper to copy into the head than to send as a second part.
 const SPLIT_FROM: usize = 1024;
 
+/// At most this many bytes of small messages, or this many packets, are
+/// gathered into one HTTP/2 frame.
+const COALESCE_BYTES: usize = 16 << 10;
+const COALESCE_PACKETS: usize = 64;
+
 /// Messages shorter than this are decoded from the frame's bytes rather
 /// than from a slice of it, so a small payload waiting in a queue holds its
 /// own bytes, not the HTTP/2 read buffer it would be a slice of.
@@ -50,29 +55,37 @@ pub(crate) struct Encoded {
     pub payload: Bytes,
 }
 
-/// What an HTTP/2 body sends for one message: one DATA frame's worth of
-/// bytes in two parts (h2 writes them with one vectored write, no copy).
+/// What an HTTP/2 body sends as one frame: encoded messages, then at most
+/// one large payload (h2 writes the two parts with one vectored write, no
+/// copy).
 pub(crate) type WireBuf = Chain<Bytes, Bytes>;
 
 impl Encoded {
     pub fn len(&self) -> usize {
         self.head.len() + self.payload.len()
     }
-
-    pub fn into_buf(self) -> WireBuf {
-        self.head.chain(self.payload)
-    }
 }
 
 /// A packet as a gRPC message.
+pub(crate) fn encode(p: &Packet) -> Encoded {
+    let mut head = BytesMut::new();
+    let payload = encode_into(p, &mut head).unwrap_or_default();
+    Encoded {
+        head: head.freeze(),
+        payload,
+    }
+}
+
+/// Appends a packet as a gRPC message to `head`: all of it, or, for a
+/// DATA packet with a large payload, all but that payload, which is
+/// returned to be sent right after `head`.
 ///
 /// DATA packets are framed by hand so their payload (up to 64 KiB a
 /// packet) is sent from the buffer it was read into instead of being copied
 /// into an encode buffer as prost would. The fields keep prost's order and
-/// proto3's omission of defaults; a test decodes the result with prost.
-pub(crate) fn encode(p: &Packet) -> Encoded {
+/// proto3's omission of defaults; a test compares the result with prost's.
+pub(crate) fn encode_into(p: &Packet, head: &mut BytesMut) -> Option<Bytes> {
     use prost::encoding::{encode_varint, encoded_len_varint};
-    let mut head = BytesMut::new();
     match &p.payload {
         Some(Payload::Data(d)) if d.data.len() >= SPLIT_FROM => {
             let id = d.connect_id as u64;
@@ -93,36 +106,30 @@ pub(crate) fn encode(p: &Packet) -> Encoded {
             head.put_u32(outer as u32);
             if p.r#type != 0 {
                 head.put_u8(0x08);
-                encode_varint(p.r#type as u64, &mut head);
+                encode_varint(p.r#type as u64, head);
             }
             head.put_u8(0x22); // field 4 (data), length-delimited
-            encode_varint(inner as u64, &mut head);
+            encode_varint(inner as u64, head);
             if id != 0 {
                 head.put_u8(0x08);
-                encode_varint(id, &mut head);
+                encode_varint(id, head);
             }
             if !d.error.is_empty() {
                 head.put_u8(0x12);
-                encode_varint(d.error.len() as u64, &mut head);
+                encode_varint(d.error.len() as u64, head);
                 head.put_slice(d.error.as_bytes());
             }
             head.put_u8(0x1a);
-            encode_varint(d.data.len() as u64, &mut head);
-            Encoded {
-                head: head.freeze(),
-                payload: d.data.clone(),
-            }
+            encode_varint(d.data.len() as u64, head);
+            Some(d.data.clone())
         }
         _ => {
             let len = p.encoded_len();
             head.reserve(5 + len);
             head.put_u8(0);
             head.put_u32(len as u32);
-            p.encode(&mut head).expect("buffer sized by encoded_len");
-            Encoded {
-                head: head.freeze(),
-                payload: Bytes::new(),
-            }
+            p.encode(head).expect("buffer sized by encoded_len");
+            None
         }
     }
 }
@@ -316,9 +323,11 @@ pub(crate) fn code_of_body_error(e: &hyper::Error) -> tonic::Code {
     tonic::Code::Unknown
 }
 
-/// An HTTP/2 body sending the packets of a channel, one message per
-/// frame, each counted in `stream_packets_total{segment}` as it leaves. It
-/// ends when the channel closes or `stop` fires; with `trailers` (a
+/// An HTTP/2 body sending the packets of a channel: each frame carries the
+/// packets waiting at the time, up to and including the first one with a
+/// large payload (sent from its own buffer after the others' bytes). Each
+/// packet is counted in `stream_packets_total{segment}` as it leaves. The
+/// body ends when the channel closes or `stop` fires; with `trailers` (a
 /// server's response) it ends with `grpc-status: 0`.
 pub(crate) struct PacketBody {
     rx: mpsc::Receiver<Packet>,
@@ -345,6 +354,18 @@ impl PacketBody {
             trailers,
             done: false,
         }
+    }
+}
+
+impl PacketBody {
+    /// Counts a packet as leaving and appends it to `head` (see
+    /// [`encode_into`]).
+    fn add(&self, p: &Packet, head: &mut BytesMut) -> Option<Bytes> {
+        if let Some(sent) = &self.sent {
+            sent.with_label_values(&[self.segment, &p.kind_name()])
+                .inc();
+        }
+        encode_into(p, head)
     }
 }
 
@@ -385,11 +406,24 @@ impl Body for PacketBody {
         };
         match packet {
             Some(p) => {
-                if let Some(sent) = &this.sent {
-                    sent.with_label_values(&[this.segment, &p.kind_name()])
-                        .inc();
+                // Packets already waiting go in the same frame, up to the
+                // first large payload: many small control packets (dials,
+                // closes, acks) cost one HTTP/2 frame, not one each, as
+                // tonic's encoder batched them.
+                let mut head = BytesMut::new();
+                let mut payload = this.add(&p, &mut head);
+                let mut n = 1;
+                while payload.is_none() && head.len() < COALESCE_BYTES && n < COALESCE_PACKETS {
+                    match this.rx.poll_recv(cx) {
+                        Poll::Ready(Some(p)) => {
+                            payload = this.add(&p, &mut head);
+                            n += 1;
+                        }
+                        _ => break,
+                    }
                 }
-                Poll::Ready(Some(Ok(Frame::data(encode(&p).into_buf()))))
+                let buf = head.freeze().chain(payload.unwrap_or_default());
+                Poll::Ready(Some(Ok(Frame::data(buf))))
             }
             None => {
                 this.done = true;
@@ -529,8 +563,11 @@ mod tests {
         let e = encode(&Packet::data(1, payload.clone()));
         assert_eq!(e.payload.as_ptr(), payload.as_ptr());
         assert!(e.head.len() < 16);
-        let buf = e.into_buf();
-        assert_eq!(buf.remaining(), 4096 + buf.first_ref().len());
+        let mut head = BytesMut::from(&b"before"[..]);
+        let split = encode_into(&Packet::data(1, payload.clone()), &mut head).unwrap();
+        assert_eq!(split.as_ptr(), payload.as_ptr());
+        assert_eq!(&head[..6], b"before");
+        assert_eq!(head.len(), 6 + e.head.len());
     }
 
     #[test]
@@ -648,6 +685,56 @@ mod tests {
             let e = d.finish().unwrap_err();
             assert!(matches!(e, WireError::Truncated(n) if n == cut), "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_frame_carries_the_waiting_packets_up_to_one_large_payload() {
+        use http_body_util::BodyExt;
+        let metrics =
+            IntCounterVec::new(prometheus::Opts::new("t", "t"), &["segment", "kind"]).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut body = PacketBody::new(rx, stop.clone(), metrics.clone(), "to_agent", true);
+        let big = Bytes::from(vec![7u8; 8192]);
+        let sent = vec![
+            Packet::dial_req("tcp", "a:1", 1),
+            Packet::data(2, Bytes::from_static(b"small")),
+            Packet::data(3, big.clone()),
+            Packet::close_req(4),
+        ];
+        for p in &sent {
+            tx.send(p.clone()).await.unwrap();
+        }
+        let mut d = Decoder::default();
+        let mut got = vec![];
+        let mut frames = 0;
+        while got.len() < sent.len() {
+            let mut buf = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            frames += 1;
+            if frames == 1 {
+                // The first three packets, the large payload as its own part.
+                assert_eq!(buf.last_ref().as_ptr(), big.as_ptr());
+            }
+            d.push(buf.copy_to_bytes(buf.remaining()));
+            while let Some(p) = d.next_packet().unwrap() {
+                got.push(p);
+            }
+        }
+        assert_eq!(got, sent);
+        assert_eq!(frames, 2);
+        assert_eq!(metrics.with_label_values(&["to_agent", "DATA"]).get(), 2);
+        // Stopped: the trailers, then the end.
+        stop.cancel();
+        let t = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(grpc_status(&t), Some(tonic::Code::Ok));
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
     }
 
     #[test]
