@@ -47,5 +47,5 @@ fuzz_crate() {
     )
 }
 
-fuzz_crate crates/tunnel/fuzz packet_decode agent_identifiers http_connect server_state grpc_frontend
+fuzz_crate crates/tunnel/fuzz packet_decode agent_identifiers http_connect server_state grpc_frontend grpc_wire
 fuzz_crate crates/imds/fuzz h1_request h1_response chunked proxy_exchange

@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue, TE};
+use hyper::{Method, Request as HttpRequest, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
@@ -27,14 +30,12 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsConnector;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::Request;
 
 use crate::client::GrpcConn;
+use crate::grpc_wire::{self, PacketBody};
 use crate::http::{self, Reply};
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
-use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
 use crate::read_chunk;
@@ -106,7 +107,7 @@ struct EndpointConn {
 struct ServerConn {
     server_id: String,
     /// The HTTP/2 connection the stream runs on, for the probe.
-    h2: GrpcConn,
+    h2: GrpcConn<PacketBody>,
     tx: mpsc::Sender<Packet>,
     conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
@@ -334,7 +335,7 @@ async fn open_conn(
     host: &str,
     port: u16,
     gone: CancellationToken,
-) -> anyhow::Result<GrpcConn> {
+) -> anyhow::Result<GrpcConn<PacketBody>> {
     let tls = TlsConnector::from(opts.tls.clone());
     let name = crate::tls::server_name(host)?;
     let authority = if host.contains(':') {
@@ -426,21 +427,23 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     let o = &sh.opts;
     let gone = CancellationToken::new();
     let h2 = open_conn(o, host, port, gone.clone()).await?;
-    let mut client = AgentServiceClient::new(h2.clone())
-        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<Packet>(o.channel_packets.max(1));
     // Every packet sent to the server is counted as it leaves, as
-    // upstream's Send does (segment from_agent).
-    let sent = sh.metrics.stream_packets_total.clone();
-    let outbound = ReceiverStream::new(rx)
-        .take_until(gone.clone().cancelled_owned())
-        .inspect(move |p| {
-            sent.with_label_values(&["from_agent", &p.kind_name()])
-                .inc();
-        });
-    let mut req = Request::new(outbound);
-    let md = req.metadata_mut();
+    // upstream's Send does (segment from_agent). The body ends with the
+    // connection's `gone` (END_STREAM: the server sees the agent leave).
+    let outbound = PacketBody::new(
+        rx,
+        gone.clone(),
+        sh.metrics.stream_packets_total.clone(),
+        "from_agent",
+        false,
+    );
+    let mut req = HttpRequest::new(outbound);
+    *req.method_mut() = Method::POST;
+    *req.version_mut() = Version::HTTP_2;
+    let md = req.headers_mut();
+    md.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    md.insert(TE, HeaderValue::from_static("trailers"));
     md.insert(headers::AGENT_ID, o.agent_id.parse()?);
     md.insert(headers::AGENT_IDENTIFIERS, o.agent_identifiers.parse()?);
     if o.flow_window > 0 {
@@ -455,8 +458,34 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     }
     // Every early return below drops the connection (its task waits on `gone`).
     let guard = gone.clone().drop_guard();
-    let resp = tokio::time::timeout(Duration::from_secs(30), client.connect(req)).await??;
-    let md = resp.metadata();
+    let mut caller = h2.clone();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        caller.call(crate::proto::AGENT_CONNECT_PATH, req),
+    )
+    .await??;
+    let (parts, inbound) = resp.into_parts();
+    if let Some(code) = grpc_wire::grpc_status(&parts.headers) {
+        // Trailers-Only: the server refused the stream.
+        anyhow::bail!(
+            "server refused the stream: gRPC status {} ({:?}): {}",
+            grpc_code_name(code),
+            code,
+            grpc_wire::grpc_message(&parts.headers)
+        );
+    }
+    if parts.status != hyper::StatusCode::OK {
+        anyhow::bail!("server answered HTTP status {}", parts.status);
+    }
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("application/grpc") {
+        anyhow::bail!("server answered content-type {content_type:?}, not gRPC");
+    }
+    let md = &parts.headers;
     let ids: Vec<_> = md
         .get_all(headers::SERVER_ID)
         .iter()
@@ -520,40 +549,28 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         send_control(&conn, Packet::drain());
     }
     guard.disarm();
-    let inbound = resp.into_inner();
     spawn_probe(sh, &conn);
     let sh2 = sh.clone();
     tokio::spawn(serve_server(sh2, conn, inbound));
     Ok(Outcome::New)
 }
 
-async fn serve_server(
-    sh: Arc<Shared>,
-    conn: Arc<ServerConn>,
-    mut inbound: tonic::Streaming<Packet>,
-) {
-    loop {
-        let msg = tokio::select! {
-            _ = sh.stop.cancelled() => break,
-            _ = conn.gone.cancelled() => break,
-            m = inbound.message() => m,
-        };
-        match msg {
-            Ok(Some(p)) => handle_packet(&sh, &conn, p),
-            Ok(None) => break,
-            Err(status) => {
-                tracing::warn!(server_id = %conn.server_id, %status, "server stream ended");
-                sh.metrics
-                    .stream_errors_total
-                    .with_label_values(&["to_agent", grpc_code_name(status.code()), NO_PACKET])
-                    .inc();
-                sh.metrics
-                    .server_connection_failure_count
-                    .with_label_values(&["from_server"])
-                    .inc();
-                break;
-            }
-        }
+async fn serve_server(sh: Arc<Shared>, conn: Arc<ServerConn>, inbound: Incoming) {
+    let ended = tokio::select! {
+        _ = sh.stop.cancelled() => Ok(()),
+        _ = conn.gone.cancelled() => Ok(()),
+        r = read_server_stream(&sh, &conn, inbound) => r,
+    };
+    if let Err((code, why)) = ended {
+        tracing::warn!(server_id = %conn.server_id, code = grpc_code_name(code), %why, "server stream ended");
+        sh.metrics
+            .stream_errors_total
+            .with_label_values(&["to_agent", grpc_code_name(code), NO_PACKET])
+            .inc();
+        sh.metrics
+            .server_connection_failure_count
+            .with_label_values(&["from_server"])
+            .inc();
     }
     {
         let mut servers = sh.servers.lock().unwrap();
@@ -575,6 +592,51 @@ async fn serve_server(
         ep.kill.cancel();
     }
     tracing::info!(server_id = %conn.server_id, "disconnected from proxy server");
+}
+
+/// Reads the server's messages until its stream ends: Ok when it ends with
+/// grpc-status 0, else the gRPC code and why (a tonic client's choices).
+async fn read_server_stream(
+    sh: &Arc<Shared>,
+    conn: &Arc<ServerConn>,
+    mut inbound: Incoming,
+) -> Result<(), (tonic::Code, String)> {
+    let mut decoder = grpc_wire::Decoder::default();
+    let wire = |e: grpc_wire::WireError| (tonic::Code::from_i32(e.code() as i32), e.to_string());
+    loop {
+        let frame = match inbound.frame().await {
+            None => {
+                decoder.finish().map_err(wire)?;
+                // A clean end without a status: tonic and grpc-go call it
+                // Unknown (the stream may have been cut by a proxy).
+                return Err((
+                    tonic::Code::Unknown,
+                    "stream ended without a grpc-status trailer".into(),
+                ));
+            }
+            Some(Err(e)) => return Err((grpc_wire::code_of_body_error(&e), e.to_string())),
+            Some(Ok(f)) => f,
+        };
+        let trailers = match frame.into_data() {
+            Ok(data) => {
+                decoder.push(data);
+                while let Some(p) = decoder.next_packet().map_err(wire)? {
+                    handle_packet(sh, conn, p);
+                }
+                continue;
+            }
+            Err(f) => match f.into_trailers() {
+                Ok(t) => t,
+                Err(_) => continue,
+            },
+        };
+        decoder.finish().map_err(wire)?;
+        return match grpc_wire::grpc_status(&trailers) {
+            Some(tonic::Code::Ok) => Ok(()),
+            Some(code) => Err((code, grpc_wire::grpc_message(&trailers))),
+            None => Err((tonic::Code::Unknown, "trailers without grpc-status".into())),
+        };
+    }
 }
 
 fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {

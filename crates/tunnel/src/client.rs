@@ -88,21 +88,49 @@ pub async fn raw_connect(addr: &ProxyAddr, alpn_h2: bool) -> Result<Box<dyn Io>,
 /// and a connector service; on 2 CPUs that bookkeeping was a visible part
 /// of the client's CPU per dial. A dial needs only hyper's HTTP/2 client
 /// connection plus the request origin, which is what this adds.
-#[derive(Clone)]
-pub struct GrpcConn {
-    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+pub struct GrpcConn<B = tonic::body::Body> {
+    send: hyper::client::conn::http2::SendRequest<B>,
     /// `http://<authority>`, prefixed to the generated clients' paths.
     origin: tonic::codegen::http::uri::Authority,
 }
 
-impl GrpcConn {
+// Not derived: that would ask `B: Clone`, which a request sender does not need.
+impl<B> Clone for GrpcConn<B> {
+    fn clone(&self) -> Self {
+        GrpcConn {
+            send: self.send.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+}
+
+impl<B> GrpcConn<B>
+where
+    B: hyper::body::Body + Default + Send + 'static,
+{
     /// A connection already set up (the agent dials its own, with
     /// keepalive); `origin` is the `host:port` requests are sent to.
     pub(crate) fn from_parts(
-        send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+        send: hyper::client::conn::http2::SendRequest<B>,
         origin: tonic::codegen::http::uri::Authority,
     ) -> Self {
         GrpcConn { send, origin }
+    }
+
+    /// Sends a request for `path` on this connection (scheme and
+    /// authority added), once the connection takes one.
+    pub(crate) async fn call(
+        &mut self,
+        path: &'static str,
+        mut req: tonic::codegen::http::Request<B>,
+    ) -> Result<tonic::codegen::http::Response<hyper::body::Incoming>, hyper::Error> {
+        let mut parts = tonic::codegen::http::uri::Parts::default();
+        parts.scheme = Some(tonic::codegen::http::uri::Scheme::HTTP);
+        parts.authority = Some(self.origin.clone());
+        parts.path_and_query = Some(tonic::codegen::http::uri::PathAndQuery::from_static(path));
+        *req.uri_mut() = tonic::codegen::http::Uri::from_parts(parts).expect("valid parts");
+        std::future::poll_fn(|cx| self.send.poll_ready(cx)).await?;
+        self.send.send_request(req).await
     }
 
     /// No new stream can be opened: the connection has ended, or the peer
@@ -122,7 +150,7 @@ impl GrpcConn {
     /// reaches the wire, but hyper checks for GOAWAY first and, if there
     /// was one, stops taking requests, which `is_closed` then reports.
     pub fn nudge(&mut self) {
-        let mut req = tonic::codegen::http::Request::new(tonic::body::Body::empty());
+        let mut req = tonic::codegen::http::Request::new(B::default());
         *req.version_mut() = tonic::codegen::http::Version::HTTP_2;
         *req.uri_mut() = tonic::codegen::http::Uri::from_static("/");
         drop(self.send.send_request(req));

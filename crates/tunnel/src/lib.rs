@@ -18,6 +18,7 @@ pub mod agent;
 pub mod certs;
 pub mod client;
 pub mod duration;
+pub(crate) mod grpc_wire;
 pub mod h2;
 pub mod http;
 pub mod kube;

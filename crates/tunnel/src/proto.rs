@@ -8,6 +8,9 @@ include!(concat!(env!("OUT_DIR"), "/_.rs"));
 use bytes::Bytes;
 pub use packet::Payload;
 
+/// The agent link's one method (upstream's proto has no package).
+pub const AGENT_CONNECT_PATH: &str = "/AgentService/Connect";
+
 /// Metadata keys, lowercase as they travel on the wire.
 pub mod headers {
     pub const AGENT_ID: &str = "agentid";

@@ -90,13 +90,7 @@ where
     conn.end_all_streams();
 }
 
-/// gRPC status codes we answer with.
-mod status {
-    pub const OK: u32 = 0;
-    pub const RESOURCE_EXHAUSTED: u32 = 8;
-    pub const UNIMPLEMENTED: u32 = 12;
-    pub const INTERNAL: u32 = 13;
-}
+use crate::grpc_wire::status;
 
 /// One Proxy call.
 struct Stream {
@@ -275,32 +269,10 @@ impl Inbox {
         let Some(prefix) = self.peek_prefix() else {
             return Ok(None);
         };
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        match prefix[0] {
-            0 => {}
-            1 => {
-                return Err(CallError {
-                    status: status::UNIMPLEMENTED,
-                    message: "compressed messages are not supported (no grpc-encoding is accepted)"
-                        .into(),
-                });
-            }
-            other => {
-                return Err(CallError {
-                    status: status::INTERNAL,
-                    message: format!("invalid compression flag {other} in message prefix"),
-                });
-            }
-        }
-        if len > crate::MAX_MESSAGE_BYTES {
-            return Err(CallError {
-                status: status::RESOURCE_EXHAUSTED,
-                message: format!(
-                    "grpc: received message larger than max ({len} vs. {})",
-                    crate::MAX_MESSAGE_BYTES
-                ),
-            });
-        }
+        let len = crate::grpc_wire::check_prefix(prefix).map_err(|e| CallError {
+            status: e.code(),
+            message: e.to_string(),
+        })?;
         if self.len < 5 + len {
             return Ok(None);
         }
@@ -1498,64 +1470,15 @@ struct OutMessage {
     len: usize,
 }
 
-/// A packet as a gRPC message (5-byte prefix, then the protobuf).
-///
-/// DATA packets are framed by hand so their payload (up to 64 KiB a
-/// packet) is sent from the buffer the agent's message arrived in instead
-/// of being copied into an encode buffer as prost would. The fields keep
-/// prost's order and proto3's omission of defaults; a test decodes the
-/// result with prost.
+/// A packet as a gRPC message, its DATA payload not copied.
 fn encode_message(p: &Packet) -> OutMessage {
-    use prost::encoding::{encode_varint, encoded_len_varint};
-    let mut head = BytesMut::new();
+    let e = crate::grpc_wire::encode(p);
+    let len = e.len();
     let mut parts = VecDeque::with_capacity(2);
-    match &p.payload {
-        Some(crate::proto::Payload::Data(d)) if d.data.len() >= 1024 => {
-            let id = d.connect_id as u64;
-            let mut inner = 0;
-            if id != 0 {
-                inner += 1 + encoded_len_varint(id);
-            }
-            if !d.error.is_empty() {
-                inner += 1 + encoded_len_varint(d.error.len() as u64) + d.error.len();
-            }
-            inner += 1 + encoded_len_varint(d.data.len() as u64) + d.data.len();
-            let mut outer = 1 + encoded_len_varint(inner as u64) + inner;
-            if p.r#type != 0 {
-                outer += 1 + encoded_len_varint(p.r#type as u64);
-            }
-            head.put_u8(0);
-            head.put_u32(outer as u32);
-            if p.r#type != 0 {
-                head.put_u8(0x08);
-                encode_varint(p.r#type as u64, &mut head);
-            }
-            head.put_u8(0x22); // field 4 (data), length-delimited
-            encode_varint(inner as u64, &mut head);
-            if id != 0 {
-                head.put_u8(0x08);
-                encode_varint(id, &mut head);
-            }
-            if !d.error.is_empty() {
-                head.put_u8(0x12);
-                encode_varint(d.error.len() as u64, &mut head);
-                head.put_slice(d.error.as_bytes());
-            }
-            head.put_u8(0x1a);
-            encode_varint(d.data.len() as u64, &mut head);
-            parts.push_back(head.freeze());
-            parts.push_back(d.data.clone());
-        }
-        _ => {
-            let len = p.encoded_len();
-            head.reserve(5 + len);
-            head.put_u8(0);
-            head.put_u32(len as u32);
-            p.encode(&mut head).expect("buffer sized by encoded_len");
-            parts.push_back(head.freeze());
-        }
+    parts.push_back(e.head);
+    if !e.payload.is_empty() {
+        parts.push_back(e.payload);
     }
-    let len = parts.iter().map(Bytes::len).sum();
     OutMessage { parts, len }
 }
 
@@ -1837,36 +1760,6 @@ mod tests {
         inbox.push(read_buffer.slice(..COPY_BELOW));
         inbox.compact();
         assert!(big.contains(&inbox.chunks[0].as_ptr()));
-    }
-
-    #[test]
-    fn hand_framed_data_messages_decode_as_prost_encodes_them() {
-        let big = Bytes::from(vec![7u8; 70_000]);
-        let packets = [
-            Packet::data(7, big.clone()),
-            Packet::data(-3, big.slice(..1024)),
-            Packet::data(0, big.slice(..5000)),
-            Packet::data(1, Bytes::from_static(b"small")),
-            Packet {
-                r#type: crate::proto::PacketType::Data as i32,
-                payload: Some(crate::proto::Payload::Data(crate::proto::Data {
-                    connect_id: 9,
-                    error: "broken pipe".into(),
-                    data: big.slice(..2048),
-                })),
-            },
-            Packet::dial_rsp(5, 6, "refused"),
-        ];
-        for p in packets {
-            let m = encode_message(&p);
-            let bytes: Vec<u8> = m.parts.iter().flat_map(|b| b.to_vec()).collect();
-            assert_eq!(bytes.len(), m.len);
-            assert_eq!(bytes[0], 0);
-            let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
-            assert_eq!(len + 5, bytes.len());
-            assert_eq!(Packet::decode(&bytes[5..]).unwrap(), p);
-            assert_eq!(len, p.encoded_len(), "same length as prost's encoding");
-        }
     }
 
     #[tokio::test]

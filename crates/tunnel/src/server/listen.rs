@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[cfg(unix)]
 use tokio::net::UnixListener;
@@ -16,14 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
 
 use super::connect::HangupProbe;
-use super::state::{AgentSvc, ProxyServer, ServerOptions, Shared};
+use super::state::{ProxyServer, ServerOptions, Shared};
 use crate::http::{self, Reply};
-use crate::proto::agent_service_server::AgentServiceServer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrontendMode {
@@ -143,23 +141,14 @@ impl RunningServer {
 }
 
 /// An accepted connection with its listener's cap permit: the permit goes
-/// when the connection does, whoever ends it (tonic, a frontend task, a
-/// failed handshake).
+/// when the connection does, whoever ends it.
 pub(crate) struct Admitted<S> {
     io: S,
     _permit: ConnPermit,
 }
 
-/// A TLS connection on the agent or frontend port (tonic serves it through
-/// `Connected`, which its own impl has only with its TLS feature).
+/// A TLS connection on the agent or frontend port.
 pub(crate) type TlsConn = Admitted<tokio_rustls::server::TlsStream<TcpStream>>;
-
-impl Connected for TlsConn {
-    type ConnectInfo = Option<SocketAddr>;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.get_ref().0.peer_addr().ok()
-    }
-}
 
 /// The socket under a frontend connection, for [`HangupProbe`].
 trait ClientSocket {
@@ -308,18 +297,77 @@ async fn tls_accept_loop(
     }
 }
 
-fn h2_server(keepalive: Duration, timeout: Duration) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(if keepalive.is_zero() {
+/// The agent listener's HTTP/2 settings: what it had as a tonic server
+/// (keepalive pings, 4/8 MiB windows, large frames; tonic's choices for
+/// the rest: no stream cap, no reset limits, fixed windows).
+fn agent_h2(
+    keepalive: Duration,
+    timeout: Duration,
+) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(if keepalive.is_zero() {
             None
         } else {
             Some(keepalive)
         })
-        .http2_keepalive_timeout(Some(timeout))
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
-        .max_frame_size(Some(crate::H2_MAX_FRAME))
-        .tcp_nodelay(true)
+        .keep_alive_timeout(timeout)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(crate::H2_MAX_FRAME)
+        .max_concurrent_streams(None)
+        .adaptive_window(false)
+        .max_pending_accept_reset_streams(None)
+        .max_local_error_reset_streams(None);
+    b
+}
+
+/// Serves agent connections as they come out of the TLS handshakes, until
+/// the accept loop is gone; then waits for them to end. Each gets GOAWAY
+/// (hyper's graceful shutdown) when the server really stops: the streams
+/// end (their backends go with `stop`), then the connection.
+async fn serve_agents(
+    sh: Arc<Shared>,
+    mut incoming: mpsc::Receiver<TlsConn>,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let conn = tokio::select! {
+            c = incoming.recv() => c,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Some(conn) = conn else { break };
+        conns.spawn(serve_agent_conn(sh.clone(), conn, h2.clone()));
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+/// One agent connection, until it ends; GOAWAY when the server stops.
+async fn serve_agent_conn<S>(
+    sh: Arc<Shared>,
+    io: S,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stop = sh.stop.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let sh = sh.clone();
+        async move { Ok::<_, std::convert::Infallible>(super::state::agent_call(sh, req).await) }
+    });
+    let served = h2.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    let r = tokio::select! {
+        r = served.as_mut() => r,
+        _ = stop.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "agent connection ended");
+    }
 }
 
 /// Binds every listener and starts serving.
@@ -333,15 +381,6 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     let agent_listener = crate::net::listen(cfg.agent_addr)?;
     let agent_addr = agent_listener.local_addr()?;
     let (tx, rx) = mpsc::channel::<TlsConn>(64);
-    // tonic starts its graceful shutdown (GOAWAY) when the incoming stream
-    // ends; the accept loop ends with `stop`, so this keeps the stream open
-    // until the real stop (see below).
-    let incoming_open = tx.clone();
-    let real_stop = sh.stop.clone();
-    tasks.spawn(async move {
-        real_stop.cancelled().await;
-        drop(incoming_open);
-    });
     tasks.spawn(tls_accept_loop(
         sh.clone(),
         agent_listener,
@@ -362,28 +401,13 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     } else {
         cfg.agent_liveness
     };
-    let agent_svc = AgentServiceServer::new(AgentSvc(sh.clone()))
-        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
     // Agent connections get their GOAWAY only when the server really stops
     // (after the graceful wait), not at its start as upstream's
     // GracefulStop does: agents drop a connection that has had GOAWAY
     // (`--probe-interval`, ours and upstream's), and with it every tunnel
     // the graceful wait is there to let finish. New agents are refused from
     // the start (the accept loop ends with `stop`).
-    let stop2 = sh.stop.clone();
-    tasks.spawn(async move {
-        let r = h2_server(ping, ping_timeout)
-            .add_service(agent_svc)
-            .serve_with_incoming_shutdown(
-                ReceiverStream::new(rx).map(Ok::<_, std::io::Error>),
-                stop2.cancelled_owned(),
-            )
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "agent server failed");
-        }
-    });
+    tasks.spawn(serve_agents(sh.clone(), rx, agent_h2(ping, ping_timeout)));
 
     // Frontend: one task per client connection, gRPC or HTTP-CONNECT.
     // Without unix sockets the only other arm diverges: not an error there.
@@ -538,4 +562,260 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     })
 }
 
-use futures_util::StreamExt as _;
+#[cfg(test)]
+mod agent_link_tests {
+    use super::*;
+    use crate::grpc_wire::{self, Decoder, PacketBody};
+    use crate::proto::{Checked, Packet, headers};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Frame, Incoming};
+    use std::convert::Infallible;
+
+    /// A request body of raw bytes, sent as they are given.
+    type RawBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    /// Our agent listener's connection code on one end of a pipe, a
+    /// hyper HTTP/2 client on the other.
+    async fn connect<B>(sh: &Arc<Shared>) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        tokio::spawn(serve_agent_conn(
+            sh.clone(),
+            ours,
+            agent_h2(Duration::ZERO, Duration::from_secs(20)),
+        ));
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(theirs))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    fn call<B>(path: &str, agent_id: Option<&str>, body: B) -> hyper::Request<B> {
+        let mut req = hyper::Request::new(body);
+        *req.method_mut() = hyper::Method::POST;
+        *req.uri_mut() = format!("http://agent.test{path}").parse().unwrap();
+        req.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        if let Some(id) = agent_id {
+            req.headers_mut()
+                .insert(headers::AGENT_ID, id.parse().unwrap());
+        }
+        req
+    }
+
+    fn raw_body() -> (mpsc::Sender<Result<Frame<Bytes>, Infallible>>, RawBody) {
+        let (tx, rx) = mpsc::channel(8);
+        (tx, StreamBody::new(ReceiverStream::new(rx)))
+    }
+
+    fn wire(p: &Packet) -> Bytes {
+        let e = grpc_wire::encode(p);
+        [e.head, e.payload].concat().into()
+    }
+
+    /// The next packet of a response; None when it ends (with grpc-status 0).
+    async fn next_packet(body: &mut Incoming, d: &mut Decoder) -> Option<Packet> {
+        loop {
+            if let Some(p) = d.next_packet().unwrap() {
+                return Some(p);
+            }
+            let f = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("a frame in time")?
+                .unwrap();
+            match f.into_data() {
+                Ok(data) => d.push(data),
+                Err(f) => {
+                    let t = f.into_trailers().unwrap();
+                    assert_eq!(grpc_wire::grpc_status(&t), Some(tonic::Code::Ok));
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn sh() -> Arc<Shared> {
+        ProxyServer::new(ServerOptions::default()).shared
+    }
+
+    fn stream_errors(sh: &Shared, code: &str) -> u64 {
+        sh.metrics
+            .stream_errors_total
+            .with_label_values(&["from_agent", code, crate::metrics::NO_PACKET])
+            .get()
+    }
+
+    async fn wait_backends(sh: &Shared, n: i64) {
+        for _ in 0..1000 {
+            if sh.metrics.ready_backend_connections.get() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("backends never became {n}");
+    }
+
+    #[tokio::test]
+    async fn unknown_methods_and_agents_without_id_get_trailers_only_answers() {
+        let sh = sh();
+        let mut c = connect::<PacketBody>(&sh).await;
+        let r = c
+            .send_request(call(
+                "/AgentService/Other",
+                Some("a"),
+                PacketBody::default(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(
+            grpc_wire::grpc_status(r.headers()),
+            Some(tonic::Code::Unimplemented)
+        );
+        assert!(hyper::body::Body::is_end_stream(&r.into_body()));
+
+        let r = c
+            .send_request(call(
+                crate::proto::AGENT_CONNECT_PATH,
+                None,
+                PacketBody::default(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            grpc_wire::grpc_status(r.headers()),
+            Some(tonic::Code::Unknown)
+        );
+        assert_eq!(
+            grpc_wire::grpc_message(r.headers()),
+            "expected one agent ID in the context, got 0"
+        );
+        assert_eq!(
+            sh.metrics
+                .bad_input_total
+                .with_label_values(&["agent_without_id"])
+                .get(),
+            1
+        );
+        assert_eq!(sh.metrics.ready_backend_connections.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_agent_stream_carries_packets_both_ways_until_the_agent_ends_it() {
+        let sh = sh();
+        let mut c = connect::<PacketBody>(&sh).await;
+        let (tx, rx) = mpsc::channel(8);
+        let body = PacketBody::new(
+            rx,
+            CancellationToken::new(),
+            sh.metrics.stream_packets_total.clone(),
+            "test",
+            false,
+        );
+        let r = c
+            .send_request(call(
+                crate::proto::AGENT_CONNECT_PATH,
+                Some("agent-1"),
+                body,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[headers::SERVER_ID], sh.opts.server_id.as_str());
+        assert_eq!(r.headers()[headers::SERVER_COUNT], "1");
+        assert!(grpc_wire::grpc_status(r.headers()).is_none());
+        wait_backends(&sh, 1).await;
+        let mut body = r.into_body();
+        let mut d = Decoder::default();
+        // DATA for a connection the server does not know: CLOSE_REQ back.
+        tx.send(Packet::data(999, Bytes::from(vec![1u8; 5000])))
+            .await
+            .unwrap();
+        let p = next_packet(&mut body, &mut d).await.expect("a packet");
+        assert!(
+            matches!(p.clone().checked(), Ok(Checked::CloseReq(ref c)) if c.connect_id == 999),
+            "{p:?}"
+        );
+        assert_eq!(
+            sh.metrics
+                .stream_packets_total
+                .with_label_values(&["to_agent", "CLOSE_REQ"])
+                .get(),
+            1
+        );
+        // The agent ends its side: the backend goes, the response ends
+        // with grpc-status 0, and no stream error is counted.
+        drop(tx);
+        assert!(next_packet(&mut body, &mut d).await.is_none());
+        wait_backends(&sh, 0).await;
+        assert_eq!(
+            sh.metrics
+                .stream_errors_total
+                .with_label_values(&["from_agent", "Internal", crate::metrics::NO_PACKET])
+                .get(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_agent_messages_end_the_stream_with_their_code() {
+        let sh = sh();
+        let mut c = connect::<RawBody>(&sh).await;
+        // A compressed message (none is accepted), after a good packet
+        // split over two frames.
+        let (tx, body) = raw_body();
+        let r = c
+            .send_request(call(crate::proto::AGENT_CONNECT_PATH, Some("a"), body))
+            .await
+            .unwrap();
+        let mut resp = r.into_body();
+        let mut d = Decoder::default();
+        let m = wire(&Packet::data(5, Bytes::from(vec![2u8; 3000])));
+        tx.send(Ok(Frame::data(m.slice(..7)))).await.unwrap();
+        tx.send(Ok(Frame::data(m.slice(7..)))).await.unwrap();
+        let p = next_packet(&mut resp, &mut d).await.expect("CLOSE_REQ");
+        assert!(
+            matches!(p.clone().checked(), Ok(Checked::CloseReq(_))),
+            "{p:?}"
+        );
+        tx.send(Ok(Frame::data(Bytes::from_static(&[1, 0, 0, 0, 1, 0]))))
+            .await
+            .unwrap();
+        assert!(next_packet(&mut resp, &mut d).await.is_none());
+        assert_eq!(stream_errors(&sh, "Unimplemented"), 1);
+
+        // A message over the size limit.
+        let (tx, body) = raw_body();
+        let r = c
+            .send_request(call(crate::proto::AGENT_CONNECT_PATH, Some("b"), body))
+            .await
+            .unwrap();
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&((crate::MAX_MESSAGE_BYTES + 1) as u32).to_be_bytes());
+        tx.send(Ok(Frame::data(prefix.into()))).await.unwrap();
+        assert!(next_packet(&mut r.into_body(), &mut d).await.is_none());
+        assert_eq!(stream_errors(&sh, "ResourceExhausted"), 1);
+
+        // The agent's side ends inside a message.
+        let (tx, body) = raw_body();
+        let r = c
+            .send_request(call(crate::proto::AGENT_CONNECT_PATH, Some("c"), body))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::data(m.slice(..100)))).await.unwrap();
+        drop(tx);
+        assert!(next_packet(&mut r.into_body(), &mut d).await.is_none());
+        assert_eq!(stream_errors(&sh, "Internal"), 1);
+        wait_backends(&sh, 0).await;
+    }
+}

@@ -6,15 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
 
+use crate::grpc_wire::{self, PacketBody};
 use crate::metrics::ServerMetrics;
-use crate::proto::agent_service_server::AgentService;
 use crate::proto::headers;
 use crate::proto::{Checked, Packet};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
@@ -390,9 +388,6 @@ pub(crate) struct Shared {
 pub struct ProxyServer {
     pub(crate) shared: Arc<Shared>,
 }
-
-type PacketStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Packet, Status>> + Send>>;
 
 impl ProxyServer {
     pub fn new(opts: ServerOptions) -> Self {
@@ -1126,149 +1121,209 @@ impl Shared {
     }
 }
 
-/// `AgentService` (the agent listener).
-pub(crate) struct AgentSvc(pub(crate) Arc<Shared>);
+/// The agent listener's calls, on hyper's HTTP/2 server directly (tonic's
+/// codec would copy every payload into and out of its buffers; see
+/// `grpc_wire`). Only `AgentService/Connect` exists; anything else is
+/// answered UNIMPLEMENTED, as gRPC servers do.
+pub(crate) async fn agent_call(
+    sh: Arc<Shared>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<PacketBody> {
+    if request.uri().path() != crate::proto::AGENT_CONNECT_PATH {
+        return trailers_only(
+            grpc_wire::status::UNIMPLEMENTED,
+            &format!("unknown method {}", request.uri().path()),
+        );
+    }
+    if request.method() != hyper::Method::POST {
+        let mut r = hyper::Response::new(PacketBody::default());
+        *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+        return r;
+    }
+    let grpc = request
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        let mut r = hyper::Response::new(PacketBody::default());
+        *r.status_mut() = hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return r;
+    }
+    match agent_connect(&sh, request).await {
+        Ok(r) => r,
+        // Upstream returns plain Go errors: gRPC code Unknown.
+        Err(message) => trailers_only(grpc_wire::status::UNKNOWN, &message),
+    }
+}
 
-#[tonic::async_trait]
-impl AgentService for AgentSvc {
-    type ConnectStream = PacketStream;
+/// A call answered with its status alone (gRPC's Trailers-Only response).
+fn trailers_only(code: u32, message: &str) -> hyper::Response<PacketBody> {
+    let mut r = hyper::Response::new(PacketBody::default());
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    h.extend(grpc_wire::grpc_status_trailers(code, message));
+    r
+}
 
-    async fn connect(
-        &self,
-        request: Request<Streaming<Packet>>,
-    ) -> Result<Response<PacketStream>, Status> {
-        let sh = &self.0;
-        let md = request.metadata();
-        let ids: Vec<_> = md
-            .get_all(headers::AGENT_ID)
+/// `AgentService/Connect`: checks the agent, makes it a backend, reads its
+/// packets on a task of their own and answers with the backend's queue.
+async fn agent_connect(
+    sh: &Arc<Shared>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<PacketBody>, String> {
+    let md = request.headers();
+    let ids: Vec<_> = md
+        .get_all(headers::AGENT_ID)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if ids.len() != 1 || ids[0].is_empty() {
+        sh.metrics.bad("agent_without_id");
+        tracing::warn!(
+            count = ids.len(),
+            "agent refused: needs exactly one agentID"
+        );
+        return Err(format!(
+            "expected one agent ID in the context, got {}",
+            ids.len()
+        ));
+    }
+    let agent_id = ids[0].to_string();
+    let idents: Vec<_> = md
+        .get_all(headers::AGENT_IDENTIFIERS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if idents.len() > 1 {
+        sh.metrics.bad("agent_identifiers");
+        return Err(format!(
+            "expected at most one set of agent identifiers in the context, got {}",
+            idents.len()
+        ));
+    }
+    let idents = Identifiers::parse(idents.first().copied().unwrap_or(""));
+    // Before the agent becomes a backend and before serverID/serverCount
+    // are answered: a refused agent never sees a successful Connect.
+    if let Some(auth) = &sh.opts.agent_auth {
+        let authorization: Vec<String> = md
+            .get_all(headers::AUTHORIZATION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            .map(|v| v.to_str().unwrap_or("").to_string())
             .collect();
-        if ids.len() != 1 || ids[0].is_empty() {
-            sh.metrics.bad("agent_without_id");
-            tracing::warn!(
-                count = ids.len(),
-                "agent refused: needs exactly one agentID"
-            );
-            return Err(Status::unknown(format!(
-                "expected one agent ID in the context, got {}",
-                ids.len()
-            )));
-        }
-        let agent_id = ids[0].to_string();
-        let idents: Vec<_> = md
-            .get_all(headers::AGENT_IDENTIFIERS)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if idents.len() > 1 {
-            sh.metrics.bad("agent_identifiers");
-            return Err(Status::unknown(format!(
-                "expected at most one set of agent identifiers in the context, got {}",
-                idents.len()
-            )));
-        }
-        let idents = Identifiers::parse(idents.first().copied().unwrap_or(""));
-        // Before the agent becomes a backend and before serverID/serverCount
-        // are answered: a refused agent never sees a successful Connect.
-        if let Some(auth) = &sh.opts.agent_auth {
-            let authorization: Vec<String> = md
-                .get_all(headers::AUTHORIZATION)
-                .iter()
-                .map(|v| v.to_str().unwrap_or("").to_string())
-                .collect();
-            match auth.authenticate(&authorization).await {
-                Ok(username) => {
-                    tracing::debug!(%agent_id, %username, "agent authenticated via token");
-                }
-                Err(e) => {
-                    sh.metrics.bad(e.metric_kind());
-                    tracing::warn!(%agent_id, error = %e, "agent refused: token authentication failed");
-                    // Upstream returns a plain Go error: gRPC code Unknown.
-                    return Err(Status::unknown(e.to_string()));
-                }
+        match auth.authenticate(&authorization).await {
+            Ok(username) => {
+                tracing::debug!(%agent_id, %username, "agent authenticated via token");
+            }
+            Err(e) => {
+                sh.metrics.bad(e.metric_kind());
+                tracing::warn!(%agent_id, error = %e, "agent refused: token authentication failed");
+                return Err(e.to_string());
             }
         }
-        // Flow-control extension: on when the agent offers it.
-        let flow_window = md
-            .get(headers::FLOW_WINDOW)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .map(|theirs| {
-                theirs
-                    .min(sh.opts.flow_window)
-                    .min(sh.opts.connection_queue_bytes / 2)
-            })
-            .unwrap_or(0);
-        let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
-        let backend = Arc::new(Backend::new(sh, agent_id, idents, tx, flow_window));
-        tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
-        sh.add_backend(backend.clone());
-        let mut inbound = request.into_inner();
-        let sh2 = sh.clone();
-        let b2 = backend.clone();
-        sh.metrics
+    }
+    // Flow-control extension: on when the agent offers it.
+    let flow_window = md
+        .get(headers::FLOW_WINDOW)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|theirs| {
+            theirs
+                .min(sh.opts.flow_window)
+                .min(sh.opts.connection_queue_bytes / 2)
+        })
+        .unwrap_or(0);
+    let server_id = hyper::header::HeaderValue::from_str(&sh.opts.server_id)
+        .map_err(|_| "server id is not a valid header value".to_string())?;
+    let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
+    let backend = Arc::new(Backend::new(sh, agent_id, idents, tx, flow_window));
+    tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
+    sh.add_backend(backend.clone());
+    let inbound = request.into_body();
+    let sh2 = sh.clone();
+    let b2 = backend.clone();
+    sh.metrics
+        .grpc_connections
+        .with_label_values(&["/AgentService/Connect"])
+        .inc();
+    tokio::spawn(async move {
+        let ended = tokio::select! {
+            _ = sh2.stop.cancelled() => Ok(()),
+            _ = b2.gone.cancelled() => Ok(()),
+            r = read_agent_stream(&sh2, &b2, inbound) => r,
+        };
+        if let Err((code, why)) = ended {
+            tracing::info!(agent_id = %b2.agent_id, code = crate::metrics::grpc_code_name(code), %why, "agent stream ended");
+            sh2.metrics
+                .stream_errors_total
+                .with_label_values(&[
+                    "from_agent",
+                    crate::metrics::grpc_code_name(code),
+                    crate::metrics::NO_PACKET,
+                ])
+                .inc();
+        }
+        sh2.remove_backend(&b2);
+        sh2.metrics
             .grpc_connections
             .with_label_values(&["/AgentService/Connect"])
-            .inc();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = sh2.stop.cancelled() => break,
-                    _ = b2.gone.cancelled() => break,
-                    m = inbound.message() => m,
+            .dec();
+    });
+    // Every packet sent to the agent is counted as it leaves; the stream
+    // ends (grpc-status 0) when the backend goes.
+    let out = PacketBody::new(
+        rx,
+        backend.gone.clone(),
+        sh.metrics.stream_packets_total.clone(),
+        "to_agent",
+        true,
+    );
+    let mut response = hyper::Response::new(out);
+    let h = response.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(headers::SERVER_ID, server_id);
+    h.insert(headers::SERVER_COUNT, sh.opts.server_count.into());
+    if flow_window > 0 {
+        h.insert(headers::FLOW_WINDOW, flow_window.into());
+    }
+    Ok(response)
+}
+
+/// Reads an agent's messages until its stream ends: Ok when the agent
+/// ends it (END_STREAM, or a reset with CANCEL, as a tonic server took
+/// it), else the gRPC code and why.
+async fn read_agent_stream(
+    sh: &Arc<Shared>,
+    backend: &Arc<Backend>,
+    mut inbound: hyper::body::Incoming,
+) -> Result<(), (tonic::Code, String)> {
+    use http_body_util::BodyExt;
+    let mut decoder = grpc_wire::Decoder::default();
+    let wire = |e: grpc_wire::WireError| (tonic::Code::from_i32(e.code() as i32), e.to_string());
+    loop {
+        match inbound.frame().await {
+            None => return decoder.finish().map_err(wire),
+            Some(Err(e)) => {
+                return match grpc_wire::code_of_body_error(&e) {
+                    tonic::Code::Cancelled => Ok(()),
+                    code => Err((code, e.to_string())),
                 };
-                match msg {
-                    Ok(Some(p)) => sh2.handle_agent_packet(&b2, p),
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::info!(agent_id = %b2.agent_id, %status, "agent stream ended");
-                        sh2.metrics
-                            .stream_errors_total
-                            .with_label_values(&[
-                                "from_agent",
-                                crate::metrics::grpc_code_name(status.code()),
-                                crate::metrics::NO_PACKET,
-                            ])
-                            .inc();
-                        break;
+            }
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    decoder.push(data);
+                    while let Some(p) = decoder.next_packet().map_err(wire)? {
+                        sh.handle_agent_packet(backend, p);
                     }
                 }
             }
-            sh2.remove_backend(&b2);
-            sh2.metrics
-                .grpc_connections
-                .with_label_values(&["/AgentService/Connect"])
-                .dec();
-        });
-        // Every packet sent to the agent is counted as it leaves.
-        let sent = sh.metrics.stream_packets_total.clone();
-        let out = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .inspect(move |p: &Packet| {
-                sent.with_label_values(&["to_agent", &p.kind_name()]).inc();
-            })
-            .map(Ok)
-            .take_until(backend.gone.clone().cancelled_owned());
-        let mut response = Response::new(Box::pin(out) as PacketStream);
-        let md = response.metadata_mut();
-        md.insert(
-            headers::SERVER_ID,
-            sh.opts
-                .server_id
-                .parse()
-                .map_err(|_| Status::internal("server id"))?,
-        );
-        md.insert(
-            headers::SERVER_COUNT,
-            sh.opts.server_count.to_string().parse().unwrap(),
-        );
-        if flow_window > 0 {
-            md.insert(
-                headers::FLOW_WINDOW,
-                flow_window.to_string().parse().unwrap(),
-            );
         }
-        Ok(response)
     }
 }
 
