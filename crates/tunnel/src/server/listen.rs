@@ -298,8 +298,10 @@ async fn tls_accept_loop(
 }
 
 /// The agent listener's HTTP/2 settings: what it had as a tonic server
-/// (keepalive pings, 4/8 MiB windows, large frames; tonic's choices for
-/// the rest: no stream cap, no reset limits, fixed windows).
+/// (keepalive pings, 4/8 MiB windows, large frames, no stream cap, fixed
+/// windows), except that hyper's limits on reset streams stay on (a peer
+/// that resets streams faster than it opens them is let go, the "rapid
+/// reset" defence; an agent opens one stream per connection).
 fn agent_h2(
     keepalive: Duration,
     timeout: Duration,
@@ -316,9 +318,7 @@ fn agent_h2(
         .initial_connection_window_size(8 << 20)
         .max_frame_size(crate::H2_MAX_FRAME)
         .max_concurrent_streams(None)
-        .adaptive_window(false)
-        .max_pending_accept_reset_streams(None)
-        .max_local_error_reset_streams(None);
+        .adaptive_window(false);
     b
 }
 
@@ -662,6 +662,31 @@ mod agent_link_tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("backends never became {n}");
+    }
+
+    #[tokio::test]
+    async fn requests_that_are_not_grpc_posts_get_http_errors_and_no_backend() {
+        let sh = sh();
+        let mut c = connect::<PacketBody>(&sh).await;
+        let mut get = call(
+            crate::proto::AGENT_CONNECT_PATH,
+            Some("a"),
+            PacketBody::default(),
+        );
+        *get.method_mut() = hyper::Method::GET;
+        let r = c.send_request(get).await.unwrap();
+        assert_eq!(r.status(), 405);
+
+        let mut json = call(
+            crate::proto::AGENT_CONNECT_PATH,
+            Some("a"),
+            PacketBody::default(),
+        );
+        json.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        let r = c.send_request(json).await.unwrap();
+        assert_eq!(r.status(), 415);
+        assert_eq!(sh.metrics.ready_backend_connections.get(), 0);
     }
 
     #[tokio::test]
