@@ -176,6 +176,25 @@ pub(crate) fn check_prefix(prefix: [u8; 5]) -> Result<usize, WireError> {
     Ok(len)
 }
 
+/// The 5-byte gRPC message prefix at the front of `chunks` (`len` bytes in
+/// all), wherever the chunk boundaries fall; None until 5 bytes are there.
+pub(crate) fn peek_prefix(chunks: &VecDeque<Bytes>, len: usize) -> Option<[u8; 5]> {
+    if len < 5 {
+        return None;
+    }
+    let mut prefix = [0u8; 5];
+    let mut filled = 0;
+    for c in chunks {
+        let n = (5 - filled).min(c.len());
+        prefix[filled..filled + n].copy_from_slice(&c[..n]);
+        filled += n;
+        if filled == 5 {
+            break;
+        }
+    }
+    Some(prefix)
+}
+
 /// Received bytes of one gRPC stream, as the frames brought them, cut
 /// into packets. A message that lies in one frame (the usual case: senders
 /// put one message per DATA frame) is decoded from a slice of it, so a
@@ -196,20 +215,7 @@ impl Decoder {
     }
 
     fn peek_prefix(&self) -> Option<[u8; 5]> {
-        if self.len < 5 {
-            return None;
-        }
-        let mut prefix = [0u8; 5];
-        let mut filled = 0;
-        for c in &self.chunks {
-            let n = (5 - filled).min(c.len());
-            prefix[filled..filled + n].copy_from_slice(&c[..n]);
-            filled += n;
-            if filled == 5 {
-                break;
-            }
-        }
-        Some(prefix)
+        peek_prefix(&self.chunks, self.len)
     }
 
     /// Drops `n` buffered bytes (a message prefix).

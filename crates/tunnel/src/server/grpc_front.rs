@@ -187,20 +187,7 @@ impl Inbox {
     }
 
     fn peek_prefix(&self) -> Option<[u8; 5]> {
-        if self.len < 5 {
-            return None;
-        }
-        let mut prefix = [0u8; 5];
-        let mut filled = 0;
-        for c in &self.chunks {
-            let n = (5 - filled).min(c.len());
-            prefix[filled..filled + n].copy_from_slice(&c[..n]);
-            filled += n;
-            if filled == 5 {
-                break;
-            }
-        }
-        Some(prefix)
+        crate::grpc_wire::peek_prefix(&self.chunks, self.len)
     }
 
     /// Takes `n` bytes: a slice of one chunk when they lie in one (the
