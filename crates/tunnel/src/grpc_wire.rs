@@ -176,6 +176,22 @@ pub(crate) fn check_prefix(prefix: [u8; 5]) -> Result<usize, WireError> {
     Ok(len)
 }
 
+/// Takes the first `n` bytes of `chunks` (which hold at least that many)
+/// into one buffer: a copy, for a message spread over several frames.
+pub(crate) fn gather(chunks: &mut VecDeque<Bytes>, n: usize) -> Bytes {
+    let mut out = BytesMut::with_capacity(n);
+    while out.len() < n {
+        let front = chunks.front_mut().expect("the chunks hold n bytes");
+        let k = (n - out.len()).min(front.len());
+        out.put_slice(&front[..k]);
+        front.advance(k);
+        if front.is_empty() {
+            chunks.pop_front();
+        }
+    }
+    out.freeze()
+}
+
 /// The 5-byte gRPC message prefix at the front of `chunks` (`len` bytes in
 /// all), wherever the chunk boundaries fall; None until 5 bytes are there.
 pub(crate) fn peek_prefix(chunks: &VecDeque<Bytes>, len: usize) -> Option<[u8; 5]> {
@@ -257,17 +273,7 @@ impl Decoder {
             }
             return p;
         }
-        let mut out = BytesMut::with_capacity(n);
-        while out.len() < n {
-            let front = self.chunks.front_mut().expect("len counts the chunks");
-            let k = (n - out.len()).min(front.len());
-            out.put_slice(&front[..k]);
-            front.advance(k);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-        }
-        Packet::decode(out.freeze())
+        Packet::decode(gather(&mut self.chunks, n))
     }
 
     /// The next complete message as a packet, None until one is whole. An

@@ -209,17 +209,7 @@ impl Inbox {
             }
             return out;
         }
-        let mut out = BytesMut::with_capacity(n);
-        while out.len() < n {
-            let front = self.chunks.front_mut().expect("len counts the chunks");
-            let k = (n - out.len()).min(front.len());
-            out.put_slice(&front[..k]);
-            front.advance(k);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-        }
-        out.freeze()
+        crate::grpc_wire::gather(&mut self.chunks, n)
     }
 
     /// A short partial message left waiting keeps only its own bytes, not
