@@ -30,6 +30,9 @@
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
 //!   GO_PEERS           upstream's binaries (default <repo>/target/go-peers)
+//!   BENCH_FLOOR_HOP=N  the floor's relays hand each read (a fresh N-byte
+//!                      buffer) to a writer task through a channel: what
+//!                      one task hand-off per direction costs
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, and
 //!                      during its konn-client dials (<socket>-konn.data)

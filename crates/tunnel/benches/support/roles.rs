@@ -229,10 +229,55 @@ where
 /// our own copy loops read with).
 async fn relay<A, B>(mut a: A, mut b: B)
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // BENCH_FLOOR_HOP=<bytes>: each read (into a fresh buffer of that size)
+    // is handed to a writer task through a channel, as our tunnel's
+    // processes hand packets on, to measure what such a hop costs.
+    if let Some(chunk) = std::env::var("BENCH_FLOOR_HOP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        tokio::join!(hop(ar, bw, chunk), hop(br, aw, chunk));
+        return;
+    }
     let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 256 << 10, 256 << 10).await;
+}
+
+/// One direction of a relay in two tasks: reads into fresh buffers, a
+/// channel, writes.
+async fn hop<R, W>(mut r: R, mut w: W, chunk: usize)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut buf = bytes::BytesMut::with_capacity(chunk);
+            match r.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {
+                    if tx.send(buf.freeze()).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let _ = tokio::join!(reader, writer);
 }
 
 /// The floor's agent side: accepts on a plain and on a TLS port (the agent
