@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue, TE};
 use hyper::{Method, Request as HttpRequest, Version};
@@ -599,43 +598,21 @@ async fn serve_server(sh: Arc<Shared>, conn: Arc<ServerConn>, inbound: Incoming)
 async fn read_server_stream(
     sh: &Arc<Shared>,
     conn: &Arc<ServerConn>,
-    mut inbound: Incoming,
+    inbound: Incoming,
 ) -> Result<(), (tonic::Code, String)> {
-    let mut decoder = grpc_wire::Decoder::default();
-    let wire = |e: grpc_wire::WireError| (tonic::Code::from_i32(e.code() as i32), e.to_string());
-    loop {
-        let frame = match inbound.frame().await {
-            None => {
-                decoder.finish().map_err(wire)?;
-                // A clean end without a status: tonic and grpc-go call it
-                // Unknown (the stream may have been cut by a proxy).
-                return Err((
-                    tonic::Code::Unknown,
-                    "stream ended without a grpc-status trailer".into(),
-                ));
-            }
-            Some(Err(e)) => return Err((grpc_wire::code_of_body_error(&e), e.to_string())),
-            Some(Ok(f)) => f,
-        };
-        let trailers = match frame.into_data() {
-            Ok(data) => {
-                decoder.push(data);
-                while let Some(p) = decoder.next_packet().map_err(wire)? {
-                    handle_packet(sh, conn, p);
-                }
-                continue;
-            }
-            Err(f) => match f.into_trailers() {
-                Ok(t) => t,
-                Err(_) => continue,
-            },
-        };
-        decoder.finish().map_err(wire)?;
-        return match grpc_wire::grpc_status(&trailers) {
-            Some(tonic::Code::Ok) => Ok(()),
-            Some(code) => Err((code, grpc_wire::grpc_message(&trailers))),
-            None => Err((tonic::Code::Unknown, "trailers without grpc-status".into())),
-        };
+    let trailers = grpc_wire::read_packets(inbound, |p| handle_packet(sh, conn, p)).await?;
+    // A clean end without a status: tonic and grpc-go call it Unknown (the
+    // stream may have been cut by a proxy).
+    let Some(trailers) = trailers else {
+        return Err((
+            tonic::Code::Unknown,
+            "stream ended without a grpc-status trailer".into(),
+        ));
+    };
+    match grpc_wire::grpc_status(&trailers) {
+        Some(tonic::Code::Ok) => Ok(()),
+        Some(code) => Err((code, grpc_wire::grpc_message(&trailers))),
+        None => Err((tonic::Code::Unknown, "trailers without grpc-status".into())),
     }
 }
 

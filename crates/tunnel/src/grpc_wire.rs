@@ -299,6 +299,40 @@ impl Decoder {
     }
 }
 
+/// Reads a stream's messages until its body ends, handing each packet to
+/// `handle`: the trailers when it ends with them, None at END_STREAM
+/// without them, or the gRPC code and why when the stream breaks (a reset,
+/// the connection's end, a malformed or truncated message).
+pub(crate) async fn read_packets(
+    mut body: hyper::body::Incoming,
+    mut handle: impl FnMut(Packet),
+) -> Result<Option<hyper::HeaderMap>, (tonic::Code, String)> {
+    use http_body_util::BodyExt;
+    let mut decoder = Decoder::default();
+    let wire = |e: WireError| (tonic::Code::from_i32(e.code() as i32), e.to_string());
+    loop {
+        let frame = match body.frame().await {
+            None => return decoder.finish().map(|()| None).map_err(wire),
+            Some(Err(e)) => return Err((code_of_body_error(&e), e.to_string())),
+            Some(Ok(f)) => f,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                decoder.push(data);
+                while let Some(p) = decoder.next_packet().map_err(wire)? {
+                    handle(p);
+                }
+            }
+            Err(f) => {
+                if let Ok(trailers) = f.into_trailers() {
+                    decoder.finish().map_err(wire)?;
+                    return Ok(Some(trailers));
+                }
+            }
+        }
+    }
+}
+
 /// gRPC code of a failed HTTP/2 body read, as tonic maps it (the
 /// `stream_errors_total` label): keepalive timeout UNAVAILABLE, RST_STREAM
 /// and GOAWAY codes per gRPC's HTTP/2 mapping.

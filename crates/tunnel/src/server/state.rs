@@ -1301,29 +1301,11 @@ async fn agent_connect(
 async fn read_agent_stream(
     sh: &Arc<Shared>,
     backend: &Arc<Backend>,
-    mut inbound: hyper::body::Incoming,
+    inbound: hyper::body::Incoming,
 ) -> Result<(), (tonic::Code, String)> {
-    use http_body_util::BodyExt;
-    let mut decoder = grpc_wire::Decoder::default();
-    let wire = |e: grpc_wire::WireError| (tonic::Code::from_i32(e.code() as i32), e.to_string());
-    loop {
-        match inbound.frame().await {
-            None => return decoder.finish().map_err(wire),
-            Some(Err(e)) => {
-                return match grpc_wire::code_of_body_error(&e) {
-                    tonic::Code::Cancelled => Ok(()),
-                    code => Err((code, e.to_string())),
-                };
-            }
-            Some(Ok(f)) => {
-                if let Ok(data) = f.into_data() {
-                    decoder.push(data);
-                    while let Some(p) = decoder.next_packet().map_err(wire)? {
-                        sh.handle_agent_packet(backend, p);
-                    }
-                }
-            }
-        }
+    match grpc_wire::read_packets(inbound, |p| sh.handle_agent_packet(backend, p)).await {
+        Ok(_) | Err((tonic::Code::Cancelled, _)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
