@@ -910,6 +910,15 @@ fn main() {
         eprintln!("bench: {name} ...");
         let row = rt.block_on(async {
             wait_ready(&via, backend).await;
+            // First, on processes that have moved no data yet: after the
+            // throughput rows a heap keeps what they freed (glibc keeps up
+            // to 64 MiB here, Go's until its scavenger runs), and idle
+            // connections built in it look cheaper than they are.
+            let kib_per_conn = if roots.is_empty() {
+                None
+            } else {
+                Some(idle_rss(&via, backend, idle, &roots).await)
+            };
             let bytes = mib << 20;
             let c0 = cpu_of(&roots);
             let perf = perf_record(name, &roots);
@@ -926,11 +935,6 @@ fn main() {
             let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
             let client_ms_gib = (s1 - s0) * 1000.0 / (2.0 * mib as f64 / 1024.0);
             let (p50, p99) = latency(&via, backend, rounds).await;
-            let kib_per_conn = if roots.is_empty() {
-                None
-            } else {
-                Some(idle_rss(&via, backend, idle, &roots).await)
-            };
             Row {
                 name: name.into(),
                 t1,

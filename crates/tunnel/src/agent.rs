@@ -19,25 +19,28 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue, TE};
-use hyper::{Method, Request as HttpRequest, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::{Method, Request as HttpRequest};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::GrpcConn;
-use crate::grpc_wire::{self, PacketBody};
+use crate::grpc_wire::{self, H2Body, StreamErrorCode, WireBuf};
 use crate::http::{self, Reply};
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
 use crate::read_chunk;
+use crate::stream_sender::StreamSender;
+
+/// The HTTP/2 connection to one server, with its TLS stream.
+type H2Conn = ::h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, WireBuf>;
+/// How long a keepalive PING may wait for its answer (as hyper's default
+/// the agent had, and grpc-go's keepalive timeout).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -57,7 +60,6 @@ pub struct AgentOptions {
     pub probe_interval: Duration,
     pub dial_timeout: Duration,
     pub connection_queue_bytes: usize,
-    pub channel_packets: usize,
     pub max_pending_dials: usize,
     pub service_account_token_path: Option<PathBuf>,
     /// Per-connection window offered to the server for the flow-control
@@ -82,7 +84,6 @@ impl AgentOptions {
             probe_interval: Duration::from_secs(1),
             dial_timeout: Duration::from_secs(5),
             connection_queue_bytes: 4 << 20,
-            channel_packets: 256,
             max_pending_dials: 10_000,
             service_account_token_path: None,
             flow_window: 1 << 20,
@@ -105,15 +106,28 @@ struct EndpointConn {
 
 struct ServerConn {
     server_id: String,
-    /// The HTTP/2 connection the stream runs on, for the probe.
-    h2: GrpcConn<PacketBody>,
-    tx: mpsc::Sender<Packet>,
+    /// Opens streams on the connection; kept to see whether it still
+    /// would (the probe, readiness).
+    h2: Mutex<::h2::client::SendRequest<WireBuf>>,
+    /// The Connect stream's sending half.
+    out: Arc<StreamSender>,
     conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
     next_id: AtomicI64,
     gone: CancellationToken,
     flow_window: usize,
-    deferred: Arc<AtomicUsize>,
+}
+
+impl ServerConn {
+    /// No new stream can be opened: the connection has ended, or the
+    /// server sent GOAWAY (h2 refuses to open streams after either).
+    /// Streams already open may still run. grpc-go's connectivity state
+    /// leaves READY on the same two events. Nothing reaches the wire.
+    fn is_closed(&self) -> bool {
+        let mut send = self.h2.lock().unwrap().clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(send.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+    }
 }
 
 struct Shared {
@@ -209,7 +223,7 @@ impl Agent {
             .lock()
             .unwrap()
             .values()
-            .any(|s| !s.h2.is_closed())
+            .any(|s| !s.is_closed())
     }
     pub fn connected_servers(&self) -> Vec<String> {
         self.sh.servers.lock().unwrap().keys().cloned().collect()
@@ -304,82 +318,94 @@ impl Agent {
 /// Never waits; a server that stops reading while control packets pile up
 /// (more than `MAX_DEFERRED_CONTROL`) gets its stream closed.
 fn send_control(conn: &ServerConn, packet: Packet) {
-    match conn.tx.try_send(packet) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(p)) => {
-            if conn.deferred.fetch_add(1, Ordering::AcqRel) >= crate::server::MAX_DEFERRED_CONTROL {
-                conn.deferred.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(server_id = %conn.server_id, "server does not read its stream; disconnecting");
-                conn.gone.cancel();
-                return;
-            }
-            let tx = conn.tx.clone();
-            let deferred = conn.deferred.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(p).await;
-                deferred.fetch_sub(1, Ordering::AcqRel);
-            });
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    if conn.out.send_control(packet).is_err() {
+        tracing::warn!(server_id = %conn.server_id, "server does not read its stream; disconnecting");
+        conn.gone.cancel();
     }
 }
 
-/// One HTTP/2 connection to a server. Held directly rather than through
-/// tonic's `Channel` (which reconnects behind our back and hides the
-/// connection's state) so the probe can see when it stops taking streams.
-/// The connection task ends with the connection, or a few seconds after
-/// `gone` (time for the stream's last packets to leave).
+/// One HTTP/2 connection to a server, on the h2 crate directly: the
+/// Connect stream's packets are written into it by the tasks that have them
+/// ([`StreamSender`]), and the connection is driven by the same task that
+/// reads the server's packets ([`drive_conn`] in [`serve_server`]), so a
+/// packet crosses no task hand-off the protocol does not need.
 async fn open_conn(
     opts: &AgentOptions,
     host: &str,
     port: u16,
-    gone: CancellationToken,
-) -> anyhow::Result<GrpcConn<PacketBody>> {
+) -> anyhow::Result<(::h2::client::SendRequest<WireBuf>, H2Conn)> {
     let tls = TlsConnector::from(opts.tls.clone());
     let name = crate::tls::server_name(host)?;
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let origin = authority.parse()?;
-    let keepalive = opts.keepalive_time.max(Duration::from_secs(30));
-    let (send, conn) = tokio::time::timeout(Duration::from_secs(10), async {
+    let authority = authority(host, port);
+    tokio::time::timeout(Duration::from_secs(10), async {
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
         let io = tls.connect(name, tcp).await?;
-        let r = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(keepalive)
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(4 << 20)
+        let r = ::h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(4 << 20)
             .initial_connection_window_size(8 << 20)
             .max_frame_size(crate::H2_MAX_FRAME)
-            .handshake(TokioIo::new(io))
+            .handshake(io)
             .await?;
         anyhow::Ok(r)
     })
     .await
-    .map_err(|_| anyhow::anyhow!("connecting to {authority}: timed out"))??;
-    tokio::spawn(async move {
-        tokio::pin!(conn);
+    .map_err(|_| anyhow::anyhow!("connecting to {authority}: timed out"))?
+}
+
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Drives one server connection: its reads and writes, and keepalive PINGs
+/// every `keepalive` (an unanswered one ends it, UNAVAILABLE as grpc-go
+/// says). After `gone` the stream gets END_STREAM (the server sees the
+/// agent leave) and the connection a few seconds for what is queued.
+async fn drive_conn(
+    mut conn: H2Conn,
+    keepalive: Duration,
+    gone: CancellationToken,
+    out: Arc<StreamSender>,
+) -> Result<(), (tonic::Code, String)> {
+    let mut pings = conn.ping_pong().expect("a new connection's ping handle");
+    tokio::pin!(conn);
+    let next_ping = tokio::time::sleep(keepalive);
+    tokio::pin!(next_ping);
+    let mut pong_by: Option<tokio::time::Instant> = None;
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    loop {
         tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "server connection ended");
+            r = &mut conn => return r.map_err(|e| (e.grpc_code(), e.to_string())),
+            _ = gone.cancelled() => break,
+            _ = &mut next_ping, if pong_by.is_none() => {
+                if pings.send_ping(::h2::Ping::opaque()).is_ok() {
+                    pong_by = Some(tokio::time::Instant::now() + KEEPALIVE_TIMEOUT);
                 }
-                return;
+                next_ping.as_mut().reset(tokio::time::Instant::now() + keepalive);
             }
-            _ = gone.cancelled() => {}
+            r = std::future::poll_fn(|cx| pings.poll_pong(cx)), if pong_by.is_some() => {
+                if r.is_err() {
+                    return Err((tonic::Code::Unavailable, "keepalive ping failed".into()));
+                }
+                pong_by = None;
+            }
+            _ = tokio::time::sleep_until(pong_by.unwrap_or_else(far)), if pong_by.is_some() => {
+                return Err((tonic::Code::Unavailable, "keepalive ping not answered".into()));
+            }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-    });
-    Ok(GrpcConn::from_parts(send, origin))
+    }
+    out.finish().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    Ok(())
 }
 
 /// Upstream's probe: every `probe_interval` the connection's state is
-/// checked (see [`GrpcConn::nudge`] for how hyper is made to look), and one that is no longer ready is dropped so the sync loop
+/// checked (see [`ServerConn::is_closed`]), and one that is no longer ready is dropped so the sync loop
 /// dials again. "Not ready" is what grpc-go's connectivity state means by
 /// it: the connection has ended, or the server sent GOAWAY (a server
 /// shutting down or ending the connection's life) while our stream may
@@ -394,17 +420,13 @@ fn spawn_probe(sh: &Arc<Shared>, conn: &Arc<ServerConn>) {
         return;
     }
     let (sh, conn) = (sh.clone(), conn.clone());
-    let mut h2 = conn.h2.clone();
     tokio::spawn(async move {
         loop {
-            // What the previous round's nudge brought to light is seen
-            // now: a GOAWAY is found within two intervals.
-            h2.nudge();
             tokio::select! {
                 _ = conn.gone.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            if !h2.is_closed() {
+            if !conn.is_closed() {
                 sh.metrics
                     .server_probes_total
                     .with_label_values(&["ready"])
@@ -425,21 +447,15 @@ fn spawn_probe(sh: &Arc<Shared>, conn: &Arc<ServerConn>) {
 async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result<Outcome> {
     let o = &sh.opts;
     let gone = CancellationToken::new();
-    let h2 = open_conn(o, host, port, gone.clone()).await?;
-    let (tx, rx) = mpsc::channel::<Packet>(o.channel_packets.max(1));
-    // Every packet sent to the server is counted as it leaves, as
-    // upstream's Send does (segment from_agent). The body ends with the
-    // connection's `gone` (END_STREAM: the server sees the agent leave).
-    let outbound = PacketBody::new(
-        rx,
-        gone.clone(),
-        sh.metrics.stream_packets_total.clone(),
-        "from_agent",
-        false,
-    );
-    let mut req = HttpRequest::new(outbound);
+    let (mut h2, h2_conn) = open_conn(o, host, port).await?;
+    let mut req = HttpRequest::new(());
     *req.method_mut() = Method::POST;
-    *req.version_mut() = Version::HTTP_2;
+    *req.uri_mut() = format!(
+        "http://{}{}",
+        authority(host, port),
+        crate::proto::AGENT_CONNECT_PATH
+    )
+    .parse()?;
     let md = req.headers_mut();
     md.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     md.insert(TE, HeaderValue::from_static("trailers"));
@@ -455,15 +471,26 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
             format!("Bearer {}", token.trim()).parse()?,
         );
     }
-    // Every early return below drops the connection (its task waits on `gone`).
-    let guard = gone.clone().drop_guard();
-    let mut caller = h2.clone();
-    let resp = tokio::time::timeout(
-        Duration::from_secs(30),
-        caller.call(crate::proto::AGENT_CONNECT_PATH, req),
-    )
-    .await??;
+    // A new connection takes a stream at once (no SETTINGS needed first).
+    let (response, stream) = h2.send_request(req, false)?;
+    // Every packet sent to the server is counted as it leaves, as
+    // upstream's Send does (segment from_agent).
+    let out = StreamSender::new(
+        stream,
+        gone.clone(),
+        sh.metrics.stream_packets_total.clone(),
+        "from_agent",
+        crate::server::MAX_DEFERRED_CONTROL,
+    );
+    let keepalive = o.keepalive_time.max(Duration::from_secs(30));
+    // Every early return below drops the connection with this future.
+    let mut driver = Box::pin(drive_conn(h2_conn, keepalive, gone.clone(), out.clone()));
+    let resp = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(30), response) => r??,
+        r = &mut driver => anyhow::bail!("connection ended before the server answered: {:?}", r.err()),
+    };
     let (parts, inbound) = resp.into_parts();
+    let inbound = H2Body::new(inbound);
     if let Some(code) = grpc_wire::grpc_status(&parts.headers) {
         // Trailers-Only: the server refused the stream.
         anyhow::bail!(
@@ -520,20 +547,21 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .unwrap_or(0);
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
-        h2,
-        tx,
+        h2: Mutex::new(h2),
+        out,
         conns: Mutex::new(HashMap::new()),
         dials: Mutex::new(HashMap::new()),
         next_id: AtomicI64::new(0),
         gone,
         flow_window,
-        deferred: Default::default(),
     });
     {
         let mut servers = sh.servers.lock().unwrap();
         if servers.contains_key(&server_id) {
             tracing::debug!(%server_id, "already connected to this server");
             conn.gone.cancel();
+            // Its END_STREAM and the connection's close still go out.
+            tokio::spawn(driver);
             return Ok(Outcome::Duplicate);
         }
         servers.insert(server_id.clone(), conn.clone());
@@ -547,18 +575,30 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     if sh.draining.load(Ordering::Relaxed) {
         send_control(&conn, Packet::drain());
     }
-    guard.disarm();
     spawn_probe(sh, &conn);
     let sh2 = sh.clone();
-    tokio::spawn(serve_server(sh2, conn, inbound));
+    tokio::spawn(serve_server(sh2, conn, inbound, driver));
     Ok(Outcome::New)
 }
 
-async fn serve_server(sh: Arc<Shared>, conn: Arc<ServerConn>, inbound: Incoming) {
+/// Reads the server's packets and drives the connection, in one task: a
+/// packet read from the socket is handled without a hand-off to another.
+async fn serve_server(
+    sh: Arc<Shared>,
+    conn: Arc<ServerConn>,
+    inbound: H2Body,
+    mut driver: std::pin::Pin<Box<impl Future<Output = Result<(), (tonic::Code, String)>>>>,
+) {
+    let mut driven = false;
     let ended = tokio::select! {
+        biased;
+        r = read_server_stream(&sh, &conn, inbound) => r,
+        r = &mut driver => {
+            driven = true;
+            r
+        }
         _ = sh.stop.cancelled() => Ok(()),
         _ = conn.gone.cancelled() => Ok(()),
-        r = read_server_stream(&sh, &conn, inbound) => r,
     };
     if let Err((code, why)) = ended {
         tracing::warn!(server_id = %conn.server_id, code = grpc_code_name(code), %why, "server stream ended");
@@ -591,6 +631,9 @@ async fn serve_server(sh: Arc<Shared>, conn: Arc<ServerConn>, inbound: Incoming)
         ep.kill.cancel();
     }
     tracing::info!(server_id = %conn.server_id, "disconnected from proxy server");
+    if !driven {
+        let _ = driver.await;
+    }
 }
 
 /// Reads the server's messages until its stream ends: Ok when it ends with
@@ -598,7 +641,7 @@ async fn serve_server(sh: Arc<Shared>, conn: Arc<ServerConn>, inbound: Incoming)
 async fn read_server_stream(
     sh: &Arc<Shared>,
     conn: &Arc<ServerConn>,
-    inbound: Incoming,
+    inbound: H2Body,
 ) -> Result<(), (tonic::Code, String)> {
     let trailers = grpc_wire::read_packets(inbound, |p| handle_packet(sh, conn, p)).await?;
     // A clean end without a status: tonic and grpc-go call it Unknown (the
@@ -769,7 +812,7 @@ async fn dial(
                 .inc();
             let msg = format!("dial tcp {address}: connect: {}", go_io_error(&e));
             tracing::info!(%address, error = %msg, "backend dial failed");
-            let _ = conn.tx.send(Packet::dial_rsp(random, 0, msg)).await;
+            conn.out.send(Packet::dial_rsp(random, 0, msg)).await;
             return;
         }
         Err(_) => {
@@ -777,8 +820,7 @@ async fn dial(
                 .endpoint_dial_failure_total
                 .with_label_values(&["timeout"])
                 .inc();
-            let _ = conn
-                .tx
+            conn.out
                 .send(Packet::dial_rsp(
                     random,
                     0,
@@ -802,11 +844,10 @@ async fn dial(
     });
     conn.conns.lock().unwrap().insert(connect_id, ep.clone());
     sh.metrics.open_endpoint_connections.inc();
-    if conn
-        .tx
+    if !conn
+        .out
         .send(Packet::dial_rsp(random, connect_id, ""))
         .await
-        .is_err()
     {
         if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
             sh.metrics.open_endpoint_connections.dec();
@@ -918,7 +959,7 @@ async fn endpoint_reader(
                     }
                     let sent = tokio::select! {
                         _ = ep.stop_read.cancelled() => return,
-                        r = conn.tx.send(Packet::data(connect_id, chunk)) => r.is_ok(),
+                        sent = conn.out.send(Packet::data(connect_id, chunk)) => sent,
                     };
                     if !sent {
                         ep.kill.cancel();
@@ -930,7 +971,7 @@ async fn endpoint_reader(
                 // Backend EOF or error: unsolicited CLOSE_RSP, as upstream.
                 if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh.metrics.open_endpoint_connections.dec();
-                    let _ = conn.tx.send(Packet::close_rsp(connect_id, "")).await;
+                    conn.out.send(Packet::close_rsp(connect_id, "")).await;
                 }
                 ep.queue.close();
                 return;

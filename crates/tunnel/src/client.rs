@@ -104,59 +104,6 @@ impl<B> Clone for GrpcConn<B> {
     }
 }
 
-impl<B> GrpcConn<B>
-where
-    B: hyper::body::Body + Default + Send + 'static,
-{
-    /// A connection already set up (the agent dials its own, with
-    /// keepalive); `origin` is the `host:port` requests are sent to.
-    pub(crate) fn from_parts(
-        send: hyper::client::conn::http2::SendRequest<B>,
-        origin: tonic::codegen::http::uri::Authority,
-    ) -> Self {
-        GrpcConn { send, origin }
-    }
-
-    /// Sends a request for `path` on this connection (scheme and
-    /// authority added), once the connection takes one.
-    pub(crate) async fn call(
-        &mut self,
-        path: &'static str,
-        mut req: tonic::codegen::http::Request<B>,
-    ) -> Result<tonic::codegen::http::Response<hyper::body::Incoming>, hyper::Error> {
-        let mut parts = tonic::codegen::http::uri::Parts::default();
-        parts.scheme = Some(tonic::codegen::http::uri::Scheme::HTTP);
-        parts.authority = Some(self.origin.clone());
-        parts.path_and_query = Some(tonic::codegen::http::uri::PathAndQuery::from_static(path));
-        *req.uri_mut() = tonic::codegen::http::Uri::from_parts(parts).expect("valid parts");
-        std::future::poll_fn(|cx| self.send.poll_ready(cx)).await?;
-        self.send.send_request(req).await
-    }
-
-    /// No new stream can be opened: the connection has ended, or the peer
-    /// sent GOAWAY (hyper stops taking requests once h2 reports either).
-    /// Streams already open may still run. grpc-go's connectivity state
-    /// leaves READY on the same two events.
-    pub fn is_closed(&self) -> bool {
-        self.send.is_closed()
-    }
-
-    /// Makes hyper look at the connection's state again. hyper notices a
-    /// GOAWAY only when it next tries to take a request, so `is_closed`
-    /// stays false on an idle connection that has had one. This hands it a
-    /// request it can never send (HTTP/2 with neither scheme nor authority:
-    /// h2 refuses it locally, before any frame) and drops the answer at
-    /// once (hyper also skips requests whose caller is gone): nothing
-    /// reaches the wire, but hyper checks for GOAWAY first and, if there
-    /// was one, stops taking requests, which `is_closed` then reports.
-    pub fn nudge(&mut self) {
-        let mut req = tonic::codegen::http::Request::new(B::default());
-        *req.version_mut() = tonic::codegen::http::Version::HTTP_2;
-        *req.uri_mut() = tonic::codegen::http::Uri::from_static("/");
-        drop(self.send.send_request(req));
-    }
-}
-
 impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for GrpcConn {
     type Response = tonic::codegen::http::Response<hyper::body::Incoming>;
     type Error = hyper::Error;

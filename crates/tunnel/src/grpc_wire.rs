@@ -303,17 +303,21 @@ impl Decoder {
 /// `handle`: the trailers when it ends with them, None at END_STREAM
 /// without them, or the gRPC code and why when the stream breaks (a reset,
 /// the connection's end, a malformed or truncated message).
-pub(crate) async fn read_packets(
-    mut body: hyper::body::Incoming,
+pub(crate) async fn read_packets<B>(
+    mut body: B,
     mut handle: impl FnMut(Packet),
-) -> Result<Option<hyper::HeaderMap>, (tonic::Code, String)> {
+) -> Result<Option<hyper::HeaderMap>, (tonic::Code, String)>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: StreamErrorCode + std::fmt::Display,
+{
     use http_body_util::BodyExt;
     let mut decoder = Decoder::default();
     let wire = |e: WireError| (tonic::Code::from_i32(e.code() as i32), e.to_string());
     loop {
         let frame = match body.frame().await {
             None => return decoder.finish().map(|()| None).map_err(wire),
-            Some(Err(e)) => return Err((code_of_body_error(&e), e.to_string())),
+            Some(Err(e)) => return Err((e.grpc_code(), e.to_string())),
             Some(Ok(f)) => f,
         };
         match frame.into_data() {
@@ -333,40 +337,103 @@ pub(crate) async fn read_packets(
     }
 }
 
-/// gRPC code of a failed HTTP/2 body read, as tonic maps it (the
-/// `stream_errors_total` label): keepalive timeout UNAVAILABLE, RST_STREAM
-/// and GOAWAY codes per gRPC's HTTP/2 mapping.
-pub(crate) fn code_of_body_error(e: &hyper::Error) -> tonic::Code {
-    if e.is_timeout() {
-        return tonic::Code::Unavailable;
-    }
-    if e.is_canceled() {
-        return tonic::Code::Cancelled;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<::h2::Error>() {
-            return match h2e.reason() {
-                Some(::h2::Reason::REFUSED_STREAM) => tonic::Code::Unavailable,
-                Some(::h2::Reason::CANCEL) => tonic::Code::Cancelled,
-                Some(::h2::Reason::ENHANCE_YOUR_CALM) => tonic::Code::ResourceExhausted,
-                Some(::h2::Reason::INADEQUATE_SECURITY) => tonic::Code::PermissionDenied,
-                Some(
-                    ::h2::Reason::NO_ERROR
-                    | ::h2::Reason::PROTOCOL_ERROR
-                    | ::h2::Reason::INTERNAL_ERROR
-                    | ::h2::Reason::FLOW_CONTROL_ERROR
-                    | ::h2::Reason::SETTINGS_TIMEOUT
-                    | ::h2::Reason::FRAME_SIZE_ERROR
-                    | ::h2::Reason::COMPRESSION_ERROR
-                    | ::h2::Reason::CONNECT_ERROR,
-                ) => tonic::Code::Internal,
-                _ => tonic::Code::Unknown,
-            };
+/// The gRPC code a failed stream read ends with, as tonic maps it (the
+/// `stream_errors_total` label).
+pub(crate) trait StreamErrorCode {
+    fn grpc_code(&self) -> tonic::Code;
+}
+
+/// hyper's: keepalive timeout UNAVAILABLE, a dropped caller CANCELLED, else
+/// the h2 error's.
+impl StreamErrorCode for hyper::Error {
+    fn grpc_code(&self) -> tonic::Code {
+        if self.is_timeout() {
+            return tonic::Code::Unavailable;
         }
-        source = s.source();
+        if self.is_canceled() {
+            return tonic::Code::Cancelled;
+        }
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            if let Some(h2e) = s.downcast_ref::<::h2::Error>() {
+                return h2e.grpc_code();
+            }
+            source = s.source();
+        }
+        tonic::Code::Unknown
     }
-    tonic::Code::Unknown
+}
+
+/// RST_STREAM and GOAWAY codes per gRPC's HTTP/2 mapping; a broken
+/// connection (no reason) is Unknown, as tonic reports it.
+impl StreamErrorCode for ::h2::Error {
+    fn grpc_code(&self) -> tonic::Code {
+        match self.reason() {
+            Some(::h2::Reason::REFUSED_STREAM) => tonic::Code::Unavailable,
+            Some(::h2::Reason::CANCEL) => tonic::Code::Cancelled,
+            Some(::h2::Reason::ENHANCE_YOUR_CALM) => tonic::Code::ResourceExhausted,
+            Some(::h2::Reason::INADEQUATE_SECURITY) => tonic::Code::PermissionDenied,
+            Some(
+                ::h2::Reason::NO_ERROR
+                | ::h2::Reason::PROTOCOL_ERROR
+                | ::h2::Reason::INTERNAL_ERROR
+                | ::h2::Reason::FLOW_CONTROL_ERROR
+                | ::h2::Reason::SETTINGS_TIMEOUT
+                | ::h2::Reason::FRAME_SIZE_ERROR
+                | ::h2::Reason::COMPRESSION_ERROR
+                | ::h2::Reason::CONNECT_ERROR,
+            ) => tonic::Code::Internal,
+            _ => tonic::Code::Unknown,
+        }
+    }
+}
+
+/// An h2 `RecvStream` as a body. Each DATA frame's bytes go back to the
+/// flow-control windows as soon as they are read, as hyper's body does:
+/// what bounds memory is the reader's own queues, not the window.
+pub(crate) struct H2Body {
+    recv: ::h2::RecvStream,
+    data_done: bool,
+}
+
+impl H2Body {
+    pub fn new(recv: ::h2::RecvStream) -> Self {
+        H2Body {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = ::h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ::h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
 }
 
 /// An HTTP/2 body sending the packets of a channel: each frame carries the

@@ -28,6 +28,7 @@ pub mod net;
 pub mod proto;
 pub mod queue;
 pub mod server;
+pub(crate) mod stream_sender;
 pub mod tls;
 pub mod tokenreview;
 

@@ -91,7 +91,9 @@ struct Args {
     /// If true, the agent continues syncing, in order to support server count changes.
     #[arg(long = "sync-forever", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     sync_forever: bool,
-    /// Size of the channel toward each server (packets).
+    /// Accepted for upstream's manifests and ignored: packets toward a
+    /// server go straight into its HTTP/2 stream, whose flow control (not
+    /// a packet channel) bounds what waits.
     #[arg(long = "xfr-channel-size", default_value_t = 150)]
     xfr_channel_size: usize,
     #[arg(long = "count-server-leases", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -243,7 +245,7 @@ async fn run(a: Args) -> i32 {
     opts.sync_forever = a.sync_forever;
     opts.keepalive_time = a.keepalive_time;
     opts.probe_interval = a.probe_interval;
-    opts.channel_packets = a.xfr_channel_size.max(1);
+    let _ = a.xfr_channel_size;
     opts.connection_queue_bytes = a.max_connection_queue_bytes;
     opts.flow_window = a.flow_window_bytes;
     opts.max_queued_bytes = a.max_queued_bytes;
