@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::grpc_wire::{self, H2Body, StreamErrorCode, WireBuf};
 use crate::http::{self, Reply};
+use crate::keepalive::Keepalive;
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
@@ -372,31 +373,13 @@ async fn drive_conn(
     gone: CancellationToken,
     out: Arc<StreamSender>,
 ) -> Result<(), (tonic::Code, String)> {
-    let mut pings = conn.ping_pong().expect("a new connection's ping handle");
+    let mut ka = Keepalive::new(conn.ping_pong(), keepalive, KEEPALIVE_TIMEOUT);
     tokio::pin!(conn);
-    let next_ping = tokio::time::sleep(keepalive);
-    tokio::pin!(next_ping);
-    let mut pong_by: Option<tokio::time::Instant> = None;
-    let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
-    loop {
-        tokio::select! {
-            r = &mut conn => return r.map_err(|e| (e.grpc_code(), e.to_string())),
-            _ = gone.cancelled() => break,
-            _ = &mut next_ping, if pong_by.is_none() => {
-                if pings.send_ping(::h2::Ping::opaque()).is_ok() {
-                    pong_by = Some(tokio::time::Instant::now() + KEEPALIVE_TIMEOUT);
-                }
-                next_ping.as_mut().reset(tokio::time::Instant::now() + keepalive);
-            }
-            r = std::future::poll_fn(|cx| pings.poll_pong(cx)), if pong_by.is_some() => {
-                if r.is_err() {
-                    return Err((tonic::Code::Unavailable, "keepalive ping failed".into()));
-                }
-                pong_by = None;
-            }
-            _ = tokio::time::sleep_until(pong_by.unwrap_or_else(far)), if pong_by.is_some() => {
-                return Err((tonic::Code::Unavailable, "keepalive ping not answered".into()));
-            }
+    tokio::select! {
+        r = &mut conn => return r.map_err(|e| (e.grpc_code(), e.to_string())),
+        _ = gone.cancelled() => {}
+        why = async { ka.as_mut().unwrap().failed().await }, if ka.is_some() => {
+            return Err((tonic::Code::Unavailable, why.into()));
         }
     }
     out.finish().await;
