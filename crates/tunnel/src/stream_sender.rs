@@ -234,23 +234,34 @@ mod tests {
         }
     }
 
-    /// Reads packets until `n` have come, giving the window back.
-    async fn read(recv: ::h2::RecvStream, n: usize) -> (Vec<Packet>, ::h2::RecvStream) {
-        let mut recv = recv;
-        let mut d = Decoder::default();
-        let mut got = vec![];
-        while got.len() < n {
+    /// Reads until `got` holds `n` packets (what `d` already holds first),
+    /// giving the window back.
+    async fn read_into(
+        recv: &mut ::h2::RecvStream,
+        d: &mut Decoder,
+        got: &mut Vec<Packet>,
+        n: usize,
+    ) {
+        loop {
+            while let Some(p) = d.next_packet().unwrap() {
+                got.push(p);
+            }
+            if got.len() >= n {
+                return;
+            }
             let data = std::future::poll_fn(|cx| recv.poll_data(cx))
                 .await
                 .unwrap()
                 .unwrap();
             let _ = recv.flow_control().release_capacity(data.len());
             d.push(data);
-            while let Some(p) = d.next_packet().unwrap() {
-                got.push(p);
-            }
         }
-        (got, recv)
+    }
+
+    async fn read(mut recv: ::h2::RecvStream, n: usize) -> Vec<Packet> {
+        let mut got = vec![];
+        read_into(&mut recv, &mut Decoder::default(), &mut got, n).await;
+        got
     }
 
     #[tokio::test]
@@ -264,7 +275,7 @@ mod tests {
         );
         l.sender.send_control(Packet::close_rsp(1, "")).unwrap();
         assert!(l.sender.send(Packet::data(2, big.clone())).await);
-        let (got, _) = read(l.recv, 3).await;
+        let got = read(l.recv, 3).await;
         assert_eq!(
             got,
             vec![
@@ -322,20 +333,7 @@ mod tests {
         );
         let _ = recv.flow_control().release_capacity(held);
         let mut got = vec![];
-        loop {
-            while let Some(p) = d.next_packet().unwrap() {
-                got.push(p);
-            }
-            if got.len() == N {
-                break;
-            }
-            let data = std::future::poll_fn(|cx| recv.poll_data(cx))
-                .await
-                .unwrap()
-                .unwrap();
-            let _ = recv.flow_control().release_capacity(data.len());
-            d.push(data);
-        }
+        read_into(&mut recv, &mut d, &mut got, N).await;
         for (i, p) in got.iter().enumerate() {
             assert_eq!(
                 *p,
@@ -361,7 +359,7 @@ mod tests {
             l.sender.send_control(Packet::close_rsp(5, "")),
             Err(Overflow)
         );
-        let (got, _) = read(l.recv, 4).await;
+        let got = read(l.recv, 4).await;
         assert_eq!(got[0], Packet::data(1, fill));
         assert_eq!(
             got[1..],
