@@ -1135,10 +1135,13 @@ pub(crate) async fn agent_call(
             &format!("unknown method {}", request.uri().path()),
         );
     }
-    if request.method() != hyper::Method::POST {
+    let status_only = |status| {
         let mut r = hyper::Response::new(PacketBody::default());
-        *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
-        return r;
+        *r.status_mut() = status;
+        r
+    };
+    if request.method() != hyper::Method::POST {
+        return status_only(hyper::StatusCode::METHOD_NOT_ALLOWED);
     }
     let grpc = request
         .headers()
@@ -1146,9 +1149,7 @@ pub(crate) async fn agent_call(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     if !grpc {
-        let mut r = hyper::Response::new(PacketBody::default());
-        *r.status_mut() = hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE;
-        return r;
+        return status_only(hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
     match agent_connect(&sh, request).await {
         Ok(r) => r,
