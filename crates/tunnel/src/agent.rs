@@ -578,12 +578,13 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
 }
 
 /// Reads the server's packets, drives the connection and reads the
-/// endpoints' backends, all in one task: a packet read from the server is
-/// handled, and one read from a streaming backend is encrypted and written
-/// to the server, without a hand-off to another task (on 2 CPUs a hand-off
-/// is a wake-up and, often, the data cold in another CPU's cache). The
-/// endpoints' writers (server -> backend) are tasks of their own, as a
-/// backend that reads slowly must not hold this one up.
+/// backends of streaming endpoints (see [`endpoint_reader`]), all in one
+/// task: a packet read from the server is handled, and one read from a
+/// streaming backend is encrypted and written to the server, without a
+/// hand-off to another task (on 2 CPUs a hand-off is a wake-up and, often,
+/// the data cold in another CPU's cache). The endpoints' writers (server ->
+/// backend) are tasks of their own, as a backend that reads slowly must not
+/// hold this one up.
 async fn serve_server(
     sh: Arc<Shared>,
     conn: Arc<ServerConn>,
