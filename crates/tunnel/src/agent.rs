@@ -48,8 +48,8 @@ type EndpointReader = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The HTTP/2 connection to one server, with its TLS stream.
 type H2Conn = ::h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, WireBuf>;
-/// How long a keepalive PING may wait for its answer (as hyper's default
-/// the agent had, and grpc-go's keepalive timeout).
+/// How long a keepalive PING may wait for its answer (what the agent set on
+/// hyper before, and grpc-go's default keepalive timeout).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug)]
@@ -118,7 +118,7 @@ struct ServerConn {
     server_id: String,
     /// Opens streams on the connection; kept to see whether it still
     /// would (the probe, readiness).
-    h2: Mutex<::h2::client::SendRequest<WireBuf>>,
+    h2: ::h2::client::SendRequest<WireBuf>,
     /// The Connect stream's sending half.
     out: Arc<StreamSender>,
     /// Endpoint readers, handed to the connection's task to run there.
@@ -136,7 +136,7 @@ impl ServerConn {
     /// Streams already open may still run. grpc-go's connectivity state
     /// leaves READY on the same two events. Nothing reaches the wire.
     fn is_closed(&self) -> bool {
-        let mut send = self.h2.lock().unwrap().clone();
+        let mut send = self.h2.clone();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         matches!(send.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
     }
@@ -542,7 +542,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     let (readers, new_readers) = mpsc::unbounded_channel();
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
-        h2: Mutex::new(h2),
+        h2,
         out,
         readers,
         conns: Mutex::new(HashMap::new()),
@@ -595,7 +595,12 @@ async fn serve_server(
     let mut driven = false;
     let mut readers = futures_util::stream::FuturesUnordered::new();
     let reading = read_server_stream(&sh, &conn, inbound);
-    tokio::pin!(reading);
+    // Made once: this loop turns once per wake-up, i.e. per backend read
+    // of a streaming endpoint, and a fresh `cancelled()` future registers
+    // and unregisters a waiter each time.
+    let stopped = sh.stop.cancelled();
+    let gone = conn.gone.cancelled();
+    tokio::pin!(reading, stopped, gone);
     let ended = loop {
         tokio::select! {
             biased;
@@ -604,8 +609,8 @@ async fn serve_server(
                 driven = true;
                 break r;
             }
-            _ = sh.stop.cancelled() => break Ok(()),
-            _ = conn.gone.cancelled() => break Ok(()),
+            _ = &mut stopped => break Ok(()),
+            _ = &mut gone => break Ok(()),
             Some(reader) = new_readers.recv() => readers.push(reader),
             Some(()) = futures_util::StreamExt::next(&mut readers), if !readers.is_empty() => {}
         }

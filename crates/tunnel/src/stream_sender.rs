@@ -26,11 +26,11 @@ use std::sync::{Arc, Mutex};
 
 use ::h2::SendStream;
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc_wire::{WireBuf, encode_into};
-use crate::proto::Packet;
+use crate::proto::{Packet, PacketType};
 
 /// Too many control packets queued behind a stream that does not drain.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,8 +39,10 @@ pub(crate) struct Overflow;
 pub(crate) struct StreamSender {
     stream: tokio::sync::Mutex<SendStream<WireBuf>>,
     controls: Mutex<Controls>,
-    /// `stream_packets_total`, labelled with `segment` and the packet kind.
+    /// `stream_packets_total`, labelled with `segment` and the packet kind;
+    /// its DATA series looked up once (DATA is the per-read packet).
     sent: IntCounterVec,
+    sent_data: IntCounter,
     segment: &'static str,
     /// The stream's end: waiting senders give up, and nothing more is sent.
     stop: CancellationToken,
@@ -64,6 +66,7 @@ impl StreamSender {
         Arc::new(StreamSender {
             stream: tokio::sync::Mutex::new(stream),
             controls: Mutex::new(Controls::default()),
+            sent_data: sent.with_label_values(&[segment, PacketType::Data.as_str_name()]),
             sent,
             segment,
             stop,
@@ -167,9 +170,13 @@ impl StreamSender {
         if self.stop.is_cancelled() {
             return false;
         }
-        self.sent
-            .with_label_values(&[self.segment, &packet.kind_name()])
-            .inc();
+        if packet.r#type == PacketType::Data as i32 {
+            self.sent_data.inc();
+        } else {
+            self.sent
+                .with_label_values(&[self.segment, &packet.kind_name()])
+                .inc();
+        }
         let mut head = BytesMut::new();
         let payload = encode_into(packet, &mut head).unwrap_or_default();
         let buf: WireBuf = bytes::Buf::chain(head.freeze(), payload);
