@@ -88,20 +88,11 @@ pub async fn raw_connect(addr: &ProxyAddr, alpn_h2: bool) -> Result<Box<dyn Io>,
 /// and a connector service; on 2 CPUs that bookkeeping was a visible part
 /// of the client's CPU per dial. A dial needs only hyper's HTTP/2 client
 /// connection plus the request origin, which is what this adds.
-pub struct GrpcConn<B = tonic::body::Body> {
-    send: hyper::client::conn::http2::SendRequest<B>,
+#[derive(Clone)]
+pub struct GrpcConn {
+    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
     /// `http://<authority>`, prefixed to the generated clients' paths.
     origin: tonic::codegen::http::uri::Authority,
-}
-
-// Not derived: that would ask `B: Clone`, which a request sender does not need.
-impl<B> Clone for GrpcConn<B> {
-    fn clone(&self) -> Self {
-        GrpcConn {
-            send: self.send.clone(),
-            origin: self.origin.clone(),
-        }
-    }
 }
 
 impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for GrpcConn {
