@@ -35,7 +35,7 @@ use crate::keepalive::Keepalive;
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
-use crate::read_chunk;
+use crate::read_chunk_of;
 use crate::stream_sender::StreamSender;
 
 /// A read this large says the backend streams: its reader moves into the
@@ -976,14 +976,30 @@ async fn read_endpoint(
     connect_id: i64,
     may_move: bool,
 ) -> Option<tokio::net::tcp::OwnedReadHalf> {
+    // Made once: a fresh `cancelled()` future registers and unregisters a
+    // waiter, and this loop turns once per backend read.
+    let stop = ep.stop_read.cancelled();
+    tokio::pin!(stop);
+    let mut size = crate::READ_CHUNK;
     loop {
         let chunk = tokio::select! {
-            _ = ep.stop_read.cancelled() => return None,
-            c = read_chunk(&mut rd) => c,
+            biased;
+            _ = &mut stop => return None,
+            c = read_chunk_of(&mut rd, size) => c,
         };
         let bulk = may_move && chunk.as_ref().is_ok_and(|c| c.len() >= BULK_READ);
         match chunk {
             Ok(mut c) if !c.is_empty() => {
+                // A moved reader whose reads fill their buffer reads as
+                // much as the floor's relays; one that trickles goes back
+                // to small buffers (each packet keeps its read's buffer).
+                if !may_move {
+                    size = if c.len() >= size / 2 {
+                        crate::BULK_READ_CHUNK
+                    } else {
+                        crate::READ_CHUNK
+                    };
+                }
                 // Under credit, a read larger than one piece goes as
                 // several packets (see `Credit::piece`).
                 let piece = ep.send_credit.as_ref().map_or(c.len(), |cr| cr.piece());
@@ -994,7 +1010,8 @@ async fn read_endpoint(
                             sh.metrics.stalls_to_server.inc();
                         }
                         let ok = tokio::select! {
-                            _ = ep.stop_read.cancelled() => return None,
+                            biased;
+                            _ = &mut stop => return None,
                             ok = cr.take(chunk.len()) => ok,
                         };
                         if !ok {
@@ -1002,7 +1019,8 @@ async fn read_endpoint(
                         }
                     }
                     let sent = tokio::select! {
-                        _ = ep.stop_read.cancelled() => return None,
+                        biased;
+                        _ = &mut stop => return None,
                         sent = conn.out.send(Packet::data(connect_id, chunk)) => sent,
                     };
                     if !sent {

@@ -85,9 +85,15 @@ fn gomaxprocs(value: Option<&str>) -> Option<usize> {
 pub const READ_CHUNK: usize = 64 * 1024;
 
 /// HTTP/2 SETTINGS_MAX_FRAME_SIZE we advertise: one DATA packet (a
-/// `READ_CHUNK` read plus the gRPC and proto headers) fits one frame instead
-/// of a full frame and a tiny one.
-pub const H2_MAX_FRAME: u32 = 2 * READ_CHUNK as u32;
+/// `BULK_READ_CHUNK` read plus the gRPC and proto headers) fits one frame
+/// instead of a full frame and a tiny one.
+pub const H2_MAX_FRAME: u32 = 2 * BULK_READ_CHUNK as u32;
+
+/// Read size for a backend that streams while its reads fill their buffer
+/// (the agent's reader, once moved; see `agent::read_endpoint`): what the
+/// floor's relays read. Four times fewer packets, frames and backend
+/// wake-ups per byte than `READ_CHUNK` (docs/tunnel-benchmarks.md).
+pub const BULK_READ_CHUNK: usize = 4 * READ_CHUNK;
 
 /// The most client data the server puts in one DATA packet toward an
 /// agent. konnectivity-client sends each write as one packet (up to the
@@ -114,10 +120,18 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub async fn read_chunk<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
 ) -> std::io::Result<bytes::Bytes> {
+    read_chunk_of(reader, READ_CHUNK).await
+}
+
+/// [`read_chunk`] with reads of up to `size` bytes.
+pub async fn read_chunk_of<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    size: usize,
+) -> std::io::Result<bytes::Bytes> {
     std::future::poll_fn(|cx| {
-        let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = bytes::BytesMut::with_capacity(size);
         match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, &mut buf) {
-            std::task::Poll::Ready(Ok(n)) if n >= READ_CHUNK / 4 => {
+            std::task::Poll::Ready(Ok(n)) if n >= size / 4 => {
                 std::task::Poll::Ready(Ok(buf.freeze()))
             }
             std::task::Poll::Ready(Ok(_)) => {
@@ -141,5 +155,22 @@ mod runtime_tests {
         assert_eq!(gomaxprocs(Some("-2")), None);
         assert_eq!(gomaxprocs(Some("two")), None);
         assert_eq!(gomaxprocs(None), None);
+    }
+
+    #[tokio::test]
+    async fn reads_are_bounded_by_the_size_asked_for() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        a.write_all(&vec![7u8; 300 * 1024]).await.unwrap();
+        let big = super::read_chunk_of(&mut b, super::BULK_READ_CHUNK)
+            .await
+            .unwrap();
+        assert_eq!(big.len(), super::BULK_READ_CHUNK);
+        let small = super::read_chunk(&mut b).await.unwrap();
+        assert_eq!(small.len(), super::READ_CHUNK.min(300 * 1024 - big.len()));
+        drop(a);
+        let rest = super::read_chunk(&mut b).await.unwrap();
+        assert_eq!(big.len() + small.len() + rest.len(), 300 * 1024);
+        assert!(super::read_chunk(&mut b).await.unwrap().is_empty(), "EOF");
     }
 }

@@ -22,6 +22,7 @@
 //! flusher task.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ::h2::SendStream;
@@ -39,6 +40,8 @@ pub(crate) struct Overflow;
 pub(crate) struct StreamSender {
     stream: tokio::sync::Mutex<SendStream<WireBuf>>,
     controls: Mutex<Controls>,
+    /// Whether `controls` holds any: spares data senders its lock.
+    controls_queued: AtomicBool,
     /// `stream_packets_total`, labelled with `segment` and the packet kind;
     /// its DATA series looked up once (DATA is the per-read packet).
     sent: IntCounterVec,
@@ -66,6 +69,7 @@ impl StreamSender {
         Arc::new(StreamSender {
             stream: tokio::sync::Mutex::new(stream),
             controls: Mutex::new(Controls::default()),
+            controls_queued: AtomicBool::new(false),
             sent_data: sent.with_label_values(&[segment, PacketType::Data.as_str_name()]),
             sent,
             segment,
@@ -102,6 +106,7 @@ impl StreamSender {
             return Err(Overflow);
         }
         c.queue.push_back(packet);
+        self.controls_queued.store(true, Ordering::Release);
         if !c.flusher {
             c.flusher = true;
             let this = self.clone();
@@ -128,24 +133,33 @@ impl StreamSender {
         } else {
             c.queue.clear();
         }
+        self.controls_queued.store(false, Ordering::Release);
         c.flusher = false;
     }
 
     /// Control packets queued meanwhile go out ahead of the caller's.
     fn flush_controls(&self, stream: &mut SendStream<WireBuf>) -> bool {
+        if !self.controls_queued.load(Ordering::Acquire) {
+            return true;
+        }
         let mut c = self.controls.lock().unwrap();
         while let Some(p) = c.queue.pop_front() {
             if !self.put(stream, &p) {
                 return false;
             }
         }
+        self.controls_queued.store(false, Ordering::Release);
         true
     }
 
     async fn lock_with_capacity(&self) -> Option<tokio::sync::MutexGuard<'_, SendStream<WireBuf>>> {
+        // The operation first (`biased`): `stop` is then polled, and a
+        // waiter registered, only when the operation must wait; a stream
+        // stopped meanwhile is caught by `put`.
         let mut stream = tokio::select! {
-            _ = self.stop.cancelled() => return None,
+            biased;
             s = self.stream.lock() => s,
+            _ = self.stop.cancelled() => return None,
         };
         // As hyper's body pipe: ask for one byte beyond what is buffered,
         // and send the whole message once any is granted.
@@ -153,8 +167,9 @@ impl StreamSender {
             stream.reserve_capacity(1);
             loop {
                 let granted = tokio::select! {
-                    _ = self.stop.cancelled() => return None,
+                    biased;
                     g = std::future::poll_fn(|cx| stream.poll_capacity(cx)) => g,
+                    _ = self.stop.cancelled() => return None,
                 };
                 match granted {
                     Some(Ok(0)) => {}
