@@ -12,7 +12,7 @@ pub mod process;
 
 pub use netns::{NetNs, in_netns};
 pub use ports::{free_consecutive_ports, free_port};
-pub use process::{LoggedChild, wait_until, watch_log, watched_logs};
+pub use process::{LoggedChild, spawn_tied, wait_until, watch_log, watched_logs};
 
 /// True when running under CI (`CI=true`): privileged tests must not skip.
 pub fn in_ci() -> bool {

@@ -8,12 +8,17 @@
 //! the log, when one of them has exited, and prints all their logs when
 //! its time runs out. Helpers that own their children in another way can
 //! add a log with [`watch_log`].
+//!
+//! [`spawn_tied`] starts a child that the kernel kills when the test
+//! process dies, even by an abort (a stack overflow, say), where no Drop
+//! guard runs: else its servers would outlive it, reparented to init.
 
 use std::fmt::Write as _;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -147,6 +152,55 @@ pub fn wait_until_explained(
     }
 }
 
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` with SIGKILL as its parent-death signal, so it dies with
+/// this process however this process ends.
+///
+/// The kernel sends that signal when the *thread* that forked the child
+/// exits, not the process; a test's thread ends with the test, and tests
+/// hand children to other threads. So every child is forked by one
+/// thread that lives as long as the process.
+pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: no signal then.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("parent exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("testkit-spawner".into())
+            .spawn(move || {
+                for (mut cmd, answer) in rx {
+                    let _ = answer.send(cmd.spawn());
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(tx)
+    });
+    let (answer, child) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, answer))
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?;
+    child
+        .recv()
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?
+}
+
 /// A child process whose output goes to a log file, killed (SIGKILL) and
 /// reaped on drop, and watched by [`wait_until`] on the thread that spawned it.
 pub struct LoggedChild {
@@ -170,11 +224,10 @@ impl LoggedChild {
             }
         };
         let out = std::fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
+            .stderr(out);
+        let child = spawn_tied(cmd)?;
         let watch = watch_log(name, &log, Some(child.id()));
         Ok(LoggedChild {
             child,
@@ -211,6 +264,55 @@ impl Drop for LoggedChild {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set in the copy of this test binary that plays the aborting parent.
+    const ABORTING_PARENT: &str = "PROXYCTL_TESTKIT_ABORTING_PARENT";
+
+    #[test]
+    fn a_tied_child_dies_when_its_parent_aborts() {
+        if std::env::var_os(ABORTING_PARENT).is_some() {
+            let mut cmd = Command::new("sleep");
+            // Not on our pipes, or the outer test's read waits for it.
+            cmd.arg("60").stdout(Stdio::null()).stderr(Stdio::null());
+            let child = spawn_tied(cmd).unwrap();
+            println!("child pid {}", child.id());
+            // No unwinding, no Drop: what a stack overflow does.
+            std::process::abort();
+        }
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "process::tests::a_tied_child_dies_when_its_parent_aborts",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ABORTING_PARENT, "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the parent should have aborted");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let pid: u32 = text
+            .lines()
+            .find_map(|l| l.split_once("child pid ").map(|(_, p)| p))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no child pid in: {text}"));
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                let state = s
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next());
+                matches!(state, Some("Z" | "X"))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !gone() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("child {pid} outlived its aborted parent");
+        }
+    }
 
     #[test]
     fn a_wait_on_an_exited_process_fails_at_once_with_its_log() {

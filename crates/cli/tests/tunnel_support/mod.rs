@@ -20,7 +20,8 @@ pub mod fake_api;
 /// against other test processes (see `proxyctl_testkit::free_port`).
 pub use proxyctl_testkit::free_port;
 
-/// A child process killed (SIGKILL) and reaped on drop; output goes to a log file.
+/// A child process killed (SIGKILL) and reaped on drop, and by the kernel
+/// when the test process dies; output goes to a log file.
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
@@ -44,15 +45,16 @@ impl Proc {
     ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+            .stderr(out);
+        // Killed by the kernel if this test process aborts.
+        let child =
+            proxyctl_testkit::spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let watch = proxyctl_testkit::watch_log(name, &log, Some(child.id()));
         Proc {
             name: name.into(),
