@@ -197,6 +197,41 @@ fn metrics_count_what_happened() {
             && agt(&st, "open_endpoint_connections", &[]) == 0.0
     });
     assert_eq!(srv(&st, "connection_duration_seconds_count", &[]), N as f64);
+    assert_eq!(
+        srv(
+            &st,
+            "stream_packets_total",
+            &dial("from_client", "CLOSE_REQ")
+        ),
+        N as f64
+    );
+
+    // A tunnel dropped without a shutdown sends CLOSE_REQ all the same
+    // and waits for the answer: the server ends the connection (and
+    // observes its duration), not a reset stream.
+    let io = rt.block_on(async {
+        let ch = client::grpc_channel(&addr).await.unwrap();
+        let mut io = client::grpc_dial(ch, &target).await.unwrap();
+        io.write_all(head_out).await.unwrap();
+        let mut back = vec![0u8; head_in.len()];
+        io.read_exact(&mut back).await.unwrap();
+        io
+    });
+    assert_eq!(srv(&st, "established_connections", &[]), 1.0);
+    drop(io);
+    wait_for("the dropped one released", Duration::from_secs(15), || {
+        srv(&st, "established_connections", &[]) == 0.0
+            && agt(&st, "open_endpoint_connections", &[]) == 0.0
+            && srv(&st, "connection_duration_seconds_count", &[]) == (N + 1) as f64
+    });
+    assert_eq!(
+        srv(
+            &st,
+            "stream_packets_total",
+            &dial("from_client", "CLOSE_REQ")
+        ),
+        (N + 1) as f64
+    );
     let closes = srv(&st, "stream_packets_total", &dial("to_agent", "CLOSE_REQ"));
     assert_eq!(
         closes,

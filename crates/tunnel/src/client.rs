@@ -4,18 +4,20 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::PollSender;
 
 use crate::proto::proxy_service_client::ProxyServiceClient;
 use crate::proto::{Checked, Packet};
-use crate::read_chunk;
 
 /// Where the proxy server's frontend listens.
 #[derive(Clone)]
@@ -149,9 +151,10 @@ pub async fn grpc_channel(addr: &ProxyAddr) -> Result<GrpcConn, ClientError> {
 }
 
 /// Dials `address` through the proxy on its own Proxy stream. The returned
-/// stream carries the connection's bytes; dropping or shutting it down
-/// sends CLOSE_REQ.
-pub async fn grpc_dial(channel: GrpcConn, address: &str) -> Result<DuplexStream, ClientError> {
+/// stream carries the connection's bytes; shutting it down or dropping it
+/// sends CLOSE_REQ, and the stream stays open until the server answers
+/// with CLOSE_RSP (so the server sees the connection end, not a reset).
+pub async fn grpc_dial(channel: GrpcConn, address: &str) -> Result<GrpcTunnel, ClientError> {
     let mut client = ProxyServiceClient::new(channel)
         .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
@@ -184,44 +187,161 @@ pub async fn grpc_dial(channel: GrpcConn, address: &str) -> Result<DuplexStream,
             _ => continue,
         }
     };
-    let (local, remote) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        let (mut rd, mut wr) = tokio::io::split(remote);
-        let up = async {
-            loop {
-                match read_chunk(&mut rd).await {
-                    Ok(c) if !c.is_empty() => {
-                        if tx.send(Packet::data(connect_id, c)).await.is_err() {
-                            break;
-                        }
-                    }
-                    _ => break,
+    let (to_reader, from_task) = mpsc::channel(TUNNEL_READ_AHEAD);
+    let close_sent = Arc::new(AtomicBool::new(false));
+    tokio::spawn(read_tunnel(
+        inbound,
+        connect_id,
+        to_reader,
+        tx.clone(),
+        close_sent.clone(),
+    ));
+    Ok(GrpcTunnel {
+        connect_id,
+        from_task,
+        unread: Bytes::new(),
+        outbound: PollSender::new(tx),
+        close_sent,
+    })
+}
+
+/// DATA packets the tunnel's task reads ahead of its reader; with the
+/// server's packets of up to `BULK_READ_CHUNK` bytes, at most 1 MiB.
+const TUNNEL_READ_AHEAD: usize = 4;
+
+/// One tunnel from [`grpc_dial`]: its bytes, read and written in place.
+///
+/// Why not a duplex pipe with a task on its far end (what this was): the
+/// pipe copied every byte in and out once more, and each write crossed to
+/// that task before it became a packet. Now writes become packets here,
+/// and a task only decodes the server's packets and hands their payloads
+/// over as they are.
+pub struct GrpcTunnel {
+    connect_id: i64,
+    from_task: mpsc::Receiver<Bytes>,
+    /// The rest of the last payload taken from the task.
+    unread: Bytes,
+    outbound: PollSender<Packet>,
+    /// CLOSE_REQ is sent once: by `poll_shutdown`, or by the task when
+    /// the tunnel is dropped without it.
+    close_sent: Arc<AtomicBool>,
+}
+
+/// Reads the server's packets for one tunnel until CLOSE_RSP (or the
+/// stream's end). When the tunnel is dropped without CLOSE_REQ, sends it
+/// and keeps the request stream open (its `outbound` clone) until the
+/// answer.
+async fn read_tunnel(
+    mut inbound: tonic::Streaming<Packet>,
+    connect_id: i64,
+    to_reader: mpsc::Sender<Bytes>,
+    outbound: mpsc::Sender<Packet>,
+    close_sent: Arc<AtomicBool>,
+) {
+    // Made once (a fresh one per packet would register a waiter each time).
+    let watch = to_reader.clone();
+    let reader_gone = watch.closed();
+    tokio::pin!(reader_gone);
+    // None once the tunnel is gone: what still comes is read and dropped.
+    let mut to_reader = Some(to_reader);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = &mut reader_gone, if to_reader.is_some() => {
+                to_reader = None;
+                if !close_sent.swap(true, Ordering::AcqRel) {
+                    let _ = outbound.send(Packet::close_req(connect_id)).await;
+                }
+                continue;
+            }
+            m = inbound.message() => m,
+        };
+        let Ok(Some(p)) = msg else { break };
+        match p.checked() {
+            // Fails only once the tunnel is gone, which the next turn sees.
+            Ok(Checked::Data(d)) if d.connect_id == connect_id => {
+                if let Some(reader) = &to_reader {
+                    let _ = reader.send(d.data).await;
                 }
             }
-            let _ = tx.send(Packet::close_req(connect_id)).await;
-            // Keep the request stream open until the server answers.
-            std::future::pending::<()>().await;
-        };
-        let down = async {
-            while let Ok(Some(p)) = inbound.message().await {
-                match p.checked() {
-                    Ok(Checked::Data(d))
-                        if d.connect_id == connect_id && wr.write_all(&d.data).await.is_err() =>
-                    {
-                        break;
-                    }
-                    Ok(Checked::CloseRsp(_)) => break,
-                    _ => {}
-                }
-            }
-            let _ = wr.shutdown().await;
-        };
-        tokio::select! {
-            _ = up => {}
-            _ = down => {}
+            Ok(Checked::CloseRsp(_)) => break,
+            _ => {}
         }
-    });
-    Ok(local)
+    }
+    // The connection is over: the tunnel's writes fail from now on.
+    close_sent.store(true, Ordering::Release);
+}
+
+impl AsyncRead for GrpcTunnel {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        while this.unread.is_empty() {
+            match std::task::ready!(this.from_task.poll_recv(cx)) {
+                Some(b) => this.unread = b,
+                None => return std::task::Poll::Ready(Ok(())),
+            }
+        }
+        let n = buf.remaining().min(this.unread.len());
+        buf.put_slice(&this.unread[..n]);
+        bytes::Buf::advance(&mut this.unread, n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for GrpcTunnel {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.close_sent.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(Err(broken_pipe("the tunnel was shut down")));
+        }
+        if data.is_empty() {
+            return std::task::Poll::Ready(Ok(0));
+        }
+        if std::task::ready!(this.outbound.poll_reserve(cx)).is_err() {
+            return std::task::Poll::Ready(Err(broken_pipe("the tunnel's stream has ended")));
+        }
+        let n = data.len().min(crate::MAX_DATA_PIECE);
+        let packet = Packet::data(this.connect_id, Bytes::copy_from_slice(&data[..n]));
+        if this.outbound.send_item(packet).is_err() {
+            return std::task::Poll::Ready(Err(broken_pipe("the tunnel's stream has ended")));
+        }
+        std::task::Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.close_sent.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if std::task::ready!(this.outbound.poll_reserve(cx)).is_ok()
+            && !this.close_sent.swap(true, Ordering::AcqRel)
+        {
+            let _ = this.outbound.send_item(Packet::close_req(this.connect_id));
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn broken_pipe(why: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, why)
 }
 
 /// Opens an HTTP-CONNECT tunnel to `address`.
