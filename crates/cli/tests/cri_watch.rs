@@ -410,16 +410,17 @@ fn watch_without_the_event_service_polls_in_auto_and_refuses_containerd_mode() {
     )
     .unwrap();
 
-    let mut strict = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
-        .args(["watch", "--selector", "app=web", "--policy"])
-        .arg(&policy)
-        .args(["--metrics-addr", "127.0.0.1:0", "--events", "containerd"])
-        .arg("--runtime-endpoint")
-        .arg(cd.endpoint())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut strict = proxyctl_testkit::spawn_tied(
+        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+            .args(["watch", "--selector", "app=web", "--policy"])
+            .arg(&policy)
+            .args(["--metrics-addr", "127.0.0.1:0", "--events", "containerd"])
+            .arg("--runtime-endpoint")
+            .arg(cd.endpoint())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = strict.try_wait().unwrap() {

@@ -219,7 +219,8 @@ fn ctrl_c_at_any_moment_leaves_nothing() {
             let tmp = tempfile::tempdir().unwrap();
             let record_dir = tempfile::tempdir().unwrap();
             let record = record_dir.path().join("record");
-            let mut child = demo(part, tmp.path(), &record).spawn().unwrap();
+            let mut child =
+                proxyctl_testkit::spawn_tied(&mut demo(part, tmp.path(), &record)).unwrap();
             let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
             let mut seen = Vec::new();
             for line in lines.by_ref() {

@@ -354,13 +354,14 @@ fn imds_proxy_daemonset_serves_pods_from_its_container() {
     // The metadata service, reachable from the node (where imds-proxy runs) only.
     let cloud = proxyctl_testkit::containerd::metadata_cloud(&proxy_pod, "dcl");
     let _mock = Proc(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", cloud.name(), IMDS, "mock", "--listen"])
-            .arg("169.254.169.254:80")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("imds-proxy mock"),
+        proxyctl_testkit::spawn_tied(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", cloud.name(), IMDS, "mock", "--listen"])
+                .arg("169.254.169.254:80")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+        .expect("imds-proxy mock"),
     );
     let proxy = cd.run_container(&proxy_pod, &proxy_cfg, &m.spec);
     let log = || cd.container_log(&proxy_cfg, &m.spec.name);

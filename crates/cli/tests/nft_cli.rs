@@ -260,10 +260,14 @@ fn add_list_clear_round_trip_through_the_cli() {
     );
     assert_eq!(p["inboundExceptions"]["ports"], serde_json::json!([15020]));
     // The same namespace named as pid:N and as a /proc path.
-    let mut sleeper = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "sleep", "30"])
-        .spawn()
-        .unwrap();
+    let mut sleeper = proxyctl_testkit::spawn_tied(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns.name(),
+        "sleep",
+        "30",
+    ]))
+    .unwrap();
     let pid = sleeper.id();
     std::thread::sleep(std::time::Duration::from_millis(200));
     for other in [format!("pid:{pid}"), format!("/proc/{pid}/ns/net")] {
@@ -612,11 +616,12 @@ fn demo_interrupted_by_ctrl_c_leaves_nothing_behind() {
         return;
     }
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
-        .arg("demo")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = proxyctl_testkit::spawn_tied(
+        Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+            .arg("demo")
+            .stdout(std::process::Stdio::piped()),
+    )
+    .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut reached = false;
     for line in BufReader::new(stdout).lines() {

@@ -160,8 +160,10 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 /// The kernel sends that signal when the *thread* that forked the child
 /// exits, not the process; a test's thread ends with the test, and tests
 /// hand children to other threads. So every child is forked by one
-/// thread that lives as long as the process.
-pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+/// thread that lives as long as the process. The command is taken (`cmd`
+/// is left as an empty one), so a builder chain can be passed as it is.
+pub fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut cmd = std::mem::replace(cmd, Command::new("false"));
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let parent = std::process::id();
     // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
@@ -227,7 +229,7 @@ impl LoggedChild {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let child = spawn_tied(cmd)?;
+        let child = spawn_tied(&mut cmd)?;
         let watch = watch_log(name, &log, Some(child.id()));
         Ok(LoggedChild {
             child,
@@ -274,7 +276,7 @@ mod tests {
             let mut cmd = Command::new("sleep");
             // Not on our pipes, or the outer test's read waits for it.
             cmd.arg("60").stdout(Stdio::null()).stderr(Stdio::null());
-            let child = spawn_tied(cmd).unwrap();
+            let child = spawn_tied(&mut cmd).unwrap();
             println!("child pid {}", child.id());
             // No unwinding, no Drop: what a stack overflow does.
             std::process::abort();

@@ -54,7 +54,7 @@ impl Proc {
             .stderr(out);
         // Killed by the kernel if this test process aborts.
         let child =
-            proxyctl_testkit::spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+            proxyctl_testkit::spawn_tied(&mut cmd).unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let watch = proxyctl_testkit::watch_log(name, &log, Some(child.id()));
         Proc {
             name: name.into(),
