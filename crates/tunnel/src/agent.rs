@@ -1031,6 +1031,14 @@ async fn read_endpoint(
                 if bulk {
                     return Some(rd);
                 }
+                // A moved reader runs in the connection's task: let that
+                // task write this read before the next one, while the
+                // bytes are still in cache (as a relay writes each read
+                // before it reads again). Else it reads ahead up to the
+                // stream's window, and the write finds them cold.
+                if !may_move {
+                    tokio::task::yield_now().await;
+                }
             }
             _ => {
                 // Backend EOF or error: unsolicited CLOSE_RSP, as upstream.
