@@ -232,6 +232,35 @@ fn metrics_count_what_happened() {
         ),
         (N + 1) as f64
     );
+    // A tunnel still held after the backend closed it (EOF read) ends its
+    // stream all the same: the server's stream is released.
+    let proxy_streams = || {
+        srv(
+            &st,
+            "grpc_connections",
+            &[("service_method", "Proxy")],
+        )
+    };
+    let mut held_open = rt.block_on(async {
+        let ch = client::grpc_channel(&addr).await.unwrap();
+        client::grpc_dial(ch, &target).await.unwrap()
+    });
+    assert_eq!(proxy_streams(), 1.0);
+    rt.block_on(async {
+        held_open
+            .write_all(b"GET /success HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        held_open.read_to_end(&mut answer).await.unwrap();
+        assert!(String::from_utf8_lossy(&answer).ends_with("hello from the backend"));
+    });
+    wait_for(
+        "the held one's stream released",
+        Duration::from_secs(15),
+        || proxy_streams() == 0.0,
+    );
+    drop(held_open);
     let closes = srv(&st, "stream_packets_total", &dial("to_agent", "CLOSE_REQ"));
     assert_eq!(
         closes,
