@@ -234,13 +234,7 @@ fn metrics_count_what_happened() {
     );
     // A tunnel still held after the backend closed it (EOF read) ends its
     // stream all the same: the server's stream is released.
-    let proxy_streams = || {
-        srv(
-            &st,
-            "grpc_connections",
-            &[("service_method", "Proxy")],
-        )
-    };
+    let proxy_streams = || srv(&st, "grpc_connections", &[("service_method", "Proxy")]);
     let mut held_open = rt.block_on(async {
         let ch = client::grpc_channel(&addr).await.unwrap();
         client::grpc_dial(ch, &target).await.unwrap()
