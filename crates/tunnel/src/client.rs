@@ -222,8 +222,9 @@ pub struct GrpcTunnel {
     /// The rest of the last payload taken from the task.
     unread: Bytes,
     outbound: PollSender<Packet>,
-    /// CLOSE_REQ is sent once: by `poll_shutdown`, or by the task when
-    /// the tunnel is dropped without it.
+    /// Set once nothing more may be sent: CLOSE_REQ has gone (from
+    /// `poll_shutdown`, or from the task when the tunnel is dropped
+    /// without it), or the task has seen the connection end.
     close_sent: Arc<AtomicBool>,
 }
 
