@@ -34,8 +34,9 @@
 //!                      buffer) to a writer task through a channel: what
 //!                      one task hand-off per direction costs
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
-//!                      its throughput rows into <dir>/<row>.data, and
-//!                      during its konn-client dials (<socket>-konn.data)
+//!                      its throughput rows into <dir>/<row>.data, its
+//!                      dials/s row into <dir>/<row>-dials.data, and
+//!                      its konn-client dials (<socket>-konn.data)
 //!                      (BENCH_PERF_CG: --call-graph, default dwarf)
 
 #[path = "support/backend.rs"]
@@ -928,7 +929,9 @@ fn main() {
             let s1 = self_cpu();
             drop(perf);
             let c1 = cpu_of(&roots);
+            let perf = perf_record(&format!("{name}-dials"), &roots);
             let dps = dials_per_sec(&via, backend, dials, 16).await;
+            drop(perf);
             let c2 = cpu_of(&roots);
             let tunnelled = !roots.is_empty();
             let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));

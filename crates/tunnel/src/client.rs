@@ -360,21 +360,26 @@ pub async fn http_connect(
     )
     .await?;
     io.flush().await?;
-    // Byte by byte so nothing after the head is consumed.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        if io.read(&mut b).await? == 0 {
+    // Buffered, as kube-apiserver's Go dialer reads it (bufio): a byte at
+    // a time cost a syscall per byte. Whatever follows the head is kept.
+    let mut head = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if head.len() > MAX_RESPONSE_HEAD {
+            return Err(ClientError::Stream("response head too large".into()));
+        }
+        head.reserve(1024);
+        if io.read_buf(&mut head).await? == 0 {
             return Err(ClientError::Refused {
                 status: 0,
                 body: String::from_utf8_lossy(&head).into_owned(),
             });
         }
-        head.push(b[0]);
-        if head.len() > 16 * 1024 {
-            return Err(ClientError::Stream("response head too large".into()));
-        }
-    }
+    };
+    let early = Bytes::copy_from_slice(&head[head_end..]);
+    head.truncate(head_end);
     let text = String::from_utf8_lossy(&head).into_owned();
     let status: u16 = text
         .split_whitespace()
@@ -382,14 +387,64 @@ pub async fn http_connect(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     if status != 200 {
-        let mut body = Vec::new();
+        let mut body = early.to_vec();
         let _ = tokio::time::timeout(Duration::from_secs(2), io.read_to_end(&mut body)).await;
         return Err(ClientError::Refused {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
         });
     }
-    Ok(io)
+    if early.is_empty() {
+        return Ok(io);
+    }
+    Ok(Box::new(Prefixed { early, io }))
+}
+
+/// The longest CONNECT answer head `http_connect` reads.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// A tunnel whose first bytes came in the same read as the CONNECT answer.
+struct Prefixed {
+    early: Bytes,
+    io: Box<dyn Io>,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.early.is_empty() {
+            return std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.early.len().min(buf.remaining());
+        let taken = self.early.split_to(n);
+        buf.put_slice(&taken);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// A minimal HTTP/1.1 GET (`Connection: close`) over an open tunnel:
@@ -446,4 +501,102 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[(eol + 4 + size).min(data.len())..];
     }
     out
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// A proxy on a unix socket that sends `pieces` one write each after
+    /// reading the CONNECT head, then echoes until EOF (`echo`) or closes.
+    async fn proxy_answering(pieces: Vec<Vec<u8>>, echo: bool) -> (tempfile::TempDir, ProxyAddr) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).await.unwrap() == 0 {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            for piece in pieces {
+                s.write_all(&piece).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !echo {
+                return;
+            }
+            let (mut rd, mut wr) = s.split();
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        });
+        (dir, ProxyAddr::Uds(path))
+    }
+
+    /// Bytes that arrive in the same read as the 200 head are the
+    /// tunnel's first bytes, not lost, and the tunnel then carries the rest.
+    #[tokio::test]
+    async fn bytes_behind_the_head_are_read_first() {
+        let (_dir, addr) = proxy_answering(
+            vec![b"HTTP/1.1 200 Connection Established\r\n\r\nearly".to_vec()],
+            true,
+        )
+        .await;
+        let mut io = http_connect(&addr, "10.0.0.1:80", "t").await.unwrap();
+        let mut early = [0u8; 5];
+        io.read_exact(&mut early).await.unwrap();
+        assert_eq!(&early, b"early");
+        io.write_all(b"echoed").await.unwrap();
+        let mut back = [0u8; 6];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"echoed");
+    }
+
+    /// A head that trickles in, split inside its final CRLFCRLF, is found.
+    #[tokio::test]
+    async fn a_head_in_pieces_is_found() {
+        let (_dir, addr) = proxy_answering(
+            vec![
+                b"HTTP/1.1 200 OK\r\n".to_vec(),
+                b"X: y\r\n\r".to_vec(),
+                b"\n".to_vec(),
+            ],
+            true,
+        )
+        .await;
+        let mut io = http_connect(&addr, "10.0.0.1:80", "t").await.unwrap();
+        io.write_all(b"x").await.unwrap();
+        let mut back = [0u8; 1];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"x");
+    }
+
+    /// A refusal carries its status and its whole body, including the part
+    /// read with the head.
+    #[tokio::test]
+    async fn a_refusal_keeps_its_body() {
+        let (_dir, addr) = proxy_answering(
+            vec![
+                b"HTTP/1.1 502 Bad Gateway\r\n\r\nconnection ".to_vec(),
+                b"refused".to_vec(),
+            ],
+            false,
+        )
+        .await;
+        let err = match http_connect(&addr, "10.0.0.1:80", "t").await {
+            Err(e) => e,
+            Ok(_) => panic!("a 502 was taken as a tunnel"),
+        };
+        match err {
+            ClientError::Refused { status, body } => {
+                assert_eq!(status, 502);
+                assert_eq!(body, "connection refused");
+            }
+            e => panic!("{e}"),
+        }
+    }
 }
