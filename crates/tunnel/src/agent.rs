@@ -36,6 +36,7 @@ use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
 use crate::read_chunk_of;
+use crate::self_wake::absorb_self_wakes;
 use crate::stream_sender::StreamSender;
 
 /// A read this large says the backend streams: its reader moves into the
@@ -573,7 +574,13 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     }
     spawn_probe(sh, &conn);
     let sh2 = sh.clone();
-    tokio::spawn(serve_server(sh2, conn, inbound, driver, new_readers));
+    tokio::spawn(absorb_self_wakes(serve_server(
+        sh2,
+        conn,
+        inbound,
+        driver,
+        new_readers,
+    )));
     Ok(Outcome::New)
 }
 
@@ -1035,9 +1042,11 @@ async fn read_endpoint(
                 // task write this read before the next one, while the
                 // bytes are still in cache (as a relay writes each read
                 // before it reads again). Else it reads ahead up to the
-                // stream's window, and the write finds them cold.
+                // stream's window, and the write finds them cold. Not
+                // tokio's yield_now: the task would go back to the
+                // scheduler and wake the other worker (see self_wake.rs).
                 if !may_move {
-                    tokio::task::yield_now().await;
+                    crate::self_wake::repoll_task().await;
                 }
             }
             _ => {

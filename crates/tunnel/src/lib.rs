@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod queue;
+pub(crate) mod self_wake;
 pub mod server;
 pub(crate) mod stream_sender;
 pub mod tls;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::self_wake::{AbsorbingExecutor, absorb_self_wakes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[cfg(unix)]
 use tokio::net::UnixListener;
@@ -226,12 +228,16 @@ impl Front {
         match self.mode {
             // gRPC sees its client leave at the connection's end itself.
             FrontendMode::Grpc => {
-                tokio::spawn(super::grpc_front::serve(sh, conn, self.keepalive));
+                tokio::spawn(absorb_self_wakes(super::grpc_front::serve(
+                    sh,
+                    conn,
+                    self.keepalive,
+                )));
             }
             // HTTP/1.1 only, also over TLS, as upstream.
             FrontendMode::HttpConnect => {
                 let client = conn.io.probe();
-                tokio::spawn(super::connect::serve(sh, conn, client));
+                tokio::spawn(absorb_self_wakes(super::connect::serve(sh, conn, client)));
             }
         }
     }
@@ -305,8 +311,8 @@ async fn tls_accept_loop(
 fn agent_h2(
     keepalive: Duration,
     timeout: Duration,
-) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+) -> hyper::server::conn::http2::Builder<AbsorbingExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(AbsorbingExecutor);
     b.timer(TokioTimer::new())
         .keep_alive_interval(if keepalive.is_zero() {
             None
@@ -329,7 +335,7 @@ fn agent_h2(
 async fn serve_agents(
     sh: Arc<Shared>,
     mut incoming: mpsc::Receiver<TlsConn>,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2: hyper::server::conn::http2::Builder<AbsorbingExecutor>,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -338,7 +344,11 @@ async fn serve_agents(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let Some(conn) = conn else { break };
-        conns.spawn(serve_agent_conn(sh.clone(), conn, h2.clone()));
+        conns.spawn(absorb_self_wakes(serve_agent_conn(
+            sh.clone(),
+            conn,
+            h2.clone(),
+        )));
     }
     while conns.join_next().await.is_some() {}
 }
@@ -347,7 +357,7 @@ async fn serve_agents(
 async fn serve_agent_conn<S>(
     sh: Arc<Shared>,
     io: S,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2: hyper::server::conn::http2::Builder<AbsorbingExecutor>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -590,11 +600,12 @@ mod agent_link_tests {
             ours,
             agent_h2(Duration::ZERO, Duration::from_secs(20)),
         ));
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(theirs))
-            .await
-            .unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(theirs))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         send
     }
