@@ -33,6 +33,9 @@
 //!   BENCH_FLOOR_HOP=N  the floor's relays hand each read (a fresh N-byte
 //!                      buffer) to a writer task through a channel: what
 //!                      one task hand-off per direction costs
+//!   BENCH_PAIRED_ROUNDS  rounds of the side-by-side rows (default 8, quick
+//!                      2, 0: none): ours against the floor (one stream) and
+//!                      against upstream (HTTP-CONNECT dials), in turns
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, its
 //!                      dials/s row into <dir>/<row>-dials.data, and
@@ -491,6 +494,40 @@ async fn throughput(via: &Via, backend: SocketAddr, bytes: u64, streams: u64) ->
     (each * streams) as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
+/// One side-by-side measurement: ours and the other path's rate, each
+/// aggregated over its rounds.
+struct Paired {
+    what: String,
+    ours: (&'static str, f64),
+    other: (&'static str, f64),
+    goal: f64,
+}
+
+/// Runs `a` and `b` in turns, `rounds` times each (which goes first
+/// alternates, so a drift of the host's speed hits both alike); each
+/// returns a rate, and each side's result is the mean of its rates
+/// weighted by time (the rate over all its rounds, each round the same work).
+async fn interleave<A, B, FA, FB>(rounds: usize, mut a: A, mut b: B) -> (f64, f64)
+where
+    A: FnMut() -> FA,
+    B: FnMut() -> FB,
+    FA: std::future::Future<Output = f64>,
+    FB: std::future::Future<Output = f64>,
+{
+    // Same work per round: the rate over all rounds is rounds / sum(1/rate).
+    let (mut inv_a, mut inv_b) = (0.0, 0.0);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            inv_a += 1.0 / a().await;
+            inv_b += 1.0 / b().await;
+        } else {
+            inv_b += 1.0 / b().await;
+            inv_a += 1.0 / a().await;
+        }
+    }
+    (rounds as f64 / inv_a, rounds as f64 / inv_b)
+}
+
 async fn dials_per_sec(via: &Via, backend: SocketAddr, total: u64, workers: u64) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -553,6 +590,8 @@ fn go_peers() -> Option<PathBuf> {
 /// and the frontend's socket.
 fn start_upstream(go: &Path, dir: &Path, mode: &str) -> (Vec<ChildGuard>, PathBuf) {
     let uds = dir.join(format!("upstream-{mode}.sock"));
+    // A second pair (the paired rows) reuses the path.
+    let _ = std::fs::remove_file(&uds);
     let agent_port = free_port();
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cmd = |bin: &str, args: Vec<String>| {
@@ -855,6 +894,7 @@ fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", if quick { 500 } else { 5000 });
     let idle_n: usize = env_or("BENCH_IDLE", if quick { 500 } else { 10_000 });
     let soak: u64 = env_or("BENCH_SOAK", 0);
+    let paired_rounds: usize = env_or("BENCH_PAIRED_ROUNDS", if quick { 2 } else { 8 });
     let peers: Vec<String> = std::env::var("BENCH_PEERS")
         .unwrap_or_else(|_| {
             "direct,floor,http,grpc,upstream-http,upstream-grpc,ssh,ssh-gcm,rathole,rathole-noise"
@@ -1079,6 +1119,62 @@ fn main() {
         measure(name, Via::Tcp(([127, 0, 0, 1], port).into()), roots, cap);
         drop(procs);
     }
+    // The rows above run minutes apart, and this host's speed moves by
+    // half between them: the goals' two closest calls are also measured
+    // side by side, in alternating short rounds on fresh processes.
+    let mut paired: Vec<Paired> = Vec::new();
+    if paired_rounds > 0 && want("floor") && want("http") {
+        let (procs, tls) = start_floor(dir.path(), backend_port);
+        let fresh = Ours::start(dir.path(), "p");
+        let (floor, ours) = (Via::Uds(tls), fresh.http.clone());
+        let bytes = (mib << 20) / 4;
+        let (a, b) = rt.block_on(async {
+            wait_ready(&floor, backend).await;
+            wait_ready(&ours, backend).await;
+            interleave(
+                paired_rounds,
+                || throughput(&ours, backend, bytes, 1),
+                || throughput(&floor, backend, bytes, 1),
+            )
+            .await
+        });
+        paired.push(Paired {
+            what: format!("1x MiB/s, {paired_rounds} rounds of {} MiB", bytes >> 20),
+            ours: ("ours, HTTP-CONNECT (UDS)", a),
+            other: ("TLS floor (UDS, 2 relays)", b),
+            goal: 0.9,
+        });
+        drop(fresh);
+        drop(procs);
+    }
+    if let (true, true, Some(go)) = (
+        paired_rounds > 0 && want("http"),
+        want("upstream-http"),
+        go_peers(),
+    ) {
+        let fresh = Ours::start(dir.path(), "q");
+        let (procs, uds) = start_upstream(&go, dir.path(), "http-connect");
+        let (ours, upstream) = (fresh.http.clone(), Via::Connect(ProxyAddr::Uds(uds)));
+        let n = (dials / 2).max(100);
+        let (a, b) = rt.block_on(async {
+            wait_ready(&ours, backend).await;
+            wait_ready(&upstream, backend).await;
+            interleave(
+                paired_rounds,
+                || dials_per_sec(&ours, backend, n, 16),
+                || dials_per_sec(&upstream, backend, n, 16),
+            )
+            .await
+        });
+        paired.push(Paired {
+            what: format!("dials/s, {paired_rounds} rounds of {n} dials"),
+            ours: ("ours, HTTP-CONNECT (UDS)", a),
+            other: ("upstream, HTTP-CONNECT (UDS)", b),
+            goal: 2.0,
+        });
+        drop(fresh);
+        drop(procs);
+    }
     drop(backend_proc);
     drop(echo_proc);
 
@@ -1300,6 +1396,26 @@ fn main() {
                     u.util * 100.0
                 );
             }
+        }
+    }
+    if !paired.is_empty() {
+        println!();
+        println!(
+            "side by side (fresh processes, alternating rounds, same minute; the goals' closest calls):"
+        );
+        for p in &paired {
+            let ratio = p.ours.1 / p.other.1;
+            println!(
+                "  {}: {} {:.0}, {} {:.0}: {:.2}x {} (goal >= {}x)",
+                p.what,
+                p.ours.0,
+                p.ours.1,
+                p.other.0,
+                p.other.1,
+                ratio,
+                if ratio >= p.goal { "ok" } else { "MISS" },
+                p.goal
+            );
         }
     }
     for n in notes {
