@@ -171,10 +171,8 @@ mod tests {
             self_wakes: 3,
             done_after: 100,
         });
-        let outer = Arc::new(CountingWaker::default());
-        let waker = futures_util::task::waker(outer.clone());
-        let mut cx = Context::from_waker(&waker);
-        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        let (polled, outer) = poll_once(&mut fut);
+        assert!(polled.is_pending());
         // Polls 1-3 woke themselves, poll 4 did not: four polls, no wake.
         assert_eq!(polls.load(Ordering::SeqCst), 4);
         assert_eq!(outer.wakes.load(Ordering::SeqCst), 0);
@@ -183,23 +181,17 @@ mod tests {
     /// A wake from outside a poll reaches the task's own waker.
     #[test]
     fn a_wake_between_polls_reaches_the_task() {
-        let polls = Arc::new(AtomicUsize::new(0));
         let stored = Arc::new(std::sync::Mutex::new(None::<std::task::Waker>));
         let mut fut = absorb_self_wakes({
             let stored = stored.clone();
             std::future::poll_fn(move |cx| {
-                polls.fetch_add(1, Ordering::SeqCst);
                 *stored.lock().unwrap() = Some(cx.waker().clone());
                 Poll::<()>::Pending
             })
         });
-        let outer = Arc::new(CountingWaker::default());
-        let waker = futures_util::task::waker(outer.clone());
-        assert!(
-            Pin::new(&mut fut)
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
+        let (polled, outer) = poll_once(&mut fut);
+        assert!(polled.is_pending());
+        assert_eq!(outer.wakes.load(Ordering::SeqCst), 0);
         stored.lock().unwrap().take().unwrap().wake();
         assert_eq!(outer.wakes.load(Ordering::SeqCst), 1);
     }
@@ -214,13 +206,8 @@ mod tests {
             self_wakes: usize::MAX,
             done_after: usize::MAX,
         });
-        let outer = Arc::new(CountingWaker::default());
-        let waker = futures_util::task::waker(outer.clone());
-        assert!(
-            Pin::new(&mut fut)
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
+        let (polled, outer) = poll_once(&mut fut);
+        assert!(polled.is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), MAX_REPOLLS);
         assert_eq!(outer.wakes.load(Ordering::SeqCst), 1);
     }
@@ -255,6 +242,14 @@ mod tests {
         .await;
         assert_eq!((out, outer_polls), (1, 2));
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Polls `fut` once, as a task whose waker counts its wakes.
+    fn poll_once<F: Future>(fut: &mut AbsorbSelfWakes<F>) -> (Poll<F::Output>, Arc<CountingWaker>) {
+        let outer = Arc::new(CountingWaker::default());
+        let waker = futures_util::task::waker(outer.clone());
+        let polled = Pin::new(fut).poll(&mut Context::from_waker(&waker));
+        (polled, outer)
     }
 
     #[derive(Default)]
