@@ -364,7 +364,11 @@ where
             match p.checked() {
                 Ok(Checked::Data(d)) => {
                     let data: Bytes = d.data;
-                    if wr.write_all(&data).await.is_err() {
+                    // The flush matters under TLS: a write that filled the
+                    // socket returns with records still in rustls' buffer,
+                    // and if no packet follows they stay there (the
+                    // client sees its download stop short).
+                    if wr.write_all(&data).await.is_err() || wr.flush().await.is_err() {
                         return;
                     }
                     sh.delivered(&fe, connect_id, data.len());
