@@ -422,6 +422,56 @@ mod tests {
         crate::server::ProxyServer::new(crate::server::fuzzing::small_options(0, 0)).shared
     }
 
+    /// A client socket that holds what is written until it is flushed (as
+    /// a TLS stream holds records a full socket did not take): a packet
+    /// with nothing after it must still reach the client. Without the
+    /// flush after each write this times out.
+    #[tokio::test]
+    async fn a_packet_with_nothing_after_it_is_flushed_to_the_client() {
+        use crate::proto::Packet;
+        use crate::server::state::{Backend, Identifiers};
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let (tx, mut to_agent) = tokio::sync::mpsc::channel(64);
+        let backend = Arc::new(Backend::new(
+            &sh,
+            "agent".into(),
+            Identifiers::default(),
+            tx,
+            0,
+        ));
+        sh.add_backend(backend.clone());
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (rd, wr) = tokio::io::split(server);
+        let holding = tokio::io::join(rd, tokio::io::BufWriter::new(wr));
+        let task = tokio::spawn(serve(sh.clone(), holding, HangupProbe::none()));
+        client
+            .write_all(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
+            .await
+            .unwrap();
+        let random = loop {
+            if let Ok(Checked::DialReq(d)) = to_agent.recv().await.unwrap().checked() {
+                break d.random;
+            }
+        };
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
+        let head = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+        let mut got = vec![0u8; head.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &head[..]);
+        // One packet, and no close after it.
+        sh.handle_agent_packet(&backend, Packet::data(7, "hello".into()));
+        let mut hello = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut hello))
+            .await
+            .expect("the packet stayed in the writer's buffer")
+            .unwrap();
+        assert_eq!(&hello, b"hello");
+        sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
+        drop(client);
+        task.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_head_over_16_kib_in_one_read_is_refused() {
         let sh = shared();
