@@ -429,18 +429,9 @@ mod tests {
     #[tokio::test]
     async fn a_packet_with_nothing_after_it_is_flushed_to_the_client() {
         use crate::proto::Packet;
-        use crate::server::state::{Backend, Identifiers};
         use tokio::io::AsyncReadExt;
         let sh = shared();
-        let (tx, mut to_agent) = tokio::sync::mpsc::channel(64);
-        let backend = Arc::new(Backend::new(
-            &sh,
-            "agent".into(),
-            Identifiers::default(),
-            tx,
-            0,
-        ));
-        sh.add_backend(backend.clone());
+        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let (rd, wr) = tokio::io::split(server);
         let holding = tokio::io::join(rd, tokio::io::BufWriter::new(wr));

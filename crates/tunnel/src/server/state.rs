@@ -1319,23 +1319,26 @@ pub(crate) fn random_id() -> i64 {
     rand::thread_rng().gen_range(1..i64::MAX)
 }
 
+/// An agent stream for unit tests: registered with `sh`, its packets
+/// toward the agent in the receiver.
+#[cfg(test)]
+pub(crate) fn test_backend(sh: &Shared) -> (Arc<Backend>, mpsc::Receiver<Packet>) {
+    let (tx, rx) = mpsc::channel(64);
+    let backend = Arc::new(Backend::new(
+        sh,
+        "agent".into(),
+        Identifiers::default(),
+        tx,
+        0,
+    ));
+    sh.add_backend(backend.clone());
+    (backend, rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::FutureExt;
-
-    fn test_backend(sh: &Shared) -> (Arc<Backend>, mpsc::Receiver<Packet>) {
-        let (tx, rx) = mpsc::channel(64);
-        let backend = Arc::new(Backend::new(
-            sh,
-            "agent".into(),
-            Identifiers::default(),
-            tx,
-            0,
-        ));
-        sh.add_backend(backend.clone());
-        (backend, rx)
-    }
 
     fn queued(fe: &Frontend) -> Vec<Checked> {
         std::iter::from_fn(|| fe.queue.pop().now_or_never().flatten())
