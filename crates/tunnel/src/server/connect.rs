@@ -39,6 +39,17 @@ pub(crate) fn dial_error_status(err: &str) -> (u16, &'static str) {
     }
 }
 
+/// Sends a refusal and ends the client's side of the socket: flushed, so
+/// a TLS stream's records leave rustls' buffer, and shut down, so a TLS
+/// client gets close_notify (a rustls client reading a body delimited by
+/// the close otherwise sees an unexpected EOF). Errors are ignored: the
+/// client may already be gone.
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reply: &[u8]) {
+    if wr.write_all(reply).await.is_ok() && wr.flush().await.is_ok() {
+        let _ = wr.shutdown().await;
+    }
+}
+
 enum HeadError {
     Malformed,
     Method(String),
@@ -214,9 +225,11 @@ where
             Ok(_) => return,
             Err(_) => {
                 sh.metrics.bad("http_head_timeout");
-                let _ = wr
-                    .write_all(&go_error(408, "Request Timeout", "408 Request Timeout"))
-                    .await;
+                refuse(
+                    &mut wr,
+                    &go_error(408, "Request Timeout", "408 Request Timeout"),
+                )
+                .await;
                 return;
             }
         };
@@ -234,13 +247,15 @@ where
         }
         if head.len() > MAX_HEAD {
             sh.metrics.bad("http_head_too_large");
-            let _ = wr
-                .write_all(&go_error(
+            refuse(
+                &mut wr,
+                &go_error(
                     431,
                     "Request Header Fields Too Large",
                     "431 Request Header Fields Too Large",
-                ))
-                .await;
+                ),
+            )
+            .await;
             return;
         }
     };
@@ -249,24 +264,26 @@ where
         Err(HeadError::Malformed) => {
             sh.metrics.bad("http_malformed");
             tracing::info!("malformed HTTP request on the HTTP-CONNECT port");
-            let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
+            refuse(&mut wr, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
             return;
         }
         Err(HeadError::Method(method)) => {
             sh.metrics.bad("http_method");
             tracing::info!(method, "refused: only CONNECT is served");
-            let _ = wr
-                .write_all(&go_error(
+            refuse(
+                &mut wr,
+                &go_error(
                     405,
                     "Method Not Allowed",
                     "this proxy only supports CONNECT passthrough\n",
-                ))
-                .await;
+                ),
+            )
+            .await;
             return;
         }
         Err(HeadError::NoTarget) => {
             sh.metrics.bad("http_no_target");
-            let _ = wr.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
+            refuse(&mut wr, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
             return;
         }
     };
@@ -286,7 +303,7 @@ where
             DialError::Overloaded | DialError::QueuedBytesCap => go_error(503, "Service Unavailable", &format!("Failed to tunnel dial request: {e}\r\n")),
             _ => go_error(502, "Bad Gateway", &format!("Failed to tunnel dial request: {e}\r\n")),
         };
-        let _ = wr.write_all(&reply).await;
+        refuse(&mut wr, &reply).await;
         sh.frontend_gone(&fe);
         return;
     }
@@ -303,7 +320,7 @@ where
                     Checked::DialRsp(r) if r.error.is_empty() => break r.connect_id,
                     Checked::DialRsp(r) => {
                         let (code, reason) = dial_error_status(&r.error);
-                        let _ = wr.write_all(&go_error(code, reason, &r.error)).await;
+                        refuse(&mut wr, &go_error(code, reason, &r.error)).await;
                         sh.frontend_gone(&fe);
                         return;
                     }
@@ -422,29 +439,44 @@ mod tests {
         crate::server::ProxyServer::new(crate::server::fuzzing::small_options(0, 0)).shared
     }
 
-    /// A client socket that holds what is written until it is flushed (as
-    /// a TLS stream holds records a full socket did not take): a packet
-    /// with nothing after it must still reach the client. Without the
-    /// flush after each write this times out.
+    /// `serve` on a client socket that holds what is written until it is
+    /// flushed, as a TLS stream holds records a full socket did not take;
+    /// returns the client's end and the serving task.
+    fn serve_holding(sh: &Arc<Shared>) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (rd, wr) = tokio::io::split(server);
+        let holding = tokio::io::join(rd, tokio::io::BufWriter::new(wr));
+        let task = tokio::spawn(serve(sh.clone(), holding, HangupProbe::none()));
+        (client, task)
+    }
+
+    /// Sends a CONNECT and returns the dial's random id, as the agent sees it.
+    async fn connect_and_dial(
+        client: &mut tokio::io::DuplexStream,
+        to_agent: &mut tokio::sync::mpsc::Receiver<crate::proto::Packet>,
+    ) -> i64 {
+        client
+            .write_all(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
+            .await
+            .unwrap();
+        loop {
+            if let Ok(Checked::DialReq(d)) = to_agent.recv().await.unwrap().checked() {
+                break d.random;
+            }
+        }
+    }
+
+    /// A packet with nothing after it must still reach a client whose
+    /// socket holds writes until flushed. Without the flush after each
+    /// write this times out.
     #[tokio::test]
     async fn a_packet_with_nothing_after_it_is_flushed_to_the_client() {
         use crate::proto::Packet;
         use tokio::io::AsyncReadExt;
         let sh = shared();
         let (backend, mut to_agent) = super::super::state::test_backend(&sh);
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let (rd, wr) = tokio::io::split(server);
-        let holding = tokio::io::join(rd, tokio::io::BufWriter::new(wr));
-        let task = tokio::spawn(serve(sh.clone(), holding, HangupProbe::none()));
-        client
-            .write_all(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
-            .await
-            .unwrap();
-        let random = loop {
-            if let Ok(Checked::DialReq(d)) = to_agent.recv().await.unwrap().checked() {
-                break d.random;
-            }
-        };
+        let (mut client, task) = serve_holding(&sh);
+        let random = connect_and_dial(&mut client, &mut to_agent).await;
         sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
         let head = b"HTTP/1.1 200 Connection Established\r\n\r\n";
         let mut got = vec![0u8; head.len()];
@@ -460,6 +492,58 @@ mod tests {
         assert_eq!(&hello, b"hello");
         sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
         drop(client);
+        task.await.unwrap();
+    }
+
+    /// Refusals reach a client whose socket holds writes until flushed,
+    /// and end its stream (a TLS client gets close_notify): a request that
+    /// is not a CONNECT, and a dial the agent answers with an error.
+    /// Without the flush and shutdown after a refusal, the client reads
+    /// nothing and waits for ever.
+    #[tokio::test]
+    async fn refusals_are_flushed_and_end_the_stream() {
+        use crate::proto::Packet;
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let read_all = |mut client: tokio::io::DuplexStream| async move {
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+                .await
+                .expect("the refusal stayed in the writer's buffer")
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        };
+
+        let (mut client, task) = serve_holding(&sh);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_all(client).await;
+        assert!(
+            got.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{got}"
+        );
+        assert!(
+            got.ends_with("this proxy only supports CONNECT passthrough\n"),
+            "{got}"
+        );
+        task.await.unwrap();
+
+        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
+        let (mut client, task) = serve_holding(&sh);
+        let random = connect_and_dial(&mut client, &mut to_agent).await;
+        sh.handle_agent_packet(
+            &backend,
+            Packet::dial_rsp(
+                random,
+                0,
+                "dial tcp 127.0.0.1:80: connect: connection refused",
+            ),
+        );
+        let got = read_all(client).await;
+        assert!(got.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{got}");
+        assert!(got.ends_with("connect: connection refused"), "{got}");
         task.await.unwrap();
     }
 
