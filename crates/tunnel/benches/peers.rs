@@ -162,32 +162,36 @@ fn run_role(role: &str, args: &[String]) {
 }
 
 /// The backend konn-client expects: `POST /echo` answered with a 200 head
-/// and then every byte it sends, echoed, until it closes.
+/// and then every byte it sends, echoed, until it closes. Lives until the
+/// bench goes away, as the other roles (a killed bench left it running).
 async fn run_http_echo(port: u16) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                if !matches!(s.read(&mut b).await, Ok(1)) {
-                    return;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut b).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(b[0]);
                 }
-                head.push(b[0]);
-            }
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-                .await;
-            let (mut r, mut w) = s.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                    .await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    roles::wait_parent().await;
 }
 
 /// The TLS floor: two bare relay processes, a unix socket in front (as our
