@@ -39,15 +39,22 @@ pub(crate) fn dial_error_status(err: &str) -> (u16, &'static str) {
     }
 }
 
+/// How long a refusal may wait for a client that does not read it.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends a refusal and ends the client's side of the socket: flushed, so
 /// a TLS stream's records leave rustls' buffer, and shut down, so a TLS
 /// client gets close_notify (a rustls client reading a body delimited by
-/// the close otherwise sees an unexpected EOF). Errors are ignored: the
-/// client may already be gone.
+/// the close otherwise sees an unexpected EOF). Errors are ignored (the
+/// client may already be gone), and a client that does not read gets
+/// [`REFUSAL_TIMEOUT`], not a task held for good.
 async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reply: &[u8]) {
-    if wr.write_all(reply).await.is_ok() && wr.flush().await.is_ok() {
-        let _ = wr.shutdown().await;
-    }
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        if wr.write_all(reply).await.is_ok() && wr.flush().await.is_ok() {
+            let _ = wr.shutdown().await;
+        }
+    })
+    .await;
 }
 
 enum HeadError {
@@ -545,6 +552,26 @@ mod tests {
         assert!(got.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{got}");
         assert!(got.ends_with("connect: connection refused"), "{got}");
         task.await.unwrap();
+    }
+
+    /// A client that sends a bad request and never reads the refusal (a
+    /// socket too small to take it) holds its connection for
+    /// `REFUSAL_TIMEOUT`, not for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_nobody_reads_is_given_up() {
+        let sh = shared();
+        let (mut client, server) = tokio::io::duplex(8);
+        let task = tokio::spawn(serve(sh.clone(), server, HangupProbe::none()));
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(REFUSAL_TIMEOUT * 2, task)
+            .await
+            .expect("the refusal waited for ever")
+            .unwrap();
+        assert!(start.elapsed() >= REFUSAL_TIMEOUT, "{:?}", start.elapsed());
+        assert_eq!(sh.metrics.http_connections.get(), 0);
+        drop(client);
     }
 
     #[tokio::test]
