@@ -505,13 +505,18 @@ struct Paired {
     ours: (&'static str, f64),
     other: (&'static str, f64),
     goal: f64,
+    /// Ours over the other path in each round (the two runs of a round are
+    /// seconds apart): their spread shows whether a run's ratio is steady
+    /// within the run or only differs between runs.
+    rounds: Vec<f64>,
 }
 
 /// Runs `a` and `b` in turns, `rounds` times each (which goes first
 /// alternates, so a drift of the host's speed hits both alike); each
 /// returns a rate, and each side's result is the mean of its rates
 /// weighted by time (the rate over all its rounds, each round the same work).
-async fn interleave<A, B, FA, FB>(rounds: usize, mut a: A, mut b: B) -> (f64, f64)
+/// Also returns each round's ratio of `a` to `b`.
+async fn interleave<A, B, FA, FB>(rounds: usize, mut a: A, mut b: B) -> (f64, f64, Vec<f64>)
 where
     A: FnMut() -> FA,
     B: FnMut() -> FB,
@@ -520,16 +525,20 @@ where
 {
     // Same work per round: the rate over all rounds is rounds / sum(1/rate).
     let (mut inv_a, mut inv_b) = (0.0, 0.0);
+    let mut ratios = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        if round % 2 == 0 {
-            inv_a += 1.0 / a().await;
-            inv_b += 1.0 / b().await;
+        let (ra, rb) = if round % 2 == 0 {
+            let ra = a().await;
+            (ra, b().await)
         } else {
-            inv_b += 1.0 / b().await;
-            inv_a += 1.0 / a().await;
-        }
+            let rb = b().await;
+            (a().await, rb)
+        };
+        inv_a += 1.0 / ra;
+        inv_b += 1.0 / rb;
+        ratios.push(ra / rb);
     }
-    (rounds as f64 / inv_a, rounds as f64 / inv_b)
+    (rounds as f64 / inv_a, rounds as f64 / inv_b, ratios)
 }
 
 async fn dials_per_sec(via: &Via, backend: SocketAddr, total: u64, workers: u64) -> f64 {
@@ -1132,7 +1141,7 @@ fn main() {
         let fresh = Ours::start(dir.path(), "p");
         let (floor, ours) = (Via::Uds(tls), fresh.http.clone());
         let bytes = (mib << 20) / 4;
-        let (a, b) = rt.block_on(async {
+        let (a, b, rounds) = rt.block_on(async {
             wait_ready(&floor, backend).await;
             wait_ready(&ours, backend).await;
             interleave(
@@ -1147,6 +1156,7 @@ fn main() {
             ours: ("ours, HTTP-CONNECT (UDS)", a),
             other: ("TLS floor (UDS, 2 relays)", b),
             goal: 0.9,
+            rounds,
         });
         drop(fresh);
         drop(procs);
@@ -1160,7 +1170,7 @@ fn main() {
         let (procs, uds) = start_upstream(&go, dir.path(), "http-connect");
         let (ours, upstream) = (fresh.http.clone(), Via::Connect(ProxyAddr::Uds(uds)));
         let n = (dials / 2).max(100);
-        let (a, b) = rt.block_on(async {
+        let (a, b, rounds) = rt.block_on(async {
             wait_ready(&ours, backend).await;
             wait_ready(&upstream, backend).await;
             interleave(
@@ -1175,6 +1185,7 @@ fn main() {
             ours: ("ours, HTTP-CONNECT (UDS)", a),
             other: ("upstream, HTTP-CONNECT (UDS)", b),
             goal: 2.0,
+            rounds,
         });
         drop(fresh);
         drop(procs);
@@ -1420,6 +1431,16 @@ fn main() {
                 if ratio >= p.goal { "ok" } else { "MISS" },
                 p.goal
             );
+            let mut r = p.rounds.clone();
+            r.sort_by(f64::total_cmp);
+            if let (Some(lo), Some(hi)) = (r.first(), r.last()) {
+                println!(
+                    "    each round's ratio: {:.2} to {:.2}, median {:.2}",
+                    lo,
+                    hi,
+                    (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0
+                );
+            }
         }
     }
     for n in notes {
