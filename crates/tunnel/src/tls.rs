@@ -226,6 +226,34 @@ pub fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>,
         .map_err(|_| TlsError::Option(format!("invalid server name {host:?}")))
 }
 
+/// For unit tests: an mTLS server config and a client config that it
+/// accepts (HTTP/1.1 ALPN), from certificates in the returned directory.
+#[cfg(test)]
+pub(crate) fn test_mtls_configs() -> (tempfile::TempDir, Arc<ServerConfig>, Arc<ClientConfig>) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
+    let m = dir.path().join("certs/master");
+    let server = server_config(
+        &m.join("issued/proxy-master.crt"),
+        &m.join("private/proxy-master.key"),
+        Some(&m.join("issued/ca.crt")),
+        &TlsOptions::default(),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let client = client_config(
+        &m.join("issued/ca.crt"),
+        Some((
+            &m.join("issued/proxy-client.crt"),
+            &m.join("private/proxy-client.key"),
+        )),
+        &TlsOptions::default(),
+        &[b"http/1.1".to_vec()],
+    )
+    .unwrap();
+    (dir, server, client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,27 +264,7 @@ mod tests {
     /// most of a handshake's cost (dials/s over the mTLS frontend).
     #[tokio::test]
     async fn second_mtls_handshake_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::certs::write_make_certs(dir.path(), "127.0.0.1").unwrap();
-        let m = dir.path().join("certs/master");
-        let server = server_config(
-            &m.join("issued/proxy-master.crt"),
-            &m.join("private/proxy-master.key"),
-            Some(&m.join("issued/ca.crt")),
-            &TlsOptions::default(),
-            &[b"http/1.1"],
-        )
-        .unwrap();
-        let client = client_config(
-            &m.join("issued/ca.crt"),
-            Some((
-                &m.join("issued/proxy-client.crt"),
-                &m.join("private/proxy-client.key"),
-            )),
-            &TlsOptions::default(),
-            &[b"http/1.1".to_vec()],
-        )
-        .unwrap();
+        let (_dir, server, client) = test_mtls_configs();
         let mut kinds = Vec::new();
         for _ in 0..3 {
             let (a, b) = tokio::io::duplex(64 * 1024);

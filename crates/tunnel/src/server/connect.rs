@@ -503,10 +503,9 @@ mod tests {
     }
 
     /// Refusals reach a client whose socket holds writes until flushed,
-    /// and end its stream (a TLS client gets close_notify): a request that
-    /// is not a CONNECT, and a dial the agent answers with an error.
-    /// Without the flush and shutdown after a refusal, the client reads
-    /// nothing and waits for ever.
+    /// and end its stream: a request that is not a CONNECT, and a dial the
+    /// agent answers with an error. Without the flush after a refusal, the
+    /// client reads nothing.
     #[tokio::test]
     async fn refusals_are_flushed_and_end_the_stream() {
         use crate::proto::Packet;
@@ -552,6 +551,44 @@ mod tests {
         assert!(got.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{got}");
         assert!(got.ends_with("connect: connection refused"), "{got}");
         task.await.unwrap();
+    }
+
+    /// Over TLS, a refusal ends with close_notify: a rustls client reads
+    /// the whole reply and a clean end. Without the shutdown, its read to
+    /// the end fails with an unexpected EOF once the socket closes.
+    #[tokio::test]
+    async fn a_refusal_over_tls_ends_with_close_notify() {
+        use tokio::io::AsyncReadExt;
+        let (_dir, server_tls, client_tls) = crate::tls::test_mtls_configs();
+        let sh = shared();
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let tls = tokio_rustls::TlsAcceptor::from(server_tls)
+                .accept(server)
+                .await
+                .unwrap();
+            serve(sh, tls, HangupProbe::none()).await
+        });
+        let mut client = tokio_rustls::TlsConnector::from(client_tls)
+            .connect(crate::tls::server_name("127.0.0.1").unwrap(), client)
+            .await
+            .unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("no end of stream");
+        task.await.unwrap();
+        let got = String::from_utf8_lossy(&out);
+        assert!(
+            got.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{got}"
+        );
+        read.expect("the refusal ended without close_notify");
     }
 
     /// A client that sends a bad request and never reads the refusal (a
