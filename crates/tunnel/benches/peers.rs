@@ -541,6 +541,38 @@ where
     (rounds as f64 / inv_a, rounds as f64 / inv_b, ratios)
 }
 
+/// One side-by-side row: waits until both paths carry a dial, then
+/// measures `measure` on ours and on the other path in alternating rounds.
+async fn side_by_side<M, F>(
+    what: String,
+    rounds: usize,
+    backend: SocketAddr,
+    ours: (&'static str, Via),
+    other: (&'static str, Via),
+    goal: f64,
+    measure: M,
+) -> Paired
+where
+    M: Fn(Via) -> F,
+    F: std::future::Future<Output = f64>,
+{
+    wait_ready(&ours.1, backend).await;
+    wait_ready(&other.1, backend).await;
+    let (a, b, ratios) = interleave(
+        rounds,
+        || measure(ours.1.clone()),
+        || measure(other.1.clone()),
+    )
+    .await;
+    Paired {
+        what,
+        ours: (ours.0, a),
+        other: (other.0, b),
+        goal,
+        rounds: ratios,
+    }
+}
+
 async fn dials_per_sec(via: &Via, backend: SocketAddr, total: u64, workers: u64) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -1139,25 +1171,16 @@ fn main() {
     if paired_rounds > 0 && want("floor") && want("http") {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let fresh = Ours::start(dir.path(), "p");
-        let (floor, ours) = (Via::Uds(tls), fresh.http.clone());
         let bytes = (mib << 20) / 4;
-        let (a, b, rounds) = rt.block_on(async {
-            wait_ready(&floor, backend).await;
-            wait_ready(&ours, backend).await;
-            interleave(
-                paired_rounds,
-                || throughput(&ours, backend, bytes, 1),
-                || throughput(&floor, backend, bytes, 1),
-            )
-            .await
-        });
-        paired.push(Paired {
-            what: format!("1x MiB/s, {paired_rounds} rounds of {} MiB", bytes >> 20),
-            ours: ("ours, HTTP-CONNECT (UDS)", a),
-            other: ("TLS floor (UDS, 2 relays)", b),
-            goal: 0.9,
-            rounds,
-        });
+        paired.push(rt.block_on(side_by_side(
+            format!("1x MiB/s, {paired_rounds} rounds of {} MiB", bytes >> 20),
+            paired_rounds,
+            backend,
+            ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
+            ("TLS floor (UDS, 2 relays)", Via::Uds(tls)),
+            0.9,
+            |via| async move { throughput(&via, backend, bytes, 1).await },
+        )));
         drop(fresh);
         drop(procs);
     }
@@ -1168,25 +1191,19 @@ fn main() {
     ) {
         let fresh = Ours::start(dir.path(), "q");
         let (procs, uds) = start_upstream(&go, dir.path(), "http-connect");
-        let (ours, upstream) = (fresh.http.clone(), Via::Connect(ProxyAddr::Uds(uds)));
         let n = (dials / 2).max(100);
-        let (a, b, rounds) = rt.block_on(async {
-            wait_ready(&ours, backend).await;
-            wait_ready(&upstream, backend).await;
-            interleave(
-                paired_rounds,
-                || dials_per_sec(&ours, backend, n, 16),
-                || dials_per_sec(&upstream, backend, n, 16),
-            )
-            .await
-        });
-        paired.push(Paired {
-            what: format!("dials/s, {paired_rounds} rounds of {n} dials"),
-            ours: ("ours, HTTP-CONNECT (UDS)", a),
-            other: ("upstream, HTTP-CONNECT (UDS)", b),
-            goal: 2.0,
-            rounds,
-        });
+        paired.push(rt.block_on(side_by_side(
+            format!("dials/s, {paired_rounds} rounds of {n} dials"),
+            paired_rounds,
+            backend,
+            ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
+            (
+                "upstream, HTTP-CONNECT (UDS)",
+                Via::Connect(ProxyAddr::Uds(uds)),
+            ),
+            2.0,
+            |via| async move { dials_per_sec(&via, backend, n, 16).await },
+        )));
         drop(fresh);
         drop(procs);
     }
