@@ -41,17 +41,50 @@ pub(crate) fn dial_error_status(err: &str) -> (u16, &'static str) {
 
 /// How long a refusal may wait for a client that does not read it.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a refusal, how long the client's unread bytes are still read and
+/// dropped, and how many at most. Closing a socket with unread bytes makes
+/// the kernel answer with a reset instead of a FIN, and a client that sent
+/// more behind its head (a pipelined request, early tunnel bytes) would
+/// read the end of the refusal as an error; a body delimited by the close,
+/// as the 500's is, would be cut off.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_DRAIN_MAX: usize = 1024 * 1024;
 
 /// Sends a refusal and ends the client's side of the socket: flushed, so
 /// a TLS stream's records leave rustls' buffer, and shut down, so a TLS
 /// client gets close_notify (a rustls client reading a body delimited by
-/// the close otherwise sees an unexpected EOF). Errors are ignored (the
-/// client may already be gone), and a client that does not read gets
-/// [`REFUSAL_TIMEOUT`], not a task held for good.
-async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reply: &[u8]) {
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-        if wr.write_all(reply).await.is_ok() && wr.flush().await.is_ok() {
-            let _ = wr.shutdown().await;
+/// the close otherwise sees an unexpected EOF). Then what the client sent
+/// and the server did not read is read and dropped, until its EOF or for
+/// [`REFUSAL_LINGER`], so the socket closes with a FIN, not a reset.
+/// Errors are ignored (the client may already be gone), and a client that
+/// does not read gets [`REFUSAL_TIMEOUT`], not a task held for good.
+async fn refuse<R, W>(rd: &mut R, wr: &mut W, reply: &[u8])
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ended = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        wr.write_all(reply).await.is_ok() && wr.flush().await.is_ok() && wr.shutdown().await.is_ok()
+    })
+    .await;
+    if ended == Ok(true) {
+        drain_unread(rd).await;
+    }
+}
+
+/// Reads and drops what the client still sends; see [`REFUSAL_LINGER`].
+async fn drain_unread<R: AsyncRead + Unpin>(rd: &mut R) {
+    use tokio::io::AsyncReadExt;
+    // On the heap and only here: a buffer in the future would be held by
+    // every connection that is never refused.
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = REFUSAL_DRAIN_MAX;
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        while left > 0 {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
         }
     })
     .await;
@@ -233,6 +266,7 @@ where
             Err(_) => {
                 sh.metrics.bad("http_head_timeout");
                 refuse(
+                    &mut rd,
                     &mut wr,
                     &go_error(408, "Request Timeout", "408 Request Timeout"),
                 )
@@ -255,6 +289,7 @@ where
         if head.len() > MAX_HEAD {
             sh.metrics.bad("http_head_too_large");
             refuse(
+                &mut rd,
                 &mut wr,
                 &go_error(
                     431,
@@ -271,13 +306,14 @@ where
         Err(HeadError::Malformed) => {
             sh.metrics.bad("http_malformed");
             tracing::info!("malformed HTTP request on the HTTP-CONNECT port");
-            refuse(&mut wr, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
+            refuse(&mut rd, &mut wr, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
             return;
         }
         Err(HeadError::Method(method)) => {
             sh.metrics.bad("http_method");
             tracing::info!(method, "refused: only CONNECT is served");
             refuse(
+                &mut rd,
                 &mut wr,
                 &go_error(
                     405,
@@ -290,7 +326,7 @@ where
         }
         Err(HeadError::NoTarget) => {
             sh.metrics.bad("http_no_target");
-            refuse(&mut wr, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
+            refuse(&mut rd, &mut wr, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: missing CONNECT target").await;
             return;
         }
     };
@@ -310,7 +346,7 @@ where
             DialError::Overloaded | DialError::QueuedBytesCap => go_error(503, "Service Unavailable", &format!("Failed to tunnel dial request: {e}\r\n")),
             _ => go_error(502, "Bad Gateway", &format!("Failed to tunnel dial request: {e}\r\n")),
         };
-        refuse(&mut wr, &reply).await;
+        refuse(&mut rd, &mut wr, &reply).await;
         sh.frontend_gone(&fe);
         return;
     }
@@ -327,7 +363,7 @@ where
                     Checked::DialRsp(r) if r.error.is_empty() => break r.connect_id,
                     Checked::DialRsp(r) => {
                         let (code, reason) = dial_error_status(&r.error);
-                        refuse(&mut wr, &go_error(code, reason, &r.error)).await;
+                        refuse(&mut rd, &mut wr, &go_error(code, reason, &r.error)).await;
                         sh.frontend_gone(&fe);
                         return;
                     }
@@ -436,6 +472,8 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let task = tokio::spawn(serve(sh, server, HangupProbe::none()));
         client.write_all(&head).await.unwrap();
+        // The end of the request: a refusal's drain stops at it.
+        client.shutdown().await.unwrap();
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
         task.await.unwrap();
@@ -589,6 +627,55 @@ mod tests {
             "{got}"
         );
         read.expect("the refusal ended without close_notify");
+    }
+
+    /// A client that sent more behind a refused head gets the refusal and a
+    /// clean end (FIN), not a reset: the server reads and drops what it
+    /// did not read before closing. Real loopback TCP, since the reset is
+    /// the kernel's. Linux still lets the client read the reply and the
+    /// FIN that came before a reset, but leaves the reset as the socket's
+    /// pending error (what a client writing more, or another stack, sees);
+    /// without the drain that error is ECONNRESET.
+    #[tokio::test]
+    async fn a_refused_client_that_sent_more_gets_a_clean_end() {
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let probe = HangupProbe::of(&socket);
+            serve(sh, socket, probe).await
+        });
+        let (mut rd, mut wr) = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap()
+            .into_split();
+        // Several reads' worth behind the head, well under the drain's cap.
+        let mut sent = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        sent.resize(sent.len() + 4 * crate::READ_CHUNK, b'x');
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&sent).await;
+            let _ = wr.shutdown().await;
+            wr
+        });
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server did not close")
+            .unwrap();
+        let wr = writer.await.unwrap();
+        // Loopback delivers a reset within the closing call; the pause
+        // only makes a missed one less likely.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut out = Vec::new();
+        rd.read_to_end(&mut out).await.unwrap();
+        let got = String::from_utf8_lossy(&out);
+        assert!(
+            got.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{got}"
+        );
+        let pending = rd.reunite(wr).unwrap().take_error().unwrap();
+        assert!(pending.is_none(), "the refusal ended with {pending:?}");
     }
 
     /// A client that sends a bad request and never reads the refusal (a
