@@ -498,6 +498,31 @@ async fn throughput(via: &Via, backend: SocketAddr, bytes: u64, streams: u64) ->
     (each * streams) as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
+/// Which side of a goal a ratio must be on.
+#[derive(Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// A ratio with its verdict, e.g. `0.82x MISS`. Two decimals, or three
+/// where two would round onto the goal from the wrong side: the verdict is
+/// on the ratio itself, and `0.90x MISS` (for 0.897) would read as a
+/// contradiction.
+fn judged(ratio: f64, goal: Goal) -> String {
+    let (met, limit) = match goal {
+        Goal::AtLeast(g) => (ratio >= g, g),
+        Goal::AtMost(g) => (ratio <= g, g),
+    };
+    let verdict = if met { "ok" } else { "MISS" };
+    let two = format!("{ratio:.2}");
+    if !met && two == format!("{limit:.2}") {
+        format!("{ratio:.3}x {verdict}")
+    } else {
+        format!("{two}x {verdict}")
+    }
+}
+
 /// One side-by-side measurement: ours and the other path's rate, each
 /// aggregated over its rounds.
 struct Paired {
@@ -1274,7 +1299,6 @@ fn main() {
                 (Some(a), Some(b)) if b > 0.0 => a / b,
                 _ => f64::NAN,
             };
-            let ok = |x: f64, goal: f64| if x >= goal { "ok" } else { "MISS" };
             let cpu = match (o.cpu_ms_gib, u.cpu_ms_gib) {
                 (Some(a), Some(b)) if b > 0.0 => a / b,
                 _ => f64::NAN,
@@ -1284,37 +1308,29 @@ fn main() {
                 _ => f64::NAN,
             };
             println!(
-                "  {:<24} / {:<22} cpu/GiB {:>5.2} {:<4} cpu/dial {:>5.2}",
+                "  {:<24} / {:<22} cpu/GiB {:>10} cpu/dial {:>5.2}",
                 o.name,
                 u.name,
-                cpu,
-                if cpu <= 0.5 { "ok" } else { "MISS" },
+                judged(cpu, Goal::AtMost(0.5)),
                 cpu_dial
             );
             println!(
-                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} dials {:>5.2} {:<4} mem {:>5.2} {:<4} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory, <= 0.5x cpu/GiB)",
+                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} dials {:>10} mem {:>10} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory, <= 0.5x cpu/GiB)",
                 o.name,
                 u.name,
-                o.t1 / u.t1,
-                ok(o.t1 / u.t1, 1.5),
-                o.t16 / u.t16,
-                ok(o.t16 / u.t16, 1.5),
-                o.dps / u.dps,
-                ok(o.dps / u.dps, 2.0),
-                mem,
-                if mem <= 0.25 { "ok" } else { "MISS" },
+                judged(o.t1 / u.t1, Goal::AtLeast(1.5)),
+                judged(o.t16 / u.t16, Goal::AtLeast(1.5)),
+                judged(o.dps / u.dps, Goal::AtLeast(2.0)),
+                judged(mem, Goal::AtMost(0.25)),
             );
         }
         if let Some(f) = find("TLS floor") {
-            let ok = |x: f64| if x >= 0.9 { "ok" } else { "MISS" };
             println!(
-                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} (goal >= 0.9x the floor)",
+                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} (goal >= 0.9x the floor)",
                 o.name,
                 f.name,
-                o.t1 / f.t1,
-                ok(o.t1 / f.t1),
-                o.t16 / f.t16,
-                ok(o.t16 / f.t16)
+                judged(o.t1 / f.t1, Goal::AtLeast(0.9)),
+                judged(o.t16 / f.t16, Goal::AtLeast(0.9)),
             );
         }
         for (peer, goal) in [
@@ -1328,17 +1344,13 @@ fn main() {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
                 _ => "-".into(),
             };
-            let ok = |x: f64| if x >= goal { "ok" } else { "MISS" };
             println!(
-                "  {:<24} / {:<22} 1x {:>5.2} {:<4} 16x {:>5.2} {:<4} dials {:>5.2} {:<4} mem {:>5} (goal >= {goal}x; mem <= 1 vs rathole)",
+                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} dials {:>10} mem {:>5} (goal >= {goal}x; mem <= 1 vs rathole)",
                 o.name,
                 p.name,
-                o.t1 / p.t1,
-                ok(o.t1 / p.t1),
-                o.t16 / p.t16,
-                ok(o.t16 / p.t16),
-                o.dps / p.dps,
-                ok(o.dps / p.dps),
+                judged(o.t1 / p.t1, Goal::AtLeast(goal)),
+                judged(o.t16 / p.t16, Goal::AtLeast(goal)),
+                judged(o.dps / p.dps, Goal::AtLeast(goal)),
                 mem
             );
         }
@@ -1382,8 +1394,8 @@ fn main() {
         if let [(_, Ok(o)), (_, Ok(u))] = &konn[..] {
             let ratio = o.dps / u.dps;
             println!(
-                "  ours / upstream: dials/s {ratio:.2} {} (goal >= 2x), p50 {:.2}, p99 {:.2}, tunnel CPU per dial {:.2}",
-                if ratio >= 2.0 { "ok" } else { "MISS" },
+                "  ours / upstream: dials/s {} (goal >= 2x), p50 {:.2}, p99 {:.2}, tunnel CPU per dial {:.2}",
+                judged(ratio, Goal::AtLeast(2.0)),
                 o.p50_ms / u.p50_ms,
                 o.p99_ms / u.p99_ms,
                 o.tunnel_us / u.tunnel_us
@@ -1438,14 +1450,13 @@ fn main() {
         for p in &paired {
             let ratio = p.ours.1 / p.other.1;
             println!(
-                "  {}: {} {:.0}, {} {:.0}: {:.2}x {} (goal >= {}x)",
+                "  {}: {} {:.0}, {} {:.0}: {} (goal >= {}x)",
                 p.what,
                 p.ours.0,
                 p.ours.1,
                 p.other.0,
                 p.other.1,
-                ratio,
-                if ratio >= p.goal { "ok" } else { "MISS" },
+                judged(ratio, Goal::AtLeast(p.goal)),
                 p.goal
             );
             let mut r = p.rounds.clone();
