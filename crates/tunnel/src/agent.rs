@@ -884,9 +884,10 @@ async fn dial(
         loop {
             let p = tokio::select! {
                 _ = ep_w.kill.cancelled() => return,
-                p = ep_w.queue.pop() => p,
+                p = ep_w.queue.pop_charged() => p,
             };
-            let Some(p) = p else { break };
+            // The charge is held through the write: see `pop_charged`.
+            let Some((p, _charge)) = p else { break };
             let Ok(Checked::Data(d)) = p.checked() else {
                 continue;
             };

@@ -502,7 +502,7 @@ impl Default for ServerMetrics {
                 &r,
                 s,
                 "queued_bytes",
-                "Bytes held for connections whose reader has not taken them yet (queues toward clients, gRPC receive buffers toward agents), summed over all connections.",
+                "Bytes held for connections whose reader has not taken them yet (queues toward clients and the packet each is writing, gRPC receive buffers toward agents), summed over all connections.",
             ),
             dials_refused_total: counter_vec(
                 &r,
@@ -697,7 +697,7 @@ impl Default for AgentMetrics {
                 &r,
                 s,
                 "queued_bytes",
-                "Bytes queued toward backends that have not taken them yet, summed over all connections.",
+                "Bytes queued toward backends that have not taken them yet (the packet each is writing included), summed over all connections.",
             ),
             dials_refused_total: counter_vec(
                 &r,

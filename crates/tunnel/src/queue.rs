@@ -146,27 +146,60 @@ impl PacketQueue {
         self.state.lock().unwrap().bytes
     }
 
-    /// The next packet, waiting if none is queued; `None` once closed and empty.
+    /// The next packet, waiting if none is queued; `None` once closed and
+    /// empty. Its bytes leave the shared count at once; a caller that goes
+    /// on to write them to a reader takes [`PacketQueue::pop_charged`].
     pub async fn pop(&self) -> Option<Packet> {
+        self.pop_charged()
+            .await
+            .map(|(packet, _released_here)| packet)
+    }
+
+    /// [`PacketQueue::pop`], with the packet's bytes still charged to the
+    /// shared count until the returned [`Charge`] is dropped: a write to a
+    /// reader that does not read holds its packet (up to
+    /// [`crate::MAX_DATA_PIECE`]) for as long as it waits, and the cap
+    /// must see that memory, or a crowd of such writers holds it unseen.
+    pub async fn pop_charged(&self) -> Option<(Packet, Charge)> {
         loop {
             {
                 let mut st = self.state.lock().unwrap();
                 if let Some(p) = st.packets.pop_front() {
-                    st.bytes -= p.weight();
-                    if let Some(s) = &self.shared {
-                        s.release(p.weight());
-                    }
+                    let weight = p.weight();
+                    st.bytes -= weight;
                     if st.packets.is_empty() {
                         // Give back a queue that grew under a burst.
                         st.packets.shrink_to(4);
                     }
-                    return Some(p);
+                    drop(st);
+                    let charge = Charge(self.shared.clone().map(|s| (s, weight)));
+                    return Some((p, charge));
                 }
                 if st.closed {
                     return None;
                 }
             }
             self.notify.notified().await;
+        }
+    }
+}
+
+/// A popped packet's bytes, still counted in the process's
+/// [`QueuedBytes`] until this is dropped.
+#[must_use = "dropping the charge releases the packet's bytes at once"]
+pub struct Charge(Option<(Arc<QueuedBytes>, usize)>);
+
+impl Charge {
+    /// Bytes counted nowhere.
+    pub fn none() -> Self {
+        Charge(None)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some((shared, bytes)) = self.0.take() {
+            shared.release(bytes);
         }
     }
 }
@@ -285,11 +318,19 @@ mod tests {
             .unwrap();
         assert!(shared.over_cap(), "{} bytes held", shared.held());
         assert_eq!(gauge.get() as usize, shared.held());
-        // Popped bytes are given back; a dropped queue gives back the rest.
-        a.pop().await.unwrap();
+        // A packet popped to be written stays charged until its write is
+        // over (its charge dropped); a plain pop gives its bytes back at
+        // once, and a dropped queue gives back the rest.
+        let before = shared.held();
+        let (_, charge) = a.pop_charged().await.unwrap();
+        assert_eq!(shared.held(), before);
+        assert!(shared.over_cap());
+        drop(charge);
         assert!(!shared.over_cap());
-        let held = shared.held();
-        assert!(held >= 900, "{held}");
+        let before = shared.held();
+        b.pop().await.unwrap();
+        assert!(shared.held() < before);
+        assert!(shared.held() > 0);
         drop(b);
         assert_eq!(shared.held(), 0);
         // No cap: never over it.

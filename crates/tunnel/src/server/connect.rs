@@ -420,7 +420,8 @@ where
         }
     };
     let down = async {
-        while let Some(p) = fe.queue.pop().await {
+        // The charge is held through the write: see `pop_charged`.
+        while let Some((p, _charge)) = fe.queue.pop_charged().await {
             match p.checked() {
                 Ok(Checked::Data(d)) => {
                     let data: Bytes = d.data;
@@ -538,6 +539,39 @@ mod tests {
         sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
         drop(client);
         task.await.unwrap();
+    }
+
+    /// A packet being written to a client that does not read still holds
+    /// its memory, so it stays in the server's queued bytes (what the cap
+    /// on new dials looks at) until the write is over; it used to leave
+    /// the count when popped.
+    #[tokio::test]
+    async fn a_packet_stuck_in_a_write_stays_counted() {
+        use crate::proto::Packet;
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
+        // A client socket that takes 1 KiB and is then not read.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(serve(sh.clone(), server, HangupProbe::none()));
+        let random = connect_and_dial(&mut client, &mut to_agent).await;
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
+        let mut head = [0u8; 39];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head[..], b"HTTP/1.1 200 Connection Established\r\n\r\n");
+        sh.handle_agent_packet(&backend, Packet::data(7, vec![7u8; 64 << 10].into()));
+        // Its first byte arriving means the writer has taken the packet.
+        let mut first = [0u8; 1];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(sh.metrics.queued_bytes.get(), (64 << 10) + 64);
+        // Read the rest: the write ends and the bytes leave the count.
+        let mut rest = vec![0u8; (64 << 10) - 1];
+        client.read_exact(&mut rest).await.unwrap();
+        sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
+        let mut end = Vec::new();
+        client.read_to_end(&mut end).await.unwrap();
+        task.await.unwrap();
+        assert_eq!(sh.metrics.queued_bytes.get(), 0);
     }
 
     /// Refusals reach a client whose socket holds writes until flushed,

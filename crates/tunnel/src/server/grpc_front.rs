@@ -35,7 +35,7 @@ use tokio::time::Sleep;
 use super::state::{Frontend, Shared};
 use crate::h2::{self, ConnError, Head, code, conn_error, flag, kind, setting};
 use crate::proto::Packet;
-use crate::queue::QueuedBytes;
+use crate::queue::{Charge, QueuedBytes};
 
 /// The one method this server has.
 const PROXY_PATH: &str = "/ProxyService/Proxy";
@@ -116,7 +116,7 @@ struct Stream {
     send_window: i64,
     /// The encoded message being sent, when the windows held it up.
     pending: Option<OutMessage>,
-    pop: Option<BoxFuture<Option<Packet>>>,
+    pop: Option<BoxFuture<Option<(Packet, Charge)>>>,
     /// Trailers sent (or the stream was reset): nothing more goes out.
     send_done: bool,
     /// The response head went out. It is sent with the first message, as
@@ -1312,11 +1312,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             }
             let pop = s.pop.get_or_insert_with(|| {
                 let fe = s.fe.clone();
-                Box::pin(async move { fe.queue.pop().await })
+                Box::pin(async move { fe.queue.pop_charged().await })
             });
             match pop.as_mut().poll(cx) {
                 Poll::Pending => return progress,
-                Poll::Ready(Some(packet)) => {
+                Poll::Ready(Some((packet, charge))) => {
                     s.pop = None;
                     if let Some(crate::proto::Payload::Data(d)) = &packet.payload {
                         self.sh.delivered(&s.fe, d.connect_id, d.data.len());
@@ -1325,7 +1325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                         h2::grpc_response_headers(self.out.buf(), s.id);
                         s.head_sent = true;
                     }
-                    s.pending = Some(encode_message(&packet));
+                    s.pending = Some(encode_message(&packet, charge));
                     progress = true;
                 }
                 Poll::Ready(None) => {
@@ -1445,10 +1445,13 @@ fn release(sh: &Shared, fe: &Frontend) {
 struct OutMessage {
     parts: VecDeque<Bytes>,
     len: usize,
+    /// The packet's bytes stay counted in the server's queued bytes while
+    /// the client's windows hold the message here.
+    _charge: Charge,
 }
 
 /// A packet as a gRPC message, its DATA payload not copied.
-fn encode_message(p: &Packet) -> OutMessage {
+fn encode_message(p: &Packet, charge: Charge) -> OutMessage {
     let e = crate::grpc_wire::encode(p);
     let len = e.len();
     let mut parts = VecDeque::with_capacity(2);
@@ -1456,7 +1459,11 @@ fn encode_message(p: &Packet) -> OutMessage {
     if !e.payload.is_empty() {
         parts.push_back(e.payload);
     }
-    OutMessage { parts, len }
+    OutMessage {
+        parts,
+        len,
+        _charge: charge,
+    }
 }
 
 /// The `bad_input_total` kind of a connection error: ENHANCE_YOUR_CALM
@@ -1986,7 +1993,7 @@ mod tests {
             c.sh.handle_agent_packet(&c.agent, Packet::data(7, chunk.clone()));
         }
         // The client gives window back only once all of it is used.
-        let per_message = encode_message(&Packet::data(7, chunk.clone())).len;
+        let per_message = encode_message(&Packet::data(7, chunk.clone()), Charge::none()).len;
         let expected = per_message * (TOTAL / chunk.len());
         let (mut got, mut unacked) = (0usize, 0usize);
         while got < expected {
