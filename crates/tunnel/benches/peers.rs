@@ -913,6 +913,18 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
         .unwrap_or(d)
 }
 
+/// The CPU's model name, so runs on different hosts are told apart: the
+/// ratios to the floor move with the host, not only with the code.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -1240,7 +1252,8 @@ fn main() {
         .unwrap_or(0);
     println!();
     println!(
-        "tunnel vs peers ({cpus} CPUs, loopback, load average before {load_before}, after {}; {mib} MiB per throughput row, {dials} dials x16 workers, {rounds} echo rounds; RLIMIT_NOFILE {nofile})",
+        "tunnel vs peers ({cpus} CPUs of {}, loopback, load average before {load_before}, after {}; {mib} MiB per throughput row, {dials} dials x16 workers, {rounds} echo rounds; RLIMIT_NOFILE {nofile})",
+        cpu_model(),
         loadavg()
     );
     println!(
