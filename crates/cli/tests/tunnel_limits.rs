@@ -144,10 +144,70 @@ fn a_connection_flood_on_the_health_ports_is_capped_and_tunnels_keep_working() {
             (200, "success: hello from the backend")
         );
     });
+    // Let go of the flood only once the agent's kernel has handed it every
+    // connection: one whose handshake a full accept queue held back (the
+    // client's side reads as connected already) and that closes first is
+    // never accepted, so never counted.
+    let agent_health = st.ports.agent_health;
+    proxyctl_testkit::process::wait_until_explained(
+        "the agent to accept every connection of the flood",
+        Duration::from_secs(90),
+        || not_yet_accepted(agent_health) == 0,
+        || format!("not accepted yet: {}", not_yet_accepted(agent_health)),
+    );
     drop(flood);
-    wait_for("the agent's refusals", Duration::from_secs(90), || {
-        flood_counted(st.ports.agent_health, 1500)
-    });
+    proxyctl_testkit::process::wait_until_explained(
+        "the agent's refusals",
+        Duration::from_secs(90),
+        || flood_counted(agent_health, 1500),
+        || {
+            format!(
+                "refused at the cap: {}, timed out: {}, not accepted yet: {}",
+                refused_for(agent_health, "health", "connection_cap"),
+                refused_for(agent_health, "health", "timeout"),
+                not_yet_accepted(agent_health)
+            )
+        },
+    );
+}
+
+/// Connections to local `port` that its listener has not accepted yet:
+/// handshakes the kernel still holds (SYN_RECV: a full accept queue
+/// dropped the client's ACK, and the SYN-ACK goes out again later) and
+/// those waiting in the accept queue (a listening socket's rx_queue in
+/// /proc/net/tcp is its accept queue's length).
+fn not_yet_accepted(port: u16) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        // sl local_address rem_address st tx_queue:rx_queue ...
+        for row in text.lines().skip(1) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let (Some(local), Some(state), Some(queues)) = (cols.get(1), cols.get(3), cols.get(4))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|h| u16::from_str_radix(h, 16).ok());
+            if local_port != Some(port) {
+                continue;
+            }
+            match *state {
+                "03" => n += 1,
+                "0A" => {
+                    n += queues
+                        .split(':')
+                        .nth(1)
+                        .and_then(|h| usize::from_str_radix(h, 16).ok())
+                        .unwrap_or(0)
+                }
+                _ => {}
+            }
+        }
+    }
+    n
 }
 
 /// What a server or agent holds for readers that do not read, from its
