@@ -534,6 +534,95 @@ struct Paired {
     /// seconds apart): their spread shows whether a run's ratio is steady
     /// within the run or only differs between runs.
     rounds: Vec<f64>,
+    /// Lines printed under the row (where the CPU went).
+    notes: Vec<String>,
+}
+
+/// CPU spent by each process of a dials round, summed over one side's
+/// rounds: what decides dials/s when the machine is CPU-bound, and so the
+/// ratio a tunnel costing nothing would reach against the other side
+/// (the client and the backend cost the same on both).
+#[derive(Default, Clone, Copy)]
+struct DialsCpu {
+    dials: u64,
+    /// Seconds of CPU: this process (the client), the backend process,
+    /// the tunnel's processes.
+    client: f64,
+    backend: f64,
+    tunnel: f64,
+    /// Busy and total jiffies of the machine (/proc/stat).
+    busy: u64,
+    total: u64,
+    wall: f64,
+}
+
+impl DialsCpu {
+    /// Runs `round` (one dials round of `dials` dials) and adds its CPU.
+    async fn add<F: std::future::Future<Output = f64>>(
+        cell: &std::sync::Mutex<DialsCpu>,
+        dials: u64,
+        backend: u32,
+        tunnel: &[u32],
+        round: F,
+    ) -> f64 {
+        let (c0, b0, t0, (busy0, total0), w0) = (
+            self_cpu(),
+            cpu_secs(backend),
+            cpu_of(tunnel),
+            cpu_jiffies(),
+            Instant::now(),
+        );
+        let rate = round.await;
+        let (busy1, total1) = cpu_jiffies();
+        let mut d = cell.lock().unwrap();
+        d.dials += dials;
+        d.client += self_cpu() - c0;
+        d.backend += cpu_secs(backend) - b0;
+        d.tunnel += cpu_of(tunnel) - t0;
+        d.busy += busy1 - busy0;
+        d.total += total1 - total0;
+        d.wall += w0.elapsed().as_secs_f64();
+        rate
+    }
+
+    fn us_per_dial(&self, secs: f64) -> f64 {
+        secs * 1e6 / self.dials.max(1) as f64
+    }
+
+    /// The tunnel's processes, client and backend over wall time x CPUs.
+    fn util(&self, cpus: usize) -> f64 {
+        (self.client + self.backend + self.tunnel) / (self.wall * cpus.max(1) as f64)
+    }
+
+    /// Lines for a side-by-side dials row: CPU per dial of both sides,
+    /// and the ceiling a tunnel costing no CPU would reach against
+    /// `other` on this machine, (C + B + U) / (C + B) with the other
+    /// side's C, B, U.
+    fn notes(ours: &DialsCpu, other: &DialsCpu, cpus: usize) -> Vec<String> {
+        let us = |d: &DialsCpu| {
+            (
+                d.us_per_dial(d.client),
+                d.us_per_dial(d.backend),
+                d.us_per_dial(d.tunnel),
+            )
+        };
+        let ((oc, ob, ot), (uc, ub, ut)) = (us(ours), us(other));
+        let machine = |d: &DialsCpu| d.busy as f64 / d.total.max(1) as f64 * 100.0;
+        vec![
+            format!(
+                "    CPU per dial, us (ours / other): client {oc:.0} / {uc:.0}, backend {ob:.0} / {ub:.0}, tunnel {ot:.0} / {ut:.0}; these processes kept {:.0}% / {:.0}% of the CPUs busy, the machine {:.0}% / {:.0}%",
+                ours.util(cpus) * 100.0,
+                other.util(cpus) * 100.0,
+                machine(ours),
+                machine(other),
+            ),
+            format!(
+                "    a tunnel costing no CPU would reach {:.2}x against the other here (its client + backend + tunnel over client + backend); the CPU per dial above predicts {:.2}x for ours",
+                (uc + ub + ut) / (uc + ub),
+                (uc + ub + ut) / (oc + ob + ot),
+            ),
+        ]
+    }
 }
 
 /// Runs `a` and `b` in turns, `rounds` times each (which goes first
@@ -578,15 +667,15 @@ async fn side_by_side<M, F>(
     measure: M,
 ) -> Paired
 where
-    M: Fn(Via) -> F,
+    M: Fn(Side, Via) -> F,
     F: std::future::Future<Output = f64>,
 {
     wait_ready(&ours.1, backend).await;
     wait_ready(&other.1, backend).await;
     let (a, b, ratios) = interleave(
         rounds,
-        || measure(ours.1.clone()),
-        || measure(other.1.clone()),
+        || measure(Side::Ours, ours.1.clone()),
+        || measure(Side::Other, other.1.clone()),
     )
     .await;
     Paired {
@@ -595,7 +684,14 @@ where
         other: (other.0, b),
         goal,
         rounds: ratios,
+        notes: Vec::new(),
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Ours,
+    Other,
 }
 
 async fn dials_per_sec(via: &Via, backend: SocketAddr, total: u64, workers: u64) -> f64 {
@@ -1216,7 +1312,7 @@ fn main() {
             ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
             ("TLS floor (UDS, 2 relays)", Via::Uds(tls)),
             0.9,
-            |via| async move { throughput(&via, backend, bytes, 1).await },
+            |_, via| async move { throughput(&via, backend, bytes, 1).await },
         )));
         drop(fresh);
         drop(procs);
@@ -1229,7 +1325,10 @@ fn main() {
         let fresh = Ours::start(dir.path(), "q");
         let (procs, uds) = start_upstream(&go, dir.path(), "http-connect");
         let n = (dials / 2).max(100);
-        paired.push(rt.block_on(side_by_side(
+        let tunnels = [fresh.pids(), roots_of(&procs)];
+        let cpu: [std::sync::Mutex<DialsCpu>; 2] = Default::default();
+        let backend_pid = backend_proc.0.id();
+        let mut row = rt.block_on(side_by_side(
             format!("dials/s, {paired_rounds} rounds of {n} dials"),
             paired_rounds,
             backend,
@@ -1239,8 +1338,19 @@ fn main() {
                 Via::Connect(ProxyAddr::Uds(uds)),
             ),
             2.0,
-            |via| async move { dials_per_sec(&via, backend, n, 16).await },
-        )));
+            |side, via| {
+                let i = usize::from(side == Side::Other);
+                let (cell, tunnel) = (&cpu[i], &tunnels[i]);
+                async move {
+                    let round = dials_per_sec(&via, backend, n, 16);
+                    DialsCpu::add(cell, n, backend_pid, tunnel, round).await
+                }
+            },
+        ));
+        let [ours_cpu, other_cpu] = cpu.map(|c| c.into_inner().unwrap());
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        row.notes = DialsCpu::notes(&ours_cpu, &other_cpu, cpus);
+        paired.push(row);
         drop(fresh);
         drop(procs);
     }
@@ -1481,6 +1591,9 @@ fn main() {
                     hi,
                     (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0
                 );
+            }
+            for line in &p.notes {
+                println!("{line}");
             }
         }
     }
