@@ -363,10 +363,15 @@ pub async fn http_connect(
     // Buffered, as kube-apiserver's Go dialer reads it (bufio): a byte at
     // a time cost a syscall per byte. Whatever follows the head is kept.
     let mut head = Vec::with_capacity(1024);
+    // Only bytes not yet searched (and the three before them) can hold the
+    // end: a head trickled a byte per read is not rescanned from the start.
+    let mut searched: usize = 0;
     let head_end = loop {
-        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
+        let from = searched.saturating_sub(3);
+        if let Some(end) = head[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            break from + end + 4;
         }
+        searched = head.len();
         if head.len() > MAX_RESPONSE_HEAD {
             return Err(ClientError::Stream("response head too large".into()));
         }
@@ -556,19 +561,28 @@ mod tests {
         assert_eq!(&back, b"echoed");
     }
 
-    /// A head that trickles in, split inside its final CRLFCRLF, is found.
+    /// A head that trickles in, its final CRLFCRLF split over three reads
+    /// (each read searches only the new bytes and the three before), is
+    /// found.
     #[tokio::test]
     async fn a_head_in_pieces_is_found() {
         let (_dir, addr) = proxy_answering(
             vec![
                 b"HTTP/1.1 200 OK\r\n".to_vec(),
-                b"X: y\r\n\r".to_vec(),
+                b"X: y\r".to_vec(),
+                b"\n\r".to_vec(),
                 b"\n".to_vec(),
             ],
             true,
         )
         .await;
-        let mut io = http_connect(&addr, "10.0.0.1:80", "t").await.unwrap();
+        let mut io = tokio::time::timeout(
+            Duration::from_secs(10),
+            http_connect(&addr, "10.0.0.1:80", "t"),
+        )
+        .await
+        .expect("the end of the head was missed")
+        .unwrap();
         io.write_all(b"x").await.unwrap();
         let mut back = [0u8; 1];
         io.read_exact(&mut back).await.unwrap();
