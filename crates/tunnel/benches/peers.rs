@@ -540,9 +540,10 @@ struct Paired {
 
 /// CPU spent by each process of a dials round, summed over one side's
 /// rounds: what decides dials/s when the machine is CPU-bound, and so the
-/// ratio a tunnel costing nothing would reach against the other side
-/// (the client and the backend cost the same on both).
-#[derive(Default, Clone, Copy)]
+/// ratio a tunnel costing nothing would reach against the other side.
+/// The client and the backend do the same work on both sides, but their
+/// CPU per dial is measured per side, not assumed equal (it is not).
+#[derive(Default)]
 struct DialsCpu {
     dials: u64,
     /// Seconds of CPU: this process (the client), the backend process,
@@ -618,11 +619,19 @@ impl DialsCpu {
             ),
             format!(
                 "    a tunnel costing no CPU would reach {:.2}x against the other here (its client + backend + tunnel over client + backend); the CPU per dial above predicts {:.2}x for ours",
-                (uc + ub + ut) / (uc + ub),
+                zero_cpu_ceiling(uc, ub, ut),
                 (uc + ub + ut) / (oc + ob + ot),
             ),
         ]
     }
+}
+
+/// Against a path whose dials cost `client`, `backend` and `tunnel` CPU
+/// each, the most any tunnel can reach on a CPU-bound machine: dials/s is
+/// CPUs x busy share / CPU per dial, and a tunnel costing nothing leaves
+/// only client + backend.
+fn zero_cpu_ceiling(client: f64, backend: f64, tunnel: f64) -> f64 {
+    (client + backend + tunnel) / (client + backend)
 }
 
 /// Runs `a` and `b` in turns, `rounds` times each (which goes first
@@ -1523,11 +1532,7 @@ fn main() {
                 o.p99_ms / u.p99_ms,
                 o.tunnel_us / u.tunnel_us
             );
-            // If the machine is CPU-bound, dials/s = CPUs x util / (CPU per
-            // dial of client + backend + tunnel). A tunnel costing nothing
-            // leaves client + backend: that bounds ours / upstream.
-            let fixed = u.client_us + u.backend_us;
-            let ceiling = (fixed + u.tunnel_us) / fixed;
+            let ceiling = zero_cpu_ceiling(u.client_us, u.backend_us, u.tunnel_us);
             println!(
                 "  ceiling for ours/upstream with this client on {cpus} CPUs: {ceiling:.2}x (zero-CPU tunnel; upstream's row: client {:.0} + backend {:.0} + tunnel {:.0} us/dial) vs measured {ratio:.2}x",
                 u.client_us, u.backend_us, u.tunnel_us
