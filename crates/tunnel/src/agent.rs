@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::grpc_wire::{self, H2Body, StreamErrorCode, WireBuf};
 use crate::http::{self, Reply};
+use crate::idle_flush::IdleFlush;
 use crate::keepalive::Keepalive;
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
@@ -48,7 +49,8 @@ const BULK_READ: usize = crate::READ_CHUNK / 2;
 type EndpointReader = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The HTTP/2 connection to one server, with its TLS stream.
-type H2Conn = ::h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, WireBuf>;
+type H2Conn =
+    ::h2::client::Connection<IdleFlush<tokio_rustls::client::TlsStream<TcpStream>>, WireBuf>;
 /// How long a keepalive PING may wait for its answer (what the agent set on
 /// hyper before, and grpc-go's default keepalive timeout).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -359,7 +361,7 @@ async fn open_conn(
             .initial_window_size(4 << 20)
             .initial_connection_window_size(8 << 20)
             .max_frame_size(crate::H2_MAX_FRAME)
-            .handshake(io)
+            .handshake(IdleFlush::new(io))
             .await?;
         anyhow::Ok(r)
     })

@@ -21,6 +21,7 @@ pub mod duration;
 pub(crate) mod grpc_wire;
 pub mod h2;
 pub mod http;
+pub(crate) mod idle_flush;
 pub(crate) mod keepalive;
 pub mod kube;
 pub mod lease;

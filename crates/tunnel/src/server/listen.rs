@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 
+use crate::idle_flush::IdleFlush;
 use crate::self_wake::{AbsorbingExecutor, absorb_self_wakes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[cfg(unix)]
@@ -366,7 +367,7 @@ async fn serve_agent_conn<S>(
         let sh = sh.clone();
         async move { Ok::<_, std::convert::Infallible>(super::state::agent_call(sh, req).await) }
     });
-    let served = h2.serve_connection(TokioIo::new(io), svc);
+    let served = h2.serve_connection(TokioIo::new(IdleFlush::new(io)), svc);
     tokio::pin!(served);
     let r = tokio::select! {
         r = served.as_mut() => r,
