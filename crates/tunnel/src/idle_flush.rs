@@ -23,8 +23,13 @@
 //! those, which is sound for a caller that polls again when woken (h2
 //! does: every poll of its connection ends in a flush). Shutdown writes the
 //! buffer first; a buffer that would pass `MAX_BUFFERED` is written before
-//! it takes more; a large write with nothing buffered goes straight
-//! through, so bulk transfers are not copied.
+//! it takes more; a large write goes straight through, in one vectored
+//! write with whatever is buffered ahead of it, so bulk transfers are
+//! neither copied nor held. And while large writes go (one in the last
+//! `STREAMING`), small ones are written at their flush: holding the small
+//! reads of a stream that outruns its backend cost one stream's
+//! throughput more than gathering saved (measured: 0.87x of the TLS floor
+//! against 1.16x without holding, alternating runs).
 
 use std::future::Future;
 use std::io::IoSlice;
@@ -37,12 +42,18 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A write at least this large, with nothing buffered, is not copied.
-const DIRECT_WRITE: usize = 16 * 1024;
+/// A write at least this large is not copied or held: it goes to the
+/// socket at once, with whatever is buffered ahead of it. Above a dial's
+/// packets (a KiB of data in one HTTP/2 frame is 1050 bytes), below what a
+/// streaming backend's reads bring.
+const DIRECT_WRITE: usize = 4 * 1024;
 /// Buffered bytes, at most, before they are written regardless.
 const MAX_BUFFERED: usize = 64 * 1024;
 /// How long, at most, a flush leaves bytes to the deferred wake.
 const MAX_WAIT: Duration = Duration::from_micros(20);
+/// A large write less than this long ago means a stream is moving bulk
+/// data this way: small writes are then written at their flush, not held.
+const STREAMING: Duration = Duration::from_millis(1);
 
 pub(crate) struct IdleFlush<T> {
     io: T,
@@ -50,6 +61,8 @@ pub(crate) struct IdleFlush<T> {
     /// When the oldest buffered byte came.
     since: Instant,
     max_wait: Duration,
+    /// When the last large write went.
+    last_large: Option<Instant>,
     /// The buffer's deferred wake, once asked for.
     wake: Option<Arc<Fired>>,
 }
@@ -82,6 +95,7 @@ impl<T> IdleFlush<T> {
             buf: BytesMut::new(),
             since: Instant::now(),
             max_wait,
+            last_large: None,
             wake: None,
         }
     }
@@ -111,6 +125,35 @@ impl<T> IdleFlush<T> {
 }
 
 impl<T: AsyncWrite + Unpin> IdleFlush<T> {
+    /// Writes `bufs` straight to the socket, in the same call as whatever
+    /// is buffered ahead of them (one vectored write, no copy).
+    fn poll_write_behind_buffer(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.last_large = Some(Instant::now());
+        while !self.buf.is_empty() {
+            let all: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&self.buf))
+                .chain(bufs.iter().map(|b| IoSlice::new(b)))
+                .collect();
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &all))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            let buffered = self.buf.len();
+            self.buf.advance(n.min(buffered));
+            if n > buffered {
+                self.buf.clear();
+                self.wake = None;
+                return Poll::Ready(Ok(n - buffered));
+            }
+        }
+        self.buf.clear();
+        self.wake = None;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
     /// Writes the whole buffer.
     fn poll_write_buffer(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while !self.buf.is_empty() {
@@ -152,11 +195,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleFlush<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len >= DIRECT_WRITE {
+            return this.poll_write_behind_buffer(cx, bufs);
+        }
         if this.buf.len() + len > MAX_BUFFERED {
             ready!(this.poll_write_buffer(cx))?;
-        }
-        if this.buf.is_empty() && len >= DIRECT_WRITE {
-            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         }
         if this.buf.is_empty() {
             this.since = Instant::now();
@@ -174,7 +217,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleFlush<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         if !this.buf.is_empty() {
-            if this.since.elapsed() < this.max_wait && !this.idle_yet(cx) {
+            let streaming = this.last_large.is_some_and(|t| t.elapsed() < STREAMING);
+            if !streaming && this.since.elapsed() < this.max_wait && !this.idle_yet(cx) {
                 // Written by a later flush: the wake brings one.
                 return Poll::Ready(Ok(()));
             }
@@ -233,6 +277,19 @@ mod tests {
             let n = buf.len().min(self.per_call);
             self.log.lock().unwrap().writes.push(buf[..n].to_vec());
             Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len().min(self.per_call);
+            self.log.lock().unwrap().writes.push(all[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -314,24 +371,50 @@ mod tests {
         assert_eq!(rec.log.lock().unwrap().shut_after, Some(1));
     }
 
-    /// A large write with nothing buffered goes to the socket at once,
-    /// uncopied; with something buffered it queues behind it, in order.
+    /// A large write goes to the socket at once, uncopied: alone, or in
+    /// one vectored write behind what was buffered, in order, also when
+    /// the socket takes part of it.
     #[tokio::test]
-    async fn large_writes_pass_through_unless_bytes_wait() {
+    async fn large_writes_go_at_once_behind_the_buffer() {
         let rec = Recorder::new(usize::MAX);
         let mut io = IdleFlush::new(rec.clone());
         let big = vec![1u8; DIRECT_WRITE];
         io.write_all(&big).await.unwrap();
         assert_eq!(rec.writes(), vec![big.clone()]);
         io.write_all(b"small").await.unwrap();
+        assert_eq!(rec.writes().len(), 1, "the small write was held");
         io.write_all(&big).await.unwrap();
         assert_eq!(
-            rec.writes().len(),
-            1,
-            "the large write waited behind the small one"
+            rec.writes(),
+            vec![big.clone(), [b"small", big.as_slice()].concat()]
         );
+        assert!(io.buf.is_empty());
+
+        let rec = Recorder::new(2);
+        let mut io = IdleFlush::new(rec.clone());
+        io.write_all(b"abc").await.unwrap();
+        io.write_all(&big).await.unwrap();
+        // The tail of `big` after a partial write is small: buffered.
         io.shutdown().await.unwrap();
-        assert_eq!(rec.bytes(), [big.as_slice(), b"small", &big].concat());
+        assert_eq!(rec.bytes(), [b"abc", big.as_slice()].concat());
+    }
+
+    /// Right after a large write, a small one is written at its flush:
+    /// a stream moving bulk data is not held up by the gathering.
+    #[tokio::test]
+    async fn small_writes_of_a_streaming_link_are_not_held() {
+        let rec = Recorder::new(usize::MAX);
+        let mut io = IdleFlush::with_max_wait(rec.clone(), Duration::from_secs(3600));
+        io.write_all(&[3u8; DIRECT_WRITE]).await.unwrap();
+        std::future::poll_fn(|cx| {
+            let mut pinned = Pin::new(&mut io);
+            assert!(pinned.as_mut().poll_write(cx, b"tail").is_ready());
+            assert!(pinned.poll_flush(cx).is_ready());
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(rec.writes().len(), 2);
+        assert_eq!(rec.writes()[1], b"tail");
     }
 
     /// The buffer never passes `MAX_BUFFERED`: a write that would take it
@@ -340,7 +423,7 @@ mod tests {
     async fn a_full_buffer_is_written_before_it_takes_more() {
         let rec = Recorder::new(usize::MAX);
         let mut io = IdleFlush::new(rec.clone());
-        let piece = vec![2u8; 4096];
+        let piece = vec![2u8; 1024];
         for _ in 0..MAX_BUFFERED / piece.len() {
             io.write_all(&piece).await.unwrap();
         }
