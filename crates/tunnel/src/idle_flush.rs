@@ -138,19 +138,12 @@ impl<T: AsyncWrite + Unpin> IdleFlush<T> {
                 .chain(bufs.iter().map(|b| IoSlice::new(b)))
                 .collect();
             let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &all))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
             let buffered = self.buf.len();
-            self.buf.advance(n.min(buffered));
+            self.took(n.min(buffered))?;
             if n > buffered {
-                self.buf.clear();
-                self.wake = None;
                 return Poll::Ready(Ok(n - buffered));
             }
         }
-        self.buf.clear();
-        self.wake = None;
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -158,14 +151,23 @@ impl<T: AsyncWrite + Unpin> IdleFlush<T> {
     fn poll_write_buffer(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while !self.buf.is_empty() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.buf.advance(n);
+            self.took(n)?;
         }
-        self.buf.clear();
-        self.wake = None;
         Poll::Ready(Ok(()))
+    }
+
+    /// Drops the `n` buffered bytes the socket took; an empty buffer needs
+    /// its wake no more. A socket that takes nothing has ended.
+    fn took(&mut self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        self.buf.advance(n);
+        if self.buf.is_empty() {
+            self.buf.clear();
+            self.wake = None;
+        }
+        Ok(())
     }
 }
 
@@ -217,8 +219,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleFlush<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         if !this.buf.is_empty() {
-            let streaming = this.last_large.is_some_and(|t| t.elapsed() < STREAMING);
-            if !streaming && this.since.elapsed() < this.max_wait && !this.idle_yet(cx) {
+            let now = Instant::now();
+            let streaming = this.last_large.is_some_and(|t| now - t < STREAMING);
+            if !streaming && now - this.since < this.max_wait && !this.idle_yet(cx) {
                 // Written by a later flush: the wake brings one.
                 return Poll::Ready(Ok(()));
             }
