@@ -592,8 +592,8 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
 /// streaming backend is encrypted and written to the server, without a
 /// hand-off to another task (on 2 CPUs a hand-off is a wake-up and, often,
 /// the data cold in another CPU's cache). The endpoints' writers (server ->
-/// backend) are tasks of their own, as a backend that reads slowly must not
-/// hold this one up.
+/// backend) run in their dials' tasks, as a backend that reads slowly must
+/// not hold this one up.
 async fn serve_server(
     sh: Arc<Shared>,
     conn: Arc<ServerConn>,
@@ -879,100 +879,111 @@ async fn dial(
         }
         return;
     }
-    let (rd, mut wr) = stream.into_split();
-    // Writer: queue -> backend.
-    let (sh_w, conn_w, ep_w) = (sh.clone(), conn.clone(), ep.clone());
-    tokio::spawn(async move {
-        loop {
-            let p = tokio::select! {
-                _ = ep_w.kill.cancelled() => return,
-                p = ep_w.queue.pop_charged() => p,
-            };
-            // The charge is held through the write: see `pop_charged`.
-            let Some((p, _charge)) = p else { break };
-            let Ok(Checked::Data(d)) = p.checked() else {
-                continue;
-            };
-            // After CLOSE_REQ the rest is delivered, but a backend that
-            // stopped reading gets DRAIN_AFTER_CLOSE per write, not forever.
-            let draining = ep_w.queue.is_closed();
-            let write = async {
-                if draining {
-                    match tokio::time::timeout(crate::DRAIN_AFTER_CLOSE, wr.write_all(&d.data))
-                        .await
-                    {
-                        Ok(r) => r.is_ok(),
-                        Err(_) => {
-                            sh_w.metrics.drain_timeouts_total.inc();
-                            false
-                        }
-                    }
-                } else {
-                    wr.write_all(&d.data).await.is_ok()
-                }
-            };
-            // A write already under way when CLOSE_REQ (which stops the
-            // reading side) arrives gets the same time from then: else a
-            // backend that never reads keeps the connection, and its queued
-            // bytes, for good after the client has gone.
-            let closed_then_drain = async {
-                ep_w.stop_read.cancelled().await;
-                tokio::time::sleep(crate::DRAIN_AFTER_CLOSE).await;
-                sh_w.metrics.drain_timeouts_total.inc();
-            };
-            let ok = tokio::select! {
-                _ = ep_w.kill.cancelled() => return,
-                ok = write => ok,
-                _ = closed_then_drain, if !draining => false,
-            };
-            if ok
-                && let Some(bytes) = ep_w
-                    .delivered
-                    .as_ref()
-                    .and_then(|c| c.delivered(d.data.len()))
-            {
-                send_control(&conn_w, Packet::data_ack(connect_id, bytes));
-            }
-            if !ok {
-                if conn_w.conns.lock().unwrap().remove(&connect_id).is_some() {
-                    sh_w.metrics.open_endpoint_connections.dec();
-                    send_control(
-                        &conn_w,
-                        Packet::close_rsp(connect_id, "write to backend failed"),
-                    );
-                }
-                ep_w.kill.cancel();
-                return;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    // Reader: its own small task, so the dial's larger future is freed.
-    tokio::spawn(endpoint_reader(sh, conn, ep, rd, connect_id));
+    drop(address);
+    let (rd, wr) = stream.into_split();
+    // Both directions in this task: two more tasks per dial were two more
+    // spawns, and the second spawn found the first in the worker's LIFO
+    // slot and woke the other worker for it (a futex wake per dial).
+    tokio::join!(
+        write_endpoint(&sh, &conn, &ep, wr, connect_id),
+        endpoint_reader(&sh, &conn, &ep, rd, connect_id),
+    );
 }
 
-/// Backend -> server for one endpoint connection. It starts as a task of
-/// its own; once its backend streams (a read of at least
+/// Server -> backend for one endpoint connection: the queue's packets, in
+/// order, until CLOSE_REQ (then FIN) or the connection's end.
+async fn write_endpoint(
+    sh: &Arc<Shared>,
+    conn: &Arc<ServerConn>,
+    ep: &Arc<EndpointConn>,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    connect_id: i64,
+) {
+    loop {
+        let p = tokio::select! {
+            _ = ep.kill.cancelled() => return,
+            p = ep.queue.pop_charged() => p,
+        };
+        // The charge is held through the write: see `pop_charged`.
+        let Some((p, _charge)) = p else { break };
+        let Ok(Checked::Data(d)) = p.checked() else {
+            continue;
+        };
+        // After CLOSE_REQ the rest is delivered, but a backend that
+        // stopped reading gets DRAIN_AFTER_CLOSE per write, not forever.
+        let draining = ep.queue.is_closed();
+        let write = async {
+            if draining {
+                match tokio::time::timeout(crate::DRAIN_AFTER_CLOSE, wr.write_all(&d.data)).await {
+                    Ok(r) => r.is_ok(),
+                    Err(_) => {
+                        sh.metrics.drain_timeouts_total.inc();
+                        false
+                    }
+                }
+            } else {
+                wr.write_all(&d.data).await.is_ok()
+            }
+        };
+        // A write already under way when CLOSE_REQ (which stops the
+        // reading side) arrives gets the same time from then: else a
+        // backend that never reads keeps the connection, and its queued
+        // bytes, for good after the client has gone.
+        let closed_then_drain = async {
+            ep.stop_read.cancelled().await;
+            tokio::time::sleep(crate::DRAIN_AFTER_CLOSE).await;
+            sh.metrics.drain_timeouts_total.inc();
+        };
+        let ok = tokio::select! {
+            _ = ep.kill.cancelled() => return,
+            ok = write => ok,
+            _ = closed_then_drain, if !draining => false,
+        };
+        if ok
+            && let Some(bytes) = ep
+                .delivered
+                .as_ref()
+                .and_then(|c| c.delivered(d.data.len()))
+        {
+            send_control(conn, Packet::data_ack(connect_id, bytes));
+        }
+        if !ok {
+            if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
+                sh.metrics.open_endpoint_connections.dec();
+                send_control(
+                    conn,
+                    Packet::close_rsp(connect_id, "write to backend failed"),
+                );
+            }
+            ep.kill.cancel();
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Backend -> server for one endpoint connection. It starts in the dial's
+/// task, beside the writer; once its backend streams (a read of at least
 /// `BULK_READ` bytes) it moves into the server connection's task
 /// (see [`serve_server`]), where each read is encrypted and
 /// sent without a hand-off. Short exchanges (most dials) stay out of that
 /// task, which would otherwise poll the HTTP/2 connection for every one of
 /// their reads: on 2 CPUs that cost dials/s.
 async fn endpoint_reader(
-    sh: Arc<Shared>,
-    conn: Arc<ServerConn>,
-    ep: Arc<EndpointConn>,
+    sh: &Arc<Shared>,
+    conn: &Arc<ServerConn>,
+    ep: &Arc<EndpointConn>,
     rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
 ) {
-    let Some(rd) = read_endpoint(&sh, &conn, &ep, rd, connect_id, true).await else {
+    let Some(rd) = read_endpoint(sh, conn, ep, rd, connect_id, true).await else {
         return;
     };
-    let readers = conn.readers.clone();
+    let (sh, moved_conn, ep) = (sh.clone(), conn.clone(), ep.clone());
     let rest = async move {
-        read_endpoint(&sh, &conn, &ep, rd, connect_id, false).await;
+        read_endpoint(&sh, &moved_conn, &ep, rd, connect_id, false).await;
     };
-    let _ = readers.send(Box::pin(rest));
+    let _ = conn.readers.send(Box::pin(rest));
 }
 
 /// Reads the backend and sends what it reads, until either side ends; with
