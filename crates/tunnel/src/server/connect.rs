@@ -248,7 +248,18 @@ impl Drop for Guard<'_> {
 
 /// Serves one HTTP-CONNECT client socket to the end; `client` watches it
 /// for a hang-up while its bytes wait for a backend.
-pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, client: HangupProbe)
+/// How a client connection whose download has ended is ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// Closing the socket says it all: a bare TCP or unix socket's close
+    /// sends the same FIN (or EOF) a shutdown would, one system call and
+    /// one wake-up of the client fewer per connection.
+    Close,
+    /// The stream writes its own end first (TLS: close_notify).
+    Shutdown,
+}
+
+pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, client: HangupProbe, end: StreamEnd)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -437,7 +448,10 @@ where
                 _ => break,
             }
         }
-        let _ = wr.shutdown().await;
+        // Returning drops the socket (after `frontend_gone`, no wait).
+        if end == StreamEnd::Shutdown {
+            let _ = wr.shutdown().await;
+        }
     };
     tokio::select! {
         _ = up => {}
@@ -471,7 +485,7 @@ mod tests {
     async fn answer(sh: Arc<Shared>, head: Vec<u8>) -> String {
         use tokio::io::AsyncReadExt;
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(serve(sh, server, HangupProbe::none()));
+        let task = tokio::spawn(serve(sh, server, HangupProbe::none(), StreamEnd::Shutdown));
         client.write_all(&head).await.unwrap();
         // The end of the request: a refusal's drain stops at it.
         client.shutdown().await.unwrap();
@@ -492,7 +506,12 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 20);
         let (rd, wr) = tokio::io::split(server);
         let holding = tokio::io::join(rd, tokio::io::BufWriter::new(wr));
-        let task = tokio::spawn(serve(sh.clone(), holding, HangupProbe::none()));
+        let task = tokio::spawn(serve(
+            sh.clone(),
+            holding,
+            HangupProbe::none(),
+            StreamEnd::Shutdown,
+        ));
         (client, task)
     }
 
@@ -553,7 +572,12 @@ mod tests {
         let (backend, mut to_agent) = super::super::state::test_backend(&sh);
         // A client socket that takes 1 KiB and is then not read.
         let (mut client, server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(serve(sh.clone(), server, HangupProbe::none()));
+        let task = tokio::spawn(serve(
+            sh.clone(),
+            server,
+            HangupProbe::none(),
+            StreamEnd::Shutdown,
+        ));
         let random = connect_and_dial(&mut client, &mut to_agent).await;
         sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
         let mut head = [0u8; 39];
@@ -639,7 +663,7 @@ mod tests {
                 .accept(server)
                 .await
                 .unwrap();
-            serve(sh, tls, HangupProbe::none()).await
+            serve(sh, tls, HangupProbe::none(), StreamEnd::Shutdown).await
         });
         let mut client = tokio_rustls::TlsConnector::from(client_tls)
             .connect(crate::tls::server_name("127.0.0.1").unwrap(), client)
@@ -679,7 +703,7 @@ mod tests {
         let server = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             let probe = HangupProbe::of(&socket);
-            serve(sh, socket, probe).await
+            serve(sh, socket, probe, StreamEnd::Close).await
         });
         let (mut rd, mut wr) = tokio::net::TcpStream::connect(addr)
             .await
@@ -719,7 +743,12 @@ mod tests {
     async fn a_refusal_nobody_reads_is_given_up() {
         let sh = shared();
         let (mut client, server) = tokio::io::duplex(8);
-        let task = tokio::spawn(serve(sh.clone(), server, HangupProbe::none()));
+        let task = tokio::spawn(serve(
+            sh.clone(),
+            server,
+            HangupProbe::none(),
+            StreamEnd::Shutdown,
+        ));
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         client.write_all(b"Host: x\r\n\r\n").await.unwrap();
         let start = tokio::time::Instant::now();
@@ -754,7 +783,12 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let sh = shared();
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(serve(sh.clone(), server, HangupProbe::none()));
+        let task = tokio::spawn(serve(
+            sh.clone(),
+            server,
+            HangupProbe::none(),
+            StreamEnd::Shutdown,
+        ));
         let start = tokio::time::Instant::now();
         // One byte every 5 s: each read comes well within 30 s of the last.
         for b in b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n".iter() {

@@ -339,6 +339,7 @@ pub fn http_connect(request: &[u8], with_agent: bool, dial_error: &str) -> Vec<u
             sh,
             server,
             super::super::connect::HangupProbe::none(),
+            super::super::connect::StreamEnd::Shutdown,
         ))
     })
 }

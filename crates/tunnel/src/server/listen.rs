@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::HangupProbe;
+use super::connect::{HangupProbe, StreamEnd};
 use super::state::{ProxyServer, ServerOptions, Shared};
 use crate::http::{self, Reply};
 
@@ -153,22 +153,27 @@ pub(crate) struct Admitted<S> {
 /// A TLS connection on the agent or frontend port.
 pub(crate) type TlsConn = Admitted<tokio_rustls::server::TlsStream<TcpStream>>;
 
-/// The socket under a frontend connection, for [`HangupProbe`].
+/// The socket under a frontend connection: its [`HangupProbe`], and how an
+/// HTTP-CONNECT stream on it is ended.
 trait ClientSocket {
+    const END: StreamEnd;
     fn probe(&self) -> HangupProbe;
 }
 impl ClientSocket for TcpStream {
+    const END: StreamEnd = StreamEnd::Close;
     fn probe(&self) -> HangupProbe {
         HangupProbe::of(self)
     }
 }
 #[cfg(unix)]
 impl ClientSocket for tokio::net::UnixStream {
+    const END: StreamEnd = StreamEnd::Close;
     fn probe(&self) -> HangupProbe {
         HangupProbe::of(self)
     }
 }
 impl ClientSocket for tokio_rustls::server::TlsStream<TcpStream> {
+    const END: StreamEnd = StreamEnd::Shutdown;
     fn probe(&self) -> HangupProbe {
         HangupProbe::of(self.get_ref().0)
     }
@@ -238,7 +243,12 @@ impl Front {
             // HTTP/1.1 only, also over TLS, as upstream.
             FrontendMode::HttpConnect => {
                 let client = conn.io.probe();
-                tokio::spawn(absorb_self_wakes(super::connect::serve(sh, conn, client)));
+                tokio::spawn(absorb_self_wakes(super::connect::serve(
+                    sh,
+                    conn,
+                    client,
+                    S::END,
+                )));
             }
         }
     }
