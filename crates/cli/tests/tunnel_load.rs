@@ -165,6 +165,61 @@ fn two_hundred_concurrent_grpc_connections_keep_their_data() {
     two_hundred_keep_their_data("grpc", |i| (i + 1, 64 * 1024 + i as usize * 331));
 }
 
+/// A backend that speaks first and closes at once (a banner, an error
+/// page): the agent's DIAL_RSP, DATA and CLOSE_RSP often reach the server
+/// in one read, before the client's task has seen the DIAL_RSP. Every
+/// client still gets the whole banner and then the end of the stream, in
+/// both modes; over HTTP-CONNECT the banner used to be dropped.
+#[test]
+fn a_backend_that_speaks_first_and_closes_is_heard() {
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let banner: Vec<u8> = pattern(3000);
+    let served = {
+        let banner = banner.clone();
+        rt.spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let banner = banner.clone();
+                tokio::spawn(async move {
+                    let _ = s.write_all(&banner).await;
+                });
+            }
+        })
+    };
+    for mode in ["http-connect", "grpc"] {
+        let st = Stack::start(mode);
+        let addr = st.frontend();
+        all_succeed(&st, 100, |_| {
+            let (addr, mode, target, banner) = (
+                addr.clone(),
+                mode.to_owned(),
+                target.clone(),
+                banner.clone(),
+            );
+            async move {
+                let mut io = open(&mode, &addr, &target, "banner").await?;
+                let mut got = Vec::new();
+                io.read_to_end(&mut got)
+                    .await
+                    .map_err(|e| format!("read: {e}"))?;
+                if got != banner {
+                    return Err(format!(
+                        "{mode}: {} of {} banner bytes",
+                        got.len(),
+                        banner.len()
+                    ));
+                }
+                Ok(())
+            }
+        });
+    }
+    served.abort();
+}
+
 /// A server that says there are three servers (--server-count=3) while
 /// it is the only one: the agent keeps dialling it for the other two,
 /// every 20 ms, and each time closes the duplicate stream once it reads

@@ -405,16 +405,21 @@ where
         sh.frontend_gone(&fe);
         return;
     }
-    let Some(conn) = fe.conn(connect_id) else {
-        sh.frontend_gone(&fe);
-        return;
-    };
+    // The agent may have answered, sent everything and closed before this
+    // task ran (DIAL_RSP, DATA and CLOSE_RSP in one read of the agent
+    // link): the connection is then finished, but what it sent is queued
+    // and still goes to the client; only the client's bytes have nowhere
+    // to go.
+    let conn = fe.conn(connect_id);
 
     let up = async {
+        let Some(conn) = &conn else {
+            return std::future::pending().await;
+        };
         let mut watch = ClientWatch::new(client);
         if !early.is_empty()
             && !watch
-                .send(&sh, sh.send_data_to_agent(&conn, early.freeze()))
+                .send(&sh, sh.send_data_to_agent(conn, early.freeze()))
                 .await
         {
             return;
@@ -422,7 +427,7 @@ where
         loop {
             match read_chunk(&mut rd).await {
                 Ok(c) if !c.is_empty() => {
-                    if !watch.send(&sh, sh.send_data_to_agent(&conn, c)).await {
+                    if !watch.send(&sh, sh.send_data_to_agent(conn, c)).await {
                         return;
                     }
                 }
@@ -517,7 +522,7 @@ mod tests {
 
     /// Sends a CONNECT and returns the dial's random id, as the agent sees it.
     async fn connect_and_dial(
-        client: &mut tokio::io::DuplexStream,
+        client: &mut (impl AsyncWrite + Unpin),
         to_agent: &mut tokio::sync::mpsc::Receiver<crate::proto::Packet>,
     ) -> i64 {
         client
@@ -557,6 +562,38 @@ mod tests {
         assert_eq!(&hello, b"hello");
         sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
         drop(client);
+        task.await.unwrap();
+    }
+
+    /// A connection the agent answered, sent on and closed before the
+    /// client's task saw its DIAL_RSP (all three in one read of the agent
+    /// link, as a backend that speaks first and closes makes them) still
+    /// delivers the data; it used to be dropped. And a bare socket's stream
+    /// ends by its close alone (no shutdown): the client, still holding its
+    /// end open, reads the data and then EOF.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_bare_socket_ends_with_eof_after_the_data() {
+        use crate::proto::Packet;
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
+        let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+        let probe = HangupProbe::of(&server);
+        let task = tokio::spawn(serve(sh.clone(), server, probe, StreamEnd::Close));
+        let random = connect_and_dial(&mut client, &mut to_agent).await;
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
+        sh.handle_agent_packet(&backend, Packet::data(7, "hello".into()));
+        sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("no EOF after the agent closed the connection")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 Connection Established\r\n\r\nhello"
+        );
         task.await.unwrap();
     }
 
