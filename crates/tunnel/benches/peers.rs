@@ -498,6 +498,27 @@ async fn throughput(via: &Via, backend: SocketAddr, bytes: u64, streams: u64) ->
     (each * streams) as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
+/// MiB/s of one upload of `bytes`: timed until the backend, having read
+/// them all, answers.
+async fn upload(via: &Via, backend: SocketAddr, bytes: u64) -> f64 {
+    let mut io = open(via, backend).await;
+    let start = Instant::now();
+    let mut cmd = vec![b'U'];
+    cmd.extend_from_slice(&bytes.to_le_bytes());
+    io.write_all(&cmd).await.unwrap();
+    let buf = vec![7u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        io.write_all(&buf[..n]).await.unwrap();
+        left -= n as u64;
+    }
+    io.flush().await.unwrap();
+    let mut done = [0u8; 1];
+    io.read_exact(&mut done).await.unwrap();
+    bytes as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
 /// Which side of a goal a ratio must be on.
 #[derive(Clone, Copy)]
 enum Goal {
@@ -1043,6 +1064,8 @@ struct Row {
     name: String,
     t1: f64,
     t16: f64,
+    /// One stream's upload, outside the CPU per GiB window.
+    up: f64,
     dps: f64,
     p50: f64,
     p99: f64,
@@ -1160,6 +1183,7 @@ fn main() {
             let dps = dials_per_sec(&via, backend, dials, 16).await;
             drop(perf);
             let c2 = cpu_of(&roots);
+            let up = upload(&via, backend, bytes).await;
             let tunnelled = !roots.is_empty();
             let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
             let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
@@ -1169,6 +1193,7 @@ fn main() {
                 name: name.into(),
                 t1,
                 t16,
+                up,
                 dps,
                 p50,
                 p99,
@@ -1319,9 +1344,18 @@ fn main() {
             paired_rounds,
             backend,
             ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
-            ("TLS floor (UDS, 2 relays)", Via::Uds(tls)),
+            ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
             0.9,
             |_, via| async move { throughput(&via, backend, bytes, 1).await },
+        )));
+        paired.push(rt.block_on(side_by_side(
+            format!("up MiB/s, {paired_rounds} rounds of {} MiB", bytes >> 20),
+            paired_rounds,
+            backend,
+            ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
+            ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
+            0.9,
+            |_, via| async move { upload(&via, backend, bytes).await },
         )));
         drop(fresh);
         drop(procs);
@@ -1376,10 +1410,11 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11} {:>13}",
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11} {:>13}",
         "path",
         "1x MiB/s",
         "16x MiB/s",
+        "up MiB/s",
         "dials/s",
         "+p50 us",
         "+p99 us",
@@ -1400,10 +1435,11 @@ fn main() {
         };
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11} {:>13.0}",
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11} {:>13.0}",
             r.name,
             r.t1,
             r.t16,
+            r.up,
             r.dps,
             r.p50 - d50,
             r.p99 - d99,
@@ -1447,22 +1483,24 @@ fn main() {
                 cpu_dial
             );
             println!(
-                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} dials {:>10} mem {:>10} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory, <= 0.5x cpu/GiB)",
+                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} up {:>10} dials {:>10} mem {:>10} (goals: >= 1.5x throughput, >= 2x dials/s, <= 0.25x memory, <= 0.5x cpu/GiB)",
                 o.name,
                 u.name,
                 judged(o.t1 / u.t1, Goal::AtLeast(1.5)),
                 judged(o.t16 / u.t16, Goal::AtLeast(1.5)),
+                judged(o.up / u.up, Goal::AtLeast(1.5)),
                 judged(o.dps / u.dps, Goal::AtLeast(2.0)),
                 judged(mem, Goal::AtMost(0.25)),
             );
         }
         if let Some(f) = find("TLS floor") {
             println!(
-                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} (goal >= 0.9x the floor)",
+                "  {:<24} / {:<22} 1x {:>10} 16x {:>10} up {:>10} (goal >= 0.9x the floor)",
                 o.name,
                 f.name,
                 judged(o.t1 / f.t1, Goal::AtLeast(0.9)),
                 judged(o.t16 / f.t16, Goal::AtLeast(0.9)),
+                judged(o.up / f.up, Goal::AtLeast(0.9)),
             );
         }
         for (peer, goal) in [

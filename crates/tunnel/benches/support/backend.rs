@@ -1,7 +1,8 @@
 //! The backend both tunnel benches dial: one small protocol so every path
 //! (direct, our tunnel, ssh -R, rathole) carries the same payloads.
-//! First byte: 'S' + u64 length: send that many bytes; 'E': echo;
-//! 'R': read 1 KiB, answer 1 KiB, close.
+//! First byte: 'S' + u64 length: send that many bytes; 'U' + u64 length:
+//! read that many bytes, then answer one byte; 'E': echo; 'R': read 1 KiB,
+//! answer 1 KiB, close.
 
 use std::time::Duration;
 
@@ -35,6 +36,23 @@ pub async fn backend(listener: TcpListener) {
                         }
                         left -= n as u64;
                     }
+                    let _ = s.shutdown().await;
+                }
+                b'U' => {
+                    let mut len = [0u8; 8];
+                    if s.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut left = u64::from_le_bytes(len);
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        match s.read(&mut buf[..n]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(got) => left -= got as u64,
+                        }
+                    }
+                    let _ = s.write_all(b"k").await;
                     let _ = s.shutdown().await;
                 }
                 b'E' => {
