@@ -34,7 +34,8 @@
 //!                      buffer) to a writer task through a channel: what
 //!                      one task hand-off per direction costs
 //!   BENCH_PAIRED_ROUNDS  rounds of the side-by-side rows (default 8, quick
-//!                      2, 0: none): ours against the floor (one stream) and
+//!                      2, 0: none): ours against the floor (one stream
+//!                      down, one up) and
 //!                      against upstream (HTTP-CONNECT dials), in turns
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, its
@@ -1339,24 +1340,26 @@ fn main() {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let fresh = Ours::start(dir.path(), "p");
         let bytes = (mib << 20) / 4;
-        paired.push(rt.block_on(side_by_side(
-            format!("1x MiB/s, {paired_rounds} rounds of {} MiB", bytes >> 20),
-            paired_rounds,
-            backend,
-            ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
-            ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
-            0.9,
-            |_, via| async move { throughput(&via, backend, bytes, 1).await },
-        )));
-        paired.push(rt.block_on(side_by_side(
-            format!("up MiB/s, {paired_rounds} rounds of {} MiB", bytes >> 20),
-            paired_rounds,
-            backend,
-            ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
-            ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
-            0.9,
-            |_, via| async move { upload(&via, backend, bytes).await },
-        )));
+        for (column, up) in [("1x", false), ("up", true)] {
+            paired.push(rt.block_on(side_by_side(
+                format!(
+                    "{column} MiB/s, {paired_rounds} rounds of {} MiB",
+                    bytes >> 20
+                ),
+                paired_rounds,
+                backend,
+                ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
+                ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
+                0.9,
+                |_, via| async move {
+                    if up {
+                        upload(&via, backend, bytes).await
+                    } else {
+                        throughput(&via, backend, bytes, 1).await
+                    }
+                },
+            )));
+        }
         drop(fresh);
         drop(procs);
     }
