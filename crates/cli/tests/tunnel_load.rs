@@ -220,6 +220,66 @@ fn a_backend_that_speaks_first_and_closes_is_heard() {
     served.abort();
 }
 
+/// Backends that close at once without a byte, with a FIN or with a reset:
+/// every client's stream ends (empty; after a reset also an error or a
+/// failed dial) instead of hanging, in both modes, and both processes are
+/// back to their descriptors afterwards.
+#[test]
+fn a_backend_that_closes_or_resets_at_once_ends_the_stream() {
+    let rt = runtime();
+    let mut targets = Vec::new();
+    for reset in [false, true] {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        targets.push((listener.local_addr().unwrap().to_string(), reset));
+        rt.spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                if reset {
+                    let _ = s.set_zero_linger();
+                }
+                drop(s);
+            }
+        });
+    }
+    for mode in ["http-connect", "grpc"] {
+        let st = Stack::start(mode);
+        let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+        let addr = st.frontend();
+        for (target, reset) in &targets {
+            all_succeed(&st, 100, |_| {
+                let (addr, mode, target, reset) =
+                    (addr.clone(), mode.to_owned(), target.clone(), *reset);
+                async move {
+                    // A reset can beat the agent's connect to the news:
+                    // then the dial fails (as upstream's agent's would).
+                    let mut io = match open(&mode, &addr, &target, "closer").await {
+                        Ok(io) => io,
+                        Err(e) if reset && e.contains("reset") => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
+                    let mut got = Vec::new();
+                    let read =
+                        tokio::time::timeout(Duration::from_secs(20), io.read_to_end(&mut got))
+                            .await
+                            .map_err(|_| {
+                                format!("{mode}, reset {reset}: the stream did not end")
+                            })?;
+                    match read {
+                        Ok(0) => Ok(()),
+                        Ok(n) => Err(format!("{mode}, reset {reset}: {n} bytes from nowhere")),
+                        Err(_) if reset => Ok(()),
+                        Err(e) => Err(format!("{mode}: read after a clean close: {e}")),
+                    }
+                }
+            });
+        }
+        st.wait_settled(sfd, afd);
+    }
+    drop(rt);
+}
+
 /// A server that says there are three servers (--server-count=3) while
 /// it is the only one: the agent keeps dialling it for the other two,
 /// every 20 ms, and each time closes the duplicate stream once it reads
