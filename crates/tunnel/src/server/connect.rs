@@ -246,8 +246,6 @@ impl Drop for Guard<'_> {
     }
 }
 
-/// Serves one HTTP-CONNECT client socket to the end; `client` watches it
-/// for a hang-up while its bytes wait for a backend.
 /// How a client connection whose download has ended is ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StreamEnd {
@@ -259,6 +257,9 @@ pub(crate) enum StreamEnd {
     Shutdown,
 }
 
+/// Serves one HTTP-CONNECT client socket to the end; `client` watches it
+/// for a hang-up while its bytes wait for a backend, and `end` says how
+/// the stream is ended once the agent has closed the connection.
 pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, client: HangupProbe, end: StreamEnd)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
