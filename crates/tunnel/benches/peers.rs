@@ -35,8 +35,8 @@
 //!                      one task hand-off per direction costs
 //!   BENCH_PAIRED_ROUNDS  rounds of the side-by-side rows (default 8, quick
 //!                      2, 0: none): ours against the floor (one stream
-//!                      down, one up) and
-//!                      against upstream (HTTP-CONNECT dials), in turns
+//!                      down, one up) and against upstream (HTTP-CONNECT
+//!                      dials), in turns
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, its
 //!                      dials/s row into <dir>/<row>-dials.data, and
