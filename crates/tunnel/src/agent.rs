@@ -879,11 +879,13 @@ async fn dial(
         }
         return;
     }
+    // This task now lives as long as the connection: the address is not
+    // kept for it.
     drop(address);
     let (rd, wr) = stream.into_split();
     // Both directions in this task: two more tasks per dial were two more
     // spawns, and the second spawn found the first in the worker's LIFO
-    // slot and woke the other worker for it (a futex wake per dial).
+    // slot and woke the other worker for it when that one was parked.
     tokio::join!(
         write_endpoint(&sh, &conn, &ep, wr, connect_id),
         endpoint_reader(&sh, &conn, &ep, rd, connect_id),

@@ -164,7 +164,6 @@ impl<T: AsyncWrite + Unpin> IdleFlush<T> {
         }
         self.buf.advance(n);
         if self.buf.is_empty() {
-            self.buf.clear();
             self.wake = None;
         }
         Ok(())

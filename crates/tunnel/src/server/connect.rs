@@ -250,8 +250,8 @@ impl Drop for Guard<'_> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StreamEnd {
     /// Closing the socket says it all: a bare TCP or unix socket's close
-    /// sends the same FIN (or EOF) a shutdown would, one system call and
-    /// one wake-up of the client fewer per connection.
+    /// sends the same FIN (or EOF) a shutdown would, one system call fewer
+    /// per connection.
     Close,
     /// The stream writes its own end first (TLS: close_notify).
     Shutdown,
