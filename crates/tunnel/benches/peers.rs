@@ -1075,6 +1075,8 @@ struct Row {
     /// Tunnel processes' CPU per GiB over both throughput rows, and per
     /// dial over the dials/s row (None for direct).
     cpu_ms_gib: Option<f64>,
+    /// The same during the upload row.
+    cpu_ms_gib_up: Option<f64>,
     cpu_us_dial: Option<f64>,
     /// This process's CPU per GiB over the throughput rows: the client
     /// (a gRPC decoder for the gRPC rows, a bare socket for the others).
@@ -1185,8 +1187,10 @@ fn main() {
             drop(perf);
             let c2 = cpu_of(&roots);
             let up = upload(&via, backend, bytes).await;
+            let c3 = cpu_of(&roots);
             let tunnelled = !roots.is_empty();
             let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
+            let cpu_ms_gib_up = tunnelled.then(|| (c3 - c2) * 1000.0 / (mib as f64 / 1024.0));
             let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
             let client_ms_gib = (s1 - s0) * 1000.0 / (2.0 * mib as f64 / 1024.0);
             let (p50, p99) = latency(&via, backend, rounds).await;
@@ -1201,6 +1205,7 @@ fn main() {
                 kib_per_conn,
                 idle_n: idle,
                 cpu_ms_gib,
+                cpu_ms_gib_up,
                 cpu_us_dial,
                 client_ms_gib,
             }
@@ -1413,7 +1418,7 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14} {:>10} {:>11} {:>13}",
+        "{:<28} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14} {:>10} {:>9} {:>11} {:>13}",
         "path",
         "1x MiB/s",
         "16x MiB/s",
@@ -1423,6 +1428,7 @@ fn main() {
         "+p99 us",
         "KiB/idle conn",
         "cpu ms/GiB",
+        "up ms/GiB",
         "cpu us/dial",
         "client ms/GiB"
     );
@@ -1438,7 +1444,7 @@ fn main() {
         };
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>11} {:>13.0}",
+            "{:<28} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>14} {:>10} {:>9} {:>11} {:>13.0}",
             r.name,
             r.t1,
             r.t16,
@@ -1448,13 +1454,14 @@ fn main() {
             r.p99 - d99,
             mem,
             opt(r.cpu_ms_gib),
+            opt(r.cpu_ms_gib_up),
             opt(r.cpu_us_dial),
             r.client_ms_gib
         );
     }
     let find = |p: &str| rows.iter().find(|r| r.name.starts_with(p));
     println!(
-        "  (cpu: the tunnel's processes; client ms/GiB: this process, the client both throughput rows read with)"
+        "  (cpu, up: the tunnel's processes, during the 1x and 16x rows and during the upload row; client ms/GiB: this process, the client both throughput rows read with)"
     );
     println!();
     println!("ratios (higher is better for ours except memory, where lower is better):");

@@ -9,29 +9,19 @@
 //! frames it came in, so the only copy left is the one TLS makes.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::buf::Chain;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use hyper::body::{Body, Frame, SizeHint};
-use prometheus::IntCounterVec;
+use hyper::body::{Body, Frame};
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::proto::{Packet, Payload};
 
 /// DATA payloads at least this long are sent from their own buffer; shorter
 /// ones are cheaper to copy into the head than to send as a second part.
 const SPLIT_FROM: usize = 1024;
-
-/// At most this many bytes of small messages, or this many packets, are
-/// gathered into one HTTP/2 frame.
-const COALESCE_BYTES: usize = 16 << 10;
-const COALESCE_PACKETS: usize = 64;
 
 /// Messages shorter than this are decoded from the frame's bytes rather
 /// than from a slice of it, so a small payload waiting in a queue holds its
@@ -436,129 +426,156 @@ impl Body for H2Body {
     }
 }
 
-/// An HTTP/2 body sending the packets of a channel: each frame carries the
-/// packets waiting at the time, up to and including the first one with a
-/// large payload (sent from its own buffer after the others' bytes). Each
-/// packet is counted in `stream_packets_total{segment}` as it leaves. The
-/// body ends when the channel closes or `stop` fires; with `trailers` (a
-/// server's response) it ends with `grpc-status: 0`.
-pub(crate) struct PacketBody {
-    rx: mpsc::Receiver<Packet>,
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
-    sent: Option<IntCounterVec>,
-    segment: &'static str,
-    trailers: bool,
-    done: bool,
-}
+/// Tests' agents send with it; the product writes its streams with
+/// `StreamSender`.
+#[cfg(test)]
+pub(crate) use packet_body::PacketBody;
 
-impl PacketBody {
-    pub fn new(
+#[cfg(test)]
+mod packet_body {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::{Buf, Bytes, BytesMut};
+    use hyper::body::{Body, Frame, SizeHint};
+    use prometheus::IntCounterVec;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::WaitForCancellationFutureOwned;
+
+    use super::{WireBuf, encode_into, grpc_status_trailers, status};
+    use crate::proto::Packet;
+
+    /// At most this many bytes of small messages, or this many packets, are
+    /// gathered into one HTTP/2 frame of a [`PacketBody`].
+    const COALESCE_BYTES: usize = 16 << 10;
+    const COALESCE_PACKETS: usize = 64;
+
+    /// An HTTP/2 body sending the packets of a channel: each frame carries the
+    /// packets waiting at the time, up to and including the first one with a
+    /// large payload (sent from its own buffer after the others' bytes). Each
+    /// packet is counted in `stream_packets_total{segment}` as it leaves. The
+    /// body ends when the channel closes or `stop` fires; with `trailers` (a
+    /// server's response) it ends with `grpc-status: 0`.
+    pub(crate) struct PacketBody {
         rx: mpsc::Receiver<Packet>,
-        stop: tokio_util::sync::CancellationToken,
-        sent: IntCounterVec,
+        stop: Pin<Box<WaitForCancellationFutureOwned>>,
+        sent: Option<IntCounterVec>,
         segment: &'static str,
         trailers: bool,
-    ) -> Self {
-        PacketBody {
-            rx,
-            stop: Box::pin(stop.cancelled_owned()),
-            sent: Some(sent),
-            segment,
-            trailers,
-            done: false,
-        }
+        done: bool,
     }
-}
 
-impl PacketBody {
-    /// Counts a packet as leaving and appends it to `head` (see
-    /// [`encode_into`]).
-    fn add(&self, p: &Packet, head: &mut BytesMut) -> Option<Bytes> {
-        if let Some(sent) = &self.sent {
-            sent.with_label_values(&[self.segment, &p.kind_name()])
-                .inc();
-        }
-        encode_into(p, head)
-    }
-}
-
-/// An empty body (what a request that sends nothing carries).
-impl Default for PacketBody {
-    fn default() -> Self {
-        let (_, rx) = mpsc::channel(1);
-        PacketBody {
-            rx,
-            stop: Box::pin(tokio_util::sync::CancellationToken::new().cancelled_owned()),
-            sent: None,
-            segment: "",
-            trailers: false,
-            done: true,
-        }
-    }
-}
-
-impl Body for PacketBody {
-    type Data = WireBuf;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<WireBuf>, Infallible>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        let packet = if this.stop.as_mut().poll(cx).is_ready() {
-            None
-        } else {
-            match this.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(p) => p,
+    impl PacketBody {
+        pub fn new(
+            rx: mpsc::Receiver<Packet>,
+            stop: tokio_util::sync::CancellationToken,
+            sent: IntCounterVec,
+            segment: &'static str,
+            trailers: bool,
+        ) -> Self {
+            PacketBody {
+                rx,
+                stop: Box::pin(stop.cancelled_owned()),
+                sent: Some(sent),
+                segment,
+                trailers,
+                done: false,
             }
-        };
-        match packet {
-            Some(p) => {
-                // Packets already waiting go in the same frame, up to the
-                // first large payload: many small control packets (dials,
-                // closes, acks) cost one HTTP/2 frame, not one each, as
-                // tonic's encoder batched them.
-                let mut head = BytesMut::new();
-                let mut payload = this.add(&p, &mut head);
-                let mut n = 1;
-                while payload.is_none() && head.len() < COALESCE_BYTES && n < COALESCE_PACKETS {
-                    match this.rx.poll_recv(cx) {
-                        Poll::Ready(Some(p)) => {
-                            payload = this.add(&p, &mut head);
-                            n += 1;
+        }
+    }
+
+    impl PacketBody {
+        /// Counts a packet as leaving and appends it to `head` (see
+        /// [`encode_into`]).
+        fn add(&self, p: &Packet, head: &mut BytesMut) -> Option<Bytes> {
+            if let Some(sent) = &self.sent {
+                sent.with_label_values(&[self.segment, &p.kind_name()])
+                    .inc();
+            }
+            encode_into(p, head)
+        }
+    }
+
+    /// An empty body (what a request that sends nothing carries).
+    impl Default for PacketBody {
+        fn default() -> Self {
+            let (_, rx) = mpsc::channel(1);
+            PacketBody {
+                rx,
+                stop: Box::pin(tokio_util::sync::CancellationToken::new().cancelled_owned()),
+                sent: None,
+                segment: "",
+                trailers: false,
+                done: true,
+            }
+        }
+    }
+
+    impl Body for PacketBody {
+        type Data = WireBuf;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<WireBuf>, Infallible>>> {
+            let this = &mut *self;
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let packet = if this.stop.as_mut().poll(cx).is_ready() {
+                None
+            } else {
+                match this.rx.poll_recv(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(p) => p,
+                }
+            };
+            match packet {
+                Some(p) => {
+                    // Packets already waiting go in the same frame, up to the
+                    // first large payload: many small control packets (dials,
+                    // closes, acks) cost one HTTP/2 frame, not one each, as
+                    // tonic's encoder batched them.
+                    let mut head = BytesMut::new();
+                    let mut payload = this.add(&p, &mut head);
+                    let mut n = 1;
+                    while payload.is_none() && head.len() < COALESCE_BYTES && n < COALESCE_PACKETS {
+                        match this.rx.poll_recv(cx) {
+                            Poll::Ready(Some(p)) => {
+                                payload = this.add(&p, &mut head);
+                                n += 1;
+                            }
+                            _ => break,
                         }
-                        _ => break,
+                    }
+                    let buf = head.freeze().chain(payload.unwrap_or_default());
+                    Poll::Ready(Some(Ok(Frame::data(buf))))
+                }
+                None => {
+                    this.done = true;
+                    this.rx.close();
+                    if this.trailers {
+                        Poll::Ready(Some(Ok(Frame::trailers(grpc_status_trailers(
+                            status::OK,
+                            "",
+                        )))))
+                    } else {
+                        Poll::Ready(None)
                     }
                 }
-                let buf = head.freeze().chain(payload.unwrap_or_default());
-                Poll::Ready(Some(Ok(Frame::data(buf))))
-            }
-            None => {
-                this.done = true;
-                this.rx.close();
-                if this.trailers {
-                    Poll::Ready(Some(Ok(Frame::trailers(grpc_status_trailers(
-                        status::OK,
-                        "",
-                    )))))
-                } else {
-                    Poll::Ready(None)
-                }
             }
         }
-    }
 
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
+        fn is_end_stream(&self) -> bool {
+            self.done
+        }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::default()
+        }
     }
 }
 
@@ -616,6 +633,8 @@ pub(crate) fn grpc_status(h: &hyper::HeaderMap) -> Option<tonic::Code> {
 mod tests {
     use super::*;
     use crate::proto::{Data, PacketType};
+    use prometheus::IntCounterVec;
+    use tokio::sync::mpsc;
 
     fn wire(p: &Packet) -> Vec<u8> {
         let e = encode(p);

@@ -1,6 +1,6 @@
-//! HTTP/2 keepalive for the agent's connections to servers, which run on
-//! the h2 crate directly (hyper had this built in): a PING every interval,
-//! and the connection given up when one is not answered in time.
+//! HTTP/2 keepalive for the agent link, whose both ends run on the h2 crate
+//! directly (hyper had this built in): a PING every interval, and the
+//! connection given up when one is not answered in time.
 
 use std::pin::Pin;
 use std::time::Duration;

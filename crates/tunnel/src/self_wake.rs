@@ -2,7 +2,7 @@
 //! again in place, instead of going back to tokio's scheduler.
 //!
 //! Why: the tunnel's busy tasks (an agent link's connection, a moved endpoint
-//! reader inside it, hyper's stream tasks) wake themselves all the time: h2
+//! reader inside it) wake themselves all the time: h2
 //! wakes its connection task when a stream queues a frame, and that stream
 //! runs inside the same task. tokio answers a task notified during its own
 //! poll by putting it at the back of the run queue and waking a parked
@@ -117,21 +117,6 @@ pub(crate) async fn repoll_task() {
         Poll::Pending
     })
     .await
-}
-
-/// hyper's executor for the tasks it spawns (a served connection's
-/// streams): tokio's, with self-wakes absorbed.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct AbsorbingExecutor;
-
-impl<F> hyper::rt::Executor<F> for AbsorbingExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(absorb_self_wakes(fut));
-    }
 }
 
 #[cfg(test)]

@@ -81,7 +81,13 @@ impl StreamSender {
     /// Sends `packet` once the stream has room; false when the stream has
     /// ended (or `stop` fired) first.
     pub async fn send(&self, packet: Packet) -> bool {
-        let Some(mut stream) = self.lock_with_capacity().await else {
+        self.send_noting_stall(packet, None).await
+    }
+
+    /// As [`send`](Self::send); `stalls` is counted when the send has to
+    /// wait for the peer's flow-control window.
+    pub async fn send_noting_stall(&self, packet: Packet, stalls: Option<&IntCounter>) -> bool {
+        let Some(mut stream) = self.lock_with_capacity(stalls).await else {
             return false;
         };
         self.flush_controls(&mut stream) && self.put(&mut stream, &packet)
@@ -123,8 +129,16 @@ impl StreamSender {
         let _ = stream.send_data(bytes::Buf::chain(Bytes::new(), Bytes::new()), true);
     }
 
+    /// As [`finish`](Self::finish), ending with `trailers` (a server's
+    /// response: its grpc-status).
+    pub async fn finish_with_trailers(&self, trailers: hyper::HeaderMap) {
+        self.stop.cancel();
+        let mut stream = self.stream.lock().await;
+        let _ = stream.send_trailers(trailers);
+    }
+
     async fn flusher(self: Arc<Self>) {
-        let stream = self.lock_with_capacity().await;
+        let stream = self.lock_with_capacity(None).await;
         let mut c = self.controls.lock().unwrap();
         if let Some(mut stream) = stream {
             while let Some(p) = c.queue.pop_front() {
@@ -152,7 +166,10 @@ impl StreamSender {
         true
     }
 
-    async fn lock_with_capacity(&self) -> Option<tokio::sync::MutexGuard<'_, SendStream<WireBuf>>> {
+    async fn lock_with_capacity(
+        &self,
+        stalls: Option<&IntCounter>,
+    ) -> Option<tokio::sync::MutexGuard<'_, SendStream<WireBuf>>> {
         // The operation first (`biased`): `stop` is then polled, and a
         // waiter registered, only when the operation must wait; a stream
         // stopped meanwhile is caught by `put`.
@@ -165,10 +182,17 @@ impl StreamSender {
         // and send the whole message once any is granted.
         if stream.capacity() == 0 {
             stream.reserve_capacity(1);
+            let mut stalls = stalls;
             loop {
                 let granted = tokio::select! {
                     biased;
-                    g = std::future::poll_fn(|cx| stream.poll_capacity(cx)) => g,
+                    g = std::future::poll_fn(|cx| {
+                        let g = stream.poll_capacity(cx);
+                        if g.is_pending() && let Some(s) = stalls.take() {
+                            s.inc();
+                        }
+                        g
+                    }) => g,
                     _ = self.stop.cancelled() => return None,
                 };
                 match granted {

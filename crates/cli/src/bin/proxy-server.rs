@@ -144,7 +144,9 @@ struct Args {
     /// Minimum TLS version: VersionTLS10..VersionTLS13. Empty defaults to VersionTLS12.
     #[arg(long = "tls-min-version", default_value = "")]
     tls_min_version: String,
-    /// Channel size; here it sizes the queue toward each agent stream (in packets).
+    /// Accepted for upstream's manifests and ignored: packets toward an
+    /// agent go straight into its HTTP/2 stream, whose flow control (not a
+    /// packet channel) bounds what waits.
     #[arg(long = "xfr-channel-size", default_value_t = 10)]
     xfr_channel_size: usize,
     #[arg(long = "enable-lease-controller", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -411,10 +413,10 @@ async fn run(a: Args) -> i32 {
         flow_window: a.flow_window_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         max_queued_bytes: a.max_queued_bytes,
-        agent_channel_packets: a.xfr_channel_size.max(256),
         agent_auth,
         ..ServerOptions::default()
     };
+    let _ = a.xfr_channel_size;
     let launch = ServerLaunch {
         opts,
         mode,

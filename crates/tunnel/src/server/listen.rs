@@ -9,10 +9,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-
 use crate::idle_flush::IdleFlush;
-use crate::self_wake::{AbsorbingExecutor, absorb_self_wakes};
+use crate::self_wake::absorb_self_wakes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[cfg(unix)]
 use tokio::net::UnixListener;
@@ -314,39 +312,40 @@ async fn tls_accept_loop(
     }
 }
 
-/// The agent listener's HTTP/2 settings: what it had as a tonic server
-/// (keepalive pings, 4/8 MiB windows, large frames, no stream cap, fixed
-/// windows), except that hyper's limits on reset streams stay on (a peer
-/// that resets streams faster than it opens them is let go, the "rapid
-/// reset" defence; an agent opens one stream per connection).
-fn agent_h2(
-    keepalive: Duration,
+/// How the agent listener keeps its connections alive: a PING every
+/// `every` (zero: none), the connection given up when one is not answered
+/// within `timeout`.
+#[derive(Clone, Copy)]
+struct AgentKeepalive {
+    every: Duration,
     timeout: Duration,
-) -> hyper::server::conn::http2::Builder<AbsorbingExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(AbsorbingExecutor);
-    b.timer(TokioTimer::new())
-        .keep_alive_interval(if keepalive.is_zero() {
-            None
-        } else {
-            Some(keepalive)
-        })
-        .keep_alive_timeout(timeout)
-        .initial_stream_window_size(4 << 20)
+}
+
+/// Time an agent has to send the HTTP/2 preface and SETTINGS.
+const AGENT_H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the last frames get to leave once the server stops.
+const AGENT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent listener's HTTP/2 settings: what it had as a tonic and then
+/// a hyper server (4/8 MiB windows, large frames, no stream cap, fixed
+/// windows, a 16 KiB header list). h2's limits on reset streams stay on (a
+/// peer that resets streams faster than it opens them is let go, the
+/// "rapid reset" defence; an agent opens one stream per connection).
+fn agent_h2() -> ::h2::server::Builder {
+    let mut b = ::h2::server::Builder::new();
+    b.initial_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
         .max_frame_size(crate::H2_MAX_FRAME)
-        .max_concurrent_streams(None)
-        .adaptive_window(false);
+        .max_header_list_size(16 << 10);
     b
 }
 
 /// Serves agent connections as they come out of the TLS handshakes, until
-/// the accept loop is gone; then waits for them to end. Each gets GOAWAY
-/// (hyper's graceful shutdown) when the server really stops: the streams
-/// end (their backends go with `stop`), then the connection.
+/// the accept loop is gone; then waits for them to end.
 async fn serve_agents(
     sh: Arc<Shared>,
     mut incoming: mpsc::Receiver<TlsConn>,
-    h2: hyper::server::conn::http2::Builder<AbsorbingExecutor>,
+    keepalive: AgentKeepalive,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -358,37 +357,70 @@ async fn serve_agents(
         conns.spawn(absorb_self_wakes(serve_agent_conn(
             sh.clone(),
             conn,
-            h2.clone(),
+            keepalive,
         )));
     }
     while conns.join_next().await.is_some() {}
 }
 
-/// One agent connection, until it ends; GOAWAY when the server stops.
-async fn serve_agent_conn<S>(
-    sh: Arc<Shared>,
-    io: S,
-    h2: hyper::server::conn::http2::Builder<AbsorbingExecutor>,
-) where
+/// One agent connection, on the h2 crate directly, until it ends: its
+/// streams are served in this task too (an agent opens one), so a packet
+/// from the agent reaches its client's queue with no task hand-off, and
+/// packets toward the agent go into the stream from the tasks that have
+/// them ([`StreamSender`](crate::stream_sender::StreamSender)). When the
+/// server really stops: GOAWAY, the streams end with grpc-status 0, and
+/// the connection gets `AGENT_CLOSE_TIMEOUT` for its last frames.
+async fn serve_agent_conn<S>(sh: Arc<Shared>, io: S, keepalive: AgentKeepalive)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let stop = sh.stop.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let sh = sh.clone();
-        async move { Ok::<_, std::convert::Infallible>(super::state::agent_call(sh, req).await) }
-    });
-    let served = h2.serve_connection(TokioIo::new(IdleFlush::new(io)), svc);
-    tokio::pin!(served);
-    let r = tokio::select! {
-        r = served.as_mut() => r,
-        _ = stop.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            served.await
+    use futures_util::StreamExt;
+    let handshake = agent_h2().handshake::<_, crate::grpc_wire::WireBuf>(IdleFlush::new(io));
+    let mut conn = match tokio::time::timeout(AGENT_H2_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            sh.metrics.bad("h2_agent_handshake");
+            tracing::debug!(error = %e, "agent connection: HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            sh.metrics.bad("h2_agent_handshake");
+            tracing::debug!("agent connection: HTTP/2 handshake timed out");
+            return;
         }
     };
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "agent connection ended");
+    let mut pings =
+        crate::keepalive::Keepalive::new(conn.ping_pong(), keepalive.every, keepalive.timeout);
+    let mut streams = futures_util::stream::FuturesUnordered::new();
+    let mut close_by: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        tokio::select! {
+            accepted = conn.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    streams.push(super::state::agent_call(&sh, request, respond));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "agent connection ended");
+                    break;
+                }
+                None => break,
+            },
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            _ = sh.stop.cancelled(), if close_by.is_none() => {
+                conn.graceful_shutdown();
+                close_by = Some(Box::pin(tokio::time::sleep(AGENT_CLOSE_TIMEOUT)));
+            }
+            _ = async { close_by.as_mut().unwrap().await }, if close_by.is_some() => break,
+            why = async { pings.as_mut().unwrap().failed().await }, if pings.is_some() => {
+                tracing::info!(why, "agent connection ended");
+                break;
+            }
+        }
     }
+    // Dropping the connection fails what its streams still wait for (h2
+    // ends them as at EOF), so they finish at once.
+    drop(conn);
+    while streams.next().await.is_some() {}
 }
 
 /// Binds every listener and starts serving.
@@ -428,7 +460,14 @@ pub async fn launch(cfg: ServerLaunch) -> anyhow::Result<RunningServer> {
     // (`--probe-interval`, ours and upstream's), and with it every tunnel
     // the graceful wait is there to let finish. New agents are refused from
     // the start (the accept loop ends with `stop`).
-    tasks.spawn(serve_agents(sh.clone(), rx, agent_h2(ping, ping_timeout)));
+    tasks.spawn(serve_agents(
+        sh.clone(),
+        rx,
+        AgentKeepalive {
+            every: ping,
+            timeout: ping_timeout,
+        },
+    ));
 
     // Frontend: one task per client connection, gRPC or HTTP-CONNECT.
     // Without unix sockets the only other arm diverges: not an error there.
@@ -591,6 +630,7 @@ mod agent_link_tests {
     use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::{Frame, Incoming};
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use std::convert::Infallible;
 
     /// A request body of raw bytes, sent as they are given.
@@ -609,7 +649,10 @@ mod agent_link_tests {
         tokio::spawn(serve_agent_conn(
             sh.clone(),
             ours,
-            agent_h2(Duration::ZERO, Duration::from_secs(20)),
+            AgentKeepalive {
+                every: Duration::ZERO,
+                timeout: Duration::from_secs(20),
+            },
         ));
         let (send, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -684,6 +727,37 @@ mod agent_link_tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("backends never became {n}");
+    }
+
+    /// A peer that connects and never sends the HTTP/2 preface is let go
+    /// after the handshake timeout, counted as bad input. Time is paused.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_without_a_preface_is_dropped_after_the_handshake_timeout() {
+        let sh = sh();
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let start = tokio::time::Instant::now();
+        let served = tokio::spawn(serve_agent_conn(
+            sh.clone(),
+            ours,
+            AgentKeepalive {
+                every: Duration::ZERO,
+                timeout: Duration::from_secs(20),
+            },
+        ));
+        served.await.unwrap();
+        assert_eq!(start.elapsed(), AGENT_H2_HANDSHAKE_TIMEOUT);
+        assert_eq!(
+            sh.metrics
+                .bad_input_total
+                .with_label_values(&["h2_agent_handshake"])
+                .get(),
+            1
+        );
+        // Our side is closed: the peer reads the SETTINGS we sent, then EOF.
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut theirs, &mut got)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

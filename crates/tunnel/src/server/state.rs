@@ -11,11 +11,12 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::grpc_wire::{self, PacketBody};
+use crate::grpc_wire;
 use crate::metrics::ServerMetrics;
 use crate::proto::headers;
 use crate::proto::{Checked, Packet};
 use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
+use crate::stream_sender::{Overflow, StreamSender};
 
 #[doc(hidden)]
 #[path = "fuzzing.rs"]
@@ -66,7 +67,8 @@ pub struct ServerOptions {
     pub max_pending_dials: usize,
     /// Bytes queued toward one client before that connection is closed.
     pub connection_queue_bytes: usize,
-    /// Packets queued toward one agent stream.
+    /// Packets an in-process agent's channel holds (the fuzz harnesses'
+    /// agents; a real agent's stream is bounded by HTTP/2 flow control).
     pub agent_channel_packets: usize,
     /// Dials one frontend stream may have open at once.
     pub max_dials_per_stream: usize,
@@ -191,13 +193,11 @@ pub(crate) struct Backend {
     /// The agent's first stream among those open, the only one dials go
     /// to; set and moved under the `backends` write lock.
     first: AtomicBool,
-    tx: mpsc::Sender<Packet>,
+    to_agent: ToAgent,
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
     /// Flow-control window agreed with this agent (0: upstream agent, none).
     flow_window: usize,
-    /// Control packets waiting for room in `tx`.
-    deferred: Arc<std::sync::atomic::AtomicUsize>,
     /// This agent's `agent_bytes_total` counters, looked up once (they are
     /// counted per DATA packet).
     bytes_to_agent: prometheus::IntCounter,
@@ -205,11 +205,62 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// A backend whose packets go into a channel read in-process (the fuzz
+    /// harnesses and unit tests stand in for the agent).
     pub(crate) fn new(
         sh: &Shared,
         agent_id: String,
         idents: Identifiers,
         tx: mpsc::Sender<Packet>,
+        flow_window: usize,
+    ) -> Self {
+        let to_agent = ToAgent::Channel {
+            tx,
+            deferred: Default::default(),
+        };
+        Self::build(
+            sh,
+            agent_id,
+            idents,
+            to_agent,
+            CancellationToken::new(),
+            flow_window,
+        )
+    }
+
+    /// A backend on an agent's `Connect` stream (the response's sending
+    /// half), written to by the tasks that have its packets.
+    fn on_stream(
+        sh: &Shared,
+        agent_id: String,
+        idents: Identifiers,
+        stream: ::h2::SendStream<grpc_wire::WireBuf>,
+        flow_window: usize,
+    ) -> Self {
+        let gone = CancellationToken::new();
+        let sender = StreamSender::new(
+            stream,
+            gone.clone(),
+            sh.metrics.stream_packets_total.clone(),
+            "to_agent",
+            MAX_DEFERRED_CONTROL,
+        );
+        Self::build(
+            sh,
+            agent_id,
+            idents,
+            ToAgent::Stream(sender),
+            gone,
+            flow_window,
+        )
+    }
+
+    fn build(
+        sh: &Shared,
+        agent_id: String,
+        idents: Identifiers,
+        to_agent: ToAgent,
+        gone: CancellationToken,
         flow_window: usize,
     ) -> Self {
         let bytes = |direction| {
@@ -225,11 +276,77 @@ impl Backend {
             idents,
             draining: AtomicBool::new(false),
             first: AtomicBool::new(false),
-            tx,
+            to_agent,
             conns: Mutex::new(HashMap::new()),
-            gone: CancellationToken::new(),
+            gone,
             flow_window,
-            deferred: Default::default(),
+        }
+    }
+}
+
+/// Where a backend's packets toward its agent go.
+enum ToAgent {
+    /// The agent's `Connect` stream. A packet goes from the task that has
+    /// it into h2's send queue; only the connection's task writes after it
+    /// (hyper's response body took two more task hand-offs per packet).
+    Stream(Arc<StreamSender>),
+    /// A channel read in-process. `deferred`: control packets waiting for
+    /// room in it.
+    Channel {
+        tx: mpsc::Sender<Packet>,
+        deferred: Arc<std::sync::atomic::AtomicUsize>,
+    },
+}
+
+impl ToAgent {
+    /// Sends `packet` once there is room; false when the stream has gone.
+    async fn send(&self, packet: Packet) -> bool {
+        match self {
+            ToAgent::Stream(s) => s.send(packet).await,
+            ToAgent::Channel { tx, .. } => tx.send(packet).await.is_ok(),
+        }
+    }
+
+    /// Sends a control packet without waiting (see [`StreamSender`]); too
+    /// many waiting already is an overflow.
+    fn send_control(&self, packet: Packet) -> Result<(), Overflow> {
+        match self {
+            ToAgent::Stream(s) => s.send_control(packet),
+            ToAgent::Channel { tx, deferred } => match tx.try_send(packet) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(p)) => {
+                    if deferred.fetch_add(1, Ordering::AcqRel) >= MAX_DEFERRED_CONTROL {
+                        deferred.fetch_sub(1, Ordering::AcqRel);
+                        return Err(Overflow);
+                    }
+                    let (tx, deferred) = (tx.clone(), deferred.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(p).await;
+                        deferred.fetch_sub(1, Ordering::AcqRel);
+                    });
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// As [`send`](Self::send); `stalls` is counted when the send has to
+    /// wait for room.
+    async fn send_noting_stall(
+        &self,
+        packet: Packet,
+        stalls: Option<&prometheus::IntCounter>,
+    ) -> bool {
+        match self {
+            ToAgent::Stream(s) => s.send_noting_stall(packet, stalls).await,
+            ToAgent::Channel { tx, .. } => {
+                if tx.capacity() == 0
+                    && let Some(s) = stalls
+                {
+                    s.inc();
+                }
+                tx.send(packet).await.is_ok()
+            }
         }
     }
 }
@@ -523,24 +640,10 @@ impl Shared {
     /// An agent that stops reading its stream while control packets pile
     /// up (more than `MAX_DEFERRED_CONTROL` waiting) is disconnected.
     fn send_control(&self, backend: &Backend, packet: Packet) {
-        match backend.tx.try_send(packet) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(p)) => {
-                if backend.deferred.fetch_add(1, Ordering::AcqRel) >= MAX_DEFERRED_CONTROL {
-                    backend.deferred.fetch_sub(1, Ordering::AcqRel);
-                    self.metrics.bad("agent_not_reading");
-                    tracing::warn!(agent_id = %backend.agent_id, "agent does not read its stream; disconnecting it");
-                    backend.gone.cancel();
-                    return;
-                }
-                let tx = backend.tx.clone();
-                let deferred = backend.deferred.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(p).await;
-                    deferred.fetch_sub(1, Ordering::AcqRel);
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        if backend.to_agent.send_control(packet).is_err() {
+            self.metrics.bad("agent_not_reading");
+            tracing::warn!(agent_id = %backend.agent_id, "agent does not read its stream; disconnecting it");
+            backend.gone.cancel();
         }
     }
 
@@ -614,16 +717,16 @@ impl Shared {
         let packet = Packet::dial_req(protocol, address, random);
         let timeout = self.opts.backend_dial_timeout;
         let sent = if timeout.is_zero() {
-            backend
-                .tx
-                .send(packet)
-                .await
-                .map_err(|_| DialError::BackendClosed)
+            Ok(backend.to_agent.send(packet).await)
         } else {
-            match tokio::time::timeout(timeout, backend.tx.send(packet)).await {
-                Ok(r) => r.map_err(|_| DialError::BackendClosed),
-                Err(_) => Err(DialError::Timeout),
-            }
+            tokio::time::timeout(timeout, backend.to_agent.send(packet))
+                .await
+                .map_err(|_| DialError::Timeout)
+        };
+        let sent = match sent {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DialError::BackendClosed),
+            Err(e) => Err(e),
         };
         if let Err(e) = sent {
             if self.take_pending(random, None).is_some() {
@@ -703,7 +806,9 @@ impl Shared {
 
     async fn send_piece_to_agent(&self, c: &Conn, data: bytes::Bytes) -> bool {
         let n = data.len();
-        if c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n)) || c.backend.tx.capacity() == 0 {
+        // One wait counted per piece: for credit, else for the stream.
+        let credit_stall = c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n));
+        if credit_stall {
             self.metrics.stalls_to_agent.inc();
         }
         if let Some(cr) = &c.to_agent {
@@ -715,12 +820,12 @@ impl Shared {
                 return false;
             }
         }
+        let stream_stalls = (!credit_stall).then_some(&self.metrics.stalls_to_agent);
         let ok = c
             .backend
-            .tx
-            .send(Packet::data(c.connect_id, data))
-            .await
-            .is_ok();
+            .to_agent
+            .send_noting_stall(Packet::data(c.connect_id, data), stream_stalls)
+            .await;
         if ok {
             c.backend.bytes_to_agent.inc_by(n as u64);
         }
@@ -1093,7 +1198,11 @@ impl Shared {
                 match fe.conn(c.connect_id) {
                     Some(conn) => {
                         fe.state.lock().unwrap().closing = true;
-                        let _ = conn.backend.tx.send(Packet::close_req(c.connect_id)).await;
+                        let _ = conn
+                            .backend
+                            .to_agent
+                            .send(Packet::close_req(c.connect_id))
+                            .await;
                     }
                     None => {
                         fe.push_control(Packet::close_rsp(c.connect_id, "backend uninitialized"));
@@ -1121,46 +1230,49 @@ impl Shared {
     }
 }
 
-/// The agent listener's calls, on hyper's HTTP/2 server directly (tonic's
-/// codec would copy every payload into and out of its buffers; see
-/// `grpc_wire`). Only `AgentService/Connect` exists; anything else is
-/// answered UNIMPLEMENTED, as gRPC servers do.
+/// The sending half of an agent-listener stream.
+pub(crate) type AgentRespond = ::h2::server::SendResponse<grpc_wire::WireBuf>;
+
+/// One stream on the agent listener, until it ends. Only
+/// `AgentService/Connect` exists; anything else is answered UNIMPLEMENTED,
+/// as gRPC servers do.
 pub(crate) async fn agent_call(
-    sh: Arc<Shared>,
-    request: hyper::Request<hyper::body::Incoming>,
-) -> hyper::Response<PacketBody> {
-    if request.uri().path() != crate::proto::AGENT_CONNECT_PATH {
-        return trailers_only(
-            grpc_wire::status::UNIMPLEMENTED,
-            &format!("unknown method {}", request.uri().path()),
-        );
-    }
+    sh: &Arc<Shared>,
+    request: hyper::Request<::h2::RecvStream>,
+    mut respond: AgentRespond,
+) {
     let status_only = |status| {
-        let mut r = hyper::Response::new(PacketBody::default());
+        let mut r = hyper::Response::new(());
         *r.status_mut() = status;
         r
     };
-    if request.method() != hyper::Method::POST {
-        return status_only(hyper::StatusCode::METHOD_NOT_ALLOWED);
-    }
     let grpc = request
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
-    if !grpc {
-        return status_only(hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    }
-    match agent_connect(&sh, request).await {
-        Ok(r) => r,
-        // Upstream returns plain Go errors: gRPC code Unknown.
-        Err(message) => trailers_only(grpc_wire::status::UNKNOWN, &message),
-    }
+    let refusal = if request.uri().path() != crate::proto::AGENT_CONNECT_PATH {
+        trailers_only(
+            grpc_wire::status::UNIMPLEMENTED,
+            &format!("unknown method {}", request.uri().path()),
+        )
+    } else if request.method() != hyper::Method::POST {
+        status_only(hyper::StatusCode::METHOD_NOT_ALLOWED)
+    } else if !grpc {
+        status_only(hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE)
+    } else {
+        match agent_connect(sh, request, &mut respond).await {
+            Ok(()) => return,
+            // Upstream returns plain Go errors: gRPC code Unknown.
+            Err(message) => trailers_only(grpc_wire::status::UNKNOWN, &message),
+        }
+    };
+    let _ = respond.send_response(refusal, true);
 }
 
 /// A call answered with its status alone (gRPC's Trailers-Only response).
-fn trailers_only(code: u32, message: &str) -> hyper::Response<PacketBody> {
-    let mut r = hyper::Response::new(PacketBody::default());
+fn trailers_only(code: u32, message: &str) -> hyper::Response<()> {
+    let mut r = hyper::Response::new(());
     let h = r.headers_mut();
     h.insert(
         hyper::header::CONTENT_TYPE,
@@ -1170,12 +1282,14 @@ fn trailers_only(code: u32, message: &str) -> hyper::Response<PacketBody> {
     r
 }
 
-/// `AgentService/Connect`: checks the agent, makes it a backend, reads its
-/// packets on a task of their own and answers with the backend's queue.
+/// `AgentService/Connect`: checks the agent, makes it a backend and reads
+/// its packets until the stream or the backend ends; then the response
+/// ends with grpc-status 0. Err: the refusal's message, nothing answered.
 async fn agent_connect(
     sh: &Arc<Shared>,
-    request: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<PacketBody>, String> {
+    request: hyper::Request<::h2::RecvStream>,
+    respond: &mut AgentRespond,
+) -> Result<(), String> {
     let md = request.headers();
     let ids: Vec<_> = md
         .get_all(headers::AGENT_ID)
@@ -1239,50 +1353,7 @@ async fn agent_connect(
         .unwrap_or(0);
     let server_id = hyper::header::HeaderValue::from_str(&sh.opts.server_id)
         .map_err(|_| "server id is not a valid header value".to_string())?;
-    let (tx, rx) = mpsc::channel(sh.opts.agent_channel_packets.max(1));
-    let backend = Arc::new(Backend::new(sh, agent_id, idents, tx, flow_window));
-    tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
-    sh.add_backend(backend.clone());
-    let inbound = request.into_body();
-    let sh2 = sh.clone();
-    let b2 = backend.clone();
-    sh.metrics
-        .grpc_connections
-        .with_label_values(&["/AgentService/Connect"])
-        .inc();
-    tokio::spawn(async move {
-        let ended = tokio::select! {
-            _ = sh2.stop.cancelled() => Ok(()),
-            _ = b2.gone.cancelled() => Ok(()),
-            r = read_agent_stream(&sh2, &b2, inbound) => r,
-        };
-        if let Err((code, why)) = ended {
-            tracing::info!(agent_id = %b2.agent_id, code = crate::metrics::grpc_code_name(code), %why, "agent stream ended");
-            sh2.metrics
-                .stream_errors_total
-                .with_label_values(&[
-                    "from_agent",
-                    crate::metrics::grpc_code_name(code),
-                    crate::metrics::NO_PACKET,
-                ])
-                .inc();
-        }
-        sh2.remove_backend(&b2);
-        sh2.metrics
-            .grpc_connections
-            .with_label_values(&["/AgentService/Connect"])
-            .dec();
-    });
-    // Every packet sent to the agent is counted as it leaves; the stream
-    // ends (grpc-status 0) when the backend goes.
-    let out = PacketBody::new(
-        rx,
-        backend.gone.clone(),
-        sh.metrics.stream_packets_total.clone(),
-        "to_agent",
-        true,
-    );
-    let mut response = hyper::Response::new(out);
+    let mut response = hyper::Response::new(());
     let h = response.headers_mut();
     h.insert(
         hyper::header::CONTENT_TYPE,
@@ -1293,7 +1364,49 @@ async fn agent_connect(
     if flow_window > 0 {
         h.insert(headers::FLOW_WINDOW, flow_window.into());
     }
-    Ok(response)
+    let Ok(stream) = respond.send_response(response, false) else {
+        // The stream was reset before it was answered: nothing to serve.
+        return Ok(());
+    };
+    let backend = Arc::new(Backend::on_stream(
+        sh,
+        agent_id,
+        idents,
+        stream,
+        flow_window,
+    ));
+    tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
+    sh.add_backend(backend.clone());
+    let connections = sh
+        .metrics
+        .grpc_connections
+        .with_label_values(&["/AgentService/Connect"]);
+    connections.inc();
+    let inbound = grpc_wire::H2Body::new(request.into_body());
+    let ended = tokio::select! {
+        _ = sh.stop.cancelled() => Ok(()),
+        _ = backend.gone.cancelled() => Ok(()),
+        r = read_agent_stream(sh, &backend, inbound) => r,
+    };
+    if let Err((code, why)) = ended {
+        tracing::info!(agent_id = %backend.agent_id, code = crate::metrics::grpc_code_name(code), %why, "agent stream ended");
+        sh.metrics
+            .stream_errors_total
+            .with_label_values(&[
+                "from_agent",
+                crate::metrics::grpc_code_name(code),
+                crate::metrics::NO_PACKET,
+            ])
+            .inc();
+    }
+    sh.remove_backend(&backend);
+    connections.dec();
+    if let ToAgent::Stream(sender) = &backend.to_agent {
+        sender
+            .finish_with_trailers(grpc_wire::grpc_status_trailers(grpc_wire::status::OK, ""))
+            .await;
+    }
+    Ok(())
 }
 
 /// Reads an agent's messages until its stream ends: Ok when the agent
@@ -1302,7 +1415,7 @@ async fn agent_connect(
 async fn read_agent_stream(
     sh: &Arc<Shared>,
     backend: &Arc<Backend>,
-    inbound: hyper::body::Incoming,
+    inbound: grpc_wire::H2Body,
 ) -> Result<(), (tonic::Code, String)> {
     match grpc_wire::read_packets(inbound, |p| sh.handle_agent_packet(backend, p)).await {
         Ok(_) | Err((tonic::Code::Cancelled, _)) => Ok(()),
