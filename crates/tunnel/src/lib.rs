@@ -91,9 +91,10 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// instead of a full frame and a tiny one.
 pub const H2_MAX_FRAME: u32 = 2 * BULK_READ_CHUNK as u32;
 
-/// Read size for a backend that streams while its reads fill their buffer
-/// (the agent's reader, once moved; see `agent::read_endpoint`): what the
-/// floor's relays read. Four times fewer packets, frames and backend
+/// Read size for a peer that streams while its reads fill their buffer
+/// (the agent's reader of a backend, once moved, see
+/// `agent::read_endpoint`; the server's reader of an HTTP-CONNECT client):
+/// what the floor's relays read. Four times fewer packets, frames and backend
 /// wake-ups per byte than `READ_CHUNK` (docs/tunnel-benchmarks.md).
 pub const BULK_READ_CHUNK: usize = 4 * READ_CHUNK;
 

@@ -425,9 +425,18 @@ where
         {
             return;
         }
+        // A client whose reads fill their buffer (an upload) is read as
+        // much at a time as the agent reads a streaming backend; one that
+        // trickles goes back to small buffers (a packet keeps its read's).
+        let mut size = crate::READ_CHUNK;
         loop {
-            match read_chunk(&mut rd).await {
+            match crate::read_chunk_of(&mut rd, size).await {
                 Ok(c) if !c.is_empty() => {
+                    size = if c.len() >= size / 2 {
+                        crate::BULK_READ_CHUNK
+                    } else {
+                        crate::READ_CHUNK
+                    };
                     if !watch.send(&sh, sh.send_data_to_agent(conn, c)).await {
                         return;
                     }
@@ -563,6 +572,67 @@ mod tests {
         assert_eq!(&hello, b"hello");
         sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
         drop(client);
+        task.await.unwrap();
+    }
+
+    /// An uploading client (reads that fill their buffer) is read in bulk,
+    /// as the agent reads a streaming backend: packets larger than
+    /// `READ_CHUNK` reach the agent, every byte in order. Then one that
+    /// trickles gets packets of what it wrote.
+    #[tokio::test]
+    async fn an_uploading_client_is_read_in_bulk() {
+        use crate::proto::Packet;
+        use tokio::io::AsyncReadExt;
+        let sh = shared();
+        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(serve(
+            sh.clone(),
+            server,
+            HangupProbe::none(),
+            StreamEnd::Shutdown,
+        ));
+        let random = connect_and_dial(&mut client, &mut to_agent).await;
+        sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
+        let head = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+        let mut got = vec![0u8; head.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &head[..]);
+
+        let upload: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let sent = upload.clone();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&sent).await.unwrap();
+            wr
+        });
+        let (mut received, mut largest) = (Vec::new(), 0);
+        while received.len() < upload.len() {
+            if let Ok(Checked::Data(d)) = to_agent.recv().await.unwrap().checked() {
+                assert_eq!(d.connect_id, 7);
+                largest = largest.max(d.data.len());
+                received.extend_from_slice(&d.data);
+            }
+        }
+        assert!(received == upload, "the upload arrived changed");
+        assert!(
+            largest > crate::READ_CHUNK && largest <= crate::BULK_READ_CHUNK,
+            "largest packet {largest} bytes"
+        );
+        let mut wr = writer.await.unwrap();
+        for _ in 0..3 {
+            wr.write_all(b"tick").await.unwrap();
+            loop {
+                if let Ok(Checked::Data(d)) = to_agent.recv().await.unwrap().checked() {
+                    assert_eq!(&d.data[..], b"tick");
+                    break;
+                }
+            }
+        }
+        sh.handle_agent_packet(&backend, Packet::close_rsp(7, ""));
+        let mut rest = Vec::new();
+        rd.read_to_end(&mut rest).await.unwrap();
+        drop((rd, wr));
         task.await.unwrap();
     }
 
