@@ -546,6 +546,36 @@ mod tests {
         }
     }
 
+    /// A client on a `socket_bytes` pipe with its CONNECT answered: the
+    /// agent's DIAL_RSP (connection 7) given, the 200 head read. Returns
+    /// the client's end, the serving task, the agent stream and what it
+    /// is sent.
+    async fn established(
+        sh: &Arc<Shared>,
+        socket_bytes: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        Arc<super::super::state::Backend>,
+        tokio::sync::mpsc::Receiver<crate::proto::Packet>,
+    ) {
+        use tokio::io::AsyncReadExt;
+        let (backend, mut to_agent) = super::super::state::test_backend(sh);
+        let (mut client, server) = tokio::io::duplex(socket_bytes);
+        let task = tokio::spawn(serve(
+            sh.clone(),
+            server,
+            HangupProbe::none(),
+            StreamEnd::Shutdown,
+        ));
+        let random = connect_and_dial(&mut client, &mut to_agent).await;
+        sh.handle_agent_packet(&backend, crate::proto::Packet::dial_rsp(random, 7, ""));
+        let mut head = [0u8; 39];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head[..], b"HTTP/1.1 200 Connection Established\r\n\r\n");
+        (client, task, backend, to_agent)
+    }
+
     /// A packet with nothing after it must still reach a client whose
     /// socket holds writes until flushed. Without the flush after each
     /// write this times out.
@@ -584,21 +614,7 @@ mod tests {
         use crate::proto::Packet;
         use tokio::io::AsyncReadExt;
         let sh = shared();
-        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(serve(
-            sh.clone(),
-            server,
-            HangupProbe::none(),
-            StreamEnd::Shutdown,
-        ));
-        let random = connect_and_dial(&mut client, &mut to_agent).await;
-        sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
-        let head = b"HTTP/1.1 200 Connection Established\r\n\r\n";
-        let mut got = vec![0u8; head.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got[..], &head[..]);
-
+        let (client, task, backend, mut to_agent) = established(&sh, 1 << 20).await;
         let upload: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
         let (mut rd, mut wr) = tokio::io::split(client);
         let sent = upload.clone();
@@ -677,20 +693,8 @@ mod tests {
         use crate::proto::Packet;
         use tokio::io::AsyncReadExt;
         let sh = shared();
-        let (backend, mut to_agent) = super::super::state::test_backend(&sh);
         // A client socket that takes 1 KiB and is then not read.
-        let (mut client, server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(serve(
-            sh.clone(),
-            server,
-            HangupProbe::none(),
-            StreamEnd::Shutdown,
-        ));
-        let random = connect_and_dial(&mut client, &mut to_agent).await;
-        sh.handle_agent_packet(&backend, Packet::dial_rsp(random, 7, ""));
-        let mut head = [0u8; 39];
-        client.read_exact(&mut head).await.unwrap();
-        assert_eq!(&head[..], b"HTTP/1.1 200 Connection Established\r\n\r\n");
+        let (mut client, task, backend, _to_agent) = established(&sh, 1024).await;
         sh.handle_agent_packet(&backend, Packet::data(7, vec![7u8; 64 << 10].into()));
         // Its first byte arriving means the writer has taken the packet.
         let mut first = [0u8; 1];
