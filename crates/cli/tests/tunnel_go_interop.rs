@@ -1210,8 +1210,10 @@ fn slow_reader(server: Side) -> (usize, usize, f64, String) {
 }
 
 /// Ours closes the one connection whose queue passes its byte limit
-/// (4 MiB by default) and counts it; the agent's other connections keep
-/// flowing.
+/// (4 MiB by default) and counts it, once its client has taken nothing for
+/// `READER_STALL_LIMIT` (1 s; the agent stream waits that long, as this
+/// agent does not speak the flow-control extension); the agent's other
+/// connections then flow.
 #[test]
 fn slow_reader_our_server_upstream_agent() {
     if have_peers("slow_reader_our_server_upstream_agent") {
@@ -1281,5 +1283,76 @@ fn large_single_writes_echo_ours() {
 fn large_single_writes_echo_upstream_control() {
     if have_peers("large_single_writes_echo_upstream_control") {
         large_single_writes(Side::Upstream, Side::Upstream);
+    }
+}
+
+// ---- a large echo through each pair (HTTP-CONNECT over UDS) ----
+
+const ECHO_BYTES: usize = 128 << 20;
+
+/// One HTTP-CONNECT client echoes `ECHO_BYTES` through the backend's
+/// `/echo`, writing and reading at once: the upload runs as fast as the
+/// echo's writes let it, and the agent's queue toward the backend fills
+/// whenever the backend falls behind. Every byte must come back.
+fn large_echo(server: Side, agent: Side) {
+    use std::io::{Read, Write};
+    let cell = Cell::start(server, agent, Front::ConnectUds, &[]);
+    let backend = HttpServer::start();
+    let mut c = connect_uds(&cell.uds(), backend.port, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("CONNECT\n{}", cell.logs()));
+    write!(c, "POST /echo HTTP/1.1\r\nHost: backend\r\n\r\n").unwrap();
+    let head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+    let mut got = vec![0u8; head.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got[..], &head[..]);
+    let sent = pattern(ECHO_BYTES);
+    let mut w = c.try_clone().unwrap();
+    let data = sent.clone();
+    let writer = std::thread::spawn(move || w.write_all(&data).map(|()| w));
+    let mut back = Vec::with_capacity(ECHO_BYTES);
+    let mut buf = vec![0u8; 256 << 10];
+    while back.len() < ECHO_BYTES {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => back.extend_from_slice(&buf[..n]),
+        }
+    }
+    let written = writer.join().unwrap();
+    assert!(
+        back.len() == ECHO_BYTES && back == sent,
+        "{server:?} server, {agent:?} agent: {} of {ECHO_BYTES} bytes came back ({}), the upload {}\n{}",
+        back.len(),
+        if back[..] == sent[..back.len()] {
+            "in order"
+        } else {
+            "changed"
+        },
+        if written.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        },
+        cell.logs()
+    );
+}
+
+#[test]
+fn large_echo_upstream_server_our_agent() {
+    if have_peers("large_echo_upstream_server_our_agent") {
+        large_echo(Side::Upstream, Side::Ours);
+    }
+}
+
+#[test]
+fn large_echo_our_server_upstream_agent() {
+    if have_peers("large_echo_our_server_upstream_agent") {
+        large_echo(Side::Ours, Side::Upstream);
+    }
+}
+
+#[test]
+fn large_echo_upstream_control() {
+    if have_peers("large_echo_upstream_control") {
+        large_echo(Side::Upstream, Side::Upstream);
     }
 }

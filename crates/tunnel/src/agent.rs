@@ -668,7 +668,10 @@ async fn read_server_stream(
     conn: &Arc<ServerConn>,
     inbound: H2Body,
 ) -> Result<(), (tonic::Code, String)> {
-    let trailers = grpc_wire::read_packets(inbound, |p| handle_packet(sh, conn, p)).await?;
+    let trailers = grpc_wire::read_packets_then(inbound, |p| {
+        handle_packet(sh, conn, p).map(|(ep, id, data)| wait_for_backend(sh, conn, ep, id, data))
+    })
+    .await?;
     // A clean end without a status: tonic and grpc-go call it Unknown (the
     // stream may have been cut by a proxy).
     let Some(trailers) = trailers else {
@@ -684,13 +687,20 @@ async fn read_server_stream(
     }
 }
 
-fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
+/// Handles one packet from the server. Some: a DATA packet that does not
+/// fit its connection's queue on a link without the flow-control
+/// extension; the stream's reader waits for room ([`wait_for_backend`]).
+fn handle_packet(
+    sh: &Arc<Shared>,
+    conn: &Arc<ServerConn>,
+    packet: Packet,
+) -> Option<(Arc<EndpointConn>, i64, Packet)> {
     let checked = match packet.checked() {
         Ok(c) => c,
         Err(why) => {
             sh.metrics.bad("malformed_server_packet");
             tracing::warn!(why, "malformed packet from server dropped");
-            return;
+            return None;
         }
     };
     sh.metrics.packet("to_agent", checked.type_name());
@@ -706,7 +716,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                         format!("unsupported protocol {:?}", d.protocol),
                     ),
                 );
-                return;
+                return None;
             }
             // Backends that do not read already hold what the operator
             // allowed: a new connection could only add to it. Answered as
@@ -727,7 +737,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                         ),
                     ),
                 );
-                return;
+                return None;
             }
             let mut dials = conn.dials.lock().unwrap();
             if dials.len() >= sh.opts.max_pending_dials || dials.contains_key(&d.random) {
@@ -736,7 +746,7 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                     conn,
                     Packet::dial_rsp(d.random, 0, "too many pending dials"),
                 );
-                return;
+                return None;
             }
             let connect_id = conn.next_id.fetch_add(1, Ordering::Relaxed) + 1;
             let task = tokio::spawn(dial(
@@ -755,33 +765,19 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
                     conn,
                     Packet::close_rsp(d.connect_id, "unrecognized connectID"),
                 );
-                return;
+                return None;
             };
-            match ep.queue.push_data(Packet::data(d.connect_id, d.data)) {
+            match ep.queue.try_push_data(Packet::data(d.connect_id, d.data)) {
                 Ok(()) => {}
-                Err(e) => {
-                    if e == PushError::Overflow {
-                        sh.metrics
-                            .queue_overflow_total
-                            .with_label_values(&["to_endpoint"])
-                            .inc();
-                        tracing::warn!(
-                            connect_id = d.connect_id,
-                            "backend too slow: its queue is full; closing that connection"
-                        );
-                    }
-                    if conn.conns.lock().unwrap().remove(&d.connect_id).is_some() {
-                        sh.metrics.open_endpoint_connections.dec();
-                        ep.kill.cancel();
-                        send_control(
-                            conn,
-                            Packet::close_rsp(
-                                d.connect_id,
-                                "send queue overflow: backend reads too slowly",
-                            ),
-                        );
-                    }
+                // Without the extension the server does not hold back for
+                // this connection: the stream waits for it, as upstream's
+                // agent does (the queue's limit is then reached by a
+                // backend that is only scheduled late, not by one that
+                // does not read).
+                Err((PushError::Overflow, data)) if conn.flow_window == 0 => {
+                    return Some((ep, d.connect_id, data));
                 }
+                Err((e, _)) => end_for_a_full_queue(sh, conn, &ep, d.connect_id, e),
             }
         }
         Checked::CloseReq(c) => {
@@ -811,6 +807,69 @@ fn handle_packet(sh: &Arc<Shared>, conn: &Arc<ServerConn>, packet: Packet) {
         Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain => {
             sh.metrics.bad("unexpected_server_packet")
         }
+    }
+    None
+}
+
+/// The server stream's reader waits for room in `ep`'s queue for `data`
+/// (see [`handle_packet`]): while the backend takes bytes the stream goes
+/// on at its pace; one that takes none for [`crate::READER_STALL_LIMIT`] has its
+/// connection closed, as a full queue closes it on a link with the
+/// extension.
+async fn wait_for_backend(
+    sh: &Arc<Shared>,
+    conn: &Arc<ServerConn>,
+    ep: Arc<EndpointConn>,
+    connect_id: i64,
+    mut data: Packet,
+) {
+    sh.metrics
+        .flow_control_stalls_total
+        .with_label_values(&["to_endpoint"])
+        .inc();
+    let weight = data.weight();
+    loop {
+        let room = tokio::select! {
+            r = tokio::time::timeout(crate::READER_STALL_LIMIT, ep.queue.wait_room(weight)) => r.is_ok(),
+            _ = ep.kill.cancelled() => return,
+        };
+        if !room {
+            return end_for_a_full_queue(sh, conn, &ep, connect_id, PushError::Overflow);
+        }
+        match ep.queue.try_push_data(data) {
+            Ok(()) => return,
+            Err((PushError::Overflow, back)) => data = back,
+            Err((e, _)) => return end_for_a_full_queue(sh, conn, &ep, connect_id, e),
+        }
+    }
+}
+
+/// A DATA packet its connection's queue refused: the connection ends
+/// (CLOSE_RSP with why), counted when the queue was full.
+fn end_for_a_full_queue(
+    sh: &Arc<Shared>,
+    conn: &Arc<ServerConn>,
+    ep: &EndpointConn,
+    connect_id: i64,
+    e: PushError,
+) {
+    if e == PushError::Overflow {
+        sh.metrics
+            .queue_overflow_total
+            .with_label_values(&["to_endpoint"])
+            .inc();
+        tracing::warn!(
+            connect_id,
+            "backend too slow: its queue is full; closing that connection"
+        );
+    }
+    if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
+        sh.metrics.open_endpoint_connections.dec();
+        ep.kill.cancel();
+        send_control(
+            conn,
+            Packet::close_rsp(connect_id, "send queue overflow: backend reads too slowly"),
+        );
     }
 }
 

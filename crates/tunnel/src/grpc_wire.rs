@@ -289,17 +289,38 @@ impl Decoder {
     }
 }
 
-/// Reads a stream's messages until its body ends, handing each packet to
-/// `handle`: the trailers when it ends with them, None at END_STREAM
-/// without them, or the gRPC code and why when the stream breaks (a reset,
-/// the connection's end, a malformed or truncated message).
+/// [`read_packets_then`] with a handler that never waits.
+#[cfg(test)]
 pub(crate) async fn read_packets<B>(
-    mut body: B,
+    body: B,
     mut handle: impl FnMut(Packet),
 ) -> Result<Option<hyper::HeaderMap>, (tonic::Code, String)>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: StreamErrorCode + std::fmt::Display,
+{
+    read_packets_then(body, |p| {
+        handle(p);
+        None::<std::future::Ready<()>>
+    })
+    .await
+}
+
+/// Reads a stream's messages until its body ends, handing each packet to
+/// `handle`: the trailers when it ends with them, None at END_STREAM
+/// without them, or the gRPC code and why when the stream breaks (a reset,
+/// the connection's end, a malformed or truncated message). When `handle`
+/// returns a future, it runs to its end before the next packet is decoded
+/// or more of the stream read (HTTP/2 flow control then holds the sender
+/// back).
+pub(crate) async fn read_packets_then<B, F>(
+    mut body: B,
+    mut handle: impl FnMut(Packet) -> Option<F>,
+) -> Result<Option<hyper::HeaderMap>, (tonic::Code, String)>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: StreamErrorCode + std::fmt::Display,
+    F: std::future::Future<Output = ()>,
 {
     use http_body_util::BodyExt;
     let mut decoder = Decoder::default();
@@ -314,7 +335,9 @@ where
             Ok(data) => {
                 decoder.push(data);
                 while let Some(p) = decoder.next_packet().map_err(wire)? {
-                    handle(p);
+                    if let Some(wait) = handle(p) {
+                        wait.await;
+                    }
                 }
             }
             Err(f) => {

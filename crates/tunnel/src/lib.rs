@@ -111,6 +111,12 @@ pub const MAX_DATA_PIECE: usize = 4 * READ_CHUNK;
 /// cannot keep the tunnel, and the bytes it holds, for good.
 pub const DRAIN_AFTER_CLOSE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a shared stream's reader waits for a connection whose queue is
+/// full, on a link without the flow-control extension: the stream goes on
+/// at the pace of a reader that takes bytes (as upstream's does), and one
+/// that takes none for this long has its connection closed.
+pub const READER_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// gRPC's default maximum message size, which upstream keeps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 

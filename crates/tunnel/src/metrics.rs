@@ -278,8 +278,8 @@ pub struct ServerMetrics {
     pub dials_refused_total: IntCounterVec,
     /// Payload bytes per agent and direction (ours, not upstream's).
     pub agent_bytes_total: IntCounterVec,
-    /// DATA sends that had to wait for flow-control credit or a full
-    /// agent stream (ours, not upstream's).
+    /// Waits for a reader, by segment (see its help text; ours, not
+    /// upstream's).
     pub flow_control_stalls_total: IntCounterVec,
     /// `flow_control_stalls_total{segment="to_agent"}`, looked up once: it
     /// is counted on the data path.
@@ -403,7 +403,7 @@ impl Default for ServerMetrics {
             &r,
             s,
             "flow_control_stalls_total",
-            "DATA sends toward an agent that had to wait (no credit or a full agent stream).",
+            "Waits for a reader: to_agent, DATA toward an agent that had to wait (no credit or a full agent stream); to_client, the agent stream held for a client's full queue (a link without the flow-control extension).",
             &["segment"],
         );
         ServerMetrics {
@@ -569,6 +569,7 @@ pub struct AgentMetrics {
     pub queued_bytes: IntGauge,
     /// Dials refused without dialling, by reason (`queued_bytes_cap`).
     pub dials_refused_total: IntCounterVec,
+    /// Waits for a reader, by segment (see its help text).
     pub flow_control_stalls_total: IntCounterVec,
     /// `flow_control_stalls_total{segment="to_server"}`, looked up once.
     pub stalls_to_server: prometheus::IntCounter,
@@ -587,7 +588,7 @@ impl Default for AgentMetrics {
             &r,
             s,
             "flow_control_stalls_total",
-            "DATA sends toward a server that had to wait (no credit: the client reads slower than its backend sends).",
+            "Waits for a reader: to_server, DATA toward a server without credit (the client reads slower than its backend sends); to_endpoint, the server stream held for a backend's full queue (a link without the flow-control extension).",
             &["segment"],
         );
         AgentMetrics {

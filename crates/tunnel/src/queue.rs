@@ -1,11 +1,15 @@
 //! The per-connection packet queue: the flow-control point that keeps one
 //! slow reader from stalling every other connection on a shared agent stream.
 //!
-//! The reader of a shared stream never waits on one connection: it pushes
-//! into that connection's queue and moves on. A queue holds at most `limit`
-//! bytes of DATA. When a push would exceed that, the push fails with
-//! [`PushError::Overflow`] and the caller closes *that* connection (upstream's
-//! CLOSE_REQ / CLOSE_RSP with an error); every other connection carries on.
+//! The reader of a shared stream pushes into a connection's queue and moves
+//! on. A queue holds at most `limit` bytes of DATA. When a push would exceed
+//! that, the push fails with [`PushError::Overflow`] and the caller closes
+//! *that* connection (upstream's CLOSE_REQ / CLOSE_RSP with an error); every
+//! other connection carries on. On a link without the flow-control
+//! extension, whose sender does not hold back for one connection, the
+//! reader first waits for room ([`PacketQueue::wait_room`]) for up to
+//! [`crate::READER_STALL_LIMIT`]: a reader only scheduled late then costs
+//! its connection nothing.
 //! Control packets (dial response, close) are always accepted: each
 //! connection gets at most a handful.
 //!
@@ -72,6 +76,8 @@ impl QueuedBytes {
 pub struct PacketQueue {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when bytes leave (or the queue closes): see `wait_room`.
+    room: Notify,
     limit: usize,
     shared: Option<Arc<QueuedBytes>>,
 }
@@ -81,6 +87,7 @@ impl PacketQueue {
         PacketQueue {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            room: Notify::new(),
             limit,
             shared: None,
         }
@@ -101,13 +108,18 @@ impl PacketQueue {
 
     /// Queues a DATA packet unless that would pass the byte limit.
     pub fn push_data(&self, packet: Packet) -> Result<(), PushError> {
+        self.try_push_data(packet).map_err(|(e, _)| e)
+    }
+
+    /// [`push_data`](Self::push_data), giving the packet back when refused.
+    pub fn try_push_data(&self, packet: Packet) -> Result<(), (PushError, Packet)> {
         let weight = packet.weight();
         let mut st = self.state.lock().unwrap();
         if st.closed {
-            return Err(PushError::Closed);
+            return Err((PushError::Closed, packet));
         }
         if st.bytes + weight > self.limit && !st.packets.is_empty() {
-            return Err(PushError::Overflow);
+            return Err((PushError::Overflow, packet));
         }
         st.bytes += weight;
         st.packets.push_back(packet);
@@ -136,6 +148,25 @@ impl PacketQueue {
     pub fn close(&self) {
         self.state.lock().unwrap().closed = true;
         self.notify.notify_one();
+        self.room.notify_waiters();
+    }
+
+    /// Waits until a DATA packet of `weight` bytes would be taken (see
+    /// [`push_data`](Self::push_data)) or the queue is closed.
+    pub async fn wait_room(&self, weight: usize) {
+        loop {
+            let freed = self.room.notified();
+            tokio::pin!(freed);
+            // Registered before the check: a pop in between still wakes it.
+            freed.as_mut().enable();
+            {
+                let st = self.state.lock().unwrap();
+                if st.closed || st.packets.is_empty() || st.bytes + weight <= self.limit {
+                    return;
+                }
+            }
+            freed.await;
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -172,6 +203,7 @@ impl PacketQueue {
                         st.packets.shrink_to(4);
                     }
                     drop(st);
+                    self.room.notify_waiters();
                     let charge = Charge(self.shared.clone().map(|s| (s, weight)));
                     return Some((p, charge));
                 }
@@ -301,6 +333,37 @@ mod tests {
         assert!(q.pop().await.is_some());
         assert!(q.pop().await.is_none());
         assert_eq!(q.queued_bytes(), 0);
+    }
+
+    /// A refused packet comes back; `wait_room` waits until a pop makes
+    /// room for it (or the queue closes), not before.
+    #[tokio::test]
+    async fn a_refused_packet_waits_for_room() {
+        use futures_util::FutureExt;
+        let q = Arc::new(PacketQueue::new(1000));
+        q.push_data(Packet::data(1, Bytes::from(vec![0; 800])))
+            .unwrap();
+        let refused = Packet::data(1, Bytes::from(vec![1; 800]));
+        let (e, back) = q.try_push_data(refused.clone()).unwrap_err();
+        assert_eq!((e, &back), (PushError::Overflow, &refused));
+        let weight = back.weight();
+        let mut waiting = Box::pin(q.wait_room(weight));
+        assert!(waiting.as_mut().now_or_never().is_none());
+        assert!(q.pop().await.is_some());
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("room after the pop");
+        q.try_push_data(back).unwrap();
+        let again = Box::pin(q.wait_room(weight));
+        let q2 = q.clone();
+        let closer = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            q2.close();
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(5), again)
+            .await
+            .expect("a closed queue ends the wait");
+        closer.await.unwrap();
     }
 
     #[tokio::test]

@@ -354,6 +354,15 @@ impl ToAgent {
 /// Control packets that may wait for a full agent or server stream.
 pub(crate) const MAX_DEFERRED_CONTROL: usize = 4096;
 
+/// A DATA packet from an agent that its client's queue had no room for,
+/// held by the agent stream's reader until there is
+/// ([`Shared::wait_for_client`]).
+pub(crate) struct Held {
+    frontend: Arc<Frontend>,
+    connect_id: i64,
+    data: Packet,
+}
+
 /// One established connection as its frontend sees it.
 pub(crate) struct Conn {
     pub(crate) connect_id: i64,
@@ -396,9 +405,12 @@ impl Frontend {
         self.observe_write(ok, &kind, start);
         ok
     }
-    pub(crate) fn push_data(&self, packet: Packet) -> Result<(), PushError> {
+    /// Hands a DATA packet to the client's writer unless its queue is
+    /// full; a refused packet is given back. Counted and timed as
+    /// [`push_control`](Self::push_control).
+    pub(crate) fn try_push_data(&self, packet: Packet) -> Result<(), (PushError, Packet)> {
         let start = Instant::now();
-        let r = self.queue.push_data(packet);
+        let r = self.queue.try_push_data(packet);
         self.observe_write(r.is_ok(), "DATA", start);
         r
     }
@@ -969,12 +981,106 @@ impl Shared {
 
     /// One packet from an agent. Never waits: see the module docs.
     pub(crate) fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
+        if let Some(held) = self.handle_agent_packet_or_hold(backend, packet) {
+            self.end_for_a_full_queue(
+                backend,
+                &held.frontend,
+                held.connect_id,
+                PushError::Overflow,
+            );
+        }
+    }
+
+    /// The stream's reader waits for room in a client's queue (see
+    /// [`Held`]): while the client takes bytes the agent stream goes on at
+    /// its pace; one that takes none for [`crate::READER_STALL_LIMIT`] has
+    /// its connection closed, as a full queue closes it at once on a link
+    /// with the extension.
+    pub(crate) async fn wait_for_client(&self, backend: &Arc<Backend>, held: Held) {
+        self.metrics
+            .flow_control_stalls_total
+            .with_label_values(&["to_client"])
+            .inc();
+        let Held {
+            frontend,
+            connect_id,
+            mut data,
+        } = held;
+        let weight = data.weight();
+        loop {
+            let room = tokio::select! {
+                r = tokio::time::timeout(crate::READER_STALL_LIMIT, frontend.queue.wait_room(weight)) => r.is_ok(),
+                _ = backend.gone.cancelled() => return,
+            };
+            if !room {
+                return self.end_for_a_full_queue(
+                    backend,
+                    &frontend,
+                    connect_id,
+                    PushError::Overflow,
+                );
+            }
+            match frontend.try_push_data(data) {
+                Ok(()) => return,
+                Err((PushError::Overflow, back)) => data = back,
+                Err((e, _)) => return self.end_for_a_full_queue(backend, &frontend, connect_id, e),
+            }
+        }
+    }
+
+    /// A DATA packet its client's queue refused: the connection ends
+    /// (CLOSE_REQ to the agent, CLOSE_RSP to the client with why), counted
+    /// when the queue was full.
+    fn end_for_a_full_queue(
+        &self,
+        backend: &Arc<Backend>,
+        fe: &Arc<Frontend>,
+        connect_id: i64,
+        e: PushError,
+    ) {
+        if e == PushError::Overflow {
+            self.metrics
+                .queue_overflow_total
+                .with_label_values(&["to_client"])
+                .inc();
+            tracing::warn!(
+                connect_id,
+                "client too slow: its queue is full; closing that connection"
+            );
+        }
+        if backend.conns.lock().unwrap().remove(&connect_id).is_some() {
+            self.metrics.established_connections.dec();
+        }
+        self.send_control(backend, Packet::close_req(connect_id));
+        fe.finish_conn(
+            connect_id,
+            backend.uid,
+            Packet::close_rsp(
+                connect_id,
+                "receive queue overflow: client reads too slowly",
+            ),
+        );
+    }
+
+    /// [`handle_agent_packet`](Self::handle_agent_packet), except that a
+    /// DATA packet its client's queue has no room for, on a link without
+    /// the flow-control extension, is handed back for the stream's reader
+    /// to wait with ([`Shared::wait_for_client`]): without the extension
+    /// the agent does not hold back for one connection, so the stream
+    /// waits for it, as upstream's server does; the queue's limit is then
+    /// reached by a client that is only scheduled late, not by one that
+    /// does not read.
+    pub(crate) fn handle_agent_packet_or_hold(
+        &self,
+        backend: &Arc<Backend>,
+        packet: Packet,
+    ) -> Option<Held> {
         let checked = match packet.checked() {
             Ok(c) => c,
             Err(why) => {
                 self.metrics.bad("malformed_agent_packet");
                 tracing::warn!(agent_id = %backend.agent_id, why, "malformed packet from agent dropped");
-                return;
+                return None;
             }
         };
         self.metrics.packet("from_agent", checked.type_name());
@@ -989,7 +1095,7 @@ impl Shared {
                     if rsp.connect_id != 0 {
                         self.send_control(backend, Packet::close_req(rsp.connect_id));
                     }
-                    return;
+                    return None;
                 };
                 let random = rsp.random;
                 if !rsp.error.is_empty() {
@@ -1065,7 +1171,7 @@ impl Shared {
             Checked::Data(d) => {
                 if d.connect_id == 0 {
                     self.metrics.bad("data_without_connect_id");
-                    return;
+                    return None;
                 }
                 let fe = backend.conns.lock().unwrap().get(&d.connect_id).cloned();
                 let Some(fe) = fe else {
@@ -1074,41 +1180,19 @@ impl Shared {
                         "DATA for unknown connection; closing it at the agent"
                     );
                     self.send_control(backend, Packet::close_req(d.connect_id));
-                    return;
+                    return None;
                 };
                 backend.bytes_from_agent.inc_by(d.data.len() as u64);
-                match fe.push_data(Packet::data(d.connect_id, d.data)) {
+                match fe.try_push_data(Packet::data(d.connect_id, d.data)) {
                     Ok(()) => {}
-                    Err(e) => {
-                        if e == PushError::Overflow {
-                            self.metrics
-                                .queue_overflow_total
-                                .with_label_values(&["to_client"])
-                                .inc();
-                            tracing::warn!(
-                                connect_id = d.connect_id,
-                                "client too slow: its queue is full; closing that connection"
-                            );
-                        }
-                        if backend
-                            .conns
-                            .lock()
-                            .unwrap()
-                            .remove(&d.connect_id)
-                            .is_some()
-                        {
-                            self.metrics.established_connections.dec();
-                        }
-                        self.send_control(backend, Packet::close_req(d.connect_id));
-                        fe.finish_conn(
-                            d.connect_id,
-                            backend.uid,
-                            Packet::close_rsp(
-                                d.connect_id,
-                                "receive queue overflow: client reads too slowly",
-                            ),
-                        );
+                    Err((PushError::Overflow, data)) if backend.flow_window == 0 => {
+                        return Some(Held {
+                            frontend: fe,
+                            connect_id: d.connect_id,
+                            data,
+                        });
                     }
+                    Err((e, _)) => self.end_for_a_full_queue(backend, &fe, d.connect_id, e),
                 }
             }
             Checked::CloseRsp(c) => {
@@ -1138,6 +1222,7 @@ impl Shared {
                 self.metrics.bad("unexpected_agent_packet");
             }
         }
+        None
     }
 
     /// One packet from a gRPC frontend; false ends the stream.
@@ -1417,7 +1502,11 @@ async fn read_agent_stream(
     backend: &Arc<Backend>,
     inbound: grpc_wire::H2Body,
 ) -> Result<(), (tonic::Code, String)> {
-    match grpc_wire::read_packets(inbound, |p| sh.handle_agent_packet(backend, p)).await {
+    let read = grpc_wire::read_packets_then(inbound, |p| {
+        sh.handle_agent_packet_or_hold(backend, p)
+            .map(|held| sh.wait_for_client(backend, held))
+    });
+    match read.await {
         Ok(_) | Err((tonic::Code::Cancelled, _)) => Ok(()),
         Err(e) => Err(e),
     }
