@@ -821,26 +821,18 @@ async fn wait_for_backend(
     conn: &Arc<ServerConn>,
     ep: Arc<EndpointConn>,
     connect_id: i64,
-    mut data: Packet,
+    data: Packet,
 ) {
     sh.metrics
         .flow_control_stalls_total
         .with_label_values(&["to_endpoint"])
         .inc();
-    let weight = data.weight();
-    loop {
-        let room = tokio::select! {
-            r = tokio::time::timeout(crate::READER_STALL_LIMIT, ep.queue.wait_room(weight)) => r.is_ok(),
-            _ = ep.kill.cancelled() => return,
-        };
-        if !room {
-            return end_for_a_full_queue(sh, conn, &ep, connect_id, PushError::Overflow);
-        }
-        match ep.queue.try_push_data(data) {
-            Ok(()) => return,
-            Err((PushError::Overflow, back)) => data = back,
-            Err((e, _)) => return end_for_a_full_queue(sh, conn, &ep, connect_id, e),
-        }
+    let pushed = tokio::select! {
+        r = ep.queue.push_data_when_room(data, crate::READER_STALL_LIMIT, |p| ep.queue.try_push_data(p)) => r,
+        _ = ep.kill.cancelled() => return,
+    };
+    if let Err(e) = pushed {
+        end_for_a_full_queue(sh, conn, &ep, connect_id, e);
     }
 }
 

@@ -151,6 +151,31 @@ impl PacketQueue {
         self.room.notify_waiters();
     }
 
+    /// Pushes a DATA packet this queue refused as full, with `push` (the
+    /// caller's [`try_push_data`](Self::try_push_data), counted as it
+    /// counts), once there is room: Err(Overflow) when none came within
+    /// `limit` of waiting, Err(Closed) when the queue closed first.
+    pub async fn push_data_when_room(
+        &self,
+        mut data: Packet,
+        limit: std::time::Duration,
+        push: impl Fn(Packet) -> Result<(), (PushError, Packet)>,
+    ) -> Result<(), PushError> {
+        let weight = data.weight();
+        loop {
+            if tokio::time::timeout(limit, self.wait_room(weight))
+                .await
+                .is_err()
+            {
+                return Err(PushError::Overflow);
+            }
+            match push(data) {
+                Err((PushError::Overflow, back)) => data = back,
+                r => return r.map_err(|(e, _)| e),
+            }
+        }
+    }
+
     /// Waits until a DATA packet of `weight` bytes would be taken (see
     /// [`push_data`](Self::push_data)) or the queue is closed.
     pub async fn wait_room(&self, weight: usize) {
@@ -364,6 +389,38 @@ mod tests {
             .await
             .expect("a closed queue ends the wait");
         closer.await.unwrap();
+    }
+
+    /// A refused packet is pushed once a pop makes room; with no pop it
+    /// is refused again after the limit. Time is paused.
+    #[tokio::test(start_paused = true)]
+    async fn push_data_when_room_waits_at_most_its_limit() {
+        use std::time::Duration;
+        let q = Arc::new(PacketQueue::new(1000));
+        let full = |q: &PacketQueue| {
+            q.push_data(Packet::data(1, Bytes::from(vec![0; 800])))
+                .unwrap()
+        };
+        full(&q);
+        let start = tokio::time::Instant::now();
+        let data = Packet::data(1, Bytes::from(vec![1; 800]));
+        let r = q
+            .push_data_when_room(data.clone(), Duration::from_secs(1), |p| q.try_push_data(p))
+            .await;
+        assert_eq!(r, Err(PushError::Overflow));
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+
+        let q2 = q.clone();
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            q2.pop().await
+        });
+        let r = q
+            .push_data_when_room(data.clone(), Duration::from_secs(1), |p| q.try_push_data(p))
+            .await;
+        assert_eq!(r, Ok(()));
+        assert!(reader.await.unwrap().is_some());
+        assert_eq!(q.pop().await, Some(data));
     }
 
     #[tokio::test]

@@ -1002,29 +1002,16 @@ impl Shared {
             .with_label_values(&["to_client"])
             .inc();
         let Held {
-            frontend,
+            frontend: fe,
             connect_id,
-            mut data,
+            data,
         } = held;
-        let weight = data.weight();
-        loop {
-            let room = tokio::select! {
-                r = tokio::time::timeout(crate::READER_STALL_LIMIT, frontend.queue.wait_room(weight)) => r.is_ok(),
-                _ = backend.gone.cancelled() => return,
-            };
-            if !room {
-                return self.end_for_a_full_queue(
-                    backend,
-                    &frontend,
-                    connect_id,
-                    PushError::Overflow,
-                );
-            }
-            match frontend.try_push_data(data) {
-                Ok(()) => return,
-                Err((PushError::Overflow, back)) => data = back,
-                Err((e, _)) => return self.end_for_a_full_queue(backend, &frontend, connect_id, e),
-            }
+        let pushed = tokio::select! {
+            r = fe.queue.push_data_when_room(data, crate::READER_STALL_LIMIT, |p| fe.try_push_data(p)) => r,
+            _ = backend.gone.cancelled() => return,
+        };
+        if let Err(e) = pushed {
+            self.end_for_a_full_queue(backend, &fe, connect_id, e);
         }
     }
 
