@@ -979,7 +979,10 @@ impl Shared {
         tracing::info!(agent_id = %backend.agent_id, "agent disconnected");
     }
 
-    /// One packet from an agent. Never waits: see the module docs.
+    /// One packet from an agent, never waiting: a DATA packet whose
+    /// client's queue is full ends that connection at once. The in-process
+    /// drivers (fuzz harnesses, unit tests) take this; the agent stream's
+    /// reader takes [`handle_agent_packet_or_hold`](Self::handle_agent_packet_or_hold).
     pub(crate) fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
         if let Some(held) = self.handle_agent_packet_or_hold(backend, packet) {
             self.end_for_a_full_queue(
