@@ -35,8 +35,11 @@
 //!                      one task hand-off per direction costs
 //!   BENCH_PAIRED_ROUNDS  rounds of the side-by-side rows (default 8, quick
 //!                      2, 0: none): ours against the floor (one stream
-//!                      down, one up) and against upstream (HTTP-CONNECT
-//!                      dials), in turns
+//!                      down, one up) and against upstream (dials, on
+//!                      each frontend), in turns
+//!   BENCH_PAIRED_ONLY=1  only the side-by-side rows
+//!   BENCH_FLOW_WINDOW=N  our server's and agent's flow-control window
+//!                      (bytes) instead of their default
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, its
 //!                      dials/s row into <dir>/<row>-dials.data, and
@@ -1157,6 +1160,9 @@ fn main() {
         return;
     }
 
+    // BENCH_PAIRED_ONLY=1: only the side-by-side rows.
+    let paired_only = std::env::var("BENCH_PAIRED_ONLY").is_ok_and(|v| v == "1");
+    let row_wanted = |k: &str| !paired_only && want(k);
     let load_before = loadavg();
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
@@ -1212,10 +1218,10 @@ fn main() {
         });
         rows.push(row);
     };
-    if want("direct") {
+    if row_wanted("direct") {
         measure("direct TCP", Via::Tcp(backend), vec![], 0);
     }
-    if want("floor") {
+    if row_wanted("floor") {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let roots = procs.iter().map(|c| c.0.id()).collect();
         // Each idle floor connection is a TLS handshake between the relays;
@@ -1230,7 +1236,7 @@ fn main() {
         measure("TLS floor (UDS, 2 relays)", Via::Uds(tls), roots, cap);
         drop(procs);
     }
-    if want("http") {
+    if row_wanted("http") {
         measure(
             "ours, HTTP-CONNECT (UDS)",
             ours.http.clone(),
@@ -1239,7 +1245,7 @@ fn main() {
         );
     }
     drop(ours);
-    if want("grpc") {
+    if row_wanted("grpc") {
         let fresh = Ours::start(dir.path(), "b");
         measure("ours, gRPC (UDS)", fresh.grpc.clone(), fresh.pids(), idle_n);
         if let (Some(go), Via::Grpc(ProxyAddr::Uds(uds))) = (go_peers(), &fresh.grpc) {
@@ -1259,7 +1265,7 @@ fn main() {
         ),
         ("upstream-grpc", "grpc", "upstream, gRPC (UDS)"),
     ] {
-        if !want(key) {
+        if !row_wanted(key) {
             continue;
         }
         let Some(go) = go_peers() else {
@@ -1284,10 +1290,10 @@ fn main() {
         }
         drop(procs);
     }
-    if want("ssh") || want("ssh-gcm") {
+    if row_wanted("ssh") || row_wanted("ssh-gcm") {
         if Path::new("/usr/sbin/sshd").exists() {
             for (tag, cipher) in [("ssh", None), ("ssh-gcm", Some("aes128-gcm@openssh.com"))] {
-                if !want(tag) {
+                if !row_wanted(tag) {
                     continue;
                 }
                 let (procs, port) = start_ssh(dir.path(), backend_port, cipher, tag);
@@ -1314,7 +1320,7 @@ fn main() {
         ("rathole", "rathole (TCP transport)", false),
         ("rathole-noise", "rathole (Noise, AES-GCM)", true),
     ] {
-        if !want(key) {
+        if !row_wanted(key) {
             continue;
         }
         let Some(bin) = rathole_bin() else {
@@ -1368,26 +1374,49 @@ fn main() {
         drop(fresh);
         drop(procs);
     }
-    if let (true, true, Some(go)) = (
-        paired_rounds > 0 && want("http"),
-        want("upstream-http"),
-        go_peers(),
-    ) {
-        let fresh = Ours::start(dir.path(), "q");
-        let (procs, uds) = start_upstream(&go, dir.path(), "http-connect");
+    // Dials side by side for each frontend (upstream serves one mode per
+    // server): HTTP-CONNECT with curl-style CONNECTs, gRPC with our gRPC
+    // client (one tunnel per dial, on a fresh HTTP/2 connection).
+    for (ours_key, upstream_key, mode, name, upstream_name) in [
+        (
+            "http",
+            "upstream-http",
+            "http-connect",
+            "ours, HTTP-CONNECT (UDS)",
+            "upstream, HTTP-CONNECT (UDS)",
+        ),
+        (
+            "grpc",
+            "upstream-grpc",
+            "grpc",
+            "ours, gRPC (UDS)",
+            "upstream, gRPC (UDS)",
+        ),
+    ] {
+        let (true, true, Some(go)) = (
+            paired_rounds > 0 && want(ours_key),
+            want(upstream_key),
+            go_peers(),
+        ) else {
+            continue;
+        };
+        let fresh = Ours::start(dir.path(), &format!("q-{mode}"));
+        let (procs, uds) = start_upstream(&go, dir.path(), mode);
+        let (ours_via, upstream_via) = if mode == "grpc" {
+            (fresh.grpc.clone(), Via::Grpc(ProxyAddr::Uds(uds)))
+        } else {
+            (fresh.http.clone(), Via::Connect(ProxyAddr::Uds(uds)))
+        };
         let n = (dials / 2).max(100);
         let tunnels = [fresh.pids(), roots_of(&procs)];
         let cpu: [std::sync::Mutex<DialsCpu>; 2] = Default::default();
         let backend_pid = backend_proc.0.id();
         let mut row = rt.block_on(side_by_side(
-            format!("dials/s, {paired_rounds} rounds of {n} dials"),
+            format!("{mode} dials/s, {paired_rounds} rounds of {n} dials"),
             paired_rounds,
             backend,
-            ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
-            (
-                "upstream, HTTP-CONNECT (UDS)",
-                Via::Connect(ProxyAddr::Uds(uds)),
-            ),
+            (name, ours_via),
+            (upstream_name, upstream_via),
             2.0,
             |side, via| {
                 let i = usize::from(side == Side::Other);

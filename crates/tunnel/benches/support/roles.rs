@@ -93,6 +93,13 @@ pub fn client_tls(
     .unwrap()
 }
 
+/// BENCH_FLOW_WINDOW: the flow-control window both our server and agent
+/// offer, in bytes, instead of their default (what the window costs and
+/// buys is measured with it).
+fn flow_window_override() -> Option<usize> {
+    std::env::var("BENCH_FLOW_WINDOW").ok()?.parse().ok()
+}
+
 /// One server of the bench: defaults, no health or admin ports, long
 /// keepalives (nothing idles out mid-run), 5 s agent liveness.
 pub fn server_launch(
@@ -101,8 +108,12 @@ pub fn server_launch(
     frontend: FrontendListen,
     agent_port: u16,
 ) -> ServerLaunch {
+    let mut opts = ServerOptions::default();
+    if let Some(w) = flow_window_override() {
+        opts.flow_window = w;
+    }
     ServerLaunch {
-        opts: ServerOptions::default(),
+        opts,
         mode,
         frontend,
         agent_addr: SocketAddr::from(([127, 0, 0, 1], agent_port)),
@@ -127,6 +138,9 @@ pub async fn run_agent(certs: &Path, first_port: u16, servers: u16) {
         .collect();
     let mut opts = AgentOptions::new(addrs, tls);
     opts.sync_interval = Duration::from_millis(100);
+    if let Some(w) = flow_window_override() {
+        opts.flow_window = w;
+    }
     let _agent = agent::launch(AgentLaunch {
         opts,
         health_addr: None,
