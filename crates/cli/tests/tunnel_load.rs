@@ -426,6 +426,95 @@ fn a_stalled_reader_does_not_stall_the_others() {
     st.wait_settled(sfd, afd);
 }
 
+/// The flow-control window grows where the window, not the reader, limits
+/// a connection, and never past `--flow-window-max-bytes` (2 MiB here, from
+/// 1 MiB): 32 MiB down to a client that reads grows the server's receiving
+/// window (the agent's side is the same `Credit`, unit-tested in
+/// konnectivity's queue.rs), and a client that never reads leaves at most
+/// that much queued for it.
+/// (Its socket buffers take the first megabytes as if it read them, so
+/// such a client may still grow its window once.)
+#[test]
+fn the_flow_window_grows_for_a_reader_that_keeps_up_and_no_further_than_its_max() {
+    let backend = HttpServer::start();
+    let target = backend.target();
+    let max = ["--flow-window-max-bytes=2097152"];
+    let st = Stack::start_with("http-connect", &max, &max);
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = st.frontend();
+    let growths = |port: u16, who: &str| {
+        metric(
+            port,
+            &format!("konnectivity_network_proxy_{who}_flow_window_growths_total"),
+        )
+    };
+    const BIG: usize = 32 << 20;
+    let rt = runtime();
+    let moved = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let mut down = client::http_connect(&addr, &target, "down").await.unwrap();
+            down.write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut got = Vec::with_capacity(BIG + 1024);
+            down.read_to_end(&mut got).await.unwrap();
+            got.len()
+        })
+        .await
+    });
+    let Ok(got) = moved else {
+        panic!("32 MiB did not come down in 60 s\n{}", st.logs());
+    };
+    assert!(got > BIG, "{got} bytes came down");
+    assert_eq!(
+        growths(st.ports.health, "server"),
+        1.0,
+        "32 MiB to a client that keeps up grows the server's receiving window from 1 MiB to 2 MiB, once\n{}",
+        st.logs()
+    );
+    let stalled = rt.block_on(async {
+        let mut stalled = client::http_connect(&addr, &target, "stalled")
+            .await
+            .unwrap();
+        stalled
+            .write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .unwrap();
+        stalled
+    });
+    let stalls = || {
+        metric(
+            st.ports.agent_health,
+            "konnectivity_network_proxy_agent_flow_control_stalls_total",
+        )
+    };
+    wait_for(
+        "the agent to run out of credit toward the stalled client",
+        Duration::from_secs(30),
+        || stalls() >= 3.0,
+    );
+    // Once it has stalled, every byte of its window is held here.
+    let queued = "konnectivity_network_proxy_server_queued_bytes";
+    wait_for(
+        "the stalled tunnel's window to fill",
+        Duration::from_secs(10),
+        || metric(st.ports.health, queued) >= (1 << 20) as f64,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let held = metric(st.ports.health, queued);
+    assert!(
+        // Each queued packet weighs 64 bytes more than its data.
+        held <= ((2 << 20) + (64 << 10)) as f64,
+        "{held} bytes queued for a client that reads nothing: more than the 2 MiB maximum window\n{}",
+        st.logs()
+    );
+    assert!(growths(st.ports.health, "server") <= 2.0);
+    drop(stalled);
+    drop(rt);
+    assert_no_queue_overflow(&st);
+    st.wait_settled(sfd, afd);
+}
+
 /// The other direction: a backend that stops reading while its client
 /// uploads. The server runs out of credit toward the agent (counted as a
 /// flow-control stall), the client's writes block instead of filling any

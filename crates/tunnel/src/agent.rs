@@ -35,7 +35,7 @@ use crate::idle_flush::IdleFlush;
 use crate::keepalive::Keepalive;
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
-use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
+use crate::queue::{Credit, FlowWindow, PacketQueue, PushError, QueuedBytes};
 use crate::read_chunk_of;
 use crate::self_wake::absorb_self_wakes;
 use crate::stream_sender::StreamSender;
@@ -78,6 +78,10 @@ pub struct AgentOptions {
     /// Per-connection window offered to the server for the flow-control
     /// extension (0: off). Upstream servers ignore the offer.
     pub flow_window: usize,
+    /// The most that window may grow to on a connection whose reader keeps
+    /// up while the window limits it (at or below `flow_window`: fixed);
+    /// see [`crate::queue::Credit`].
+    pub flow_window_max: usize,
     /// Bytes queued toward backends, summed over every connection; at this
     /// many, dial requests are answered with a dial error. 0: no cap.
     pub max_queued_bytes: usize,
@@ -100,8 +104,13 @@ impl AgentOptions {
             max_pending_dials: 10_000,
             service_account_token_path: None,
             flow_window: 1 << 20,
+            flow_window_max: crate::DEFAULT_FLOW_WINDOW_MAX,
             max_queued_bytes: crate::server::DEFAULT_MAX_QUEUED_BYTES,
         }
+    }
+
+    fn offered_window(&self) -> FlowWindow {
+        FlowWindow::growing(self.flow_window, self.flow_window_max)
     }
 }
 
@@ -130,7 +139,7 @@ struct ServerConn {
     dials: Mutex<HashMap<i64, AbortHandle>>,
     next_id: AtomicI64,
     gone: CancellationToken,
-    flow_window: usize,
+    flow_window: FlowWindow,
 }
 
 impl ServerConn {
@@ -458,9 +467,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     md.insert(TE, HeaderValue::from_static("trailers"));
     md.insert(headers::AGENT_ID, o.agent_id.parse()?);
     md.insert(headers::AGENT_IDENTIFIERS, o.agent_identifiers.parse()?);
-    if o.flow_window > 0 {
-        md.insert(headers::FLOW_WINDOW, o.flow_window.to_string().parse()?);
-    }
+    o.offered_window().offer(md);
     if let Some(path) = &o.service_account_token_path {
         let token = std::fs::read_to_string(path)?;
         md.insert(
@@ -535,13 +542,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .parse()
         .map_err(|_| anyhow::anyhow!("bad server count {:?}", counts[0]))?;
     let server_id = ids[0].to_string();
-    let flow_window = md
-        .get(headers::FLOW_WINDOW)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|_| o.flow_window > 0)
-        .map(|w| w.min(o.flow_window))
-        .unwrap_or(0);
+    let flow_window = o.offered_window().agree(md);
     let (readers, new_readers) = mpsc::unbounded_channel();
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
@@ -774,7 +775,7 @@ fn handle_packet(
                 // agent does (the queue's limit is then reached by a
                 // backend that is only scheduled late, not by one that
                 // does not read).
-                Err((PushError::Overflow, data)) if conn.flow_window == 0 => {
+                Err((PushError::Overflow, data)) if !conn.flow_window.is_on() => {
                     return Some((ep, d.connect_id, data));
                 }
                 Err((e, _)) => end_for_a_full_queue(sh, conn, &ep, d.connect_id, e),
@@ -800,8 +801,23 @@ fn handle_packet(
         }
         Checked::DataAck(ack) => {
             let ep = conn.conns.lock().unwrap().get(&ack.connect_id).cloned();
-            if let Some(cr) = ep.as_ref().and_then(|e| e.send_credit.as_ref()) {
-                cr.give(ack.bytes.max(0) as usize);
+            let Some(ep) = ep else {
+                // Acks for a connection closed meanwhile: nothing owed.
+                return None;
+            };
+            if ack.bytes > 0 {
+                if let Some(cr) = &ep.send_credit {
+                    cr.give(ack.bytes as usize);
+                }
+            } else if let Some(grow) = ep
+                .delivered
+                .as_ref()
+                .and_then(|cr| cr.sender_blocked(ep.queue.queued_bytes()))
+            {
+                // The server ran out of credit toward a backend that keeps
+                // up: the window grows.
+                sh.metrics.flow_window_growths_total.inc();
+                send_control(conn, Packet::data_ack(ack.connect_id, grow));
             }
         }
         Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain => {
@@ -911,12 +927,16 @@ async fn dial(
         .observe(start.elapsed().as_secs_f64());
     let _ = stream.set_nodelay(true);
     let kill = conn.gone.child_token();
+    let queue = PacketQueue::with_shared(sh.opts.connection_queue_bytes, sh.queued.clone());
+    if conn.flow_window.is_on() {
+        queue.raise_limit(2 * conn.flow_window.max);
+    }
     let ep = Arc::new(EndpointConn {
-        queue: PacketQueue::with_shared(sh.opts.connection_queue_bytes, sh.queued.clone()),
+        queue,
         stop_read: kill.child_token(),
         kill,
-        send_credit: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
-        delivered: (conn.flow_window > 0).then(|| Credit::new(conn.flow_window)),
+        send_credit: conn.flow_window.credit(),
+        delivered: conn.flow_window.credit(),
     });
     conn.conns.lock().unwrap().insert(connect_id, ep.clone());
     sh.metrics.open_endpoint_connections.inc();
@@ -1082,6 +1102,11 @@ async fn read_endpoint(
                     if let Some(cr) = &ep.send_credit {
                         if cr.would_wait(chunk.len()) {
                             sh.metrics.stalls_to_server.inc();
+                            if cr.may_grow() {
+                                // Out of credit: the server may grow the
+                                // window (see `Credit`).
+                                send_control(conn, Packet::data_ack(connect_id, 0));
+                            }
                         }
                         let ok = tokio::select! {
                             biased;

@@ -81,6 +81,11 @@ fn gomaxprocs(value: Option<&str>) -> Option<usize> {
     value?.trim().parse::<usize>().ok().filter(|n| *n > 0)
 }
 
+/// The default most a connection's flow-control window grows to
+/// (`--flow-window-max-bytes`, server and agent): enough that one upload
+/// on 2 CPUs is no longer held back by credit (docs/tunnel-benchmarks.md).
+pub const DEFAULT_FLOW_WINDOW_MAX: usize = 8 << 20;
+
 /// Read size for sockets (upstream: 4 KiB on the agent, 32 KiB on the
 /// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. The buffer
 /// lives on the stack only during a poll, so an idle connection holds none.

@@ -284,6 +284,9 @@ pub struct ServerMetrics {
     /// `flow_control_stalls_total{segment="to_agent"}`, looked up once: it
     /// is counted on the data path.
     pub stalls_to_agent: prometheus::IntCounter,
+    /// Times a connection's flow-control window grew: its sender ran out
+    /// of credit while the reader here kept up (ours, not upstream's).
+    pub flow_window_growths_total: IntCounter,
     /// Tunnels ended with data still on its way because its reader took
     /// none of it for [`crate::DRAIN_AFTER_CLOSE`] after the other end left.
     pub drain_timeouts_total: IntCounter,
@@ -528,6 +531,12 @@ impl Default for ServerMetrics {
                     crate::DRAIN_AFTER_CLOSE.as_secs()
                 ),
             ),
+            flow_window_growths_total: counter(
+                &r,
+                s,
+                "flow_window_growths_total",
+                "Times a connection's flow-control window grew: the peer ran out of credit while the reader here kept up (the flow-control extension).",
+            ),
             stalls_to_agent: stalls.with_label_values(&["to_agent"]),
             flow_control_stalls_total: stalls,
             registry: r,
@@ -573,6 +582,9 @@ pub struct AgentMetrics {
     pub flow_control_stalls_total: IntCounterVec,
     /// `flow_control_stalls_total{segment="to_server"}`, looked up once.
     pub stalls_to_server: prometheus::IntCounter,
+    /// Times a connection's flow-control window grew: its sender ran out
+    /// of credit while the reader here kept up (ours, not upstream's).
+    pub flow_window_growths_total: IntCounter,
     /// `--probe-interval` checks of server connections, by result.
     pub server_probes_total: IntCounterVec,
     /// Tunnels ended with data still on its way because its reader took
@@ -708,6 +720,12 @@ impl Default for AgentMetrics {
                 &["reason"],
             ),
             // Shown from the start (0), not only after the first stall.
+            flow_window_growths_total: counter(
+                &r,
+                s,
+                "flow_window_growths_total",
+                "Times a connection's flow-control window grew: the peer ran out of credit while the reader here kept up (the flow-control extension).",
+            ),
             stalls_to_server: stalls.with_label_values(&["to_server"]),
             flow_control_stalls_total: stalls,
             registry: r,

@@ -21,6 +21,9 @@ pub mod headers {
     /// Extension: the per-connection window (bytes) a peer offers; flow
     /// control is on only when both sides sent it.
     pub const FLOW_WINDOW: &str = "proxyctl-flow-window";
+    /// Extension: the most (bytes) a peer lets that window grow to; the
+    /// window stays fixed unless both sent it.
+    pub const FLOW_WINDOW_MAX: &str = "proxyctl-flow-window-max";
 }
 
 impl Packet {

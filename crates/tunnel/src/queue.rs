@@ -21,6 +21,7 @@
 //! without bound.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -78,7 +79,9 @@ pub struct PacketQueue {
     notify: Notify,
     /// Woken when bytes leave (or the queue closes): see `wait_room`.
     room: Notify,
-    limit: usize,
+    /// Raised (never lowered) when a connection's flow-control window may
+    /// grow past it: see [`PacketQueue::raise_limit`].
+    limit: AtomicUsize,
     shared: Option<Arc<QueuedBytes>>,
 }
 
@@ -88,7 +91,7 @@ impl PacketQueue {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             room: Notify::new(),
-            limit,
+            limit: AtomicUsize::new(limit),
             shared: None,
         }
     }
@@ -98,6 +101,17 @@ impl PacketQueue {
         let mut q = Self::new(limit);
         q.shared = Some(shared);
         q
+    }
+
+    /// Lets the queue hold `limit` bytes if it held fewer: a connection
+    /// under the flow-control extension holds at most its window, which may
+    /// grow past the limit the queue was made with.
+    pub fn raise_limit(&self, limit: usize) {
+        self.limit.fetch_max(limit, Ordering::Relaxed);
+    }
+
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
     }
 
     fn charge(&self, n: usize) {
@@ -118,7 +132,7 @@ impl PacketQueue {
         if st.closed {
             return Err((PushError::Closed, packet));
         }
-        if st.bytes + weight > self.limit && !st.packets.is_empty() {
+        if st.bytes + weight > self.limit() && !st.packets.is_empty() {
             return Err((PushError::Overflow, packet));
         }
         st.bytes += weight;
@@ -186,7 +200,7 @@ impl PacketQueue {
             freed.as_mut().enable();
             {
                 let st = self.state.lock().unwrap();
-                if st.closed || st.packets.is_empty() || st.bytes + weight <= self.limit {
+                if st.closed || st.packets.is_empty() || st.bytes + weight <= self.limit() {
                     return;
                 }
             }
@@ -269,39 +283,143 @@ impl Drop for PacketQueue {
     }
 }
 
+/// The flow-control window of one connection under the extension: the
+/// window both sides start with, and the most the receiver may grow it to
+/// (equal: the window stays fixed). Off (0): the link has no extension.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowWindow {
+    pub initial: usize,
+    pub max: usize,
+}
+
+impl FlowWindow {
+    pub const OFF: FlowWindow = FlowWindow { initial: 0, max: 0 };
+
+    pub fn fixed(window: usize) -> Self {
+        FlowWindow {
+            initial: window,
+            max: window,
+        }
+    }
+
+    /// `max` below `initial` means no growth.
+    pub fn growing(initial: usize, max: usize) -> Self {
+        FlowWindow {
+            initial,
+            max: max.max(initial),
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.initial > 0
+    }
+
+    /// What `self`, offered here, and the peer's offer in `headers` come to:
+    /// the smaller initial window and the smaller maximum; off unless both
+    /// offered a window. A peer that offers no maximum gets a fixed window.
+    pub fn agree(self, headers: &hyper::HeaderMap) -> FlowWindow {
+        let theirs = |key: &str| {
+            headers
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        let Some(initial) = theirs(crate::proto::headers::FLOW_WINDOW) else {
+            return FlowWindow::OFF;
+        };
+        let initial = initial.min(self.initial);
+        if initial == 0 {
+            return FlowWindow::OFF;
+        }
+        let max =
+            theirs(crate::proto::headers::FLOW_WINDOW_MAX).map_or(initial, |m| m.min(self.max));
+        FlowWindow::growing(initial, max)
+    }
+
+    /// Offers (or answers) this window in `headers`.
+    pub fn offer(&self, headers: &mut hyper::HeaderMap) {
+        if !self.is_on() {
+            return;
+        }
+        headers.insert(crate::proto::headers::FLOW_WINDOW, self.initial.into());
+        if self.max > self.initial {
+            headers.insert(crate::proto::headers::FLOW_WINDOW_MAX, self.max.into());
+        }
+    }
+
+    /// Credit for one direction of a connection, when the extension is on.
+    pub fn credit(&self) -> Option<Credit> {
+        self.is_on().then(|| Credit::new_growing(*self))
+    }
+}
+
 /// Send credit of one connection under the flow-control extension: the
 /// sender takes credit before each DATA, the receiver returns it (DATA_ACK)
-/// as the data leaves toward its reader. At most `window` bytes of one
+/// as the data leaves toward its reader. At most the window's bytes of one
 /// connection are ever in flight, so its queue on the other side never
 /// overflows and a slow reader only slows itself.
+///
+/// The window starts at [`FlowWindow::initial`] and may grow, doubling up
+/// to [`FlowWindow::max`]. A sender that runs out of credit says so (a
+/// DATA_ACK of 0 bytes, which a peer without growth takes as no credit);
+/// if the receiver's reader has caught up by then (under half the window
+/// still queued for it) and has taken two windows since the window last
+/// grew, the window, not the reader, is what limits the connection, and
+/// the receiver grants the growth as credit (a 1 MiB window cut one 2-CPU
+/// upload to about 0.8x of what no window gives, docs/tunnel-benchmarks.md).
+/// A reader that falls behind never grows it (socket buffers that fill,
+/// though, look like a reader that keeps up); any connection holds at most
+/// `max`.
 pub struct Credit {
     sem: tokio::sync::Semaphore,
+    /// The initial window: what pieces are sized by (see [`Credit::piece`]).
     window: usize,
-    delivered: std::sync::atomic::AtomicUsize,
+    /// The most credit the sender holds, however much the receiver grants.
+    max: usize,
+    /// Receiver: delivered and not yet acknowledged.
+    delivered: AtomicUsize,
+    /// Receiver: the window now granted, and what the reader has taken
+    /// since it last grew.
+    current: AtomicUsize,
+    since_growth: AtomicUsize,
 }
 
 impl Credit {
+    /// A fixed window.
     pub fn new(window: usize) -> Self {
+        Self::new_growing(FlowWindow::fixed(window))
+    }
+
+    pub fn new_growing(w: FlowWindow) -> Self {
         Credit {
-            sem: tokio::sync::Semaphore::new(window),
-            window,
-            delivered: std::sync::atomic::AtomicUsize::new(0),
+            sem: tokio::sync::Semaphore::new(w.initial),
+            window: w.initial,
+            max: w.max.max(w.initial),
+            delivered: AtomicUsize::new(0),
+            current: AtomicUsize::new(w.initial),
+            since_growth: AtomicUsize::new(0),
         }
     }
     /// The most one DATA packet may carry under this credit. The receiver
-    /// acknowledges in batches of a quarter window, so up to a quarter
-    /// window less one byte can be delivered and never acknowledged while
-    /// the connection is quiet; a packet needing more than the rest would
-    /// wait for credit that never comes (a single large client write
-    /// stalled forever that way). Senders split larger data into pieces of
-    /// this size, each of which the window is sure to cover once what is
-    /// in flight has been delivered.
+    /// acknowledges in batches of a quarter of its current window (never
+    /// less than the initial one), so up to that less one byte can be
+    /// delivered and never acknowledged while the connection is quiet; a
+    /// packet needing more than the rest would wait for credit that never
+    /// comes (a single large client write stalled forever that way).
+    /// Senders split larger data into pieces of this size, each of which
+    /// the window is sure to cover once what is in flight has been
+    /// delivered.
     pub fn piece(&self) -> usize {
         (self.window / 4).max(1)
     }
     /// True when `take(n)` would have to wait for credit now.
     pub fn would_wait(&self, n: usize) -> bool {
         self.sem.available_permits() < n.clamp(1, self.window)
+    }
+    /// Whether the window may grow: a sender out of credit then tells the
+    /// receiver (see the type's doc).
+    pub fn may_grow(&self) -> bool {
+        self.max > self.window
     }
     /// Waits for `n` bytes of credit (false once the connection closed).
     pub async fn take(&self, n: usize) -> bool {
@@ -314,22 +432,45 @@ impl Credit {
             Err(_) => false,
         }
     }
-    /// Credit returned by the peer (never above the window).
+    /// Credit returned by the peer (the sender never holds more than the
+    /// largest window).
     pub fn give(&self, n: usize) {
-        let room = self.window.saturating_sub(self.sem.available_permits());
+        let room = self.max.saturating_sub(self.sem.available_permits());
         self.sem.add_permits(n.min(room));
     }
     /// Counts delivered bytes; returns the amount to acknowledge once a
     /// quarter window has gathered (fewer, larger acks).
     pub fn delivered(&self, n: usize) -> Option<usize> {
-        use std::sync::atomic::Ordering;
+        self.since_growth.fetch_add(n, Ordering::Relaxed);
         let total = self.delivered.fetch_add(n, Ordering::AcqRel) + n;
-        if total >= self.window / 4 {
+        if total >= self.current.load(Ordering::Relaxed) / 4 {
             let t = self.delivered.swap(0, Ordering::AcqRel);
             (t > 0).then_some(t)
         } else {
             None
         }
+    }
+    /// The sender ran out of credit while `queued` bytes wait here for the
+    /// reader: the window's growth to grant (as credit), if it may grow,
+    /// the reader has caught up, and it has taken twice the window since
+    /// the window last grew (socket buffers that fill take the first
+    /// bytes of a reader that never reads as if it read them).
+    pub fn sender_blocked(&self, queued: usize) -> Option<usize> {
+        let current = self.current.load(Ordering::Relaxed);
+        if queued >= current / 2 || self.since_growth.load(Ordering::Relaxed) < 2 * current {
+            return None;
+        }
+        let grow = current.min(self.max.saturating_sub(current));
+        if grow == 0 {
+            return None;
+        }
+        self.current.store(current + grow, Ordering::Relaxed);
+        self.since_growth.store(0, Ordering::Relaxed);
+        Some(grow)
+    }
+    /// The window the receiver grants now.
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
     }
     /// Wakes every waiter with failure.
     pub fn close(&self) {
@@ -457,5 +598,138 @@ mod tests {
         let uncapped = QueuedBytes::new(prometheus::IntGauge::new("q2", "t").unwrap(), 0);
         uncapped.charge(1 << 40);
         assert!(!uncapped.over_cap());
+    }
+
+    const MIB: usize = 1 << 20;
+
+    /// One connection's sender and receiver: the sender sends pieces while
+    /// it has credit, says so when it has none, and the reader leaves
+    /// `queued` bytes behind; `rounds` stalls of the sender. Returns the
+    /// receiver's window after each.
+    fn stall_rounds(w: FlowWindow, rounds: usize, queued: usize) -> (Credit, Vec<usize>) {
+        let (sender, receiver) = (w.credit().unwrap(), w.credit().unwrap());
+        let piece = sender.piece();
+        let mut windows = Vec::new();
+        for _ in 0..rounds {
+            // The sender spends all its credit; the acks are on their way.
+            let mut sent = 0;
+            while !sender.would_wait(piece) {
+                sender.sem.try_acquire_many(piece as u32).unwrap().forget();
+                sent += 1;
+            }
+            assert_eq!(sender.may_grow(), w.max > w.initial);
+            if let Some(grow) = receiver.sender_blocked(queued) {
+                sender.give(grow);
+            }
+            for _ in 0..sent {
+                if let Some(n) = receiver.delivered(piece) {
+                    sender.give(n);
+                }
+            }
+            windows.push(receiver.current());
+        }
+        (sender, windows)
+    }
+
+    #[test]
+    fn a_blocked_sender_whose_reader_keeps_up_grows_the_window_to_its_max() {
+        let w = FlowWindow::growing(MIB, 8 * MIB);
+        // The window doubles, each time after the reader took at least two
+        // windows since it last grew, and stops at the max.
+        let (sender, windows) = stall_rounds(w, 12, 0);
+        assert_eq!(windows[..2], [MIB, MIB], "one window taken is not enough");
+        for pair in windows.windows(2) {
+            assert!(pair[1] == pair[0] || pair[1] == 2 * pair[0], "{windows:?}");
+        }
+        assert_eq!(windows.last(), Some(&(8 * MIB)), "{windows:?}");
+        assert_eq!(
+            sender.piece(),
+            MIB / 4,
+            "pieces keep the initial window's size"
+        );
+        // The sender holds up to the grown window, never past the max.
+        sender.give(64 * MIB);
+        assert_eq!(sender.sem.available_permits(), 8 * MIB);
+        // A max that is not a doubling of the window is reached exactly.
+        let (_, windows) = stall_rounds(FlowWindow::growing(MIB, 3 * MIB), 8, 0);
+        assert_eq!(windows.last(), Some(&(3 * MIB)), "{windows:?}");
+        assert!(windows.iter().all(|&w| w <= 3 * MIB));
+    }
+
+    #[test]
+    fn a_reader_that_falls_behind_keeps_the_window() {
+        // Half the window waiting for the reader: the reader, not the
+        // window, limits this connection.
+        let (_, windows) = stall_rounds(FlowWindow::growing(MIB, 8 * MIB), 8, MIB / 2);
+        assert_eq!(windows, vec![MIB; 8]);
+        // A fixed window never grows, and its sender never holds more.
+        let (sender, windows) = stall_rounds(FlowWindow::fixed(MIB), 4, 0);
+        assert_eq!(windows, vec![MIB; 4]);
+        assert!(!sender.may_grow());
+        sender.give(8 * MIB);
+        assert_eq!(sender.sem.available_permits(), MIB);
+    }
+
+    #[test]
+    fn acks_come_in_quarters_of_the_current_window() {
+        let w = FlowWindow::growing(MIB, 8 * MIB);
+        let receiver = w.credit().unwrap();
+        let acks: Vec<usize> = (0..1024).filter_map(|_| receiver.delivered(1024)).collect();
+        assert_eq!(acks, vec![MIB / 4; 4]);
+        // One window taken: too little to grow; two: it doubles.
+        assert_eq!(receiver.sender_blocked(0), None);
+        let more = (0..1024).filter_map(|_| receiver.delivered(1024)).count();
+        assert_eq!(more, 4);
+        assert_eq!(receiver.sender_blocked(0), Some(MIB));
+        let acks: Vec<usize> = (0..2048).filter_map(|_| receiver.delivered(1024)).collect();
+        assert_eq!(acks, vec![MIB / 2; 4]);
+    }
+
+    #[test]
+    fn both_sides_agree_on_the_smaller_window_and_maximum() {
+        let headers = |w: Option<&str>, max: Option<&str>| {
+            let mut h = hyper::HeaderMap::new();
+            if let Some(w) = w {
+                h.insert(crate::proto::headers::FLOW_WINDOW, w.parse().unwrap());
+            }
+            if let Some(m) = max {
+                h.insert(crate::proto::headers::FLOW_WINDOW_MAX, m.parse().unwrap());
+            }
+            h
+        };
+        let ours = FlowWindow::growing(MIB, 8 * MIB);
+        // An upstream peer offers nothing: off.
+        assert_eq!(ours.agree(&headers(None, None)), FlowWindow::OFF);
+        assert_eq!(ours.agree(&headers(Some("0"), None)), FlowWindow::OFF);
+        // A peer without growth: fixed at the smaller window.
+        assert_eq!(
+            ours.agree(&headers(Some("524288"), None)),
+            FlowWindow::fixed(MIB / 2)
+        );
+        assert_eq!(
+            ours.agree(&headers(Some("4194304"), Some("4194304"))),
+            FlowWindow::growing(MIB, 4 * MIB)
+        );
+        assert_eq!(
+            ours.agree(&headers(Some("1048576"), Some("67108864"))),
+            FlowWindow::growing(MIB, 8 * MIB)
+        );
+        // Garbage is no offer.
+        assert_eq!(ours.agree(&headers(Some("lots"), None)), FlowWindow::OFF);
+        // Off here: off whatever the peer offers, and nothing offered.
+        assert_eq!(
+            FlowWindow::OFF.agree(&headers(Some("1048576"), Some("8388608"))),
+            FlowWindow::OFF
+        );
+        let mut offered = hyper::HeaderMap::new();
+        FlowWindow::OFF.offer(&mut offered);
+        assert!(offered.is_empty());
+        // What one side offers, the other agrees to as is.
+        ours.offer(&mut offered);
+        assert_eq!(ours.agree(&offered), ours);
+        let mut fixed = hyper::HeaderMap::new();
+        FlowWindow::fixed(MIB).offer(&mut fixed);
+        assert!(fixed.get(crate::proto::headers::FLOW_WINDOW_MAX).is_none());
+        assert_eq!(ours.agree(&fixed), FlowWindow::fixed(MIB));
     }
 }

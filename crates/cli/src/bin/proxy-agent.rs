@@ -136,6 +136,12 @@ struct Args {
     /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
     flow_window_bytes: usize,
+    /// Extra: the most (bytes) that window grows to, doubling each time the
+    /// sender runs out of credit while the reader keeps up; at or below
+    /// --flow-window-bytes the window stays fixed. A connection's queue
+    /// holds at most its window.
+    #[arg(long = "flow-window-max-bytes", default_value_t = konnectivity::DEFAULT_FLOW_WINDOW_MAX)]
+    flow_window_max_bytes: usize,
     #[command(flatten)]
     klog: KlogArgs,
 }
@@ -248,6 +254,7 @@ async fn run(a: Args) -> i32 {
     let _ = a.xfr_channel_size;
     opts.connection_queue_bytes = a.max_connection_queue_bytes;
     opts.flow_window = a.flow_window_bytes;
+    opts.flow_window_max = a.flow_window_max_bytes;
     opts.max_queued_bytes = a.max_queued_bytes;
     if !a.service_account_token_path.is_empty() {
         opts.service_account_token_path = Some(a.service_account_token_path.clone().into());

@@ -209,6 +209,12 @@ struct Args {
     /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
     flow_window_bytes: usize,
+    /// Extra: the most (bytes) that window grows to, doubling each time the
+    /// sender runs out of credit while the reader keeps up; at or below
+    /// --flow-window-bytes the window stays fixed. A connection's queue
+    /// holds at most its window.
+    #[arg(long = "flow-window-max-bytes", default_value_t = konnectivity::DEFAULT_FLOW_WINDOW_MAX)]
+    flow_window_max_bytes: usize,
     #[command(flatten)]
     klog: KlogArgs,
 }
@@ -411,6 +417,7 @@ async fn run(a: Args) -> i32 {
         max_pending_dials: a.max_pending_dials,
         max_concurrent_streams: a.max_concurrent_streams as usize,
         flow_window: a.flow_window_bytes,
+        flow_window_max: a.flow_window_max_bytes,
         connection_queue_bytes: a.max_connection_queue_bytes,
         max_queued_bytes: a.max_queued_bytes,
         agent_auth,

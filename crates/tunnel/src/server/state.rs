@@ -15,7 +15,7 @@ use crate::grpc_wire;
 use crate::metrics::ServerMetrics;
 use crate::proto::headers;
 use crate::proto::{Checked, Packet};
-use crate::queue::{Credit, PacketQueue, PushError, QueuedBytes};
+use crate::queue::{Credit, FlowWindow, PacketQueue, PushError, QueuedBytes};
 use crate::stream_sender::{Overflow, StreamSender};
 
 #[doc(hidden)]
@@ -79,8 +79,14 @@ pub struct ServerOptions {
     /// connection's receive window and by `max_pending_dials`.
     pub max_concurrent_streams: usize,
     /// Per-connection window offered to agents that speak the flow-control
-    /// extension (0: off). Kept at most `connection_queue_bytes`.
+    /// extension (0: off). Kept at most half of `connection_queue_bytes`.
     pub flow_window: usize,
+    /// The most that window may grow to on a connection whose reader keeps
+    /// up while the window limits it (at or below `flow_window`: fixed). A
+    /// queue under the extension holds at most the window, so its limit
+    /// rises with it (to twice this, which only a peer ignoring its credit
+    /// reaches).
+    pub flow_window_max: usize,
     /// Bytes held for readers that have not taken them, summed over every
     /// connection (queues toward clients, gRPC receive buffers toward
     /// agents); at this many, new dials are refused. 0: no cap.
@@ -103,6 +109,7 @@ impl Default for ServerOptions {
             max_dials_per_stream: 64,
             max_concurrent_streams: 10_000,
             flow_window: 1 << 20,
+            flow_window_max: crate::DEFAULT_FLOW_WINDOW_MAX,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             agent_auth: None,
         }
@@ -196,8 +203,8 @@ pub(crate) struct Backend {
     to_agent: ToAgent,
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
-    /// Flow-control window agreed with this agent (0: upstream agent, none).
-    flow_window: usize,
+    /// Flow-control window agreed with this agent (off: upstream agent).
+    flow_window: FlowWindow,
     /// This agent's `agent_bytes_total` counters, looked up once (they are
     /// counted per DATA packet).
     bytes_to_agent: prometheus::IntCounter,
@@ -224,7 +231,7 @@ impl Backend {
             idents,
             to_agent,
             CancellationToken::new(),
-            flow_window,
+            FlowWindow::fixed(flow_window),
         )
     }
 
@@ -235,7 +242,7 @@ impl Backend {
         agent_id: String,
         idents: Identifiers,
         stream: ::h2::SendStream<grpc_wire::WireBuf>,
-        flow_window: usize,
+        flow_window: FlowWindow,
     ) -> Self {
         let gone = CancellationToken::new();
         let sender = StreamSender::new(
@@ -261,7 +268,7 @@ impl Backend {
         idents: Identifiers,
         to_agent: ToAgent,
         gone: CancellationToken,
-        flow_window: usize,
+        flow_window: FlowWindow,
     ) -> Self {
         let bytes = |direction| {
             sh.metrics
@@ -437,12 +444,15 @@ impl Frontend {
             return false;
         }
         st.dials.retain(|r| *r != random);
-        let credit = |w: usize| (w > 0).then(|| Arc::new(Credit::new(w)));
+        let window = backend.flow_window;
+        if window.is_on() {
+            self.queue.raise_limit(2 * window.max);
+        }
         st.conns.push(Arc::new(Conn {
             connect_id,
             backend: backend.clone(),
-            to_agent: credit(backend.flow_window),
-            from_agent: credit(backend.flow_window),
+            to_agent: window.credit().map(Arc::new),
+            from_agent: window.credit().map(Arc::new),
             established: Instant::now(),
         }));
         st.first_conn.get_or_insert(connect_id);
@@ -822,6 +832,11 @@ impl Shared {
         let credit_stall = c.to_agent.as_ref().is_some_and(|cr| cr.would_wait(n));
         if credit_stall {
             self.metrics.stalls_to_agent.inc();
+            if c.to_agent.as_ref().is_some_and(|cr| cr.may_grow()) {
+                // Out of credit: the agent may grow the window (see
+                // `Credit`).
+                self.send_control(&c.backend, Packet::data_ack(c.connect_id, 0));
+            }
         }
         if let Some(cr) = &c.to_agent {
             let ok = tokio::select! {
@@ -1175,7 +1190,7 @@ impl Shared {
                 backend.bytes_from_agent.inc_by(d.data.len() as u64);
                 match fe.try_push_data(Packet::data(d.connect_id, d.data)) {
                     Ok(()) => {}
-                    Err((PushError::Overflow, data)) if backend.flow_window == 0 => {
+                    Err((PushError::Overflow, data)) if !backend.flow_window.is_on() => {
                         return Some(Held {
                             frontend: fe,
                             connect_id: d.connect_id,
@@ -1198,10 +1213,24 @@ impl Shared {
             }
             Checked::DataAck(ack) => {
                 let fe = backend.conns.lock().unwrap().get(&ack.connect_id).cloned();
-                if let Some(c) = fe.and_then(|fe| fe.conn(ack.connect_id))
-                    && let Some(cr) = &c.to_agent
+                let conn = fe.and_then(|fe| Some((fe.conn(ack.connect_id)?, fe)));
+                let Some((c, fe)) = conn else {
+                    // Acks for a connection closed meanwhile: nothing owed.
+                    return None;
+                };
+                if ack.bytes > 0 {
+                    if let Some(cr) = &c.to_agent {
+                        cr.give(ack.bytes as usize);
+                    }
+                } else if let Some(grow) = c
+                    .from_agent
+                    .as_ref()
+                    .and_then(|cr| cr.sender_blocked(fe.queue.queued_bytes()))
                 {
-                    cr.give(ack.bytes.max(0) as usize);
+                    // The agent ran out of credit toward a client that
+                    // keeps up: the window grows.
+                    self.metrics.flow_window_growths_total.inc();
+                    self.send_control(backend, Packet::data_ack(ack.connect_id, grow));
                 }
             }
             Checked::Drain => {
@@ -1416,16 +1445,11 @@ async fn agent_connect(
         }
     }
     // Flow-control extension: on when the agent offers it.
-    let flow_window = md
-        .get(headers::FLOW_WINDOW)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .map(|theirs| {
-            theirs
-                .min(sh.opts.flow_window)
-                .min(sh.opts.connection_queue_bytes / 2)
-        })
-        .unwrap_or(0);
+    let flow_window = FlowWindow::growing(
+        sh.opts.flow_window.min(sh.opts.connection_queue_bytes / 2),
+        sh.opts.flow_window_max,
+    )
+    .agree(md);
     let server_id = hyper::header::HeaderValue::from_str(&sh.opts.server_id)
         .map_err(|_| "server id is not a valid header value".to_string())?;
     let mut response = hyper::Response::new(());
@@ -1436,9 +1460,7 @@ async fn agent_connect(
     );
     h.insert(headers::SERVER_ID, server_id);
     h.insert(headers::SERVER_COUNT, sh.opts.server_count.into());
-    if flow_window > 0 {
-        h.insert(headers::FLOW_WINDOW, flow_window.into());
-    }
+    flow_window.offer(h);
     let Ok(stream) = respond.send_response(response, false) else {
         // The stream was reset before it was answered: nothing to serve.
         return Ok(());
