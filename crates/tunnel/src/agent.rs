@@ -35,7 +35,7 @@ use crate::idle_flush::IdleFlush;
 use crate::keepalive::Keepalive;
 use crate::metrics::{AgentMetrics, NO_PACKET, grpc_code_name};
 use crate::proto::{Checked, Packet, headers};
-use crate::queue::{Credit, FlowWindow, PacketQueue, PushError, QueuedBytes};
+use crate::queue::{Credit, FlowWindow, PacketQueue, PushError, QueuedBytes, on_data_ack};
 use crate::read_chunk_of;
 use crate::self_wake::absorb_self_wakes;
 use crate::stream_sender::StreamSender;
@@ -805,15 +805,9 @@ fn handle_packet(
                 // Acks for a connection closed meanwhile: nothing owed.
                 return None;
             };
-            if ack.bytes > 0 {
-                if let Some(cr) = &ep.send_credit {
-                    cr.give(ack.bytes as usize);
-                }
-            } else if let Some(grow) = ep
-                .delivered
-                .as_ref()
-                .and_then(|cr| cr.sender_blocked(ep.queue.queued_bytes()))
-            {
+            let queued = ep.queue.queued_bytes();
+            let (sending, receiving) = (ep.send_credit.as_ref(), ep.delivered.as_ref());
+            if let Some(grow) = on_data_ack(ack.bytes, sending, receiving, queued) {
                 // The server ran out of credit toward a backend that keeps
                 // up: the window grows.
                 sh.metrics.flow_window_growths_total.inc();

@@ -353,6 +353,26 @@ impl FlowWindow {
     }
 }
 
+/// A DATA_ACK of `bytes` for a connection whose credit toward the peer is
+/// `sending` and whose credit for the peer's data is `receiving`, with
+/// `queued` bytes of the peer's data waiting for the reader here: credit
+/// given back, or (0 bytes: the peer ran out of credit) the window's
+/// growth to grant the peer, if any (see [`Credit`]).
+pub fn on_data_ack(
+    bytes: i64,
+    sending: Option<&Credit>,
+    receiving: Option<&Credit>,
+    queued: usize,
+) -> Option<usize> {
+    if bytes > 0 {
+        if let Some(cr) = sending {
+            cr.give(bytes as usize);
+        }
+        return None;
+    }
+    receiving?.sender_blocked(queued)
+}
+
 /// Send credit of one connection under the flow-control extension: the
 /// sender takes credit before each DATA, the receiver returns it (DATA_ACK)
 /// as the data leaves toward its reader. At most the window's bytes of one
@@ -683,6 +703,31 @@ mod tests {
         assert_eq!(receiver.sender_blocked(0), Some(MIB));
         let acks: Vec<usize> = (0..2048).filter_map(|_| receiver.delivered(1024)).collect();
         assert_eq!(acks, vec![MIB / 2; 4]);
+    }
+
+    #[test]
+    fn an_ack_gives_credit_and_an_empty_one_may_grow_the_window() {
+        let w = FlowWindow::growing(MIB, 8 * MIB);
+        let (sending, receiving) = (w.credit().unwrap(), w.credit().unwrap());
+        sending.sem.try_acquire_many(MIB as u32).unwrap().forget();
+        assert_eq!(on_data_ack(4096, Some(&sending), Some(&receiving), 0), None);
+        assert_eq!(sending.sem.available_permits(), 4096);
+        // The peer is out of credit, but the reader here took too little.
+        assert_eq!(on_data_ack(0, Some(&sending), Some(&receiving), 0), None);
+        let acks = (0..2048).filter_map(|_| receiving.delivered(1024)).count();
+        assert_eq!(acks, 8);
+        // Too much still queued for the reader: no growth.
+        assert_eq!(
+            on_data_ack(0, Some(&sending), Some(&receiving), MIB / 2),
+            None
+        );
+        assert_eq!(
+            on_data_ack(0, Some(&sending), Some(&receiving), 0),
+            Some(MIB)
+        );
+        // Without the extension there is nothing to give or grow.
+        assert_eq!(on_data_ack(0, None, None, 0), None);
+        assert_eq!(on_data_ack(4096, None, None, 0), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::grpc_wire;
 use crate::metrics::ServerMetrics;
 use crate::proto::headers;
 use crate::proto::{Checked, Packet};
-use crate::queue::{Credit, FlowWindow, PacketQueue, PushError, QueuedBytes};
+use crate::queue::{Credit, FlowWindow, PacketQueue, PushError, QueuedBytes, on_data_ack};
 use crate::stream_sender::{Overflow, StreamSender};
 
 #[doc(hidden)]
@@ -1218,15 +1218,9 @@ impl Shared {
                     // Acks for a connection closed meanwhile: nothing owed.
                     return None;
                 };
-                if ack.bytes > 0 {
-                    if let Some(cr) = &c.to_agent {
-                        cr.give(ack.bytes as usize);
-                    }
-                } else if let Some(grow) = c
-                    .from_agent
-                    .as_ref()
-                    .and_then(|cr| cr.sender_blocked(fe.queue.queued_bytes()))
-                {
+                let queued = fe.queue.queued_bytes();
+                let (sending, receiving) = (c.to_agent.as_deref(), c.from_agent.as_deref());
+                if let Some(grow) = on_data_ack(ack.bytes, sending, receiving, queued) {
                     // The agent ran out of credit toward a client that
                     // keeps up: the window grows.
                     self.metrics.flow_window_growths_total.inc();
