@@ -349,7 +349,7 @@ impl FlowWindow {
 
     /// Credit for one direction of a connection, when the extension is on.
     pub fn credit(&self) -> Option<Credit> {
-        self.is_on().then(|| Credit::new_growing(*self))
+        self.is_on().then(|| Credit::new(*self))
     }
 }
 
@@ -405,12 +405,7 @@ pub struct Credit {
 }
 
 impl Credit {
-    /// A fixed window.
-    pub fn new(window: usize) -> Self {
-        Self::new_growing(FlowWindow::fixed(window))
-    }
-
-    pub fn new_growing(w: FlowWindow) -> Self {
+    pub fn new(w: FlowWindow) -> Self {
         Credit {
             sem: tokio::sync::Semaphore::new(w.initial),
             window: w.initial,
@@ -489,7 +484,8 @@ impl Credit {
         Some(grow)
     }
     /// The window the receiver grants now.
-    pub fn current(&self) -> usize {
+    #[cfg(test)]
+    fn current(&self) -> usize {
         self.current.load(Ordering::Relaxed)
     }
     /// Wakes every waiter with failure.

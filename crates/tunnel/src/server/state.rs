@@ -1725,7 +1725,7 @@ mod tests {
         let agent = {
             let (sh, backend) = (sh.clone(), backend.clone());
             tokio::spawn(async move {
-                let acks = Credit::new(WINDOW);
+                let acks = Credit::new(FlowWindow::fixed(WINDOW));
                 let mut pieces = Vec::new();
                 while pieces.iter().sum::<usize>() < total {
                     let Some(p) = to_agent.recv().await else {
