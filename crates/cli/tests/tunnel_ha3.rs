@@ -227,6 +227,8 @@ async fn gated_echo(
         for c in rest.chunks(16 * 1024) {
             wr.write_all(c).await.map_err(|e| e.to_string())?;
         }
+        // A TLS stream may still hold the last records (see echo_check).
+        wr.flush().await.map_err(|e| e.to_string())?;
         Ok::<_, String>(())
     };
     let reader = async {
