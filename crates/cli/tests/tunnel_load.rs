@@ -431,6 +431,72 @@ fn a_stalled_reader_does_not_stall_the_others() {
     st.wait_settled(sfd, afd);
 }
 
+/// Streaming backends beside each other: one reader runs in the agent's
+/// link task, the others in their own, and every byte of each arrives.
+#[test]
+fn one_streaming_reader_at_a_time_runs_in_the_link_task() {
+    let backend = HttpServer::start();
+    let target = backend.target();
+    let st = Stack::start("http-connect");
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = st.frontend();
+    let in_link_task = || {
+        metric(
+            st.ports.agent_health,
+            "konnectivity_network_proxy_agent_link_task_readers",
+        )
+    };
+    const BIG: usize = 16 << 20;
+    let rt = runtime();
+    let mut streams = rt.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let mut io = client::http_connect(&addr, &target, "streaming")
+                .await
+                .unwrap();
+            io.write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            // A first megabyte each: every backend is streaming now.
+            let mut first = vec![0u8; 1 << 20];
+            io.read_exact(&mut first).await.unwrap();
+            streams.push((io, first));
+        }
+        streams
+    });
+    wait_for(
+        "a streaming reader in the link task",
+        Duration::from_secs(10),
+        || in_link_task() >= 1.0,
+    );
+    assert_eq!(
+        in_link_task(),
+        1.0,
+        "three streaming readers: exactly one runs in the link task\n{}",
+        st.logs()
+    );
+    rt.block_on(async {
+        for (io, got) in streams.iter_mut() {
+            io.read_to_end(got).await.unwrap();
+            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert_eq!(got.len() - split, BIG, "bytes lost");
+            assert_eq!(
+                Sha256::digest(&got[split..]),
+                Sha256::digest(pattern(BIG)),
+                "data corrupted"
+            );
+        }
+    });
+    drop(streams);
+    drop(rt);
+    wait_for(
+        "the link task's reader to be counted out",
+        Duration::from_secs(10),
+        || in_link_task() == 0.0,
+    );
+    st.wait_settled(sfd, afd);
+}
+
 /// The flow-control window grows where the window, not the reader, limits
 /// a connection, and never past `--flow-window-max-bytes` (2 MiB here, from
 /// 1 MiB): 32 MiB down to a client that reads grows the server's receiving

@@ -35,8 +35,8 @@
 //!                      one task hand-off per direction costs
 //!   BENCH_PAIRED_ROUNDS  rounds of the side-by-side rows (default 8, quick
 //!                      2, 0: none): ours against the floor (one stream
-//!                      down, one up) and against upstream (dials, on
-//!                      each frontend), in turns
+//!                      down, sixteen down, one up) and against
+//!                      upstream (dials, on each frontend), in turns
 //!   BENCH_PAIRED_ONLY=1  only the side-by-side rows
 //!   BENCH_FLOW_WINDOW=N  our server's and agent's flow-control window
 //!                      (bytes) instead of their default
@@ -1351,7 +1351,7 @@ fn main() {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let fresh = Ours::start(dir.path(), "p");
         let bytes = (mib << 20) / 4;
-        for (column, up) in [("1x", false), ("up", true)] {
+        for (column, up, streams) in [("1x", false, 1), ("16x", false, 16), ("up", true, 1)] {
             paired.push(rt.block_on(side_by_side(
                 format!(
                     "{column} MiB/s, {paired_rounds} rounds of {} MiB",
@@ -1366,7 +1366,7 @@ fn main() {
                     if up {
                         upload(&via, backend, bytes).await
                     } else {
-                        throughput(&via, backend, bytes, 1).await
+                        throughput(&via, backend, bytes, streams).await
                     }
                 },
             )));

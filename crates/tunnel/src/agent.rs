@@ -44,6 +44,15 @@ use crate::stream_sender::StreamSender;
 /// server connection's task (see [`endpoint_reader`]).
 const BULK_READ: usize = crate::READ_CHUNK / 2;
 
+/// Streaming readers that move into one server connection's task; later
+/// ones stay in their dials' tasks. That task also encrypts and writes
+/// every packet of the connection, so each reader moved there takes its
+/// reads off the other CPU: with all of 16 streams there, the task was
+/// the one thing running while the machine stood 12% idle, and 16 streams
+/// moved 0.73x the TLS floor's bytes; with one, 0.84x (alternating runs,
+/// docs/tunnel-benchmarks.md). One stream keeps what moving gains it.
+const MAX_MOVED_READERS: usize = 1;
+
 /// One endpoint's reader (backend -> server), run by its server
 /// connection's task (see [`serve_server`]).
 type EndpointReader = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -135,6 +144,8 @@ struct ServerConn {
     out: Arc<StreamSender>,
     /// Endpoint readers, handed to the connection's task to run there.
     readers: mpsc::UnboundedSender<EndpointReader>,
+    /// How many run there now (see [`MAX_MOVED_READERS`]).
+    moved_readers: AtomicUsize,
     conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
     next_id: AtomicI64,
@@ -549,6 +560,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         h2,
         out,
         readers,
+        moved_readers: AtomicUsize::new(0),
         conns: Mutex::new(HashMap::new()),
         dials: Mutex::new(HashMap::new()),
         next_id: AtomicI64::new(0),
@@ -1033,7 +1045,8 @@ async fn write_endpoint(
 /// task, beside the writer; once its backend streams (a read of at least
 /// `BULK_READ` bytes) it moves into the server connection's task
 /// (see [`serve_server`]), where each read is encrypted and
-/// sent without a hand-off. Short exchanges (most dials) stay out of that
+/// sent without a hand-off, unless [`MAX_MOVED_READERS`] are there already.
+/// Short exchanges (most dials) stay out of that
 /// task, which would otherwise poll the HTTP/2 connection for every one of
 /// their reads: on 2 CPUs that cost dials/s.
 async fn endpoint_reader(
@@ -1043,14 +1056,58 @@ async fn endpoint_reader(
     rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
 ) {
-    let Some(rd) = read_endpoint(sh, conn, ep, rd, connect_id, true).await else {
+    let Some(rd) = read_endpoint(sh, conn, ep, rd, connect_id, Place::Dial).await else {
         return;
     };
+    if conn.moved_readers.fetch_add(1, Ordering::AcqRel) >= MAX_MOVED_READERS {
+        conn.moved_readers.fetch_sub(1, Ordering::AcqRel);
+        read_endpoint(sh, conn, ep, rd, connect_id, Place::Own).await;
+        return;
+    }
+    // Counted out however the reader ends: also when the connection's
+    // task drops it, run or not.
+    let counted = MovedReader::count(sh, conn);
     let (sh, moved_conn, ep) = (sh.clone(), conn.clone(), ep.clone());
     let rest = async move {
-        read_endpoint(&sh, &moved_conn, &ep, rd, connect_id, false).await;
+        let _counted = counted;
+        read_endpoint(&sh, &moved_conn, &ep, rd, connect_id, Place::Moved).await;
     };
     let _ = conn.readers.send(Box::pin(rest));
+}
+
+/// One reader in a connection's task, counted until it is dropped.
+struct MovedReader {
+    sh: Arc<Shared>,
+    conn: Arc<ServerConn>,
+}
+
+impl MovedReader {
+    /// Its place is already taken in `conn.moved_readers`.
+    fn count(sh: &Arc<Shared>, conn: &Arc<ServerConn>) -> Self {
+        sh.metrics.link_task_readers.inc();
+        MovedReader {
+            sh: sh.clone(),
+            conn: conn.clone(),
+        }
+    }
+}
+
+impl Drop for MovedReader {
+    fn drop(&mut self) {
+        self.conn.moved_readers.fetch_sub(1, Ordering::AcqRel);
+        self.sh.metrics.link_task_readers.dec();
+    }
+}
+
+/// Where an endpoint's reader runs (see [`endpoint_reader`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// In its dial's task, until its backend streams.
+    Dial,
+    /// In the server connection's task.
+    Moved,
+    /// Streaming, in its dial's task still.
+    Own,
 }
 
 /// Reads the backend and sends what it reads, until either side ends; with
@@ -1062,8 +1119,9 @@ async fn read_endpoint(
     ep: &Arc<EndpointConn>,
     mut rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
-    may_move: bool,
+    place: Place,
 ) -> Option<tokio::net::tcp::OwnedReadHalf> {
+    let may_move = place == Place::Dial;
     // Made once: a fresh `cancelled()` future registers and unregisters a
     // waiter, and this loop turns once per backend read.
     let stop = ep.stop_read.cancelled();
@@ -1131,7 +1189,7 @@ async fn read_endpoint(
                 // stream's window, and the write finds them cold. Not
                 // tokio's yield_now: the task would go back to the
                 // scheduler and wake the other worker (see self_wake.rs).
-                if !may_move {
+                if place == Place::Moved {
                     crate::self_wake::repoll_task().await;
                 }
             }

@@ -565,6 +565,7 @@ pub struct AgentMetrics {
     pub open_server_connections: IntGauge,
     pub known_server_count: IntGauge,
     pub open_endpoint_connections: IntGauge,
+    pub link_task_readers: IntGauge,
     pub endpoint_dial_failure_total: IntCounterVec,
     pub dial_duration_seconds: Histogram,
     pub stream_packets_total: IntCounterVec,
@@ -621,6 +622,12 @@ impl Default for AgentMetrics {
                 s,
                 "open_endpoint_connections",
                 "Current number of open endpoint connections.",
+            ),
+            link_task_readers: gauge(
+                &r,
+                s,
+                "link_task_readers",
+                "Streaming endpoint readers running in their server connection's task (at most one per server connection).",
             ),
             endpoint_dial_failure_total: counter_vec(
                 &r,
