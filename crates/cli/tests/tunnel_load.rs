@@ -225,6 +225,48 @@ fn a_backend_that_speaks_first_and_closes_is_heard() {
     served.abort();
 }
 
+/// A backend that answers, ends its sending side and goes on reading: once
+/// the agent has read its EOF the dial is over, and the agent's side of the
+/// socket closes too, with a FIN (the backend reads its end, not an error),
+/// at once.
+#[test]
+fn a_backend_that_half_closes_sees_the_agent_close_cleanly() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let backend = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"banner").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map(|_| rest)
+    });
+    let st = Stack::start("http-connect");
+    let addr = st.frontend();
+    let rt = runtime();
+    let heard = rt.block_on(async {
+        let mut io = client::http_connect(&addr, &format!("127.0.0.1:{port}"), "half")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut got))
+            .await
+            .map(|r| r.map(|_| got))
+    });
+    assert!(
+        matches!(&heard, Ok(Ok(b)) if b == b"banner"),
+        "the client heard {heard:?}\n{}",
+        st.logs()
+    );
+    let seen = backend.join().unwrap();
+    assert!(
+        matches!(&seen, Ok(rest) if rest.is_empty()),
+        "the backend saw {seen:?} instead of the agent's FIN within 10 s\n{}",
+        st.logs()
+    );
+}
+
 /// Backends that close at once without a byte, with a FIN or with a reset:
 /// every client's stream ends (empty; after a reset also an error or a
 /// failed dial) instead of hanging, in both modes, and both processes are

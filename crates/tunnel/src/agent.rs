@@ -129,6 +129,9 @@ struct EndpointConn {
     kill: CancellationToken,
     /// Stops reading from the backend (child of `kill`).
     stop_read: CancellationToken,
+    /// The backend's EOF was read: the socket closes once its writer is
+    /// done, with no shutdown of its own (see `write_endpoint`).
+    read_eof: AtomicBool,
     /// Flow-control extension: credit for DATA toward the server, and the
     /// count of bytes delivered to the backend (acknowledged in batches).
     send_credit: Option<Credit>,
@@ -940,6 +943,7 @@ async fn dial(
     let ep = Arc::new(EndpointConn {
         queue,
         stop_read: kill.child_token(),
+        read_eof: AtomicBool::new(false),
         kill,
         send_credit: conn.flow_window.credit(),
         delivered: conn.flow_window.credit(),
@@ -1038,7 +1042,14 @@ async fn write_endpoint(
             return;
         }
     }
-    let _ = wr.shutdown().await;
+    if ep.read_eof.load(Ordering::Acquire) {
+        // Read to its end, the socket closes when the reading half goes
+        // (now or already), and its close sends the FIN: a shutdown first
+        // would be one more system call per dial.
+        wr.forget();
+    } else {
+        let _ = wr.shutdown().await;
+    }
 }
 
 /// Backend -> server for one endpoint connection. It starts in the dial's
@@ -1195,6 +1206,7 @@ async fn read_endpoint(
             }
             _ => {
                 // Backend EOF or error: unsolicited CLOSE_RSP, as upstream.
+                ep.read_eof.store(true, Ordering::Release);
                 if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh.metrics.open_endpoint_connections.dec();
                     conn.out.send(Packet::close_rsp(connect_id, "")).await;
