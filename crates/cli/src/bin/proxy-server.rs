@@ -206,7 +206,9 @@ struct Args {
     #[arg(long = "max-concurrent-streams", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_concurrent_streams: u32,
     /// Extra: per-connection flow-control window (bytes) used with peers that
-    /// speak the proxyctl extension; 0 turns it off. Upstream peers never see it.
+    /// speak the proxyctl extension, at most half of
+    /// --max-connection-queue-bytes; 0 turns it off. Upstream peers never
+    /// see it.
     #[arg(long = "flow-window-bytes", default_value_t = 1 << 20)]
     flow_window_bytes: usize,
     /// Extra: the most (bytes) that window grows to, doubling each time the
