@@ -49,7 +49,7 @@ const BULK_READ: usize = crate::READ_CHUNK / 2;
 /// every packet of the connection, so each reader moved there takes its
 /// reads off the other CPU: with all of 16 streams there, the task was
 /// the one thing running while the machine stood 12% idle, and 16 streams
-/// moved 0.73x the TLS floor's bytes; with one, 0.84x (alternating runs,
+/// moved 0.73x the TLS floor's bytes; with one, 0.83x (alternating runs,
 /// docs/tunnel-benchmarks.md). One stream keeps what moving gains it.
 const MAX_MOVED_READERS: usize = 1;
 
@@ -129,8 +129,9 @@ struct EndpointConn {
     kill: CancellationToken,
     /// Stops reading from the backend (child of `kill`).
     stop_read: CancellationToken,
-    /// The backend's EOF was read: the socket closes once its writer is
-    /// done, with no shutdown of its own (see `write_endpoint`).
+    /// The backend's EOF (or a read error) was seen: the socket closes once
+    /// its writer is done, with no shutdown of its own (see
+    /// `write_endpoint`).
     read_eof: AtomicBool,
     /// Flow-control extension: credit for DATA toward the server, and the
     /// count of bytes delivered to the backend (acknowledged in batches).
@@ -1121,8 +1122,8 @@ enum Place {
     Own,
 }
 
-/// Reads the backend and sends what it reads, until either side ends; with
-/// `may_move`, returns the socket after the first read of at least
+/// Reads the backend and sends what it reads, until either side ends; in
+/// `Place::Dial`, returns the socket after the first read of at least
 /// `BULK_READ` bytes has been sent.
 async fn read_endpoint(
     sh: &Arc<Shared>,
