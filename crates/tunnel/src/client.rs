@@ -345,7 +345,9 @@ fn broken_pipe(why: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::BrokenPipe, why)
 }
 
-/// Opens an HTTP-CONNECT tunnel to `address`.
+/// Opens an HTTP-CONNECT tunnel to `address`. Over TLS, a write that finds
+/// the socket full leaves its last records in rustls' buffer: flush after
+/// the last write before waiting for an answer to it.
 pub async fn http_connect(
     addr: &ProxyAddr,
     address: &str,
