@@ -605,8 +605,14 @@ fn the_flow_window_grows_for_a_reader_that_keeps_up_and_no_further_than_its_max(
         "32 MiB up from a client through a backend that keeps up grows the agent's receiving window from 1 MiB to 2 MiB, once\n{}",
         st.logs()
     );
-    // Each tunnel has windows of its own: the echo's way down grew too.
-    assert_eq!(growths(st.ports.health, "server"), 2.0, "{}", st.logs());
+    // Each tunnel has windows of its own: the echo's way down may have
+    // grown the server's too (its pace is the upload's), once at most.
+    let after_echo = growths(st.ports.health, "server");
+    assert!(
+        (1.0..=2.0).contains(&after_echo),
+        "{after_echo}\n{}",
+        st.logs()
+    );
     let stalled = rt.block_on(async {
         let mut stalled = client::http_connect(&addr, &target, "stalled")
             .await
@@ -644,7 +650,7 @@ fn the_flow_window_grows_for_a_reader_that_keeps_up_and_no_further_than_its_max(
         st.logs()
     );
     // Its socket buffers may have grown it once (see above); no more.
-    assert!(growths(st.ports.health, "server") <= 3.0);
+    assert!(growths(st.ports.health, "server") <= after_echo + 1.0);
     drop(stalled);
     drop(rt);
     assert_no_queue_overflow(&st);
