@@ -1071,14 +1071,12 @@ async fn endpoint_reader(
     let Some(rd) = read_endpoint(sh, conn, ep, rd, connect_id, Place::Dial).await else {
         return;
     };
-    if conn.moved_readers.fetch_add(1, Ordering::AcqRel) >= MAX_MOVED_READERS {
-        conn.moved_readers.fetch_sub(1, Ordering::AcqRel);
-        read_endpoint(sh, conn, ep, rd, connect_id, Place::Own).await;
-        return;
-    }
     // Counted out however the reader ends: also when the connection's
     // task drops it, run or not.
-    let counted = MovedReader::count(sh, conn);
+    let Some(counted) = MovedReader::claim(sh, conn) else {
+        read_endpoint(sh, conn, ep, rd, connect_id, Place::Own).await;
+        return;
+    };
     let (sh, moved_conn, ep) = (sh.clone(), conn.clone(), ep.clone());
     let rest = async move {
         let _counted = counted;
@@ -1094,13 +1092,17 @@ struct MovedReader {
 }
 
 impl MovedReader {
-    /// Its place is already taken in `conn.moved_readers`.
-    fn count(sh: &Arc<Shared>, conn: &Arc<ServerConn>) -> Self {
+    /// A place in `conn`'s task, if fewer than [`MAX_MOVED_READERS`] hold one.
+    fn claim(sh: &Arc<Shared>, conn: &Arc<ServerConn>) -> Option<Self> {
+        if conn.moved_readers.fetch_add(1, Ordering::AcqRel) >= MAX_MOVED_READERS {
+            conn.moved_readers.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         sh.metrics.link_task_readers.inc();
-        MovedReader {
+        Some(MovedReader {
             sh: sh.clone(),
             conn: conn.clone(),
-        }
+        })
     }
 }
 
