@@ -477,6 +477,39 @@ fn upstream_server_our_agent_both_frontends() {
     }
 }
 
+/// Our agent with `--links-per-server=2` against upstream's server, which
+/// knows nothing of the extension: both links stay open (upstream keeps a
+/// later stream of an agent beside its first), dials go through the first,
+/// and 200 concurrent hashed dials all pass.
+#[test]
+fn upstream_server_our_agent_with_two_links() {
+    if !have_peers("upstream_server_our_agent_with_two_links") {
+        return;
+    }
+    let cell = Cell::start(
+        Side::Upstream,
+        Side::Ours,
+        Front::GrpcUds,
+        &["--links-per-server=2"],
+    );
+    wait_for("two links", Duration::from_secs(30), || {
+        metric(
+            cell.ports.agent_health,
+            "konnectivity_network_proxy_agent_server_links",
+        ) == 2.0
+    });
+    echo_dials(&cell, false, 200, 200, 64 * 1024);
+    assert_eq!(
+        metric(
+            cell.ports.agent_health,
+            "konnectivity_network_proxy_agent_server_links"
+        ),
+        2.0,
+        "a link closed during the dials\n{}",
+        cell.logs()
+    );
+}
+
 // ---- agent restart, each side against the other's server ----
 
 /// The agent is killed and restarted; dials work again once the server has

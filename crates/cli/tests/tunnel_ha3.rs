@@ -105,6 +105,76 @@ fn two_agents_reach_three_servers_through_haproxy() {
     wait_full_mesh(&sp, &ap, &all);
 }
 
+/// Through one haproxy address, an agent with `--links-per-server=2`
+/// dials until it holds two links to each of the three servers (landing
+/// on a server it already holds twice closes the new link), beside an
+/// agent with one. Each server then holds three streams, and dials through
+/// every server work.
+#[test]
+fn an_agent_with_two_links_reaches_three_servers_through_haproxy() {
+    if !proxyctl_testkit::require_tool(
+        "an_agent_with_two_links_reaches_three_servers_through_haproxy",
+        "haproxy",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sp = [Ports::new(), Ports::new(), Ports::new()];
+    let servers: Vec<Proc> = sp
+        .iter()
+        .enumerate()
+        .map(|(i, p)| start_server(dir.path(), p, &format!("server-{i}"), &[]))
+        .collect();
+    let (lb, lb_port) = haproxy(dir.path(), &sp);
+    let ap = [Ports::new(), Ports::new()];
+    let hosts = format!("127.0.0.1:{lb_port}");
+    let a0 = start_agent(
+        dir.path(),
+        &ap[0],
+        &hosts,
+        "agent-a",
+        &["--links-per-server=2"],
+    );
+    let a1 = start_agent(dir.path(), &ap[1], &hosts, "agent-b", &[]);
+    let mut all: Vec<&Proc> = servers.iter().collect();
+    all.extend([&a0, &a1, &lb]);
+    let links = |a: &Ports| {
+        metric(
+            a.agent_health,
+            "konnectivity_network_proxy_agent_server_links",
+        )
+    };
+    let start = Instant::now();
+    while links(&ap[0]) != 6.0 || links(&ap[1]) != 3.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "agents never held 6 and 3 links\n{}",
+            logs(&all)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(ap[0].agent_health, OPEN_SERVERS), 3.0);
+    assert_eq!(metric(ap[1].agent_health, OPEN_SERVERS), 3.0);
+    for p in &sp {
+        wait_for("server has three streams", Duration::from_secs(30), || {
+            metric(p.health, READY_BACKENDS) == 3.0
+        });
+    }
+    let backend = HttpServer::start();
+    let target = backend.target();
+    runtime().block_on(async {
+        for p in &sp {
+            let addr = frontend_addr(dir.path(), p.server);
+            for _ in 0..10 {
+                if let Err(e) = dial_once(&addr, &target).await {
+                    panic!("dial through {}: {e}\n{}", p.server, logs(&all));
+                }
+            }
+        }
+    });
+}
+
 struct Mesh {
     dir: tempfile::TempDir,
     sp: [Ports; 3],

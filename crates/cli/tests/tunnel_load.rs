@@ -539,6 +539,82 @@ fn one_streaming_reader_at_a_time_runs_in_the_link_task() {
     st.wait_settled(sfd, afd);
 }
 
+/// `--links-per-server=2`: the agent keeps two connections to the server,
+/// the server takes both as usable (not the second as a duplicate) and
+/// deals dials out to them in turn, so of four streaming downloads two run
+/// on each link, each link's task reading one of its backends; every byte
+/// arrives. With one link the gauge below stays at 1.
+#[test]
+fn an_agent_with_two_links_gets_streams_on_both() {
+    let backend = HttpServer::start();
+    let target = backend.target();
+    let st = Stack::start_with("http-connect", &[], &["--links-per-server=2"]);
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = st.frontend();
+    let agent_metric = |name: &str| {
+        metric(
+            st.ports.agent_health,
+            &format!("konnectivity_network_proxy_agent_{name}"),
+        )
+    };
+    wait_for("two links", Duration::from_secs(10), || {
+        agent_metric("server_links") == 2.0
+    });
+    assert_eq!(agent_metric("open_server_connections"), 1.0, "one server");
+    assert_eq!(
+        metric(
+            st.ports.health,
+            "konnectivity_network_proxy_server_ready_backend_connections"
+        ),
+        2.0,
+        "the server holds both streams\n{}",
+        st.logs()
+    );
+    const BIG: usize = 16 << 20;
+    let rt = runtime();
+    let mut streams = rt.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let mut io = client::http_connect(&addr, &target, "two-links")
+                .await
+                .unwrap();
+            io.write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut first = vec![0u8; 1 << 20];
+            io.read_exact(&mut first).await.unwrap();
+            streams.push((io, first));
+        }
+        streams
+    });
+    wait_for(
+        "a streaming reader in each link's task",
+        Duration::from_secs(10),
+        || agent_metric("link_task_readers") >= 2.0,
+    );
+    assert_eq!(
+        agent_metric("link_task_readers"),
+        2.0,
+        "four streams over two links: one reader in each link's task\n{}",
+        st.logs()
+    );
+    rt.block_on(async {
+        for (io, got) in streams.iter_mut() {
+            io.read_to_end(got).await.unwrap();
+            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert_eq!(got.len() - split, BIG, "bytes lost");
+            assert_eq!(
+                Sha256::digest(&got[split..]),
+                Sha256::digest(pattern(BIG)),
+                "data corrupted"
+            );
+        }
+    });
+    drop(streams);
+    drop(rt);
+    st.wait_settled(sfd, afd);
+}
+
 /// The flow-control window grows where the window, not the reader, limits
 /// a connection, and never past `--flow-window-max-bytes` (2 MiB here, from
 /// 1 MiB): 32 MiB down to a client that reads grows the server's receiving

@@ -40,6 +40,8 @@
 //!   BENCH_PAIRED_ONLY=1  only the side-by-side rows
 //!   BENCH_FLOW_WINDOW=N  our server's and agent's flow-control window
 //!                      (bytes) instead of their default
+//!   BENCH_LINKS=N      our agent's --links-per-server in every row (the
+//!                      side-by-side rows also have one 16x row at 2)
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, its
 //!                      dials/s row into <dir>/<row>-dials.data, and
@@ -409,7 +411,12 @@ fn spawn_cmd(mut cmd: Command) -> ChildGuard {
 }
 
 fn spawn_role(role: &str, args: &[String]) -> ChildGuard {
+    spawn_role_env(role, args, &[])
+}
+
+fn spawn_role_env(role: &str, args: &[String], env: &[(&str, String)]) -> ChildGuard {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.arg(format!("--role={role}"))
         .args(args)
         .stdin(Stdio::piped())
@@ -1001,6 +1008,12 @@ struct Ours {
 
 impl Ours {
     fn start(dir: &Path, tag: &str) -> Ours {
+        Ours::start_links(dir, tag, None)
+    }
+
+    /// With `links`, the agent keeps that many links to each server
+    /// (`--links-per-server`); None: BENCH_LINKS or the default.
+    fn start_links(dir: &Path, tag: &str, links: Option<usize>) -> Ours {
         let agent_port = free_port();
         let http_uds = dir.join(format!("http-{tag}.sock"));
         let grpc_uds = dir.join(format!("grpc-{tag}.sock"));
@@ -1015,7 +1028,11 @@ impl Ours {
             ],
         );
         wait_listen(agent_port);
-        let agent = spawn_role("agent", &[d, agent_port.to_string()]);
+        let env: Vec<_> = links
+            .map(|n| ("BENCH_LINKS", n.to_string()))
+            .into_iter()
+            .collect();
+        let agent = spawn_role_env("agent", &[d, agent_port.to_string()], &env);
         Ours {
             server,
             agent,
@@ -1372,6 +1389,25 @@ fn main() {
             )));
         }
         drop(fresh);
+        // The same sixteen streams with the agent keeping two links (two
+        // TLS streams, each encrypted and decrypted by its own task).
+        let two = Ours::start_links(dir.path(), "p2", Some(2));
+        // Both links up before the first round (the agent dials the second
+        // within tens of ms of the first).
+        std::thread::sleep(Duration::from_millis(500));
+        paired.push(rt.block_on(side_by_side(
+            format!(
+                "16x MiB/s, --links-per-server=2, {paired_rounds} rounds of {} MiB",
+                bytes >> 20
+            ),
+            paired_rounds,
+            backend,
+            ("ours, HTTP-CONNECT (UDS), 2 links", two.http.clone()),
+            ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
+            0.9,
+            |_, via| async move { throughput(&via, backend, bytes, 16).await },
+        )));
+        drop(two);
         drop(procs);
     }
     // Dials side by side for each frontend (upstream serves one mode per

@@ -1,5 +1,6 @@
-//! The agent: dials back to the proxy server(s) over mTLS, keeps one
-//! `AgentService/Connect` stream per distinct serverID, and dials backends
+//! The agent: dials back to the proxy server(s) over mTLS, keeps
+//! `links_per_server` `AgentService/Connect` streams (one per connection)
+//! per distinct serverID, one by default as upstream, and dials backends
 //! for the server.
 //!
 //! - Several `--proxy-server-host` addresses are accepted (comma separated);
@@ -94,6 +95,13 @@ pub struct AgentOptions {
     /// Bytes queued toward backends, summed over every connection; at this
     /// many, dial requests are answered with a dial error. 0: no cap.
     pub max_queued_bytes: usize,
+    /// Connections (links) kept to each server, each with its own Connect
+    /// stream. More than one is an extension: the server is told in the
+    /// request (`proxyctl-links`), and one of ours spreads dials over them.
+    /// A link is one TLS stream that one task encrypts or decrypts at a
+    /// time; with several, many streams through one agent use more CPUs.
+    /// An upstream server uses only the first and leaves the others idle.
+    pub links_per_server: usize,
 }
 
 impl AgentOptions {
@@ -115,7 +123,12 @@ impl AgentOptions {
             flow_window: 1 << 20,
             flow_window_max: crate::DEFAULT_FLOW_WINDOW_MAX,
             max_queued_bytes: crate::server::DEFAULT_MAX_QUEUED_BYTES,
+            links_per_server: 1,
         }
+    }
+
+    fn links(&self) -> usize {
+        self.links_per_server.max(1)
     }
 
     fn offered_window(&self) -> FlowWindow {
@@ -172,7 +185,8 @@ impl ServerConn {
 struct Shared {
     opts: AgentOptions,
     metrics: AgentMetrics,
-    servers: Mutex<HashMap<String, Arc<ServerConn>>>,
+    /// Each server's links, in the order they connected.
+    servers: Mutex<HashMap<String, Vec<Arc<ServerConn>>>>,
     server_count: AtomicUsize,
     /// Unexpired server Leases last counted (0: not counted / unknown).
     lease_count: AtomicUsize,
@@ -185,6 +199,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Fewer than `target` servers held, or one of them with fewer links
+    /// than `links_per_server`.
+    fn short_of(&self, target: usize) -> bool {
+        let servers = self.servers.lock().unwrap();
+        servers.len() < target || servers.values().any(|l| l.len() < self.opts.links())
+    }
+
     fn target_count(&self) -> usize {
         let header = self.server_count.load(Ordering::Relaxed);
         match self.lease_count.load(Ordering::Relaxed) {
@@ -262,6 +283,7 @@ impl Agent {
             .lock()
             .unwrap()
             .values()
+            .flatten()
             .any(|s| !s.is_closed())
     }
     pub fn connected_servers(&self) -> Vec<String> {
@@ -280,6 +302,7 @@ impl Agent {
             .lock()
             .unwrap()
             .values()
+            .flatten()
             .map(|s| s.conns.lock().unwrap().len())
             .sum()
     }
@@ -290,7 +313,7 @@ impl Agent {
             return;
         }
         tracing::info!("draining: sending DRAIN to every server");
-        for s in self.sh.servers.lock().unwrap().values() {
+        for s in self.sh.servers.lock().unwrap().values().flatten() {
             send_control(s, Packet::drain());
         }
     }
@@ -314,10 +337,10 @@ impl Agent {
             let target = sh.target_count().max(if addrs > 1 { addrs } else { 1 });
             // As upstream: the count the agent works toward, leases included.
             sh.metrics.known_server_count.set(target as i64);
-            let have = sh.servers.lock().unwrap().len();
+            let short = sh.short_of(target);
             let mut pause = o.sync_interval;
             if !sh.draining.load(Ordering::Relaxed)
-                && (have < target || o.sync_forever)
+                && (short || o.sync_forever)
                 && !o.servers.is_empty()
             {
                 let (host, port) = o.servers[next % o.servers.len()].clone();
@@ -327,7 +350,7 @@ impl Agent {
                     Ok(Outcome::New) => {
                         backoff = o.sync_interval;
                         // Still short of the count: try again right away.
-                        if sh.servers.lock().unwrap().len() < target {
+                        if sh.short_of(target) {
                             pause = Duration::from_millis(10);
                         }
                     }
@@ -347,8 +370,8 @@ impl Agent {
                 _ = tokio::time::sleep(pause.mul_f64(jitter)) => {}
             }
         }
-        let servers: Vec<_> = sh.servers.lock().unwrap().drain().map(|(_, s)| s).collect();
-        for s in servers {
+        let servers: Vec<_> = sh.servers.lock().unwrap().drain().collect();
+        for s in servers.into_iter().flat_map(|(_, links)| links) {
             s.gone.cancel();
         }
     }
@@ -483,6 +506,9 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     md.insert(headers::AGENT_ID, o.agent_id.parse()?);
     md.insert(headers::AGENT_IDENTIFIERS, o.agent_identifiers.parse()?);
     o.offered_window().offer(md);
+    if o.links() > 1 {
+        md.insert(headers::LINKS, o.links().into());
+    }
     if let Some(path) = &o.service_account_token_path {
         let token = std::fs::read_to_string(path)?;
         md.insert(
@@ -573,19 +599,30 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     });
     {
         let mut servers = sh.servers.lock().unwrap();
-        if servers.contains_key(&server_id) {
+        let links = servers.entry(server_id.clone()).or_default();
+        // Decided after the server's answer and before the next dial (the
+        // sync loop dials one at a time): a server that spreads dials
+        // over the first `links_per_server` streams of this agent, in the
+        // order they reached it, never picks one closed here.
+        if links.len() >= o.links() {
             tracing::debug!(%server_id, "already connected to this server");
             conn.gone.cancel();
             // Its END_STREAM and the connection's close still go out.
             tokio::spawn(driver);
             return Ok(Outcome::Duplicate);
         }
-        servers.insert(server_id.clone(), conn.clone());
+        let unique = links.is_empty();
+        links.push(conn.clone());
         sh.metrics.open_server_connections.set(servers.len() as i64);
+        sh.metrics
+            .server_links
+            .set(servers.values().map(Vec::len).sum::<usize>() as i64);
         // Only a new, unique server's count is taken: during a rollout a
         // second connection to an old server must not bring back its
         // stale count (as upstream since its fix for this).
-        sh.server_count.store(count.max(1), Ordering::Relaxed);
+        if unique {
+            sh.server_count.store(count.max(1), Ordering::Relaxed);
+        }
     }
     tracing::info!(%server_id, server = %format!("{host}:{port}"), count, "connected to proxy server");
     if sh.draining.load(Ordering::Relaxed) {
@@ -655,13 +692,16 @@ async fn serve_server(
     }
     {
         let mut servers = sh.servers.lock().unwrap();
-        if servers
-            .get(&conn.server_id)
-            .is_some_and(|c| Arc::ptr_eq(c, &conn))
-        {
-            servers.remove(&conn.server_id);
+        if let Some(links) = servers.get_mut(&conn.server_id) {
+            links.retain(|c| !Arc::ptr_eq(c, &conn));
+            if links.is_empty() {
+                servers.remove(&conn.server_id);
+            }
         }
         sh.metrics.open_server_connections.set(servers.len() as i64);
+        sh.metrics
+            .server_links
+            .set(servers.values().map(Vec::len).sum::<usize>() as i64);
     }
     conn.gone.cancel();
     for (_, h) in conn.dials.lock().unwrap().drain() {

@@ -566,6 +566,8 @@ pub struct AgentMetrics {
     pub known_server_count: IntGauge,
     pub open_endpoint_connections: IntGauge,
     pub link_task_readers: IntGauge,
+    /// Links (connections with a Connect stream) open, over all servers.
+    pub server_links: IntGauge,
     pub endpoint_dial_failure_total: IntCounterVec,
     pub dial_duration_seconds: Histogram,
     pub stream_packets_total: IntCounterVec,
@@ -628,6 +630,12 @@ impl Default for AgentMetrics {
                 s,
                 "link_task_readers",
                 "Streaming endpoint readers running in their server connection's task (at most one per server connection).",
+            ),
+            server_links: gauge(
+                &r,
+                s,
+                "server_links",
+                "Open server connections counted one per link (--links-per-server of them per server); open_server_connections counts servers.",
             ),
             endpoint_dial_failure_total: counter_vec(
                 &r,

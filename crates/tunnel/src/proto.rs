@@ -24,6 +24,11 @@ pub mod headers {
     /// Extension: the most (bytes) a peer lets that window grow to; the
     /// window stays fixed unless both sent it.
     pub const FLOW_WINDOW_MAX: &str = "proxyctl-flow-window-max";
+    /// Extension: how many links (connections, each with its own Connect
+    /// stream) the agent keeps to each server; a server that reads it
+    /// spreads dials over that many of the agent's streams instead of
+    /// using only its first.
+    pub const LINKS: &str = "proxyctl-links";
 }
 
 impl Packet {

@@ -142,6 +142,13 @@ struct Args {
     /// holds at most its window.
     #[arg(long = "flow-window-max-bytes", default_value_t = konnectivity::DEFAULT_FLOW_WINDOW_MAX)]
     flow_window_max_bytes: usize,
+    /// Extra: connections (links) kept to each server, each with its own
+    /// stream. A link is one TLS stream, encrypted and decrypted one record
+    /// at a time; with more than one, many tunnels through this agent use
+    /// more CPUs. Our server spreads dials over them round robin; an
+    /// upstream server uses only the first (the others stay idle).
+    #[arg(long = "links-per-server", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    links_per_server: u16,
     #[command(flatten)]
     klog: KlogArgs,
 }
@@ -256,6 +263,7 @@ async fn run(a: Args) -> i32 {
     opts.flow_window = a.flow_window_bytes;
     opts.flow_window_max = a.flow_window_max_bytes;
     opts.max_queued_bytes = a.max_queued_bytes;
+    opts.links_per_server = a.links_per_server.into();
     if !a.service_account_token_path.is_empty() {
         opts.service_account_token_path = Some(a.service_account_token_path.clone().into());
     }

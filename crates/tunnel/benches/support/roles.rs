@@ -141,6 +141,12 @@ pub async fn run_agent(certs: &Path, first_port: u16, servers: u16) {
     if let Some(w) = flow_window_override() {
         opts.flow_window = w;
     }
+    if let Some(n) = std::env::var("BENCH_LINKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        opts.links_per_server = n;
+    }
     let _agent = agent::launch(AgentLaunch {
         opts,
         health_addr: None,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,10 @@ impl Default for ServerOptions {
 /// not read (or for several times as many partly stalled ones).
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 512 << 20;
 
+/// The most links of one agent dials are spread over, whatever it
+/// announces: more would only hold connections.
+pub const MAX_AGENT_LINKS: usize = 16;
+
 /// What an agent said about itself in `agentIdentifiers`.
 #[derive(Debug, Default)]
 pub(crate) struct Identifiers {
@@ -197,9 +201,18 @@ pub(crate) struct Backend {
     pub(crate) agent_id: String,
     idents: Identifiers,
     draining: AtomicBool,
-    /// The agent's first stream among those open, the only one dials go
-    /// to; set and moved under the `backends` write lock.
+    /// The agent's first stream among those open: the one a pick among
+    /// agents sees; set and moved under the `backends` write lock.
     first: AtomicBool,
+    /// Links the agent keeps to this server, as it announced
+    /// (`proxyctl-links`; 1 from upstream agents).
+    links: usize,
+    /// Among the agent's first `links` streams open, in connection order:
+    /// dials may go to it. Kept with `first`.
+    usable: AtomicBool,
+    /// On the first stream: which usable link the agent's next dial takes
+    /// (round robin).
+    next_link: AtomicUsize,
     to_agent: ToAgent,
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
@@ -243,6 +256,7 @@ impl Backend {
         idents: Identifiers,
         stream: ::h2::SendStream<grpc_wire::WireBuf>,
         flow_window: FlowWindow,
+        links: usize,
     ) -> Self {
         let gone = CancellationToken::new();
         let sender = StreamSender::new(
@@ -252,14 +266,17 @@ impl Backend {
             "to_agent",
             MAX_DEFERRED_CONTROL,
         );
-        Self::build(
-            sh,
-            agent_id,
-            idents,
-            ToAgent::Stream(sender),
-            gone,
-            flow_window,
-        )
+        Backend {
+            links,
+            ..Self::build(
+                sh,
+                agent_id,
+                idents,
+                ToAgent::Stream(sender),
+                gone,
+                flow_window,
+            )
+        }
     }
 
     fn build(
@@ -283,6 +300,9 @@ impl Backend {
             idents,
             draining: AtomicBool::new(false),
             first: AtomicBool::new(false),
+            links: 1,
+            usable: AtomicBool::new(false),
+            next_link: AtomicUsize::new(0),
             to_agent,
             conns: Mutex::new(HashMap::new()),
             gone,
@@ -301,7 +321,7 @@ enum ToAgent {
     /// room in it.
     Channel {
         tx: mpsc::Sender<Packet>,
-        deferred: Arc<std::sync::atomic::AtomicUsize>,
+        deferred: Arc<AtomicUsize>,
     },
 }
 
@@ -651,10 +671,25 @@ impl Shared {
                 }
             }
             if let Some(b) = ready.or(any) {
-                return Some(b.clone());
+                return Some(Self::link_of(&all, b));
             }
         }
         None
+    }
+
+    /// The stream a dial to `first`'s agent takes: round robin over the
+    /// agent's usable links (only `first` for an agent with one).
+    fn link_of(all: &[Arc<Backend>], first: &Arc<Backend>) -> Arc<Backend> {
+        if first.links < 2 {
+            return first.clone();
+        }
+        let usable = || {
+            all.iter()
+                .filter(|b| b.agent_id == first.agent_id && b.usable.load(Ordering::Relaxed))
+        };
+        let n = usable().count().max(1);
+        let turn = first.next_link.fetch_add(1, Ordering::Relaxed) % n;
+        usable().nth(turn).unwrap_or(first).clone()
     }
 
     /// Sends a control packet to an agent without making the caller wait:
@@ -909,9 +944,9 @@ impl Shared {
 
     pub(crate) fn add_backend(&self, backend: Arc<Backend>) {
         let mut b = self.backends.write().unwrap();
-        let first = !b.iter().any(|x| x.agent_id == backend.agent_id);
-        backend.first.store(first, Ordering::Relaxed);
+        let agent_id = backend.agent_id.clone();
         b.push(backend);
+        rank_links(&b, &agent_id);
         self.metrics.ready_backend_connections.set(b.len() as i64);
         self.set_ready_backends(&b);
     }
@@ -955,13 +990,10 @@ impl Shared {
         {
             let mut b = self.backends.write().unwrap();
             b.retain(|x| x.uid != backend.uid);
-            // The next stream of the agent, in connection order, takes
-            // over from its first.
-            if backend.first.swap(false, Ordering::Relaxed)
-                && let Some(next) = b.iter().find(|x| x.agent_id == backend.agent_id)
-            {
-                next.first.store(true, Ordering::Relaxed);
-            }
+            backend.first.store(false, Ordering::Relaxed);
+            backend.usable.store(false, Ordering::Relaxed);
+            // The agent's next streams, in connection order, take over.
+            rank_links(&b, &backend.agent_id);
             self.metrics.ready_backend_connections.set(b.len() as i64);
             self.set_ready_backends(&b);
         }
@@ -1380,6 +1412,19 @@ fn trailers_only(code: u32, message: &str) -> hyper::Response<()> {
     r
 }
 
+/// Marks `agent_id`'s streams in `all` (connection order): the first is
+/// `first`, and each among the first `links` it announced is `usable`. An
+/// agent closes at once a stream that reached a server it already holds
+/// that many links to; it decides only after the server's answer and dials
+/// one at a time, so the streams it keeps are the earliest here, and one
+/// ranked past its `links` is never picked while the agent closes it.
+fn rank_links(all: &[Arc<Backend>], agent_id: &str) {
+    for (rank, b) in all.iter().filter(|b| b.agent_id == agent_id).enumerate() {
+        b.first.store(rank == 0, Ordering::Relaxed);
+        b.usable.store(rank < b.links, Ordering::Relaxed);
+    }
+}
+
 /// `AgentService/Connect`: checks the agent, makes it a backend and reads
 /// its packets until the stream or the backend ends; then the response
 /// ends with grpc-status 0. Err: the refusal's message, nothing answered.
@@ -1444,6 +1489,12 @@ async fn agent_connect(
         sh.opts.flow_window_max,
     )
     .agree(md);
+    // Links extension: unreadable or absent is one link, as upstream.
+    let links = md
+        .get(headers::LINKS)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, MAX_AGENT_LINKS);
     let server_id = hyper::header::HeaderValue::from_str(&sh.opts.server_id)
         .map_err(|_| "server id is not a valid header value".to_string())?;
     let mut response = hyper::Response::new(());
@@ -1465,6 +1516,7 @@ async fn agent_connect(
         idents,
         stream,
         flow_window,
+        links,
     ));
     tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
     sh.add_backend(backend.clone());
@@ -1689,6 +1741,73 @@ mod tests {
             late > 0 && b > 0,
             "one agent got every dial: {late} and {b}"
         );
+    }
+
+    /// An agent that announced two links (`proxyctl-links`) gets its dials
+    /// spread over its first two streams, in turn; a third stream (one it
+    /// closes as a duplicate) gets none. Agents are still picked evenly: a
+    /// one-link agent beside it keeps its share. When a link goes, the
+    /// agent's next stream takes its place.
+    #[tokio::test]
+    async fn dials_alternate_over_an_agents_announced_links() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let stream = |id: &str, links: usize| {
+            let (tx, rx) = mpsc::channel(256);
+            let mut b = Backend::new(&sh, id.into(), Identifiers::default(), tx, 0);
+            b.links = links;
+            let b = Arc::new(b);
+            sh.add_backend(b.clone());
+            (b, rx)
+        };
+        let (first, mut first_rx) = stream("agent-a", 2);
+        let (second, mut second_rx) = stream("agent-a", 2);
+        let (third, mut third_rx) = stream("agent-a", 2);
+        let (_other, mut other_rx) = stream("agent-b", 1);
+        assert!(first.usable.load(Ordering::Relaxed) && second.usable.load(Ordering::Relaxed));
+        assert!(!third.usable.load(Ordering::Relaxed));
+        let fe = sh.new_frontend();
+        let dial = |from: i64, n: i64| {
+            let (sh, fe) = (sh.clone(), fe.clone());
+            async move {
+                for random in from..from + n {
+                    sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
+                        .await
+                        .unwrap();
+                    fe.state.lock().unwrap().dials.clear();
+                }
+            }
+        };
+        let count =
+            |rx: &mut mpsc::Receiver<Packet>| std::iter::from_fn(|| rx.try_recv().ok()).count();
+        let dials = 200;
+        dial(1, dials).await;
+        let (a1, a2, a3, b) = (
+            count(&mut first_rx),
+            count(&mut second_rx),
+            count(&mut third_rx),
+            count(&mut other_rx),
+        );
+        assert_eq!(a3, 0, "dials sent past the announced links");
+        assert_eq!(a1 + a2 + b, dials as usize);
+        // Round robin: the agent's two links differ by at most one dial.
+        assert!(a1.abs_diff(a2) <= 1, "links got {a1} and {a2}");
+        // Agents, not streams, are picked evenly: agent-a's share is near
+        // a half (200 fair coin flips fall within 60..=140 but for odds
+        // below 1e-8), not two thirds.
+        assert!((60..=140).contains(&b), "one-link agent got {b} of {dials}");
+        // The first link goes: the second becomes first, the third usable.
+        sh.remove_backend(&first);
+        assert!(second.first.load(Ordering::Relaxed));
+        assert!(third.usable.load(Ordering::Relaxed));
+        dial(dials + 1, dials).await;
+        let (a2, a3, b) = (
+            count(&mut second_rx),
+            count(&mut third_rx),
+            count(&mut other_rx),
+        );
+        assert_eq!(count(&mut first_rx), 0);
+        assert_eq!(a2 + a3 + b, dials as usize);
+        assert!(a2.abs_diff(a3) <= 1, "links got {a2} and {a3}");
     }
 
     /// A client write as large as the flow window, after a small one: the
