@@ -44,7 +44,8 @@
 //!                      side-by-side rows also have one 16x row at 2)
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its throughput rows into <dir>/<row>.data, its
-//!                      dials/s row into <dir>/<row>-dials.data, and
+//!                      dials/s row into <dir>/<row>-dials.data, its
+//!                      upload into <dir>/<row>-up.data, and
 //!                      its konn-client dials (<socket>-konn.data)
 //!                      (BENCH_PERF_CG: --call-graph, default dwarf)
 
@@ -1209,7 +1210,9 @@ fn main() {
             let dps = dials_per_sec(&via, backend, dials, 16).await;
             drop(perf);
             let c2 = cpu_of(&roots);
+            let perf = perf_record(&format!("{name}-up"), &roots);
             let up = upload(&via, backend, bytes).await;
+            drop(perf);
             let c3 = cpu_of(&roots);
             let tunnelled = !roots.is_empty();
             let cpu_ms_gib = tunnelled.then(|| (c1 - c0) * 1000.0 / (2.0 * mib as f64 / 1024.0));
