@@ -539,6 +539,112 @@ fn one_streaming_reader_at_a_time_runs_in_the_link_task() {
     st.wait_settled(sfd, afd);
 }
 
+/// Uploading clients beside each other: the server reads one in its agent
+/// stream's task, the others in their own, and every byte of each comes
+/// back through the echo. Then a moved upload whose client leaves half-way
+/// gives its place back and leaves nothing open.
+#[test]
+fn one_uploading_client_at_a_time_is_read_in_the_agent_stream_task() {
+    let backend = HttpServer::start();
+    let target = backend.target();
+    let st = Stack::start("http-connect");
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let addr = st.frontend();
+    let in_link_task = || {
+        metric(
+            st.ports.health,
+            "konnectivity_network_proxy_server_link_task_readers",
+        )
+    };
+    const FIRST: usize = 1 << 20;
+    const TOTAL: usize = 8 << 20;
+    let payload = |seed: u64| -> Vec<u8> {
+        (0..TOTAL)
+            .map(|i| ((i as u64).wrapping_mul(seed | 1) >> 3) as u8)
+            .collect()
+    };
+    let head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+    let rt = runtime();
+    // Each sends and gets back its first megabyte: all three stream now.
+    let mut uploads = rt.block_on(async {
+        let mut uploads = Vec::new();
+        for seed in 1..=3u64 {
+            let data = payload(seed);
+            let mut io = client::http_connect(&addr, &target, "uploads")
+                .await
+                .unwrap();
+            io.write_all(b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n")
+                .await
+                .unwrap();
+            io.write_all(&data[..FIRST]).await.unwrap();
+            io.flush().await.unwrap();
+            let mut got = vec![0u8; head.len() + FIRST];
+            io.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got[..head.len()], head);
+            uploads.push((io, data, got.split_off(head.len())));
+        }
+        uploads
+    });
+    assert_eq!(
+        in_link_task(),
+        1.0,
+        "three uploading clients: exactly one is read in the agent stream's task\n{}",
+        st.logs()
+    );
+    rt.block_on(async {
+        for (io, data, got) in uploads.iter_mut() {
+            let (mut rd, mut wr) = tokio::io::split(io);
+            let writer = async {
+                wr.write_all(&data[FIRST..]).await.unwrap();
+                wr.flush().await.unwrap();
+            };
+            let mut rest = vec![0u8; TOTAL - FIRST];
+            let reader = rd.read_exact(&mut rest);
+            let (_, r) = tokio::join!(writer, reader);
+            r.unwrap();
+            got.extend_from_slice(&rest);
+            assert_eq!(
+                Sha256::digest(&got[..]),
+                Sha256::digest(&data[..]),
+                "data corrupted"
+            );
+        }
+    });
+    drop(uploads);
+    wait_for(
+        "the moved reader to be counted out",
+        Duration::from_secs(10),
+        || in_link_task() == 0.0,
+    );
+    // A moved upload whose client goes away mid-way.
+    rt.block_on(async {
+        let data = payload(9);
+        let mut io = client::http_connect(&addr, &target, "leaves")
+            .await
+            .unwrap();
+        io.write_all(b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .unwrap();
+        io.write_all(&data[..FIRST]).await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = vec![0u8; head.len() + FIRST];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            in_link_task(),
+            1.0,
+            "the upload was not moved\n{}",
+            st.logs()
+        );
+    });
+    drop(rt);
+    wait_for(
+        "the departed client's reader to be counted out",
+        Duration::from_secs(10),
+        || in_link_task() == 0.0,
+    );
+    st.wait_settled(sfd, afd);
+}
+
 /// `--links-per-server=2`: the agent keeps two connections to the server,
 /// the server takes both as usable (not the second as a duplicate) and
 /// deals dials out to them in turn, so of four streaming downloads two run

@@ -290,6 +290,8 @@ pub struct ServerMetrics {
     /// Tunnels ended with data still on its way because its reader took
     /// none of it for [`crate::DRAIN_AFTER_CLOSE`] after the other end left.
     pub drain_timeouts_total: IntCounter,
+    /// Uploading HTTP-CONNECT clients read in their agent stream's task.
+    pub link_task_readers: IntGauge,
 }
 
 /// The lease garbage collector's series (server side).
@@ -506,6 +508,12 @@ impl Default for ServerMetrics {
                 s,
                 "queued_bytes",
                 "Bytes held for connections whose reader has not taken them yet (queues toward clients and the packet each is writing, gRPC receive buffers toward agents), summed over all connections.",
+            ),
+            link_task_readers: gauge(
+                &r,
+                s,
+                "link_task_readers",
+                "Uploading HTTP-CONNECT clients read in their agent stream's task (at most one per agent stream).",
             ),
             dials_refused_total: counter_vec(
                 &r,

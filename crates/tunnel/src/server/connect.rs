@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::state::{DialError, Shared, random_id};
+use super::state::{Conn, DialError, MovedClientReader, Shared, random_id};
 use crate::proto::Checked;
 use crate::read_chunk;
 
@@ -262,7 +262,7 @@ pub(crate) enum StreamEnd {
 /// the stream is ended once the agent has closed the connection.
 pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, client: HangupProbe, end: StreamEnd)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     sh.metrics.http_connections.inc();
     let _guard = Guard(&sh);
@@ -413,35 +413,53 @@ where
     // to go.
     let conn = fe.conn(connect_id);
 
-    let up = async {
-        let Some(conn) = &conn else {
-            return std::future::pending().await;
-        };
-        let mut watch = ClientWatch::new(client);
-        if !early.is_empty()
-            && !watch
-                .send(&sh, sh.send_data_to_agent(conn, early.freeze()))
-                .await
-        {
-            return;
-        }
-        // A client whose reads fill their buffer (an upload) is read as
-        // much at a time as the agent reads a streaming backend; one that
-        // trickles goes back to small buffers (a packet keeps its read's).
-        let mut size = crate::READ_CHUNK;
-        loop {
-            match crate::read_chunk_of(&mut rd, size).await {
-                Ok(c) if !c.is_empty() => {
-                    size = if c.len() >= size / 2 {
-                        crate::BULK_READ_CHUNK
-                    } else {
-                        crate::READ_CHUNK
-                    };
-                    if !watch.send(&sh, sh.send_data_to_agent(conn, c)).await {
-                        return;
+    let up = {
+        let sh = sh.clone();
+        let conn = conn.clone();
+        async move {
+            let Some(conn) = conn else {
+                return std::future::pending().await;
+            };
+            let mut watch = ClientWatch::new(client);
+            if !early.is_empty()
+                && !watch
+                    .send(&sh, sh.send_data_to_agent(&conn, early.freeze()))
+                    .await
+            {
+                return;
+            }
+            // A client whose reads fill their buffer (an upload) is read as
+            // much at a time as the agent reads a streaming backend; one that
+            // trickles goes back to small buffers (a packet keeps its read's).
+            let mut size = crate::READ_CHUNK;
+            loop {
+                match crate::read_chunk_of(&mut rd, size).await {
+                    Ok(c) if !c.is_empty() => {
+                        size = if c.len() >= size / 2 {
+                            crate::BULK_READ_CHUNK
+                        } else {
+                            crate::READ_CHUNK
+                        };
+                        if !watch.send(&sh, sh.send_data_to_agent(&conn, c)).await {
+                            return;
+                        }
+                        if size == crate::BULK_READ_CHUNK
+                            && let Some(place) = MovedClientReader::claim(&sh, &conn.backend)
+                        {
+                            // The rest of the reads run in the agent stream's
+                            // task; this one waits for them to end. A stream
+                            // task already gone drops the reader, and the
+                            // tunnel ends with its agent.
+                            let (done, ended) = tokio::sync::oneshot::channel();
+                            place.run_there(|place| {
+                                Box::pin(read_client_moved(sh, conn, rd, watch, done, place))
+                            });
+                            let _ = ended.await;
+                            return;
+                        }
                     }
+                    _ => return,
                 }
-                _ => return,
             }
         }
     };
@@ -474,6 +492,47 @@ where
         _ = sh.stop.cancelled() => {}
     }
     sh.frontend_gone(&fe);
+}
+
+/// An uploading client's reads, in its agent stream's task (see
+/// [`MovedClientReader`]): each read is framed and written into the stream
+/// by the task that also encrypts it, as the agent does with a streaming
+/// backend, instead of handed over to it. Ends as the reads in place would
+/// (EOF, an error, a send that fails), or when the tunnel's own task no
+/// longer waits for it (`done` closed); then `done` tells that task.
+async fn read_client_moved<R: AsyncRead + Unpin>(
+    sh: Arc<Shared>,
+    conn: Arc<Conn>,
+    mut rd: R,
+    mut watch: ClientWatch,
+    mut done: tokio::sync::oneshot::Sender<()>,
+    _place: MovedClientReader,
+) {
+    let mut size = crate::BULK_READ_CHUNK;
+    loop {
+        let read = tokio::select! {
+            _ = done.closed() => return,
+            r = crate::read_chunk_of(&mut rd, size) => r,
+        };
+        match read {
+            Ok(c) if !c.is_empty() => {
+                size = if c.len() >= size / 2 {
+                    crate::BULK_READ_CHUNK
+                } else {
+                    crate::READ_CHUNK
+                };
+                let sent = tokio::select! {
+                    _ = done.closed() => return,
+                    ok = watch.send(&sh, sh.send_data_to_agent(&conn, c)) => ok,
+                };
+                if !sent {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = done.send(());
 }
 
 #[cfg(test)]

@@ -213,6 +213,11 @@ pub(crate) struct Backend {
     /// On the first stream: which usable link the agent's next dial takes
     /// (round robin).
     next_link: AtomicUsize,
+    /// Client readers handed to this stream's task to run there (see
+    /// [`MovedClientReader`]); None for in-process backends.
+    readers: Option<mpsc::UnboundedSender<ClientReader>>,
+    /// How many run there now (at most [`MAX_MOVED_CLIENT_READERS`]).
+    moved_readers: AtomicUsize,
     to_agent: ToAgent,
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
@@ -257,6 +262,7 @@ impl Backend {
         stream: ::h2::SendStream<grpc_wire::WireBuf>,
         flow_window: FlowWindow,
         links: usize,
+        readers: mpsc::UnboundedSender<ClientReader>,
     ) -> Self {
         let gone = CancellationToken::new();
         let sender = StreamSender::new(
@@ -268,6 +274,7 @@ impl Backend {
         );
         Backend {
             links,
+            readers: Some(readers),
             ..Self::build(
                 sh,
                 agent_id,
@@ -303,11 +310,60 @@ impl Backend {
             links: 1,
             usable: AtomicBool::new(false),
             next_link: AtomicUsize::new(0),
+            readers: None,
+            moved_readers: AtomicUsize::new(0),
             to_agent,
             conns: Mutex::new(HashMap::new()),
             gone,
             flow_window,
         }
+    }
+}
+
+/// A client's reader (client -> agent), run by its agent stream's task.
+pub(crate) type ClientReader = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Uploading clients read in one agent stream's task; later ones stay in
+/// their own. That task also decrypts and dispatches every packet from the
+/// agent, as the agent's link task encrypts its moved reader's packets, so
+/// one is moved, as there (`MAX_MOVED_READERS` in the agent).
+pub(crate) const MAX_MOVED_CLIENT_READERS: usize = 1;
+
+/// A place in an agent stream's task for one client reader, held while it
+/// runs there.
+pub(crate) struct MovedClientReader {
+    backend: Arc<Backend>,
+    gauge: prometheus::IntGauge,
+}
+
+impl MovedClientReader {
+    /// A place in `backend`'s task, if it has one free.
+    pub(crate) fn claim(sh: &Shared, backend: &Arc<Backend>) -> Option<Self> {
+        backend.readers.as_ref()?;
+        if backend.moved_readers.fetch_add(1, Ordering::AcqRel) >= MAX_MOVED_CLIENT_READERS {
+            backend.moved_readers.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        sh.metrics.link_task_readers.inc();
+        Some(MovedClientReader {
+            backend: backend.clone(),
+            gauge: sh.metrics.link_task_readers.clone(),
+        })
+    }
+
+    /// Runs the reader `make` builds (holding this place) in the stream's
+    /// task; a task that has ended drops it unrun.
+    pub(crate) fn run_there(self, make: impl FnOnce(Self) -> ClientReader) {
+        if let Some(tx) = self.backend.readers.clone() {
+            let _ = tx.send(make(self));
+        }
+    }
+}
+
+impl Drop for MovedClientReader {
+    fn drop(&mut self) {
+        self.backend.moved_readers.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
     }
 }
 
@@ -393,7 +449,7 @@ pub(crate) struct Held {
 /// One established connection as its frontend sees it.
 pub(crate) struct Conn {
     pub(crate) connect_id: i64,
-    backend: Arc<Backend>,
+    pub(crate) backend: Arc<Backend>,
     /// Extension credit, when the agent speaks it: `to_agent` bounds our
     /// DATA toward the agent; `from_agent` counts what we delivered.
     pub(crate) to_agent: Option<Arc<Credit>>,
@@ -1497,6 +1553,7 @@ async fn agent_connect(
         .clamp(1, MAX_AGENT_LINKS);
     let server_id = hyper::header::HeaderValue::from_str(&sh.opts.server_id)
         .map_err(|_| "server id is not a valid header value".to_string())?;
+    let (readers, mut new_readers) = mpsc::unbounded_channel();
     let mut response = hyper::Response::new(());
     let h = response.headers_mut();
     h.insert(
@@ -1517,6 +1574,7 @@ async fn agent_connect(
         stream,
         flow_window,
         links,
+        readers,
     ));
     tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
     sh.add_backend(backend.clone());
@@ -1526,11 +1584,24 @@ async fn agent_connect(
         .with_label_values(&["/AgentService/Connect"]);
     connections.inc();
     let inbound = grpc_wire::H2Body::new(request.into_body());
-    let ended = tokio::select! {
-        _ = sh.stop.cancelled() => Ok(()),
-        _ = backend.gone.cancelled() => Ok(()),
-        r = read_agent_stream(sh, &backend, inbound) => r,
+    // Uploading clients' readers run here beside the stream's reader
+    // (see `MovedClientReader`); they end with it.
+    let mut moved = futures_util::stream::FuturesUnordered::new();
+    let reading = read_agent_stream(sh, &backend, inbound);
+    let stopped = sh.stop.cancelled();
+    let gone = backend.gone.cancelled();
+    tokio::pin!(reading, stopped, gone);
+    let ended = loop {
+        tokio::select! {
+            biased;
+            r = &mut reading => break r,
+            _ = &mut stopped => break Ok(()),
+            _ = &mut gone => break Ok(()),
+            Some(reader) = new_readers.recv() => moved.push(reader),
+            Some(()) = futures_util::StreamExt::next(&mut moved), if !moved.is_empty() => {}
+        }
     };
+    drop(moved);
     if let Err((code, why)) = ended {
         tracing::info!(agent_id = %backend.agent_id, code = crate::metrics::grpc_code_name(code), %why, "agent stream ended");
         sh.metrics
