@@ -861,9 +861,10 @@ fn handle_packet(
                 // Acks for a connection closed meanwhile: nothing owed.
                 return None;
             };
-            let queued = ep.queue.queued_bytes();
             let (sending, receiving) = (ep.send_credit.as_ref(), ep.delivered.as_ref());
-            if let Some(grow) = on_data_ack(ack.bytes, sending, receiving, queued) {
+            if let Some(grow) =
+                on_data_ack(ack.bytes, sending, receiving, || ep.queue.queued_bytes())
+            {
                 // The server ran out of credit toward a backend that keeps
                 // up: the window grows.
                 sh.metrics.flow_window_growths_total.inc();

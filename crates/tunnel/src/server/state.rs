@@ -1306,9 +1306,10 @@ impl Shared {
                     // Acks for a connection closed meanwhile: nothing owed.
                     return None;
                 };
-                let queued = fe.queue.queued_bytes();
                 let (sending, receiving) = (c.to_agent.as_deref(), c.from_agent.as_deref());
-                if let Some(grow) = on_data_ack(ack.bytes, sending, receiving, queued) {
+                if let Some(grow) =
+                    on_data_ack(ack.bytes, sending, receiving, || fe.queue.queued_bytes())
+                {
                     // The agent ran out of credit toward a client that
                     // keeps up: the window grows.
                     self.metrics.flow_window_growths_total.inc();
