@@ -26,6 +26,7 @@
 //!                      between them, the limit of the machine
 //!   BENCH_SOAK=N       soak instead: N dials (64 at a time) through the
 //!                      HTTP-CONNECT tunnel, sampling RSS and fds
+//!                      (BENCH_SOAK_VIA=grpc: through the gRPC frontend)
 //!   BENCH_SOAK_SECS    soak time budget (default 600); stops early and
 //!                      extrapolates
 //!   RATHOLE_BIN        rathole binary (default <repo>/target/tools/bin/rathole)
@@ -1164,16 +1165,14 @@ fn main() {
         .unwrap();
 
     if soak > 0 {
+        let via = if std::env::var("BENCH_SOAK_VIA").is_ok_and(|v| v == "grpc") {
+            &ours.grpc
+        } else {
+            &ours.http
+        };
         rt.block_on(async {
-            wait_ready(&ours.http, backend).await;
-            soak_run(
-                &ours.http,
-                backend,
-                soak,
-                ours.server.0.id(),
-                ours.agent.0.id(),
-            )
-            .await;
+            wait_ready(via, backend).await;
+            soak_run(via, backend, soak, ours.server.0.id(), ours.agent.0.id()).await;
         });
         return;
     }

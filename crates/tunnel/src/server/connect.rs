@@ -428,18 +428,11 @@ where
             {
                 return;
             }
-            // A client whose reads fill their buffer (an upload) is read as
-            // much at a time as the agent reads a streaming backend; one that
-            // trickles goes back to small buffers (a packet keeps its read's).
             let mut size = crate::READ_CHUNK;
             loop {
                 match crate::read_chunk_of(&mut rd, size).await {
                     Ok(c) if !c.is_empty() => {
-                        size = if c.len() >= size / 2 {
-                            crate::BULK_READ_CHUNK
-                        } else {
-                            crate::READ_CHUNK
-                        };
+                        size = next_read_size(c.len(), size);
                         if !watch.send(&sh, sh.send_data_to_agent(&conn, c)).await {
                             return;
                         }
@@ -494,6 +487,19 @@ where
     sh.frontend_gone(&fe);
 }
 
+/// The next read's buffer for an HTTP-CONNECT client whose last read
+/// brought `read` bytes into `size`: a client whose reads fill their buffer
+/// (an upload) is read as much at a time as the agent reads a streaming
+/// backend; one that trickles goes back to small buffers (a packet keeps
+/// its read's).
+fn next_read_size(read: usize, size: usize) -> usize {
+    if read >= size / 2 {
+        crate::BULK_READ_CHUNK
+    } else {
+        crate::READ_CHUNK
+    }
+}
+
 /// An uploading client's reads, in its agent stream's task (see
 /// [`MovedClientReader`]): each read is framed and written into the stream
 /// by the task that also encrypts it, as the agent does with a streaming
@@ -516,11 +522,7 @@ async fn read_client_moved<R: AsyncRead + Unpin>(
         };
         match read {
             Ok(c) if !c.is_empty() => {
-                size = if c.len() >= size / 2 {
-                    crate::BULK_READ_CHUNK
-                } else {
-                    crate::READ_CHUNK
-                };
+                size = next_read_size(c.len(), size);
                 let sent = tokio::select! {
                     _ = done.closed() => return,
                     ok = watch.send(&sh, sh.send_data_to_agent(&conn, c)) => ok,
@@ -528,6 +530,9 @@ async fn read_client_moved<R: AsyncRead + Unpin>(
                 if !sent {
                     break;
                 }
+                // The task writes this read before the next one, while the
+                // bytes are still in cache (as the agent's moved reader).
+                crate::self_wake::repoll_task().await;
             }
             _ => break,
         }
