@@ -361,6 +361,7 @@ pub fn grpc_frontend(input: &[u8], valid_start: bool, dial_error: &str) -> Vec<u
             sh,
             server,
             Duration::from_secs(3600),
+            super::super::connect::StreamEnd::Shutdown,
         ))
     });
     let mut rest = &out[..];

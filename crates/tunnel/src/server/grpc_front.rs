@@ -32,6 +32,7 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
+use super::connect::StreamEnd;
 use super::state::{Frontend, Shared};
 use crate::h2::{self, ConnError, Head, code, conn_error, flag, kind, setting};
 use crate::proto::Packet;
@@ -80,12 +81,15 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Serves one client connection (TCP, TLS or unix socket) until it ends.
 /// `keepalive`: the server pings every so often and drops a client that
-/// does not answer within 20 s (zero: no pings).
-pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, keepalive: Duration)
+/// does not answer within 20 s (zero: no pings). `end`: whether the
+/// stream is shut down before it is dropped (TLS: close_notify) or only
+/// dropped (a bare socket's close says the same, one system call fewer
+/// per connection, as on the HTTP-CONNECT frontend).
+pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, keepalive: Duration, end: StreamEnd)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = Connection::new(sh, io, keepalive);
+    let mut conn = Connection::new(sh, io, keepalive, end);
     std::future::poll_fn(|cx| conn.poll(cx)).await;
     conn.end_all_streams();
 }
@@ -438,6 +442,7 @@ impl FieldCheck {
 struct Connection<S> {
     sh: Arc<Shared>,
     io: S,
+    end: StreamEnd,
     rbuf: BytesMut,
     out: Out,
     hpack: h2::HeaderDecoder,
@@ -476,7 +481,7 @@ struct Connection<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
-    fn new(sh: Arc<Shared>, io: S, keepalive: Duration) -> Self {
+    fn new(sh: Arc<Shared>, io: S, keepalive: Duration, end: StreamEnd) -> Self {
         let mut out = Out::default();
         h2::settings(
             out.buf(),
@@ -495,6 +500,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         Connection {
             sh,
             io,
+            end,
             rbuf: BytesMut::new(),
             out,
             hpack: h2::HeaderDecoder::default(),
@@ -577,7 +583,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             progress |= queued >= OUT_HIGH_WATER && self.out.len() < OUT_HIGH_WATER;
             if self.closing() {
                 if self.out.len() == 0 {
-                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    if self.end == StreamEnd::Shutdown {
+                        let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    }
                     return Poll::Ready(());
                 }
                 // The last frames (GOAWAY, trailers) are still on their way;
@@ -1544,7 +1552,7 @@ mod tests {
         });
         // A socket buffer smaller than the server's output high-water mark.
         let (io, server) = tokio::io::duplex(64 << 10);
-        tokio::spawn(serve(sh.clone(), server, keepalive));
+        tokio::spawn(serve(sh.clone(), server, keepalive, StreamEnd::Shutdown));
         Client {
             io,
             buf: Vec::new(),
@@ -1639,7 +1647,12 @@ mod tests {
         /// A second client connection to the same server.
         fn another(&self) -> Client {
             let (io, server) = tokio::io::duplex(64 << 10);
-            tokio::spawn(serve(self.sh.clone(), server, Duration::ZERO));
+            tokio::spawn(serve(
+                self.sh.clone(),
+                server,
+                Duration::ZERO,
+                StreamEnd::Shutdown,
+            ));
             Client {
                 io,
                 buf: Vec::new(),
@@ -1744,6 +1757,48 @@ mod tests {
         inbox.push(read_buffer.slice(..COPY_BELOW));
         inbox.compact();
         assert!(big.contains(&inbox.chunks[0].as_ptr()));
+    }
+
+    /// On a bare socket (`StreamEnd::Close`) the connection ends by being
+    /// dropped, with no shutdown of its own: a client that says all it had
+    /// to say and half-closes still gets the server's frames, then EOF.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_bare_socket_ends_with_eof_after_the_frames() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sh = ProxyServer::new(small_options(0, 0)).shared;
+        let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
+        let task = tokio::spawn(serve(sh, server, Duration::ZERO, StreamEnd::Close));
+        let mut start = BytesMut::from(&crate::h2::PREFACE[..]);
+        crate::h2::settings(&mut start, &[]);
+        client.write_all(&start).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("the server never ended the connection")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        // SETTINGS, WINDOW_UPDATE and the SETTINGS ACK came before the EOF.
+        let kinds: Vec<u8> = {
+            let mut at = 0;
+            let mut kinds = Vec::new();
+            while at + 9 <= got.len() {
+                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                kinds.push(got[at + 3]);
+                at += 9 + len;
+            }
+            assert_eq!(at, got.len(), "whole frames");
+            kinds
+        };
+        assert_eq!(
+            kinds,
+            [kind::SETTINGS, kind::WINDOW_UPDATE, kind::SETTINGS],
+            "{got:?}"
+        );
     }
 
     #[tokio::test]

@@ -151,8 +151,8 @@ pub(crate) struct Admitted<S> {
 /// A TLS connection on the agent or frontend port.
 pub(crate) type TlsConn = Admitted<tokio_rustls::server::TlsStream<TcpStream>>;
 
-/// The socket under a frontend connection: its [`HangupProbe`], and how an
-/// HTTP-CONNECT stream on it is ended.
+/// The socket under a frontend connection: its [`HangupProbe`], and how a
+/// stream on it is ended.
 trait ClientSocket {
     const END: StreamEnd;
     fn probe(&self) -> HangupProbe;
@@ -236,6 +236,7 @@ impl Front {
                     sh,
                     conn,
                     self.keepalive,
+                    S::END,
                 )));
             }
             // HTTP/1.1 only, also over TLS, as upstream.
