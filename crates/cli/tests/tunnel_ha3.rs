@@ -79,6 +79,58 @@ fn wait_full_mesh(servers: &[Ports], agents: &[Ports], procs: &[&Proc]) {
     }
 }
 
+/// Three servers (server-0..2, --server-count=3, each with `extra` flags)
+/// in a new directory with certificates.
+fn three_servers(extra: &[&str]) -> (tempfile::TempDir, [Ports; 3], Vec<Proc>) {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let sp = [Ports::new(), Ports::new(), Ports::new()];
+    let servers = sp
+        .iter()
+        .enumerate()
+        .map(|(i, p)| start_server(dir.path(), p, &format!("server-{i}"), extra))
+        .collect();
+    (dir, sp, servers)
+}
+
+/// Three servers with --server-count=3 behind one haproxy address, and two
+/// agents (agent-a, agent-b, each with its `extra` flags) that dial it.
+struct BalancedMesh {
+    dir: tempfile::TempDir,
+    sp: [Ports; 3],
+    ap: [Ports; 2],
+    servers: Vec<Proc>,
+    agents: [Proc; 2],
+    lb: Proc,
+}
+
+impl BalancedMesh {
+    fn start(agent_extra: [&[&str]; 2]) -> BalancedMesh {
+        let (dir, sp, servers) = three_servers(&[]);
+        let (lb, lb_port) = haproxy(dir.path(), &sp);
+        let ap = [Ports::new(), Ports::new()];
+        let hosts = format!("127.0.0.1:{lb_port}");
+        let agents = [
+            start_agent(dir.path(), &ap[0], &hosts, "agent-a", agent_extra[0]),
+            start_agent(dir.path(), &ap[1], &hosts, "agent-b", agent_extra[1]),
+        ];
+        BalancedMesh {
+            dir,
+            sp,
+            ap,
+            servers,
+            agents,
+            lb,
+        }
+    }
+
+    fn procs(&self) -> Vec<&Proc> {
+        let mut all: Vec<&Proc> = self.servers.iter().chain(&self.agents).collect();
+        all.push(&self.lb);
+        all
+    }
+}
+
 /// Upstream's HA setup: three servers with --server-count=3 behind one
 /// haproxy address; each of two agents dials it until it holds all three.
 #[test]
@@ -87,22 +139,8 @@ fn two_agents_reach_three_servers_through_haproxy() {
     {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    make_certs(dir.path());
-    let sp = [Ports::new(), Ports::new(), Ports::new()];
-    let servers: Vec<Proc> = sp
-        .iter()
-        .enumerate()
-        .map(|(i, p)| start_server(dir.path(), p, &format!("server-{i}"), &[]))
-        .collect();
-    let (lb, lb_port) = haproxy(dir.path(), &sp);
-    let ap = [Ports::new(), Ports::new()];
-    let hosts = format!("127.0.0.1:{lb_port}");
-    let a0 = start_agent(dir.path(), &ap[0], &hosts, "agent-a", &[]);
-    let a1 = start_agent(dir.path(), &ap[1], &hosts, "agent-b", &[]);
-    let mut all: Vec<&Proc> = servers.iter().collect();
-    all.extend([&a0, &a1, &lb]);
-    wait_full_mesh(&sp, &ap, &all);
+    let m = BalancedMesh::start([&[], &[]]);
+    wait_full_mesh(&m.sp, &m.ap, &m.procs());
 }
 
 /// Through one haproxy address, an agent with `--links-per-server=2`
@@ -118,27 +156,8 @@ fn an_agent_with_two_links_reaches_three_servers_through_haproxy() {
     ) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    make_certs(dir.path());
-    let sp = [Ports::new(), Ports::new(), Ports::new()];
-    let servers: Vec<Proc> = sp
-        .iter()
-        .enumerate()
-        .map(|(i, p)| start_server(dir.path(), p, &format!("server-{i}"), &[]))
-        .collect();
-    let (lb, lb_port) = haproxy(dir.path(), &sp);
-    let ap = [Ports::new(), Ports::new()];
-    let hosts = format!("127.0.0.1:{lb_port}");
-    let a0 = start_agent(
-        dir.path(),
-        &ap[0],
-        &hosts,
-        "agent-a",
-        &["--links-per-server=2"],
-    );
-    let a1 = start_agent(dir.path(), &ap[1], &hosts, "agent-b", &[]);
-    let mut all: Vec<&Proc> = servers.iter().collect();
-    all.extend([&a0, &a1, &lb]);
+    let m = BalancedMesh::start([&["--links-per-server=2"], &[]]);
+    let (sp, ap, all) = (&m.sp, &m.ap, m.procs());
     let links = |a: &Ports| {
         metric(
             a.agent_health,
@@ -156,7 +175,7 @@ fn an_agent_with_two_links_reaches_three_servers_through_haproxy() {
     }
     assert_eq!(metric(ap[0].agent_health, OPEN_SERVERS), 3.0);
     assert_eq!(metric(ap[1].agent_health, OPEN_SERVERS), 3.0);
-    for p in &sp {
+    for p in sp {
         wait_for("server has three streams", Duration::from_secs(30), || {
             metric(p.health, READY_BACKENDS) == 3.0
         });
@@ -164,8 +183,8 @@ fn an_agent_with_two_links_reaches_three_servers_through_haproxy() {
     let backend = HttpServer::start();
     let target = backend.target();
     runtime().block_on(async {
-        for p in &sp {
-            let addr = frontend_addr(dir.path(), p.server);
+        for p in sp {
+            let addr = frontend_addr(m.dir.path(), p.server);
             for _ in 0..10 {
                 if let Err(e) = dial_once(&addr, &target).await {
                     panic!("dial through {}: {e}\n{}", p.server, logs(&all));
@@ -186,14 +205,7 @@ struct Mesh {
 impl Mesh {
     /// Three servers, two agents each given the three addresses directly.
     fn start(server_extra: &[&str], agent_extra: [&[&str]; 2]) -> Mesh {
-        let dir = tempfile::tempdir().unwrap();
-        make_certs(dir.path());
-        let sp = [Ports::new(), Ports::new(), Ports::new()];
-        let servers = sp
-            .iter()
-            .enumerate()
-            .map(|(i, p)| start_server(dir.path(), p, &format!("server-{i}"), server_extra))
-            .collect();
+        let (dir, sp, servers) = three_servers(server_extra);
         let hosts = sp
             .iter()
             .map(|p| format!("127.0.0.1:{}", p.agent))

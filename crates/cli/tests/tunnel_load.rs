@@ -473,6 +473,50 @@ fn a_stalled_reader_does_not_stall_the_others() {
     st.wait_settled(sfd, afd);
 }
 
+/// Bytes each of [`start_downloads`]' downloads brings.
+const DOWNLOAD: usize = 16 << 20;
+
+/// `n` HTTP-CONNECT downloads of [`DOWNLOAD`] bytes, each read up to its
+/// first megabyte: every backend is streaming by then.
+fn start_downloads(
+    rt: &tokio::runtime::Runtime,
+    addr: &client::ProxyAddr,
+    target: &str,
+    n: usize,
+) -> Vec<(Box<dyn client::Io>, Vec<u8>)> {
+    rt.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..n {
+            let mut io = client::http_connect(addr, target, "streaming")
+                .await
+                .unwrap();
+            io.write_all(format!("GET /bytes/{DOWNLOAD} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut first = vec![0u8; 1 << 20];
+            io.read_exact(&mut first).await.unwrap();
+            streams.push((io, first));
+        }
+        streams
+    })
+}
+
+/// Reads [`start_downloads`]' downloads to their ends and checks every byte.
+fn finish_downloads(rt: &tokio::runtime::Runtime, streams: &mut [(Box<dyn client::Io>, Vec<u8>)]) {
+    rt.block_on(async {
+        for (io, got) in streams.iter_mut() {
+            io.read_to_end(got).await.unwrap();
+            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert_eq!(got.len() - split, DOWNLOAD, "bytes lost");
+            assert_eq!(
+                Sha256::digest(&got[split..]),
+                Sha256::digest(pattern(DOWNLOAD)),
+                "data corrupted"
+            );
+        }
+    });
+}
+
 /// Streaming backends beside each other: one reader runs in the agent's
 /// link task, the others in their own, and every byte of each arrives.
 #[test]
@@ -488,24 +532,8 @@ fn one_streaming_reader_at_a_time_runs_in_the_link_task() {
             "konnectivity_network_proxy_agent_link_task_readers",
         )
     };
-    const BIG: usize = 16 << 20;
     let rt = runtime();
-    let mut streams = rt.block_on(async {
-        let mut streams = Vec::new();
-        for _ in 0..3 {
-            let mut io = client::http_connect(&addr, &target, "streaming")
-                .await
-                .unwrap();
-            io.write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            // A first megabyte each: every backend is streaming now.
-            let mut first = vec![0u8; 1 << 20];
-            io.read_exact(&mut first).await.unwrap();
-            streams.push((io, first));
-        }
-        streams
-    });
+    let mut streams = start_downloads(&rt, &addr, &target, 3);
     wait_for(
         "a streaming reader in the link task",
         Duration::from_secs(10),
@@ -517,18 +545,7 @@ fn one_streaming_reader_at_a_time_runs_in_the_link_task() {
         "three streaming readers: exactly one runs in the link task\n{}",
         st.logs()
     );
-    rt.block_on(async {
-        for (io, got) in streams.iter_mut() {
-            io.read_to_end(got).await.unwrap();
-            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            assert_eq!(got.len() - split, BIG, "bytes lost");
-            assert_eq!(
-                Sha256::digest(&got[split..]),
-                Sha256::digest(pattern(BIG)),
-                "data corrupted"
-            );
-        }
-    });
+    finish_downloads(&rt, &mut streams);
     drop(streams);
     drop(rt);
     wait_for(
@@ -676,23 +693,8 @@ fn an_agent_with_two_links_gets_streams_on_both() {
         "the server holds both streams\n{}",
         st.logs()
     );
-    const BIG: usize = 16 << 20;
     let rt = runtime();
-    let mut streams = rt.block_on(async {
-        let mut streams = Vec::new();
-        for _ in 0..4 {
-            let mut io = client::http_connect(&addr, &target, "two-links")
-                .await
-                .unwrap();
-            io.write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut first = vec![0u8; 1 << 20];
-            io.read_exact(&mut first).await.unwrap();
-            streams.push((io, first));
-        }
-        streams
-    });
+    let mut streams = start_downloads(&rt, &addr, &target, 4);
     wait_for(
         "a streaming reader in each link's task",
         Duration::from_secs(10),
@@ -704,18 +706,7 @@ fn an_agent_with_two_links_gets_streams_on_both() {
         "four streams over two links: one reader in each link's task\n{}",
         st.logs()
     );
-    rt.block_on(async {
-        for (io, got) in streams.iter_mut() {
-            io.read_to_end(got).await.unwrap();
-            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            assert_eq!(got.len() - split, BIG, "bytes lost");
-            assert_eq!(
-                Sha256::digest(&got[split..]),
-                Sha256::digest(pattern(BIG)),
-                "data corrupted"
-            );
-        }
-    });
+    finish_downloads(&rt, &mut streams);
     drop(streams);
     drop(rt);
     st.wait_settled(sfd, afd);

@@ -1762,29 +1762,47 @@ mod tests {
     /// through a load balancer) closes the new stream as soon as it reads
     /// the server's ID. Dials go to each agent's first stream only, so none
     /// is lost with the duplicate; a second agent still gets its share.
+    /// An agent stream of `id` that announced `links`, added to `sh`; its
+    /// packets toward the agent arrive in the receiver.
+    fn agent_stream(
+        sh: &Arc<Shared>,
+        id: &str,
+        links: usize,
+    ) -> (Arc<Backend>, mpsc::Receiver<Packet>) {
+        let (tx, rx) = mpsc::channel(256);
+        let mut b = Backend::new(sh, id.into(), Identifiers::default(), tx, 0);
+        b.links = links;
+        let b = Arc::new(b);
+        sh.add_backend(b.clone());
+        (b, rx)
+    }
+
+    /// Dials `randoms` from one frontend, each answered at once (so the
+    /// stream's dial limit is no bound).
+    async fn dial_all(sh: &Arc<Shared>, fe: &Arc<Frontend>, randoms: std::ops::Range<i64>) {
+        for random in randoms {
+            sh.start_dial(fe, "tcp", "127.0.0.1:80", random)
+                .await
+                .unwrap();
+            fe.state.lock().unwrap().dials.clear();
+        }
+    }
+
+    /// Packets waiting in `rx`, taken.
+    fn count(rx: &mut mpsc::Receiver<Packet>) -> usize {
+        std::iter::from_fn(|| rx.try_recv().ok()).count()
+    }
+
     #[tokio::test]
     async fn dials_go_to_an_agents_first_stream_not_to_a_duplicate() {
         let sh = ProxyServer::new(ServerOptions::default()).shared;
-        let stream = |id: &str| {
-            let (tx, rx) = mpsc::channel(256);
-            let b = Arc::new(Backend::new(&sh, id.into(), Identifiers::default(), tx, 0));
-            sh.add_backend(b.clone());
-            (b, rx)
-        };
+        let stream = |id: &str| agent_stream(&sh, id, 1);
         let (first, mut first_rx) = stream("agent-a");
         let (duplicate, mut duplicate_rx) = stream("agent-a");
         let (_other, mut other_rx) = stream("agent-b");
         let fe = sh.new_frontend();
         let dials = 60;
-        for random in 1..=dials {
-            sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
-                .await
-                .unwrap();
-            // Each answered at once, so the stream's dial limit is no bound.
-            fe.state.lock().unwrap().dials.clear();
-        }
-        let count =
-            |rx: &mut mpsc::Receiver<Packet>| std::iter::from_fn(|| rx.try_recv().ok()).count();
+        dial_all(&sh, &fe, 1..dials + 1).await;
         let (a, dup, b) = (
             count(&mut first_rx),
             count(&mut duplicate_rx),
@@ -1801,12 +1819,7 @@ mod tests {
         // dials.
         let (_late, mut late_rx) = stream("agent-a");
         sh.remove_backend(&first);
-        for random in dials + 1..=2 * dials {
-            sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
-                .await
-                .unwrap();
-            fe.state.lock().unwrap().dials.clear();
-        }
+        dial_all(&sh, &fe, dials + 1..2 * dials + 1).await;
         let (late, b) = (count(&mut late_rx), count(&mut other_rx));
         assert_eq!(late + b, dials as usize);
         assert!(
@@ -1823,14 +1836,7 @@ mod tests {
     #[tokio::test]
     async fn dials_alternate_over_an_agents_announced_links() {
         let sh = ProxyServer::new(ServerOptions::default()).shared;
-        let stream = |id: &str, links: usize| {
-            let (tx, rx) = mpsc::channel(256);
-            let mut b = Backend::new(&sh, id.into(), Identifiers::default(), tx, 0);
-            b.links = links;
-            let b = Arc::new(b);
-            sh.add_backend(b.clone());
-            (b, rx)
-        };
+        let stream = |id: &str, links: usize| agent_stream(&sh, id, links);
         let (first, mut first_rx) = stream("agent-a", 2);
         let (second, mut second_rx) = stream("agent-a", 2);
         let (third, mut third_rx) = stream("agent-a", 2);
@@ -1838,21 +1844,8 @@ mod tests {
         assert!(first.usable.load(Ordering::Relaxed) && second.usable.load(Ordering::Relaxed));
         assert!(!third.usable.load(Ordering::Relaxed));
         let fe = sh.new_frontend();
-        let dial = |from: i64, n: i64| {
-            let (sh, fe) = (sh.clone(), fe.clone());
-            async move {
-                for random in from..from + n {
-                    sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
-                        .await
-                        .unwrap();
-                    fe.state.lock().unwrap().dials.clear();
-                }
-            }
-        };
-        let count =
-            |rx: &mut mpsc::Receiver<Packet>| std::iter::from_fn(|| rx.try_recv().ok()).count();
         let dials = 200;
-        dial(1, dials).await;
+        dial_all(&sh, &fe, 1..dials + 1).await;
         let (a1, a2, a3, b) = (
             count(&mut first_rx),
             count(&mut second_rx),
@@ -1871,7 +1864,7 @@ mod tests {
         sh.remove_backend(&first);
         assert!(second.first.load(Ordering::Relaxed));
         assert!(third.usable.load(Ordering::Relaxed));
-        dial(dials + 1, dials).await;
+        dial_all(&sh, &fe, dials + 1..2 * dials + 1).await;
         let (a2, a3, b) = (
             count(&mut second_rx),
             count(&mut third_rx),
