@@ -1759,16 +1759,89 @@ mod tests {
         assert!(big.contains(&inbox.chunks[0].as_ptr()));
     }
 
+    /// A socket that records whether it was shut down.
+    struct ShutdownSeen<S> {
+        io: S,
+        seen: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for ShutdownSeen<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for ShutdownSeen<S> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
     /// On a bare socket (`StreamEnd::Close`) the connection ends by being
-    /// dropped, with no shutdown of its own: a client that says all it had
-    /// to say and half-closes still gets the server's frames, then EOF.
+    /// dropped, with no shutdown of its own; with `StreamEnd::Shutdown`
+    /// (TLS) it is shut down first. Either way a client that says all it
+    /// had to say and half-closes gets the server's frames, then EOF.
     #[cfg(unix)]
     #[tokio::test]
     async fn a_bare_socket_ends_with_eof_after_the_frames() {
+        for (end, shut) in [(StreamEnd::Close, false), (StreamEnd::Shutdown, true)] {
+            let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let got = end_after_half_close(end, seen.clone()).await;
+            assert_eq!(
+                seen.load(std::sync::atomic::Ordering::SeqCst),
+                shut,
+                "{end:?}: shutdown called"
+            );
+            // SETTINGS, WINDOW_UPDATE and the SETTINGS ACK came before the EOF.
+            let kinds: Vec<u8> = {
+                let mut at = 0;
+                let mut kinds = Vec::new();
+                while at + 9 <= got.len() {
+                    let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                    kinds.push(got[at + 3]);
+                    at += 9 + len;
+                }
+                assert_eq!(at, got.len(), "whole frames");
+                kinds
+            };
+            assert_eq!(
+                kinds,
+                [kind::SETTINGS, kind::WINDOW_UPDATE, kind::SETTINGS],
+                "{got:?}"
+            );
+        }
+    }
+
+    /// What a client that sends the preface and SETTINGS, then half-closes,
+    /// reads until EOF from a connection ended with `end`.
+    #[cfg(unix)]
+    async fn end_after_half_close(
+        end: StreamEnd,
+        seen: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Vec<u8> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let sh = ProxyServer::new(small_options(0, 0)).shared;
         let (mut client, server) = tokio::net::UnixStream::pair().unwrap();
-        let task = tokio::spawn(serve(sh, server, Duration::ZERO, StreamEnd::Close));
+        let server = ShutdownSeen { io: server, seen };
+        let task = tokio::spawn(serve(sh, server, Duration::ZERO, end));
         let mut start = BytesMut::from(&crate::h2::PREFACE[..]);
         crate::h2::settings(&mut start, &[]);
         client.write_all(&start).await.unwrap();
@@ -1782,23 +1855,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        // SETTINGS, WINDOW_UPDATE and the SETTINGS ACK came before the EOF.
-        let kinds: Vec<u8> = {
-            let mut at = 0;
-            let mut kinds = Vec::new();
-            while at + 9 <= got.len() {
-                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
-                kinds.push(got[at + 3]);
-                at += 9 + len;
-            }
-            assert_eq!(at, got.len(), "whole frames");
-            kinds
-        };
-        assert_eq!(
-            kinds,
-            [kind::SETTINGS, kind::WINDOW_UPDATE, kind::SETTINGS],
-            "{got:?}"
-        );
+        got
     }
 
     #[tokio::test]
