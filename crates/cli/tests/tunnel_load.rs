@@ -562,92 +562,110 @@ fn one_streaming_reader_at_a_time_runs_in_the_link_task() {
 /// gives its place back and leaves nothing open.
 #[test]
 fn one_uploading_client_at_a_time_is_read_in_the_agent_stream_task() {
+    uploads_beside_each_other("http-connect");
+}
+
+/// The same through the gRPC frontend: there the whole HTTP/2 connection
+/// of the uploading call moves.
+#[test]
+fn one_uploading_grpc_connection_at_a_time_runs_in_the_agent_stream_task() {
+    uploads_beside_each_other("grpc");
+}
+
+/// Echo uploads of `UPLOAD_TOTAL` bytes each, through `mode`'s frontend.
+const UPLOAD_FIRST: usize = 1 << 20;
+const UPLOAD_TOTAL: usize = 8 << 20;
+const ECHO_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+
+fn upload_payload(seed: u64) -> Vec<u8> {
+    (0..UPLOAD_TOTAL)
+        .map(|i| ((i as u64).wrapping_mul(seed | 1) >> 3) as u8)
+        .collect()
+}
+
+/// Starts an echo upload of `data` on `io` and reads back its first
+/// `UPLOAD_FIRST` bytes: from then on the upload streams.
+async fn start_upload(io: &mut (dyn client::Io + '_), data: &[u8]) -> Vec<u8> {
+    io.write_all(b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await
+        .unwrap();
+    io.write_all(&data[..UPLOAD_FIRST]).await.unwrap();
+    io.flush().await.unwrap();
+    let mut got = vec![0u8; ECHO_HEAD.len() + UPLOAD_FIRST];
+    io.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got[..ECHO_HEAD.len()], ECHO_HEAD);
+    got.split_off(ECHO_HEAD.len())
+}
+
+/// Sends the rest of `data`, reads the rest of the echo after `got` and
+/// compares hashes.
+async fn finish_upload(io: &mut (dyn client::Io + '_), data: &[u8], mut got: Vec<u8>) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let writer = async {
+        wr.write_all(&data[UPLOAD_FIRST..]).await.unwrap();
+        wr.flush().await.unwrap();
+    };
+    let mut rest = vec![0u8; UPLOAD_TOTAL - UPLOAD_FIRST];
+    let reader = rd.read_exact(&mut rest);
+    let (_, r) = tokio::join!(writer, reader);
+    r.unwrap();
+    got.extend_from_slice(&rest);
+    assert_eq!(
+        Sha256::digest(&got[..]),
+        Sha256::digest(data),
+        "data corrupted"
+    );
+}
+
+fn link_task_readers(st: &Stack) -> f64 {
+    metric(
+        st.ports.health,
+        "konnectivity_network_proxy_server_link_task_readers",
+    )
+}
+
+fn uploads_beside_each_other(mode: &str) {
     let backend = HttpServer::start();
     let target = backend.target();
-    let st = Stack::start("http-connect");
+    let st = Stack::start(mode);
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
     let addr = st.frontend();
-    let in_link_task = || {
-        metric(
-            st.ports.health,
-            "konnectivity_network_proxy_server_link_task_readers",
-        )
-    };
-    const FIRST: usize = 1 << 20;
-    const TOTAL: usize = 8 << 20;
-    let payload = |seed: u64| -> Vec<u8> {
-        (0..TOTAL)
-            .map(|i| ((i as u64).wrapping_mul(seed | 1) >> 3) as u8)
-            .collect()
-    };
-    let head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
     let rt = runtime();
     // Each sends and gets back its first megabyte: all three stream now.
     let mut uploads = rt.block_on(async {
         let mut uploads = Vec::new();
         for seed in 1..=3u64 {
-            let data = payload(seed);
-            let mut io = client::http_connect(&addr, &target, "uploads")
-                .await
-                .unwrap();
-            io.write_all(b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n")
-                .await
-                .unwrap();
-            io.write_all(&data[..FIRST]).await.unwrap();
-            io.flush().await.unwrap();
-            let mut got = vec![0u8; head.len() + FIRST];
-            io.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got[..head.len()], head);
-            uploads.push((io, data, got.split_off(head.len())));
+            let data = upload_payload(seed);
+            let mut io = open(mode, &addr, &target, "uploads").await.unwrap();
+            let got = start_upload(&mut *io, &data).await;
+            uploads.push((io, data, got));
         }
         uploads
     });
     assert_eq!(
-        in_link_task(),
+        link_task_readers(&st),
         1.0,
         "three uploading clients: exactly one is read in the agent stream's task\n{}",
         st.logs()
     );
     rt.block_on(async {
         for (io, data, got) in uploads.iter_mut() {
-            let (mut rd, mut wr) = tokio::io::split(io);
-            let writer = async {
-                wr.write_all(&data[FIRST..]).await.unwrap();
-                wr.flush().await.unwrap();
-            };
-            let mut rest = vec![0u8; TOTAL - FIRST];
-            let reader = rd.read_exact(&mut rest);
-            let (_, r) = tokio::join!(writer, reader);
-            r.unwrap();
-            got.extend_from_slice(&rest);
-            assert_eq!(
-                Sha256::digest(&got[..]),
-                Sha256::digest(&data[..]),
-                "data corrupted"
-            );
+            finish_upload(&mut **io, data, std::mem::take(got)).await;
         }
     });
     drop(uploads);
     wait_for(
         "the moved reader to be counted out",
         Duration::from_secs(10),
-        || in_link_task() == 0.0,
+        || link_task_readers(&st) == 0.0,
     );
     // A moved upload whose client goes away mid-way.
     rt.block_on(async {
-        let data = payload(9);
-        let mut io = client::http_connect(&addr, &target, "leaves")
-            .await
-            .unwrap();
-        io.write_all(b"GET /echo HTTP/1.1\r\nHost: b\r\n\r\n")
-            .await
-            .unwrap();
-        io.write_all(&data[..FIRST]).await.unwrap();
-        io.flush().await.unwrap();
-        let mut got = vec![0u8; head.len() + FIRST];
-        io.read_exact(&mut got).await.unwrap();
+        let data = upload_payload(9);
+        let mut io = open(mode, &addr, &target, "leaves").await.unwrap();
+        start_upload(&mut *io, &data).await;
         assert_eq!(
-            in_link_task(),
+            link_task_readers(&st),
             1.0,
             "the upload was not moved\n{}",
             st.logs()
@@ -657,9 +675,68 @@ fn one_uploading_client_at_a_time_is_read_in_the_agent_stream_task() {
     wait_for(
         "the departed client's reader to be counted out",
         Duration::from_secs(10),
-        || in_link_task() == 0.0,
+        || link_task_readers(&st) == 0.0,
     );
     st.wait_settled(sfd, afd);
+}
+
+/// A gRPC connection running in its agent stream's task goes back to its
+/// own task when that stream ends (the agent restarts): the call on that
+/// agent ends, the connection stays open, and a new call on it reaches the
+/// new agent and echoes every byte.
+#[test]
+fn a_moved_grpc_connection_outlives_its_agent_stream() {
+    let backend = HttpServer::start();
+    let target = backend.target();
+    let mut st = Stack::start("grpc");
+    let sfd = st.server.fd_count();
+    let addr = st.frontend();
+    let rt = runtime();
+    let channel = rt.block_on(client::grpc_channel(&addr)).unwrap();
+    let data = upload_payload(5);
+    let mut first = rt.block_on(async {
+        let mut io = client::grpc_dial(channel.clone(), &target).await.unwrap();
+        start_upload(&mut io, &data).await;
+        io
+    });
+    assert_eq!(
+        link_task_readers(&st),
+        1.0,
+        "the upload was not moved\n{}",
+        st.logs()
+    );
+    st.restart_agent();
+    wait_for(
+        "the moved connection's place to be given back",
+        Duration::from_secs(10),
+        || link_task_readers(&st) == 0.0,
+    );
+    rt.block_on(async {
+        // The call on the old agent ends: its read sees EOF.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut rest))
+            .await
+            .expect("the call on the restarted agent did not end")
+            .unwrap();
+    });
+    drop(first);
+    st.wait_ready();
+    rt.block_on(async {
+        let data = upload_payload(6);
+        let mut io = client::grpc_dial(channel.clone(), &target)
+            .await
+            .expect("the moved connection did not survive its agent stream");
+        let got = start_upload(&mut io, &data).await;
+        finish_upload(&mut io, &data, got).await;
+    });
+    drop(channel);
+    drop(rt);
+    wait_for(
+        "every place to be given back",
+        Duration::from_secs(10),
+        || link_task_readers(&st) == 0.0,
+    );
+    st.wait_settled(sfd, st.agent.fd_count());
 }
 
 /// `--links-per-server=2`: the agent keeps two connections to the server,

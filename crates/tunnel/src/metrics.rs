@@ -290,7 +290,7 @@ pub struct ServerMetrics {
     /// Tunnels ended with data still on its way because its reader took
     /// none of it for [`crate::DRAIN_AFTER_CLOSE`] after the other end left.
     pub drain_timeouts_total: IntCounter,
-    /// Uploading HTTP-CONNECT clients read in their agent stream's task.
+    /// Uploading clients (HTTP-CONNECT, gRPC frontend connections) read in their agent stream's task.
     pub link_task_readers: IntGauge,
 }
 
@@ -513,7 +513,7 @@ impl Default for ServerMetrics {
                 &r,
                 s,
                 "link_task_readers",
-                "Uploading HTTP-CONNECT clients read in their agent stream's task (at most one per agent stream).",
+                "Uploading clients (HTTP-CONNECT connections, gRPC frontend connections) read in their agent stream's task (at most one per agent stream).",
             ),
             dials_refused_total: counter_vec(
                 &r,

@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use super::connect::StreamEnd;
-use super::state::{Frontend, Shared};
+use super::state::{Frontend, MovedClientReader, Shared};
 use crate::h2::{self, ConnError, Head, code, conn_error, flag, kind, setting};
 use crate::proto::Packet;
 use crate::queue::{Charge, QueuedBytes};
@@ -85,13 +85,85 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// stream is shut down before it is dropped (TLS: close_notify) or only
 /// dropped (a bare socket's close says the same, one system call fewer
 /// per connection, as on the HTTP-CONNECT frontend).
+///
+/// An uploading connection (a read that filled half its buffer) is moved,
+/// as an uploading HTTP-CONNECT client's reads are (see
+/// [`MovedClientReader`]), into the task of the agent stream its first
+/// tunnel uses: there each read is framed, encrypted and written toward the
+/// agent before the next. This task waits; it takes the connection back
+/// when that stream's task ends (the connection's other calls go on) and
+/// ends it when the connection is done.
 pub(crate) async fn serve<S>(sh: Arc<Shared>, io: S, keepalive: Duration, end: StreamEnd)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut conn = Connection::new(sh, io, keepalive, end);
-    std::future::poll_fn(|cx| conn.poll(cx)).await;
+    while let Some(place) = std::future::poll_fn(|cx| conn.poll_or_move(cx)).await {
+        let (back, returned) = tokio::sync::oneshot::channel();
+        place.run_there(|place| {
+            Box::pin(MovedConnection {
+                conn: Some(conn),
+                back: Some(back),
+                _place: place,
+            })
+        });
+        // Always answered: `MovedConnection` sends the connection back
+        // when it is done or dropped.
+        let Ok((back_here, done)) = returned.await else {
+            return;
+        };
+        conn = back_here;
+        conn.moved = false;
+        if done {
+            break;
+        }
+    }
     conn.end_all_streams();
+}
+
+/// A connection run in an agent stream's task (see [`serve`]), holding its
+/// place there; it goes back to its own task when done (`true`) or dropped
+/// with that stream's task (`false`), and ends here if its own task is gone.
+struct MovedConnection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+    conn: Option<Connection<S>>,
+    back: Option<tokio::sync::oneshot::Sender<(Connection<S>, bool)>>,
+    _place: MovedClientReader,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MovedConnection<S> {
+    fn send_back(&mut self, done: bool) {
+        if let (Some(conn), Some(back)) = (self.conn.take(), self.back.take())
+            && let Err((mut conn, _)) = back.send((conn, done))
+        {
+            conn.end_all_streams();
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for MovedConnection<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let (Some(conn), Some(back)) = (&mut this.conn, &mut this.back) else {
+            return Poll::Ready(());
+        };
+        if back.poll_closed(cx).is_ready() {
+            conn.end_all_streams();
+            this.conn = None;
+            return Poll::Ready(());
+        }
+        conn.moved = true;
+        ready!(conn.poll(cx));
+        this.send_back(true);
+        Poll::Ready(())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for MovedConnection<S> {
+    fn drop(&mut self) {
+        self.send_back(false);
+    }
 }
 
 use crate::grpc_wire::status;
@@ -453,6 +525,13 @@ struct Connection<S> {
     preface_done: bool,
     settings_seen: bool,
     read_closed: bool,
+    /// A read since this was last looked at brought half a read buffer or
+    /// more: an upload.
+    bulk_read: bool,
+    /// Polled in an agent stream's task ([`MovedConnection`]): after a
+    /// bulk read it lets that task write what the read sent before reading
+    /// again, while the bytes are still in cache.
+    moved: bool,
     /// The window the client gives every new stream, and its frame limit.
     peer_initial_window: i64,
     peer_max_frame: usize,
@@ -510,6 +589,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             preface_done: false,
             settings_seen: false,
             read_closed: false,
+            bulk_read: false,
+            moved: false,
             peer_initial_window: h2::DEFAULT_WINDOW,
             peer_max_frame: h2::DEFAULT_MAX_FRAME,
             conn_send_window: h2::DEFAULT_WINDOW,
@@ -600,7 +681,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if !progress {
                 return Poll::Pending;
             }
+            if self.moved && self.bulk_read {
+                // `absorb_self_wakes` polls the agent stream's task again
+                // at once, after its link has written.
+                self.bulk_read = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
         }
+    }
+
+    /// Polls in the connection's own task. Ready(None): the connection is
+    /// done; Ready(Some): it uploads and has a place in the task of the
+    /// agent stream its first tunnel uses, to be run there.
+    fn poll_or_move(&mut self, cx: &mut Context<'_>) -> Poll<Option<MovedClientReader>> {
+        if self.poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        if std::mem::take(&mut self.bulk_read)
+            && let Some(place) = self
+                .streams
+                .iter()
+                .filter(|s| !s.inbound_done)
+                .find_map(|s| s.fe.backend())
+                .and_then(|backend| MovedClientReader::claim(&self.sh, &backend))
+        {
+            return Poll::Ready(Some(place));
+        }
+        Poll::Pending
     }
 
     /// Nothing more will be read: an error, the peer's EOF, or a GOAWAY
@@ -677,7 +785,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 self.read_closed = true;
                 return Poll::Ready(Ok(()));
             }
-            Poll::Ready(Ok(_)) => {}
+            // Kept until looked at: the read that ends a burst is often short.
+            Poll::Ready(Ok(n)) => self.bulk_read |= n >= crate::READ_CHUNK / 2,
         }
         let r = self.handle_input();
         // An idle connection keeps no read buffer; a partial frame is kept

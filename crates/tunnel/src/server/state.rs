@@ -320,7 +320,8 @@ impl Backend {
     }
 }
 
-/// A client's reader (client -> agent), run by its agent stream's task.
+/// A client's reader (client -> agent), run by its agent stream's task: an
+/// HTTP-CONNECT client's reads, or a whole gRPC frontend connection.
 pub(crate) type ClientReader = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Uploading clients read in one agent stream's task; later ones stay in
@@ -340,6 +341,11 @@ impl MovedClientReader {
     /// A place in `backend`'s task, if it has one free.
     pub(crate) fn claim(sh: &Shared, backend: &Arc<Backend>) -> Option<Self> {
         backend.readers.as_ref()?;
+        // Asked at every bulk read of a client not moved: a taken place
+        // costs a load, not a write to a line the stream's task uses.
+        if backend.moved_readers.load(Ordering::Acquire) >= MAX_MOVED_CLIENT_READERS {
+            return None;
+        }
         if backend.moved_readers.fetch_add(1, Ordering::AcqRel) >= MAX_MOVED_CLIENT_READERS {
             backend.moved_readers.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -552,6 +558,12 @@ impl Frontend {
             self.queue.close();
         }
     }
+    /// The agent stream of this frontend's first tunnel open.
+    pub(crate) fn backend(&self) -> Option<Arc<Backend>> {
+        let st = self.state.lock().unwrap();
+        st.conns.first().map(|c| c.backend.clone())
+    }
+
     pub(crate) fn conn(&self, connect_id: i64) -> Option<Arc<Conn>> {
         let st = self.state.lock().unwrap();
         st.conns
