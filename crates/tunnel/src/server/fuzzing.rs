@@ -313,7 +313,7 @@ impl StateMachine {
                 "frontend keeps state"
             );
         }
-        assert!(self.sh.backends.read().unwrap().is_empty());
+        assert_eq!(self.sh.backends.read().unwrap().streams, 0);
         assert_eq!(self.sh.metrics.pending_backend_dials.get(), 0);
         assert_eq!(self.sh.metrics.established_connections.get(), 0);
     }
@@ -468,7 +468,7 @@ fn exchange(
         }
         if let Some(t) = agent_task {
             // The agent stream ends; its state must go with it.
-            let backends: Vec<_> = sh.backends.read().unwrap().clone();
+            let backends: Vec<_> = sh.backends.read().unwrap().all().cloned().collect();
             for b in backends {
                 sh.remove_backend(&b);
             }

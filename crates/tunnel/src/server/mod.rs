@@ -18,6 +18,6 @@ mod state;
 
 pub use listen::{FrontendListen, FrontendMode, RunningServer, ServerLaunch, launch};
 pub(crate) use state::MAX_DEFERRED_CONTROL;
-#[doc(hidden)]
-pub use state::fuzzing;
 pub use state::{DEFAULT_MAX_QUEUED_BYTES, ProxyServer, ServerOptions, Strategy, random_dial_id};
+#[doc(hidden)]
+pub use state::{fuzzing, pick_bench};
