@@ -1974,7 +1974,8 @@ mod tests {
     /// defaultRoute takes only agents that announced it; a draining agent
     /// gets no dial while another fits, and every dial when all that fit
     /// are draining; an agent's second stream is indexed when its first
-    /// goes; an agent gone leaves no key behind (`ready_backends`).
+    /// goes; an agent gone leaves no key behind (`ready_backends`); an
+    /// identifier named twice by one agent counts it once.
     #[tokio::test]
     async fn picks_follow_the_strategy_indexes_as_agents_come_and_go() {
         let sh = ProxyServer::new(ServerOptions {
@@ -2049,6 +2050,15 @@ mod tests {
         dial("node-a:443", 10).await;
         assert_eq!(count(&mut route1_rx) + count(&mut route2_rx), 10);
         assert_eq!(sh.backends.read().unwrap().streams, 2);
+        // An agent that names a host three times is one candidate for it:
+        // of 400 dials it gets about half (outside 140..=260 with odds
+        // below 1e-8), not three quarters.
+        let (_c, mut c_rx) = stream("c", "host=shared&host=shared&host=shared");
+        let (_d, mut d_rx) = stream("d", "host=shared");
+        dial("shared:80", 400).await;
+        let (c, d) = (count(&mut c_rx), count(&mut d_rx));
+        assert_eq!(c + d, 400);
+        assert!((140..=260).contains(&c), "agents got {c} and {d}");
     }
 
     /// A client write as large as the flow window, after a small one: the
