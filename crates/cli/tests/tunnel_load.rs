@@ -680,10 +680,10 @@ fn uploads_beside_each_other(mode: &str) {
     st.wait_settled(sfd, afd);
 }
 
-/// A gRPC connection running in its agent stream's task goes back to its
-/// own task when that stream ends (the agent restarts): the call on that
-/// agent ends, the connection stays open, and a new call on it reaches the
-/// new agent and echoes every byte.
+/// A gRPC connection running in its agent stream's task serves other calls
+/// there too, and goes back to its own task when that stream ends (the
+/// agent restarts): the call on that agent ends, the connection stays open,
+/// and a new call on it reaches the new agent and echoes every byte.
 #[test]
 fn a_moved_grpc_connection_outlives_its_agent_stream() {
     let backend = HttpServer::start();
@@ -705,6 +705,24 @@ fn a_moved_grpc_connection_outlives_its_agent_stream() {
         "the upload was not moved\n{}",
         st.logs()
     );
+    // The moved connection serves more calls at once beside the upload.
+    rt.block_on(async {
+        let calls: Vec<_> = (0..20u64)
+            .map(|seed| {
+                let (channel, target) = (channel.clone(), target.clone());
+                tokio::spawn(async move {
+                    let mut io = client::grpc_dial(channel, &target)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    echo_check(&mut io, seed, 64 << 10).await
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().expect("a call beside the moved upload");
+        }
+    });
+    assert_eq!(link_task_readers(&st), 1.0, "the connection moved back");
     st.restart_agent();
     wait_for(
         "the moved connection's place to be given back",
