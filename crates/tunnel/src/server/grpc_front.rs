@@ -100,6 +100,7 @@ where
     let mut conn = Connection::new(sh, io, keepalive, end);
     while let Some(place) = std::future::poll_fn(|cx| conn.poll_or_move(cx)).await {
         let (back, returned) = tokio::sync::oneshot::channel();
+        conn.moved = true;
         place.run_there(|place| {
             Box::pin(MovedConnection {
                 conn: Some(conn),
@@ -153,7 +154,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for MovedConnect
             this.conn = None;
             return Poll::Ready(());
         }
-        conn.moved = true;
         ready!(conn.poll(cx));
         this.send_back(true);
         Poll::Ready(())
