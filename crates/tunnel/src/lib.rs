@@ -87,8 +87,8 @@ fn gomaxprocs(value: Option<&str>) -> Option<usize> {
 pub const DEFAULT_FLOW_WINDOW_MAX: usize = 8 << 20;
 
 /// Read size for sockets (upstream: 4 KiB on the agent, 32 KiB on the
-/// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. The buffer
-/// lives on the stack only during a poll, so an idle connection holds none.
+/// HTTP-CONNECT side). Bigger reads mean fewer packets per byte. An idle
+/// connection holds no read buffer (see [`poll_read_pooled`]).
 pub const READ_CHUNK: usize = 64 * 1024;
 
 /// HTTP/2 SETTINGS_MAX_FRAME_SIZE we advertise: one DATA packet (a
@@ -127,10 +127,10 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Reads once from `reader` and returns the bytes read (empty at EOF).
 ///
-/// The buffer is allocated for the poll and dropped on `Pending`, so an idle
-/// connection holds none. Large reads keep their buffer (no copy); small
-/// ones are copied into a right-sized one, so a queued packet never pins
-/// much more memory than the bytes it carries (queues count bytes).
+/// See [`poll_read_pooled`]: an idle connection holds no buffer; large reads
+/// keep theirs (no copy); small ones are copied into a right-sized one, so a
+/// queued packet never pins much more memory than the bytes it carries
+/// (queues count bytes).
 pub async fn read_chunk<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
 ) -> std::io::Result<bytes::Bytes> {
@@ -143,19 +143,58 @@ pub async fn read_chunk_of<R: tokio::io::AsyncRead + Unpin>(
     size: usize,
 ) -> std::io::Result<bytes::Bytes> {
     std::future::poll_fn(|cx| {
-        let mut buf = bytes::BytesMut::with_capacity(size);
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, &mut buf) {
-            std::task::Poll::Ready(Ok(n)) if n >= size / 4 => {
-                std::task::Poll::Ready(Ok(buf.freeze()))
-            }
-            std::task::Poll::Ready(Ok(_)) => {
-                std::task::Poll::Ready(Ok(bytes::Bytes::copy_from_slice(&buf)))
-            }
-            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
+        poll_read_pooled(std::pin::Pin::new(&mut *reader), cx, size).map_ok(|b| b.freeze())
     })
     .await
+}
+
+thread_local! {
+    /// This thread's spare read buffers, one for each pooled size
+    /// ([`READ_CHUNK`], [`BULK_READ_CHUNK`]), empty between polls.
+    static SPARE_READ_BUFFERS: std::cell::RefCell<[bytes::BytesMut; 2]> =
+        std::cell::RefCell::new([bytes::BytesMut::new(), bytes::BytesMut::new()]);
+}
+
+/// Polls one read of up to `size` bytes from `reader`.
+///
+/// Why a pool: most reads of a short connection find nothing (`Pending`)
+/// or a few bytes, and a buffer allocated per poll is a `size` malloc and
+/// free each time, which glibc serves from its shared heap, not its
+/// per-thread cache (64 KiB and up). Here each thread keeps one spare
+/// buffer per pooled size: a poll that reads little copies the bytes into
+/// a right-sized buffer and keeps the spare; one that reads a quarter of
+/// `size` or more takes it along (no copy), and the next poll allocates a
+/// fresh one. Other sizes get a buffer per poll.
+pub fn poll_read_pooled<R: tokio::io::AsyncRead + ?Sized>(
+    reader: std::pin::Pin<&mut R>,
+    cx: &mut std::task::Context<'_>,
+    size: usize,
+) -> std::task::Poll<std::io::Result<bytes::BytesMut>> {
+    use std::task::Poll;
+    let slot = match size {
+        READ_CHUNK => Some(0),
+        BULK_READ_CHUNK => Some(1),
+        _ => None,
+    };
+    // Taken out for the read: nothing borrows the pool while `reader` runs.
+    let mut buf = slot
+        .map(|i| SPARE_READ_BUFFERS.with(|p| std::mem::take(&mut p.borrow_mut()[i])))
+        .unwrap_or_default();
+    if buf.capacity() < size {
+        buf = bytes::BytesMut::with_capacity(size);
+    }
+    let read = tokio_util::io::poll_read_buf(reader, cx, &mut buf);
+    let out = match read {
+        Poll::Ready(Ok(n)) if n >= size / 4 => return Poll::Ready(Ok(buf)),
+        Poll::Ready(Ok(_)) => Poll::Ready(Ok(bytes::BytesMut::from(&buf[..]))),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    };
+    if let Some(i) = slot {
+        buf.clear();
+        SPARE_READ_BUFFERS.with(|p| p.borrow_mut()[i] = buf);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -186,5 +225,60 @@ mod runtime_tests {
         let rest = super::read_chunk(&mut b).await.unwrap();
         assert_eq!(big.len() + small.len() + rest.len(), 300 * 1024);
         assert!(super::read_chunk(&mut b).await.unwrap().is_empty(), "EOF");
+    }
+
+    /// The thread's spare buffer survives reads that find nothing or a
+    /// little, and leaves with a large read instead of being copied.
+    #[test]
+    fn small_reads_keep_the_spare_buffer_and_large_ones_take_it() {
+        use super::{READ_CHUNK, SPARE_READ_BUFFERS, poll_read_pooled};
+        use std::io::Write;
+        use std::pin::Pin;
+        use std::task::{Context, Waker};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let mut rd = {
+            let _in_rt = rt.enter();
+            tokio::net::UnixStream::from_std(b).unwrap()
+        };
+        let spare =
+            || SPARE_READ_BUFFERS.with(|p| (p.borrow()[0].as_ptr(), p.borrow()[0].capacity()));
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = {
+            let _in_rt = rt.enter();
+            poll_read_pooled(Pin::new(&mut rd), &mut cx, READ_CHUNK)
+        };
+        assert!(first.is_pending(), "nothing written yet");
+        let (kept, cap) = spare();
+        assert_eq!(cap, READ_CHUNK, "a poll that read nothing keeps its buffer");
+        // The runtime sees the socket turn readable.
+        let mut read = || {
+            rt.block_on(std::future::poll_fn(|cx| {
+                poll_read_pooled(Pin::new(&mut rd), cx, READ_CHUNK)
+            }))
+            .unwrap()
+        };
+        (&a).write_all(&[5u8; 100]).unwrap();
+        let small = read();
+        assert_eq!(&small[..], &[5u8; 100][..]);
+        assert!(small.capacity() < 4096, "copied into a right-sized buffer");
+        assert_eq!(spare(), (kept, READ_CHUNK), "the same spare stays");
+        (&a).write_all(&vec![6u8; READ_CHUNK / 2]).unwrap();
+        let large = read();
+        assert_eq!(large.len(), READ_CHUNK / 2);
+        assert_eq!(
+            (large.as_ptr(), large.capacity()),
+            (kept, READ_CHUNK),
+            "no copy"
+        );
+        assert_eq!(spare().1, 0, "the spare left with the read");
+        drop(a);
+        assert!(read().is_empty(), "EOF");
+        assert_eq!(spare().1, READ_CHUNK, "a fresh spare after the EOF poll");
     }
 }

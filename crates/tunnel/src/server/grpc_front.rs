@@ -776,10 +776,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     /// Reads once and handles every complete frame. Ready(Ok): bytes came
     /// (or EOF); Pending: nothing to read.
     fn poll_read_frames(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(crate::READ_CHUNK);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+        let read = if self.rbuf.is_empty() {
+            // Most reads start on a frame boundary: the thread's spare
+            // buffer, not one of its own (see `poll_read_pooled`).
+            crate::poll_read_pooled(Pin::new(&mut self.io), cx, crate::READ_CHUNK).map_ok(|b| {
+                self.rbuf = b;
+                self.rbuf.len()
+            })
+        } else {
+            // A partial frame: read on behind it.
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(crate::READ_CHUNK);
+            }
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        };
+        match read {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                 self.read_closed = true;
