@@ -715,9 +715,9 @@ impl Shared {
         let mut rng = rand::thread_rng();
         for strategy in &self.opts.strategies {
             let candidates: &[Arc<Backend>] = match strategy {
-                Strategy::Default => &all.firsts,
+                Strategy::Default => &all.firsts.list,
                 Strategy::DestHost => all.by_host.get(host).map_or(&[], Vec::as_slice),
-                Strategy::DefaultRoute => &all.default_route,
+                Strategy::DefaultRoute => &all.default_route.list,
             };
             if let Some(b) = pick_ready(candidates, &mut rng) {
                 return Some(all.link_of(b));
@@ -992,8 +992,8 @@ impl Shared {
             // defaultRoute) or by identifier value (destHost); the gauge is
             // the number of keys.
             let n = match strategy {
-                Strategy::Default => backends.firsts.len(),
-                Strategy::DefaultRoute => backends.default_route.len(),
+                Strategy::Default => backends.firsts.list.len(),
+                Strategy::DefaultRoute => backends.default_route.list.len(),
                 Strategy::DestHost => backends.by_host.len(),
             };
             self.metrics
@@ -1439,9 +1439,9 @@ pub(crate) struct Backends {
     by_agent: HashMap<String, Vec<Arc<Backend>>>,
     /// Every agent's first stream, in no order: the default strategy's
     /// candidates.
-    firsts: Vec<Arc<Backend>>,
+    firsts: Candidates,
     /// First streams of agents that announced the default route.
-    default_route: Vec<Arc<Backend>>,
+    default_route: Candidates,
     /// destHost: first streams by each host, IPv4 and IPv6 identifier their
     /// agents announced.
     by_host: HashMap<String, Vec<Arc<Backend>>>,
@@ -1489,24 +1489,22 @@ impl Backends {
             }
         }
         if first.idents.default_route {
-            self.default_route.push(first.clone());
+            self.default_route.insert(first.clone());
         }
-        self.firsts.push(first);
+        self.firsts.insert(first);
     }
 
     fn unindex_first(&mut self, first: &Backend) {
-        let take_out = |candidates: &mut Vec<Arc<Backend>>| {
-            if let Some(i) = candidates.iter().position(|b| b.uid == first.uid) {
-                candidates.swap_remove(i);
-            }
-        };
-        take_out(&mut self.firsts);
+        self.firsts.remove(first.uid);
         if first.idents.default_route {
-            take_out(&mut self.default_route);
+            self.default_route.remove(first.uid);
         }
         for host in first.idents.all_hosts() {
             if let Some(agents) = self.by_host.get_mut(host) {
-                take_out(agents);
+                // A host's list holds its few agents: a scan is enough.
+                if let Some(i) = agents.iter().position(|b| b.uid == first.uid) {
+                    agents.swap_remove(i);
+                }
                 if agents.is_empty() {
                     self.by_host.remove(host);
                 }
@@ -1545,6 +1543,35 @@ impl Backends {
         let usable = &streams[..streams.len().min(first.links)];
         let turn = first.next_link.fetch_add(1, Ordering::Relaxed) % usable.len();
         usable[turn].clone()
+    }
+}
+
+/// A strategy's candidates over every agent, in no order, with each one's
+/// place: an agent leaving is taken out in constant time (a swap with the
+/// last), not found by a scan of ten thousand.
+#[derive(Default)]
+struct Candidates {
+    list: Vec<Arc<Backend>>,
+    /// Place in `list` by `Backend::uid`.
+    at: HashMap<u64, usize>,
+}
+
+impl Candidates {
+    fn insert(&mut self, b: Arc<Backend>) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(b.uid) {
+            e.insert(self.list.len());
+            self.list.push(b);
+        }
+    }
+
+    fn remove(&mut self, uid: u64) {
+        let Some(i) = self.at.remove(&uid) else {
+            return;
+        };
+        self.list.swap_remove(i);
+        if let Some(moved) = self.list.get(i) {
+            self.at.insert(moved.uid, i);
+        }
     }
 }
 
@@ -1966,6 +1993,44 @@ mod tests {
         assert_eq!(count(&mut first_rx), 0);
         assert_eq!(a2 + a3 + b, dials as usize);
         assert!(a2.abs_diff(a3) <= 1, "links got {a2} and {a3}");
+    }
+
+    /// Agents leave a strategy's candidates from any place, and every
+    /// place left behind still names its agent (a stale place would take
+    /// the wrong agent out, or none).
+    #[test]
+    fn candidates_keep_their_places_through_removals() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let streams: Vec<_> = (0..6)
+            .map(|i| {
+                let (tx, _rx) = mpsc::channel(1);
+                Arc::new(Backend::new(
+                    &sh,
+                    format!("agent-{i}"),
+                    Identifiers::parse(""),
+                    tx,
+                    0,
+                ))
+            })
+            .collect();
+        let mut c = Candidates::default();
+        for b in &streams {
+            c.insert(b.clone());
+        }
+        c.insert(streams[2].clone());
+        assert_eq!(c.list.len(), 6, "an agent already in is not added twice");
+        let consistent = |c: &Candidates| {
+            c.at.len() == c.list.len() && c.list.iter().enumerate().all(|(i, b)| c.at[&b.uid] == i)
+        };
+        for gone in [1, 5, 0, 42, 3] {
+            let uid = streams.get(gone).map_or(u64::MAX, |b| b.uid);
+            c.remove(uid);
+            assert!(consistent(&c), "after removing {gone}");
+            assert!(c.list.iter().all(|b| b.uid != uid));
+        }
+        let mut left: Vec<_> = c.list.iter().map(|b| b.agent_id.clone()).collect();
+        left.sort();
+        assert_eq!(left, ["agent-2", "agent-4"]);
     }
 
     /// The strategies' indexes as agents come and go: destHost finds an
