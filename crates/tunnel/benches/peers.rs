@@ -572,14 +572,16 @@ struct Paired {
     notes: Vec<String>,
 }
 
-/// CPU spent by each process of a dials round, summed over one side's
-/// rounds: what decides dials/s when the machine is CPU-bound, and so the
-/// ratio a tunnel costing nothing would reach against the other side.
-/// The client and the backend do the same work on both sides, but their
-/// CPU per dial is measured per side, not assumed equal (it is not).
+/// CPU spent by each process of a side-by-side round, summed over one
+/// side's rounds, per unit of work (a dial, a GiB): what decides the rate
+/// when the machine is CPU-bound. For dials, also the ratio a tunnel
+/// costing nothing would reach against the other side. The client and the
+/// backend do the same work on both sides, but their CPU is measured per
+/// side, not assumed equal (it is not).
 #[derive(Default)]
-struct DialsCpu {
-    dials: u64,
+struct RoundCpu {
+    /// Dials, or GiB moved.
+    work: f64,
     /// Seconds of CPU: this process (the client), the backend process,
     /// the tunnel's processes.
     client: f64,
@@ -591,11 +593,18 @@ struct DialsCpu {
     wall: f64,
 }
 
-impl DialsCpu {
-    /// Runs `round` (one dials round of `dials` dials) and adds its CPU.
+/// How a row's CPU is printed: per dial in us, or per GiB in ms.
+#[derive(Clone, Copy)]
+enum CpuUnit {
+    Dial,
+    GiB,
+}
+
+impl RoundCpu {
+    /// Runs `round` (`work` dials or GiB) and adds its CPU.
     async fn add<F: std::future::Future<Output = f64>>(
-        cell: &std::sync::Mutex<DialsCpu>,
-        dials: u64,
+        cell: &std::sync::Mutex<RoundCpu>,
+        work: f64,
         backend: u32,
         tunnel: &[u32],
         round: F,
@@ -610,7 +619,7 @@ impl DialsCpu {
         let rate = round.await;
         let (busy1, total1) = cpu_jiffies();
         let mut d = cell.lock().unwrap();
-        d.dials += dials;
+        d.work += work;
         d.client += self_cpu() - c0;
         d.backend += cpu_secs(backend) - b0;
         d.tunnel += cpu_of(tunnel) - t0;
@@ -620,8 +629,13 @@ impl DialsCpu {
         rate
     }
 
-    fn us_per_dial(&self, secs: f64) -> f64 {
-        secs * 1e6 / self.dials.max(1) as f64
+    /// `secs` of CPU per unit, in the unit's scale.
+    fn per_unit(&self, secs: f64, unit: CpuUnit) -> f64 {
+        let scale = match unit {
+            CpuUnit::Dial => 1e6,
+            CpuUnit::GiB => 1e3,
+        };
+        secs * scale / self.work.max(1e-9)
     }
 
     /// The tunnel's processes, client and backend over wall time x CPUs.
@@ -629,34 +643,39 @@ impl DialsCpu {
         (self.client + self.backend + self.tunnel) / (self.wall * cpus.max(1) as f64)
     }
 
-    /// Lines for a side-by-side dials row: CPU per dial of both sides,
-    /// and the ceiling a tunnel costing no CPU would reach against
-    /// `other` on this machine, (C + B + U) / (C + B) with the other
-    /// side's C, B, U.
-    fn notes(ours: &DialsCpu, other: &DialsCpu, cpus: usize) -> Vec<String> {
-        let us = |d: &DialsCpu| {
+    /// Lines for a side-by-side row: CPU per unit of both sides and how
+    /// busy the CPUs were; for dials, the ceiling a tunnel costing no CPU
+    /// would reach against `other` on this machine, (C + B + U) / (C + B)
+    /// with the other side's C, B, U.
+    fn notes(ours: &RoundCpu, other: &RoundCpu, cpus: usize, unit: CpuUnit) -> Vec<String> {
+        let per = |d: &RoundCpu| {
             (
-                d.us_per_dial(d.client),
-                d.us_per_dial(d.backend),
-                d.us_per_dial(d.tunnel),
+                d.per_unit(d.client, unit),
+                d.per_unit(d.backend, unit),
+                d.per_unit(d.tunnel, unit),
             )
         };
-        let ((oc, ob, ot), (uc, ub, ut)) = (us(ours), us(other));
-        let machine = |d: &DialsCpu| d.busy as f64 / d.total.max(1) as f64 * 100.0;
-        vec![
-            format!(
-                "    CPU per dial, us (ours / other): client {oc:.0} / {uc:.0}, backend {ob:.0} / {ub:.0}, tunnel {ot:.0} / {ut:.0}; these processes kept {:.0}% / {:.0}% of the CPUs busy, the machine {:.0}% / {:.0}%",
-                ours.util(cpus) * 100.0,
-                other.util(cpus) * 100.0,
-                machine(ours),
-                machine(other),
-            ),
-            format!(
+        let ((oc, ob, ot), (uc, ub, ut)) = (per(ours), per(other));
+        let machine = |d: &RoundCpu| d.busy as f64 / d.total.max(1) as f64 * 100.0;
+        let what = match unit {
+            CpuUnit::Dial => "CPU per dial, us",
+            CpuUnit::GiB => "CPU per GiB, ms",
+        };
+        let mut lines = vec![format!(
+            "    {what} (ours / other): client {oc:.0} / {uc:.0}, backend {ob:.0} / {ub:.0}, tunnel {ot:.0} / {ut:.0}; these processes kept {:.0}% / {:.0}% of the CPUs busy, the machine {:.0}% / {:.0}%",
+            ours.util(cpus) * 100.0,
+            other.util(cpus) * 100.0,
+            machine(ours),
+            machine(other),
+        )];
+        if let CpuUnit::Dial = unit {
+            lines.push(format!(
                 "    a tunnel costing no CPU would reach {:.2}x against the other here (its client + backend + tunnel over client + backend); the CPU per dial above predicts {:.2}x for ours",
                 zero_cpu_ceiling(uc, ub, ut),
                 (uc + ub + ut) / (oc + ob + ot),
-            ),
-        ]
+            ));
+        }
+        lines
     }
 }
 
@@ -1370,8 +1389,20 @@ fn main() {
         let (procs, tls) = start_floor(dir.path(), backend_port);
         let fresh = Ours::start(dir.path(), "p");
         let bytes = (mib << 20) / 4;
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        let backend_pid = backend_proc.0.id();
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // Where the CPU went on each side: a gap in CPU per GiB is work
+        // done; one without is time the CPUs sat idle.
+        let with_cpu = |mut row: Paired, cpu: [std::sync::Mutex<RoundCpu>; 2]| {
+            let [ours, other] = cpu.map(|c| c.into_inner().unwrap());
+            row.notes = RoundCpu::notes(&ours, &other, cpus, CpuUnit::GiB);
+            row
+        };
         for (column, up, streams) in [("1x", false, 1), ("16x", false, 16), ("up", true, 1)] {
-            paired.push(rt.block_on(side_by_side(
+            let tunnels = [fresh.pids(), roots_of(&procs)];
+            let cpu: [std::sync::Mutex<RoundCpu>; 2] = Default::default();
+            let row = rt.block_on(side_by_side(
                 format!(
                     "{column} MiB/s, {paired_rounds} rounds of {} MiB",
                     bytes >> 20
@@ -1381,14 +1412,22 @@ fn main() {
                 ("ours, HTTP-CONNECT (UDS)", fresh.http.clone()),
                 ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
                 0.9,
-                |_, via| async move {
-                    if up {
-                        upload(&via, backend, bytes).await
-                    } else {
-                        throughput(&via, backend, bytes, streams).await
+                |side, via| {
+                    let i = usize::from(side == Side::Other);
+                    let (cell, tunnel) = (&cpu[i], &tunnels[i]);
+                    async move {
+                        let round = async {
+                            if up {
+                                upload(&via, backend, bytes).await
+                            } else {
+                                throughput(&via, backend, bytes, streams).await
+                            }
+                        };
+                        RoundCpu::add(cell, gib, backend_pid, tunnel, round).await
                     }
                 },
-            )));
+            ));
+            paired.push(with_cpu(row, cpu));
         }
         drop(fresh);
         // The same sixteen streams with the agent keeping two links (two
@@ -1397,7 +1436,9 @@ fn main() {
         // Both links up before the first round (the agent dials the second
         // within tens of ms of the first).
         std::thread::sleep(Duration::from_millis(500));
-        paired.push(rt.block_on(side_by_side(
+        let tunnels = [two.pids(), roots_of(&procs)];
+        let cpu: [std::sync::Mutex<RoundCpu>; 2] = Default::default();
+        let row = rt.block_on(side_by_side(
             format!(
                 "16x MiB/s, --links-per-server=2, {paired_rounds} rounds of {} MiB",
                 bytes >> 20
@@ -1407,8 +1448,16 @@ fn main() {
             ("ours, HTTP-CONNECT (UDS), 2 links", two.http.clone()),
             ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
             0.9,
-            |_, via| async move { throughput(&via, backend, bytes, 16).await },
-        )));
+            |side, via| {
+                let i = usize::from(side == Side::Other);
+                let (cell, tunnel) = (&cpu[i], &tunnels[i]);
+                async move {
+                    let round = throughput(&via, backend, bytes, 16);
+                    RoundCpu::add(cell, gib, backend_pid, tunnel, round).await
+                }
+            },
+        ));
+        paired.push(with_cpu(row, cpu));
         drop(two);
         drop(procs);
     }
@@ -1447,7 +1496,7 @@ fn main() {
         };
         let n = (dials / 2).max(100);
         let tunnels = [fresh.pids(), roots_of(&procs)];
-        let cpu: [std::sync::Mutex<DialsCpu>; 2] = Default::default();
+        let cpu: [std::sync::Mutex<RoundCpu>; 2] = Default::default();
         let backend_pid = backend_proc.0.id();
         let mut row = rt.block_on(side_by_side(
             format!("{mode} dials/s, {paired_rounds} rounds of {n} dials"),
@@ -1461,13 +1510,13 @@ fn main() {
                 let (cell, tunnel) = (&cpu[i], &tunnels[i]);
                 async move {
                     let round = dials_per_sec(&via, backend, n, 16);
-                    DialsCpu::add(cell, n, backend_pid, tunnel, round).await
+                    RoundCpu::add(cell, n as f64, backend_pid, tunnel, round).await
                 }
             },
         ));
         let [ours_cpu, other_cpu] = cpu.map(|c| c.into_inner().unwrap());
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        row.notes = DialsCpu::notes(&ours_cpu, &other_cpu, cpus);
+        row.notes = RoundCpu::notes(&ours_cpu, &other_cpu, cpus, CpuUnit::Dial);
         paired.push(row);
         drop(fresh);
         drop(procs);
