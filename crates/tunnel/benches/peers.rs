@@ -44,7 +44,8 @@
 //!   BENCH_LINKS=N      our agent's --links-per-server in every row (the
 //!                      side-by-side rows also have one 16x row at 2)
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
-//!                      its throughput rows into <dir>/<row>.data, its
+//!                      its one-stream row into <dir>/<row>.data, its
+//!                      sixteen streams into <dir>/<row>-16x.data, its
 //!                      dials/s row into <dir>/<row>-dials.data, its
 //!                      upload into <dir>/<row>-up.data, and
 //!                      its konn-client dials (<socket>-konn.data)
@@ -1220,6 +1221,8 @@ fn main() {
             let perf = perf_record(name, &roots);
             let s0 = self_cpu();
             let t1 = throughput(&via, backend, bytes, 1).await;
+            drop(perf);
+            let perf = perf_record(&format!("{name}-16x"), &roots);
             let t16 = throughput(&via, backend, bytes, 16).await;
             let s1 = self_cpu();
             drop(perf);
