@@ -43,6 +43,9 @@
 //!                      (bytes) instead of their default
 //!   BENCH_LINKS=N      our agent's --links-per-server in every row (the
 //!                      side-by-side rows also have one 16x row at 2)
+//!   BENCH_STALLED=N    after each tunnel's row, N tunnels whose client
+//!                      reads nothing while the backend sends: memory per
+//!                      tunnel, and whether a new dial still gets through
 //!   BENCH_PERF=<dir>   `perf record` each row's tunnel processes during
 //!                      its one-stream row into <dir>/<row>.data, its
 //!                      sixteen streams into <dir>/<row>-16x.data, its
@@ -803,6 +806,48 @@ async fn idle_rss(via: &Via, backend: SocketAddr, n: usize, roots: &[u32]) -> f6
     after.saturating_sub(before) as f64 / n as f64
 }
 
+/// Tunnels whose client reads nothing while the backend sends: opens up to
+/// `n` (each dial given 5 s), waits 3 s, and returns how many opened, the
+/// tunnel processes' resident memory per opened tunnel, and how long a new
+/// request/response dial beside them took (None: not within 5 s). What a
+/// server holds for readers that stopped, and whether they hold up others.
+async fn stalled(
+    via: &Via,
+    backend: SocketAddr,
+    n: usize,
+    roots: &[u32],
+) -> (usize, f64, Option<f64>) {
+    let sum = || -> u64 { roots.iter().flat_map(|r| tree(*r)).map(rss_kib).sum() };
+    let before = sum();
+    let mut ios = Vec::new();
+    for _ in 0..n {
+        let Ok(Ok(mut io)) =
+            tokio::time::timeout(Duration::from_secs(5), try_open(via, backend)).await
+        else {
+            break;
+        };
+        let mut cmd = vec![b'S'];
+        cmd.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        if io.write_all(&cmd).await.is_err() {
+            break;
+        }
+        ios.push(io);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = sum();
+    let start = Instant::now();
+    let probe = tokio::time::timeout(Duration::from_secs(5), one_dial(via, backend)).await;
+    let probe_ms = matches!(probe, Ok(Ok(()))).then(|| start.elapsed().as_secs_f64() * 1e3);
+    let opened = ios.len();
+    drop(ios);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (
+        opened,
+        after.saturating_sub(before) as f64 / opened.max(1) as f64,
+        probe_ms,
+    )
+}
+
 // ---- peers ----
 
 fn go_peers() -> Option<PathBuf> {
@@ -1203,6 +1248,10 @@ fn main() {
     let load_before = loadavg();
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    // BENCH_STALLED=N: after each tunnel's row, N tunnels whose client
+    // stops reading (see `stalled`).
+    let stalled_n: usize = env_or("BENCH_STALLED", 0);
+    let stalled_rows = std::cell::RefCell::new(Vec::<String>::new());
     let mut measure = |name: &str, via: Via, roots: Vec<u32>, idle: usize| {
         eprintln!("bench: {name} ...");
         let row = rt.block_on(async {
@@ -1241,6 +1290,13 @@ fn main() {
             let cpu_us_dial = tunnelled.then(|| (c2 - c1) * 1e6 / dials as f64);
             let client_ms_gib = (s1 - s0) * 1000.0 / (2.0 * mib as f64 / 1024.0);
             let (p50, p99) = latency(&via, backend, rounds).await;
+            if stalled_n > 0 && tunnelled {
+                let (opened, kib, probe) = stalled(&via, backend, stalled_n, &roots).await;
+                stalled_rows.borrow_mut().push(format!(
+                    "  {name:<28} {opened:>4} of {stalled_n} opened, {kib:>8.0} KiB each, new dial beside them: {}",
+                    probe.map_or("none within 5 s".to_string(), |ms| format!("{ms:.1} ms"))
+                ));
+            }
             Row {
                 name: name.into(),
                 t1,
@@ -1767,6 +1823,16 @@ fn main() {
             for line in &p.notes {
                 println!("{line}");
             }
+        }
+    }
+    let stalled_rows = stalled_rows.into_inner();
+    if !stalled_rows.is_empty() {
+        println!();
+        println!(
+            "stalled readers (BENCH_STALLED={stalled_n}: tunnels whose client reads nothing while the backend sends; server + agent resident memory per tunnel after 3 s, and a new 1 KiB request/response dial beside them):"
+        );
+        for line in stalled_rows {
+            println!("{line}");
         }
     }
     for n in notes {
