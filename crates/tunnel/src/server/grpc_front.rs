@@ -348,6 +348,15 @@ struct Out {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
     queued: usize,
+    /// Bytes ever queued in `chunks`, and ever written from them.
+    appended: u64,
+    written: u64,
+    /// Each message's charge (its packet's bytes in the server's
+    /// `queued_bytes`) with the `appended` count its last byte reaches:
+    /// a message is counted until the socket took all of it, not only
+    /// until it left its queue, so the cap sees what waits here (up to
+    /// `OUT_HIGH_WATER` per connection).
+    charges: VecDeque<(u64, Charge)>,
 }
 
 impl Out {
@@ -358,9 +367,14 @@ impl Out {
     fn seal(&mut self) {
         if !self.tail.is_empty() {
             let b = self.tail.split().freeze();
-            self.queued += b.len();
-            self.chunks.push_back(b);
+            self.queue(b);
         }
+    }
+
+    fn queue(&mut self, b: Bytes) {
+        self.queued += b.len();
+        self.appended += b.len() as u64;
+        self.chunks.push_back(b);
     }
 
     /// One DATA frame carrying the next `n` bytes of `message`.
@@ -383,8 +397,11 @@ impl Out {
             };
             left -= chunk.len();
             message.len -= chunk.len();
-            self.queued += chunk.len();
-            self.chunks.push_back(chunk);
+            self.queue(chunk);
+        }
+        if message.len == 0 {
+            let charge = std::mem::replace(&mut message.charge, Charge::none());
+            self.charges.push_back((self.appended, charge));
         }
     }
 
@@ -411,6 +428,14 @@ impl Out {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.queued -= n;
+            self.written += n as u64;
+            while self
+                .charges
+                .front()
+                .is_some_and(|(end, _)| *end <= self.written)
+            {
+                self.charges.pop_front();
+            }
             while n > 0 {
                 let front = self.chunks.front_mut().expect("wrote queued bytes");
                 if n >= front.len() {
@@ -424,6 +449,7 @@ impl Out {
         }
         // Idle connections keep no buffer.
         self.chunks = VecDeque::new();
+        self.charges = VecDeque::new();
         self.tail = BytesMut::new();
         Pin::new(&mut *io).poll_flush(cx)
     }
@@ -1574,8 +1600,9 @@ struct OutMessage {
     parts: VecDeque<Bytes>,
     len: usize,
     /// The packet's bytes stay counted in the server's queued bytes while
-    /// the client's windows hold the message here.
-    _charge: Charge,
+    /// the client's windows hold the message here, then in [`Out`] until
+    /// written.
+    charge: Charge,
 }
 
 /// A packet as a gRPC message, its DATA payload not copied.
@@ -1587,11 +1614,7 @@ fn encode_message(p: &Packet, charge: Charge) -> OutMessage {
     if !e.payload.is_empty() {
         parts.push_back(e.payload);
     }
-    OutMessage {
-        parts,
-        len,
-        _charge: charge,
-    }
+    OutMessage { parts, len, charge }
 }
 
 /// The `bad_input_total` kind of a connection error: ENHANCE_YOUR_CALM
@@ -2242,6 +2265,66 @@ mod tests {
         }
         // Every message whole, nothing lost, nothing extra.
         assert_eq!(got, expected);
+    }
+
+    /// Messages in the output buffer, waiting for a client that does not
+    /// read, stay counted in the server's queued bytes until the socket
+    /// takes them (the cap sees them), and are given back once it does.
+    #[tokio::test]
+    async fn output_waiting_for_the_client_socket_stays_counted() {
+        let mut c = connect_with(crate::server::ServerOptions {
+            connection_queue_bytes: 64 << 20,
+            ..small_options(0, 0)
+        });
+        let mut start = BytesMut::new();
+        start.put_slice(h2::PREFACE);
+        h2::settings(&mut start, &[(setting::INITIAL_WINDOW_SIZE, 4 << 20)]);
+        h2::window_update(&mut start, 0, 16 << 20);
+        c.send(&start).await;
+        let call = grpc_call_start(1);
+        c.send(&call[h2::PREFACE.len() + HEAD_LEN..]).await;
+        c.send_frame(
+            kind::DATA,
+            0,
+            1,
+            &grpc_message(&Packet::dial_req("tcp", "x:1", 1)),
+        )
+        .await;
+        assert!(matches!(&c.packets(1, 1).await[..], [Checked::DialRsp(_)]));
+        // 3 MiB from the agent in 32 KiB packets; the client reads nothing,
+        // and its socket (64 KiB) takes about two of them.
+        const TOTAL: usize = 3 << 20;
+        const PIECE: usize = 32 << 10;
+        let chunk = Bytes::from(vec![6u8; PIECE]);
+        for _ in 0..TOTAL / PIECE {
+            c.sh.handle_agent_packet(&c.agent, Packet::data(7, chunk.clone()));
+        }
+        let sh = c.sh.clone();
+        until_true("the socket took some", || sh.queued.held() < TOTAL).await;
+        // Time for the server to fill its output buffer (1 MiB) too.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let held = sh.queued.held();
+        assert!(
+            held >= TOTAL - 3 * PIECE,
+            "only {held} of the {TOTAL} bytes the client has not taken are counted"
+        );
+        // The client reads it all: everything is given back.
+        let per_message = encode_message(&Packet::data(7, chunk), Charge::none()).len;
+        let expected = per_message * (TOTAL / PIECE);
+        let (mut got, mut unacked) = (0usize, 0usize);
+        while got < expected {
+            let (h, p) = c.until(kind::DATA).await;
+            assert_eq!(h.stream, 1);
+            got += p.len();
+            unacked += p.len();
+            if unacked >= 1 << 20 {
+                let mut inc = BytesMut::new();
+                h2::window_update(&mut inc, 1, unacked as u32);
+                c.send(&inc).await;
+                unacked = 0;
+            }
+        }
+        until_true("every byte given back", || sh.queued.held() == 0).await;
     }
 
     #[tokio::test]
