@@ -809,14 +809,10 @@ async fn idle_rss(via: &Via, backend: SocketAddr, n: usize, roots: &[u32]) -> f6
 /// Tunnels whose client reads nothing while the backend sends: opens up to
 /// `n` (each dial given 5 s), waits 3 s, and returns how many opened, the
 /// tunnel processes' resident memory per opened tunnel, and how long a new
-/// request/response dial beside them took (None: not within 5 s). What a
+/// request/response dial beside them took (or that it failed, or took
+/// more than 5 s). What a
 /// server holds for readers that stopped, and whether they hold up others.
-async fn stalled(
-    via: &Via,
-    backend: SocketAddr,
-    n: usize,
-    roots: &[u32],
-) -> (usize, f64, Option<f64>) {
+async fn stalled(via: &Via, backend: SocketAddr, n: usize, roots: &[u32]) -> (usize, f64, String) {
     let sum = || -> u64 { roots.iter().flat_map(|r| tree(*r)).map(rss_kib).sum() };
     let before = sum();
     let mut ios = Vec::new();
@@ -836,15 +832,18 @@ async fn stalled(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = sum();
     let start = Instant::now();
-    let probe = tokio::time::timeout(Duration::from_secs(5), one_dial(via, backend)).await;
-    let probe_ms = matches!(probe, Ok(Ok(()))).then(|| start.elapsed().as_secs_f64() * 1e3);
+    let probe = match tokio::time::timeout(Duration::from_secs(5), one_dial(via, backend)).await {
+        Ok(Ok(())) => format!("{:.1} ms", start.elapsed().as_secs_f64() * 1e3),
+        Ok(Err(_)) => "failed (refused)".to_string(),
+        Err(_) => "none within 5 s".to_string(),
+    };
     let opened = ios.len();
     drop(ios);
     tokio::time::sleep(Duration::from_secs(2)).await;
     (
         opened,
         after.saturating_sub(before) as f64 / opened.max(1) as f64,
-        probe_ms,
+        probe,
     )
 }
 
@@ -1293,8 +1292,7 @@ fn main() {
             if stalled_n > 0 && tunnelled {
                 let (opened, kib, probe) = stalled(&via, backend, stalled_n, &roots).await;
                 stalled_rows.borrow_mut().push(format!(
-                    "  {name:<28} {opened:>4} of {stalled_n} opened, {kib:>8.0} KiB each, new dial beside them: {}",
-                    probe.map_or("none within 5 s".to_string(), |ms| format!("{ms:.1} ms"))
+                    "  {name:<28} {opened:>4} of {stalled_n} opened, {kib:>8.0} KiB each, new dial beside them: {probe}"
                 ));
             }
             Row {
