@@ -2218,10 +2218,9 @@ mod tests {
         }
     }
 
-    /// More than the output high-water mark in flight: the server must keep
-    /// reading the client's WINDOW_UPDATEs once its output drains.
-    #[tokio::test]
-    async fn a_download_larger_than_the_output_buffer_completes() {
+    /// A call on stream 1 with 4 MiB stream and 16 MiB connection windows
+    /// from the client, dialled (the agent's connectID is 7).
+    async fn download_call() -> Client {
         let mut c = connect_with(crate::server::ServerOptions {
             connection_queue_bytes: 64 << 20,
             ..small_options(0, 0)
@@ -2241,6 +2240,35 @@ mod tests {
         )
         .await;
         assert!(matches!(&c.packets(1, 1).await[..], [Checked::DialRsp(_)]));
+        c
+    }
+
+    impl Client {
+        /// Reads stream 1's DATA until `expected` bytes came, giving the
+        /// window back each time `ack_every` were used; returns the bytes.
+        async fn read_download(&mut self, expected: usize, ack_every: usize) -> usize {
+            let (mut got, mut unacked) = (0usize, 0usize);
+            while got < expected {
+                let (h, p) = self.until(kind::DATA).await;
+                assert_eq!(h.stream, 1);
+                got += p.len();
+                unacked += p.len();
+                if unacked >= ack_every {
+                    let mut inc = BytesMut::new();
+                    h2::window_update(&mut inc, 1, unacked as u32);
+                    self.send(&inc).await;
+                    unacked = 0;
+                }
+            }
+            got
+        }
+    }
+
+    /// More than the output high-water mark in flight: the server must keep
+    /// reading the client's WINDOW_UPDATEs once its output drains.
+    #[tokio::test]
+    async fn a_download_larger_than_the_output_buffer_completes() {
+        let mut c = download_call().await;
         // 12 MiB from the agent, in 64 KiB packets, queued at once.
         const TOTAL: usize = 12 << 20;
         let chunk = Bytes::from(vec![5u8; 64 << 10]);
@@ -2250,21 +2278,11 @@ mod tests {
         // The client gives window back only once all of it is used.
         let per_message = encode_message(&Packet::data(7, chunk.clone()), Charge::none()).len;
         let expected = per_message * (TOTAL / chunk.len());
-        let (mut got, mut unacked) = (0usize, 0usize);
-        while got < expected {
-            let (h, p) = c.until(kind::DATA).await;
-            assert_eq!(h.stream, 1);
-            got += p.len();
-            unacked += p.len();
-            if unacked >= (4 << 20) - (64 << 10) {
-                let mut inc = BytesMut::new();
-                h2::window_update(&mut inc, 1, unacked as u32);
-                c.send(&inc).await;
-                unacked = 0;
-            }
-        }
         // Every message whole, nothing lost, nothing extra.
-        assert_eq!(got, expected);
+        assert_eq!(
+            c.read_download(expected, (4 << 20) - (64 << 10)).await,
+            expected
+        );
     }
 
     /// Messages in the output buffer, waiting for a client that does not
@@ -2272,25 +2290,7 @@ mod tests {
     /// takes them (the cap sees them), and are given back once it does.
     #[tokio::test]
     async fn output_waiting_for_the_client_socket_stays_counted() {
-        let mut c = connect_with(crate::server::ServerOptions {
-            connection_queue_bytes: 64 << 20,
-            ..small_options(0, 0)
-        });
-        let mut start = BytesMut::new();
-        start.put_slice(h2::PREFACE);
-        h2::settings(&mut start, &[(setting::INITIAL_WINDOW_SIZE, 4 << 20)]);
-        h2::window_update(&mut start, 0, 16 << 20);
-        c.send(&start).await;
-        let call = grpc_call_start(1);
-        c.send(&call[h2::PREFACE.len() + HEAD_LEN..]).await;
-        c.send_frame(
-            kind::DATA,
-            0,
-            1,
-            &grpc_message(&Packet::dial_req("tcp", "x:1", 1)),
-        )
-        .await;
-        assert!(matches!(&c.packets(1, 1).await[..], [Checked::DialRsp(_)]));
+        let mut c = download_call().await;
         // 3 MiB from the agent in 32 KiB packets; the client reads nothing,
         // and its socket (64 KiB) takes about two of them.
         const TOTAL: usize = 3 << 20;
@@ -2311,19 +2311,7 @@ mod tests {
         // The client reads it all: everything is given back.
         let per_message = encode_message(&Packet::data(7, chunk), Charge::none()).len;
         let expected = per_message * (TOTAL / PIECE);
-        let (mut got, mut unacked) = (0usize, 0usize);
-        while got < expected {
-            let (h, p) = c.until(kind::DATA).await;
-            assert_eq!(h.stream, 1);
-            got += p.len();
-            unacked += p.len();
-            if unacked >= 1 << 20 {
-                let mut inc = BytesMut::new();
-                h2::window_update(&mut inc, 1, unacked as u32);
-                c.send(&inc).await;
-                unacked = 0;
-            }
-        }
+        c.read_download(expected, 1 << 20).await;
         until_true("every byte given back", || sh.queued.held() == 0).await;
     }
 
