@@ -347,8 +347,8 @@ impl Inbox {
 struct Out {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
-    queued: usize,
-    /// Bytes ever queued in `chunks`, and ever written from them.
+    /// Bytes ever queued in `chunks`, and ever written from them (their
+    /// difference is what `chunks` holds).
     appended: u64,
     written: u64,
     /// Each message's charge (its packet's bytes in the server's
@@ -372,7 +372,6 @@ impl Out {
     }
 
     fn queue(&mut self, b: Bytes) {
-        self.queued += b.len();
         self.appended += b.len() as u64;
         self.chunks.push_back(b);
     }
@@ -406,7 +405,7 @@ impl Out {
     }
 
     fn len(&self) -> usize {
-        self.queued + self.tail.len()
+        (self.appended - self.written) as usize + self.tail.len()
     }
 
     /// Writes everything queued; Ready once the socket took it all.
@@ -427,7 +426,6 @@ impl Out {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.queued -= n;
             self.written += n as u64;
             while self
                 .charges
