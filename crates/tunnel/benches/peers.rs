@@ -683,6 +683,42 @@ impl RoundCpu {
     }
 }
 
+/// Both sides' CPU over a side-by-side row: each round is counted in its
+/// side's [`RoundCpu`] with that side's tunnel processes.
+struct SidesCpu {
+    cells: [std::sync::Mutex<RoundCpu>; 2],
+    tunnels: [Vec<u32>; 2],
+    backend: u32,
+}
+
+impl SidesCpu {
+    fn new(ours: Vec<u32>, other: Vec<u32>, backend: u32) -> Self {
+        SidesCpu {
+            cells: Default::default(),
+            tunnels: [ours, other],
+            backend,
+        }
+    }
+
+    /// Runs `round` (`work` dials or GiB) for `side` and counts its CPU.
+    async fn count<F: std::future::Future<Output = f64>>(
+        &self,
+        side: Side,
+        work: f64,
+        round: F,
+    ) -> f64 {
+        let i = usize::from(side == Side::Other);
+        RoundCpu::add(&self.cells[i], work, self.backend, &self.tunnels[i], round).await
+    }
+
+    /// The lines printed under the row (see [`RoundCpu::notes`]).
+    fn notes(self, unit: CpuUnit) -> Vec<String> {
+        let [ours, other] = self.cells.map(|c| c.into_inner().unwrap());
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        RoundCpu::notes(&ours, &other, cpus, unit)
+    }
+}
+
 /// Against a path whose dials cost `client`, `backend` and `tunnel` CPU
 /// each, the most any tunnel can reach on a CPU-bound machine: dials/s is
 /// CPUs x busy share / CPU per dial, and a tunnel costing nothing leaves
@@ -1448,18 +1484,11 @@ fn main() {
         let bytes = (mib << 20) / 4;
         let gib = bytes as f64 / (1u64 << 30) as f64;
         let backend_pid = backend_proc.0.id();
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         // Where the CPU went on each side: a gap in CPU per GiB is work
         // done; one without is time the CPUs sat idle.
-        let with_cpu = |mut row: Paired, cpu: [std::sync::Mutex<RoundCpu>; 2]| {
-            let [ours, other] = cpu.map(|c| c.into_inner().unwrap());
-            row.notes = RoundCpu::notes(&ours, &other, cpus, CpuUnit::GiB);
-            row
-        };
         for (column, up, streams) in [("1x", false, 1), ("16x", false, 16), ("up", true, 1)] {
-            let tunnels = [fresh.pids(), roots_of(&procs)];
-            let cpu: [std::sync::Mutex<RoundCpu>; 2] = Default::default();
-            let row = rt.block_on(side_by_side(
+            let cpu = SidesCpu::new(fresh.pids(), roots_of(&procs), backend_pid);
+            let mut row = rt.block_on(side_by_side(
                 format!(
                     "{column} MiB/s, {paired_rounds} rounds of {} MiB",
                     bytes >> 20
@@ -1470,21 +1499,17 @@ fn main() {
                 ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
                 0.9,
                 |side, via| {
-                    let i = usize::from(side == Side::Other);
-                    let (cell, tunnel) = (&cpu[i], &tunnels[i]);
-                    async move {
-                        let round = async {
-                            if up {
-                                upload(&via, backend, bytes).await
-                            } else {
-                                throughput(&via, backend, bytes, streams).await
-                            }
-                        };
-                        RoundCpu::add(cell, gib, backend_pid, tunnel, round).await
-                    }
+                    cpu.count(side, gib, async move {
+                        if up {
+                            upload(&via, backend, bytes).await
+                        } else {
+                            throughput(&via, backend, bytes, streams).await
+                        }
+                    })
                 },
             ));
-            paired.push(with_cpu(row, cpu));
+            row.notes = cpu.notes(CpuUnit::GiB);
+            paired.push(row);
         }
         drop(fresh);
         // The same sixteen streams with the agent keeping two links (two
@@ -1493,9 +1518,8 @@ fn main() {
         // Both links up before the first round (the agent dials the second
         // within tens of ms of the first).
         std::thread::sleep(Duration::from_millis(500));
-        let tunnels = [two.pids(), roots_of(&procs)];
-        let cpu: [std::sync::Mutex<RoundCpu>; 2] = Default::default();
-        let row = rt.block_on(side_by_side(
+        let cpu = SidesCpu::new(two.pids(), roots_of(&procs), backend_pid);
+        let mut row = rt.block_on(side_by_side(
             format!(
                 "16x MiB/s, --links-per-server=2, {paired_rounds} rounds of {} MiB",
                 bytes >> 20
@@ -1506,15 +1530,13 @@ fn main() {
             ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
             0.9,
             |side, via| {
-                let i = usize::from(side == Side::Other);
-                let (cell, tunnel) = (&cpu[i], &tunnels[i]);
-                async move {
-                    let round = throughput(&via, backend, bytes, 16);
-                    RoundCpu::add(cell, gib, backend_pid, tunnel, round).await
-                }
+                cpu.count(side, gib, async move {
+                    throughput(&via, backend, bytes, 16).await
+                })
             },
         ));
-        paired.push(with_cpu(row, cpu));
+        row.notes = cpu.notes(CpuUnit::GiB);
+        paired.push(row);
         drop(two);
         drop(procs);
     }
@@ -1552,9 +1574,7 @@ fn main() {
             (fresh.http.clone(), Via::Connect(ProxyAddr::Uds(uds)))
         };
         let n = (dials / 2).max(100);
-        let tunnels = [fresh.pids(), roots_of(&procs)];
-        let cpu: [std::sync::Mutex<RoundCpu>; 2] = Default::default();
-        let backend_pid = backend_proc.0.id();
+        let cpu = SidesCpu::new(fresh.pids(), roots_of(&procs), backend_proc.0.id());
         let mut row = rt.block_on(side_by_side(
             format!("{mode} dials/s, {paired_rounds} rounds of {n} dials"),
             paired_rounds,
@@ -1563,17 +1583,12 @@ fn main() {
             (upstream_name, upstream_via),
             2.0,
             |side, via| {
-                let i = usize::from(side == Side::Other);
-                let (cell, tunnel) = (&cpu[i], &tunnels[i]);
-                async move {
-                    let round = dials_per_sec(&via, backend, n, 16);
-                    RoundCpu::add(cell, n as f64, backend_pid, tunnel, round).await
-                }
+                cpu.count(side, n as f64, async move {
+                    dials_per_sec(&via, backend, n, 16).await
+                })
             },
         ));
-        let [ours_cpu, other_cpu] = cpu.map(|c| c.into_inner().unwrap());
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        row.notes = RoundCpu::notes(&ours_cpu, &other_cpu, cpus, CpuUnit::Dial);
+        row.notes = cpu.notes(CpuUnit::Dial);
         paired.push(row);
         drop(fresh);
         drop(procs);
