@@ -100,7 +100,9 @@ pub struct AgentOptions {
     /// request (`proxyctl-links`), and one of ours spreads dials over them.
     /// A link is one TLS stream that one task encrypts or decrypts at a
     /// time; with several, many streams through one agent use more CPUs.
-    /// An upstream server uses only the first and leaves the others idle.
+    /// A server keeps as many as it answers it will use (one of ours, at
+    /// most 16); one that does not answer (upstream's, which would use only
+    /// the first) gets one.
     pub links_per_server: usize,
 }
 
@@ -163,6 +165,10 @@ struct ServerConn {
     readers: mpsc::UnboundedSender<EndpointReader>,
     /// How many run there now (see [`MAX_MOVED_READERS`]).
     moved_readers: AtomicUsize,
+    /// Links this agent keeps to the server: `links_per_server`, or fewer
+    /// if the server answered that it uses fewer, or one if it did not
+    /// answer the extension.
+    links: usize,
     conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
     next_id: AtomicI64,
@@ -200,10 +206,13 @@ struct Shared {
 
 impl Shared {
     /// Fewer than `target` servers held, or one of them with fewer links
-    /// than `links_per_server`.
+    /// than it takes (see [`ServerConn::links`]).
     fn short_of(&self, target: usize) -> bool {
         let servers = self.servers.lock().unwrap();
-        servers.len() < target || servers.values().any(|l| l.len() < self.opts.links())
+        servers.len() < target
+            || servers
+                .values()
+                .any(|l| l.first().is_some_and(|c| l.len() < c.links))
     }
 
     fn target_count(&self) -> usize {
@@ -584,6 +593,16 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .map_err(|_| anyhow::anyhow!("bad server count {:?}", counts[0]))?;
     let server_id = ids[0].to_string();
     let flow_window = o.offered_window().agree(md);
+    let links = match md.get(headers::LINKS) {
+        _ if o.links() == 1 => 1,
+        None => 1,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, o.links()),
+    };
     let (readers, new_readers) = mpsc::unbounded_channel();
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
@@ -591,6 +610,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         out,
         readers,
         moved_readers: AtomicUsize::new(0),
+        links,
         conns: Mutex::new(HashMap::new()),
         dials: Mutex::new(HashMap::new()),
         next_id: AtomicI64::new(0),
@@ -602,9 +622,9 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         let links = servers.entry(server_id.clone()).or_default();
         // Decided after the server's answer and before the next dial (the
         // sync loop dials one at a time): a server that spreads dials
-        // over the first `links_per_server` streams of this agent, in the
-        // order they reached it, never picks one closed here.
-        if links.len() >= o.links() {
+        // over the first streams of this agent (as many as it answered),
+        // in the order they reached it, never picks one closed here.
+        if links.len() >= conn.links {
             tracing::debug!(%server_id, "already connected to this server");
             conn.gone.cancel();
             // Its END_STREAM and the connection's close still go out.

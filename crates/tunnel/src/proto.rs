@@ -27,7 +27,9 @@ pub mod headers {
     /// Extension: how many links (connections, each with its own Connect
     /// stream) the agent keeps to each server; a server that reads it
     /// spreads dials over that many of the agent's streams instead of
-    /// using only its first.
+    /// using only its first, and answers with the number it will use (at
+    /// most the agent's). An agent keeps one link to a server that does
+    /// not answer it (upstream's would leave the others idle).
     pub const LINKS: &str = "proxyctl-links";
 }
 

@@ -1667,7 +1667,9 @@ async fn agent_connect(
         sh.opts.flow_window_max,
     )
     .agree(md);
-    // Links extension: unreadable or absent is one link, as upstream.
+    // Links extension: unreadable or absent is one link, as upstream; an
+    // agent that asked is told how many its dials are spread over.
+    let asked_links = md.get(headers::LINKS).is_some();
     let links = md
         .get(headers::LINKS)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
@@ -1685,6 +1687,9 @@ async fn agent_connect(
     h.insert(headers::SERVER_ID, server_id);
     h.insert(headers::SERVER_COUNT, sh.opts.server_count.into());
     flow_window.offer(h);
+    if asked_links {
+        h.insert(headers::LINKS, links.into());
+    }
     let Ok(stream) = respond.send_response(response, false) else {
         // The stream was reset before it was answered: nothing to serve.
         return Ok(());
