@@ -217,9 +217,12 @@ pub(crate) struct Backend {
     /// (`proxyctl-links`; 1 from upstream agents): dials go to its first
     /// `links` streams open (see [`Backends::link_of`]).
     links: usize,
-    /// On the first stream: which usable link the agent's next dial takes
-    /// (round robin).
+    /// On the first stream: which usable link the agent's next dial tries
+    /// first (turns break ties between equally loaded links).
     next_link: AtomicUsize,
+    /// Dials sent on this stream and not yet answered (see [`Pending`]);
+    /// with `conns`, the tunnels this link carries.
+    pending_dials: AtomicUsize,
     /// Client readers handed to this stream's task to run there (see
     /// [`MovedClientReader`]); None for in-process backends.
     readers: Option<mpsc::UnboundedSender<ClientReader>>,
@@ -237,6 +240,12 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// Dials awaiting their answer and connections open on this stream:
+    /// what dealing dials over an agent's links balances.
+    fn tunnels(&self) -> usize {
+        self.pending_dials.load(Ordering::Relaxed) + self.conns.lock().unwrap().len()
+    }
+
     /// A backend whose packets go into a channel read in-process (the fuzz
     /// harnesses and unit tests stand in for the agent).
     pub(crate) fn new(
@@ -315,6 +324,7 @@ impl Backend {
             draining: AtomicBool::new(false),
             links: 1,
             next_link: AtomicUsize::new(0),
+            pending_dials: AtomicUsize::new(0),
             readers: None,
             moved_readers: AtomicUsize::new(0),
             to_agent,
@@ -585,6 +595,26 @@ struct Pending {
     timer: Option<AbortHandle>,
 }
 
+impl Pending {
+    fn new(frontend: Arc<Frontend>, backend: Arc<Backend>) -> Self {
+        backend.pending_dials.fetch_add(1, Ordering::Relaxed);
+        Pending {
+            frontend,
+            backend,
+            start: Instant::now(),
+            timer: None,
+        }
+    }
+}
+
+impl Drop for Pending {
+    /// However the dial ends (answered, failed, timed out, cancelled, its
+    /// agent gone), it stops counting toward its link's load here.
+    fn drop(&mut self) {
+        self.backend.pending_dials.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why a dial could not be started.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DialError {
@@ -794,15 +824,7 @@ impl Shared {
                 return Err(DialError::TooManyOnStream);
             }
             st.dials.push(random);
-            pending.insert(
-                random,
-                Pending {
-                    frontend: frontend.clone(),
-                    backend: backend.clone(),
-                    start: Instant::now(),
-                    timer: None,
-                },
-            );
+            pending.insert(random, Pending::new(frontend.clone(), backend.clone()));
             self.metrics.pending_backend_dials.inc();
         }
         let packet = Packet::dial_req(protocol, address, random);
@@ -1526,9 +1548,12 @@ impl Backends {
         self.by_agent.values().flatten()
     }
 
-    /// The stream a dial to `first`'s agent takes: round robin over the
-    /// agent's first `links` streams (only `first` for an agent with one).
-    /// An agent closes at once a stream that reached a server it already
+    /// The stream a dial to `first`'s agent takes: of the agent's first
+    /// `links` streams (only `first` for an agent with one), the one
+    /// carrying the fewest tunnels (dials awaiting their answer and open
+    /// connections), ties taken in turn, so dials at once alternate. Turns
+    /// alone put every long stream on one link when each was followed by
+    /// a short dial. An agent closes at once a stream that reached a server it already
     /// holds that many links to; it decides only after the server's answer
     /// and dials one at a time, so the streams it keeps are the earliest
     /// here, and one past its `links` is never dealt a dial while the agent
@@ -1541,8 +1566,12 @@ impl Backends {
             return first.clone();
         };
         let usable = &streams[..streams.len().min(first.links)];
-        let turn = first.next_link.fetch_add(1, Ordering::Relaxed) % usable.len();
-        usable[turn].clone()
+        let turn = first.next_link.fetch_add(1, Ordering::Relaxed);
+        (0..usable.len())
+            .map(|k| &usable[(turn + k) % usable.len()])
+            .min_by_key(|b| b.tunnels())
+            .unwrap_or(first)
+            .clone()
     }
 }
 
@@ -1955,10 +1984,11 @@ mod tests {
     }
 
     /// An agent that announced two links (`proxyctl-links`) gets its dials
-    /// spread over its first two streams, in turn; a third stream (one it
+    /// spread over its first two streams evenly; a third stream (one it
     /// closes as a duplicate) gets none. Agents are still picked evenly: a
     /// one-link agent beside it keeps its share. When a link goes, the
-    /// agent's next stream takes its place.
+    /// agent's next stream takes its place, and new dials go to it until
+    /// it carries as many as the other.
     #[tokio::test]
     async fn dials_alternate_over_an_agents_announced_links() {
         let sh = ProxyServer::new(ServerOptions::default()).shared;
@@ -1997,7 +2027,56 @@ mod tests {
         );
         assert_eq!(count(&mut first_rx), 0);
         assert_eq!(a2 + a3 + b, dials as usize);
-        assert!(a2.abs_diff(a3) <= 1, "links got {a2} and {a3}");
+        let (t2, t3) = (second.tunnels(), third.tunnels());
+        assert!(
+            t2.abs_diff(t3) <= 1,
+            "links carry {t2} and {t3} dials (got {a2} and {a3} of the new ones)"
+        );
+    }
+
+    /// Dials go to the agent link carrying the fewest tunnels: long
+    /// connections, each followed by a short dial (answered, then closed),
+    /// end up half on each link, where turns alone put every long one on
+    /// the same link.
+    #[tokio::test]
+    async fn dials_go_to_the_agent_link_with_the_fewest_tunnels() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let mut links = [
+            agent_stream(&sh, "agent-a", 2),
+            agent_stream(&sh, "agent-a", 2),
+        ];
+        let mut connect_id = 0;
+        // Dials `random` and answers it on the link it reached; returns
+        // that link's index and the connection's id.
+        let mut dial = async |links: &mut [(Arc<Backend>, mpsc::Receiver<Packet>); 2], random| {
+            let fe = sh.new_frontend();
+            sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
+                .await
+                .unwrap();
+            let at = links
+                .iter_mut()
+                .position(|(_, rx)| rx.try_recv().is_ok())
+                .expect("the dial reached a link");
+            connect_id += 1;
+            sh.handle_agent_packet(&links[at].0, Packet::dial_rsp(random, connect_id, ""));
+            (at, connect_id, fe)
+        };
+        let mut long = Vec::new();
+        for i in 0..20 {
+            long.push(dial(&mut links, 2 * i + 1).await);
+            let (at, id, _fe) = dial(&mut links, 2 * i + 2).await;
+            sh.handle_agent_packet(&links[at].0, Packet::close_rsp(id, ""));
+        }
+        let on_first = long.iter().filter(|(at, _, _)| *at == 0).count();
+        assert_eq!(
+            on_first, 10,
+            "{on_first} of 20 long connections on the first link"
+        );
+        assert_eq!(
+            (links[0].0.tunnels(), links[1].0.tunnels()),
+            (10, 10),
+            "short dials left behind"
+        );
     }
 
     /// Agents leave a strategy's candidates from any place, and every
