@@ -41,6 +41,7 @@
 //!   BENCH_PAIRED_ONLY=1  only the side-by-side rows
 //!   BENCH_FLOW_WINDOW=N  our server's and agent's flow-control window
 //!                      (bytes) instead of their default
+//!   BENCH_FLOW_WINDOW_MAX=N  the most that window may grow to (bytes)
 //!   BENCH_LINKS=N      our agent's --links-per-server in every row (the
 //!                      side-by-side rows also have one 16x row at 2)
 //!   BENCH_STALLED=N    after each tunnel's row, N tunnels whose client

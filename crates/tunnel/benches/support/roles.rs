@@ -100,6 +100,12 @@ fn flow_window_override() -> Option<usize> {
     std::env::var("BENCH_FLOW_WINDOW").ok()?.parse().ok()
 }
 
+/// BENCH_FLOW_WINDOW_MAX: the most that window may grow to, on both our
+/// server and agent, instead of their default.
+fn flow_window_max_override() -> Option<usize> {
+    std::env::var("BENCH_FLOW_WINDOW_MAX").ok()?.parse().ok()
+}
+
 /// One server of the bench: defaults, no health or admin ports, long
 /// keepalives (nothing idles out mid-run), 5 s agent liveness.
 pub fn server_launch(
@@ -111,6 +117,9 @@ pub fn server_launch(
     let mut opts = ServerOptions::default();
     if let Some(w) = flow_window_override() {
         opts.flow_window = w;
+    }
+    if let Some(w) = flow_window_max_override() {
+        opts.flow_window_max = w;
     }
     ServerLaunch {
         opts,
@@ -140,6 +149,9 @@ pub async fn run_agent(certs: &Path, first_port: u16, servers: u16) {
     opts.sync_interval = Duration::from_millis(100);
     if let Some(w) = flow_window_override() {
         opts.flow_window = w;
+    }
+    if let Some(w) = flow_window_max_override() {
+        opts.flow_window_max = w;
     }
     if let Some(n) = std::env::var("BENCH_LINKS")
         .ok()
