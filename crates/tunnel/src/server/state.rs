@@ -1553,11 +1553,11 @@ impl Backends {
     /// carrying the fewest tunnels (dials awaiting their answer and open
     /// connections), ties taken in turn, so dials at once alternate. Turns
     /// alone put every long stream on one link when each was followed by
-    /// a short dial. An agent closes at once a stream that reached a server it already
-    /// holds that many links to; it decides only after the server's answer
-    /// and dials one at a time, so the streams it keeps are the earliest
-    /// here, and one past its `links` is never dealt a dial while the agent
-    /// closes it.
+    /// a short dial. An agent closes at once a stream that reached a
+    /// server it already holds that many links to; it decides only after
+    /// the server's answer and dials one at a time, so the streams it
+    /// keeps are the earliest here, and one past its `links` is never
+    /// dealt a dial while the agent closes it.
     fn link_of(&self, first: &Arc<Backend>) -> Arc<Backend> {
         if first.links < 2 {
             return first.clone();
@@ -2077,6 +2077,18 @@ mod tests {
             (10, 10),
             "short dials left behind"
         );
+        // A dial the agent refuses stops counting too.
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:81", 100)
+            .await
+            .unwrap();
+        let at = links
+            .iter_mut()
+            .position(|(_, rx)| rx.try_recv().is_ok())
+            .expect("the dial reached a link");
+        assert_eq!(links[at].0.tunnels(), 11);
+        sh.handle_agent_packet(&links[at].0, Packet::dial_rsp(100, 0, "refused"));
+        assert_eq!((links[0].0.tunnels(), links[1].0.tunnels()), (10, 10));
     }
 
     /// Agents leave a strategy's candidates from any place, and every
