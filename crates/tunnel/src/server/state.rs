@@ -2045,10 +2045,9 @@ mod tests {
             agent_stream(&sh, "agent-a", 2),
             agent_stream(&sh, "agent-a", 2),
         ];
-        let mut connect_id = 0;
-        // Dials `random` and answers it on the link it reached; returns
-        // that link's index and the connection's id.
-        let mut dial = async |links: &mut [(Arc<Backend>, mpsc::Receiver<Packet>); 2], random| {
+        // Dials `random` (the connectID the agent answers with, too);
+        // returns the index of the link it reached, and its frontend.
+        let dial = async |links: &mut [(Arc<Backend>, mpsc::Receiver<Packet>); 2], random| {
             let fe = sh.new_frontend();
             sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
                 .await
@@ -2057,17 +2056,19 @@ mod tests {
                 .iter_mut()
                 .position(|(_, rx)| rx.try_recv().is_ok())
                 .expect("the dial reached a link");
-            connect_id += 1;
-            sh.handle_agent_packet(&links[at].0, Packet::dial_rsp(random, connect_id, ""));
-            (at, connect_id, fe)
+            (at, fe)
         };
         let mut long = Vec::new();
         for i in 0..20 {
-            long.push(dial(&mut links, 2 * i + 1).await);
-            let (at, id, _fe) = dial(&mut links, 2 * i + 2).await;
-            sh.handle_agent_packet(&links[at].0, Packet::close_rsp(id, ""));
+            let (random, short) = (2 * i + 1, 2 * i + 2);
+            let (at, fe) = dial(&mut links, random).await;
+            sh.handle_agent_packet(&links[at].0, Packet::dial_rsp(random, random, ""));
+            long.push((at, fe));
+            let (at, _fe) = dial(&mut links, short).await;
+            sh.handle_agent_packet(&links[at].0, Packet::dial_rsp(short, short, ""));
+            sh.handle_agent_packet(&links[at].0, Packet::close_rsp(short, ""));
         }
-        let on_first = long.iter().filter(|(at, _, _)| *at == 0).count();
+        let on_first = long.iter().filter(|(at, _)| *at == 0).count();
         assert_eq!(
             on_first, 10,
             "{on_first} of 20 long connections on the first link"
@@ -2078,14 +2079,7 @@ mod tests {
             "short dials left behind"
         );
         // A dial the agent refuses stops counting too.
-        let fe = sh.new_frontend();
-        sh.start_dial(&fe, "tcp", "127.0.0.1:81", 100)
-            .await
-            .unwrap();
-        let at = links
-            .iter_mut()
-            .position(|(_, rx)| rx.try_recv().is_ok())
-            .expect("the dial reached a link");
+        let (at, _fe) = dial(&mut links, 100).await;
         assert_eq!(links[at].0.tunnels(), 11);
         sh.handle_agent_packet(&links[at].0, Packet::dial_rsp(100, 0, "refused"));
         assert_eq!((links[0].0.tunnels(), links[1].0.tunnels()), (10, 10));
