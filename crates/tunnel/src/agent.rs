@@ -593,16 +593,10 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .map_err(|_| anyhow::anyhow!("bad server count {:?}", counts[0]))?;
     let server_id = ids[0].to_string();
     let flow_window = o.offered_window().agree(md);
-    let links = match md.get(headers::LINKS) {
-        _ if o.links() == 1 => 1,
-        None => 1,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(1)
-            .clamp(1, o.links()),
-    };
+    let links = md
+        .get(headers::LINKS)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .map_or(1, |n| n.clamp(1, o.links()));
     let (readers, new_readers) = mpsc::unbounded_channel();
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),

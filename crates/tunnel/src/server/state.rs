@@ -1698,9 +1698,8 @@ async fn agent_connect(
     .agree(md);
     // Links extension: unreadable or absent is one link, as upstream; an
     // agent that asked is told how many its dials are spread over.
-    let asked_links = md.get(headers::LINKS).is_some();
-    let links = md
-        .get(headers::LINKS)
+    let asked_links = md.get(headers::LINKS);
+    let links = asked_links
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .unwrap_or(1)
         .clamp(1, MAX_AGENT_LINKS);
@@ -1716,7 +1715,7 @@ async fn agent_connect(
     h.insert(headers::SERVER_ID, server_id);
     h.insert(headers::SERVER_COUNT, sh.opts.server_count.into());
     flow_window.offer(h);
-    if asked_links {
+    if asked_links.is_some() {
         h.insert(headers::LINKS, links.into());
     }
     let Ok(stream) = respond.send_response(response, false) else {
