@@ -354,10 +354,12 @@ fn one_pod_cannot_take_more_than_its_connections() {
         answer.starts_with("HTTP/1.1 503") && answer.contains("Too many connections"),
         "{answer:?}"
     );
-    // ... and the first `cap` hold their places.
+    // ... and `cap` hold their places: mostly the first ones, but not
+    // always (a CI run saw the eighth refused and the ninth held: with 92
+    // refused and 8 accepted, as counted above, the kernel had queued the
+    // ninth connection for accept before the eighth).
     let open: Vec<bool> = held.iter().map(|s| !closed_by_peer(s)).collect();
     assert_eq!(open.iter().filter(|o| **o).count(), cap, "{open:?}");
-    assert!(open[..cap].iter().all(|o| *o), "{open:?}");
     // At the cap, pod a's own new request is turned away too: the 503,
     // or a reset when its request arrived before the close (the kernel
     // then resets, and the 503 may be lost) ...
@@ -582,14 +584,12 @@ fn the_admin_listener_has_a_connection_cap() {
         extra as u64,
     );
     assert_eq!(at_cap, extra as u64);
-    let metrics = f.metrics();
-    assert!(
-        metric_sum(
-            &metrics,
-            "imds_proxy_connections_refused_total",
-            &["listener=\"admin\"", "reason=\"timeout\""]
-        ) >= cap as u64,
-        "{metrics}"
+    // Waited for: a held connection is closed as its task ends, a moment
+    // before the task counts it (a CI run read 3 of 4 at once).
+    f.wait_metric(
+        "imds_proxy_connections_refused_total",
+        &["listener=\"admin\"", "reason=\"timeout\""],
+        cap as u64,
     );
     for s in &conns {
         let _ = s.shutdown(Shutdown::Both);
