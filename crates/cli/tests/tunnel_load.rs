@@ -759,11 +759,13 @@ fn a_moved_grpc_connection_outlives_its_agent_stream() {
 
 /// `--links-per-server=2`: the agent keeps two connections to the server,
 /// the server takes both as usable (not the second as a duplicate) and
-/// deals dials out to them in turn, so of four streaming downloads two run
-/// on each link, each link's task reading one of its backends; every byte
-/// arrives. With one link the gauge below stays at 1.
+/// both agree the moves extension: every dial goes over the first link,
+/// and the agent moves streaming downloads' packets to the link with the
+/// fewest streams. Four downloads started one after another: the first
+/// is read in the first link's task, the second moves, the third stays
+/// (a tie), the fourth moves; every byte arrives in order.
 #[test]
-fn an_agent_with_two_links_gets_streams_on_both() {
+fn an_agent_with_two_links_moves_streams_to_the_quieter_link() {
     let backend = HttpServer::start();
     let target = backend.target();
     let st = Stack::start_with("http-connect", &[], &["--links-per-server=2"]);
@@ -774,6 +776,12 @@ fn an_agent_with_two_links_gets_streams_on_both() {
             &format!("konnectivity_network_proxy_agent_{name}"),
         )
     };
+    let server_metric = |name: &str| {
+        metric(
+            st.ports.health,
+            &format!("konnectivity_network_proxy_server_{name}"),
+        )
+    };
     wait_for("two links", Duration::from_secs(10), || {
         agent_metric("server_links") == 2.0
     });
@@ -782,25 +790,44 @@ fn an_agent_with_two_links_gets_streams_on_both() {
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
     assert_eq!(agent_metric("open_server_connections"), 1.0, "one server");
     assert_eq!(
-        metric(
-            st.ports.health,
-            "konnectivity_network_proxy_server_ready_backend_connections"
-        ),
+        server_metric("ready_backend_connections"),
         2.0,
         "the server holds both streams\n{}",
         st.logs()
     );
     let rt = runtime();
     let mut streams = start_downloads(&rt, &addr, &target, 4);
-    wait_for(
-        "a streaming reader in each link's task",
-        Duration::from_secs(10),
-        || agent_metric("link_task_readers") >= 2.0,
-    );
     assert_eq!(
-        agent_metric("link_task_readers"),
+        (
+            agent_metric("link_task_readers"),
+            agent_metric("moved_streams_total")
+        ),
+        (1.0, 2.0),
+        "four streams: one read in the first link's task, two moved\n{}",
+        st.logs()
+    );
+    finish_downloads(&rt, &mut streams);
+    drop(streams);
+    drop(rt);
+    assert_eq!(
+        server_metric("moved_connections_total"),
         2.0,
-        "four streams over two links: one reader in each link's task\n{}",
+        "the server took two connections' packets on the second link\n{}",
+        st.logs()
+    );
+    st.wait_settled(sfd, afd);
+    // Ended streams leave no count behind: a round after one lone stream
+    // spreads as the first did.
+    let rt = runtime();
+    let mut streams = start_downloads(&rt, &addr, &target, 1);
+    finish_downloads(&rt, &mut streams);
+    drop(streams);
+    st.wait_settled(sfd, afd);
+    let mut streams = start_downloads(&rt, &addr, &target, 4);
+    assert_eq!(
+        agent_metric("moved_streams_total"),
+        4.0,
+        "four more streams after one: two moved\n{}",
         st.logs()
     );
     finish_downloads(&rt, &mut streams);

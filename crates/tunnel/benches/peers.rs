@@ -43,7 +43,8 @@
 //!                      (bytes) instead of their default
 //!   BENCH_FLOW_WINDOW_MAX=N  the most that window may grow to (bytes)
 //!   BENCH_LINKS=N      our agent's --links-per-server in every row (the
-//!                      side-by-side rows also have one 16x row at 2)
+//!                      side-by-side rows also have one 16x row at 1, or
+//!                      at 2 when N is 1)
 //!   BENCH_STALLED=N    after each tunnel's row, N tunnels whose client
 //!                      reads nothing while the backend sends: memory per
 //!                      tunnel, and whether a new dial still gets through
@@ -1109,6 +1110,11 @@ struct Ours {
     grpc: Via,
 }
 
+/// BENCH_LINKS, when set: our agent's `--links-per-server` in every row.
+fn links_setting() -> Option<usize> {
+    std::env::var("BENCH_LINKS").ok()?.parse().ok()
+}
+
 impl Ours {
     fn start(dir: &Path, tag: &str) -> Ours {
         Ours::start_links(dir, tag, None)
@@ -1513,21 +1519,30 @@ fn main() {
             paired.push(row);
         }
         drop(fresh);
-        // The same sixteen streams with the agent keeping two links (two
-        // TLS streams, each encrypted and decrypted by its own task).
-        let two = Ours::start_links(dir.path(), "p2", Some(2));
-        // Both links up before the first round (the agent dials the second
+        // The same sixteen streams with the agent keeping one link, as
+        // upstream's does (one TLS stream, encrypted and decrypted by one
+        // task at each end), or two when BENCH_LINKS=1 made one the rest's.
+        let other_links = if links_setting() == Some(1) { 2 } else { 1 };
+        let two = Ours::start_links(dir.path(), "p2", Some(other_links));
+        // Every link up before the first round (the agent dials the second
         // within tens of ms of the first).
         std::thread::sleep(Duration::from_millis(500));
         let cpu = SidesCpu::new(two.pids(), roots_of(&procs), backend_pid);
         let mut row = rt.block_on(side_by_side(
             format!(
-                "16x MiB/s, --links-per-server=2, {paired_rounds} rounds of {} MiB",
+                "16x MiB/s, --links-per-server={other_links}, {paired_rounds} rounds of {} MiB",
                 bytes >> 20
             ),
             paired_rounds,
             backend,
-            ("ours, HTTP-CONNECT (UDS), 2 links", two.http.clone()),
+            (
+                if other_links == 1 {
+                    "ours, HTTP-CONNECT (UDS), 1 link"
+                } else {
+                    "ours, HTTP-CONNECT (UDS), 2 links"
+                },
+                two.http.clone(),
+            ),
             ("TLS floor (UDS, 2 relays)", Via::Uds(tls.clone())),
             0.9,
             |side, via| {

@@ -65,6 +65,12 @@ type H2Conn =
 /// hyper before, and grpc-go's default keepalive timeout).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Links kept to each of our servers (one to upstream's): two TLS streams
+/// move sixteen streaming tunnels 0.92-0.96x as fast as sixteen bare
+/// relays on 2 CPUs where one moves 0.77-0.84x, and dials, all on the
+/// first, cost the same (docs/tunnel-benchmarks.md).
+pub const DEFAULT_LINKS_PER_SERVER: usize = 2;
+
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     /// host:port of each server (or of one load balancer).
@@ -125,7 +131,7 @@ impl AgentOptions {
             flow_window: 1 << 20,
             flow_window_max: crate::DEFAULT_FLOW_WINDOW_MAX,
             max_queued_bytes: crate::server::DEFAULT_MAX_QUEUED_BYTES,
-            links_per_server: 1,
+            links_per_server: DEFAULT_LINKS_PER_SERVER,
         }
     }
 
@@ -169,9 +175,16 @@ struct ServerConn {
     /// if the server answered that it uses fewer, or one if it did not
     /// answer the extension.
     links: usize,
+    /// Moves extension agreed (`proxyctl-move-streams`): a streaming
+    /// endpoint dialled over this link may send on another link to the
+    /// same server (see [`endpoint_reader`]).
+    moves: bool,
+    /// Streaming endpoints whose packets go out on this link.
+    streams: AtomicUsize,
+    /// Endpoints dialled over this link: packets from the server for them
+    /// come on it, wherever theirs go.
     conns: Mutex<HashMap<i64, Arc<EndpointConn>>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
-    next_id: AtomicI64,
     gone: CancellationToken,
     flow_window: FlowWindow,
 }
@@ -199,6 +212,8 @@ struct Shared {
     /// --server-count-source=max: the larger of the lease and header counts.
     count_max: AtomicBool,
     draining: AtomicBool,
+    /// The last connectID given out, by any link.
+    next_id: AtomicI64,
     /// Bytes queued toward backends over all connections, and their cap.
     queued: Arc<QueuedBytes>,
     stop: CancellationToken,
@@ -266,6 +281,7 @@ impl Agent {
                 lease_count: AtomicUsize::new(0),
                 count_max: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                next_id: AtomicI64::new(0),
                 stop: CancellationToken::new(),
             }),
         }
@@ -517,6 +533,7 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
     o.offered_window().offer(md);
     if o.links() > 1 {
         md.insert(headers::LINKS, o.links().into());
+        md.insert(headers::MOVE_STREAMS, HeaderValue::from_static("1"));
     }
     if let Some(path) = &o.service_account_token_path {
         let token = std::fs::read_to_string(path)?;
@@ -597,6 +614,11 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         .get(headers::LINKS)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .map_or(1, |n| n.clamp(1, o.links()));
+    let moves = links > 1
+        && flow_window.is_on()
+        && md
+            .get(headers::MOVE_STREAMS)
+            .is_some_and(|v| v.as_bytes() == b"1");
     let (readers, new_readers) = mpsc::unbounded_channel();
     let conn = Arc::new(ServerConn {
         server_id: server_id.clone(),
@@ -605,9 +627,10 @@ async fn connect_once(sh: &Arc<Shared>, host: &str, port: u16) -> anyhow::Result
         readers,
         moved_readers: AtomicUsize::new(0),
         links,
+        moves,
+        streams: AtomicUsize::new(0),
         conns: Mutex::new(HashMap::new()),
         dials: Mutex::new(HashMap::new()),
-        next_id: AtomicI64::new(0),
         gone,
         flow_window,
     });
@@ -819,7 +842,9 @@ fn handle_packet(
                 );
                 return None;
             }
-            let connect_id = conn.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+            // Unique over all links: a connection's packets may move to
+            // another link to the same server, which must not know the ID.
+            let connect_id = sh.next_id.fetch_add(1, Ordering::Relaxed) + 1;
             let task = tokio::spawn(dial(
                 sh.clone(),
                 conn.clone(),
@@ -885,7 +910,7 @@ fn handle_packet(
                 send_control(conn, Packet::data_ack(ack.connect_id, grow));
             }
         }
-        Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain => {
+        Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain | Checked::DataMoved(_) => {
             sh.metrics.bad("unexpected_server_packet")
         }
     }
@@ -1123,21 +1148,85 @@ async fn endpoint_reader(
     rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
 ) {
-    let Some(rd) = read_endpoint(sh, conn, ep, rd, connect_id, Place::Dial).await else {
+    let Some(rd) = read_endpoint(sh, conn, &conn.out, ep, rd, connect_id, Place::Dial).await else {
         return;
     };
     // Counted out however the reader ends: also when the connection's
     // task drops it, run or not.
     let Some(counted) = MovedReader::claim(sh, conn) else {
-        read_endpoint(sh, conn, ep, rd, connect_id, Place::Own).await;
+        let streaming = Streaming::on_the_quietest_link(sh, conn);
+        let link = &streaming.link;
+        if !Arc::ptr_eq(link, conn) {
+            // Everything this endpoint sent so far went out on `conn`, in
+            // order, before this mark; the server takes its next packets
+            // from `link` only after it has read the mark.
+            if !conn.out.send(Packet::data_moved(connect_id)).await {
+                ep.kill.cancel();
+                return;
+            }
+            sh.metrics.moved_streams_total.inc();
+        }
+        read_endpoint(sh, conn, &link.out, ep, rd, connect_id, Place::Own).await;
         return;
     };
+    let streaming = Streaming::on(conn.clone());
     let (sh, moved_conn, ep) = (sh.clone(), conn.clone(), ep.clone());
     let rest = async move {
-        let _counted = counted;
-        read_endpoint(&sh, &moved_conn, &ep, rd, connect_id, Place::Moved).await;
+        let _counted = (counted, streaming);
+        read_endpoint(
+            &sh,
+            &moved_conn,
+            &moved_conn.out,
+            &ep,
+            rd,
+            connect_id,
+            Place::Moved,
+        )
+        .await;
     };
     let _ = conn.readers.send(Box::pin(rest));
+}
+
+/// A streaming endpoint whose packets go out on `link`, counted there
+/// until it is dropped.
+struct Streaming {
+    link: Arc<ServerConn>,
+}
+
+impl Streaming {
+    fn on(link: Arc<ServerConn>) -> Self {
+        link.streams.fetch_add(1, Ordering::AcqRel);
+        Streaming { link }
+    }
+
+    /// Of `home`'s server's links this agent keeps (only `home` unless
+    /// the moves extension is on), the one with the fewest streams, `home`
+    /// on a tie: one TLS stream is encrypted by one task at a time, so
+    /// streams spread over links use more CPUs, while dials (short, most
+    /// of them) stay on one link, whose task gathers more of their packets
+    /// per wake-up than two would.
+    fn on_the_quietest_link(sh: &Shared, home: &Arc<ServerConn>) -> Self {
+        if !home.moves {
+            return Self::on(home.clone());
+        }
+        // Chosen and counted under the lock: readers that start streaming
+        // together see each other's choices.
+        let servers = sh.servers.lock().unwrap();
+        let quietest = servers.get(&home.server_id).and_then(|links| {
+            links
+                .iter()
+                .take(home.links)
+                .filter(|l| l.moves && !l.gone.is_cancelled())
+                .min_by_key(|l| (l.streams.load(Ordering::Acquire), !Arc::ptr_eq(l, home)))
+        });
+        Self::on(quietest.unwrap_or(home).clone())
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.link.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One reader in a connection's task, counted until it is dropped.
@@ -1185,6 +1274,7 @@ enum Place {
 async fn read_endpoint(
     sh: &Arc<Shared>,
     conn: &Arc<ServerConn>,
+    out: &Arc<StreamSender>,
     ep: &Arc<EndpointConn>,
     mut rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
@@ -1241,9 +1331,20 @@ async fn read_endpoint(
                     let sent = tokio::select! {
                         biased;
                         _ = &mut stop => return None,
-                        sent = conn.out.send(Packet::data(connect_id, chunk)) => sent,
+                        sent = out.send(Packet::data(connect_id, chunk)) => sent,
                     };
                     if !sent {
+                        // Moved to a link that has gone: the server hears
+                        // of the end on the one it was dialled over.
+                        if !Arc::ptr_eq(out, &conn.out)
+                            && conn.conns.lock().unwrap().remove(&connect_id).is_some()
+                        {
+                            sh.metrics.open_endpoint_connections.dec();
+                            send_control(
+                                conn,
+                                Packet::close_rsp(connect_id, "link to the server lost"),
+                            );
+                        }
                         ep.kill.cancel();
                         return None;
                     }
@@ -1267,7 +1368,7 @@ async fn read_endpoint(
                 ep.read_eof.store(true, Ordering::Release);
                 if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh.metrics.open_endpoint_connections.dec();
-                    conn.out.send(Packet::close_rsp(connect_id, "")).await;
+                    out.send(Packet::close_rsp(connect_id, "")).await;
                 }
                 ep.queue.close();
                 return None;

@@ -292,6 +292,9 @@ pub struct ServerMetrics {
     pub drain_timeouts_total: IntCounter,
     /// Uploading clients (HTTP-CONNECT, gRPC frontend connections) read in their agent stream's task.
     pub link_task_readers: IntGauge,
+    /// Connections whose agent moved its packets to another of its links
+    /// (the moves extension; ours, not upstream's).
+    pub moved_connections_total: IntCounter,
 }
 
 /// The lease garbage collector's series (server side).
@@ -545,6 +548,12 @@ impl Default for ServerMetrics {
                 "flow_window_growths_total",
                 "Times a connection's flow-control window grew: the peer ran out of credit while the reader here kept up (the flow-control extension).",
             ),
+            moved_connections_total: counter(
+                &r,
+                s,
+                "moved_connections_total",
+                "Connections whose agent moved its packets to another of its links to this server (the moves extension), counted when the first came on the new link.",
+            ),
             stalls_to_agent: stalls.with_label_values(&["to_agent"]),
             flow_control_stalls_total: stalls,
             registry: r,
@@ -598,6 +607,9 @@ pub struct AgentMetrics {
     pub flow_window_growths_total: IntCounter,
     /// `--probe-interval` checks of server connections, by result.
     pub server_probes_total: IntCounterVec,
+    /// Streaming connections whose packets toward the server this agent
+    /// moved to another link (the moves extension).
+    pub moved_streams_total: IntCounter,
     /// Tunnels ended with data still on its way because its reader took
     /// none of it for [`crate::DRAIN_AFTER_CLOSE`] after the other end left.
     pub drain_timeouts_total: IntCounter,
@@ -748,6 +760,12 @@ impl Default for AgentMetrics {
                 s,
                 "flow_window_growths_total",
                 "Times a connection's flow-control window grew: the peer ran out of credit while the reader here kept up (the flow-control extension).",
+            ),
+            moved_streams_total: counter(
+                &r,
+                s,
+                "moved_streams_total",
+                "Streaming connections whose packets toward the server were moved to another link to that server with fewer streams (the moves extension).",
             ),
             stalls_to_server: stalls.with_label_values(&["to_server"]),
             flow_control_stalls_total: stalls,

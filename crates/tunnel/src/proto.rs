@@ -31,6 +31,12 @@ pub mod headers {
     /// most the agent's). An agent keeps one link to a server that does
     /// not answer it (upstream's would leave the others idle).
     pub const LINKS: &str = "proxyctl-links";
+    /// Extension: an agent with several links may move a streaming
+    /// connection's packets toward the server onto another link (marking
+    /// the move with DATA_MOVED on the old one), so dials can all go to
+    /// one link and streams still spread; the server answers it when it
+    /// takes such packets. Needs the flow-control extension.
+    pub const MOVE_STREAMS: &str = "proxyctl-move-streams";
 }
 
 impl Packet {
@@ -100,6 +106,12 @@ impl Packet {
             }),
         )
     }
+    pub fn data_moved(connect_id: i64) -> Self {
+        Self::with(
+            PacketType::DataMoved,
+            Payload::DataMoved(DataMoved { connect_id }),
+        )
+    }
     pub fn drain() -> Self {
         Self::with(PacketType::Drain, Payload::Drain(Drain {}))
     }
@@ -136,6 +148,7 @@ impl Packet {
             (PacketType::DialCls, Payload::CloseDial(p)) => Checked::DialCls(p),
             (PacketType::Drain, Payload::Drain(_)) => Checked::Drain,
             (PacketType::DataAck, Payload::DataAck(p)) => Checked::DataAck(p),
+            (PacketType::DataMoved, Payload::DataMoved(p)) => Checked::DataMoved(p),
             _ => return Err("payload does not match packet type"),
         })
     }
@@ -152,9 +165,25 @@ pub enum Checked {
     DialCls(CloseDial),
     Drain,
     DataAck(DataAck),
+    DataMoved(DataMoved),
 }
 
 impl Checked {
+    /// The packet again, as it came (a reader that must wait with it).
+    pub fn into_packet(self) -> Packet {
+        let (kind, payload) = match self {
+            Checked::DialReq(p) => (PacketType::DialReq, Payload::DialRequest(p)),
+            Checked::DialRsp(p) => (PacketType::DialRsp, Payload::DialResponse(p)),
+            Checked::CloseReq(p) => (PacketType::CloseReq, Payload::CloseRequest(p)),
+            Checked::CloseRsp(p) => (PacketType::CloseRsp, Payload::CloseResponse(p)),
+            Checked::Data(p) => (PacketType::Data, Payload::Data(p)),
+            Checked::DialCls(p) => (PacketType::DialCls, Payload::CloseDial(p)),
+            Checked::Drain => (PacketType::Drain, Payload::Drain(Drain {})),
+            Checked::DataAck(p) => (PacketType::DataAck, Payload::DataAck(p)),
+            Checked::DataMoved(p) => (PacketType::DataMoved, Payload::DataMoved(p)),
+        };
+        Packet::with(kind, payload)
+    }
     /// Upstream's packet type name, for metric labels.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -166,6 +195,7 @@ impl Checked {
             Checked::DialCls(_) => "DIAL_CLS",
             Checked::Drain => "DRAIN",
             Checked::DataAck(_) => "DATA_ACK",
+            Checked::DataMoved(_) => "DATA_MOVED",
         }
     }
 }

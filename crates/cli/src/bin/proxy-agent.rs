@@ -145,11 +145,12 @@ struct Args {
     /// Extra: connections (links) kept to each server, each with its own
     /// stream. A link is one TLS stream, encrypted and decrypted one record
     /// at a time; with more than one, many tunnels through this agent use
-    /// more CPUs. Our server answers that it takes them and deals each dial
-    /// to the link carrying the fewest tunnels; to a server that does not
-    /// answer (upstream's, which would use only the first) the agent keeps
-    /// one link.
-    #[arg(long = "links-per-server", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    /// more CPUs. Our server answers that it takes them: dials all go over
+    /// the first link, and the agent moves each streaming tunnel's traffic
+    /// toward the server to the link carrying the fewest streams. To a
+    /// server that does not answer (upstream's, which would use only the
+    /// first) the agent keeps one link.
+    #[arg(long = "links-per-server", default_value_t = konnectivity::agent::DEFAULT_LINKS_PER_SERVER as u16, value_parser = clap::value_parser!(u16).range(1..=16))]
     links_per_server: u16,
     #[command(flatten)]
     klog: KlogArgs,

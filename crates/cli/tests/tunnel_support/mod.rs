@@ -373,6 +373,11 @@ pub fn agent_args(p: &Ports) -> Vec<String> {
     // Retry quickly when the agent starts before its server listens.
     a.push("--sync-interval=250ms".into());
     a.push("--sync-interval-cap=2s".into());
+    // One link, as upstream's agent keeps: these tests count streams,
+    // TokenReviews and descriptors per agent connection. The default's
+    // second link is tested where a test passes `--links-per-server`
+    // again (the last one counts, as with Go's flags).
+    a.push("--links-per-server=1".into());
     a
 }
 

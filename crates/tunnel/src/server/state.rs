@@ -217,7 +217,8 @@ pub(crate) struct Backend {
     /// (`proxyctl-links`; 1 from upstream agents): dials go to its first
     /// `links` streams open (see [`Backends::link_of`]).
     links: usize,
-    /// On the first stream: which usable link the agent's next dial tries
+    /// On the first stream, for agents without the moves extension: which
+    /// usable link the agent's next dial tries
     /// first (turns break ties between equally loaded links).
     next_link: AtomicUsize,
     /// Dials sent on this stream and not yet answered (see [`Pending`]);
@@ -228,8 +229,17 @@ pub(crate) struct Backend {
     readers: Option<mpsc::UnboundedSender<ClientReader>>,
     /// How many run there now (at most [`MAX_MOVED_CLIENT_READERS`]).
     moved_readers: AtomicUsize,
+    /// Moves extension agreed (`proxyctl-move-streams`): the agent may
+    /// send a connection's packets on another of its links once it has
+    /// marked the move (DATA_MOVED) on this one; its dials all take its
+    /// first link (see [`Backends::link_of`]).
+    moves: bool,
     to_agent: ToAgent,
+    /// Connections dialled over this stream (their home link).
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
+    /// Connections of the agent's other links whose packets come on this
+    /// one since they moved (see [`Shared::conn_of`]).
+    adopted: Mutex<HashMap<i64, Arc<Frontend>>>,
     pub(crate) gone: CancellationToken,
     /// Flow-control window agreed with this agent (off: upstream agent).
     flow_window: FlowWindow,
@@ -327,8 +337,10 @@ impl Backend {
             pending_dials: AtomicUsize::new(0),
             readers: None,
             moved_readers: AtomicUsize::new(0),
+            moves: false,
             to_agent,
             conns: Mutex::new(HashMap::new()),
+            adopted: Mutex::new(HashMap::new()),
             gone,
             flow_window,
         }
@@ -462,9 +474,36 @@ pub(crate) const MAX_DEFERRED_CONTROL: usize = 4096;
 /// held by the agent stream's reader until there is
 /// ([`Shared::wait_for_client`]).
 pub(crate) struct Held {
+    /// The connection's home link (where it was dialled).
+    home: Arc<Backend>,
     frontend: Arc<Frontend>,
     connect_id: i64,
     data: Packet,
+}
+
+/// Where a packet from an agent belongs (see [`Shared::conn_of`]).
+enum Lookup {
+    /// The connection's home link and its client.
+    Found(Arc<Backend>, Arc<Frontend>),
+    /// A connection of another link whose DATA_MOVED is still unread.
+    NotYetMoved(Arc<Conn>),
+    Unknown,
+}
+
+/// How long an agent stream's reader waits for a connection's DATA_MOVED
+/// on its home link; the agent sends it before any packet on the new
+/// link, so only a broken agent makes a reader wait this long.
+const MOVE_MARK_LIMIT: Duration = Duration::from_secs(10);
+
+/// What an agent stream's reader waits for before its next packet.
+pub(crate) enum Wait {
+    /// Room in a client's queue ([`Held`]).
+    Client(Held),
+    /// A connection's DATA_MOVED, still to be read on its home link, for
+    /// a packet of it that came on another link first: the packet is
+    /// handled once the home link's reader has handed over everything sent
+    /// before it.
+    Move(Arc<Conn>, Packet),
 }
 
 /// One established connection as its frontend sees it.
@@ -477,6 +516,22 @@ pub(crate) struct Conn {
     pub(crate) from_agent: Option<Arc<Credit>>,
     /// When DIAL_RSP established it (connection_duration_seconds).
     established: Instant,
+    /// Cancelled when DATA_MOVED was read on the home link: the agent's
+    /// later packets of it come on another link.
+    moved: CancellationToken,
+    /// The link those packets come on, which lists it in `adopted`.
+    adopter: Mutex<Option<Arc<Backend>>>,
+}
+
+impl Conn {
+    /// The connection has ended: a reader waiting for its DATA_MOVED goes
+    /// on (and finds it gone), and the link it moved to forgets it.
+    fn ended(&self) {
+        self.moved.cancel();
+        if let Some(b) = self.adopter.lock().unwrap().take() {
+            b.adopted.lock().unwrap().remove(&self.connect_id);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -551,6 +606,8 @@ impl Frontend {
             to_agent: window.credit().map(Arc::new),
             from_agent: window.credit().map(Arc::new),
             established: Instant::now(),
+            moved: CancellationToken::new(),
+            adopter: Mutex::new(None),
         }));
         st.first_conn.get_or_insert(connect_id);
         true
@@ -560,6 +617,7 @@ impl Frontend {
         st.conns.retain(|c| {
             let done = c.connect_id == connect_id && c.backend.uid == backend_uid;
             if done {
+                c.ended();
                 self.conn_duration
                     .observe(c.established.elapsed().as_secs_f64());
                 if let Some(cr) = &c.to_agent {
@@ -981,6 +1039,7 @@ impl Shared {
             if let Some(cr) = &c.to_agent {
                 cr.close();
             }
+            c.ended();
             if c.backend
                 .conns
                 .lock()
@@ -1066,14 +1125,104 @@ impl Shared {
     /// drivers (fuzz harnesses, unit tests) take this; the agent stream's
     /// reader takes [`handle_agent_packet_or_hold`](Self::handle_agent_packet_or_hold).
     pub(crate) fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
-        if let Some(held) = self.handle_agent_packet_or_hold(backend, packet) {
-            self.end_for_a_full_queue(
-                backend,
+        match self.handle_agent_packet_or_hold(backend, packet) {
+            Some(Wait::Client(held)) => self.end_for_a_full_queue(
+                &held.home,
                 &held.frontend,
                 held.connect_id,
                 PushError::Overflow,
-            );
+            ),
+            // In-process drivers have no second link to move to.
+            Some(Wait::Move(..)) => self.metrics.bad("data_moved_missing"),
+            None => {}
         }
+    }
+
+    /// Waits as the stream's reader must (see [`Wait`]) before its next
+    /// packet.
+    pub(crate) async fn wait(&self, backend: &Arc<Backend>, wait: Wait) {
+        let (conn, packet) = match wait {
+            Wait::Client(held) => return self.wait_for_client(held).await,
+            Wait::Move(conn, packet) => (conn, packet),
+        };
+        let marked = tokio::select! {
+            _ = conn.moved.cancelled() => true,
+            _ = tokio::time::sleep(MOVE_MARK_LIMIT) => false,
+            _ = backend.gone.cancelled() => return,
+        };
+        if !marked {
+            // The agent broke the extension's order: the connection's
+            // bytes cannot be put back in order, so it ends.
+            self.metrics.bad("data_moved_missing");
+            tracing::warn!(agent_id = %backend.agent_id, connect_id = conn.connect_id, "packets on a new link without DATA_MOVED on the old one; closing that connection");
+            if let Some(fe) = conn.backend.conns.lock().unwrap().remove(&conn.connect_id) {
+                self.metrics.established_connections.dec();
+                self.send_control(&conn.backend, Packet::close_req(conn.connect_id));
+                fe.finish_conn(
+                    conn.connect_id,
+                    conn.backend.uid,
+                    Packet::close_rsp(conn.connect_id, "agent moved the connection out of order"),
+                );
+            }
+            return;
+        }
+        // Found now, or ended meanwhile; it cannot wait for the move again.
+        if let Some(Wait::Client(held)) = self.handle_agent_packet_or_hold(backend, packet) {
+            self.wait_for_client(held).await;
+        }
+    }
+
+    /// Where a packet for `connect_id` that came on `via` belongs: its home
+    /// link (where it was dialled) and its client. A connection of another
+    /// link of the same agent is adopted here once its DATA_MOVED has been
+    /// read there (so nothing it sent on the old link is still unread);
+    /// before that, the caller waits.
+    fn conn_of(&self, via: &Arc<Backend>, connect_id: i64) -> Lookup {
+        if let Some(fe) = via.conns.lock().unwrap().get(&connect_id).cloned() {
+            return Lookup::Found(via.clone(), fe);
+        }
+        if !via.moves {
+            return Lookup::Unknown;
+        }
+        if let Some(fe) = via.adopted.lock().unwrap().get(&connect_id).cloned() {
+            return match fe.conn(connect_id) {
+                Some(c) => Lookup::Found(c.backend.clone(), fe),
+                None => Lookup::Unknown,
+            };
+        }
+        let fe = {
+            let backends = self.backends.read().unwrap();
+            backends.by_agent.get(&via.agent_id).and_then(|links| {
+                links
+                    .iter()
+                    .filter(|b| b.uid != via.uid)
+                    .find_map(|b| b.conns.lock().unwrap().get(&connect_id).cloned())
+            })
+        };
+        let Some(fe) = fe else {
+            return Lookup::Unknown;
+        };
+        // Under the client's lock, which ending the connection takes too:
+        // it cannot end between the check and the adoption.
+        let st = fe.state.lock().unwrap();
+        let Some(c) = st
+            .conns
+            .iter()
+            .find(|c| c.connect_id == connect_id && c.backend.agent_id == via.agent_id)
+            .cloned()
+        else {
+            return Lookup::Unknown;
+        };
+        if !c.moved.is_cancelled() {
+            return Lookup::NotYetMoved(c);
+        }
+        if let Some(old) = c.adopter.lock().unwrap().replace(via.clone()) {
+            old.adopted.lock().unwrap().remove(&connect_id);
+        }
+        via.adopted.lock().unwrap().insert(connect_id, fe.clone());
+        drop(st);
+        self.metrics.moved_connections_total.inc();
+        Lookup::Found(c.backend.clone(), fe)
     }
 
     /// The stream's reader waits for room in a client's queue (see
@@ -1081,12 +1230,13 @@ impl Shared {
     /// its pace; one that takes none for [`crate::READER_STALL_LIMIT`] has
     /// its connection closed, as a full queue closes it at once on a link
     /// with the extension.
-    pub(crate) async fn wait_for_client(&self, backend: &Arc<Backend>, held: Held) {
+    async fn wait_for_client(&self, held: Held) {
         self.metrics
             .flow_control_stalls_total
             .with_label_values(&["to_client"])
             .inc();
         let Held {
+            home: backend,
             frontend: fe,
             connect_id,
             data,
@@ -1096,7 +1246,7 @@ impl Shared {
             _ = backend.gone.cancelled() => return,
         };
         if let Err(e) = pushed {
-            self.end_for_a_full_queue(backend, &fe, connect_id, e);
+            self.end_for_a_full_queue(&backend, &fe, connect_id, e);
         }
     }
 
@@ -1146,7 +1296,7 @@ impl Shared {
         &self,
         backend: &Arc<Backend>,
         packet: Packet,
-    ) -> Option<Held> {
+    ) -> Option<Wait> {
         let checked = match packet.checked() {
             Ok(c) => c,
             Err(why) => {
@@ -1245,42 +1395,73 @@ impl Shared {
                     self.metrics.bad("data_without_connect_id");
                     return None;
                 }
-                let fe = backend.conns.lock().unwrap().get(&d.connect_id).cloned();
-                let Some(fe) = fe else {
-                    tracing::debug!(
-                        connect_id = d.connect_id,
-                        "DATA for unknown connection; closing it at the agent"
-                    );
-                    self.send_control(backend, Packet::close_req(d.connect_id));
-                    return None;
+                let (home, fe) = match self.conn_of(backend, d.connect_id) {
+                    Lookup::Found(home, fe) => (home, fe),
+                    Lookup::NotYetMoved(c) => {
+                        return Some(Wait::Move(c, Checked::Data(d).into_packet()));
+                    }
+                    Lookup::Unknown => {
+                        tracing::debug!(
+                            connect_id = d.connect_id,
+                            "DATA for unknown connection; closing it at the agent"
+                        );
+                        self.send_control(backend, Packet::close_req(d.connect_id));
+                        return None;
+                    }
                 };
                 backend.bytes_from_agent.inc_by(d.data.len() as u64);
                 match fe.try_push_data(Packet::data(d.connect_id, d.data)) {
                     Ok(()) => {}
                     Err((PushError::Overflow, data)) if !backend.flow_window.is_on() => {
-                        return Some(Held {
+                        return Some(Wait::Client(Held {
+                            home,
                             frontend: fe,
                             connect_id: d.connect_id,
                             data,
-                        });
+                        }));
                     }
-                    Err((e, _)) => self.end_for_a_full_queue(backend, &fe, d.connect_id, e),
+                    Err((e, _)) => self.end_for_a_full_queue(&home, &fe, d.connect_id, e),
                 }
             }
             Checked::CloseRsp(c) => {
-                let fe = backend.conns.lock().unwrap().remove(&c.connect_id);
+                let home = match self.conn_of(backend, c.connect_id) {
+                    Lookup::Found(home, _) => home,
+                    Lookup::NotYetMoved(conn) => {
+                        return Some(Wait::Move(conn, Checked::CloseRsp(c).into_packet()));
+                    }
+                    Lookup::Unknown => return None,
+                };
+                let fe = home.conns.lock().unwrap().remove(&c.connect_id);
                 if let Some(fe) = fe {
                     self.metrics.established_connections.dec();
                     fe.finish_conn(
                         c.connect_id,
-                        backend.uid,
+                        home.uid,
                         Packet::close_rsp(c.connect_id, c.error),
                     );
                 }
             }
+            Checked::DataMoved(m) => {
+                if !backend.moves {
+                    self.metrics.bad("unexpected_agent_packet");
+                    return None;
+                }
+                let fe = backend.conns.lock().unwrap().get(&m.connect_id).cloned();
+                if let Some(c) = fe.and_then(|fe| fe.conn(m.connect_id))
+                    && c.backend.uid == backend.uid
+                {
+                    c.moved.cancel();
+                }
+            }
             Checked::DataAck(ack) => {
-                let fe = backend.conns.lock().unwrap().get(&ack.connect_id).cloned();
-                let conn = fe.and_then(|fe| Some((fe.conn(ack.connect_id)?, fe)));
+                let (home, fe) = match self.conn_of(backend, ack.connect_id) {
+                    Lookup::Found(home, fe) => (home, fe),
+                    Lookup::NotYetMoved(conn) => {
+                        return Some(Wait::Move(conn, Checked::DataAck(ack).into_packet()));
+                    }
+                    Lookup::Unknown => return None,
+                };
+                let conn = fe.conn(ack.connect_id).map(|c| (c, fe));
                 let Some((c, fe)) = conn else {
                     // Acks for a connection closed meanwhile: nothing owed.
                     return None;
@@ -1292,7 +1473,7 @@ impl Shared {
                     // The agent ran out of credit toward a client that
                     // keeps up: the window grows.
                     self.metrics.flow_window_growths_total.inc();
-                    self.send_control(backend, Packet::data_ack(ack.connect_id, grow));
+                    self.send_control(&home, Packet::data_ack(ack.connect_id, grow));
                 }
             }
             Checked::Drain => {
@@ -1388,7 +1569,11 @@ impl Shared {
                 }
                 true
             }
-            Checked::DialRsp(_) | Checked::CloseRsp(_) | Checked::Drain | Checked::DataAck(_) => {
+            Checked::DialRsp(_)
+            | Checked::CloseRsp(_)
+            | Checked::Drain
+            | Checked::DataAck(_)
+            | Checked::DataMoved(_) => {
                 self.metrics.bad("unexpected_client_packet");
                 true
             }
@@ -1548,8 +1733,9 @@ impl Backends {
         self.by_agent.values().flatten()
     }
 
-    /// The stream a dial to `first`'s agent takes: of the agent's first
-    /// `links` streams (only `first` for an agent with one), the one
+    /// The stream a dial to `first`'s agent takes: `first` for an agent
+    /// with one link or that moves its streams itself (moves extension);
+    /// else, of the agent's first `links` streams, the one
     /// carrying the fewest tunnels (dials awaiting their answer and open
     /// connections), ties taken in turn, so dials at once alternate. Turns
     /// alone put every long stream on one link when each was followed by
@@ -1559,7 +1745,9 @@ impl Backends {
     /// keeps are the earliest here, and one past its `links` is never
     /// dealt a dial while the agent closes it.
     fn link_of(&self, first: &Arc<Backend>) -> Arc<Backend> {
-        if first.links < 2 {
+        // An agent that moves streams spreads them itself: its dials stay
+        // on one link, whose task gathers more of their packets per wake.
+        if first.links < 2 || first.moves {
             return first.clone();
         }
         let Some(streams) = self.by_agent.get(&first.agent_id) else {
@@ -1718,19 +1906,26 @@ async fn agent_connect(
     if asked_links.is_some() {
         h.insert(headers::LINKS, links.into());
     }
+    // Moves extension: with several links and credit (which bounds what a
+    // reader may wait with), when the agent offers it.
+    let moves = links > 1
+        && flow_window.is_on()
+        && md
+            .get(headers::MOVE_STREAMS)
+            .is_some_and(|v| v.as_bytes() == b"1");
+    if moves {
+        h.insert(
+            headers::MOVE_STREAMS,
+            hyper::header::HeaderValue::from_static("1"),
+        );
+    }
     let Ok(stream) = respond.send_response(response, false) else {
         // The stream was reset before it was answered: nothing to serve.
         return Ok(());
     };
-    let backend = Arc::new(Backend::on_stream(
-        sh,
-        agent_id,
-        idents,
-        stream,
-        flow_window,
-        links,
-        readers,
-    ));
+    let mut backend = Backend::on_stream(sh, agent_id, idents, stream, flow_window, links, readers);
+    backend.moves = moves;
+    let backend = Arc::new(backend);
     tracing::info!(agent_id = %backend.agent_id, server_id = %sh.opts.server_id, "agent connected");
     sh.add_backend(backend.clone());
     let connections = sh
@@ -1788,7 +1983,7 @@ async fn read_agent_stream(
 ) -> Result<(), (tonic::Code, String)> {
     let read = grpc_wire::read_packets_then(inbound, |p| {
         sh.handle_agent_packet_or_hold(backend, p)
-            .map(|held| sh.wait_for_client(backend, held))
+            .map(|wait| sh.wait(backend, wait))
     });
     match read.await {
         Ok(_) | Err((tonic::Code::Cancelled, _)) => Ok(()),
@@ -2037,6 +2232,115 @@ mod tests {
     /// connections, each followed by a short dial (answered, then closed),
     /// end up half on each link, where turns alone put every long one on
     /// the same link.
+    /// Two links of one agent that agreed the moves extension (and credit).
+    fn moving_links(sh: &Arc<Shared>) -> [(Arc<Backend>, mpsc::Receiver<Packet>); 2] {
+        std::array::from_fn(|_| {
+            let (tx, rx) = mpsc::channel(256);
+            let mut b = Backend::new(sh, "agent-a".into(), Identifiers::default(), tx, 1 << 20);
+            b.links = 2;
+            b.moves = true;
+            let b = Arc::new(b);
+            sh.add_backend(b.clone());
+            (b, rx)
+        })
+    }
+
+    /// What a client's queue holds: DATA as text, other packets by type.
+    fn delivered_text(fe: &Frontend) -> Vec<String> {
+        queued(fe)
+            .into_iter()
+            .map(|c| match c {
+                Checked::Data(d) => String::from_utf8_lossy(&d.data).into_owned(),
+                other => other.type_name().to_string(),
+            })
+            .collect()
+    }
+
+    /// The moves extension: dials take the agent's first link; a
+    /// connection's packets that come on its second link before the first
+    /// link's DATA_MOVED was read wait for it, and reach the client after
+    /// everything sent before the mark (with turns alone, "c" would come
+    /// before "b"); the end that comes on the new link ends it on both.
+    #[tokio::test(start_paused = true)]
+    async fn packets_moved_to_another_link_wait_for_the_mark_and_keep_their_order() {
+        let sh = ProxyServer::new(ServerOptions::default()).shared;
+        let [(home, mut home_rx), (other, mut other_rx)] = moving_links(&sh);
+        let fe = sh.new_frontend();
+        dial_all(&sh, &fe, 1..5).await;
+        assert_eq!(
+            (count(&mut home_rx), count(&mut other_rx)),
+            (4, 0),
+            "dials to an agent that moves streams take its first link"
+        );
+        for random in 1..5 {
+            sh.pending.lock().unwrap().remove(&random);
+        }
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 5).await.unwrap();
+        sh.handle_agent_packet(&home, Packet::dial_rsp(5, 7, ""));
+        sh.handle_agent_packet(&home, Packet::data(7, "a".into()));
+        let wait = sh
+            .handle_agent_packet_or_hold(&other, Packet::data(7, "c".into()))
+            .expect("a packet on the new link before the mark was taken at once");
+        let (sh2, other2) = (sh.clone(), other.clone());
+        let waiting = tokio::spawn(async move { sh2.wait(&other2, wait).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the reader went on before the mark");
+        sh.handle_agent_packet(&home, Packet::data(7, "b".into()));
+        sh.handle_agent_packet(&home, Packet::data_moved(7));
+        waiting.await.unwrap();
+        assert!(
+            sh.handle_agent_packet_or_hold(&other, Packet::data(7, "d".into()))
+                .is_none(),
+            "a moved connection's packets still wait"
+        );
+        assert_eq!(sh.metrics.moved_connections_total.get(), 1);
+        sh.handle_agent_packet(&other, Packet::close_rsp(7, ""));
+        assert_eq!(
+            delivered_text(&fe),
+            ["DIAL_RSP", "a", "b", "c", "d", "CLOSE_RSP"]
+        );
+        assert!(home.conns.lock().unwrap().is_empty());
+        assert!(other.adopted.lock().unwrap().is_empty());
+        assert_eq!(sh.metrics.established_connections.get(), 0);
+
+        // An agent that sends on the new link and never marks the move:
+        // after MOVE_MARK_LIMIT the connection ends (its bytes cannot be
+        // put in order), and the reader goes on.
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 6).await.unwrap();
+        sh.handle_agent_packet(&home, Packet::dial_rsp(6, 8, ""));
+        let wait = sh
+            .handle_agent_packet_or_hold(&other, Packet::data(8, "x".into()))
+            .expect("an unmarked move was taken at once");
+        sh.wait(&other, wait).await;
+        assert_eq!(delivered_text(&fe), ["DIAL_RSP", "CLOSE_RSP"]);
+        assert!(home.conns.lock().unwrap().is_empty());
+        assert_eq!(sh.metrics.established_connections.get(), 0);
+        let close = std::iter::from_fn(|| home_rx.try_recv().ok())
+            .filter_map(|p| p.checked().ok())
+            .any(|c| matches!(c, Checked::CloseReq(r) if r.connect_id == 8));
+        assert!(close, "the agent was not told to close the connection");
+
+        // A connection that ends on its home link while a packet of it
+        // waits for the mark: the wait ends at once, the packet is dropped.
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 9).await.unwrap();
+        sh.handle_agent_packet(&home, Packet::dial_rsp(9, 10, ""));
+        let wait = sh
+            .handle_agent_packet_or_hold(&other, Packet::data(10, "y".into()))
+            .expect("taken at once");
+        let started = tokio::time::Instant::now();
+        let (sh2, other2) = (sh.clone(), other.clone());
+        let waiting = tokio::spawn(async move { sh2.wait(&other2, wait).await });
+        tokio::task::yield_now().await;
+        sh.handle_agent_packet(&home, Packet::close_rsp(10, ""));
+        waiting.await.unwrap();
+        assert!(started.elapsed() < MOVE_MARK_LIMIT);
+        assert_eq!(delivered_text(&fe), ["DIAL_RSP", "CLOSE_RSP"]);
+        assert!(other.adopted.lock().unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn dials_go_to_the_agent_link_with_the_fewest_tunnels() {
         let sh = ProxyServer::new(ServerOptions::default()).shared;
