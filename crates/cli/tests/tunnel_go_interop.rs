@@ -59,6 +59,16 @@ fn agent_bin(side: Side) -> String {
     }
 }
 
+/// The agent flags of the shared harness, less the ones only ours knows
+/// (upstream's agent exits on an unknown flag).
+fn side_agent_args(side: Side, p: &Ports) -> Vec<String> {
+    let mut args = agent_args(p);
+    if matches!(side, Side::Upstream) {
+        args.retain(|a| !a.starts_with("--links-per-server"));
+    }
+    args
+}
+
 /// How the server's frontend listens.
 #[derive(Clone, Copy, Debug)]
 enum Front {
@@ -122,7 +132,7 @@ impl Cell {
         sa.push("--server-id=server-0".into());
         sa.extend(s(extra_server));
         let srv = Proc::spawn(&server_bin(server), &sa, dir.path(), "server");
-        let mut aa = agent_args(&ports);
+        let mut aa = side_agent_args(agent, &ports);
         aa.extend(s(extra_agent));
         let agt = Proc::spawn(&agent_bin(agent), &aa, dir.path(), "agent");
         let cell = Cell {
@@ -567,7 +577,7 @@ fn drain(server: Side, agent: Side) {
     own.agent = cell.ports.agent;
     let _b = Proc::spawn(
         &agent_bin(agent),
-        &agent_args(&own),
+        &side_agent_args(agent, &own),
         cell.dir.path(),
         "agent-b",
     );
@@ -642,7 +652,7 @@ fn strategies(server: Side, agent: Side) {
     );
     let mut own = Ports::new();
     own.agent = cell.ports.agent;
-    let mut b_args = agent_args(&own);
+    let mut b_args = side_agent_args(agent, &own);
     b_args.push("--agent-identifiers=default-route=true".into());
     let _b = Proc::spawn(&agent_bin(agent), &b_args, cell.dir.path(), "agent-b");
     wait_for("agent B ready", Duration::from_secs(30), || {
@@ -738,7 +748,7 @@ fn ha(servers: &[Side], agents: &[Side], kill: &[usize]) {
         own.agent = lb_port;
         agent_procs.push(Proc::spawn(
             &agent_bin(*side),
-            &agent_args(&own),
+            &side_agent_args(*side, &own),
             dir.path(),
             &format!("agent-{k}"),
         ));

@@ -1368,7 +1368,16 @@ async fn read_endpoint(
                 ep.read_eof.store(true, Ordering::Release);
                 if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh.metrics.open_endpoint_connections.dec();
-                    out.send(Packet::close_rsp(connect_id, "")).await;
+                    if !out.send(Packet::close_rsp(connect_id, "")).await
+                        && !Arc::ptr_eq(out, &conn.out)
+                    {
+                        // Moved to a link that has gone: said on the one
+                        // it was dialled over instead.
+                        send_control(
+                            conn,
+                            Packet::close_rsp(connect_id, "link to the server lost"),
+                        );
+                    }
                 }
                 ep.queue.close();
                 return None;

@@ -1092,6 +1092,18 @@ impl Shared {
             self.set_ready_backends(&b);
         }
         backend.gone.cancel();
+        // Tunnels that moved here end when the agent finds this link gone
+        // (it says so on the link each was dialled over); until then they
+        // must not keep this stream alive through their `adopter`.
+        let adopted: Vec<_> = backend.adopted.lock().unwrap().drain().collect();
+        for (id, fe) in adopted {
+            if let Some(c) = fe.conn(id) {
+                let mut adopter = c.adopter.lock().unwrap();
+                if adopter.as_ref().is_some_and(|b| b.uid == backend.uid) {
+                    *adopter = None;
+                }
+            }
+        }
         let conns: Vec<_> = backend.conns.lock().unwrap().drain().collect();
         for (id, fe) in conns {
             self.metrics.established_connections.dec();
@@ -2339,6 +2351,22 @@ mod tests {
         assert!(started.elapsed() < MOVE_MARK_LIMIT);
         assert_eq!(delivered_text(&fe), ["DIAL_RSP", "CLOSE_RSP"]);
         assert!(other.adopted.lock().unwrap().is_empty());
+
+        // The link a connection moved to goes: it forgets the connection
+        // (which no longer holds it), and the connection lives on its home
+        // link until the agent ends it there.
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 11).await.unwrap();
+        sh.handle_agent_packet(&home, Packet::dial_rsp(11, 12, ""));
+        sh.handle_agent_packet(&home, Packet::data_moved(12));
+        sh.handle_agent_packet(&other, Packet::data(12, "z".into()));
+        assert_eq!(other.adopted.lock().unwrap().len(), 1);
+        sh.remove_backend(&other);
+        assert!(other.adopted.lock().unwrap().is_empty());
+        assert!(fe.conn(12).unwrap().adopter.lock().unwrap().is_none());
+        sh.handle_agent_packet(&home, Packet::close_rsp(12, "link to the server lost"));
+        assert_eq!(delivered_text(&fe), ["DIAL_RSP", "z", "CLOSE_RSP"]);
+        assert_eq!(sh.metrics.established_connections.get(), 0);
     }
 
     #[tokio::test]
