@@ -2268,6 +2268,22 @@ mod tests {
             .collect()
     }
 
+    /// A client of `home`'s agent with one connection, `connect_id`,
+    /// dialled and answered over `home`.
+    async fn dialled(
+        sh: &Arc<Shared>,
+        home: &Arc<Backend>,
+        random: i64,
+        connect_id: i64,
+    ) -> Arc<Frontend> {
+        let fe = sh.new_frontend();
+        sh.start_dial(&fe, "tcp", "127.0.0.1:80", random)
+            .await
+            .unwrap();
+        sh.handle_agent_packet(home, Packet::dial_rsp(random, connect_id, ""));
+        fe
+    }
+
     /// The moves extension: dials take the agent's first link; a
     /// connection's packets that come on its second link before the first
     /// link's DATA_MOVED was read wait for it, and reach the client after
@@ -2287,9 +2303,7 @@ mod tests {
         for random in 1..5 {
             sh.pending.lock().unwrap().remove(&random);
         }
-        let fe = sh.new_frontend();
-        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 5).await.unwrap();
-        sh.handle_agent_packet(&home, Packet::dial_rsp(5, 7, ""));
+        let fe = dialled(&sh, &home, 5, 7).await;
         sh.handle_agent_packet(&home, Packet::data(7, "a".into()));
         let wait = sh
             .handle_agent_packet_or_hold(&other, Packet::data(7, "c".into()))
@@ -2319,9 +2333,7 @@ mod tests {
         // An agent that sends on the new link and never marks the move:
         // after MOVE_MARK_LIMIT the connection ends (its bytes cannot be
         // put in order), and the reader goes on.
-        let fe = sh.new_frontend();
-        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 6).await.unwrap();
-        sh.handle_agent_packet(&home, Packet::dial_rsp(6, 8, ""));
+        let fe = dialled(&sh, &home, 6, 8).await;
         let wait = sh
             .handle_agent_packet_or_hold(&other, Packet::data(8, "x".into()))
             .expect("an unmarked move was taken at once");
@@ -2336,9 +2348,7 @@ mod tests {
 
         // A connection that ends on its home link while a packet of it
         // waits for the mark: the wait ends at once, the packet is dropped.
-        let fe = sh.new_frontend();
-        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 9).await.unwrap();
-        sh.handle_agent_packet(&home, Packet::dial_rsp(9, 10, ""));
+        let fe = dialled(&sh, &home, 9, 10).await;
         let wait = sh
             .handle_agent_packet_or_hold(&other, Packet::data(10, "y".into()))
             .expect("taken at once");
@@ -2355,9 +2365,7 @@ mod tests {
         // The link a connection moved to goes: it forgets the connection
         // (which no longer holds it), and the connection lives on its home
         // link until the agent ends it there.
-        let fe = sh.new_frontend();
-        sh.start_dial(&fe, "tcp", "127.0.0.1:80", 11).await.unwrap();
-        sh.handle_agent_packet(&home, Packet::dial_rsp(11, 12, ""));
+        let fe = dialled(&sh, &home, 11, 12).await;
         sh.handle_agent_packet(&home, Packet::data_moved(12));
         sh.handle_agent_packet(&other, Packet::data(12, "z".into()));
         assert_eq!(other.adopted.lock().unwrap().len(), 1);
