@@ -1228,8 +1228,14 @@ impl Shared {
         if !c.moved.is_cancelled() {
             return Lookup::NotYetMoved(c);
         }
-        if let Some(old) = c.adopter.lock().unwrap().replace(via.clone()) {
-            old.adopted.lock().unwrap().remove(&connect_id);
+        {
+            // A connection moves once: a third link of the same agent ID
+            // does not take over one that another link has adopted.
+            let mut adopter = c.adopter.lock().unwrap();
+            if adopter.is_some() {
+                return Lookup::Unknown;
+            }
+            *adopter = Some(via.clone());
         }
         via.adopted.lock().unwrap().insert(connect_id, fe.clone());
         drop(st);
@@ -2320,6 +2326,12 @@ mod tests {
                 .is_none(),
             "a moved connection's packets still wait"
         );
+        // A third stream under the same agent ID cannot take it over.
+        let (tx, _third_rx) = mpsc::channel(256);
+        let mut third = Backend::new(&sh, "agent-a".into(), Identifiers::default(), tx, 1 << 20);
+        third.moves = true;
+        let third = Arc::new(third);
+        sh.handle_agent_packet(&third, Packet::data(7, "stolen".into()));
         assert_eq!(sh.metrics.moved_connections_total.get(), 1);
         sh.handle_agent_packet(&other, Packet::close_rsp(7, ""));
         assert_eq!(
