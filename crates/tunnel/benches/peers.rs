@@ -1110,11 +1110,6 @@ struct Ours {
     grpc: Via,
 }
 
-/// BENCH_LINKS, when set: our agent's `--links-per-server` in every row.
-fn links_setting() -> Option<usize> {
-    std::env::var("BENCH_LINKS").ok()?.parse().ok()
-}
-
 impl Ours {
     fn start(dir: &Path, tag: &str) -> Ours {
         Ours::start_links(dir, tag, None)
@@ -1522,7 +1517,11 @@ fn main() {
         // The same sixteen streams with the agent keeping one link, as
         // upstream's does (one TLS stream, encrypted and decrypted by one
         // task at each end), or two when BENCH_LINKS=1 made one the rest's.
-        let other_links = if links_setting() == Some(1) { 2 } else { 1 };
+        let other_links = if roles::links_override() == Some(1) {
+            2
+        } else {
+            1
+        };
         let two = Ours::start_links(dir.path(), "p2", Some(other_links));
         // Every link up before the first round (the agent dials the second
         // within tens of ms of the first).

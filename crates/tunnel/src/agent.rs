@@ -1334,16 +1334,11 @@ async fn read_endpoint(
                         sent = out.send(Packet::data(connect_id, chunk)) => sent,
                     };
                     if !sent {
-                        // Moved to a link that has gone: the server hears
-                        // of the end on the one it was dialled over.
                         if !Arc::ptr_eq(out, &conn.out)
                             && conn.conns.lock().unwrap().remove(&connect_id).is_some()
                         {
                             sh.metrics.open_endpoint_connections.dec();
-                            send_control(
-                                conn,
-                                Packet::close_rsp(connect_id, "link to the server lost"),
-                            );
+                            moved_link_lost(conn, connect_id);
                         }
                         ep.kill.cancel();
                         return None;
@@ -1371,12 +1366,7 @@ async fn read_endpoint(
                     if !out.send(Packet::close_rsp(connect_id, "")).await
                         && !Arc::ptr_eq(out, &conn.out)
                     {
-                        // Moved to a link that has gone: said on the one
-                        // it was dialled over instead.
-                        send_control(
-                            conn,
-                            Packet::close_rsp(connect_id, "link to the server lost"),
-                        );
+                        moved_link_lost(conn, connect_id);
                     }
                 }
                 ep.queue.close();
@@ -1384,6 +1374,15 @@ async fn read_endpoint(
             }
         }
     }
+}
+
+/// An endpoint moved to a link that has gone: the server hears of its end
+/// on the link it was dialled over.
+fn moved_link_lost(home: &ServerConn, connect_id: i64) {
+    send_control(
+        home,
+        Packet::close_rsp(connect_id, "link to the server lost"),
+    );
 }
 
 pub struct AgentLaunch {

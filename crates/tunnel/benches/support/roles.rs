@@ -106,6 +106,11 @@ fn flow_window_max_override() -> Option<usize> {
     std::env::var("BENCH_FLOW_WINDOW_MAX").ok()?.parse().ok()
 }
 
+/// BENCH_LINKS: our agent's `--links-per-server` in every row.
+pub fn links_override() -> Option<usize> {
+    std::env::var("BENCH_LINKS").ok()?.parse().ok()
+}
+
 /// One server of the bench: defaults, no health or admin ports, long
 /// keepalives (nothing idles out mid-run), 5 s agent liveness.
 pub fn server_launch(
@@ -153,10 +158,7 @@ pub async fn run_agent(certs: &Path, first_port: u16, servers: u16) {
     if let Some(w) = flow_window_max_override() {
         opts.flow_window_max = w;
     }
-    if let Some(n) = std::env::var("BENCH_LINKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(n) = links_override() {
         opts.links_per_server = n;
     }
     let _agent = agent::launch(AgentLaunch {

@@ -207,6 +207,10 @@ impl Identifiers {
     }
 }
 
+/// A moved connection as the link it moved to holds it: its home link
+/// and its client.
+type Adopted = (Arc<Backend>, Arc<Frontend>);
+
 /// One agent stream.
 pub(crate) struct Backend {
     uid: u64,
@@ -238,8 +242,8 @@ pub(crate) struct Backend {
     /// Connections dialled over this stream (their home link).
     conns: Mutex<HashMap<i64, Arc<Frontend>>>,
     /// Connections of the agent's other links whose packets come on this
-    /// one since they moved (see [`Shared::conn_of`]).
-    adopted: Mutex<HashMap<i64, Arc<Frontend>>>,
+    /// one since they moved, with their home link (see [`Shared::conn_of`]).
+    adopted: Mutex<HashMap<i64, Adopted>>,
     pub(crate) gone: CancellationToken,
     /// Flow-control window agreed with this agent (off: upstream agent).
     flow_window: FlowWindow,
@@ -1096,7 +1100,7 @@ impl Shared {
         // (it says so on the link each was dialled over); until then they
         // must not keep this stream alive through their `adopter`.
         let adopted: Vec<_> = backend.adopted.lock().unwrap().drain().collect();
-        for (id, fe) in adopted {
+        for (id, (_, fe)) in adopted {
             if let Some(c) = fe.conn(id) {
                 let mut adopter = c.adopter.lock().unwrap();
                 if adopter.as_ref().is_some_and(|b| b.uid == backend.uid) {
@@ -1167,13 +1171,19 @@ impl Shared {
             // bytes cannot be put back in order, so it ends.
             self.metrics.bad("data_moved_missing");
             tracing::warn!(agent_id = %backend.agent_id, connect_id = conn.connect_id, "packets on a new link without DATA_MOVED on the old one; closing that connection");
-            if let Some(fe) = conn.backend.conns.lock().unwrap().remove(&conn.connect_id) {
-                self.metrics.established_connections.dec();
-                self.send_control(&conn.backend, Packet::close_req(conn.connect_id));
-                fe.finish_conn(
+            let fe = conn
+                .backend
+                .conns
+                .lock()
+                .unwrap()
+                .get(&conn.connect_id)
+                .cloned();
+            if let Some(fe) = fe {
+                self.end_conn(
+                    &conn.backend,
+                    &fe,
                     conn.connect_id,
-                    conn.backend.uid,
-                    Packet::close_rsp(conn.connect_id, "agent moved the connection out of order"),
+                    "agent moved the connection out of order",
                 );
             }
             return;
@@ -1196,11 +1206,8 @@ impl Shared {
         if !via.moves {
             return Lookup::Unknown;
         }
-        if let Some(fe) = via.adopted.lock().unwrap().get(&connect_id).cloned() {
-            return match fe.conn(connect_id) {
-                Some(c) => Lookup::Found(c.backend.clone(), fe),
-                None => Lookup::Unknown,
-            };
+        if let Some((home, fe)) = via.adopted.lock().unwrap().get(&connect_id).cloned() {
+            return Lookup::Found(home, fe);
         }
         let fe = {
             let backends = self.backends.read().unwrap();
@@ -1237,7 +1244,10 @@ impl Shared {
             }
             *adopter = Some(via.clone());
         }
-        via.adopted.lock().unwrap().insert(connect_id, fe.clone());
+        via.adopted
+            .lock()
+            .unwrap()
+            .insert(connect_id, (c.backend.clone(), fe.clone()));
         drop(st);
         self.metrics.moved_connections_total.inc();
         Lookup::Found(c.backend.clone(), fe)
@@ -1288,18 +1298,22 @@ impl Shared {
                 "client too slow: its queue is full; closing that connection"
             );
         }
+        self.end_conn(
+            backend,
+            fe,
+            connect_id,
+            "receive queue overflow: client reads too slowly",
+        );
+    }
+
+    /// Ends connection `connect_id` of its home link `backend` here: the
+    /// agent is told to close it, its client why.
+    fn end_conn(&self, backend: &Backend, fe: &Frontend, connect_id: i64, why: &str) {
         if backend.conns.lock().unwrap().remove(&connect_id).is_some() {
             self.metrics.established_connections.dec();
         }
         self.send_control(backend, Packet::close_req(connect_id));
-        fe.finish_conn(
-            connect_id,
-            backend.uid,
-            Packet::close_rsp(
-                connect_id,
-                "receive queue overflow: client reads too slowly",
-            ),
-        );
+        fe.finish_conn(connect_id, backend.uid, Packet::close_rsp(connect_id, why));
     }
 
     /// [`handle_agent_packet`](Self::handle_agent_packet), except that a
