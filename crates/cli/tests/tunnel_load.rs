@@ -5,6 +5,7 @@
 
 mod tunnel_support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use konnectivity::client;
@@ -832,6 +833,213 @@ fn an_agent_with_two_links_moves_streams_to_the_quieter_link() {
     );
     finish_downloads(&rt, &mut streams);
     drop(streams);
+    drop(rt);
+    st.wait_settled(sfd, afd);
+}
+
+/// The proxy-agent binary on its defaults keeps two links to our server
+/// and moves a streaming tunnel to the second: a relay between agent and
+/// server sees that tunnel's bytes on it. Cutting that link ends the
+/// tunnels that moved there at once, an idle one too (what the agent had
+/// sent on it may be lost), while a tunnel on the first link goes on to
+/// its last byte; the agent links again, and the next stream moves to the
+/// new link and ends with it in turn, mid-transfer. Both ends end an idle
+/// moved tunnel on their own (checked: with neither, it outlives the cut;
+/// with the agent's alone, this passes; the server's has a unit test).
+#[test]
+fn cutting_the_link_streams_moved_to_ends_only_their_tunnels() {
+    const MIB: usize = 1 << 20;
+    let backend = HttpServer::start();
+    let target = backend.target();
+    let max = "--flow-window-max-bytes=2097152";
+    let mut relayed = None;
+    let st = Stack::start_custom("http-connect", &[max], |ports| {
+        let r = relay::Relay::start(ports.agent);
+        let mut line = agent_args(ports);
+        // The binary's own number of links, not the suite's pin.
+        line.retain(|a| !a.starts_with("--links-per-server"));
+        line.push(format!("--proxy-server-port={}", r.port()));
+        line.push(max.into());
+        relayed = Some(r);
+        line
+    });
+    let relayed = relayed.unwrap();
+    let addr = st.frontend();
+    let agent_metric = |name: &str| {
+        metric(
+            st.ports.agent_health,
+            &format!("konnectivity_network_proxy_agent_{name}"),
+        )
+    };
+    let two_links = || {
+        wait_for(
+            "two links through the relay",
+            Duration::from_secs(20),
+            || agent_metric("server_links") == 2.0 && relayed.open().len() == 2,
+        )
+    };
+    two_links();
+    let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
+    let rt = runtime();
+    let get = |path: String| {
+        rt.block_on(async {
+            let mut io = client::http_connect(&addr, &target, "moves").await.unwrap();
+            io.write_all(format!("GET {path} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            io
+        })
+    };
+    // The head `serve_http` sends before `n` bytes of the pattern.
+    let head_of = |n: usize| {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").len()
+    };
+    // Reads the head and the first `n` bytes of the body, which must be
+    // the pattern's.
+    let read_first = |io: &mut Box<dyn client::Io>, total: usize, n: usize| {
+        let mut got = vec![0u8; head_of(total) + n];
+        rt.block_on(io.read_exact(&mut got)).unwrap();
+        assert!(
+            got[head_of(total)..] == pattern(total)[..n],
+            "data corrupted"
+        );
+    };
+    // Reads to the end; the whole body must have come, in order.
+    let read_all = |io: &mut Box<dyn client::Io>, total: usize| {
+        let mut got = Vec::with_capacity(head_of(total) + total);
+        rt.block_on(io.read_to_end(&mut got)).unwrap();
+        assert_eq!(
+            got.len(),
+            head_of(total) + total,
+            "bytes lost\n{}",
+            st.logs()
+        );
+        assert!(
+            got[head_of(total)..] == pattern(total)[..],
+            "data corrupted"
+        );
+    };
+    // A read that must end (EOF or error) within 10 s: the tunnel ended.
+    let ended = |io: &mut Box<dyn client::Io>, what: &str| {
+        let mut rest = Vec::new();
+        let done = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut rest)).await
+        });
+        assert!(
+            done.is_ok(),
+            "{what} did not end with its link\n{}",
+            st.logs()
+        );
+        rest.len()
+    };
+    // Waits until no bytes cross the relay toward the server for 300 ms
+    // (the stalled tunnel has used its credit), then notes each link's.
+    let settled_counts = || {
+        let total = || relayed.open().iter().map(|p| p.sent()).sum::<u64>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let before = total();
+            std::thread::sleep(Duration::from_millis(300));
+            if total() == before {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the links never went quiet"
+            );
+        }
+        relayed
+            .open()
+            .into_iter()
+            .map(|p| {
+                let n = p.sent();
+                (p, n)
+            })
+            .collect::<Vec<_>>()
+    };
+    // The link that carried at least `least` bytes toward the server
+    // since `counts`; the others carried less than 1 MiB.
+    let carrier = |counts: &[(Arc<relay::Piped>, u64)], least: usize| {
+        let grown: Vec<_> = counts
+            .iter()
+            .map(|(p, n)| (p.clone(), p.sent() - n))
+            .collect();
+        let (busy, most) = grown.iter().max_by_key(|(_, g)| *g).cloned().unwrap();
+        assert!(
+            most >= least as u64,
+            "no link carried the moved stream: {most} bytes at most\n{}",
+            st.logs()
+        );
+        for (p, g) in &grown {
+            assert!(
+                Arc::ptr_eq(p, &busy) || *g < MIB as u64,
+                "both links carried {g} and {most} bytes"
+            );
+        }
+        busy
+    };
+
+    // An idle tunnel on the second link.
+    const STALLED: usize = 32 * MIB;
+    let mut stalled = get(format!("/bytes/{STALLED}"));
+    wait_for(
+        "a streaming reader in the first link's task",
+        Duration::from_secs(10),
+        || agent_metric("link_task_readers") == 1.0,
+    );
+    let counts = settled_counts();
+    const HELD: usize = 4 * MIB;
+    let mut idle = get(format!("/hold/{HELD}"));
+    read_first(&mut idle, HELD, HELD);
+    assert_eq!(agent_metric("moved_streams_total"), 1.0, "{}", st.logs());
+    let second = carrier(&counts, 3 * MIB);
+    second.cut();
+    ended(&mut idle, "an idle tunnel moved to the cut link");
+    wait_for(
+        "the agent to close the idle tunnel's backend",
+        Duration::from_secs(10),
+        || backend.open.load(std::sync::atomic::Ordering::SeqCst) == 1,
+    );
+    two_links();
+    read_all(&mut stalled, STALLED);
+    drop((idle, stalled));
+
+    // A tunnel cut mid-transfer on the new second link.
+    wait_for(
+        "the first link's task to be free",
+        Duration::from_secs(10),
+        || agent_metric("link_task_readers") == 0.0,
+    );
+    let mut stalled = get(format!("/bytes/{STALLED}"));
+    wait_for(
+        "a streaming reader in the first link's task",
+        Duration::from_secs(10),
+        || agent_metric("link_task_readers") == 1.0,
+    );
+    let counts = settled_counts();
+    const BIG: usize = 64 * MIB;
+    let mut streaming = get(format!("/bytes/{BIG}"));
+    read_first(&mut streaming, BIG, 8 * MIB);
+    assert_eq!(agent_metric("moved_streams_total"), 2.0, "{}", st.logs());
+    let second = carrier(&counts, 6 * MIB);
+    second.cut();
+    let rest = ended(&mut streaming, "a streaming tunnel moved to the cut link");
+    assert!(
+        8 * MIB + rest < BIG,
+        "the whole of a tunnel came through a cut link"
+    );
+    read_all(&mut stalled, STALLED);
+    drop((streaming, stalled));
+    assert_eq!(
+        metric(
+            st.ports.health,
+            "konnectivity_network_proxy_server_moved_connections_total"
+        ),
+        2.0,
+        "{}",
+        st.logs()
+    );
+    two_links();
     drop(rt);
     st.wait_settled(sfd, afd);
 }

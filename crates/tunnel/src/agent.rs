@@ -1148,7 +1148,7 @@ async fn endpoint_reader(
     rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
 ) {
-    let Some(rd) = read_endpoint(sh, conn, &conn.out, ep, rd, connect_id, Place::Dial).await else {
+    let Some(rd) = read_endpoint(sh, conn, conn, ep, rd, connect_id, Place::Dial).await else {
         return;
     };
     // Counted out however the reader ends: also when the connection's
@@ -1166,7 +1166,7 @@ async fn endpoint_reader(
             }
             sh.metrics.moved_streams_total.inc();
         }
-        read_endpoint(sh, conn, &link.out, ep, rd, connect_id, Place::Own).await;
+        read_endpoint(sh, conn, link, ep, rd, connect_id, Place::Own).await;
         return;
     };
     let streaming = Streaming::on(conn.clone());
@@ -1176,7 +1176,7 @@ async fn endpoint_reader(
         read_endpoint(
             &sh,
             &moved_conn,
-            &moved_conn.out,
+            &moved_conn,
             &ep,
             rd,
             connect_id,
@@ -1274,16 +1274,29 @@ enum Place {
 async fn read_endpoint(
     sh: &Arc<Shared>,
     conn: &Arc<ServerConn>,
-    out: &Arc<StreamSender>,
+    link: &Arc<ServerConn>,
     ep: &Arc<EndpointConn>,
     mut rd: tokio::net::tcp::OwnedReadHalf,
     connect_id: i64,
     place: Place,
 ) -> Option<tokio::net::tcp::OwnedReadHalf> {
     let may_move = place == Place::Dial;
+    let out = &link.out;
+    let moved = !Arc::ptr_eq(link, conn);
     // Made once: a fresh `cancelled()` future registers and unregisters a
-    // waiter, and this loop turns once per backend read.
-    let stop = ep.stop_read.cancelled();
+    // waiter, and this loop turns once per backend read. A reader moved to
+    // another link also stops when that link goes, though its backend is
+    // idle: whatever it had sent there may be lost, so its tunnel ends.
+    let stop = async {
+        if moved {
+            tokio::select! {
+                _ = ep.stop_read.cancelled() => {}
+                _ = link.gone.cancelled() => moved_link_lost(sh, conn, ep, connect_id),
+            }
+        } else {
+            ep.stop_read.cancelled().await;
+        }
+    };
     tokio::pin!(stop);
     let mut size = crate::READ_CHUNK;
     loop {
@@ -1334,11 +1347,8 @@ async fn read_endpoint(
                         sent = out.send(Packet::data(connect_id, chunk)) => sent,
                     };
                     if !sent {
-                        if !Arc::ptr_eq(out, &conn.out)
-                            && conn.conns.lock().unwrap().remove(&connect_id).is_some()
-                        {
-                            sh.metrics.open_endpoint_connections.dec();
-                            moved_link_lost(conn, connect_id);
+                        if moved {
+                            moved_link_lost(sh, conn, ep, connect_id);
                         }
                         ep.kill.cancel();
                         return None;
@@ -1363,10 +1373,8 @@ async fn read_endpoint(
                 ep.read_eof.store(true, Ordering::Release);
                 if conn.conns.lock().unwrap().remove(&connect_id).is_some() {
                     sh.metrics.open_endpoint_connections.dec();
-                    if !out.send(Packet::close_rsp(connect_id, "")).await
-                        && !Arc::ptr_eq(out, &conn.out)
-                    {
-                        moved_link_lost(conn, connect_id);
+                    if !out.send(Packet::close_rsp(connect_id, "")).await && moved {
+                        send_control(conn, Packet::close_rsp(connect_id, MOVED_LINK_LOST));
                     }
                 }
                 ep.queue.close();
@@ -1376,13 +1384,16 @@ async fn read_endpoint(
     }
 }
 
-/// An endpoint moved to a link that has gone: the server hears of its end
-/// on the link it was dialled over.
-fn moved_link_lost(home: &ServerConn, connect_id: i64) {
-    send_control(
-        home,
-        Packet::close_rsp(connect_id, "link to the server lost"),
-    );
+const MOVED_LINK_LOST: &str = "link to the server lost";
+
+/// An endpoint moved to a link that has gone ends: the server hears of it
+/// on the link it was dialled over (`home`).
+fn moved_link_lost(sh: &Shared, home: &ServerConn, ep: &EndpointConn, connect_id: i64) {
+    if home.conns.lock().unwrap().remove(&connect_id).is_some() {
+        sh.metrics.open_endpoint_connections.dec();
+        send_control(home, Packet::close_rsp(connect_id, MOVED_LINK_LOST));
+    }
+    ep.kill.cancel();
 }
 
 pub struct AgentLaunch {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use konnectivity::client::ProxyAddr;
 
 pub mod fake_api;
+pub mod relay;
 
 /// A port no one listens on, from below the ephemeral range and claimed
 /// against other test processes (see `proxyctl_testkit::free_port`).
@@ -164,7 +165,8 @@ pub fn make_certs(dir: &Path) {
 
 /// A small HTTP/1.1 server on 127.0.0.1 (thread per connection):
 /// `/success` answers "success: <path>"; `/echo` streams back what it gets
-/// after the head; `/bytes/N` sends N bytes of a fixed pattern.
+/// after the head; `/bytes/N` sends N bytes of a fixed pattern; `/hold/N`
+/// sends them and then holds the connection, idle, until the client ends it.
 /// Any request is answered with `Connection: close`.
 pub struct HttpServer {
     pub port: u16,
@@ -235,7 +237,11 @@ fn serve_http(conn: &mut TcpStream) -> std::io::Result<()> {
             conn.write_all(&buf[..n])?;
         }
     }
-    let body = if let Some(n) = path.strip_prefix("/bytes/") {
+    let hold = path.starts_with("/hold/");
+    let body = if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .or_else(|| path.strip_prefix("/hold/"))
+    {
         pattern(n.parse().unwrap_or(0))
     } else if path == "/success" {
         b"success: hello from the backend".to_vec()
@@ -253,6 +259,9 @@ fn serve_http(conn: &mut TcpStream) -> std::io::Result<()> {
         .as_bytes(),
     )?;
     conn.write_all(&body)?;
+    if hold {
+        while conn.read(&mut b)? > 0 {}
+    }
     Ok(())
 }
 
@@ -419,6 +428,19 @@ impl Stack {
         Self::start_with(mode, &[], &[])
     }
     pub fn start_with(mode: &str, extra_server: &[&str], extra_agent: &[&str]) -> Stack {
+        Self::start_custom(mode, extra_server, |ports| {
+            let mut aa = agent_args(ports);
+            aa.extend(s(extra_agent));
+            aa
+        })
+    }
+    /// As [`start_with`](Self::start_with), with the agent's whole command
+    /// line made from the ports (called again if the ports are taken).
+    pub fn start_custom(
+        mode: &str,
+        extra_server: &[&str],
+        mut agent_line: impl FnMut(&Ports) -> Vec<String>,
+    ) -> Stack {
         let mut dir = tempfile::tempdir().unwrap();
         make_certs(dir.path());
         // Ports are chosen before the processes bind them; a process outside
@@ -436,8 +458,7 @@ impl Stack {
             });
             sa.extend(s(extra_server));
             let server = Proc::spawn(&bin("proxy-server"), &sa, dir.path(), "server");
-            let mut aa = agent_args(&ports);
-            aa.extend(s(extra_agent));
+            let aa = agent_line(&ports);
             let agent = Proc::spawn(&bin("proxy-agent"), &aa, dir.path(), "agent");
             let mut st = Stack {
                 dir,

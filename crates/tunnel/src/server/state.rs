@@ -1096,16 +1096,14 @@ impl Shared {
             self.set_ready_backends(&b);
         }
         backend.gone.cancel();
-        // Tunnels that moved here end when the agent finds this link gone
-        // (it says so on the link each was dialled over); until then they
-        // must not keep this stream alive through their `adopter`.
+        // Tunnels that moved here end: what the agent had sent of them on
+        // this link may be lost. Their home links tell the agent (which
+        // also ends them when it sees this link go, idle or not).
         let adopted: Vec<_> = backend.adopted.lock().unwrap().drain().collect();
-        for (id, (_, fe)) in adopted {
-            if let Some(c) = fe.conn(id) {
-                let mut adopter = c.adopter.lock().unwrap();
-                if adopter.as_ref().is_some_and(|b| b.uid == backend.uid) {
-                    *adopter = None;
-                }
+        for (id, (home, fe)) in adopted {
+            let open = home.conns.lock().unwrap().contains_key(&id);
+            if open {
+                self.end_conn(&home, &fe, id, "link to the agent lost");
             }
         }
         let conns: Vec<_> = backend.conns.lock().unwrap().drain().collect();
@@ -2388,18 +2386,29 @@ mod tests {
         assert_eq!(delivered_text(&fe), ["DIAL_RSP", "CLOSE_RSP"]);
         assert!(other.adopted.lock().unwrap().is_empty());
 
-        // The link a connection moved to goes: it forgets the connection
-        // (which no longer holds it), and the connection lives on its home
-        // link until the agent ends it there.
+        // The link a connection moved to goes: the connection ends (what
+        // the agent sent of it there may be lost), its client is told and
+        // the agent is told on the home link; the agent's own word of it,
+        // coming later on the home link, finds nothing left to end.
         let fe = dialled(&sh, &home, 11, 12).await;
         sh.handle_agent_packet(&home, Packet::data_moved(12));
         sh.handle_agent_packet(&other, Packet::data(12, "z".into()));
         assert_eq!(other.adopted.lock().unwrap().len(), 1);
+        while home_rx.try_recv().is_ok() {}
         sh.remove_backend(&other);
         assert!(other.adopted.lock().unwrap().is_empty());
-        assert!(fe.conn(12).unwrap().adopter.lock().unwrap().is_none());
-        sh.handle_agent_packet(&home, Packet::close_rsp(12, "link to the server lost"));
+        assert!(
+            fe.conn(12).is_none(),
+            "the moved connection outlived its link"
+        );
         assert_eq!(delivered_text(&fe), ["DIAL_RSP", "z", "CLOSE_RSP"]);
+        assert_eq!(sh.metrics.established_connections.get(), 0);
+        let told = std::iter::from_fn(|| home_rx.try_recv().ok())
+            .filter_map(|p| p.checked().ok())
+            .any(|c| matches!(c, Checked::CloseReq(r) if r.connect_id == 12));
+        assert!(told, "the agent was not told on the home link");
+        sh.handle_agent_packet(&home, Packet::close_rsp(12, "link to the server lost"));
+        assert!(delivered_text(&fe).is_empty());
         assert_eq!(sh.metrics.established_connections.get(), 0);
     }
 
