@@ -175,10 +175,16 @@ fn an_agent_with_two_links_reaches_three_servers_through_haproxy() {
     }
     assert_eq!(metric(ap[0].agent_health, OPEN_SERVERS), 3.0);
     assert_eq!(metric(ap[1].agent_health, OPEN_SERVERS), 3.0);
+    // Three Connect streams on each server (no gRPC client yet), from two
+    // agents: the ready backends count agents, as upstream's do.
     for p in sp {
         wait_for("server has three streams", Duration::from_secs(30), || {
-            metric(p.health, READY_BACKENDS) == 3.0
+            metric(
+                p.health,
+                "konnectivity_network_proxy_server_grpc_connections",
+            ) == 3.0
         });
+        assert_eq!(metric(p.health, READY_BACKENDS), 2.0);
     }
     let backend = HttpServer::start();
     let target = backend.target();

@@ -790,12 +790,15 @@ fn an_agent_with_two_links_moves_streams_to_the_quieter_link() {
     // before it connected, the link would read as a leak.
     let (sfd, afd) = (st.server.fd_count(), st.agent.fd_count());
     assert_eq!(agent_metric("open_server_connections"), 1.0, "one server");
+    // Both streams are the agent's Connect streams (no gRPC client here);
+    // the agent counts once among ready backends, as upstream counts it.
     assert_eq!(
-        server_metric("ready_backend_connections"),
+        server_metric("grpc_connections"),
         2.0,
         "the server holds both streams\n{}",
         st.logs()
     );
+    assert_eq!(server_metric("ready_backend_connections"), 1.0);
     let rt = runtime();
     let mut streams = start_downloads(&rt, &addr, &target, 4);
     assert_eq!(

@@ -1064,14 +1064,18 @@ impl Shared {
     pub(crate) fn add_backend(&self, backend: Arc<Backend>) {
         let mut b = self.backends.write().unwrap();
         b.add(backend);
-        self.metrics.ready_backend_connections.set(b.streams as i64);
         self.set_ready_backends(&b);
     }
 
     /// `ready_backends{proxy_strategy}`: the agents each configured
     /// strategy can pick, as upstream's per-strategy backend managers hold
-    /// them.
+    /// them; `ready_backend_connections`: the agents connected, one however
+    /// many streams it holds (upstream's managers key their streams by
+    /// agent; dashboards and e2e checks compare it with the node count).
     fn set_ready_backends(&self, backends: &Backends) {
+        self.metrics
+            .ready_backend_connections
+            .set(backends.by_agent.len() as i64);
         for strategy in &self.opts.strategies {
             // Upstream's managers key their backends: by agent ID (default,
             // defaultRoute) or by identifier value (destHost); the gauge is
@@ -1092,7 +1096,6 @@ impl Shared {
         {
             let mut b = self.backends.write().unwrap();
             b.remove(backend);
-            self.metrics.ready_backend_connections.set(b.streams as i64);
             self.set_ready_backends(&b);
         }
         backend.gone.cancel();
