@@ -1152,8 +1152,14 @@ async fn endpoint_reader(
         return;
     };
     // Counted out however the reader ends: also when the connection's
-    // task drops it, run or not.
-    let Some(counted) = MovedReader::claim(sh, conn) else {
+    // task drops it, run or not. Claimed and counted as a stream under the
+    // servers lock, as the pick of a link is: a reader that starts
+    // streaming at the same moment sees this one on `conn`.
+    let claimed = {
+        let _servers = conn.moves.then(|| sh.servers.lock().unwrap());
+        MovedReader::claim(sh, conn).map(|c| (c, Streaming::on(conn.clone())))
+    };
+    let Some((counted, streaming)) = claimed else {
         let streaming = Streaming::on_the_quietest_link(sh, conn);
         let link = &streaming.link;
         if !Arc::ptr_eq(link, conn) {
@@ -1169,7 +1175,6 @@ async fn endpoint_reader(
         read_endpoint(sh, conn, link, ep, rd, connect_id, Place::Own).await;
         return;
     };
-    let streaming = Streaming::on(conn.clone());
     let (sh, moved_conn, ep) = (sh.clone(), conn.clone(), ep.clone());
     let rest = async move {
         let _counted = (counted, streaming);
