@@ -412,10 +412,15 @@ fn roots_of(procs: &[ChildGuard]) -> Vec<u32> {
     procs.iter().map(|c| c.0.id()).collect()
 }
 
+/// Tied to this process (parent-death signal): a bench stopped by a
+/// signal, which skips the guards' drops, leaves no tunnel behind.
 fn spawn_cmd(mut cmd: Command) -> ChildGuard {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0);
-    ChildGuard(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    let shown = format!("{cmd:?}");
+    ChildGuard(
+        proxyctl_testkit::spawn_tied(&mut cmd).unwrap_or_else(|e| panic!("spawn {shown}: {e}")),
+    )
 }
 
 fn spawn_role(role: &str, args: &[String]) -> ChildGuard {

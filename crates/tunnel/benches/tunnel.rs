@@ -156,15 +156,13 @@ fn spawn_role(role: &str, args: &[String]) -> ChildGuard {
         }
         None => Command::new(exe),
     };
-    let child = cmd
-        .arg(format!("--role={role}"))
+    cmd.arg(format!("--role={role}"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    ChildGuard(child)
+        .stderr(Stdio::inherit());
+    // Tied to this process: a bench stopped by a signal leaves none behind.
+    ChildGuard(proxyctl_testkit::spawn_tied(&mut cmd).unwrap())
 }
 
 /// Three consecutive ports below the ephemeral range (the server role binds
