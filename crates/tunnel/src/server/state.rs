@@ -1103,11 +1103,8 @@ impl Shared {
         // this link may be lost. Their home links tell the agent (which
         // also ends them when it sees this link go, idle or not).
         let adopted: Vec<_> = backend.adopted.lock().unwrap().drain().collect();
-        for (id, (home, fe)) in adopted {
-            let open = home.conns.lock().unwrap().contains_key(&id);
-            if open {
-                self.end_conn(&home, &fe, id, "link to the agent lost");
-            }
+        for (id, (home, _)) in adopted {
+            self.end_conn(&home, id, "link to the agent lost");
         }
         let conns: Vec<_> = backend.conns.lock().unwrap().drain().collect();
         for (id, fe) in conns {
@@ -1143,12 +1140,9 @@ impl Shared {
     /// reader takes [`handle_agent_packet_or_hold`](Self::handle_agent_packet_or_hold).
     pub(crate) fn handle_agent_packet(&self, backend: &Arc<Backend>, packet: Packet) {
         match self.handle_agent_packet_or_hold(backend, packet) {
-            Some(Wait::Client(held)) => self.end_for_a_full_queue(
-                &held.home,
-                &held.frontend,
-                held.connect_id,
-                PushError::Overflow,
-            ),
+            Some(Wait::Client(held)) => {
+                self.end_for_a_full_queue(&held.home, held.connect_id, PushError::Overflow)
+            }
             // In-process drivers have no second link to move to.
             Some(Wait::Move(..)) => self.metrics.bad("data_moved_missing"),
             None => {}
@@ -1172,21 +1166,11 @@ impl Shared {
             // bytes cannot be put back in order, so it ends.
             self.metrics.bad("data_moved_missing");
             tracing::warn!(agent_id = %backend.agent_id, connect_id = conn.connect_id, "packets on a new link without DATA_MOVED on the old one; closing that connection");
-            let fe = conn
-                .backend
-                .conns
-                .lock()
-                .unwrap()
-                .get(&conn.connect_id)
-                .cloned();
-            if let Some(fe) = fe {
-                self.end_conn(
-                    &conn.backend,
-                    &fe,
-                    conn.connect_id,
-                    "agent moved the connection out of order",
-                );
-            }
+            self.end_conn(
+                &conn.backend,
+                conn.connect_id,
+                "agent moved the connection out of order",
+            );
             return;
         }
         // Found now, or ended meanwhile; it cannot wait for the move again.
@@ -1275,20 +1259,14 @@ impl Shared {
             _ = backend.gone.cancelled() => return,
         };
         if let Err(e) = pushed {
-            self.end_for_a_full_queue(&backend, &fe, connect_id, e);
+            self.end_for_a_full_queue(&backend, connect_id, e);
         }
     }
 
     /// A DATA packet its client's queue refused: the connection ends
     /// (CLOSE_REQ to the agent, CLOSE_RSP to the client with why), counted
     /// when the queue was full.
-    fn end_for_a_full_queue(
-        &self,
-        backend: &Arc<Backend>,
-        fe: &Arc<Frontend>,
-        connect_id: i64,
-        e: PushError,
-    ) {
+    fn end_for_a_full_queue(&self, backend: &Arc<Backend>, connect_id: i64, e: PushError) {
         if e == PushError::Overflow {
             self.metrics
                 .queue_overflow_total
@@ -1301,18 +1279,19 @@ impl Shared {
         }
         self.end_conn(
             backend,
-            fe,
             connect_id,
             "receive queue overflow: client reads too slowly",
         );
     }
 
-    /// Ends connection `connect_id` of its home link `backend` here: the
-    /// agent is told to close it, its client why.
-    fn end_conn(&self, backend: &Backend, fe: &Frontend, connect_id: i64, why: &str) {
-        if backend.conns.lock().unwrap().remove(&connect_id).is_some() {
-            self.metrics.established_connections.dec();
-        }
+    /// Ends connection `connect_id` of its home link `backend` here, if
+    /// that link still holds it (else it has ended already, and its ends
+    /// were told then): the agent is told to close it, its client why.
+    fn end_conn(&self, backend: &Backend, connect_id: i64, why: &str) {
+        let Some(fe) = backend.conns.lock().unwrap().remove(&connect_id) else {
+            return;
+        };
+        self.metrics.established_connections.dec();
         self.send_control(backend, Packet::close_req(connect_id));
         fe.finish_conn(connect_id, backend.uid, Packet::close_rsp(connect_id, why));
     }
@@ -1453,7 +1432,7 @@ impl Shared {
                             data,
                         }));
                     }
-                    Err((e, _)) => self.end_for_a_full_queue(&home, &fe, d.connect_id, e),
+                    Err((e, _)) => self.end_for_a_full_queue(&home, d.connect_id, e),
                 }
             }
             Checked::CloseRsp(c) => {
